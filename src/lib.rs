@@ -1,1 +1,20 @@
+//! switchboard: a self-hosted customer-service appliance.
+//!
+//! Visitors chat over long-lived WebSockets; a bot answers from a knowledge
+//! base; conversations it cannot handle go to human agents. The process runs
+//! one pinned shard per core (see the `shards` crate); each shard owns its
+//! listener, its sessions, its buffers and its storage.
+//!
+//! Module map: protocol cores are sans-IO (`http`, `ws`); `server` is the
+//! shard-local driver doing the I/O; `arena` and `buffers` hold per-shard
+//! session state; `config` is the tuning file loader.
 
+pub mod arena;
+pub mod buffers;
+pub mod config;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod server;
+pub mod system;
+pub mod ws;

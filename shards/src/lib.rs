@@ -84,7 +84,10 @@ mod tests {
             counts[owner_of(&i.to_le_bytes(), shards).0] += 1;
         }
         for count in counts {
-            assert!((9_000..11_000).contains(&count), "uneven spread: {counts:?}");
+            assert!(
+                (9_000..11_000).contains(&count),
+                "uneven spread: {counts:?}"
+            );
         }
     }
 }

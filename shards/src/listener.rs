@@ -47,10 +47,12 @@ pub fn bind_reuseport(
     for _ in 0..count {
         let listener = bind_one(bound_addr, backlog)?;
         if bound_addr.port() == 0 {
-            bound_addr = listener.local_addr().map_err(|source| ListenerError::Bind {
-                addr: bound_addr,
-                source,
-            })?;
+            bound_addr = listener
+                .local_addr()
+                .map_err(|source| ListenerError::Bind {
+                    addr: bound_addr,
+                    source,
+                })?;
         }
         listeners.push(listener);
     }

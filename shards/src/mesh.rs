@@ -63,7 +63,11 @@ impl<M: Send + 'static> Mesh<M> {
     /// Sends `msg` to shard `to`, waiting while its channel is full.
     pub async fn send(&self, to: ShardId, msg: M) -> Result<(), (MeshError, M)> {
         if to == self.me {
-            return self.to_self.send(msg).await.map_err(|err| classify(to, err));
+            return self
+                .to_self
+                .send(msg)
+                .await
+                .map_err(|err| classify(to, err));
         }
         match self.peer(to) {
             Ok(peer) => self

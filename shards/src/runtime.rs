@@ -191,8 +191,8 @@ impl Runtime {
                 .spawn(move || async move {
                     // SAFETY: the fd was just created by `bind_reuseport` and its
                     // ownership moved here with `into_raw_fd`.
-                    let listener = listener_fd
-                        .map(|fd| unsafe { glommio::net::TcpListener::from_raw_fd(fd) });
+                    let listener =
+                        listener_fd.map(|fd| unsafe { glommio::net::TcpListener::from_raw_fd(fd) });
                     let (senders, receivers) = mesh_builder
                         .join()
                         .await
@@ -217,7 +217,12 @@ impl Runtime {
                     let id = ShardId(index);
                     // SAFETY: sched_getcpu has no preconditions.
                     let running_on = unsafe { libc::sched_getcpu() };
-                    tracing::info!(shard = index, core, running_on, "shard started, pinned to core {core}");
+                    tracing::info!(
+                        shard = index,
+                        core,
+                        running_on,
+                        "shard started, pinned to core {core}"
+                    );
                     let context = ShardContext {
                         id,
                         shard_count: peer_of_shard.len(),
@@ -346,6 +351,9 @@ mod tests {
         let err = Runtime::start::<(), _, _>(config, |_ctx| async {})
             .err()
             .expect("core 100000 does not exist");
-        assert!(matches!(err, RuntimeError::UnknownCore { core: 100_000, .. }));
+        assert!(matches!(
+            err,
+            RuntimeError::UnknownCore { core: 100_000, .. }
+        ));
     }
 }

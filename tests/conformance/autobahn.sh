@@ -68,6 +68,11 @@ find_python27() {
     echo "$candidate"
 }
 
+install_failed() {
+    tail -n 40 "$2" >&2 || true
+    die "$1 (full log: $2)"
+}
+
 requirements_hash() {
     # The stamp covers the pins and the bootstrap, so changing either rebuilds.
     { cat "$REQUIREMENTS"; echo "$VIRTUALENV_PIN"; } | sha256sum | cut -d' ' -f1
@@ -85,23 +90,26 @@ install_autobahn() {
     python27="$(find_python27)"
     log "installing Autobahn|Testsuite into $VENV (Python: $python27)"
     local started=$SECONDS
+    # pip's output goes to the install log, shown only on failure.
+    export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_PYTHON_VERSION_WARNING=1
     # A venv holds absolute paths, so it is rebuilt in place rather than moved;
     # the stamp is written last, so an interrupted install is redone next time.
     rm -rf "$VENV"
     mkdir -p "$CACHE_DIR"
+    local install_log="$CACHE_DIR/autobahn-install.log"
+    : >"$install_log"
     local bootstrap="$CACHE_DIR/virtualenv-bootstrap"
     if [[ ! -f "$bootstrap/virtualenv.py" ]]; then
         rm -rf "$bootstrap"
-        "$python27" -m pip install --quiet --disable-pip-version-check \
-            --no-python-version-warning --target "$bootstrap" "$VIRTUALENV_PIN" \
-            || die "could not install $VIRTUALENV_PIN for $python27"
+        "$python27" -m pip install --target "$bootstrap" "$VIRTUALENV_PIN" >>"$install_log" 2>&1 \
+            || install_failed "could not install $VIRTUALENV_PIN for $python27" "$install_log"
     fi
-    PYTHONPATH="$bootstrap" "$python27" -m virtualenv --quiet --no-download "$VENV" \
-        || die "could not create the virtualenv $VENV"
-    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-python-version-warning \
-        -r "$REQUIREMENTS" || die "pip install -r $REQUIREMENTS failed"
-    "$VENV/bin/wstest" --autobahnversion >/dev/null 2>&1 \
-        || die "wstest was installed but does not start: $VENV/bin/wstest --autobahnversion"
+    PYTHONPATH="$bootstrap" "$python27" -m virtualenv --no-download "$VENV" >>"$install_log" 2>&1 \
+        || install_failed "could not create the virtualenv $VENV" "$install_log"
+    "$VENV/bin/pip" install -r "$REQUIREMENTS" >>"$install_log" 2>&1 \
+        || install_failed "pip install -r $REQUIREMENTS failed" "$install_log"
+    "$VENV/bin/wstest" --autobahnversion >>"$install_log" 2>&1 \
+        || install_failed "wstest was installed but does not start" "$install_log"
     echo "$want" >"$stamp"
     log "installed in $((SECONDS - started)) s: $("$VENV/bin/wstest" --autobahnversion 2>&1 | tr '\n' ' ')"
 }
@@ -123,7 +131,16 @@ json_list() {
     printf '[%s]' "$out"
 }
 
+WSTEST_PID=""
 SERVER_PID=""
+cleanup() {
+    if [[ -n "$WSTEST_PID" ]]; then
+        # timeout(1) passes the TERM on to wstest.
+        kill -TERM "$WSTEST_PID" 2>/dev/null || true
+        wait "$WSTEST_PID" 2>/dev/null || true
+    fi
+    stop_server
+}
 stop_server() {
     if [[ -n "$SERVER_PID" ]] && kill -0 "$SERVER_PID" 2>/dev/null; then
         kill -TERM "$SERVER_PID" 2>/dev/null || true
@@ -140,7 +157,7 @@ stop_server() {
     fi
     SERVER_PID=""
 }
-trap stop_server EXIT
+trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -173,6 +190,10 @@ max_message_bytes = 16777216
 
 [storage]
 dir = "$OUT/storage"
+
+[inference]
+# The echo endpoint needs no sentence encoder; do not depend on installed model files.
+enabled = false
 EOF
     if [[ -n "${AUTOBAHN_EXTRA_CONFIG:-}" ]]; then
         cat "$AUTOBAHN_EXTRA_CONFIG" >>"$config"
@@ -236,8 +257,13 @@ EOF
 
     log "running wstest -m fuzzingclient -s $spec (cases: $CASES; log: $OUT/wstest.log)"
     local started=$SECONDS rc=0
-    (cd "$OUT" && timeout --kill-after=10 "$TIMEOUT" "$VENV/bin/wstest" -m fuzzingclient -s "$spec") \
-        >"$OUT/wstest.log" 2>&1 || rc=$?
+    # In the background and waited for, so that a SIGTERM/SIGINT to this script
+    # interrupts the wait at once and the EXIT trap stops wstest and the server.
+    (cd "$OUT" && exec timeout --kill-after=10 "$TIMEOUT" "$VENV/bin/wstest" -m fuzzingclient -s "$spec") \
+        >"$OUT/wstest.log" 2>&1 &
+    WSTEST_PID=$!
+    wait "$WSTEST_PID" || rc=$?
+    WSTEST_PID=""
     log "wstest finished in $((SECONDS - started)) s (exit $rc)"
     if ((rc == 124)); then
         die "wstest did not finish within $TIMEOUT s (log: $OUT/wstest.log)"

@@ -1,0 +1,292 @@
+//! The per-shard session arena: one compact record per open WebSocket session.
+//!
+//! A session's connection task owns its socket and codec; everything else that
+//! other parts of the shard need to reach (its outbox, its wake-up, its last
+//! activity time, a pending close) lives here, addressed by a [`SessionId`]. The
+//! arena is a slab: freed slots are reused, and a generation counter makes a
+//! stale id (a session that closed and whose slot was reused) harmless.
+//!
+//! Invariants:
+//! - An idle session's record owns no heap memory: the outbox is an empty
+//!   `VecDeque` (no allocation) and is shrunk back after a burst.
+//! - Only the shard's own thread touches the arena (it is inside a `RefCell`
+//!   owned by the shard); nothing here is `Send`.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::task::Waker;
+
+/// Handle to a session in its shard's arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SessionId {
+    index: u32,
+    generation: u32,
+}
+
+impl SessionId {
+    /// The slot number, for logs.
+    pub fn slot(&self) -> u32 {
+        self.index
+    }
+}
+
+/// What a session is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionKind {
+    Visitor,
+    Agent,
+    Echo,
+}
+
+/// A frame waiting to be written to a session.
+#[derive(Clone, Debug)]
+pub enum Outbound {
+    Text(Rc<str>),
+    Binary(Rc<[u8]>),
+}
+
+/// Why the shard wants a session to close.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CloseRequest {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// One session's record.
+#[derive(Debug)]
+pub struct SessionRecord {
+    pub kind: SessionKind,
+    generation: u32,
+    /// Shard-clock second of the last byte received.
+    pub last_activity: u32,
+    /// Shard-clock second the last unanswered ping was sent, if any.
+    pub ping_sent_at: Option<u32>,
+    /// Set by the sweeper when a ping is due.
+    pub ping_due: bool,
+    /// Set when the shard wants this session closed.
+    pub close: Option<CloseRequest>,
+    outbox: VecDeque<Outbound>,
+    waker: Option<Waker>,
+}
+
+impl SessionRecord {
+    /// Whether the connection task has something to do besides reading.
+    pub fn has_work(&self) -> bool {
+        self.ping_due || self.close.is_some() || !self.outbox.is_empty()
+    }
+
+    /// Remembers the task to wake when work arrives.
+    pub fn set_waker(&mut self, waker: &Waker) {
+        match &self.waker {
+            Some(existing) if existing.will_wake(waker) => {}
+            _ => self.waker = Some(waker.clone()),
+        }
+    }
+
+    /// Takes everything queued for writing; gives back the queue's memory when
+    /// a burst made it large.
+    pub fn drain_outbox(&mut self, mut each: impl FnMut(Outbound)) {
+        for frame in self.outbox.drain(..) {
+            each(frame);
+        }
+        if self.outbox.capacity() > 16 {
+            self.outbox = VecDeque::new();
+        }
+    }
+
+    /// Number of frames waiting.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+}
+
+enum Slot {
+    Occupied(SessionRecord),
+    Free { generation: u32, next_free: u32 },
+}
+
+const NO_FREE_SLOT: u32 = u32::MAX;
+
+/// The slab of sessions of one shard.
+pub struct Arena {
+    slots: Vec<Slot>,
+    first_free: u32,
+    len: usize,
+}
+
+impl Default for Arena {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Arena {
+    pub fn new() -> Self {
+        Self {
+            slots: Vec::new(),
+            first_free: NO_FREE_SLOT,
+            len: 0,
+        }
+    }
+
+    /// Number of open sessions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Creates a session record.
+    pub fn insert(&mut self, kind: SessionKind, now: u32) -> SessionId {
+        let make = |generation| SessionRecord {
+            kind,
+            generation,
+            last_activity: now,
+            ping_sent_at: None,
+            ping_due: false,
+            close: None,
+            outbox: VecDeque::new(),
+            waker: None,
+        };
+        self.len += 1;
+        if self.first_free != NO_FREE_SLOT {
+            let index = self.first_free;
+            let slot = &mut self.slots[index as usize];
+            let Slot::Free {
+                generation,
+                next_free,
+            } = *slot
+            else {
+                unreachable!("the free list only links free slots");
+            };
+            self.first_free = next_free;
+            *slot = Slot::Occupied(make(generation));
+            SessionId { index, generation }
+        } else {
+            let index = u32::try_from(self.slots.len()).expect("fewer than 2^32 sessions");
+            self.slots.push(Slot::Occupied(make(0)));
+            SessionId {
+                index,
+                generation: 0,
+            }
+        }
+    }
+
+    /// Removes a session; a stale id is ignored.
+    pub fn remove(&mut self, id: SessionId) {
+        if self.get(id).is_none() {
+            return;
+        }
+        self.slots[id.index as usize] = Slot::Free {
+            generation: id.generation.wrapping_add(1),
+            next_free: self.first_free,
+        };
+        self.first_free = id.index;
+        self.len -= 1;
+    }
+
+    /// The record of a live session.
+    pub fn get(&self, id: SessionId) -> Option<&SessionRecord> {
+        match self.slots.get(id.index as usize) {
+            Some(Slot::Occupied(record)) if record.generation == id.generation => Some(record),
+            _ => None,
+        }
+    }
+
+    /// The record of a live session, mutably.
+    pub fn get_mut(&mut self, id: SessionId) -> Option<&mut SessionRecord> {
+        match self.slots.get_mut(id.index as usize) {
+            Some(Slot::Occupied(record)) if record.generation == id.generation => Some(record),
+            _ => None,
+        }
+    }
+
+    /// Queues a frame for a session and wakes it. Returns the outbox length
+    /// afterwards, or `None` if the session is gone.
+    pub fn push(&mut self, id: SessionId, frame: Outbound) -> Option<usize> {
+        let record = self.get_mut(id)?;
+        record.outbox.push_back(frame);
+        record.wake();
+        Some(record.outbox.len())
+    }
+
+    /// Asks a session to close and wakes it.
+    pub fn request_close(&mut self, id: SessionId, request: CloseRequest) {
+        if let Some(record) = self.get_mut(id) {
+            record.close.get_or_insert(request);
+            record.wake();
+        }
+    }
+
+    /// Visits every live session (for the sweeper and shutdown).
+    pub fn for_each_mut(&mut self, mut visit: impl FnMut(SessionId, &mut SessionRecord)) {
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            if let Slot::Occupied(record) = slot {
+                let id = SessionId {
+                    index: index as u32,
+                    generation: record.generation,
+                };
+                visit(id, record);
+            }
+        }
+    }
+
+    /// Wakes a session after its flags were changed through `for_each_mut`.
+    pub fn wake(record: &mut SessionRecord) {
+        record.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_reused_and_stale_ids_ignored() {
+        let mut arena = Arena::new();
+        let a = arena.insert(SessionKind::Echo, 0);
+        let b = arena.insert(SessionKind::Visitor, 0);
+        assert_eq!(arena.len(), 2);
+        arena.remove(a);
+        assert!(arena.get(a).is_none());
+        let c = arena.insert(SessionKind::Agent, 5);
+        assert_eq!(c.slot(), a.slot(), "freed slot is reused");
+        assert!(
+            arena.get(a).is_none(),
+            "stale id does not reach the new session"
+        );
+        assert_eq!(arena.get(c).unwrap().kind, SessionKind::Agent);
+        arena.remove(a);
+        assert_eq!(arena.len(), 2, "removing a stale id changes nothing");
+        assert!(arena.push(a, Outbound::Text("x".into())).is_none());
+        assert_eq!(arena.push(b, Outbound::Text("x".into())), Some(1));
+    }
+
+    #[test]
+    fn record_is_compact_and_outbox_is_released() {
+        // An idle record must stay small: it is the per-session cost that the
+        // 4 KB-per-idle-session target is made of.
+        assert!(
+            std::mem::size_of::<Slot>() <= 96,
+            "slot grew to {} bytes",
+            std::mem::size_of::<Slot>()
+        );
+        let mut arena = Arena::new();
+        let id = arena.insert(SessionKind::Visitor, 0);
+        for _ in 0..100 {
+            arena.push(id, Outbound::Text("hello".into()));
+        }
+        let mut drained = 0;
+        arena.get_mut(id).unwrap().drain_outbox(|_| drained += 1);
+        assert_eq!(drained, 100);
+        assert_eq!(arena.get(id).unwrap().outbox.capacity(), 0);
+    }
+}

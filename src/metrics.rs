@@ -1,0 +1,117 @@
+//! Counters every shard keeps, exported at `/metrics` in Prometheus text format.
+//!
+//! Each shard writes only its own [`ShardMetrics`] (relaxed atomics, so a write
+//! is a plain add on x86 and never contends); any shard may read all of them to
+//! answer a scrape. This is observation, not coordination: no decision is made
+//! from another shard's counters.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+macro_rules! counters {
+    ($($(#[doc = $doc:literal])* $name:ident : $kind:literal),* $(,)?) => {
+        /// One shard's counters.
+        #[derive(Default, Debug)]
+        pub struct ShardMetrics {
+            $($(#[doc = $doc])* pub $name: AtomicU64,)*
+        }
+
+        impl ShardMetrics {
+            fn fields(&self) -> impl Iterator<Item = (&'static str, &'static str, &'static str, u64)> + '_ {
+                [$((stringify!($name), $kind, concat!($($doc),*), self.$name.load(Ordering::Relaxed))),*].into_iter()
+            }
+        }
+    };
+}
+
+counters! {
+    /// TCP connections accepted.
+    connections_accepted: "counter",
+    /// WebSocket handshakes completed.
+    handshakes_completed: "counter",
+    /// Requests answered with an HTTP error (400, 404, 405, 426, 431, ...).
+    http_errors: "counter",
+    /// Connections that did not send a complete request head in time.
+    handshake_timeouts: "counter",
+    /// WebSocket sessions open now.
+    sessions_open: "gauge",
+    /// WebSocket data messages received.
+    messages_received: "counter",
+    /// WebSocket data messages sent.
+    messages_sent: "counter",
+    /// Sessions closed because of a protocol error sent by the peer.
+    protocol_errors: "counter",
+    /// Sessions closed because they stayed silent past the idle timeout.
+    idle_timeouts: "counter",
+    /// Spare I/O buffers pooled now.
+    pooled_buffers: "gauge",
+}
+
+impl ShardMetrics {
+    pub fn add(counter: &AtomicU64, value: u64) {
+        counter.fetch_add(value, Ordering::Relaxed);
+    }
+
+    pub fn set(gauge: &AtomicU64, value: u64) {
+        gauge.store(value, Ordering::Relaxed);
+    }
+}
+
+/// All shards' counters, shared read-only between shards.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    shards: Arc<[ShardMetrics]>,
+}
+
+impl Metrics {
+    pub fn new(shard_count: usize) -> Self {
+        Self {
+            shards: (0..shard_count).map(|_| ShardMetrics::default()).collect(),
+        }
+    }
+
+    /// The counters of shard `index`.
+    pub fn shard(&self, index: usize) -> &ShardMetrics {
+        &self.shards[index]
+    }
+
+    /// Renders every counter, per shard and summed, in Prometheus text format.
+    pub fn render(&self, extra: &[(&str, &str, u64)]) -> String {
+        let mut text = String::new();
+        let Some(first) = self.shards.first() else {
+            return text;
+        };
+        let names: Vec<_> = first.fields().map(|(n, k, d, _)| (n, k, d)).collect();
+        for (position, (name, kind, doc)) in names.iter().enumerate() {
+            let _ = writeln!(text, "# HELP switchboard_{name} {doc}");
+            let _ = writeln!(text, "# TYPE switchboard_{name} {kind}");
+            for (shard, metrics) in self.shards.iter().enumerate() {
+                let value = metrics.fields().nth(position).map_or(0, |f| f.3);
+                let _ = writeln!(text, "switchboard_{name}{{shard=\"{shard}\"}} {value}");
+            }
+        }
+        for (name, doc, value) in extra {
+            let _ = writeln!(text, "# HELP switchboard_{name} {doc}");
+            let _ = writeln!(text, "# TYPE switchboard_{name} gauge");
+            let _ = writeln!(text, "switchboard_{name} {value}");
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_per_shard_values() {
+        let metrics = Metrics::new(2);
+        ShardMetrics::add(&metrics.shard(1).connections_accepted, 3);
+        let text = metrics.render(&[("resident_bytes", "RSS", 42)]);
+        assert!(text.contains("switchboard_connections_accepted{shard=\"1\"} 3"));
+        assert!(text.contains("switchboard_connections_accepted{shard=\"0\"} 0"));
+        assert!(text.contains("# TYPE switchboard_sessions_open gauge"));
+        assert!(text.contains("switchboard_resident_bytes 42"));
+    }
+}

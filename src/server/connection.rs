@@ -1,0 +1,467 @@
+//! The shard-local driver of one connection: the only place that does socket
+//! I/O for it.
+//!
+//! Phase 1 reads an HTTP request head (bounded in size and, against slowloris,
+//! in total time) and answers it or upgrades to WebSocket. Phase 2 runs the
+//! sans-IO WebSocket [`Connection`] codec: bytes read are fed to it, and bytes it
+//! produces are written out.
+//!
+//! Memory invariants (the per-idle-session budget):
+//! - While waiting for bytes the task holds no buffer: [`wait`] borrows a pooled
+//!   read buffer only for the duration of one non-blocking `recv` and returns it
+//!   when the socket has nothing, so an idle session waits on a buffer-less
+//!   io_uring poll.
+//! - The outgoing buffer is taken from the pool for a burst and given back.
+//! - No per-session timer: the shard's sweeper sets `ping_due` or `close` in the
+//!   arena record and wakes the task.
+
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::Poll;
+use std::time::Duration;
+
+use futures_lite::io::{AsyncRead, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::routes::{route, Endpoint, Route};
+use super::Shard;
+use crate::arena::{CloseRequest, Outbound, SessionId};
+use crate::http::{self, HttpError, HttpLimits, RequestHead};
+use crate::metrics::ShardMetrics;
+use crate::ws::connection::{Connection, Message, Role, Sender, State, WsLimits};
+use crate::ws::handshake;
+
+/// Sessions whose outbox grows past this many frames are closed with 1013:
+/// the client is not reading, and every message stays stored for its resume.
+const MAX_OUTBOX_FRAMES: usize = 4096;
+
+/// How long a closing session may take to answer our close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves one accepted connection to its end.
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+    let config = &shard.config;
+    let _ = stream.set_write_timeout(Some(config.websocket.write_timeout));
+    let limits = HttpLimits {
+        max_header_bytes: config.http.max_header_bytes,
+        max_headers: config.http.max_headers,
+    };
+    let head = futures_lite::future::or(read_head(&shard, &mut stream, &limits), async {
+        glommio::timer::sleep(config.http.handshake_timeout).await;
+        Err(HeadError::Timeout)
+    })
+    .await;
+    let (head, buffer, leftover) = match head {
+        Ok(parsed) => parsed,
+        Err(HeadError::Http(err)) => {
+            ShardMetrics::add(&shard.counters().http_errors, 1);
+            respond(
+                &shard,
+                &mut stream,
+                err.status(),
+                err.to_string().as_bytes(),
+                &[],
+            )
+            .await;
+            return;
+        }
+        Err(HeadError::Timeout) => {
+            ShardMetrics::add(&shard.counters().handshake_timeouts, 1);
+            respond(
+                &shard,
+                &mut stream,
+                408,
+                b"request head not received in time",
+                &[],
+            )
+            .await;
+            return;
+        }
+        Err(HeadError::Closed) => return,
+    };
+
+    let endpoint = match route(&head, config) {
+        Route::Health => {
+            return respond(&shard, &mut stream, 200, b"ok\n", &[]).await;
+        }
+        Route::Ready => {
+            let (status, body): (u16, &[u8]) = if shard.is_shutting_down() {
+                (503, b"draining\n")
+            } else {
+                (200, b"ready\n")
+            };
+            return respond(&shard, &mut stream, status, body, &[]).await;
+        }
+        Route::Metrics => {
+            let body = shard.metrics.render(&[(
+                "resident_bytes",
+                "Resident set size of the process in bytes.",
+                crate::system::resident_bytes().unwrap_or(0),
+            )]);
+            return respond(&shard, &mut stream, 200, body.as_bytes(), &[]).await;
+        }
+        Route::Reject(status, message) => {
+            ShardMetrics::add(&shard.counters().http_errors, 1);
+            return respond(&shard, &mut stream, status, message.as_bytes(), &[]).await;
+        }
+        Route::Upgrade(endpoint) => endpoint,
+    };
+    if shard.is_shutting_down() {
+        return respond(&shard, &mut stream, 503, b"draining\n", &[]).await;
+    }
+    let accept = match handshake::validate_upgrade(&head) {
+        Ok(accept) => accept,
+        Err(err) => {
+            ShardMetrics::add(&shard.counters().http_errors, 1);
+            let mut out = shard.buffers.take();
+            err.write_response(&mut out);
+            let _ = stream.write_all(&out).await;
+            shard.buffers.give(out);
+            return;
+        }
+    };
+    drop(head);
+
+    let mut out = shard.buffers.take();
+    handshake::write_101(&mut out, &accept);
+    let mut ws = Connection::new(
+        Role::Server,
+        WsLimits {
+            max_message_bytes: config.websocket.max_message_bytes,
+        },
+    );
+    let session = Session::open(&shard, endpoint);
+    session.greet(&mut ws, &mut out);
+    ShardMetrics::add(&shard.counters().handshakes_completed, 1);
+    ShardMetrics::set(
+        &shard.counters().sessions_open,
+        shard.arena.borrow().len() as u64,
+    );
+
+    run_session(&shard, &mut stream, ws, session, buffer, leftover, out).await;
+
+    ShardMetrics::set(
+        &shard.counters().sessions_open,
+        shard.arena.borrow().len() as u64,
+    );
+    let _ = stream.close().await;
+}
+
+enum HeadError {
+    Http(HttpError),
+    Timeout,
+    Closed,
+}
+
+/// Reads until a whole request head is buffered. Returns the head, the buffer
+/// and the byte range after the head (bytes a client sent right behind its
+/// upgrade request).
+async fn read_head(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    limits: &HttpLimits,
+) -> Result<(RequestHead, Vec<u8>, std::ops::Range<usize>), HeadError> {
+    let mut buffer = shard.buffers.take_filled();
+    let mut filled = 0;
+    loop {
+        match http::parse_request(&buffer[..filled], limits) {
+            Ok(Some((head, consumed))) => return Ok((head, buffer, consumed..filled)),
+            Ok(None) => {}
+            Err(err) => {
+                shard.buffers.give(buffer);
+                return Err(HeadError::Http(err));
+            }
+        }
+        if filled == buffer.len() {
+            let grown = (buffer.len() * 2)
+                .min(limits.max_header_bytes + 1)
+                .max(filled + 1);
+            buffer.resize(grown, 0);
+        }
+        match futures_lite::io::AsyncReadExt::read(stream, &mut buffer[filled..]).await {
+            Ok(0) | Err(_) => {
+                shard.buffers.give(buffer);
+                return Err(HeadError::Closed);
+            }
+            Ok(read) => filled += read,
+        }
+    }
+}
+
+/// Writes a complete HTTP response and lets the connection close.
+async fn respond(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    status: u16,
+    body: &[u8],
+    extra_headers: &[(&str, &str)],
+) {
+    let mut out = shard.buffers.take();
+    http::write_response(
+        &mut out,
+        status,
+        "text/plain; charset=utf-8",
+        body,
+        extra_headers,
+    );
+    let _ = stream.write_all(&out).await;
+    let _ = stream.close().await;
+    shard.buffers.give(out);
+}
+
+/// A live WebSocket session: its arena entry and what the endpoint does with
+/// messages.
+struct Session {
+    shard: Rc<Shard>,
+    id: SessionId,
+    endpoint: Endpoint,
+    visitor_id: Option<String>,
+}
+
+impl Session {
+    fn open(shard: &Rc<Shard>, endpoint: Endpoint) -> Session {
+        let id = shard
+            .arena
+            .borrow_mut()
+            .insert(endpoint.kind(), shard.now_secs());
+        let visitor_id = match &endpoint {
+            Endpoint::Visitor { visitor, .. } => {
+                Some(visitor.clone().unwrap_or_else(generate_visitor_id))
+            }
+            _ => None,
+        };
+        Session {
+            shard: shard.clone(),
+            id,
+            endpoint,
+            visitor_id,
+        }
+    }
+
+    /// The first frame a visitor or agent receives.
+    fn greet(&self, ws: &mut Connection, out: &mut Vec<u8>) {
+        let hello = match &self.endpoint {
+            Endpoint::Echo { .. } => return,
+            Endpoint::Visitor { site, .. } => serde_json::json!({
+                "type": "hello",
+                "visitor": self.visitor_id,
+                "site": site,
+                "conversation": null,
+                "seq": 0,
+            }),
+            Endpoint::Agent { agent } => serde_json::json!({
+                "type": "hello",
+                "agent": agent,
+                "conversations": [],
+            }),
+        };
+        ws.send_text(&hello.to_string(), out);
+    }
+
+    /// Handles one complete data message.
+    fn on_message(&self, message: Message<'_>, reply: &mut Sender<'_>) {
+        match (&self.endpoint, message) {
+            (Endpoint::Echo { delay_ms: 0 }, Message::Text(text)) => {
+                reply.send_text(text);
+            }
+            (Endpoint::Echo { delay_ms: 0 }, Message::Binary(data)) => {
+                reply.send_binary(data);
+            }
+            (Endpoint::Echo { delay_ms }, message) => {
+                let frame = match message {
+                    Message::Text(text) => Outbound::Text(text.into()),
+                    Message::Binary(data) => Outbound::Binary(data.into()),
+                };
+                let delay = Duration::from_millis(u64::from(*delay_ms));
+                let (shard, id) = (self.shard.clone(), self.id);
+                glommio::spawn_local(async move {
+                    glommio::timer::sleep(delay).await;
+                    shard.arena.borrow_mut().push(id, frame);
+                })
+                .detach();
+            }
+            (_, Message::Binary(_)) => error_frame(
+                reply,
+                "binary_unsupported",
+                "this endpoint speaks JSON text frames",
+            ),
+            (_, Message::Text(text)) => match serde_json::from_str::<serde_json::Value>(text) {
+                Err(err) => error_frame(reply, "malformed_json", &format!("not JSON: {err}")),
+                Ok(value) => match value.get("type").and_then(|t| t.as_str()) {
+                    None => {
+                        error_frame(reply, "missing_type", "every frame needs a string \"type\"")
+                    }
+                    Some(kind) => error_frame(
+                        reply,
+                        "unknown_type",
+                        &format!("unknown frame type {kind:?}"),
+                    ),
+                },
+            },
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.shard.arena.borrow_mut().remove(self.id);
+    }
+}
+
+fn error_frame(reply: &mut Sender<'_>, code: &str, message: &str) {
+    let frame = serde_json::json!({"type": "error", "code": code, "message": message});
+    reply.send_text(&frame.to_string());
+}
+
+/// A random visitor id (128 bits, hex).
+fn generate_visitor_id() -> String {
+    format!("v-{:032x}", rand::random::<u128>())
+}
+
+/// What woke a waiting session.
+enum Wake {
+    /// `read` bytes arrived in `buffer`.
+    Bytes { buffer: Vec<u8>, read: usize },
+    /// The peer closed or the socket failed.
+    Gone,
+    /// The arena record has work: outbox, ping or close.
+    Work,
+}
+
+/// Waits for bytes or arena work without holding a buffer while waiting.
+async fn wait(shard: &Shard, id: SessionId, stream: &mut TcpStream) -> Wake {
+    poll_fn(|cx| {
+        {
+            let mut arena = shard.arena.borrow_mut();
+            let Some(record) = arena.get_mut(id) else {
+                return Poll::Ready(Wake::Gone);
+            };
+            if record.has_work() {
+                return Poll::Ready(Wake::Work);
+            }
+            record.set_waker(cx.waker());
+        }
+        let mut buffer = shard.buffers.take_filled();
+        match Pin::new(&mut *stream).poll_read(cx, &mut buffer) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                shard.buffers.give(buffer);
+                Poll::Ready(Wake::Gone)
+            }
+            Poll::Ready(Ok(read)) => Poll::Ready(Wake::Bytes { buffer, read }),
+            Poll::Pending => {
+                shard.buffers.give(buffer);
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
+async fn run_session(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+    mut ws: Connection,
+    session: Session,
+    mut buffer: Vec<u8>,
+    leftover: std::ops::Range<usize>,
+    mut out: Vec<u8>,
+) {
+    let counters = shard.counters();
+    let mut received = 0u64;
+    // Bytes the client sent right behind its upgrade request.
+    if !leftover.is_empty() {
+        ws.receive(&mut buffer[leftover], &mut out, |message, reply| {
+            received += 1;
+            session.on_message(message, reply)
+        });
+    }
+    shard.buffers.give(buffer);
+    let mut close_deadline: Option<std::time::Instant> = None;
+
+    loop {
+        if !out.is_empty() {
+            if stream.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        shard.buffers.give(std::mem::take(&mut out));
+        if ws.state() == State::Closed {
+            break;
+        }
+        if close_deadline.is_some_and(|deadline| std::time::Instant::now() > deadline) {
+            break;
+        }
+
+        let wake = futures_lite::future::or(wait(shard, session.id, stream), async {
+            match close_deadline {
+                Some(deadline) => {
+                    glommio::timer::sleep(
+                        deadline.saturating_duration_since(std::time::Instant::now()),
+                    )
+                    .await;
+                    Wake::Gone
+                }
+                None => std::future::pending().await,
+            }
+        })
+        .await;
+        out = shard.buffers.take();
+        match wake {
+            Wake::Gone => break,
+            Wake::Bytes { mut buffer, read } => {
+                if let Some(record) = shard.arena.borrow_mut().get_mut(session.id) {
+                    record.last_activity = shard.now_secs();
+                    record.ping_sent_at = None;
+                }
+                let state = ws.receive(&mut buffer[..read], &mut out, |message, reply| {
+                    received += 1;
+                    session.on_message(message, reply)
+                });
+                shard.buffers.give(buffer);
+                if state != State::Open && close_deadline.is_none() {
+                    if ws.close_code_received().is_none() {
+                        ShardMetrics::add(&counters.protocol_errors, 1);
+                    }
+                    close_deadline = Some(std::time::Instant::now() + CLOSE_TIMEOUT);
+                }
+            }
+            Wake::Work => {
+                let mut arena = shard.arena.borrow_mut();
+                let Some(record) = arena.get_mut(session.id) else {
+                    break;
+                };
+                if let Some(CloseRequest { code, reason }) = record.close.take() {
+                    drop(arena);
+                    ws.close(code, reason, &mut out);
+                    close_deadline.get_or_insert(std::time::Instant::now() + CLOSE_TIMEOUT);
+                    continue;
+                }
+                if record.ping_due {
+                    record.ping_due = false;
+                    record.ping_sent_at = Some(shard.now_secs());
+                    ws.send_ping(b"", &mut out);
+                }
+                if record.outbox_len() > MAX_OUTBOX_FRAMES {
+                    record.close = Some(CloseRequest {
+                        code: 1013,
+                        reason: "client is not reading; reconnect and resume",
+                    });
+                    continue;
+                }
+                let mut sent = 0u64;
+                record.drain_outbox(|frame| {
+                    sent += 1;
+                    match frame {
+                        Outbound::Text(text) => ws.send_text(&text, &mut out),
+                        Outbound::Binary(data) => ws.send_binary(&data, &mut out),
+                    };
+                });
+                ShardMetrics::add(&counters.messages_sent, sent);
+            }
+        }
+        ShardMetrics::add(&counters.messages_received, std::mem::take(&mut received));
+    }
+    shard.buffers.give(out);
+}

@@ -1,0 +1,168 @@
+//! The appliance's shard: what one pinned core runs.
+//!
+//! `shard_main` accepts connections on the shard's own listener and spawns one
+//! small task per connection ([`connection`]). A sweeper task walks the arena
+//! once a second to schedule pings and close sessions that went silent, so no
+//! session carries a timer of its own. On shutdown the shard stops accepting,
+//! asks every session to close with 1001 and waits for them up to
+//! `shutdown_grace`.
+//!
+//! Invariants: everything here lives on the shard's thread (`Rc`, `RefCell`);
+//! the only things shared with other shards are the mesh and the metrics.
+
+pub mod connection;
+mod routes;
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shards::{ShardContext, ShardId};
+
+use crate::arena::{Arena, CloseRequest};
+use crate::buffers::BufferPool;
+use crate::config::Config;
+use crate::metrics::{Metrics, ShardMetrics};
+
+/// Messages shards send each other. Conversation routing extends this.
+#[derive(Debug)]
+pub enum ShardMessage {}
+
+/// Per-shard state: owned by one shard's thread.
+pub struct Shard {
+    pub id: ShardId,
+    pub shard_count: usize,
+    pub config: Arc<Config>,
+    pub arena: RefCell<Arena>,
+    pub buffers: BufferPool,
+    pub metrics: Metrics,
+    started: Instant,
+    shutting_down: Cell<bool>,
+}
+
+impl Shard {
+    /// Seconds since the shard started; the unit of session activity times.
+    pub fn now_secs(&self) -> u32 {
+        self.started.elapsed().as_secs() as u32
+    }
+
+    /// This shard's counters.
+    pub fn counters(&self) -> &ShardMetrics {
+        self.metrics.shard(self.id.0)
+    }
+
+    /// Whether the shard is draining for shutdown.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.get()
+    }
+}
+
+/// Runs one shard until shutdown.
+pub async fn shard_main(
+    context: ShardContext<ShardMessage>,
+    config: Arc<Config>,
+    metrics: Metrics,
+) {
+    let shard = Rc::new(Shard {
+        id: context.id,
+        shard_count: context.shard_count,
+        buffers: BufferPool::new(
+            config.websocket.read_buffer_bytes,
+            config.websocket.pool_max_idle_buffers,
+        ),
+        config,
+        arena: RefCell::new(Arena::new()),
+        metrics,
+        started: Instant::now(),
+        shutting_down: Cell::new(false),
+    });
+    context.serve_mesh(|_from, message: ShardMessage| match message {});
+
+    let listener = context
+        .take_listener()
+        .expect("the runtime binds a listener for every shard");
+    let accept_shard = shard.clone();
+    let acceptor = glommio::spawn_local(async move {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    ShardMetrics::add(&accept_shard.counters().connections_accepted, 1);
+                    glommio::spawn_local(connection::serve(accept_shard.clone(), stream)).detach();
+                }
+                Err(err) => {
+                    // EMFILE and friends: back off instead of spinning; the
+                    // condition clears when sessions close.
+                    tracing::warn!(shard = accept_shard.id.0, error = %err, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .detach();
+
+    let sweeper_shard = shard.clone();
+    let sweeper = glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            sweep(&sweeper_shard);
+        }
+    })
+    .detach();
+
+    context.shutdown.wait().await;
+    shard.shutting_down.set(true);
+    acceptor.cancel();
+    let grace = shard.config.server.shutdown_grace;
+    let open = shard.arena.borrow().len();
+    tracing::info!(
+        shard = shard.id.0,
+        open,
+        "shutting down: closing sessions with 1001"
+    );
+    shard.arena.borrow_mut().for_each_mut(|_, record| {
+        record.close.get_or_insert(CloseRequest {
+            code: 1001,
+            reason: "server shutting down",
+        });
+        Arena::wake(record);
+    });
+    let deadline = Instant::now() + grace;
+    while !shard.arena.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    sweeper.cancel();
+    let left = shard.arena.borrow().len();
+    if left > 0 {
+        tracing::warn!(
+            shard = shard.id.0,
+            left,
+            "sessions still open after the shutdown grace; dropping them"
+        );
+    }
+}
+
+/// Schedules pings for quiet sessions and closes the ones past the idle timeout.
+fn sweep(shard: &Shard) {
+    let now = shard.now_secs();
+    let ping_after = shard.config.websocket.ping_interval.as_secs().max(1) as u32;
+    let idle_after = shard.config.websocket.idle_timeout.as_secs().max(1) as u32;
+    let mut timed_out = 0;
+    shard.arena.borrow_mut().for_each_mut(|_, record| {
+        let quiet = now.saturating_sub(record.last_activity);
+        if quiet >= idle_after && record.close.is_none() {
+            record.close = Some(CloseRequest {
+                code: 1001,
+                reason: "idle timeout",
+            });
+            timed_out += 1;
+            Arena::wake(record);
+        } else if quiet >= ping_after && record.ping_sent_at.is_none() && !record.ping_due {
+            record.ping_due = true;
+            Arena::wake(record);
+        }
+    });
+    let counters = shard.counters();
+    ShardMetrics::add(&counters.idle_timeouts, timed_out);
+    ShardMetrics::set(&counters.pooled_buffers, shard.buffers.idle_count() as u64);
+}

@@ -1,0 +1,393 @@
+//! Test support: start the real `switchboard` binary on loopback and talk to it
+//! over real sockets.
+//!
+//! `Server` runs the binary with a generated tuning overlay in a temporary
+//! directory (its storage lives there too) on `127.0.0.1:0`, and learns the
+//! port from the "listening on" log line. `RawClient` speaks WebSocket frame by
+//! frame, so tests can send what a well-behaved client library never would.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_switchboard");
+
+/// A running switchboard process, killed on drop.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// Starts the binary with `overlay` appended to a base overlay that enables
+    /// the echo endpoint and keeps storage in a temporary directory.
+    pub fn start(overlay: &str) -> Server {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        Self::start_in(dir, overlay)
+    }
+
+    /// Like [`Server::start`] but reuses a directory (a restart on the same data).
+    pub fn start_in(dir: tempfile::TempDir, overlay: &str) -> Server {
+        let config_path = dir.path().join("test.toml");
+        let storage = dir.path().join("data");
+        // Base sections, each left out when the test's overlay brings its own.
+        let base = [
+            (
+                "[server]",
+                "listen = \"127.0.0.1:0\"\nshutdown_grace = \"3s\"".to_string(),
+            ),
+            ("[diagnostics]", "echo = true".to_string()),
+            ("[storage]", format!("dir = {storage:?}")),
+            ("[log]", "format = \"text\"\nlevel = \"info\"".to_string()),
+        ];
+        let mut text = String::new();
+        for (section, body) in base {
+            if !overlay.contains(section) {
+                text.push_str(&format!("{section}\n{body}\n\n"));
+            }
+        }
+        text.push_str(overlay);
+        text.push('\n');
+        std::fs::write(&config_path, text).expect("write test config");
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start switchboard");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut addr_tx = Some(addr_tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("listening on ").nth(1) {
+                    let addr: String = rest
+                        .chars()
+                        .take_while(|c| !c.is_whitespace() && *c != '"')
+                        .collect();
+                    if let (Some(tx), Ok(addr)) = (addr_tx.take(), addr.parse::<SocketAddr>()) {
+                        let _ = tx.send(addr);
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match addr_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "switchboard did not report its address; logs:\n{}",
+                    logs.lock().unwrap().join("\n")
+                );
+            }
+        };
+        Server {
+            child,
+            addr,
+            dir,
+            logs,
+        }
+    }
+
+    /// Everything the server logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Sends SIGTERM and waits (at most `limit`) for the process to exit.
+    pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        // SAFETY: kill(2) with a pid we own.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.wait(limit)
+    }
+
+    /// Kills the process with SIGKILL (a crash) and reaps it.
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sends raw bytes as an HTTP request and returns the status and the body.
+pub fn http_raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request).expect("send request");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    parse_status(&response)
+}
+
+/// `GET path` over HTTP/1.1.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_raw(
+        addr,
+        format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes(),
+    )
+}
+
+fn parse_status(response: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(response).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A WebSocket frame as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl Frame {
+    pub fn text(&self) -> &str {
+        std::str::from_utf8(&self.payload).expect("text frame is UTF-8")
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload).expect("frame is JSON")
+    }
+
+    /// The close code of a close frame.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 8 && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+pub const TEXT: u8 = 1;
+pub const BINARY: u8 = 2;
+pub const CLOSE: u8 = 8;
+pub const PING: u8 = 9;
+pub const PONG: u8 = 10;
+
+/// A frame-level WebSocket client over a blocking socket.
+pub struct RawClient {
+    stream: TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl RawClient {
+    /// Connects and upgrades; on a non-101 answer returns the status and body.
+    pub fn connect(addr: SocketAddr, path: &str) -> Result<RawClient, (u16, String)> {
+        let mut stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.set_nodelay(true).unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).expect("send upgrade");
+        let mut buffer = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let head_end = loop {
+            if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end + 4;
+            }
+            let read = stream.read(&mut chunk).unwrap_or(0);
+            if read == 0 {
+                return Err(parse_status(&buffer));
+            }
+            buffer.extend_from_slice(&chunk[..read]);
+        };
+        let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+        if !head.starts_with("HTTP/1.1 101") {
+            // Read the rest of the body.
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest);
+            buffer.extend_from_slice(&rest);
+            return Err(parse_status(&buffer));
+        }
+        assert!(
+            head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "accept key per RFC 6455: {head}"
+        );
+        buffer.drain(..head_end);
+        Ok(RawClient { stream, buffer })
+    }
+
+    /// Sends one frame; `masked` should be true for a conforming client.
+    pub fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8], masked: bool) {
+        let mut frame = vec![(u8::from(fin) << 7) | opcode];
+        let mask_bit = if masked { 0x80 } else { 0 };
+        match payload.len() {
+            len @ 0..=125 => frame.push(mask_bit | len as u8),
+            len @ 126..=65535 => {
+                frame.push(mask_bit | 126);
+                frame.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            len => {
+                frame.push(mask_bit | 127);
+                frame.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            let key = [0x37, 0xfa, 0x21, 0x3d];
+            frame.extend_from_slice(&key);
+            frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        } else {
+            frame.extend_from_slice(payload);
+        }
+        self.send_bytes(&frame);
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.send_frame(true, TEXT, text.as_bytes(), true);
+    }
+
+    pub fn send_json(&mut self, value: &serde_json::Value) {
+        self.send_text(&value.to_string());
+    }
+
+    pub fn send_close(&mut self, code: u16, reason: &str) {
+        let mut payload = code.to_be_bytes().to_vec();
+        payload.extend_from_slice(reason.as_bytes());
+        self.send_frame(true, CLOSE, &payload, true);
+    }
+
+    /// Reads the next frame; `None` when the server closed the TCP connection
+    /// or nothing came within the read timeout.
+    pub fn read_frame(&mut self) -> Option<Frame> {
+        let mut chunk = [0u8; 65536];
+        loop {
+            if let Some((frame, used)) = parse_frame(&self.buffer) {
+                self.buffer.drain(..used);
+                return Some(frame);
+            }
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(read) => self.buffer.extend_from_slice(&chunk[..read]),
+            }
+        }
+    }
+
+    /// Reads the next data or close frame, answering pings along the way.
+    pub fn read_message(&mut self) -> Option<Frame> {
+        loop {
+            let frame = self.read_frame()?;
+            match frame.opcode {
+                PING => self.send_frame(true, PONG, &frame.payload.clone(), true),
+                PONG => {}
+                _ => return Some(frame),
+            }
+        }
+    }
+
+    /// Reads the next JSON text message.
+    pub fn read_json(&mut self) -> serde_json::Value {
+        let frame = self.read_message().expect("a message");
+        assert_eq!(frame.opcode, TEXT, "expected a text frame, got {frame:?}");
+        frame.json()
+    }
+
+    /// Reads until a close frame and returns its code.
+    pub fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.read_frame() {
+                Some(frame) if frame.opcode == CLOSE => {
+                    return frame.close_code().unwrap_or(1005);
+                }
+                Some(_) => continue,
+                None => panic!("connection ended without a close frame"),
+            }
+        }
+    }
+
+    /// Whether the server closed the TCP connection (EOF) within the timeout.
+    pub fn is_closed_by_server(&mut self) -> bool {
+        let mut chunk = [0u8; 1024];
+        loop {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(err) if err.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    pub fn set_read_timeout(&mut self, timeout: Duration) {
+        self.stream.set_read_timeout(Some(timeout)).unwrap();
+    }
+}
+
+fn parse_frame(buf: &[u8]) -> Option<(Frame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let fin = buf[0] & 0x80 != 0;
+    let opcode = buf[0] & 0x0f;
+    assert_eq!(buf[1] & 0x80, 0, "server frames are never masked");
+    let (len, mut at) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (
+            u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+            10,
+        ),
+        126 | 127 => return None,
+        len => (len as usize, 2),
+    };
+    if buf.len() < at + len {
+        return None;
+    }
+    let payload = buf[at..at + len].to_vec();
+    at += len;
+    Some((
+        Frame {
+            fin,
+            opcode,
+            payload,
+        },
+        at,
+    ))
+}
