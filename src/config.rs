@@ -334,15 +334,15 @@ impl Default for Config {
 }
 
 impl Config {
-    /// The display name of the agent account whose token is `token`.
+    /// The account id and account whose token is `token`.
     ///
     /// Compares every account's token in constant time so that response timing
     /// does not reveal how much of a guessed token matched.
-    pub fn agent_by_token(&self, token: &str) -> Option<String> {
+    pub fn agent_by_token(&self, token: &str) -> Option<(&str, &AgentAccount)> {
         let mut found = None;
-        for account in self.agents.accounts.values() {
+        for (id, account) in &self.agents.accounts {
             if constant_time_eq(account.token.as_bytes(), token.as_bytes()) {
-                found = Some(account.name.clone());
+                found = Some((id.as_str(), account));
             }
         }
         found
@@ -1854,7 +1854,7 @@ mod tests {
     #[test]
     fn defaults_load_with_documented_values() {
         let c = load(None).unwrap();
-        assert_eq!(c.server.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.server.listen, "127.0.0.1:8080".parse::<std::net::SocketAddr>().unwrap());
         assert_eq!(c.server.backlog, 4096);
         assert_eq!(c.shards.cores, Cores::All);
         assert_eq!(c.shards.io_memory, 256 * 1024);
@@ -2281,7 +2281,7 @@ mod tests {
         let e = err("[server]\nlisten = \"localhost:8080\"\n");
         assert_invalid(&e, 2, "server.listen", "host names are not resolved");
         let c = load_str("ok.toml", "[server]\nlisten = \"[::1]:0\"\n").unwrap();
-        assert_eq!(c.server.listen, "[::1]:0".parse().unwrap());
+        assert_eq!(c.server.listen, "[::1]:0".parse::<std::net::SocketAddr>().unwrap());
         let e = err("[bot]\nhandlers = [\"intent\", \"fallback\", \"intent\"]\n");
         assert_invalid(
             &e,

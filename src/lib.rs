@@ -12,9 +12,11 @@
 pub mod arena;
 pub mod buffers;
 pub mod config;
+pub mod conversation;
 pub mod http;
 pub mod logging;
 pub mod metrics;
 pub mod server;
+pub mod store;
 pub mod system;
 pub mod ws;

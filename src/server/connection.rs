@@ -27,8 +27,14 @@ use glommio::net::TcpStream;
 use super::routes::{route, Endpoint, Route};
 use super::Shard;
 use crate::arena::{CloseRequest, Outbound, SessionId};
+use crate::conversation::dispatch::{self, AgentStatus, DispatchEvent};
+use crate::conversation::owner::{OwnerEvent, VisitorKey};
+use crate::conversation::protocol::{self, AgentFrame, FrameError, Presence};
+use crate::conversation::{dispatcher_shard, visitor_owner, SessionRef};
 use crate::http::{self, HttpError, HttpLimits, RequestHead};
 use crate::metrics::ShardMetrics;
+use crate::server::ShardMessage;
+use crate::store::ConversationId;
 use crate::ws::connection::{Connection, Message, Role, Sender, State, WsLimits};
 use crate::ws::handshake;
 
@@ -125,14 +131,13 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
 
     let mut out = shard.buffers.take();
     handshake::write_101(&mut out, &accept);
-    let mut ws = Connection::new(
+    let ws = Connection::new(
         Role::Server,
         WsLimits {
             max_message_bytes: config.websocket.max_message_bytes,
         },
     );
     let session = Session::open(&shard, endpoint);
-    session.greet(&mut ws, &mut out);
     ShardMetrics::add(&shard.counters().handshakes_completed, 1);
     ShardMetrics::set(
         &shard.counters().sessions_open,
@@ -216,57 +221,85 @@ struct Session {
     shard: Rc<Shard>,
     id: SessionId,
     endpoint: Endpoint,
-    visitor_id: Option<String>,
+    /// A visitor's identity (visitor sessions only).
+    visitor: Option<VisitorKey>,
+    /// Frames refused so far; past `abuse_limit` the session is closed with 1008.
+    refused: u32,
 }
 
 impl Session {
+    /// Registers the session in the arena and announces it to whoever owns
+    /// its conversations (a visitor's owner shard, or the dispatcher for an
+    /// agent), which answers with the `hello` frame.
     fn open(shard: &Rc<Shard>, endpoint: Endpoint) -> Session {
         let id = shard
             .arena
             .borrow_mut()
             .insert(endpoint.kind(), shard.now_secs());
-        let visitor_id = match &endpoint {
-            Endpoint::Visitor { visitor, .. } => {
-                Some(visitor.clone().unwrap_or_else(generate_visitor_id))
-            }
-            _ => None,
+        let me = SessionRef {
+            shard: shard.id.0,
+            session: id,
         };
+        let router = &shard.router;
+        let mut visitor_key = None;
+        match &endpoint {
+            Endpoint::Echo { .. } => {}
+            Endpoint::Visitor {
+                site,
+                visitor,
+                resume,
+            } => {
+                let key = VisitorKey {
+                    site: site.as_str().into(),
+                    visitor: visitor.clone().unwrap_or_else(generate_visitor_id).into(),
+                };
+                let owner = visitor_owner(&key.site, &key.visitor, router.shard_count());
+                router.send(
+                    owner,
+                    ShardMessage::Owner(OwnerEvent::VisitorAttach {
+                        key: key.clone(),
+                        resume: *resume,
+                        session: me,
+                    }),
+                );
+                visitor_key = Some(key);
+            }
+            Endpoint::Agent { id, name, max_open } => router.send(
+                dispatcher_shard(router.shard_count()),
+                ShardMessage::Dispatch(DispatchEvent::AgentAttached {
+                    agent: id.clone(),
+                    name: name.clone(),
+                    max_open: *max_open,
+                    session: me.to_dispatch(),
+                }),
+            ),
+        }
         Session {
             shard: shard.clone(),
             id,
             endpoint,
-            visitor_id,
+            visitor: visitor_key,
+            refused: 0,
         }
     }
 
-    /// The first frame a visitor or agent receives.
-    fn greet(&self, ws: &mut Connection, out: &mut Vec<u8>) {
-        let hello = match &self.endpoint {
-            Endpoint::Echo { .. } => return,
-            Endpoint::Visitor { site, .. } => serde_json::json!({
-                "type": "hello",
-                "visitor": self.visitor_id,
-                "site": site,
-                "conversation": null,
-                "seq": 0,
-            }),
-            Endpoint::Agent { agent } => serde_json::json!({
-                "type": "hello",
-                "agent": agent,
-                "conversations": [],
-            }),
-        };
-        ws.send_text(&hello.to_string(), out);
+    fn me(&self) -> SessionRef {
+        SessionRef {
+            shard: self.shard.id.0,
+            session: self.id,
+        }
     }
 
     /// Handles one complete data message.
-    fn on_message(&self, message: Message<'_>, reply: &mut Sender<'_>) {
-        match (&self.endpoint, message) {
+    fn on_message(&mut self, message: Message<'_>, reply: &mut Sender<'_>) {
+        let text = match (&self.endpoint, message) {
             (Endpoint::Echo { delay_ms: 0 }, Message::Text(text)) => {
                 reply.send_text(text);
+                return;
             }
             (Endpoint::Echo { delay_ms: 0 }, Message::Binary(data)) => {
                 reply.send_binary(data);
+                return;
             }
             (Endpoint::Echo { delay_ms }, message) => {
                 let frame = match message {
@@ -280,38 +313,155 @@ impl Session {
                     shard.arena.borrow_mut().push(id, frame);
                 })
                 .detach();
+                return;
             }
-            (_, Message::Binary(_)) => error_frame(
-                reply,
-                "binary_unsupported",
-                "this endpoint speaks JSON text frames",
-            ),
-            (_, Message::Text(text)) => match serde_json::from_str::<serde_json::Value>(text) {
-                Err(err) => error_frame(reply, "malformed_json", &format!("not JSON: {err}")),
-                Ok(value) => match value.get("type").and_then(|t| t.as_str()) {
-                    None => {
-                        error_frame(reply, "missing_type", "every frame needs a string \"type\"")
-                    }
-                    Some(kind) => error_frame(
-                        reply,
-                        "unknown_type",
-                        &format!("unknown frame type {kind:?}"),
+            (_, Message::Binary(_)) => {
+                self.refuse(
+                    reply,
+                    FrameError::new(
+                        "binary_unsupported",
+                        "this endpoint speaks JSON text frames",
                     ),
-                },
+                );
+                return;
+            }
+            (_, Message::Text(text)) => text,
+        };
+        let router = &self.shard.router;
+        let max_text = self.shard.config.conversations.max_text_bytes;
+        let me = self.me();
+        match &self.endpoint {
+            Endpoint::Visitor { .. } => match protocol::parse_visitor(text, max_text) {
+                Ok(frame) => {
+                    let key = self.visitor.clone().expect("visitor sessions have a key");
+                    let owner = visitor_owner(&key.site, &key.visitor, router.shard_count());
+                    router.send(
+                        owner,
+                        ShardMessage::Owner(OwnerEvent::Visitor {
+                            key,
+                            session: me,
+                            frame,
+                        }),
+                    );
+                }
+                Err(err) => self.refuse(reply, err),
             },
+            Endpoint::Agent { id, name, .. } => match protocol::parse_agent(text, max_text) {
+                Ok(frame) => {
+                    let dispatcher = dispatcher_shard(router.shard_count());
+                    let to_dispatcher =
+                        |event| router.send(dispatcher, ShardMessage::Dispatch(event));
+                    match frame {
+                        AgentFrame::Status { status } => {
+                            to_dispatcher(DispatchEvent::AgentStatus {
+                                agent: id.clone(),
+                                status: match status {
+                                    Presence::Online => AgentStatus::Online,
+                                    Presence::Away => AgentStatus::Away,
+                                },
+                            })
+                        }
+                        AgentFrame::Accept { conversation } => {
+                            to_dispatcher(DispatchEvent::Accept {
+                                agent: id.clone(),
+                                session: me.to_dispatch(),
+                                conversation: dispatch::ConversationId(conversation),
+                            })
+                        }
+                        AgentFrame::Transfer { conversation, to } => {
+                            to_dispatcher(DispatchEvent::Transfer {
+                                from: id.clone(),
+                                session: me.to_dispatch(),
+                                conversation: dispatch::ConversationId(conversation),
+                                to,
+                            })
+                        }
+                        frame => {
+                            let conversation =
+                                frame.conversation().expect("scoped frames name one");
+                            if conversation.shard() >= router.shard_count() {
+                                self.refuse(
+                                    reply,
+                                    FrameError::new(
+                                        "unknown_conversation",
+                                        format!("no conversation {}", conversation.0),
+                                    ),
+                                );
+                                return;
+                            }
+                            router.send(
+                                conversation.shard(),
+                                ShardMessage::Owner(OwnerEvent::Agent {
+                                    agent: id.clone(),
+                                    name: name.clone(),
+                                    session: me,
+                                    frame,
+                                }),
+                            );
+                        }
+                    }
+                }
+                Err(err) => self.refuse(reply, err),
+            },
+            Endpoint::Echo { .. } => unreachable!("echo sessions returned above"),
+        }
+    }
+
+    /// Answers a refused frame with an `error` frame; closes with 1008 past
+    /// the abuse limit.
+    fn refuse(&mut self, reply: &mut Sender<'_>, err: FrameError) {
+        self.refused += 1;
+        reply.send_text(&protocol::error_frame(err.code, &err.message));
+        if self.refused >= self.shard.config.conversations.abuse_limit {
+            reply.close(1008, "too many invalid frames");
         }
     }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
+        let follows = self
+            .shard
+            .arena
+            .borrow_mut()
+            .get_mut(self.id)
+            .map(|record| std::mem::take(&mut record.follows))
+            .unwrap_or_default();
         self.shard.arena.borrow_mut().remove(self.id);
+        let router = &self.shard.router;
+        let me = self.me();
+        match &self.endpoint {
+            Endpoint::Echo { .. } => {}
+            Endpoint::Visitor { .. } => {
+                if let Some(key) = self.visitor.take() {
+                    let owner = visitor_owner(&key.site, &key.visitor, router.shard_count());
+                    router.send(
+                        owner,
+                        ShardMessage::Owner(OwnerEvent::VisitorDetach { key, session: me }),
+                    );
+                }
+            }
+            Endpoint::Agent { id, .. } => {
+                router.send(
+                    dispatcher_shard(router.shard_count()),
+                    ShardMessage::Dispatch(DispatchEvent::AgentDetached {
+                        agent: id.clone(),
+                        session: me.to_dispatch(),
+                    }),
+                );
+                for conversation in follows {
+                    let conversation = ConversationId(conversation);
+                    router.send(
+                        conversation.shard(),
+                        ShardMessage::Owner(OwnerEvent::AgentUnsubscribe {
+                            conversation,
+                            session: me,
+                        }),
+                    );
+                }
+            }
+        }
     }
-}
-
-fn error_frame(reply: &mut Sender<'_>, code: &str, message: &str) {
-    let frame = serde_json::json!({"type": "error", "code": code, "message": message});
-    reply.send_text(&frame.to_string());
 }
 
 /// A random visitor id (128 bits, hex).
@@ -362,7 +512,7 @@ async fn run_session(
     shard: &Rc<Shard>,
     stream: &mut TcpStream,
     mut ws: Connection,
-    session: Session,
+    mut session: Session,
     mut buffer: Vec<u8>,
     leftover: std::ops::Range<usize>,
     mut out: Vec<u8>,

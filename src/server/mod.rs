@@ -25,16 +25,16 @@ use crate::buffers::BufferPool;
 use crate::config::Config;
 use crate::metrics::{Metrics, ShardMetrics};
 
-/// Messages shards send each other. Conversation routing extends this.
-#[derive(Debug)]
-pub enum ShardMessage {}
+use crate::conversation::router::Router;
+pub use crate::conversation::router::ShardMessage;
 
 /// Per-shard state: owned by one shard's thread.
 pub struct Shard {
     pub id: ShardId,
     pub shard_count: usize,
     pub config: Arc<Config>,
-    pub arena: RefCell<Arena>,
+    pub arena: Rc<RefCell<Arena>>,
+    pub router: Rc<Router>,
     pub buffers: BufferPool,
     pub metrics: Metrics,
     started: Instant,
@@ -64,6 +64,22 @@ pub async fn shard_main(
     config: Arc<Config>,
     metrics: Metrics,
 ) {
+    let arena = Rc::new(RefCell::new(Arena::new()));
+    let router = match Router::open(
+        context.id.0,
+        context.shard_count,
+        config.clone(),
+        context.mesh.clone(),
+        arena.clone(),
+    ) {
+        Ok(router) => router,
+        Err(err) => {
+            // Nothing has been served yet: stop the process with a clear message.
+            tracing::error!(shard = context.id.0, error = %err, "cannot start the shard");
+            eprintln!("switchboard: {err}");
+            std::process::exit(1);
+        }
+    };
     let shard = Rc::new(Shard {
         id: context.id,
         shard_count: context.shard_count,
@@ -72,12 +88,15 @@ pub async fn shard_main(
             config.websocket.pool_max_idle_buffers,
         ),
         config,
-        arena: RefCell::new(Arena::new()),
+        arena,
+        router: router.clone(),
         metrics,
         started: Instant::now(),
         shutting_down: Cell::new(false),
     });
-    context.serve_mesh(|_from, message: ShardMessage| match message {});
+    let mesh_router = router.clone();
+    context.serve_mesh(move |from, message: ShardMessage| mesh_router.on_mesh(from, message));
+    router.start();
 
     let listener = context
         .take_listener()

@@ -33,8 +33,12 @@ pub enum Endpoint {
         visitor: Option<String>,
         resume: Option<u64>,
     },
-    /// `/ws/agent?token=T`; the name comes from the matching `[agents]` account.
-    Agent { agent: String },
+    /// `/ws/agent?token=T`, resolved to the matching `[agents]` account.
+    Agent {
+        id: String,
+        name: String,
+        max_open: u32,
+    },
 }
 
 impl Endpoint {
@@ -117,7 +121,11 @@ pub fn route(head: &RequestHead, config: &Config) -> Route {
                 return Route::Reject(401, "the token parameter is required");
             };
             match config.agent_by_token(&token) {
-                Some(agent) => Route::Upgrade(Endpoint::Agent { agent }),
+                Some((id, account)) => Route::Upgrade(Endpoint::Agent {
+                    id: id.to_string(),
+                    name: account.name.clone(),
+                    max_open: account.max_open,
+                }),
                 None => Route::Reject(403, "unknown agent token"),
             }
         }

@@ -1,0 +1,320 @@
+//! The JSON frames visitors and agents exchange with the server
+//! (`docs/protocol.md` is the public contract).
+//!
+//! Parsing is a pure function from a text frame to a typed frame or a
+//! [`FrameError`] with a stable `code`; the session stays open on every error,
+//! and the driver counts errors to close abusive sessions with 1008.
+//! Rendering produces the server's frames; timestamps are RFC 3339 UTC.
+//!
+//! Invariants: a parsed frame has passed every size and shape check (ids are
+//! 1..=128 bytes, text is 1..=`max_text_bytes` bytes), so the owner shard never
+//! sees an unchecked value.
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::ConversationId;
+
+/// Longest client message id accepted, in bytes.
+pub const MAX_CLIENT_ID_BYTES: usize = 128;
+
+/// A frame a visitor sends.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum VisitorFrame {
+    /// A chat message; `id` is the client's id for dedup and acks.
+    Message { id: String, text: String },
+    /// Typing indicator on/off.
+    Typing { on: bool },
+    /// Everything up to `seq` was read.
+    Read { seq: u64 },
+    /// Ask for a human.
+    Handoff {},
+}
+
+/// Agent presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Presence {
+    Online,
+    Away,
+}
+
+/// A frame an agent sends.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentFrame {
+    /// Take a queued conversation.
+    Accept {
+        conversation: u64,
+    },
+    /// A reply in an assigned conversation.
+    Message {
+        conversation: u64,
+        id: String,
+        text: String,
+    },
+    Typing {
+        conversation: u64,
+        on: bool,
+    },
+    Read {
+        conversation: u64,
+        seq: u64,
+    },
+    /// Hand an assigned conversation to another agent (account id).
+    Transfer {
+        conversation: u64,
+        to: String,
+    },
+    /// End an assigned conversation.
+    Close {
+        conversation: u64,
+    },
+    /// Online or away.
+    Status {
+        status: Presence,
+    },
+}
+
+impl AgentFrame {
+    /// The conversation the frame acts on, if any.
+    pub fn conversation(&self) -> Option<ConversationId> {
+        match self {
+            AgentFrame::Accept { conversation }
+            | AgentFrame::Message { conversation, .. }
+            | AgentFrame::Typing { conversation, .. }
+            | AgentFrame::Read { conversation, .. }
+            | AgentFrame::Transfer { conversation, .. }
+            | AgentFrame::Close { conversation } => Some(ConversationId(*conversation)),
+            AgentFrame::Status { .. } => None,
+        }
+    }
+}
+
+/// Why a frame was refused. `code` is stable and documented.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FrameError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl FrameError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses a visitor's text frame.
+pub fn parse_visitor(text: &str, max_text_bytes: usize) -> Result<VisitorFrame, FrameError> {
+    let frame: VisitorFrame = parse(text)?;
+    if let VisitorFrame::Message { id, text } = &frame {
+        check_message(id, text, max_text_bytes)?;
+    }
+    Ok(frame)
+}
+
+/// Parses an agent's text frame.
+pub fn parse_agent(text: &str, max_text_bytes: usize) -> Result<AgentFrame, FrameError> {
+    let frame: AgentFrame = parse(text)?;
+    match &frame {
+        AgentFrame::Message { id, text, .. } => check_message(id, text, max_text_bytes)?,
+        AgentFrame::Transfer { to, .. } if to.is_empty() || to.len() > 128 => {
+            return Err(FrameError::new(
+                "invalid_field",
+                "to must be an agent id of 1 to 128 bytes",
+            ))
+        }
+        _ => {}
+    }
+    Ok(frame)
+}
+
+fn parse<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, FrameError> {
+    serde_json::from_str(text).map_err(|err| classify(text, &err))
+}
+
+/// Maps serde's error to a stable code without parsing the frame twice.
+fn classify(text: &str, err: &serde_json::Error) -> FrameError {
+    use serde_json::error::Category;
+    match err.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            FrameError::new("malformed_json", format!("not valid JSON: {err}"))
+        }
+        Category::Data => {
+            let detail = err.to_string();
+            if detail.starts_with("missing field `type`") {
+                FrameError::new("missing_type", "every frame needs a string \"type\"")
+            } else if detail.starts_with("unknown variant") {
+                let kind = serde_json::from_str::<serde_json::Value>(text)
+                    .ok()
+                    .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+                    .unwrap_or_default();
+                FrameError::new("unknown_type", format!("unknown frame type {kind:?}"))
+            } else if detail.starts_with("missing field") {
+                FrameError::new("missing_field", strip_position(&detail))
+            } else if text.trim_start().starts_with('{') {
+                FrameError::new("invalid_field", strip_position(&detail))
+            } else {
+                FrameError::new("malformed_json", "a frame must be a JSON object")
+            }
+        }
+    }
+}
+
+fn strip_position(detail: &str) -> String {
+    match detail.find(" at line ") {
+        Some(at) => detail[..at].to_string(),
+        None => detail.to_string(),
+    }
+}
+
+fn check_message(id: &str, text: &str, max_text_bytes: usize) -> Result<(), FrameError> {
+    if id.is_empty() || id.len() > MAX_CLIENT_ID_BYTES {
+        return Err(FrameError::new(
+            "invalid_field",
+            format!("id must be 1 to {MAX_CLIENT_ID_BYTES} bytes"),
+        ));
+    }
+    if text.trim().is_empty() {
+        return Err(FrameError::new("invalid_field", "text must not be empty"));
+    }
+    if text.len() > max_text_bytes {
+        return Err(FrameError::new(
+            "text_too_long",
+            format!(
+                "text is {} bytes; the limit is {max_text_bytes}",
+                text.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// RFC 3339 UTC with milliseconds for a unix-ms timestamp.
+pub fn rfc3339(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let millis = unix_ms % 1000;
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (hour, minute, second) = (rem / 3600, (rem % 3600) / 60, rem % 60);
+    // Civil-from-days (Howard Hinnant's algorithm), valid for all u64 days we use.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
+}
+
+/// Current unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Renders a server frame as JSON text.
+pub fn render(value: &impl Serialize) -> String {
+    serde_json::to_string(value).expect("server frames always serialise")
+}
+
+/// `{"type":"error","code":..,"message":..}`.
+pub fn error_frame(code: &str, message: &str) -> String {
+    #[derive(Serialize)]
+    struct Error<'a> {
+        r#type: &'static str,
+        code: &'a str,
+        message: &'a str,
+    }
+    render(&Error {
+        r#type: "error",
+        code,
+        message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_visitor_frame() {
+        assert_eq!(
+            parse_visitor(r#"{"type":"message","id":"c1","text":"hi"}"#, 100),
+            Ok(VisitorFrame::Message {
+                id: "c1".into(),
+                text: "hi".into()
+            })
+        );
+        assert_eq!(
+            parse_visitor(r#"{"type":"typing","on":true}"#, 100),
+            Ok(VisitorFrame::Typing { on: true })
+        );
+        assert_eq!(
+            parse_visitor(r#"{"type":"read","seq":7}"#, 100),
+            Ok(VisitorFrame::Read { seq: 7 })
+        );
+        assert_eq!(
+            parse_visitor(r#"{"type":"handoff"}"#, 100),
+            Ok(VisitorFrame::Handoff {})
+        );
+    }
+
+    #[test]
+    fn every_bad_input_has_a_code() {
+        let code = |text: &str| parse_visitor(text, 10).unwrap_err().code;
+        assert_eq!(code("{nope"), "malformed_json");
+        assert_eq!(code("[1,2]"), "malformed_json");
+        assert_eq!(code(r#"{"text":"x"}"#), "missing_type");
+        assert_eq!(code(r#"{"type":"dance"}"#), "unknown_type");
+        assert_eq!(code(r#"{"type":"message","text":"x"}"#), "missing_field");
+        assert_eq!(code(r#"{"type":"read","seq":"x"}"#), "invalid_field");
+        assert_eq!(
+            code(r#"{"type":"message","id":"","text":"x"}"#),
+            "invalid_field"
+        );
+        assert_eq!(
+            code(r#"{"type":"message","id":"a","text":"   "}"#),
+            "invalid_field"
+        );
+        assert_eq!(
+            code(r#"{"type":"message","id":"a","text":"01234567890"}"#),
+            "text_too_long"
+        );
+        let agent = parse_agent(r#"{"type":"status","status":"lunch"}"#, 10).unwrap_err();
+        assert_eq!(agent.code, "invalid_field");
+    }
+
+    #[test]
+    fn agent_frames_name_their_conversation() {
+        let frame = parse_agent(
+            r#"{"type":"message","conversation":42,"id":"a","text":"hello"}"#,
+            100,
+        )
+        .unwrap();
+        assert_eq!(frame.conversation(), Some(ConversationId(42)));
+        let frame = parse_agent(r#"{"type":"status","status":"away"}"#, 100).unwrap();
+        assert_eq!(
+            frame,
+            AgentFrame::Status {
+                status: Presence::Away
+            }
+        );
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
+        assert_eq!(rfc3339(1_795_651_200_000), "2026-11-25T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,641 @@
+//! The shard-local driver of conversations: runs the [`Owner`] state machine
+//! (every shard) and the [`Dispatcher`] (one shard), executes their actions and
+//! feeds results back.
+//!
+//! - Storage: operations are queued and applied by a committer task in group
+//!   commits: it waits `commit_window` after the first pending operation (or
+//!   until `max_batch` are pending), then applies the whole batch in ONE LMDB
+//!   transaction on glommio's blocking thread (pinned next to the shard), so
+//!   an fsync never stalls the event loop. While a commit is in flight the
+//!   next batch accumulates. Reads (replay, metadata) use a [`StoreReader`]
+//!   on the shard's thread; LMDB readers never wait for the writer.
+//! - Mesh: everything for another shard goes through a per-destination FIFO
+//!   drained by one task, so messages are never dropped when a channel is
+//!   full and arrive in the order they were produced.
+//!
+//! Invariant: the owner state machine sees commit results in commit order, and
+//! a replay never reaches past what the owner has fanned out (see `owner`).
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
+use shards::{Mesh, ShardId};
+
+use super::dispatch::{self, DispatchAction, DispatchEvent, Dispatcher, DispatcherConfig};
+use super::owner::{message_frame, Completion, Owner, OwnerAction, OwnerConfig, OwnerEvent};
+use super::protocol::{self, now_ms};
+use super::SessionRef;
+use crate::arena::{Arena, Outbound, SessionId};
+use crate::config::Config;
+use crate::store::{ConversationId, Durability, Op, ShardStore, StoreOptions, StoreReader};
+
+/// Messages shards send each other.
+#[derive(Debug)]
+pub enum ShardMessage {
+    /// For the owner of a conversation (or of a visitor key).
+    Owner(OwnerEvent),
+    /// For the dispatcher shard.
+    Dispatch(DispatchEvent),
+    /// Frames for sessions of the receiving shard.
+    Deliver { session: SessionId, frame: Arc<str> },
+    /// An agent session follows a conversation (unsubscribe when it closes).
+    Track {
+        session: SessionId,
+        conversation: ConversationId,
+    },
+}
+
+/// Why the conversation layer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("cannot open storage for shard {shard} under {dir}: {source}")]
+    Store {
+        shard: usize,
+        dir: String,
+        source: crate::store::StoreError,
+    },
+}
+
+/// Per-shard conversation state and machinery.
+pub struct Router {
+    shard: usize,
+    shard_count: usize,
+    config: Arc<Config>,
+    mesh: Rc<Mesh<ShardMessage>>,
+    arena: Rc<RefCell<Arena>>,
+    owner: RefCell<Owner>,
+    dispatcher: Option<RefCell<Dispatcher>>,
+    reader: StoreReader,
+    store: RefCell<Option<ShardStore>>,
+    pending: RefCell<Vec<(Op, Completion)>>,
+    doorbell: LocalSender<()>,
+    doorbell_rx: RefCell<Option<LocalReceiver<()>>>,
+    outgoing: Vec<RefCell<VecDeque<ShardMessage>>>,
+    outgoing_bells: Vec<LocalSender<()>>,
+    outgoing_rx: RefCell<Vec<Option<LocalReceiver<()>>>>,
+    /// Whether each outgoing queue's drain task has been rung and not yet run.
+    outgoing_rung: Vec<Cell<bool>>,
+    committing: Cell<bool>,
+}
+
+impl Router {
+    /// Opens this shard's store and builds the state machines.
+    pub fn open(
+        shard: usize,
+        shard_count: usize,
+        config: Arc<Config>,
+        mesh: Rc<Mesh<ShardMessage>>,
+        arena: Rc<RefCell<Arena>>,
+    ) -> Result<Rc<Router>, RouterError> {
+        let durability = match config.storage.durability {
+            crate::config::Durability::Fsync => Durability::Fsync,
+            crate::config::Durability::Batch => Durability::Batch,
+            crate::config::Durability::NoSync => Durability::None,
+        };
+        let store = ShardStore::open(
+            &config.storage.dir,
+            shard,
+            StoreOptions {
+                map_size: config.storage.map_size as usize,
+                durability,
+            },
+        )
+        .map_err(|source| RouterError::Store {
+            shard,
+            dir: config.storage.dir.display().to_string(),
+            source,
+        })?;
+        if durability == Durability::Batch {
+            start_flusher(&store, config.storage.sync_interval, shard);
+        }
+        let reader = store.reader();
+        let owner = Owner::new(OwnerConfig {
+            shard,
+            bot_enabled: false,
+            typing_interval_ms: config.conversations.typing_interval.as_millis() as u64,
+            typing_expiry_ms: config.conversations.typing_expiry.as_millis() as u64,
+        });
+        let dispatcher = (super::dispatcher_shard(shard_count) == shard).then(|| {
+            RefCell::new(Dispatcher::new(DispatcherConfig {
+                agent_grace_ms: config.conversations.agent_grace.as_millis() as u64,
+                auto_assign: true,
+            }))
+        });
+        let (doorbell, doorbell_rx) = local_channel::new_bounded(1);
+        let mut outgoing_bells = Vec::new();
+        let mut outgoing_rx = Vec::new();
+        for _ in 0..shard_count {
+            let (tx, rx) = local_channel::new_bounded(1);
+            outgoing_bells.push(tx);
+            outgoing_rx.push(Some(rx));
+        }
+        let router = Rc::new(Router {
+            shard,
+            shard_count,
+            config,
+            mesh,
+            arena,
+            owner: RefCell::new(owner),
+            dispatcher,
+            reader,
+            store: RefCell::new(Some(store)),
+            pending: RefCell::new(Vec::new()),
+            doorbell,
+            doorbell_rx: RefCell::new(Some(doorbell_rx)),
+            outgoing: (0..shard_count).map(|_| RefCell::default()).collect(),
+            outgoing_bells,
+            outgoing_rx: RefCell::new(outgoing_rx),
+            outgoing_rung: (0..shard_count).map(|_| Cell::new(false)).collect(),
+            committing: Cell::new(false),
+        });
+        Ok(router)
+    }
+
+    /// Starts the committer, the mesh senders and the one-second tick, and
+    /// tells the dispatcher about conversations that were waiting or assigned
+    /// before a restart.
+    pub fn start(self: &Rc<Self>) {
+        let committer = self.clone();
+        glommio::spawn_local(async move { committer.commit_loop().await }).detach();
+        for to in 0..self.shard_count {
+            let router = self.clone();
+            glommio::spawn_local(async move { router.send_loop(to).await }).detach();
+        }
+        let ticker = self.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+                ticker.on_owner(OwnerEvent::Tick);
+                if let Some(dispatcher) = &ticker.dispatcher {
+                    let actions = dispatcher
+                        .borrow_mut()
+                        .handle(DispatchEvent::Tick, now_ms());
+                    ticker.run_dispatch(actions, None);
+                }
+            }
+        })
+        .detach();
+        self.restore();
+    }
+
+    fn restore(&self) {
+        let open = match self
+            .reader
+            .read()
+            .and_then(|view| view.open_conversations())
+        {
+            Ok(open) => open,
+            Err(err) => {
+                tracing::error!(shard = self.shard, error = %err, "cannot list open conversations");
+                return;
+            }
+        };
+        let mut restored = 0;
+        for conversation in open {
+            let assigned = match conversation.state {
+                crate::store::ConversationState::Queued => None,
+                crate::store::ConversationState::Assigned { agent } => Some(agent),
+                _ => continue,
+            };
+            restored += 1;
+            self.send(
+                super::dispatcher_shard(self.shard_count),
+                ShardMessage::Dispatch(DispatchEvent::Restore {
+                    conversation: dispatch::ConversationId(conversation.id.0),
+                    owner: self.shard,
+                    assigned,
+                }),
+            );
+        }
+        if restored > 0 {
+            tracing::info!(
+                shard = self.shard,
+                restored,
+                "re-queued conversations after restart"
+            );
+        }
+    }
+
+    /// This shard's index.
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    /// Number of shards.
+    pub fn shard_count(&self) -> usize {
+        self.shard_count
+    }
+
+    /// Handles a message from the mesh.
+    pub fn on_mesh(&self, _from: ShardId, message: ShardMessage) {
+        match message {
+            ShardMessage::Owner(event) => self.on_owner(event),
+            ShardMessage::Dispatch(event) => {
+                let Some(dispatcher) = &self.dispatcher else {
+                    tracing::error!(
+                        shard = self.shard,
+                        "dispatch event sent to a shard that is not the dispatcher"
+                    );
+                    return;
+                };
+                let context = match &event {
+                    DispatchEvent::AgentAttached { agent, .. } => Some(agent.clone()),
+                    _ => None,
+                };
+                let actions = dispatcher.borrow_mut().handle(event, now_ms());
+                self.run_dispatch(actions, context);
+            }
+            ShardMessage::Deliver { session, frame } => {
+                self.arena.borrow_mut().push(session, Outbound::Text(frame));
+            }
+            ShardMessage::Track {
+                session,
+                conversation,
+            } => {
+                if let Some(record) = self.arena.borrow_mut().get_mut(session) {
+                    if !record.follows.contains(&conversation.0) {
+                        record.follows.push(conversation.0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a message to a shard (this one included), in order, never dropping it.
+    pub fn send(&self, to: usize, message: ShardMessage) {
+        // Even a message to this shard takes the mesh (its self channel): it is
+        // handled on a later turn of the event loop, so callers never re-enter
+        // the state machines.
+        self.outgoing[to].borrow_mut().push_back(message);
+        if !self.outgoing_rung[to].replace(true) {
+            let _ = self.outgoing_bells[to].try_send(());
+        }
+    }
+
+    async fn send_loop(&self, to: usize) {
+        let Some(bell) = self.outgoing_rx.borrow_mut()[to].take() else {
+            return;
+        };
+        while bell.recv().await.is_some() {
+            self.outgoing_rung[to].set(false);
+            loop {
+                let next = self.outgoing[to].borrow_mut().pop_front();
+                let Some(message) = next else { break };
+                if let Err((err, _)) = self.mesh.send(ShardId(to), message).await {
+                    tracing::error!(to, error = %err, "mesh send failed");
+                }
+            }
+        }
+    }
+
+    /// Delivers a frame to a session wherever it lives.
+    fn deliver(&self, to: SessionRef, frame: Arc<str>) {
+        if to.shard == self.shard {
+            self.arena
+                .borrow_mut()
+                .push(to.session, Outbound::Text(frame));
+        } else {
+            self.send(
+                to.shard,
+                ShardMessage::Deliver {
+                    session: to.session,
+                    frame,
+                },
+            );
+        }
+    }
+
+    /// Runs one owner event and everything it leads to.
+    pub fn on_owner(&self, event: OwnerEvent) {
+        let actions = self.owner.borrow_mut().handle(event, now_ms());
+        self.run_owner(actions);
+    }
+
+    fn run_owner(&self, actions: Vec<OwnerAction>) {
+        let mut queue: VecDeque<OwnerAction> = actions.into();
+        while let Some(action) = queue.pop_front() {
+            match action {
+                OwnerAction::Store { op, completion } => self.queue_op(op, completion),
+                OwnerAction::Send { to, frame } => self.deliver(to, frame),
+                OwnerAction::Replay {
+                    to,
+                    conversation,
+                    after,
+                    up_to,
+                } => self.replay(&to, conversation, after, up_to),
+                OwnerAction::Dispatch(event) => self.send(
+                    super::dispatcher_shard(self.shard_count),
+                    ShardMessage::Dispatch(event),
+                ),
+                OwnerAction::Track {
+                    session,
+                    conversation,
+                } => {
+                    let message = ShardMessage::Track {
+                        session: session.session,
+                        conversation,
+                    };
+                    if session.shard == self.shard {
+                        self.on_mesh(ShardId(self.shard), message);
+                    } else {
+                        self.send(session.shard, message);
+                    }
+                }
+                OwnerAction::Load {
+                    conversation,
+                    event,
+                } => {
+                    let loaded = self
+                        .reader
+                        .read()
+                        .and_then(|view| view.conversation(conversation));
+                    match loaded {
+                        Ok(Some(meta)) => {
+                            self.owner.borrow_mut().insert_loaded(meta);
+                            let more = self.owner.borrow_mut().handle(*event, now_ms());
+                            queue.extend(more);
+                        }
+                        Ok(None) => {
+                            if let OwnerEvent::Agent { session, .. } = *event {
+                                self.deliver(
+                                    session,
+                                    Arc::from(protocol::error_frame(
+                                        "unknown_conversation",
+                                        &format!("no conversation {}", conversation.0),
+                                    )),
+                                );
+                            }
+                        }
+                        Err(err) => {
+                            tracing::error!(shard = self.shard, %conversation, error = %err, "cannot load conversation");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn replay(&self, to: &[SessionRef], conversation: ConversationId, after: u64, up_to: u64) {
+        let view = match self.reader.read() {
+            Ok(view) => view,
+            Err(err) => {
+                tracing::error!(shard = self.shard, error = %err, "replay: cannot read");
+                return;
+            }
+        };
+        let limit = up_to.saturating_sub(after) as usize;
+        let messages = match view.messages_after(conversation, after, limit) {
+            Ok(messages) => messages,
+            Err(err) => {
+                tracing::error!(shard = self.shard, error = %err, "replay: cannot read messages");
+                return;
+            }
+        };
+        let mut frames = Vec::new();
+        for record in messages {
+            match record {
+                Ok(record) if record.seq() <= up_to => {
+                    frames.push(Arc::<str>::from(message_frame(
+                        conversation,
+                        record.seq(),
+                        record.from(),
+                        record.name(),
+                        record.text(),
+                        record.ts_ms(),
+                    )))
+                }
+                Ok(_) => break,
+                Err(err) => {
+                    tracing::error!(shard = self.shard, error = %err, "replay: damaged record");
+                    break;
+                }
+            }
+        }
+        drop(view);
+        for session in to {
+            for frame in &frames {
+                self.deliver(*session, frame.clone());
+            }
+        }
+    }
+
+    fn run_dispatch(&self, actions: Vec<DispatchAction>, attaching_agent: Option<String>) {
+        for action in actions {
+            match action {
+                DispatchAction::Assigned {
+                    conversation,
+                    owner,
+                    agent,
+                    agent_name,
+                    sessions,
+                } => self.send(
+                    owner,
+                    ShardMessage::Owner(OwnerEvent::Assigned {
+                        conversation: ConversationId(conversation.0),
+                        agent,
+                        agent_name,
+                        sessions: sessions
+                            .into_iter()
+                            .map(SessionRef::from_dispatch)
+                            .collect(),
+                    }),
+                ),
+                DispatchAction::Requeued {
+                    conversation,
+                    owner,
+                    ..
+                } => self.send(
+                    owner,
+                    ShardMessage::Owner(OwnerEvent::Requeued {
+                        conversation: ConversationId(conversation.0),
+                    }),
+                ),
+                DispatchAction::QueuePositions { updates } => {
+                    for (conversation, owner, position) in updates {
+                        self.send(
+                            owner,
+                            ShardMessage::Owner(OwnerEvent::QueuePosition {
+                                conversation: ConversationId(conversation.0),
+                                position,
+                            }),
+                        );
+                    }
+                }
+                DispatchAction::QueueSnapshot { sessions, queue } => {
+                    let frame: Arc<str> = Arc::from(
+                        serde_json::json!({
+                            "type": "queue",
+                            "conversations": queue.iter().map(|c| c.0).collect::<Vec<_>>(),
+                        })
+                        .to_string(),
+                    );
+                    for session in sessions {
+                        self.deliver(SessionRef::from_dispatch(session), frame.clone());
+                    }
+                }
+                DispatchAction::Transferred {
+                    conversation,
+                    owner,
+                    to,
+                    to_name,
+                    sessions,
+                    ..
+                } => self.send(
+                    owner,
+                    ShardMessage::Owner(OwnerEvent::Transferred {
+                        conversation: ConversationId(conversation.0),
+                        to,
+                        to_name,
+                        sessions: sessions
+                            .into_iter()
+                            .map(SessionRef::from_dispatch)
+                            .collect(),
+                    }),
+                ),
+                DispatchAction::Rejected {
+                    session,
+                    code,
+                    message,
+                } => self.deliver(
+                    SessionRef::from_dispatch(session),
+                    Arc::from(protocol::error_frame(code, &message)),
+                ),
+                DispatchAction::AgentHello {
+                    session,
+                    conversations,
+                    queue,
+                    status,
+                } => {
+                    let session = SessionRef::from_dispatch(session);
+                    let agent = attaching_agent.clone().unwrap_or_default();
+                    let hello = serde_json::json!({
+                        "type": "hello",
+                        "agent": self.config.agents.accounts.get(&agent).map_or(agent.as_str(), |a| a.name.as_str()),
+                        "id": &agent,
+                        "conversations": conversations.iter().map(|c| c.0).collect::<Vec<_>>(),
+                        "queue": queue.iter().map(|c| c.0).collect::<Vec<_>>(),
+                        "status": match status {
+                            dispatch::AgentStatus::Online => "online",
+                            dispatch::AgentStatus::Away => "away",
+                        },
+                    });
+                    self.deliver(session, Arc::from(hello.to_string()));
+                    for conversation in conversations {
+                        let conversation = ConversationId(conversation.0);
+                        self.send(
+                            conversation.shard(),
+                            ShardMessage::Owner(OwnerEvent::AgentSubscribe {
+                                conversation,
+                                agent: agent.clone(),
+                                session,
+                            }),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn queue_op(&self, op: Op, completion: Completion) {
+        let mut pending = self.pending.borrow_mut();
+        pending.push((op, completion));
+        if pending.len() == 1 && !self.committing.get() {
+            let _ = self.doorbell.try_send(());
+        }
+    }
+
+    async fn commit_loop(&self) {
+        let Some(doorbell) = self.doorbell_rx.borrow_mut().take() else {
+            return;
+        };
+        let window = self.config.storage.commit_window;
+        let max_batch = self.config.storage.max_batch.max(1);
+        while doorbell.recv().await.is_some() {
+            // Only the first batch after an idle period waits for the window;
+            // operations that queued up during a commit have waited already.
+            let mut first = true;
+            loop {
+                if self.pending.borrow().is_empty() {
+                    break;
+                }
+                self.committing.set(true);
+                if first && self.pending.borrow().len() < max_batch && !window.is_zero() {
+                    glommio::timer::sleep(window).await;
+                }
+                let batch: Vec<(Op, Completion)> = {
+                    let mut pending = self.pending.borrow_mut();
+                    let take = pending.len().min(max_batch);
+                    pending.drain(..take).collect()
+                };
+                let (ops, completions): (Vec<Op>, Vec<Completion>) = batch.into_iter().unzip();
+                let store = self
+                    .store
+                    .borrow_mut()
+                    .take()
+                    .expect("only the committer takes the store");
+                let (store, ops, result) = glommio::executor()
+                    .spawn_blocking(move || {
+                        let mut store = store;
+                        let result = store.apply(&ops);
+                        (store, ops, result)
+                    })
+                    .await;
+                *self.store.borrow_mut() = Some(store);
+                first = false;
+                match result {
+                    Ok(outcomes) => {
+                        for ((op, completion), outcome) in
+                            ops.into_iter().zip(completions).zip(outcomes)
+                        {
+                            self.on_owner(OwnerEvent::Committed {
+                                completion,
+                                op,
+                                outcome: Ok(outcome),
+                            });
+                        }
+                    }
+                    Err(err) => {
+                        tracing::error!(shard = self.shard, error = %err, "group commit failed");
+                        let message = err.to_string();
+                        for (op, completion) in ops.into_iter().zip(completions) {
+                            self.on_owner(OwnerEvent::Committed {
+                                completion,
+                                op,
+                                outcome: Err(message.clone()),
+                            });
+                        }
+                    }
+                }
+            }
+            self.committing.set(false);
+            // Ops queued while we were finishing rang nothing; loop again if any.
+            if !self.pending.borrow().is_empty() {
+                let _ = self.doorbell.try_send(());
+            }
+        }
+    }
+}
+
+/// With `durability = "batch"`, a thread syncs the data file every
+/// `sync_interval`, off the shard and off the committer.
+fn start_flusher(store: &ShardStore, interval: Duration, shard: usize) {
+    let flusher = match store.flusher() {
+        Ok(flusher) => flusher,
+        Err(err) => {
+            tracing::error!(shard, error = %err, "cannot start the batch flusher");
+            return;
+        }
+    };
+    let _ = std::thread::Builder::new()
+        .name(format!("switchboard-flush-{shard}"))
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            if let Err(err) = flusher.flush() {
+                tracing::error!(shard, error = %err, "batch flush failed");
+            }
+        });
+}

@@ -1,0 +1,94 @@
+//! Typed errors of the shard store.
+//!
+//! Two levels, on purpose:
+//! - [`Rejection`]: one operation of a batch was refused because of its input (unknown or
+//!   closed conversation, oversize id ...). It is reported in that operation's outcome; the
+//!   operation wrote nothing and the rest of the batch still commits.
+//! - [`StoreError`]: the whole call failed (LMDB, I/O, full map, corrupt data); the write
+//!   transaction was aborted and nothing of the batch is stored.
+
+use std::path::PathBuf;
+
+use super::records::{ConversationId, MAX_SHARDS};
+
+/// Why one operation of a batch was refused. Nothing of that operation was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("conversation {0} does not exist")]
+    UnknownConversation(ConversationId),
+    #[error("conversation {conversation} belongs to shard {owner}, not to this shard")]
+    ForeignConversation {
+        conversation: ConversationId,
+        owner: usize,
+    },
+    #[error("conversation {0} is closed")]
+    ConversationClosed(ConversationId),
+    #[error("{field} is empty")]
+    Empty { field: &'static str },
+    #[error("{field} is {len} bytes, more than the {max} allowed")]
+    TooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("this shard has used up its conversation ids")]
+    ConversationIdsExhausted,
+}
+
+/// A failure of a whole store call.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create store directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("shard index {0} is out of range (at most {MAX_SHARDS} shards)")]
+    ShardOutOfRange(usize),
+    #[error("store at {path} is already open in this process")]
+    AlreadyOpen { path: PathBuf },
+    #[error("store at {path} belongs to shard {found}, but was opened as shard {expected}")]
+    ShardMismatch {
+        path: PathBuf,
+        expected: usize,
+        found: u64,
+    },
+    #[error(
+        "store format version {found} is not supported (this build reads version {supported})"
+    )]
+    UnsupportedFormat { found: u64, supported: u64 },
+    #[error(
+        "the LMDB map is full ({map_size} bytes): raise [storage] map_size \
+         (or call set_map_size); the batch was not stored"
+    )]
+    MapFull { map_size: usize },
+    #[error("too many concurrent read views (LMDB reader table is full)")]
+    ReadersFull,
+    #[error("corrupt {table} record at key {key:02x?}: {detail}")]
+    Corrupt {
+        table: &'static str,
+        key: Vec<u8>,
+        detail: String,
+    },
+    #[error("cannot serialise a {record} record: {detail}")]
+    Serialize {
+        record: &'static str,
+        detail: String,
+    },
+    #[error("cannot sync the data file: {0}")]
+    Sync(#[source] std::io::Error),
+    #[error("LMDB: {0}")]
+    Lmdb(#[source] heed::Error),
+}
+
+impl From<heed::Error> for StoreError {
+    fn from(error: heed::Error) -> Self {
+        match error {
+            // The size is filled in by the store, which knows it (see `ShardStore::lmdb`).
+            heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::MapFull { map_size: 0 },
+            heed::Error::Mdb(heed::MdbError::ReadersFull) => StoreError::ReadersFull,
+            other => StoreError::Lmdb(other),
+        }
+    }
+}

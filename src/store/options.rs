@@ -1,0 +1,82 @@
+//! How a shard store is opened: map size and durability mode.
+//!
+//! Invariant: the durability mode decides the LMDB flags at open time only; it cannot be
+//! changed on an open store. See the module documentation of [`crate::store`] for the
+//! trade-off of each mode.
+
+use heed::EnvFlags;
+
+/// How far a commit goes before `apply`/`append_batch` return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Every commit is on stable storage before the call returns (LMDB default flags:
+    /// data pages and meta page are fdatasync'd). An ack sent after the call survives a
+    /// power loss.
+    #[default]
+    Fsync,
+    /// Commits only reach the OS page cache (`MDB_NOSYNC`); [`ShardStore::flush`] forces
+    /// them to disk and must be called every commit window or so. A process crash loses
+    /// nothing; a machine crash loses up to one flush interval.
+    ///
+    /// [`ShardStore::flush`]: super::ShardStore::flush
+    Batch,
+    /// Like `Batch` plus `MDB_NOMETASYNC`, and nobody calls `flush` on a timer: the kernel
+    /// writes back when it likes (tens of seconds by default). For tests and benchmarks.
+    None,
+}
+
+impl Durability {
+    /// The LMDB environment flags for this mode.
+    pub(crate) fn env_flags(self) -> EnvFlags {
+        match self {
+            Durability::Fsync => EnvFlags::empty(),
+            Durability::Batch => EnvFlags::NO_SYNC,
+            Durability::None => EnvFlags::NO_SYNC | EnvFlags::NO_META_SYNC,
+        }
+    }
+
+    /// Whether the driver has to call `flush` periodically for the documented guarantee.
+    pub fn needs_periodic_flush(self) -> bool {
+        self == Durability::Batch
+    }
+
+    /// Parses the `[storage] durability` config value.
+    pub fn parse(value: &str) -> Option<Durability> {
+        match value {
+            "fsync" => Some(Durability::Fsync),
+            "batch" => Some(Durability::Batch),
+            "none" => Some(Durability::None),
+            _ => None,
+        }
+    }
+
+    /// The config spelling of this mode.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Fsync => "fsync",
+            Durability::Batch => "batch",
+            Durability::None => "none",
+        }
+    }
+}
+
+/// Options of [`ShardStore::open`](super::ShardStore::open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreOptions {
+    /// Size of the LMDB memory map in bytes: the most the shard's data file can grow to.
+    /// It is address space, not memory, so it can be generous (rounded up to 4 KiB).
+    pub map_size: usize,
+    pub durability: Durability,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            map_size: DEFAULT_MAP_SIZE,
+            durability: Durability::Fsync,
+        }
+    }
+}
+
+/// Default map size per shard: 16 GiB of address space.
+pub const DEFAULT_MAP_SIZE: usize = 16 << 30;

@@ -1,0 +1,794 @@
+//! One shard's LMDB environment: opening it, applying write batches, flushing.
+//!
+//! Invariants:
+//! - One `ShardStore` per shard directory per process (heed refuses a second open; we
+//!   report [`StoreError::AlreadyOpen`]). Only the owning shard's thread writes to it.
+//! - Every `apply` is one LMDB write transaction. When it returns `Ok`, the batch is
+//!   committed with the durability of the store's [`Durability`] mode; when it returns
+//!   `Err`, nothing of the batch is stored and in-memory state is unchanged.
+//! - `Conversation::last_seq` is the seq of the newest stored message of that
+//!   conversation; the next message gets `last_seq + 1`.
+//! - A dedup entry `(conversation, client id) -> seq` is written in the same transaction
+//!   as the message it names, so the two can never disagree after a crash.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use heed::types::Bytes;
+use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RwTxn, WithoutTls};
+use rkyv::rancor;
+
+use super::batch::{AppendOutcome, NewMessage, Op, OpOutcome, ReadSide};
+use super::error::{Rejection, StoreError};
+use super::flusher::Flusher;
+use super::keys::{self, MAX_CLIENT_ID_BYTES, MAX_SITE_BYTES, MAX_VISITOR_BYTES};
+use super::options::{Durability, StoreOptions};
+use super::read::{self, ReadView};
+use super::records::{
+    ArchivedMessageRecord, Conversation, ConversationId, ConversationState, MessageRecord,
+    MAX_LOCAL_CONVERSATION, MAX_SHARDS,
+};
+
+/// Version of the on-disk layout written into the `info` table.
+pub const FORMAT_VERSION: u64 = 1;
+/// Reader slots of the LMDB lock table. Each live [`ReadView`] holds one; a shard thread
+/// needs a handful, the rest is headroom for diagnostics tools.
+pub const MAX_READERS: u32 = 126;
+/// Named tables of a shard environment (6 used, 2 spare for later layouts).
+pub const MAX_DBS: u32 = 8;
+
+/// The scratch serialisation buffer is dropped after a batch that grew it past this.
+const SCRATCH_KEEP_BYTES: usize = 64 * 1024;
+
+const INFO_FORMAT: &[u8] = b"format_version";
+const INFO_SHARD: &[u8] = b"shard";
+const INFO_NEXT_CONVERSATION: &[u8] = b"next_conversation";
+
+pub(crate) type Table = Database<'static, Bytes, Bytes>;
+
+/// Handles of the named tables of a shard environment.
+#[derive(Clone, Copy)]
+pub(crate) struct Tables {
+    /// `(conversation, seq)` -> archived [`MessageRecord`].
+    pub messages: Table,
+    /// `(conversation, client id)` -> seq.
+    pub dedup: Table,
+    /// conversation -> archived [`Conversation`].
+    pub conversations: Table,
+    /// conversation -> empty, for every conversation that is not closed.
+    pub open: Table,
+    /// `(site, visitor)` -> conversation, for the visitor's open conversation.
+    pub visitors: Table,
+    /// Layout version, shard index, conversation id counter.
+    pub info: Table,
+}
+
+/// The durable store of the conversations one shard owns.
+///
+/// `Send`: an `Fsync` commit blocks its thread for milliseconds, so the driver may keep the
+/// store on a blocking helper thread instead of the shard's reactor thread.
+pub struct ShardStore {
+    env: Env<WithoutTls>,
+    tables: Tables,
+    shard: usize,
+    durability: Durability,
+    path: PathBuf,
+    /// Reused buffer for serialising records (released when a batch made it large).
+    scratch: Vec<u8>,
+    /// Conversations loaded or changed by the current batch (empty between batches).
+    staged: StagedConversations,
+}
+
+const _: fn() = || {
+    fn send<T: Send>() {}
+    send::<ShardStore>();
+};
+
+impl ShardStore {
+    /// Opens (creating if needed) `dir/shard-<shard>/` as this shard's environment.
+    pub fn open(dir: &Path, shard: usize, options: StoreOptions) -> Result<Self, StoreError> {
+        if shard >= MAX_SHARDS {
+            return Err(StoreError::ShardOutOfRange(shard));
+        }
+        let path = dir.join(format!("shard-{shard}"));
+        std::fs::create_dir_all(&path).map_err(|source| StoreError::CreateDir {
+            path: path.clone(),
+            source,
+        })?;
+
+        let mut env_options = EnvOpenOptions::new().read_txn_without_tls();
+        env_options
+            .map_size(round_up_to_page(options.map_size))
+            .max_readers(MAX_READERS)
+            .max_dbs(MAX_DBS);
+        // SAFETY: NO_SYNC / NO_META_SYNC are "unsafe" in heed because a machine crash may
+        // then lose or (for NO_SYNC) corrupt recent commits. That is the documented
+        // contract of `Durability::Batch` and `Durability::None`; `Fsync` sets no flag.
+        unsafe {
+            env_options.flags(options.durability.env_flags());
+        }
+        // SAFETY: the memory map is only unsound if the data file is changed behind LMDB's
+        // back. The file lives in a directory owned by this shard, heed refuses a second
+        // open of the same path in this process, and no other program opens it.
+        let env = unsafe { env_options.open(&path) }.map_err(|error| match error {
+            heed::Error::EnvAlreadyOpened => StoreError::AlreadyOpen { path: path.clone() },
+            other => other.into(),
+        })?;
+        // Reader slots of a killed process are reclaimed here rather than leaking.
+        env.clear_stale_readers()?;
+
+        let wtxn = env.write_txn()?;
+        let tables = env
+            .create_databases_and_commit(wtxn, |opener, wtxn| -> Result<_, StoreError> {
+                let messages = opener.create_database::<Bytes, Bytes>(wtxn, Some("messages"))?;
+                let dedup = opener.create_database::<Bytes, Bytes>(wtxn, Some("dedup"))?;
+                let conversations =
+                    opener.create_database::<Bytes, Bytes>(wtxn, Some("conversations"))?;
+                let open = opener.create_database::<Bytes, Bytes>(wtxn, Some("open"))?;
+                let visitors = opener.create_database::<Bytes, Bytes>(wtxn, Some("visitors"))?;
+                let info = opener.create_database::<Bytes, Bytes>(wtxn, Some("info"))?;
+
+                match info.get(wtxn, INFO_FORMAT)? {
+                    None => {
+                        info.put(wtxn, INFO_FORMAT, &keys::u64_value(FORMAT_VERSION))?;
+                        info.put(wtxn, INFO_SHARD, &keys::u64_value(shard as u64))?;
+                    }
+                    Some(bytes) => {
+                        let found = decode_info(INFO_FORMAT, bytes)?;
+                        if found != FORMAT_VERSION {
+                            return Err(StoreError::UnsupportedFormat {
+                                found,
+                                supported: FORMAT_VERSION,
+                            });
+                        }
+                        let owner = match info.get(wtxn, INFO_SHARD)? {
+                            Some(bytes) => decode_info(INFO_SHARD, bytes)?,
+                            None => return Err(corrupt("info", INFO_SHARD, "missing shard")),
+                        };
+                        if owner != shard as u64 {
+                            return Err(StoreError::ShardMismatch {
+                                path: path.clone(),
+                                expected: shard,
+                                found: owner,
+                            });
+                        }
+                    }
+                }
+                Ok(CommitOrAbort::<_, ()>::Commit((
+                    messages,
+                    dedup,
+                    conversations,
+                    open,
+                    visitors,
+                    info,
+                )))
+            })?
+            .unwrap_commit();
+        let (messages, dedup, conversations, open, visitors, info) = tables;
+
+        Ok(ShardStore {
+            env,
+            tables: Tables {
+                messages,
+                dedup,
+                conversations,
+                open,
+                visitors,
+                info,
+            },
+            shard,
+            durability: options.durability,
+            path,
+            scratch: Vec::new(),
+            staged: StagedConversations::default(),
+        })
+    }
+
+    /// The shard index this store belongs to.
+    pub fn shard(&self) -> usize {
+        self.shard
+    }
+
+    /// The environment directory (`dir/shard-<n>`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// Current size of the memory map in bytes.
+    pub fn map_size(&self) -> usize {
+        self.env.info().map_size
+    }
+
+    /// Applies `ops` in order in ONE write transaction and commits it.
+    ///
+    /// Returns one outcome per op. `Err` means nothing was stored (LMDB failure, full map,
+    /// corrupt record); a refused op shows up as [`OpOutcome::Rejected`] instead and does
+    /// not stop the others.
+    pub fn apply(&mut self, ops: &[Op]) -> Result<Vec<OpOutcome>, StoreError> {
+        let result = self.apply_in_txn(ops);
+        self.staged.clear();
+        if self.scratch.capacity() > SCRATCH_KEEP_BYTES {
+            self.scratch = Vec::new();
+        }
+        result.map_err(|error| self.with_map_size(error))
+    }
+
+    /// Appends `batch` in one transaction (group commit). Outcome `i` is message `i`'s:
+    /// `Stored` with a fresh seq, `Duplicate` with the seq its client id got before (also
+    /// earlier in the same batch), or `Rejected`.
+    pub fn append_batch(&mut self, batch: &[NewMessage]) -> Result<Vec<AppendOutcome>, StoreError> {
+        // Same transaction logic as `apply`, without cloning the messages into `Op`s.
+        let result = self.append_in_txn(batch);
+        self.staged.clear();
+        if self.scratch.capacity() > SCRATCH_KEEP_BYTES {
+            self.scratch = Vec::new();
+        }
+        result.map_err(|error| self.with_map_size(error))
+    }
+
+    /// Forces every commit so far to stable storage (`mdb_env_sync(force)`).
+    ///
+    /// With [`Durability::Batch`] the driver calls this every commit window or so; acks
+    /// of commits before the call survive a machine crash once it returns. With `Fsync`
+    /// it is cheap and unneeded. Also called on drop for the non-`Fsync` modes.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.env.force_sync().map_err(StoreError::from)
+    }
+
+    /// A handle that syncs this store's data file from another thread (see [`Flusher`]).
+    pub fn flusher(&self) -> Result<Flusher, StoreError> {
+        let file = self.env.try_clone_inner_file()?;
+        Ok(Flusher::new(file))
+    }
+
+    /// Grows (or shrinks) the memory map, e.g. after [`StoreError::MapFull`].
+    ///
+    /// Rounded up to 4 KiB; LMDB raises a size below the data already stored to that size.
+    pub fn set_map_size(&mut self, bytes: usize) -> Result<(), StoreError> {
+        // SAFETY: LMDB requires that no transaction is live in this process. Every
+        // transaction of this env is created and ended inside a `&self`/`&mut self` method
+        // or held by a `ReadView` borrowing `&self`, so `&mut self` proves none is live.
+        unsafe { self.env.resize(round_up_to_page(bytes)) }.map_err(StoreError::from)
+    }
+
+    /// A read-only handle that can be used while this store is busy committing
+    /// on another thread (LMDB readers never wait for the writer).
+    pub fn reader(&self) -> StoreReader {
+        StoreReader {
+            env: self.env.clone(),
+            tables: self.tables,
+        }
+    }
+
+    /// Opens a consistent read-only view (an LMDB read transaction).
+    ///
+    /// Keep it short: a live view pins old pages, so the file grows while it is held.
+    /// Never hold one across an `await`.
+    pub fn read(&self) -> Result<ReadView<'_>, StoreError> {
+        Ok(ReadView::new(self.env.read_txn()?, &self.tables))
+    }
+
+    /// The metadata of a conversation.
+    pub fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>, StoreError> {
+        self.read()?.conversation(id)
+    }
+
+    /// The seq of a conversation's newest message (0 if none), `None` if it does not exist.
+    pub fn last_seq(&self, id: ConversationId) -> Result<Option<u64>, StoreError> {
+        self.read()?.last_seq(id)
+    }
+
+    /// The open conversation of a visitor of a site.
+    pub fn conversation_of_visitor(
+        &self,
+        site: &str,
+        visitor: &str,
+    ) -> Result<Option<ConversationId>, StoreError> {
+        self.read()?.conversation_of_visitor(site, visitor)
+    }
+
+    /// Every conversation that is not closed, in id order (for rebuilding queues and
+    /// agent loads after a restart; queue order is `(state_since_ms, id)`).
+    pub fn open_conversations(&self) -> Result<Vec<Conversation>, StoreError> {
+        self.read()?.open_conversations()
+    }
+
+    /// Calls `visit` with each stored message of `id` with seq > `after_seq`, in seq order,
+    /// at most `limit` of them; the records are read in place from the LMDB pages.
+    /// Returns how many were visited.
+    pub fn messages_after(
+        &self,
+        id: ConversationId,
+        after_seq: u64,
+        limit: usize,
+        mut visit: impl FnMut(&ArchivedMessageRecord),
+    ) -> Result<usize, StoreError> {
+        let view = self.read()?;
+        let mut count = 0;
+        for message in view.messages_after(id, after_seq, limit)? {
+            visit(message?);
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    fn apply_in_txn(&mut self, ops: &[Op]) -> Result<Vec<OpOutcome>, StoreError> {
+        let mut writer = BatchWriter {
+            txn: self.env.write_txn()?,
+            tables: self.tables,
+            shard: self.shard,
+            now_ms: now_ms(),
+            scratch: &mut self.scratch,
+            staged: &mut self.staged,
+            next_local: None,
+        };
+        let mut outcomes = Vec::with_capacity(ops.len());
+        for op in ops {
+            let outcome = match op {
+                Op::Open { site, visitor } => writer.open(site, visitor)?,
+                Op::Append(message) => writer.append(message)?.into(),
+                Op::SetState {
+                    conversation,
+                    state,
+                } => writer.set_state(*conversation, state)?,
+                Op::MarkRead {
+                    conversation,
+                    side,
+                    seq,
+                } => writer.mark_read(*conversation, *side, *seq)?,
+                Op::SetFailedBotTurns {
+                    conversation,
+                    count,
+                } => writer.set_failed_bot_turns(*conversation, *count)?,
+            };
+            outcomes.push(outcome);
+        }
+        writer.commit()?;
+        Ok(outcomes)
+    }
+
+    fn append_in_txn(&mut self, batch: &[NewMessage]) -> Result<Vec<AppendOutcome>, StoreError> {
+        let mut writer = BatchWriter {
+            txn: self.env.write_txn()?,
+            tables: self.tables,
+            shard: self.shard,
+            now_ms: now_ms(),
+            scratch: &mut self.scratch,
+            staged: &mut self.staged,
+            next_local: None,
+        };
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for message in batch {
+            outcomes.push(writer.append(message)?);
+        }
+        writer.commit()?;
+        Ok(outcomes)
+    }
+
+    /// Fills in the map size of a `MapFull` error.
+    fn with_map_size(&self, error: StoreError) -> StoreError {
+        match error {
+            StoreError::MapFull { .. } => StoreError::MapFull {
+                map_size: self.map_size(),
+            },
+            other => other,
+        }
+    }
+}
+
+impl Drop for ShardStore {
+    fn drop(&mut self) {
+        // A clean shutdown leaves nothing unsynced, whatever the mode. Errors cannot be
+        // reported from drop; the data is still in the page cache.
+        if self.durability != Durability::Fsync {
+            let _ = self.env.force_sync();
+        }
+    }
+}
+
+impl From<AppendOutcome> for OpOutcome {
+    fn from(outcome: AppendOutcome) -> Self {
+        match outcome {
+            AppendOutcome::Stored { seq, ts_ms } => OpOutcome::Stored { seq, ts_ms },
+            AppendOutcome::Duplicate { seq } => OpOutcome::Duplicate { seq },
+            AppendOutcome::Rejected(reason) => OpOutcome::Rejected(reason),
+        }
+    }
+}
+
+/// A conversation loaded by the current batch, and whether the batch changed it.
+struct Staged {
+    conversation: Conversation,
+    dirty: bool,
+}
+
+/// Conversations touched by the current batch; each changed one is written once at commit.
+#[derive(Default)]
+struct StagedConversations {
+    entries: Vec<Staged>,
+    index: HashMap<ConversationId, usize>,
+}
+
+impl StagedConversations {
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.index.clear();
+        if self.entries.capacity() > 1024 {
+            *self = StagedConversations::default();
+        }
+    }
+
+    fn get(&self, id: ConversationId) -> Option<usize> {
+        self.index.get(&id).copied()
+    }
+
+    fn insert(&mut self, conversation: Conversation, dirty: bool) -> usize {
+        let slot = self.entries.len();
+        self.index.insert(conversation.id, slot);
+        self.entries.push(Staged {
+            conversation,
+            dirty,
+        });
+        slot
+    }
+}
+
+/// The state of one write transaction while its ops run.
+struct BatchWriter<'s> {
+    txn: RwTxn<'s>,
+    tables: Tables,
+    shard: usize,
+    now_ms: u64,
+    scratch: &'s mut Vec<u8>,
+    staged: &'s mut StagedConversations,
+    /// The conversation counter, once an `Open` of this batch has read it.
+    next_local: Option<u64>,
+}
+
+impl BatchWriter<'_> {
+    fn open(&mut self, site: &str, visitor: &str) -> Result<OpOutcome, StoreError> {
+        if let Err(reason) = check_text("site", site, MAX_SITE_BYTES)
+            .and_then(|()| check_text("visitor id", visitor, MAX_VISITOR_BYTES))
+        {
+            return Ok(OpOutcome::Rejected(reason));
+        }
+        let visitor_key = keys::visitor_key(site, visitor);
+        if let Some(bytes) = self
+            .tables
+            .visitors
+            .get(&self.txn, visitor_key.as_bytes())?
+        {
+            let id = ConversationId(
+                keys::decode_u64_value(bytes)
+                    .ok_or_else(|| corrupt("visitors", visitor_key.as_bytes(), "bad id"))?,
+            );
+            let slot = self
+                .load(id)?
+                .ok_or_else(|| corrupt("visitors", visitor_key.as_bytes(), "dangling id"))?;
+            return Ok(OpOutcome::Opened {
+                conversation: id,
+                created: false,
+                last_seq: self.staged.entries[slot].conversation.last_seq,
+            });
+        }
+
+        let local = match self.next_local {
+            Some(local) => local,
+            None => match self.tables.info.get(&self.txn, INFO_NEXT_CONVERSATION)? {
+                Some(bytes) => decode_info(INFO_NEXT_CONVERSATION, bytes)?,
+                None => 1,
+            },
+        };
+        if local > MAX_LOCAL_CONVERSATION {
+            return Ok(OpOutcome::Rejected(Rejection::ConversationIdsExhausted));
+        }
+        self.next_local = Some(local + 1);
+        let id = ConversationId::from_parts(self.shard, local);
+        let key = keys::conversation_key(id);
+        self.tables
+            .visitors
+            .put(&mut self.txn, visitor_key.as_bytes(), &key)?;
+        self.tables.open.put(&mut self.txn, &key, &[])?;
+        self.staged.insert(
+            Conversation {
+                id,
+                site: site.to_owned(),
+                visitor: visitor.to_owned(),
+                state: ConversationState::Bot,
+                state_since_ms: self.now_ms,
+                last_seq: 0,
+                created_ms: self.now_ms,
+                updated_ms: self.now_ms,
+                visitor_read: 0,
+                agent_read: 0,
+                failed_bot_turns: 0,
+            },
+            true,
+        );
+        Ok(OpOutcome::Opened {
+            conversation: id,
+            created: true,
+            last_seq: 0,
+        })
+    }
+
+    fn append(&mut self, message: &NewMessage) -> Result<AppendOutcome, StoreError> {
+        let id = message.conversation;
+        if let Some(client_id) = &message.client_id {
+            if let Err(reason) = check_text("client message id", client_id, MAX_CLIENT_ID_BYTES) {
+                return Ok(AppendOutcome::Rejected(reason));
+            }
+        }
+        let slot = match self.writable(id)? {
+            Ok(slot) => slot,
+            Err(reason) => return Ok(AppendOutcome::Rejected(reason)),
+        };
+        let conversation = &self.staged.entries[slot].conversation;
+        let seq = conversation.last_seq + 1;
+        let ts_ms = self.now_ms.max(conversation.updated_ms);
+
+        if let Some(client_id) = &message.client_id {
+            let dedup_key = keys::dedup_key(id, client_id);
+            let seq_value = keys::u64_value(seq);
+            // One lookup: inserts `seq` unless the id is known, else returns its seq.
+            let existing =
+                self.tables
+                    .dedup
+                    .get_or_put(&mut self.txn, dedup_key.as_bytes(), &seq_value)?;
+            if let Some(bytes) = existing {
+                let seq = keys::decode_u64_value(bytes)
+                    .ok_or_else(|| corrupt("dedup", dedup_key.as_bytes(), "bad seq"))?;
+                return Ok(AppendOutcome::Duplicate { seq });
+            }
+        }
+
+        let record = MessageRecord {
+            seq,
+            from: message.from,
+            name: message.name.clone(),
+            text: message.text.clone(),
+            ts_ms,
+            client_id: message.client_id.clone(),
+        };
+        self.scratch.clear();
+        let bytes = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&record, &mut *self.scratch)
+            .map_err(|error| StoreError::Serialize {
+            record: "message",
+            detail: error.to_string(),
+        })?;
+        self.tables
+            .messages
+            .put(&mut self.txn, &keys::message_key(id, seq), bytes)?;
+
+        let staged = &mut self.staged.entries[slot];
+        staged.conversation.last_seq = seq;
+        staged.conversation.updated_ms = ts_ms;
+        staged.dirty = true;
+        Ok(AppendOutcome::Stored { seq, ts_ms })
+    }
+
+    fn set_state(
+        &mut self,
+        id: ConversationId,
+        state: &ConversationState,
+    ) -> Result<OpOutcome, StoreError> {
+        let slot = match self.writable(id)? {
+            Ok(slot) => slot,
+            Err(reason) => return Ok(OpOutcome::Rejected(reason)),
+        };
+        let now_ms = self.now_ms;
+        let staged = &mut self.staged.entries[slot];
+        if staged.conversation.state == *state {
+            return Ok(OpOutcome::Updated);
+        }
+        staged.conversation.state = state.clone();
+        staged.conversation.state_since_ms = now_ms;
+        staged.conversation.updated_ms = now_ms.max(staged.conversation.updated_ms);
+        staged.dirty = true;
+
+        if *state == ConversationState::Closed {
+            let site = staged.conversation.site.clone();
+            let visitor = staged.conversation.visitor.clone();
+            let key = keys::conversation_key(id);
+            self.tables.open.delete(&mut self.txn, &key)?;
+            let visitor_key = keys::visitor_key(&site, &visitor);
+            let points_here = self
+                .tables
+                .visitors
+                .get(&self.txn, visitor_key.as_bytes())?
+                .is_some_and(|bytes| bytes == key);
+            if points_here {
+                self.tables
+                    .visitors
+                    .delete(&mut self.txn, visitor_key.as_bytes())?;
+            }
+        }
+        Ok(OpOutcome::Updated)
+    }
+
+    fn mark_read(
+        &mut self,
+        id: ConversationId,
+        side: ReadSide,
+        seq: u64,
+    ) -> Result<OpOutcome, StoreError> {
+        let slot = match self.existing(id)? {
+            Ok(slot) => slot,
+            Err(reason) => return Ok(OpOutcome::Rejected(reason)),
+        };
+        let staged = &mut self.staged.entries[slot];
+        let conversation = &mut staged.conversation;
+        let target = seq.min(conversation.last_seq);
+        let watermark = match side {
+            ReadSide::Visitor => &mut conversation.visitor_read,
+            ReadSide::Agent => &mut conversation.agent_read,
+        };
+        if target > *watermark {
+            *watermark = target;
+            staged.dirty = true;
+        }
+        Ok(OpOutcome::ReadMarked {
+            watermark: *watermark,
+        })
+    }
+
+    fn set_failed_bot_turns(
+        &mut self,
+        id: ConversationId,
+        count: u32,
+    ) -> Result<OpOutcome, StoreError> {
+        let slot = match self.writable(id)? {
+            Ok(slot) => slot,
+            Err(reason) => return Ok(OpOutcome::Rejected(reason)),
+        };
+        let staged = &mut self.staged.entries[slot];
+        if staged.conversation.failed_bot_turns != count {
+            staged.conversation.failed_bot_turns = count;
+            staged.dirty = true;
+        }
+        Ok(OpOutcome::Updated)
+    }
+
+    /// The staged slot of an existing conversation of this shard that is not closed.
+    fn writable(&mut self, id: ConversationId) -> Result<Result<usize, Rejection>, StoreError> {
+        Ok(match self.existing(id)? {
+            Ok(slot)
+                if self.staged.entries[slot].conversation.state == ConversationState::Closed =>
+            {
+                Err(Rejection::ConversationClosed(id))
+            }
+            other => other,
+        })
+    }
+
+    /// The staged slot of an existing conversation of this shard.
+    fn existing(&mut self, id: ConversationId) -> Result<Result<usize, Rejection>, StoreError> {
+        if id.shard() != self.shard {
+            return Ok(Err(Rejection::ForeignConversation {
+                conversation: id,
+                owner: id.shard(),
+            }));
+        }
+        Ok(self.load(id)?.ok_or(Rejection::UnknownConversation(id)))
+    }
+
+    /// Stages a conversation (from this batch, else from the table).
+    fn load(&mut self, id: ConversationId) -> Result<Option<usize>, StoreError> {
+        if let Some(slot) = self.staged.get(id) {
+            return Ok(Some(slot));
+        }
+        let key = keys::conversation_key(id);
+        let Some(bytes) = self.tables.conversations.get(&self.txn, &key)? else {
+            return Ok(None);
+        };
+        let conversation = read::decode_conversation(&key, bytes)?;
+        Ok(Some(self.staged.insert(conversation, false)))
+    }
+
+    /// Writes the changed conversations and the id counter, then commits.
+    fn commit(mut self) -> Result<(), StoreError> {
+        for staged in self.staged.entries.iter().filter(|staged| staged.dirty) {
+            self.scratch.clear();
+            let bytes = rkyv::api::high::to_bytes_in::<_, rancor::Error>(
+                &staged.conversation,
+                &mut *self.scratch,
+            )
+            .map_err(|error| StoreError::Serialize {
+                record: "conversation",
+                detail: error.to_string(),
+            })?;
+            self.tables.conversations.put(
+                &mut self.txn,
+                &keys::conversation_key(staged.conversation.id),
+                bytes,
+            )?;
+        }
+        if let Some(next) = self.next_local {
+            self.tables.info.put(
+                &mut self.txn,
+                INFO_NEXT_CONVERSATION,
+                &keys::u64_value(next),
+            )?;
+        }
+        self.txn.commit()?;
+        Ok(())
+    }
+}
+
+fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), Rejection> {
+    if value.is_empty() {
+        Err(Rejection::Empty { field })
+    } else if value.len() > max {
+        Err(Rejection::TooLong {
+            field,
+            len: value.len(),
+            max,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+fn decode_info(key: &[u8], bytes: &[u8]) -> Result<u64, StoreError> {
+    keys::decode_u64_value(bytes).ok_or_else(|| corrupt("info", key, "not a u64"))
+}
+
+pub(crate) fn corrupt(table: &'static str, key: &[u8], detail: &str) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        key: key.to_vec(),
+        detail: detail.to_owned(),
+    }
+}
+
+fn round_up_to_page(bytes: usize) -> usize {
+    const PAGE: usize = 4096;
+    bytes.max(PAGE).div_ceil(PAGE) * PAGE
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+#[cfg(test)]
+impl ShardStore {
+    /// Writes raw bytes as a message record, bypassing every check (corruption tests).
+    pub(crate) fn put_raw_message(
+        &mut self,
+        id: ConversationId,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        let mut txn = self.env.write_txn()?;
+        self.tables
+            .messages
+            .put(&mut txn, &keys::message_key(id, seq), bytes)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+/// A cloneable read-only handle on a shard store (see [`ShardStore::reader`]).
+///
+/// The shard's event loop reads through it (replay on resume, metadata
+/// lookups) while the `ShardStore` itself sits on a blocking thread for a
+/// group commit.
+#[derive(Clone)]
+pub struct StoreReader {
+    env: Env<WithoutTls>,
+    tables: Tables,
+}
+
+impl StoreReader {
+    /// Opens a consistent read-only view (an LMDB read transaction).
+    pub fn read(&self) -> Result<ReadView<'_>, StoreError> {
+        Ok(ReadView::new(self.env.read_txn()?, &self.tables))
+    }
+}

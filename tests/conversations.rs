@@ -1,0 +1,443 @@
+//! Conversations through the real binary: routing across shards, durable
+//! history, acks and dedup, resume, queue and assignment, transfer, close,
+//! offline delivery, bad input.
+//!
+//! The bot is off in these tests (`[inference] enabled = false`), so a
+//! visitor's first message queues the conversation for a human.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+use switchboard::conversation::visitor_owner;
+
+const AGENTS: &str = r#"
+[inference]
+enabled = false
+
+[agents.accounts.alice]
+token = "alice-token-0123456789"
+name = "Alice"
+max_open = 5
+
+[agents.accounts.bob]
+token = "bob-token-0123456789ab"
+name = "Bob"
+max_open = 5
+"#;
+
+fn overlay(extra: &str) -> String {
+    format!("{AGENTS}\n{extra}")
+}
+
+/// A client plus the frames it received but no test step consumed yet:
+/// frames can arrive in any order relative to each other (a queue position
+/// may come before the ack that caused it), so waiting for one never
+/// discards another.
+struct Peer {
+    client: RawClient,
+    backlog: Vec<Value>,
+}
+
+impl std::ops::Deref for Peer {
+    type Target = RawClient;
+    fn deref(&self) -> &RawClient {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Peer {
+    fn deref_mut(&mut self) -> &mut RawClient {
+        &mut self.client
+    }
+}
+
+/// Takes the first frame (backlog first) that satisfies `want`; returns it and
+/// the frames received before it (which stay in the backlog).
+fn wait_for(peer: &mut Peer, what: &str, want: impl Fn(&Value) -> bool) -> (Value, Vec<Value>) {
+    if let Some(at) = peer.backlog.iter().position(&want) {
+        let before = peer.backlog[..at].to_vec();
+        return (peer.backlog.remove(at), before);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        let Some(frame) = peer.client.read_message() else {
+            panic!(
+                "connection ended while waiting for {what}; saw {:#?}",
+                peer.backlog
+            );
+        };
+        if frame.opcode != TEXT {
+            panic!("unexpected frame {frame:?} while waiting for {what}");
+        }
+        let value = frame.json();
+        if want(&value) {
+            return (value, peer.backlog.clone());
+        }
+        peer.backlog.push(value);
+    }
+    panic!("timed out waiting for {what}; saw {:#?}", peer.backlog);
+}
+
+fn of_type(kind: &'static str) -> impl Fn(&Value) -> bool {
+    move |v| v["type"] == kind
+}
+
+fn visitor(server: &Server, site: &str, id: &str, resume: Option<u64>) -> (Peer, Value) {
+    let mut path = format!("/ws/visitor?site={site}&visitor={id}");
+    if let Some(seq) = resume {
+        path.push_str(&format!("&resume={seq}"));
+    }
+    let client = RawClient::connect(server.addr, &path).expect("visitor upgrade");
+    let mut client = Peer {
+        client,
+        backlog: Vec::new(),
+    };
+    let (hello, _) = wait_for(&mut client, "visitor hello", of_type("hello"));
+    assert_eq!(hello["visitor"], id);
+    assert!(hello["conversation"].as_u64().unwrap() > 0);
+    (client, hello)
+}
+
+fn agent(server: &Server, token: &str) -> (Peer, Value) {
+    let client = RawClient::connect(server.addr, &format!("/ws/agent?token={token}"))
+        .expect("agent upgrade");
+    let mut client = Peer {
+        client,
+        backlog: Vec::new(),
+    };
+    let (hello, _) = wait_for(&mut client, "agent hello", of_type("hello"));
+    (client, hello)
+}
+
+fn say(client: &mut Peer, id: &str, text: &str) -> u64 {
+    client.send_json(&json!({"type": "message", "id": id, "text": text}));
+    let (ack, _) = wait_for(client, "ack", |v| v["type"] == "ack" && v["id"] == id);
+    ack["seq"].as_u64().unwrap()
+}
+
+/// Visitor ids whose conversations are owned by shard 0 and by shard 1.
+fn visitor_ids_on_each_shard(prefix: &str) -> (String, String) {
+    let mut on = [None, None];
+    for i in 0.. {
+        let id = format!("{prefix}{i}");
+        let shard = visitor_owner("acme", &id, 2);
+        if on[shard].is_none() {
+            on[shard] = Some(id);
+        }
+        if on.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let [a, b] = on;
+    (a.unwrap(), b.unwrap())
+}
+
+#[test]
+fn messages_cross_shards_both_ways_and_reach_every_tab() {
+    let server = Server::start(&overlay("[shards]\ncores = [0, 1]\n"));
+    let (mut alice, hello) = agent(&server, "alice-token-0123456789");
+    assert_eq!(hello["agent"], "Alice");
+    assert_eq!(hello["conversations"], json!([]));
+
+    // One conversation owned by each shard: whichever shard Alice's socket
+    // landed on, one of the two crosses the mesh in each direction.
+    let (id0, id1) = visitor_ids_on_each_shard("cross-");
+    for id in [id0, id1] {
+        let (mut tab1, hello) = visitor(&server, "acme", &id, None);
+        let conversation = hello["conversation"].as_u64().unwrap();
+        let (mut tab2, hello2) = visitor(&server, "acme", &id, None);
+        assert_eq!(
+            hello2["conversation"], conversation,
+            "tabs share the conversation"
+        );
+
+        let seq = say(&mut tab1, "m1", "my card has not arrived");
+        assert_eq!(seq, 1);
+        let (on_tab2, _) = wait_for(&mut tab2, "message on the other tab", of_type("message"));
+        assert_eq!(on_tab2["text"], "my card has not arrived");
+        assert_eq!(on_tab2["from"], "visitor");
+
+        // No bot: the conversation is queued and assigned to Alice, who gets
+        // the history.
+        let (assigned, _) = wait_for(&mut alice, "assignment", |v| {
+            v["type"] == "assigned" && v["conversation"] == conversation
+        });
+        assert_eq!(assigned["visitor"], id.as_str());
+        let (message, _) = wait_for(&mut alice, "visitor message", |v| {
+            v["type"] == "message" && v["conversation"] == conversation
+        });
+        assert_eq!(message["text"], "my card has not arrived");
+        assert_eq!(message["seq"], 1);
+        assert!(message["ts"].as_str().unwrap().ends_with('Z'));
+        for tab in [&mut tab1, &mut tab2] {
+            let (note, _) = wait_for(tab, "assigned notice", of_type("assigned"));
+            assert_eq!(note["agent"], "Alice");
+        }
+
+        alice.send_json(&json!({
+            "type": "message", "conversation": conversation, "id": format!("a-{id}"), "text": "Let me check.",
+        }));
+        let (ack, _) = wait_for(&mut alice, "agent ack", of_type("ack"));
+        assert_eq!(ack["seq"], 2);
+        for tab in [&mut tab1, &mut tab2] {
+            let (reply, _) = wait_for(tab, "agent reply", of_type("message"));
+            assert_eq!(reply["from"], "agent");
+            assert_eq!(reply["name"], "Alice");
+            assert_eq!(reply["seq"], 2);
+        }
+    }
+}
+
+#[test]
+fn resend_is_deduplicated_and_resume_replays_what_was_missed() {
+    let server = Server::start(&overlay(""));
+    let (mut tab, hello) = visitor(&server, "acme", "dedup-visitor", None);
+    let conversation = hello["conversation"].as_u64().unwrap();
+    assert_eq!(say(&mut tab, "c1", "first"), 1);
+    assert_eq!(say(&mut tab, "c2", "second"), 2);
+    // The client lost the ack of c2 and resends it: same seq, stored once.
+    assert_eq!(say(&mut tab, "c2", "second"), 2);
+    assert_eq!(say(&mut tab, "c3", "third"), 3);
+    drop(tab);
+
+    // A reconnect that saw up to seq 1 gets 2 and 3, in order, once.
+    let (mut tab, hello) = visitor(&server, "acme", "dedup-visitor", Some(1));
+    assert_eq!(hello["conversation"], conversation);
+    assert_eq!(hello["seq"], 3);
+    let (m2, _) = wait_for(&mut tab, "replay 2", of_type("message"));
+    let (m3, _) = wait_for(&mut tab, "replay 3", of_type("message"));
+    assert_eq!(
+        (m2["seq"].as_u64(), m2["text"].as_str()),
+        (Some(2), Some("second"))
+    );
+    assert_eq!(
+        (m3["seq"].as_u64(), m3["text"].as_str()),
+        (Some(3), Some("third"))
+    );
+    // Nothing else is replayed: the next message gets seq 4.
+    assert_eq!(say(&mut tab, "c4", "fourth"), 4);
+}
+
+const CAPPED_AGENTS: &str = r#"
+[inference]
+enabled = false
+
+[agents.accounts.alice]
+token = "alice-token-0123456789"
+name = "Alice"
+max_open = 2
+
+[agents.accounts.bob]
+token = "bob-token-0123456789ab"
+name = "Bob"
+max_open = 2
+"#;
+
+#[test]
+fn queue_is_fifo_and_respects_the_cap() {
+    let server = Server::start(CAPPED_AGENTS);
+    // Visitors write while no agent is online: they queue, in order.
+    let mut visitors = Vec::new();
+    for i in 0..4 {
+        let (mut tab, hello) = visitor(&server, "acme", &format!("queue-{i}"), None);
+        say(&mut tab, "q", &format!("question {i}"));
+        let (queued, _) = wait_for(&mut tab, "queue position", of_type("queued"));
+        assert_eq!(queued["position"], i + 1, "FIFO positions");
+        visitors.push((tab, hello["conversation"].as_u64().unwrap()));
+    }
+    // Alice (max_open 2) comes online: she gets the first two, in order.
+    let (mut alice, hello) = agent(&server, "alice-token-0123456789");
+    assert_eq!(hello["queue"].as_array().unwrap().len(), 4);
+    for (tab, conversation) in visitors.iter_mut().take(2) {
+        let (note, _) = wait_for(&mut alice, "assignment", of_type("assigned"));
+        assert_eq!(note["conversation"], *conversation, "served in queue order");
+        wait_for(tab, "assigned notice", of_type("assigned"));
+    }
+    // The two still waiting move up to positions 1 and 2.
+    for (position, (tab, _)) in visitors.iter_mut().skip(2).enumerate() {
+        let (queued, _) = wait_for(tab, "new position", |v| {
+            v["type"] == "queued" && v["position"] == position + 1
+        });
+        assert_eq!(queued["position"], position + 1);
+    }
+    // Closing one frees a slot: the next in line is assigned to Alice.
+    let first = visitors[0].1;
+    alice.send_json(&json!({"type": "close", "conversation": first}));
+    wait_for(&mut visitors[0].0, "closed", of_type("closed"));
+    let (note, _) = wait_for(&mut alice, "next assignment", |v| {
+        v["type"] == "assigned" && v["conversation"] != first && v["conversation"] != visitors[1].1
+    });
+    assert_eq!(note["conversation"], visitors[2].1);
+}
+
+#[test]
+fn assignment_is_fair_and_transfer_moves_a_conversation() {
+    let server = Server::start(&overlay(""));
+    let (mut alice, _) = agent(&server, "alice-token-0123456789");
+    let (mut bob, _) = agent(&server, "bob-token-0123456789ab");
+    let mut assigned_to = Vec::new();
+    let mut visitors = Vec::new();
+    for i in 0..6 {
+        let (mut tab, hello) = visitor(&server, "acme", &format!("fair-{i}"), None);
+        say(&mut tab, "q", &format!("question {i}"));
+        let (note, _) = wait_for(&mut tab, "assignment", of_type("assigned"));
+        let conversation = hello["conversation"].as_u64().unwrap();
+        assigned_to.push((note["agent"].as_str().unwrap().to_string(), conversation));
+        visitors.push((tab, conversation));
+    }
+    let alice_count = assigned_to.iter().filter(|(a, _)| a == "Alice").count();
+    assert_eq!(alice_count, 3, "fewest-open alternates: {assigned_to:?}");
+
+    // Alice transfers one of hers to Bob.
+    let (_, conversation) = assigned_to
+        .iter()
+        .find(|(a, _)| a == "Alice")
+        .unwrap()
+        .clone();
+    alice.send_json(&json!({"type": "transfer", "conversation": conversation, "to": "bob"}));
+    wait_for(&mut alice, "transferred", |v| {
+        v["type"] == "transferred" && v["conversation"] == conversation
+    });
+    wait_for(&mut bob, "assigned after transfer", |v| {
+        v["type"] == "assigned" && v["conversation"] == conversation
+    });
+    let tab = &mut visitors
+        .iter_mut()
+        .find(|(_, c)| *c == conversation)
+        .unwrap()
+        .0;
+    let (note, _) = wait_for(tab, "new agent notice", |v| {
+        v["type"] == "assigned" && v["agent"] == "Bob"
+    });
+    assert_eq!(note["conversation"], conversation);
+    // Alice may no longer write there; Bob may.
+    alice.send_json(
+        &json!({"type": "message", "conversation": conversation, "id": "x", "text": "hi"}),
+    );
+    let (error, _) = wait_for(&mut alice, "not_assigned", of_type("error"));
+    assert_eq!(error["code"], "not_assigned");
+    bob.send_json(
+        &json!({"type": "message", "conversation": conversation, "id": "b1", "text": "Bob here"}),
+    );
+    let (reply, _) = wait_for(tab, "Bob's reply", of_type("message"));
+    assert_eq!(reply["name"], "Bob");
+    // A transfer to an unknown agent is refused.
+    bob.send_json(&json!({"type": "transfer", "conversation": conversation, "to": "nobody"}));
+    let (error, _) = wait_for(&mut bob, "rejected transfer", of_type("error"));
+    assert!(error["code"].as_str().unwrap().len() > 3, "{error}");
+}
+
+#[test]
+fn offline_messages_are_delivered_on_reconnect() {
+    let server = Server::start(&overlay(""));
+    let (mut alice, _) = agent(&server, "alice-token-0123456789");
+    let (mut tab, hello) = visitor(&server, "acme", "offline-visitor", None);
+    let conversation = hello["conversation"].as_u64().unwrap();
+    let seen = say(&mut tab, "v1", "anyone there?");
+    wait_for(&mut alice, "assigned", of_type("assigned"));
+    drop(tab);
+    // The visitor is gone; the agent answers anyway.
+    alice.send_json(
+        &json!({"type": "message", "conversation": conversation, "id": "a1", "text": "Yes, here."}),
+    );
+    wait_for(&mut alice, "ack", of_type("ack"));
+    // The visitor comes back and resumes from what they had seen.
+    let (mut tab, hello) = visitor(&server, "acme", "offline-visitor", Some(seen));
+    assert_eq!(hello["conversation"], conversation);
+    let (reply, _) = wait_for(&mut tab, "missed reply", of_type("message"));
+    assert_eq!(reply["text"], "Yes, here.");
+    assert_eq!(reply["from"], "agent");
+
+    // An agent who was offline gets the conversation's unread messages on hello.
+    drop(alice);
+    say(&mut tab, "v2", "thanks!");
+    let (mut alice, hello) = agent(&server, "alice-token-0123456789");
+    assert_eq!(hello["conversations"], json!([conversation]));
+    let (message, _) = wait_for(&mut alice, "unread visitor message", |v| {
+        v["type"] == "message" && v["text"] == "thanks!"
+    });
+    assert_eq!(message["conversation"], conversation);
+}
+
+#[test]
+fn bad_input_gets_error_codes_and_abuse_closes_with_1008() {
+    let server = Server::start(&overlay(
+        "[conversations]\nmax_text_bytes = 100\nabuse_limit = 8\n",
+    ));
+    let (mut tab, _) = visitor(&server, "acme", "bad-input", None);
+    for (frame, code) in [
+        ("{oops", "malformed_json"),
+        (r#"{"text":"x"}"#, "missing_type"),
+        (r#"{"type":"dance"}"#, "unknown_type"),
+        (r#"{"type":"message","text":"no id"}"#, "missing_field"),
+        (r#"{"type":"read","seq":"seven"}"#, "invalid_field"),
+    ] {
+        tab.send_text(frame);
+        let (error, _) = wait_for(&mut tab, code, of_type("error"));
+        assert_eq!(error["code"], code, "{frame}");
+    }
+    tab.send_json(&json!({"type": "message", "id": "big", "text": "x".repeat(101)}));
+    let (error, _) = wait_for(&mut tab, "text_too_long", of_type("error"));
+    assert_eq!(error["code"], "text_too_long");
+    // The session is still open and works.
+    assert_eq!(say(&mut tab, "ok", "still here"), 1);
+    // Two more refusals reach the limit of 8: closed with 1008.
+    tab.send_text("{oops");
+    tab.send_text("{oops");
+    assert_eq!(tab.expect_close(), 1008);
+
+    // An agent cannot act on a conversation that is not theirs.
+    let (mut alice, _) = agent(&server, "alice-token-0123456789");
+    let (_tab2, hello) = visitor(&server, "acme", "someone-else", None);
+    let conversation = hello["conversation"].as_u64().unwrap();
+    alice.send_json(
+        &json!({"type": "message", "conversation": conversation, "id": "x", "text": "hi"}),
+    );
+    let (error, _) = wait_for(&mut alice, "not_assigned", of_type("error"));
+    assert_eq!(error["code"], "not_assigned");
+    alice.send_json(&json!({"type": "close", "conversation": 999_999_999}));
+    let (error, _) = wait_for(&mut alice, "unknown conversation", of_type("error"));
+    assert!(
+        error["code"] == "unknown_conversation" || error["code"] == "not_assigned",
+        "{error}"
+    );
+}
+
+#[test]
+fn typing_is_forwarded_not_echoed_and_read_moves_a_watermark() {
+    let server = Server::start(&overlay(""));
+    let (mut alice, _) = agent(&server, "alice-token-0123456789");
+    let (mut tab, hello) = visitor(&server, "acme", "typing-visitor", None);
+    let conversation = hello["conversation"].as_u64().unwrap();
+    say(&mut tab, "m1", "hello");
+    wait_for(&mut alice, "visitor message", of_type("message"));
+    tab.send_json(&json!({"type": "typing", "on": true}));
+    let (typing, _) = wait_for(&mut alice, "typing", of_type("typing"));
+    assert_eq!(
+        (typing["from"].as_str(), typing["on"].as_bool()),
+        (Some("visitor"), Some(true))
+    );
+    alice.send_json(&json!({"type": "read", "conversation": conversation, "seq": 1}));
+    let (read, seen) = wait_for(&mut tab, "read watermark", of_type("read"));
+    assert_eq!(
+        (read["from"].as_str(), read["seq"].as_u64()),
+        (Some("agent"), Some(1))
+    );
+    assert!(
+        seen.iter()
+            .all(|v| v["type"] != "typing" || v["from"] != "visitor"),
+        "typing is never echoed to its sender: {seen:?}"
+    );
+}
+
+#[test]
+fn handoff_request_queues_the_conversation() {
+    let server = Server::start(&overlay(""));
+    let (mut tab, _) = visitor(&server, "acme", "handoff-visitor", None);
+    tab.send_json(&json!({"type": "handoff"}));
+    let (queued, _) = wait_for(&mut tab, "queued", of_type("queued"));
+    assert_eq!(queued["position"], 1);
+}
