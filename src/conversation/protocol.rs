@@ -149,11 +149,16 @@ fn classify(text: &str, err: &serde_json::Error) -> FrameError {
             if detail.starts_with("missing field `type`") {
                 FrameError::new("missing_type", "every frame needs a string \"type\"")
             } else if detail.starts_with("unknown variant") {
+                // Either the frame's type or an enum field's value is unknown.
                 let kind = serde_json::from_str::<serde_json::Value>(text)
                     .ok()
                     .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
                     .unwrap_or_default();
-                FrameError::new("unknown_type", format!("unknown frame type {kind:?}"))
+                if detail.starts_with(&format!("unknown variant `{kind}`")) {
+                    FrameError::new("unknown_type", format!("unknown frame type {kind:?}"))
+                } else {
+                    FrameError::new("invalid_field", strip_position(&detail))
+                }
             } else if detail.starts_with("missing field") {
                 FrameError::new("missing_field", strip_position(&detail))
             } else if text.trim_start().starts_with('{') {
@@ -315,6 +320,6 @@ mod tests {
     fn timestamps_are_rfc3339_utc() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400_123), "2000-02-29T00:00:00.123Z");
-        assert_eq!(rfc3339(1_795_651_200_000), "2026-11-25T00:00:00.000Z");
+        assert_eq!(rfc3339(1_795_564_800_000), "2026-11-25T00:00:00.000Z");
     }
 }
