@@ -112,10 +112,13 @@ impl Server {
         self.wait(limit)
     }
 
-    /// Kills the process with SIGKILL (a crash) and reaps it.
-    pub fn crash(&mut self) {
+    /// Kills the process with SIGKILL (a crash), reaps it, and hands back its
+    /// directory (configuration and data) for a restart.
+    pub fn crash(mut self) -> tempfile::TempDir {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let placeholder = tempfile::tempdir().expect("temporary directory");
+        std::mem::replace(&mut self.dir, placeholder)
     }
 
     /// Waits for the process to exit, up to `limit`.
@@ -354,6 +357,19 @@ impl RawClient {
                 Err(_) => return false,
             }
         }
+    }
+
+    /// Whether the connection still looks open (no EOF or reset seen).
+    pub fn is_alive(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        self.stream.set_nonblocking(true).ok();
+        let alive = match self.stream.peek(&mut probe) {
+            Ok(0) => false,
+            Ok(_) => true,
+            Err(err) => err.kind() == std::io::ErrorKind::WouldBlock,
+        };
+        self.stream.set_nonblocking(false).ok();
+        alive
     }
 
     pub fn set_read_timeout(&mut self, timeout: Duration) {
