@@ -80,6 +80,11 @@ pub struct SessionRecord {
     pub ping_due: bool,
     /// Set when the shard wants this session closed.
     pub close: Option<CloseRequest>,
+    /// Shard-clock second the close handshake started, if it did.
+    pub closing_since: Option<u32>,
+    /// Set by the sweeper when the close handshake took too long: drop the
+    /// connection.
+    pub abort: bool,
     /// Conversations an agent session follows (empty, unallocated, for others).
     pub follows: Vec<u64>,
     outbox: VecDeque<Outbound>,
@@ -89,7 +94,7 @@ pub struct SessionRecord {
 impl SessionRecord {
     /// Whether the connection task has something to do besides reading.
     pub fn has_work(&self) -> bool {
-        self.ping_due || self.close.is_some() || !self.outbox.is_empty()
+        self.ping_due || self.abort || self.close.is_some() || !self.outbox.is_empty()
     }
 
     /// Remembers the task to wake when work arrives.
@@ -170,6 +175,8 @@ impl Arena {
             ping_sent_at: None,
             ping_due: false,
             close: None,
+            closing_since: None,
+            abort: false,
             follows: Vec::new(),
             outbox: VecDeque::new(),
             waker: None,

@@ -57,8 +57,7 @@ fn verify(server: &Server, visitor: &str, ledger: &Ledger) {
     let mut client = connect(server.addr, visitor, 0).expect("reconnect for verification");
     let mut by_seq: BTreeMap<u64, String> = BTreeMap::new();
     let mut hello_seq = None;
-    loop {
-        let Some(frame) = client.read_message() else { break };
+    while let Some(frame) = client.read_message() {
         let value = frame.json();
         match value["type"].as_str() {
             Some("hello") => hello_seq = value["seq"].as_u64(),

@@ -48,6 +48,9 @@ pub struct OwnerConfig {
     pub typing_interval_ms: u64,
     /// A typing indicator not renewed within this time is switched off.
     pub typing_expiry_ms: u64,
+    /// Display names of agent accounts by id (for conversations loaded from
+    /// storage, which records only the id).
+    pub agent_names: HashMap<String, String>,
 }
 
 /// What happened.
@@ -197,6 +200,10 @@ struct Live {
     /// When each side's typing indicator was last forwarded as "on".
     visitor_typing_since: Option<u64>,
     agent_typing_since: Option<u64>,
+    /// Store operations of this conversation not yet committed; a conversation
+    /// is never evicted from memory while this is non-zero, so a reload from
+    /// storage never sees a seq the fan-out has not handled.
+    in_flight: u32,
 }
 
 /// The conversations owned by one shard.
@@ -271,7 +278,10 @@ impl Owner {
             visitor: meta.visitor.as_str().into(),
         };
         let agent = match &meta.state {
-            ConversationState::Assigned { agent } => Some((agent.clone(), agent.clone())),
+            ConversationState::Assigned { agent } => {
+                let name = self.config.agent_names.get(agent).unwrap_or(agent);
+                Some((agent.clone(), name.clone()))
+            }
             _ => None,
         };
         self.live.entry(meta.id).or_insert(Live {
@@ -281,6 +291,7 @@ impl Owner {
             agent_sessions: Vec::new(),
             visitor_typing_since: None,
             agent_typing_since: None,
+            in_flight: 0,
         });
     }
 
@@ -357,9 +368,32 @@ impl Owner {
                 reattached,
                 pending,
             } => self.greet_all(key, conversation, awaiting, reattached, pending, &mut out),
-            OwnerEvent::Tick => self.expire_typing(now_ms, &mut out),
+            OwnerEvent::Tick => {
+                self.expire_typing(now_ms, &mut out);
+                self.evict_idle();
+            }
+        }
+        for action in &out {
+            if let OwnerAction::Store { op, .. } = action {
+                if let Some(live) = op_conversation(op).and_then(|c| self.live.get_mut(&c)) {
+                    live.in_flight += 1;
+                }
+            }
         }
         out
+    }
+
+    /// Drops from memory the conversations nobody is working on: no agent
+    /// session follows them, nothing is being committed, nobody is typing.
+    /// Their state is in storage and is loaded again when a frame arrives, so
+    /// an idle visitor costs only its session and visitor entry.
+    fn evict_idle(&mut self) {
+        self.live.retain(|_, live| {
+            !live.agent_sessions.is_empty()
+                || live.in_flight > 0
+                || live.visitor_typing_since.is_some()
+                || live.agent_typing_since.is_some()
+        });
     }
 
     fn visitor_attach(
@@ -370,10 +404,23 @@ impl Owner {
         out: &mut Vec<OwnerAction>,
     ) {
         let entry = self.visitors.entry(key.clone()).or_default();
-        entry.sessions.push(session);
+        if !entry.sessions.contains(&session) {
+            entry.sessions.push(session);
+        }
         match entry.conversation {
             Some(conversation) if !entry.opening => {
-                self.greet(conversation, session, resume, out);
+                if self.live.contains_key(&conversation) {
+                    self.greet(conversation, session, resume, out);
+                } else {
+                    out.push(OwnerAction::Load {
+                        conversation,
+                        event: Box::new(OwnerEvent::VisitorAttach {
+                            key,
+                            resume,
+                            session,
+                        }),
+                    });
+                }
             }
             _ => {
                 entry.awaiting_hello.push((session, resume));
@@ -493,6 +540,14 @@ impl Owner {
             }
         };
         let Some(live) = self.live.get_mut(&conversation) else {
+            out.push(OwnerAction::Load {
+                conversation,
+                event: Box::new(OwnerEvent::Visitor {
+                    key,
+                    session,
+                    frame: frame_in,
+                }),
+            });
             return;
         };
         let closed = live.meta.state == ConversationState::Closed;
@@ -851,6 +906,9 @@ impl Owner {
         outcome: Result<OpOutcome, String>,
         out: &mut Vec<OwnerAction>,
     ) {
+        if let Some(live) = op_conversation(&op).and_then(|c| self.live.get_mut(&c)) {
+            live.in_flight = live.in_flight.saturating_sub(1);
+        }
         match completion {
             Completion::Opened { key } => self.opened(key, outcome, out),
             Completion::VisitorMessage {
@@ -1183,5 +1241,16 @@ fn rate_ok(since: &mut Option<u64>, on: bool, now_ms: u64, interval_ms: u64) -> 
             true
         }
         (false, None) => false,
+    }
+}
+
+/// The conversation an operation writes to (none for `Open`, which creates it).
+fn op_conversation(op: &Op) -> Option<ConversationId> {
+    match op {
+        Op::Open { .. } => None,
+        Op::Append(message) => Some(message.conversation),
+        Op::SetState { conversation, .. }
+        | Op::MarkRead { conversation, .. }
+        | Op::SetFailedBotTurns { conversation, .. } => Some(*conversation),
     }
 }

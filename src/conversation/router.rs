@@ -118,6 +118,12 @@ impl Router {
             bot_enabled: false,
             typing_interval_ms: config.conversations.typing_interval.as_millis() as u64,
             typing_expiry_ms: config.conversations.typing_expiry.as_millis() as u64,
+            agent_names: config
+                .agents
+                .accounts
+                .iter()
+                .map(|(id, account)| (id.clone(), account.name.clone()))
+                .collect(),
         });
         let dispatcher = (super::dispatcher_shard(shard_count) == shard).then(|| {
             RefCell::new(Dispatcher::new(DispatcherConfig {

@@ -42,11 +42,51 @@ use crate::ws::handshake;
 /// the client is not reading, and every message stays stored for its resume.
 const MAX_OUTBOX_FRAMES: usize = 4096;
 
-/// How long a closing session may take to answer our close frame.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Serves one accepted connection: answers it or upgrades it.
+///
+/// The handshake and the session are separate tasks: this one (with the HTTP
+/// parsing state) ends once the upgrade is done, and the long-lived session
+/// task carries only what a session needs, which keeps an idle session's
+/// memory small.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    if let Some(upgraded) = handshake(shard.clone(), stream).await {
+        glommio::spawn_local(session_task(shard, upgraded)).detach();
+    }
+}
 
-/// Serves one accepted connection to its end.
-pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
+async fn session_task(shard: Rc<Shard>, upgraded: Upgraded) {
+    let Upgraded {
+        mut stream,
+        ws,
+        session,
+        buffer,
+        leftover,
+        out,
+    } = upgraded;
+    run_session(&shard, &mut stream, ws, session, buffer, leftover, out).await;
+    ShardMetrics::set(
+        &shard.counters().sessions_open,
+        shard.arena.borrow().len() as u64,
+    );
+    let _ = stream.close().await;
+}
+
+/// A connection whose WebSocket handshake succeeded.
+struct Upgraded {
+    stream: TcpStream,
+    ws: Connection,
+    session: Session,
+    /// The buffer the request head was read into; `leftover` are the bytes
+    /// the client sent right behind its upgrade request.
+    buffer: Vec<u8>,
+    leftover: std::ops::Range<usize>,
+    /// The 101 response, to be written first.
+    out: Vec<u8>,
+}
+
+/// Reads the request head, answers plain HTTP requests, and upgrades
+/// WebSocket ones.
+async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Upgraded> {
     let config = &shard.config;
     let _ = stream.set_write_timeout(Some(config.websocket.write_timeout));
     let limits = HttpLimits {
@@ -70,7 +110,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 &[],
             )
             .await;
-            return;
+            return None;
         }
         Err(HeadError::Timeout) => {
             ShardMetrics::add(&shard.counters().handshake_timeouts, 1);
@@ -82,14 +122,15 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 &[],
             )
             .await;
-            return;
+            return None;
         }
-        Err(HeadError::Closed) => return,
+        Err(HeadError::Closed) => return None,
     };
 
     let endpoint = match route(&head, config) {
         Route::Health => {
-            return respond(&shard, &mut stream, 200, b"ok\n", &[]).await;
+            respond(&shard, &mut stream, 200, b"ok\n", &[]).await;
+            return None;
         }
         Route::Ready => {
             let (status, body): (u16, &[u8]) = if shard.is_shutting_down() {
@@ -97,7 +138,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             } else {
                 (200, b"ready\n")
             };
-            return respond(&shard, &mut stream, status, body, &[]).await;
+            respond(&shard, &mut stream, status, body, &[]).await;
+            return None;
         }
         Route::Metrics => {
             let body = shard.metrics.render(&[(
@@ -105,16 +147,26 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
                 "Resident set size of the process in bytes.",
                 crate::system::resident_bytes().unwrap_or(0),
             )]);
-            return respond(&shard, &mut stream, 200, body.as_bytes(), &[]).await;
+            respond(&shard, &mut stream, 200, body.as_bytes(), &[]).await;
+            return None;
         }
         Route::Reject(status, message) => {
             ShardMetrics::add(&shard.counters().http_errors, 1);
-            return respond(&shard, &mut stream, status, message.as_bytes(), &[]).await;
+            respond(&shard, &mut stream, status, message.as_bytes(), &[]).await;
+            return None;
         }
         Route::Upgrade(endpoint) => endpoint,
     };
     if shard.is_shutting_down() {
-        return respond(&shard, &mut stream, 503, b"draining\n", &[]).await;
+        respond(&shard, &mut stream, 503, b"draining\n", &[]).await;
+        return None;
+    }
+    if let Some(limit) = config.shards.session_limit() {
+        if shard.arena.borrow().len() >= limit {
+            ShardMetrics::add(&shard.counters().http_errors, 1);
+            respond(&shard, &mut stream, 503, b"session limit reached\n", &[]).await;
+            return None;
+        }
     }
     let accept = match handshake::validate_upgrade(&head) {
         Ok(accept) => accept,
@@ -124,7 +176,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
             err.write_response(&mut out);
             let _ = stream.write_all(&out).await;
             shard.buffers.give(out);
-            return;
+            return None;
         }
     };
     drop(head);
@@ -144,13 +196,14 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream) {
         shard.arena.borrow().len() as u64,
     );
 
-    run_session(&shard, &mut stream, ws, session, buffer, leftover, out).await;
-
-    ShardMetrics::set(
-        &shard.counters().sessions_open,
-        shard.arena.borrow().len() as u64,
-    );
-    let _ = stream.close().await;
+    Some(Upgraded {
+        stream,
+        ws,
+        session,
+        buffer,
+        leftover,
+        out,
+    })
 }
 
 enum HeadError {
@@ -220,11 +273,17 @@ async fn respond(
 struct Session {
     shard: Rc<Shard>,
     id: SessionId,
-    endpoint: Endpoint,
-    /// A visitor's identity (visitor sessions only).
-    visitor: Option<VisitorKey>,
+    role: SessionRole,
     /// Frames refused so far; past `abuse_limit` the session is closed with 1008.
     refused: u32,
+}
+
+/// What a session is, keeping only what the session needs after its
+/// handshake (the query string's strings are not kept twice).
+enum SessionRole {
+    Echo { delay_ms: u32 },
+    Visitor { key: VisitorKey },
+    Agent { id: Box<str>, name: Box<str> },
 }
 
 impl Session {
@@ -241,44 +300,48 @@ impl Session {
             session: id,
         };
         let router = &shard.router;
-        let mut visitor_key = None;
-        match &endpoint {
-            Endpoint::Echo { .. } => {}
+        let role = match endpoint {
+            Endpoint::Echo { delay_ms } => SessionRole::Echo { delay_ms },
             Endpoint::Visitor {
                 site,
                 visitor,
                 resume,
             } => {
                 let key = VisitorKey {
-                    site: site.as_str().into(),
-                    visitor: visitor.clone().unwrap_or_else(generate_visitor_id).into(),
+                    site: site.into(),
+                    visitor: visitor.unwrap_or_else(generate_visitor_id).into(),
                 };
                 let owner = visitor_owner(&key.site, &key.visitor, router.shard_count());
                 router.send(
                     owner,
                     ShardMessage::Owner(OwnerEvent::VisitorAttach {
                         key: key.clone(),
-                        resume: *resume,
+                        resume,
                         session: me,
                     }),
                 );
-                visitor_key = Some(key);
+                SessionRole::Visitor { key }
             }
-            Endpoint::Agent { id, name, max_open } => router.send(
-                dispatcher_shard(router.shard_count()),
-                ShardMessage::Dispatch(DispatchEvent::AgentAttached {
-                    agent: id.clone(),
-                    name: name.clone(),
-                    max_open: *max_open,
-                    session: me.to_dispatch(),
-                }),
-            ),
-        }
+            Endpoint::Agent { id, name, max_open } => {
+                router.send(
+                    dispatcher_shard(router.shard_count()),
+                    ShardMessage::Dispatch(DispatchEvent::AgentAttached {
+                        agent: id.to_string(),
+                        name: name.clone(),
+                        max_open,
+                        session: me.to_dispatch(),
+                    }),
+                );
+                SessionRole::Agent {
+                    id: id.into(),
+                    name: name.into(),
+                }
+            }
+        };
         Session {
             shard: shard.clone(),
             id,
-            endpoint,
-            visitor: visitor_key,
+            role,
             refused: 0,
         }
     }
@@ -292,16 +355,16 @@ impl Session {
 
     /// Handles one complete data message.
     fn on_message(&mut self, message: Message<'_>, reply: &mut Sender<'_>) {
-        let text = match (&self.endpoint, message) {
-            (Endpoint::Echo { delay_ms: 0 }, Message::Text(text)) => {
+        let text = match (&self.role, message) {
+            (SessionRole::Echo { delay_ms: 0 }, Message::Text(text)) => {
                 reply.send_text(text);
                 return;
             }
-            (Endpoint::Echo { delay_ms: 0 }, Message::Binary(data)) => {
+            (SessionRole::Echo { delay_ms: 0 }, Message::Binary(data)) => {
                 reply.send_binary(data);
                 return;
             }
-            (Endpoint::Echo { delay_ms }, message) => {
+            (SessionRole::Echo { delay_ms }, message) => {
                 let frame = match message {
                     Message::Text(text) => Outbound::Text(text.into()),
                     Message::Binary(data) => Outbound::Binary(data.into()),
@@ -330,10 +393,10 @@ impl Session {
         let router = &self.shard.router;
         let max_text = self.shard.config.conversations.max_text_bytes;
         let me = self.me();
-        match &self.endpoint {
-            Endpoint::Visitor { .. } => match protocol::parse_visitor(text, max_text) {
+        match &self.role {
+            SessionRole::Visitor { key } => match protocol::parse_visitor(text, max_text) {
                 Ok(frame) => {
-                    let key = self.visitor.clone().expect("visitor sessions have a key");
+                    let key = key.clone();
                     let owner = visitor_owner(&key.site, &key.visitor, router.shard_count());
                     router.send(
                         owner,
@@ -346,7 +409,7 @@ impl Session {
                 }
                 Err(err) => self.refuse(reply, err),
             },
-            Endpoint::Agent { id, name, .. } => match protocol::parse_agent(text, max_text) {
+            SessionRole::Agent { id, name } => match protocol::parse_agent(text, max_text) {
                 Ok(frame) => {
                     let dispatcher = dispatcher_shard(router.shard_count());
                     let to_dispatcher =
@@ -354,7 +417,7 @@ impl Session {
                     match frame {
                         AgentFrame::Status { status } => {
                             to_dispatcher(DispatchEvent::AgentStatus {
-                                agent: id.clone(),
+                                agent: id.to_string(),
                                 status: match status {
                                     Presence::Online => AgentStatus::Online,
                                     Presence::Away => AgentStatus::Away,
@@ -363,14 +426,14 @@ impl Session {
                         }
                         AgentFrame::Accept { conversation } => {
                             to_dispatcher(DispatchEvent::Accept {
-                                agent: id.clone(),
+                                agent: id.to_string(),
                                 session: me.to_dispatch(),
                                 conversation: dispatch::ConversationId(conversation),
                             })
                         }
                         AgentFrame::Transfer { conversation, to } => {
                             to_dispatcher(DispatchEvent::Transfer {
-                                from: id.clone(),
+                                from: id.to_string(),
                                 session: me.to_dispatch(),
                                 conversation: dispatch::ConversationId(conversation),
                                 to,
@@ -392,8 +455,8 @@ impl Session {
                             router.send(
                                 conversation.shard(),
                                 ShardMessage::Owner(OwnerEvent::Agent {
-                                    agent: id.clone(),
-                                    name: name.clone(),
+                                    agent: id.to_string(),
+                                    name: name.to_string(),
                                     session: me,
                                     frame,
                                 }),
@@ -403,7 +466,7 @@ impl Session {
                 }
                 Err(err) => self.refuse(reply, err),
             },
-            Endpoint::Echo { .. } => unreachable!("echo sessions returned above"),
+            SessionRole::Echo { .. } => unreachable!("echo sessions returned above"),
         }
     }
 
@@ -430,22 +493,23 @@ impl Drop for Session {
         self.shard.arena.borrow_mut().remove(self.id);
         let router = &self.shard.router;
         let me = self.me();
-        match &self.endpoint {
-            Endpoint::Echo { .. } => {}
-            Endpoint::Visitor { .. } => {
-                if let Some(key) = self.visitor.take() {
-                    let owner = visitor_owner(&key.site, &key.visitor, router.shard_count());
-                    router.send(
-                        owner,
-                        ShardMessage::Owner(OwnerEvent::VisitorDetach { key, session: me }),
-                    );
-                }
+        match &self.role {
+            SessionRole::Echo { .. } => {}
+            SessionRole::Visitor { key } => {
+                let owner = visitor_owner(&key.site, &key.visitor, router.shard_count());
+                router.send(
+                    owner,
+                    ShardMessage::Owner(OwnerEvent::VisitorDetach {
+                        key: key.clone(),
+                        session: me,
+                    }),
+                );
             }
-            Endpoint::Agent { id, .. } => {
+            SessionRole::Agent { id, .. } => {
                 router.send(
                     dispatcher_shard(router.shard_count()),
                     ShardMessage::Dispatch(DispatchEvent::AgentDetached {
-                        agent: id.clone(),
+                        agent: id.to_string(),
                         session: me.to_dispatch(),
                     }),
                 );
@@ -527,7 +591,6 @@ async fn run_session(
         });
     }
     shard.buffers.give(buffer);
-    let mut close_deadline: Option<std::time::Instant> = None;
 
     loop {
         if !out.is_empty() {
@@ -540,23 +603,8 @@ async fn run_session(
         if ws.state() == State::Closed {
             break;
         }
-        if close_deadline.is_some_and(|deadline| std::time::Instant::now() > deadline) {
-            break;
-        }
 
-        let wake = futures_lite::future::or(wait(shard, session.id, stream), async {
-            match close_deadline {
-                Some(deadline) => {
-                    glommio::timer::sleep(
-                        deadline.saturating_duration_since(std::time::Instant::now()),
-                    )
-                    .await;
-                    Wake::Gone
-                }
-                None => std::future::pending().await,
-            }
-        })
-        .await;
+        let wake = wait(shard, session.id, stream).await;
         out = shard.buffers.take();
         match wake {
             Wake::Gone => break,
@@ -570,11 +618,16 @@ async fn run_session(
                     session.on_message(message, reply)
                 });
                 shard.buffers.give(buffer);
-                if state != State::Open && close_deadline.is_none() {
-                    if ws.close_code_received().is_none() {
-                        ShardMetrics::add(&counters.protocol_errors, 1);
+                if state != State::Open {
+                    let mut arena = shard.arena.borrow_mut();
+                    if let Some(record) = arena.get_mut(session.id) {
+                        if record.closing_since.is_none() {
+                            record.closing_since = Some(shard.now_secs());
+                            if ws.close_code_received().is_none() {
+                                ShardMetrics::add(&counters.protocol_errors, 1);
+                            }
+                        }
                     }
-                    close_deadline = Some(std::time::Instant::now() + CLOSE_TIMEOUT);
                 }
             }
             Wake::Work => {
@@ -582,10 +635,14 @@ async fn run_session(
                 let Some(record) = arena.get_mut(session.id) else {
                     break;
                 };
+                if record.abort {
+                    // The peer did not finish the close handshake in time.
+                    break;
+                }
                 if let Some(CloseRequest { code, reason }) = record.close.take() {
+                    record.closing_since.get_or_insert(shard.now_secs());
                     drop(arena);
                     ws.close(code, reason, &mut out);
-                    close_deadline.get_or_insert(std::time::Instant::now() + CLOSE_TIMEOUT);
                     continue;
                 }
                 if record.ping_due {

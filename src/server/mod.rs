@@ -161,7 +161,11 @@ pub async fn shard_main(
     }
 }
 
-/// Schedules pings for quiet sessions and closes the ones past the idle timeout.
+/// How long a closing session may take to answer our close frame.
+const CLOSE_TIMEOUT_SECS: u32 = 5;
+
+/// Schedules pings for quiet sessions, closes the ones past the idle timeout,
+/// and drops the ones that did not finish a close handshake in time.
 fn sweep(shard: &Shard) {
     let now = shard.now_secs();
     let ping_after = shard.config.websocket.ping_interval.as_secs().max(1) as u32;
@@ -169,7 +173,12 @@ fn sweep(shard: &Shard) {
     let mut timed_out = 0;
     shard.arena.borrow_mut().for_each_mut(|_, record| {
         let quiet = now.saturating_sub(record.last_activity);
-        if quiet >= idle_after && record.close.is_none() {
+        if let Some(since) = record.closing_since {
+            if now.saturating_sub(since) >= CLOSE_TIMEOUT_SECS && !record.abort {
+                record.abort = true;
+                Arena::wake(record);
+            }
+        } else if quiet >= idle_after && record.close.is_none() {
             record.close = Some(CloseRequest {
                 code: 1001,
                 reason: "idle timeout",
