@@ -10,10 +10,12 @@
 //! session state; `config` is the tuning file loader.
 
 pub mod arena;
+pub mod bot;
 pub mod buffers;
 pub mod config;
 pub mod conversation;
 pub mod http;
+pub mod kb;
 pub mod logging;
 pub mod metrics;
 pub mod server;
