@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Side-by-side standing of switchboard against the two peers of ../shared/peers (Go gorilla, tokio-ws):
+# builds all three, starts each in turn on loopback, runs `density` and `sweep` with the same settings
+# against each, and prints ratio tables (switchboard-bench compare) plus a latency plot.
+#
+# Usage: bench/compare.sh            (from anywhere; settings through the environment below)
+#   SESSIONS=10000 RAMP=2000 HOLD=5s          density settings
+#   CONVERSATIONS=100 START_RATE=5000 FACTOR=1.5 STEP=5s WARMUP=1s P99=50ms REFINE=3   sweep settings
+#   SB_PROTOCOL=auto|switchboard|echo          how switchboard is relayed: auto uses the conversation
+#                                              protocol when a probe run passes, else /ws/echo (said in the table)
+#   SWITCHBOARD_CONFIG_EXTRA="..."             TOML appended to switchboard's config
+#   AGENTS=4                                   agent accounts/sessions for --protocol switchboard (tokens
+#                                              switchboard-bench-agent-0.., written into switchboard's config)
+#   SWITCHBOARD_PEERS=/path/to/peers           default: ../shared/peers beside the repository
+#   OUT=dir                                    results (default: target/bench-compare/<time>)
+#   ONLY="go tokio switchboard"                subset of systems to run
+# Peers listen on 127.0.0.1:9100 (go) and 127.0.0.1:9101 (tokio); switchboard on 127.0.0.1:9102.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PEERS="${SWITCHBOARD_PEERS:-$REPO/../shared/peers}"
+SESSIONS="${SESSIONS:-10000}"
+RAMP="${RAMP:-2000}"
+HOLD="${HOLD:-5s}"
+CONVERSATIONS="${CONVERSATIONS:-100}"
+START_RATE="${START_RATE:-5000}"
+FACTOR="${FACTOR:-1.5}"
+STEP="${STEP:-5s}"
+WARMUP="${WARMUP:-1s}"
+P99="${P99:-50ms}"
+REFINE="${REFINE:-3}"
+SB_PROTOCOL="${SB_PROTOCOL:-auto}"
+AGENTS="${AGENTS:-4}"
+ONLY="${ONLY:-go tokio switchboard}"
+OUT="${OUT:-$REPO/target/bench-compare/$(date +%Y%m%d-%H%M%S)}"
+PEER_TARGET="${PEER_TARGET:-/tmp/peer-target}"
+GO_BIN="${GO_BIN:-/tmp/peer-go}"
+mkdir -p "$OUT"
+
+log() { printf '\n### %s\n' "$*" >&2; }
+die() { printf 'compare.sh: %s\n' "$*" >&2; exit 1; }
+wants() { [[ " $ONLY " == *" $1 "* ]]; }
+
+[ -d "$PEERS" ] || die "peers not found at $PEERS (set SWITCHBOARD_PEERS)"
+
+log "building switchboard and switchboard-bench (release)"
+cargo build --release --quiet --manifest-path "$REPO/Cargo.toml" -p switchboard -p switchboard-bench
+TARGET_DIR="$(cargo metadata --format-version 1 --no-deps --manifest-path "$REPO/Cargo.toml" | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
+SB="$TARGET_DIR/release/switchboard"
+BENCH="$TARGET_DIR/release/switchboard-bench"
+
+if wants go; then
+  log "building the Go peer"
+  if ! command -v go >/dev/null || [ ! -d /usr/share/gocode/src/github.com/gorilla/websocket ]; then
+    [ "$(id -u)" = 0 ] || die "install golang-go and golang-github-gorilla-websocket-dev"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go golang-github-gorilla-websocket-dev >/dev/null
+  fi
+  (cd "$PEERS" && GO111MODULE=off GOPATH=/usr/share/gocode go build -o "$GO_BIN" ./go-gorilla)
+fi
+if wants tokio; then
+  log "building the tokio peer"
+  cargo build --release --quiet --manifest-path "$PEERS/tokio-ws/Cargo.toml" --target-dir "$PEER_TARGET"
+fi
+
+SERVER_PID=""
+stop_server() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+}
+trap stop_server EXIT
+
+wait_port() {
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  die "nothing listens on 127.0.0.1:$1"
+}
+
+start_server() { # name
+  case "$1" in
+    go) "$GO_BIN" -addr 127.0.0.1:9100 >"$OUT/go.log" 2>&1 & SERVER_PID=$!; PORT=9100 ;;
+    tokio) "$PEER_TARGET/release/peer-tokio-ws" 127.0.0.1:9101 >"$OUT/tokio.log" 2>&1 & SERVER_PID=$!; PORT=9101 ;;
+    switchboard)
+      rm -rf "$OUT/switchboard-data"
+      cat >"$OUT/switchboard.toml" <<TOML
+[server]
+listen = "127.0.0.1:9102"
+
+[diagnostics]
+echo = true
+
+[storage]
+dir = "$OUT/switchboard-data"
+
+[log]
+format = "text"
+level = "warn"
+
+[inference]
+# The relay measures the conversation path; visitors ask for a human explicitly.
+enabled = false
+$(for i in $(seq 0 $((AGENTS - 1))); do printf '\n[agents.accounts.bench%s]\ntoken = "switchboard-bench-agent-%s"\nmax_open = 1000\n' "$i" "$i"; done)
+${SWITCHBOARD_CONFIG_EXTRA:-}
+TOML
+      "$SB" serve --config "$OUT/switchboard.toml" >"$OUT/switchboard.log" 2>&1 & SERVER_PID=$!; PORT=9102 ;;
+  esac
+  wait_port "$PORT"
+  sleep 0.5
+}
+
+label() {
+  case "$1" in go) echo "go-gorilla" ;; tokio) echo "tokio-ws" ;; switchboard) echo "switchboard" ;; esac
+}
+
+AGENT_ARGS=(--agents "$AGENTS")
+for i in $(seq 0 $((AGENTS - 1))); do AGENT_ARGS+=(--agent-token "switchboard-bench-agent-$i"); done
+
+echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); results in $OUT" >&2
+RELAY_NOTE=""
+for sys in go tokio switchboard; do
+  wants "$sys" || continue
+  name="$(label "$sys")"
+  start_server "$sys"
+  target="ws://127.0.0.1:$PORT"
+  if [ "$sys" = switchboard ]; then
+    density_proto=switchboard
+    relay_proto="$SB_PROTOCOL"
+    if [ "$relay_proto" = auto ]; then
+      if "$BENCH" relay --target "$target" --protocol switchboard "${AGENT_ARGS[@]}" --conversations 2 \
+           --rate 20 --duration 1s --warmup 0s --drain 2s --handshake-timeout 3s --no-progress --json "$OUT/probe.json" \
+           >"$OUT/probe.txt" 2>&1 && [ "$("$BENCH" get "$OUT/probe.json" received)" = "$("$BENCH" get "$OUT/probe.json" sent)" ] \
+         && [ "$("$BENCH" get "$OUT/probe.json" conversations_up)" = 2 ]; then
+        relay_proto=switchboard
+      else
+        relay_proto=echo
+      fi
+    fi
+    if [ "$relay_proto" = echo ]; then
+      RELAY_NOTE="switchboard relay measured on /ws/echo (visitor round trip, no agent hop): conversations are not served yet"
+      name_relay="$name (echo)"
+    else
+      name_relay="$name"
+    fi
+  else
+    density_proto=relay
+    relay_proto=relay
+    name_relay="$name"
+  fi
+  log "$name: density, $SESSIONS idle sessions at $RAMP/s"
+  "$BENCH" density --target "$target" --protocol "$density_proto" --pid "$SERVER_PID" --label "$name" \
+    --sessions "$SESSIONS" --ramp "$RAMP" --hold "$HOLD" --json "$OUT/density-$sys.json"
+  # A fresh process for the sweep, so density leftovers do not weigh on it.
+  stop_server; start_server "$sys"
+  log "$name_relay: relay sweep, $CONVERSATIONS conversations, p99 <= $P99"
+  "$BENCH" sweep --target "$target" --protocol "$relay_proto" "${AGENT_ARGS[@]}" --pid "$SERVER_PID" \
+    --label "$name_relay" --conversations "$CONVERSATIONS" --start-rate "$START_RATE" --factor "$FACTOR" \
+    --step-duration "$STEP" --warmup "$WARMUP" --p99-limit "$P99" --refine "$REFINE" \
+    --json "$OUT/sweep-$sys.json" --plot "$OUT/sweep-$sys.svg"
+  stop_server
+done
+
+densities=(); sweeps=()
+for sys in go tokio switchboard; do
+  [ -f "$OUT/density-$sys.json" ] && densities+=("$OUT/density-$sys.json")
+  [ -f "$OUT/sweep-$sys.json" ] && sweeps+=("$OUT/sweep-$sys.json")
+done
+
+echo
+echo "================ standing (ratios against the first column) ================"
+echo "load average now: $(cut -d' ' -f1-3 /proc/loadavg)"
+[ -n "$RELAY_NOTE" ] && echo "NOTE: $RELAY_NOTE"
+echo
+"$BENCH" compare "${densities[@]}" --figure rss_per_session_kib --figure rss_per_session_bytes \
+  --figure sessions_established --figure handshakes_failed --figure handshake_rate_per_s --figure handshake_p99_ms
+echo
+"$BENCH" compare "${sweeps[@]}" --figure max_sustained_rate_per_s --figure lowest_failing_rate_per_s \
+  --figure p50_ms --figure p99_ms --figure p999_ms --figure lost --plot "$OUT/relay-latency.svg"
+echo
+echo "full reports: $OUT/*.json; plots: $OUT/relay-latency.svg, $OUT/sweep-*.svg"

@@ -1,0 +1,341 @@
+//! Scenarios and what they share: the run context built from the common options, session helpers per
+//! protocol (open + hello, handoff until assigned, the agent's reply loop), and failure tallies.
+
+pub mod bot;
+pub mod compare;
+pub mod density;
+pub mod relay;
+pub mod soak;
+pub mod sweep;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashSet};
+use std::net::Ipv4Addr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::cli::Common;
+use crate::codec::Message;
+use crate::limits;
+use crate::net::SourceAddrs;
+use crate::protocol::{self, Endpoints, Protocol, ServerFrame};
+use crate::report::Report;
+use crate::runtime::available_cpus;
+use crate::target::Target;
+use crate::wsclient::{self, Incoming, OpenError, WsReader, WsWriter};
+
+/// Everything a run needs from the command line, shareable across shards.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub target: Target,
+    pub pid: Option<u32>,
+    pub protocol: Protocol,
+    pub shards: usize,
+    pub label: String,
+    pub endpoints: Endpoints,
+    pub sources: u32,
+    pub handshake_timeout: Duration,
+    pub progress: bool,
+    pub file_limit: Option<limits::FileLimit>,
+}
+
+impl Ctx {
+    pub fn new(c: &Common) -> Result<Ctx, String> {
+        let target = Target::parse(&c.target).map_err(|e| e.to_string())?;
+        let shards = c.shards.unwrap_or_else(|| available_cpus().len().max(1));
+        if shards == 0 {
+            return Err("--shards must be at least 1".into());
+        }
+        if c.agent_tokens.is_empty() {
+            return Err("at least one --agent-token is needed".into());
+        }
+        let file_limit = limits::raise_file_limit().ok();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let run_id = format!(
+            "b{:x}",
+            (nanos as u64 ^ std::process::id() as u64) & 0xff_ffff
+        );
+        let label = c
+            .label
+            .clone()
+            .unwrap_or_else(|| format!("{} {}", c.protocol.name(), target.host_header));
+        Ok(Ctx {
+            target,
+            pid: c.pid,
+            protocol: c.protocol,
+            shards,
+            label,
+            endpoints: Endpoints {
+                protocol: c.protocol,
+                site: c.site.clone(),
+                agent_tokens: c.agent_tokens.clone(),
+                run_id,
+                echo_delay_ms: c.echo_delay_ms,
+            },
+            sources: c.sources,
+            handshake_timeout: c.handshake_timeout,
+            progress: !c.no_progress,
+            file_limit,
+        })
+    }
+
+    /// A fresh run id (sweep steps must not reuse rooms or visitor ids of the previous step).
+    pub fn with_new_run_id(&self, step: usize) -> Ctx {
+        let mut c = self.clone();
+        c.endpoints.run_id = format!("{}s{step}", self.endpoints.run_id);
+        c
+    }
+
+    pub fn report(&self, scenario: &str) -> Report {
+        let mut r = Report::new(
+            scenario,
+            &self.label,
+            &self.target.url,
+            self.protocol.name(),
+            self.shards,
+        );
+        r.notes.push(format!(
+            "client source addresses: {} (127.0.0.0/8 spread; 0 = kernel default)",
+            self.source_addrs(0).len()
+        ));
+        if let Some(l) = self.file_limit {
+            r.notes.push(format!(
+                "load generator RLIMIT_NOFILE {} (hard {})",
+                l.soft, l.hard
+            ));
+        }
+        r
+    }
+
+    pub fn source_addrs(&self, shard: usize) -> SourceAddrs {
+        SourceAddrs::new(self.target.addr, self.sources, shard * 7919)
+    }
+
+    pub fn rss(&self) -> Option<u64> {
+        self.pid.and_then(crate::rss::rss_bytes)
+    }
+}
+
+/// Failure reasons and their counts.
+pub type Tally = BTreeMap<String, u64>;
+
+pub fn bump(tally: &mut Tally, reason: impl Into<String>) {
+    *tally.entry(reason.into()).or_default() += 1;
+}
+
+pub fn merge_tally(into: &mut Tally, from: &Tally) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_default() += v;
+    }
+}
+
+/// Connection key seed: unique per (shard, index, attempt) so every handshake uses a fresh key.
+pub fn seed(shard: usize, index: u64, attempt: u64) -> u64 {
+    ((shard as u64) << 56) ^ (index << 16) ^ attempt ^ 0x243F_6A88_85A3_08D3
+}
+
+/// Opens a session; with the switchboard protocol also waits for `hello` and returns it parsed.
+pub async fn open_session(
+    ctx: &Ctx,
+    source: Option<Ipv4Addr>,
+    path: &str,
+    seed: u64,
+) -> Result<(WsReader, WsWriter, Option<Hello>), String> {
+    let (mut reader, writer) =
+        wsclient::open(&ctx.target, source, path, seed, ctx.handshake_timeout)
+            .await
+            .map_err(|e: OpenError| e.reason())?;
+    if ctx.protocol != Protocol::Switchboard {
+        return Ok((reader, writer, None));
+    }
+    let hello = await_frame(&mut reader, ctx.handshake_timeout, &["hello"]).await?;
+    Ok((reader, writer, Some(hello)))
+}
+
+/// What `hello` told a switchboard session.
+#[derive(Debug, Clone, Default)]
+pub struct Hello {
+    pub seq: Option<u64>,
+}
+
+/// Reads frames until one whose `type` is in `kinds` arrives (others are skipped); errors on timeout,
+/// close or a server `error` frame.
+pub async fn await_frame(
+    reader: &mut WsReader,
+    limit: Duration,
+    kinds: &[&str],
+) -> Result<Hello, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match reader.recv_timeout(left).await {
+            Ok(Some(Incoming::Text(t))) => {
+                let f =
+                    ServerFrame::parse(&t).map_err(|_| format!("{}: malformed json", kinds[0]))?;
+                if kinds.iter().any(|k| *k == f.kind) {
+                    return Ok(Hello { seq: f.seq });
+                }
+                if f.kind == "error" {
+                    return Err(format!(
+                        "waiting for {}: server error {}",
+                        kinds[0],
+                        f.code.unwrap_or_default()
+                    ));
+                }
+            }
+            Ok(Some(Incoming::Binary(_))) => {}
+            Ok(Some(Incoming::Close(code))) => {
+                return Err(format!("waiting for {}: closed ({code})", kinds[0]))
+            }
+            Ok(None) => return Err(format!("no {} within {:?}", kinds[0], limit)),
+            Err(e) => return Err(format!("waiting for {}: {}", kinds[0], e.reason())),
+        }
+    }
+}
+
+/// Switchboard: the visitor asks for a human and waits until an agent is assigned.
+pub async fn handoff_until_assigned(
+    reader: &mut WsReader,
+    writer: &WsWriter,
+    limit: Duration,
+) -> Result<(), String> {
+    writer
+        .send_text(&protocol::visitor_handoff())
+        .await
+        .map_err(|e| format!("handoff: {}", e.reason()))?;
+    await_frame(reader, limit, &["assigned"]).await.map(|_| ())
+}
+
+/// Counters of an agent loop.
+#[derive(Debug, Default, Clone)]
+pub struct AgentStats {
+    pub replies: u64,
+    /// Visitor messages of conversations from earlier runs (an agent account reconnecting is sent its
+    /// older open conversations); not answered.
+    pub foreign: u64,
+    pub other_frames: u64,
+    pub errors: Tally,
+}
+
+/// An agent: replies to every visitor message with the same text, until the session closes. With the relay
+/// protocol every text frame is a visitor message and is echoed unchanged; with switchboard, `message`
+/// frames from a visitor are answered in their `conversation`, but only in conversations `assigned` to it
+/// for a visitor of this run (`run_id`): agent accounts persist on the server, and a reconnecting agent is
+/// sent its older open conversations, which must not be answered. Replies are written from the codec
+/// callback, without a copy of the text for relay.
+pub async fn agent_loop(
+    protocol: Protocol,
+    mut reader: WsReader,
+    stats: Rc<RefCell<AgentStats>>,
+    closing: Rc<std::cell::Cell<bool>>,
+    run_id: String,
+    assigned: Rc<RefCell<Vec<serde_json::Value>>>,
+) {
+    let mut next_id: u64 = 0;
+    let visitor_prefix = format!("{run_id}-");
+    let mut mine: HashSet<String> = HashSet::new();
+    loop {
+        let result = reader
+            .read_with(|m, sender| match (protocol, m) {
+                (Protocol::Relay, Message::Text(t)) => {
+                    if sender.send_text(t) {
+                        stats.borrow_mut().replies += 1;
+                    }
+                }
+                (Protocol::Switchboard, Message::Text(t)) => {
+                    let mut st = stats.borrow_mut();
+                    let f = match ServerFrame::parse(t) {
+                        Ok(f) => f,
+                        Err(_) => return bump(&mut st.errors, "agent: malformed json"),
+                    };
+                    let from_visitor = f.from.as_deref().unwrap_or("visitor") == "visitor";
+                    match (f.kind.as_ref(), &f.conversation, &f.text) {
+                        ("assigned", Some(conv), _) => {
+                            let ours = f
+                                .visitor
+                                .as_deref()
+                                .is_none_or(|v| v.starts_with(&visitor_prefix));
+                            if ours && mine.insert(conv.to_string()) {
+                                assigned.borrow_mut().push(conv.clone());
+                            }
+                        }
+                        ("message", Some(conv), Some(text)) if from_visitor => {
+                            if !mine.contains(&conv.to_string()) {
+                                st.foreign += 1;
+                                return;
+                            }
+                            next_id += 1;
+                            let reply = protocol::agent_message(conv, &format!("a{next_id}"), text);
+                            if sender.send_text(&reply) {
+                                st.replies += 1;
+                            }
+                        }
+                        ("message", _, _) if from_visitor => bump(
+                            &mut st.errors,
+                            "agent: message without conversation or text",
+                        ),
+                        ("error", _, _) => bump(
+                            &mut st.errors,
+                            format!("agent: server error {}", f.code.clone().unwrap_or_default()),
+                        ),
+                        _ => st.other_frames += 1,
+                    }
+                }
+                _ => stats.borrow_mut().other_frames += 1,
+            })
+            .await;
+        match result {
+            Ok(None) => {}
+            Ok(Some(_)) => return,
+            Err(e) => {
+                if !closing.get() {
+                    bump(
+                        &mut stats.borrow_mut().errors,
+                        format!("agent session lost: {}", e.reason()),
+                    );
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Switchboard: each agent closes the conversations assigned to it in this run, so they do not pile up
+/// on the agent accounts (and get replayed to them) across runs.
+pub async fn close_conversations(agents: &[(WsWriter, Rc<RefCell<Vec<serde_json::Value>>>)]) {
+    for (writer, assigned) in agents {
+        let convs = std::mem::take(&mut *assigned.borrow_mut());
+        for conv in convs {
+            let frame = serde_json::json!({"type": "close", "conversation": conv}).to_string();
+            if writer.send_text(&frame).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Sends a close to every writer, then waits (bounded) for the given tasks to finish; returns how many did
+/// not finish in time (they are cancelled).
+pub async fn close_all(
+    writers: &[WsWriter],
+    tasks: Vec<glommio::Task<()>>,
+    limit: Duration,
+) -> u64 {
+    for w in writers {
+        let _ = w.close(1000).await;
+    }
+    let total = tasks.len() as u64;
+    let done = Rc::new(std::cell::Cell::new(0u64));
+    let d = done.clone();
+    crate::runtime::with_timeout(limit, async move {
+        for t in tasks {
+            t.await;
+            d.set(d.get() + 1);
+        }
+    })
+    .await;
+    total - done.get()
+}

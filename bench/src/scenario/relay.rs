@@ -1,0 +1,693 @@
+//! `relay`: conversations of one visitor and one agent (visitor only with `--protocol echo`). Visitors send
+//! probes open-loop: conversation c sends message k at `start + (c/C + k) * C/R`, whatever the server is
+//! doing, so all visitors together offer R messages/s, evenly spread. The agent replies with the same text;
+//! the visitor takes the latency as receive time minus the *scheduled* send time carried in the probe, so a
+//! slow server cannot hide its queueing behind a slowed-down sender (no coordinated omission).
+//!
+//! Every probe carries (conversation, seq): first arrivals, duplicates, misrouted and unknown replies are
+//! counted per conversation; lost = sent - received after the drain period. Messages scheduled in the
+//! warm-up are counted but their latency is not recorded. The generator's own lag (actual minus scheduled
+//! send time) is reported too: a large lag means the load generator, not the server, was the bottleneck.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::cli::{LoadShape, RelayArgs};
+use crate::codec::Message;
+use crate::payload::Probe;
+use crate::progress::Bars;
+use crate::protocol::{self, Protocol, ServerFrame};
+use crate::report::Report;
+use crate::runtime::{run_shards, sleep_until, Coordinator, Phase, Progress};
+use crate::scenario::{
+    agent_loop, bump, close_all, close_conversations, handoff_until_assigned, merge_tally,
+    open_session, seed, AgentStats, Ctx, Tally,
+};
+use crate::stats::{Arrival, Arrivals, Latency};
+use crate::wsclient::{WsReader, WsWriter};
+
+#[derive(Debug, Clone)]
+pub struct RelayPlan {
+    pub conversations: u64,
+    pub rate: f64,
+    pub duration: Duration,
+    pub size: usize,
+    pub warmup: Duration,
+    pub drain: Duration,
+    pub agents: u64,
+}
+
+impl RelayPlan {
+    pub fn new(shape: &LoadShape, rate: f64, duration: Duration) -> Result<RelayPlan, String> {
+        if rate <= 0.0 || !rate.is_finite() {
+            return Err("--rate must be positive".into());
+        }
+        if shape.conversations == 0 {
+            return Err("--conversations must be at least 1".into());
+        }
+        Ok(RelayPlan {
+            conversations: shape.conversations,
+            rate,
+            duration,
+            size: shape.size,
+            warmup: shape.warmup,
+            drain: shape.drain,
+            agents: shape.agents.max(1),
+        })
+    }
+}
+
+/// Merged results of one relay run.
+#[derive(Debug, Default)]
+pub struct RelayTotals {
+    pub conversations_up: u64,
+    pub setup_failures: Tally,
+    pub errors: Tally,
+    pub sent: u64,
+    pub sent_measured: u64,
+    pub received: u64,
+    pub received_measured: u64,
+    pub duplicates: u64,
+    pub unknown: u64,
+    pub misrouted: u64,
+    pub lost: u64,
+    pub acks: u64,
+    pub agent_replies: u64,
+    pub agent_ignored: u64,
+    /// Up to 20 lost messages as `conversation:seq`, to help find where a server drops them.
+    pub lost_sample: Vec<String>,
+    pub latency: Latency,
+    pub send_lag: Latency,
+    pub measure_start: Option<Instant>,
+    pub last_measured_receive: Option<Instant>,
+}
+
+impl RelayTotals {
+    fn merge(&mut self, o: RelayTotals) {
+        self.conversations_up += o.conversations_up;
+        merge_tally(&mut self.setup_failures, &o.setup_failures);
+        merge_tally(&mut self.errors, &o.errors);
+        self.sent += o.sent;
+        self.sent_measured += o.sent_measured;
+        self.received += o.received;
+        self.received_measured += o.received_measured;
+        self.duplicates += o.duplicates;
+        self.unknown += o.unknown;
+        self.misrouted += o.misrouted;
+        self.lost += o.lost;
+        self.acks += o.acks;
+        self.agent_replies += o.agent_replies;
+        self.agent_ignored += o.agent_ignored;
+        for id in o.lost_sample {
+            if self.lost_sample.len() < 20 {
+                self.lost_sample.push(id);
+            }
+        }
+        self.latency.merge(&o.latency);
+        self.send_lag.merge(&o.send_lag);
+        self.measure_start = self.measure_start.or(o.measure_start);
+        self.last_measured_receive = match (self.last_measured_receive, o.last_measured_receive) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// Replies per second over the measured window: measured replies divided by the time from the start of
+    /// measurement to the last measured reply (a server that falls behind stretches the denominator).
+    pub fn throughput(&self, plan: &RelayPlan) -> f64 {
+        match (self.measure_start, self.last_measured_receive) {
+            (Some(start), Some(last)) => {
+                let secs = last
+                    .saturating_duration_since(start)
+                    .as_secs_f64()
+                    .max(plan.duration.as_secs_f64() * 0.5);
+                self.received_measured as f64 / secs
+            }
+            _ => 0.0,
+        }
+    }
+
+    /// Writes the figures into `report`.
+    pub fn fill(&self, plan: &RelayPlan, report: &mut Report) {
+        let s = self.latency.summary();
+        report.set("rate_offered_per_s", plan.rate);
+        report.set("throughput_per_s", self.throughput(plan).round());
+        report.set("p50_ms", s.p50_ms);
+        report.set("p90_ms", s.p90_ms);
+        report.set("p99_ms", s.p99_ms);
+        report.set("p999_ms", s.p999_ms);
+        report.set("max_ms", s.max_ms);
+        report.set("mean_ms", s.mean_ms);
+        report.set("conversations", plan.conversations as f64);
+        report.set("conversations_up", self.conversations_up as f64);
+        report.set("sent", self.sent as f64);
+        report.set("received", self.received as f64);
+        report.set("lost", self.lost as f64);
+        report.set("duplicated", self.duplicates as f64);
+        report.set("misrouted", self.misrouted as f64);
+        report.set("unknown", self.unknown as f64);
+        report.set("errors", self.errors.values().sum::<u64>() as f64);
+        report.set(
+            "setup_failures",
+            self.setup_failures.values().sum::<u64>() as f64,
+        );
+        report.set("measured_samples", s.count as f64);
+        let lag = self.send_lag.summary();
+        report.set("generator_lag_p99_ms", lag.p99_ms);
+        report.set("generator_lag_max_ms", lag.max_ms);
+        if self.acks > 0 {
+            report.set("acks", self.acks as f64);
+        }
+        if self.agent_replies > 0 {
+            report.set("agent_replies", self.agent_replies as f64);
+        }
+        if self.agent_ignored > 0 {
+            report.set("agent_ignored_earlier_runs", self.agent_ignored as f64);
+        }
+        report.add_failures(&self.setup_failures);
+        report.add_failures(&self.errors);
+        if !self.lost_sample.is_empty() {
+            report.notes.push(format!(
+                "lost (conversation:seq): {}",
+                self.lost_sample.join(" ")
+            ));
+        }
+        report
+            .histograms
+            .insert("latency".into(), self.latency.to_json());
+        report
+            .histograms
+            .insert("generator_lag".into(), self.send_lag.to_json());
+    }
+}
+
+pub fn run(args: &RelayArgs) -> Result<Report, String> {
+    let ctx = Arc::new(Ctx::new(&args.common)?);
+    let plan = RelayPlan::new(&args.shape, args.rate, args.duration)?;
+    let bars = Bars::new(ctx.progress);
+    let mut report = ctx.report("relay");
+    report.settings = settings(&ctx, &plan);
+    let totals = execute(&ctx, &plan, &bars)?;
+    totals.fill(&plan, &mut report);
+    report.finish();
+    if let Some(path) = &args.common.plot {
+        crate::plot::percentile_plot(
+            path,
+            &format!(
+                "relay latency at {} msg/s, {} conversations",
+                plan.rate, plan.conversations
+            ),
+            &[crate::plot::Curve {
+                label: ctx.label.clone(),
+                hist: &report.histograms["latency"],
+            }],
+        )?;
+    }
+    Ok(report)
+}
+
+pub fn settings(ctx: &Ctx, plan: &RelayPlan) -> serde_json::Value {
+    serde_json::json!({
+        "conversations": plan.conversations, "rate_per_s": plan.rate, "duration_s": plan.duration.as_secs_f64(),
+        "size_bytes": plan.size, "warmup_s": plan.warmup.as_secs_f64(), "drain_s": plan.drain.as_secs_f64(),
+        "agents": if ctx.protocol == Protocol::Switchboard { plan.agents } else { plan.conversations },
+        "sources": ctx.sources, "echo_delay_ms": ctx.endpoints.echo_delay_ms,
+    })
+}
+
+/// Runs one relay load and returns the merged results.
+pub fn execute(ctx: &Arc<Ctx>, plan: &RelayPlan, bars: &Bars) -> Result<RelayTotals, String> {
+    let coord = Coordinator::new(ctx.shards);
+    let agents = if ctx.protocol == Protocol::Switchboard {
+        plan.agents
+    } else {
+        0
+    };
+    let setup_bar = bars.counter("set up", plan.conversations + agents);
+    let run_secs = (plan.warmup + plan.duration).as_secs_f64();
+    let run_bar = bars.timed(&format!("{}/s", plan.rate.round()), run_secs);
+    let work = {
+        let (ctx, coord, plan) = (ctx.clone(), coord.clone(), plan.clone());
+        move |shard| shard_main(shard, ctx.clone(), coord.clone(), plan.clone())
+    };
+    let mut started: Option<Instant> = None;
+    let monitor = || {
+        let p = &coord.progress;
+        if started.is_none() {
+            setup_bar.set_position(Progress::get(&p.connected) + Progress::get(&p.failed));
+        }
+        if coord.all_arrived(Phase::SetUp) && !coord.is_released(Phase::SetUp) {
+            setup_bar.finish();
+            let at = Instant::now() + Duration::from_millis(50);
+            started = Some(at);
+            coord.release(Phase::SetUp, at);
+        }
+        if let Some(at) = started {
+            let t = Instant::now()
+                .saturating_duration_since(at)
+                .as_secs_f64()
+                .min(run_secs);
+            run_bar.set_position((t * 10.0) as u64);
+            run_bar.set_message(format!(
+                "sent {} received {}",
+                Progress::get(&p.sent),
+                Progress::get(&p.received)
+            ));
+            if coord.all_arrived(Phase::Loaded) {
+                run_bar.finish();
+            }
+        }
+    };
+    let results = run_shards(ctx.shards, work, monitor)?;
+    let mut totals = RelayTotals::default();
+    for r in results {
+        totals.merge(r);
+    }
+    Ok(totals)
+}
+
+/// Per-shard state shared by the shard's tasks.
+struct ShardState {
+    totals: RefCell<RelayTotals>,
+    arrivals: RefCell<Vec<Arrivals>>,
+    sent_per_conv: Vec<Cell<u64>>,
+    closing: Rc<Cell<bool>>,
+}
+
+struct Visitor {
+    conv: u64,
+    local: usize,
+    reader: WsReader,
+    writer: WsWriter,
+}
+
+async fn shard_main(
+    shard: usize,
+    ctx: Arc<Ctx>,
+    coord: Arc<Coordinator>,
+    plan: RelayPlan,
+) -> RelayTotals {
+    let mine: Vec<u64> = (shard as u64..plan.conversations)
+        .step_by(ctx.shards)
+        .collect();
+    let state = Rc::new(ShardState {
+        totals: RefCell::new(RelayTotals::default()),
+        arrivals: RefCell::new(vec![Arrivals::default(); mine.len()]),
+        sent_per_conv: (0..mine.len()).map(|_| Cell::new(0)).collect(),
+        closing: Rc::new(Cell::new(false)),
+    });
+    let agent_stats = Rc::new(RefCell::new(AgentStats::default()));
+    let mut writers: Vec<WsWriter> = Vec::new();
+    let mut tasks: Vec<glommio::Task<()>> = Vec::new();
+    let sources = Rc::new(RefCell::new(ctx.source_addrs(shard)));
+    let mut sb_agents = Vec::new();
+
+    // Switchboard agents: a few sessions, each serving the conversations the server assigns to it.
+    if ctx.protocol == Protocol::Switchboard {
+        for a in (shard as u64..plan.agents).step_by(ctx.shards) {
+            let path = ctx.endpoints.agent_path(a).expect("switchboard has agents");
+            let source = sources.borrow_mut().next();
+            match open_session(&ctx, source, &path, seed(shard, 1 << 30 | a, 0)).await {
+                Ok((reader, writer, _)) => {
+                    let _ = writer.send_text(&protocol::agent_online()).await;
+                    let assigned = Rc::new(RefCell::new(Vec::new()));
+                    sb_agents.push((writer.clone(), assigned.clone()));
+                    writers.push(writer);
+                    tasks.push(glommio::spawn_local(agent_loop(
+                        ctx.protocol,
+                        reader,
+                        agent_stats.clone(),
+                        state.closing.clone(),
+                        ctx.endpoints.run_id.clone(),
+                        assigned,
+                    )));
+                    Progress::add(&coord.progress.connected, 1);
+                }
+                Err(reason) => {
+                    bump(
+                        &mut state.totals.borrow_mut().setup_failures,
+                        format!("agent: {reason}"),
+                    );
+                    Progress::add(&coord.progress.failed, 1);
+                }
+            }
+        }
+    }
+
+    // Conversations, set up at most 64 at a time.
+    let gate = Rc::new(glommio::sync::Semaphore::new(64));
+    let mut setups = Vec::with_capacity(mine.len());
+    for (local, &conv) in mine.iter().enumerate() {
+        let (ctx, coord, gate, sources, state) = (
+            ctx.clone(),
+            coord.clone(),
+            gate.clone(),
+            sources.clone(),
+            state.clone(),
+        );
+        let agent_stats = agent_stats.clone();
+        let plan_assign = ctx.handshake_timeout;
+        setups.push(glommio::spawn_local(async move {
+            let _permit = gate.acquire_permit(1).await.ok();
+            let result = set_up_conversation(
+                &ctx,
+                shard,
+                conv,
+                &sources,
+                agent_stats,
+                state.closing.clone(),
+                plan_assign,
+            )
+            .await;
+            match result {
+                Ok((visitor_rw, agent)) => {
+                    Progress::add(&coord.progress.connected, 1);
+                    Some((
+                        Visitor {
+                            conv,
+                            local,
+                            reader: visitor_rw.0,
+                            writer: visitor_rw.1,
+                        },
+                        agent,
+                    ))
+                }
+                Err(reason) => {
+                    bump(&mut state.totals.borrow_mut().setup_failures, reason);
+                    Progress::add(&coord.progress.failed, 1);
+                    None
+                }
+            }
+        }));
+    }
+    let mut visitors = Vec::with_capacity(mine.len());
+    for s in setups {
+        if let Some((v, agent)) = s.await {
+            if let Some((w, t)) = agent {
+                writers.push(w);
+                tasks.push(t);
+            }
+            visitors.push(v);
+        }
+    }
+    state.totals.borrow_mut().conversations_up = visitors.len() as u64;
+
+    coord.arrive(Phase::SetUp);
+    let Some(start) = coord
+        .wait_release(Phase::SetUp, Duration::from_secs(3600))
+        .await
+    else {
+        state.closing.set(true);
+        close_all(&writers, tasks, Duration::from_secs(2)).await;
+        return std::mem::take(&mut *state.totals.borrow_mut());
+    };
+    let measure_start = start + plan.warmup;
+    let end = measure_start + plan.duration;
+    state.totals.borrow_mut().measure_start = Some(measure_start);
+
+    let interval = plan.conversations as f64 / plan.rate;
+    let mut senders = Vec::with_capacity(visitors.len());
+    for v in visitors {
+        writers.push(v.writer.clone());
+        tasks.push(glommio::spawn_local(receiver(
+            ctx.protocol,
+            v.reader,
+            v.conv,
+            v.local,
+            state.clone(),
+            coord.clone(),
+            measure_start,
+            end,
+        )));
+        let offset = interval * (v.conv as f64 / plan.conversations as f64);
+        senders.push(glommio::spawn_local(sender(
+            ctx.protocol,
+            v.writer,
+            v.conv,
+            v.local,
+            state.clone(),
+            coord.clone(),
+            start,
+            offset,
+            interval,
+            measure_start,
+            end,
+            plan.size,
+        )));
+    }
+    for s in senders {
+        s.await;
+    }
+    // Drain: wait for outstanding replies, bounded.
+    let drain_deadline = Instant::now().max(end) + plan.drain;
+    loop {
+        let (sent, received) = {
+            let t = state.totals.borrow();
+            (t.sent, t.received)
+        };
+        if received >= sent || Instant::now() >= drain_deadline {
+            break;
+        }
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    coord.arrive(Phase::Loaded);
+    state.closing.set(true);
+    close_conversations(&sb_agents).await;
+    let stuck = close_all(&writers, tasks, Duration::from_secs(5)).await;
+    let mut totals = std::mem::take(&mut *state.totals.borrow_mut());
+    if stuck > 0 {
+        *totals
+            .errors
+            .entry("sessions not closed within 5s".into())
+            .or_default() += stuck;
+    }
+    let arrivals = state.arrivals.borrow();
+    for (local, a) in arrivals.iter().enumerate() {
+        let sent = state.sent_per_conv[local].get();
+        totals.lost += sent.saturating_sub(a.unique);
+        for seq in (0..sent).filter(|s| !a.contains(*s)).take(20) {
+            if totals.lost_sample.len() < 20 {
+                totals.lost_sample.push(format!("{}:{seq}", mine[local]));
+            }
+        }
+    }
+    let agents = agent_stats.borrow();
+    totals.agent_replies = agents.replies;
+    totals.agent_ignored = agents.foreign;
+    merge_tally(&mut totals.errors, &agents.errors);
+    totals
+}
+
+type Agent = Option<(WsWriter, glommio::Task<()>)>;
+
+/// Opens one conversation: relay = agent then visitor of the same room; echo = visitor; switchboard =
+/// visitor, hello, handoff until assigned.
+async fn set_up_conversation(
+    ctx: &Ctx,
+    shard: usize,
+    conv: u64,
+    sources: &Rc<RefCell<crate::net::SourceAddrs>>,
+    agent_stats: Rc<RefCell<AgentStats>>,
+    closing: Rc<Cell<bool>>,
+    assign_timeout: Duration,
+) -> Result<((WsReader, WsWriter), Agent), String> {
+    let mut agent: Agent = None;
+    if ctx.protocol == Protocol::Relay {
+        let path = ctx.endpoints.agent_path(conv).expect("relay has agents");
+        let source = sources.borrow_mut().next();
+        let (reader, writer, _) = open_session(ctx, source, &path, seed(shard, conv, 1))
+            .await
+            .map_err(|r| format!("agent: {r}"))?;
+        let task = glommio::spawn_local(agent_loop(
+            ctx.protocol,
+            reader,
+            agent_stats,
+            closing,
+            ctx.endpoints.run_id.clone(),
+            Rc::default(),
+        ));
+        agent = Some((writer, task));
+    }
+    let path = ctx.endpoints.visitor_path(conv, None);
+    let source = sources.borrow_mut().next();
+    let (mut reader, writer, _) = open_session(ctx, source, &path, seed(shard, conv, 2))
+        .await
+        .map_err(|r| format!("visitor: {r}"))?;
+    if ctx.protocol == Protocol::Switchboard {
+        handoff_until_assigned(&mut reader, &writer, assign_timeout)
+            .await
+            .map_err(|r| format!("visitor: {r}"))?;
+    }
+    Ok(((reader, writer), agent))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn sender(
+    protocol: Protocol,
+    writer: WsWriter,
+    conv: u64,
+    local: usize,
+    state: Rc<ShardState>,
+    coord: Arc<Coordinator>,
+    start: Instant,
+    offset: f64,
+    interval: f64,
+    measure_start: Instant,
+    end: Instant,
+    size: usize,
+) {
+    let mut text = String::with_capacity(size.max(32));
+    let mut wrapped;
+    for k in 0u64.. {
+        let sched = start + Duration::from_secs_f64(offset + k as f64 * interval);
+        if sched >= end || state.closing.get() {
+            break;
+        }
+        sleep_until(sched).await;
+        let probe = Probe {
+            stream: conv,
+            seq: k,
+            sched_us: coord.micros(sched),
+        };
+        probe.encode_into(size, &mut text);
+        let frame = if protocol == Protocol::Switchboard {
+            wrapped = protocol::visitor_message(&format!("{conv}-{k}"), &text);
+            &wrapped
+        } else {
+            &text
+        };
+        let measured = probe.sched_us >= coord.micros(measure_start);
+        {
+            let mut t = state.totals.borrow_mut();
+            t.sent += 1;
+            if measured {
+                t.sent_measured += 1;
+                t.send_lag
+                    .record(Instant::now().saturating_duration_since(sched));
+            }
+        }
+        state.sent_per_conv[local].set(k + 1);
+        Progress::add(&coord.progress.sent, 1);
+        if let Err(e) = writer.send_text(frame).await {
+            if !state.closing.get() {
+                bump(
+                    &mut state.totals.borrow_mut().errors,
+                    format!("send: {}", e.reason()),
+                );
+            }
+            break;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn receiver(
+    protocol: Protocol,
+    mut reader: WsReader,
+    conv: u64,
+    local: usize,
+    state: Rc<ShardState>,
+    coord: Arc<Coordinator>,
+    measure_start: Instant,
+    end: Instant,
+) {
+    loop {
+        let result = reader
+            .read_with(|m, _| {
+                let now = Instant::now();
+                let Message::Text(t) = m else {
+                    state.totals.borrow_mut().unknown += 1;
+                    return;
+                };
+                let frame;
+                let probe_text = match protocol {
+                    Protocol::Relay | Protocol::Echo => t,
+                    Protocol::Switchboard => {
+                        frame = match ServerFrame::parse(t) {
+                            Ok(f) => f,
+                            Err(_) => {
+                                bump(
+                                    &mut state.totals.borrow_mut().errors,
+                                    "visitor: malformed json",
+                                );
+                                return;
+                            }
+                        };
+                        match (frame.kind.as_ref(), frame.from.as_deref()) {
+                            ("message", Some("agent")) => match frame.text.as_deref() {
+                                Some(text) => text,
+                                None => {
+                                    state.totals.borrow_mut().unknown += 1;
+                                    return;
+                                }
+                            },
+                            ("ack", _) => {
+                                state.totals.borrow_mut().acks += 1;
+                                return;
+                            }
+                            ("error", _) => {
+                                let code = frame.code.clone().unwrap_or_default();
+                                bump(
+                                    &mut state.totals.borrow_mut().errors,
+                                    format!("visitor: server error {code}"),
+                                );
+                                return;
+                            }
+                            // Own messages fanned out back, typing, read, queue updates...
+                            _ => return,
+                        }
+                    }
+                };
+                let mut totals = state.totals.borrow_mut();
+                let Some(probe) = Probe::decode(probe_text) else {
+                    totals.unknown += 1;
+                    return;
+                };
+                if probe.stream != conv {
+                    totals.misrouted += 1;
+                    return;
+                }
+                if probe.seq >= state.sent_per_conv[local].get() {
+                    totals.unknown += 1;
+                    return;
+                }
+                match state.arrivals.borrow_mut()[local].record(probe.seq) {
+                    Arrival::First => {
+                        totals.received += 1;
+                        Progress::add(&coord.progress.received, 1);
+                        let sched = coord.instant_at(probe.sched_us);
+                        if probe.sched_us >= coord.micros(measure_start) && sched < end {
+                            totals.latency.record(now.saturating_duration_since(sched));
+                            totals.received_measured += 1;
+                            totals.last_measured_receive = Some(now);
+                        }
+                    }
+                    Arrival::Duplicate => totals.duplicates += 1,
+                }
+            })
+            .await;
+        match result {
+            Ok(None) => {}
+            Ok(Some(code)) => {
+                if !state.closing.get() {
+                    bump(
+                        &mut state.totals.borrow_mut().errors,
+                        format!("visitor closed by server ({code})"),
+                    );
+                }
+                return;
+            }
+            Err(e) => {
+                if !state.closing.get() {
+                    bump(
+                        &mut state.totals.borrow_mut().errors,
+                        format!("visitor session lost: {}", e.reason()),
+                    );
+                }
+                return;
+            }
+        }
+    }
+}
