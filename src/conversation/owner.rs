@@ -131,6 +131,9 @@ pub enum OwnerAction {
     Store { op: Op, completion: Completion },
     /// Send a text frame to a session.
     Send { to: SessionRef, frame: Arc<str> },
+    /// Send a session its `hello`; frames that reached it earlier are held
+    /// back until then.
+    Hello { to: SessionRef, frame: Arc<str> },
     /// Send stored messages `(after, up_to]` of a conversation to sessions.
     Replay {
         to: Vec<SessionRef>,
@@ -450,7 +453,7 @@ impl Owner {
             return;
         };
         let last = live.meta.last_seq;
-        out.push(OwnerAction::Send {
+        out.push(OwnerAction::Hello {
             to: session,
             frame: frame(serde_json::json!({
                 "type": "hello",
@@ -1104,7 +1107,8 @@ impl Owner {
             other => {
                 let message = format!("cannot open the conversation: {other:?}");
                 for (session, _) in entry.awaiting_hello.drain(..) {
-                    out.push(OwnerAction::Send {
+                    // In place of the hello, so it is not held back.
+                    out.push(OwnerAction::Hello {
                         to: session,
                         frame: error("storage_error", &message),
                     });

@@ -41,7 +41,12 @@ pub enum ShardMessage {
     /// For the dispatcher shard.
     Dispatch(DispatchEvent),
     /// Frames for sessions of the receiving shard.
-    Deliver { session: SessionId, frame: Arc<str> },
+    Deliver {
+        session: SessionId,
+        frame: Arc<str>,
+        /// The session's `hello`: released together with anything held back.
+        hello: bool,
+    },
     /// An agent session follows a conversation (unsubscribe when it closes).
     Track {
         session: SessionId,
@@ -255,8 +260,17 @@ impl Router {
                 let actions = dispatcher.borrow_mut().handle(event, now_ms());
                 self.run_dispatch(actions, context);
             }
-            ShardMessage::Deliver { session, frame } => {
-                self.arena.borrow_mut().push(session, Outbound::Text(frame));
+            ShardMessage::Deliver {
+                session,
+                frame,
+                hello,
+            } => {
+                let mut arena = self.arena.borrow_mut();
+                if hello {
+                    arena.push_hello(session, Outbound::Text(frame));
+                } else {
+                    arena.push(session, Outbound::Text(frame));
+                }
             }
             ShardMessage::Track {
                 session,
@@ -300,16 +314,29 @@ impl Router {
 
     /// Delivers a frame to a session wherever it lives.
     fn deliver(&self, to: SessionRef, frame: Arc<str>) {
+        self.deliver_frame(to, frame, false);
+    }
+
+    /// Delivers a session's `hello` (see [`Arena::push_hello`]).
+    fn deliver_hello(&self, to: SessionRef, frame: Arc<str>) {
+        self.deliver_frame(to, frame, true);
+    }
+
+    fn deliver_frame(&self, to: SessionRef, frame: Arc<str>, hello: bool) {
         if to.shard == self.shard {
-            self.arena
-                .borrow_mut()
-                .push(to.session, Outbound::Text(frame));
+            let mut arena = self.arena.borrow_mut();
+            if hello {
+                arena.push_hello(to.session, Outbound::Text(frame));
+            } else {
+                arena.push(to.session, Outbound::Text(frame));
+            }
         } else {
             self.send(
                 to.shard,
                 ShardMessage::Deliver {
                     session: to.session,
                     frame,
+                    hello,
                 },
             );
         }
@@ -327,6 +354,7 @@ impl Router {
             match action {
                 OwnerAction::Store { op, completion } => self.queue_op(op, completion),
                 OwnerAction::Send { to, frame } => self.deliver(to, frame),
+                OwnerAction::Hello { to, frame } => self.deliver_hello(to, frame),
                 OwnerAction::Replay {
                     to,
                     conversation,
@@ -529,7 +557,7 @@ impl Router {
                             dispatch::AgentStatus::Away => "away",
                         },
                     });
-                    self.deliver(session, Arc::from(hello.to_string()));
+                    self.deliver_hello(session, Arc::from(hello.to_string()));
                     for conversation in conversations {
                         let conversation = ConversationId(conversation.0);
                         self.send(
