@@ -103,6 +103,11 @@ level = "warn"
 [inference]
 # The relay measures the conversation path; visitors ask for a human explicitly.
 enabled = false
+
+[risk_control]
+# A load generator sends far faster than a person; keep the flood guard out of the way.
+flood_messages = 10000
+flood_window = "100ms"
 $(for i in $(seq 0 $((AGENTS - 1))); do printf '\n[agents.accounts.bench%s]\ntoken = "switchboard-bench-agent-%s"\nmax_open = 1000\n' "$i" "$i"; done)
 ${SWITCHBOARD_CONFIG_EXTRA:-}
 TOML

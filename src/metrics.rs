@@ -46,6 +46,20 @@ counters! {
     idle_timeouts: "counter",
     /// Spare I/O buffers pooled now.
     pooled_buffers: "gauge",
+    /// Answers the bot gave (knowledge-base answers and fallbacks).
+    bot_replies: "counter",
+    /// Bot answers matched lexically because inference was overloaded.
+    bot_degraded: "counter",
+    /// Conversations the bot handed to the human queue.
+    bot_handoffs: "counter",
+    /// Visitor messages refused by risk control.
+    bot_blocked: "counter",
+    /// Recognitions answered from the hot-query cache.
+    bot_hot_cache_hits: "counter",
+    /// Recognitions that reused a cached embedding.
+    bot_embedding_cache_hits: "counter",
+    /// Recognitions that needed the model (or the lexical fallback).
+    bot_cache_misses: "counter",
 }
 
 impl ShardMetrics {

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-const NO_BOT: &str = "[inference]\nenabled = false\n";
+/// No bot, and a flood guard that lets a test client send as fast as it can.
+const NO_BOT: &str = "[inference]\nenabled = false\n\n[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n";
 
 /// One visitor's client-side view: what it sent and what was acked.
 #[derive(Default, Clone, Debug)]

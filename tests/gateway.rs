@@ -78,8 +78,9 @@ fn handshake_timeout_stops_slowloris() {
     let _ = stream.read_to_end(&mut response);
     let elapsed = started.elapsed();
     let text = String::from_utf8_lossy(&response);
+    // Only the server's timer can produce a 408 here: the head never completes.
     assert!(text.starts_with("HTTP/1.1 408"), "got {text:?}");
-    assert!(elapsed < Duration::from_secs(4), "closed after {elapsed:?}");
+    assert!(elapsed < Duration::from_secs(10), "closed after {elapsed:?}");
 }
 
 #[test]

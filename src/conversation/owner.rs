@@ -120,8 +120,24 @@ pub enum OwnerEvent {
         reattached: Vec<SessionRef>,
         pending: Vec<(SessionRef, VisitorFrame)>,
     },
+    /// The bot's answer to a visitor message.
+    BotVerdict {
+        conversation: ConversationId,
+        verdict: BotOutcome,
+    },
     /// About once a second: expire typing indicators.
     Tick,
+}
+
+/// What the bot decided about a visitor message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BotOutcome {
+    /// Answer with `text`; the conversation's failed-turn count becomes `failed_turns`.
+    Reply { text: String, failed_turns: u32 },
+    /// Queue the conversation for a human.
+    Handoff,
+    /// Say nothing.
+    Silent,
 }
 
 /// What to do.
@@ -148,6 +164,15 @@ pub enum OwnerAction {
     Track {
         session: SessionRef,
         conversation: ConversationId,
+    },
+    /// Ask the bot about a visitor message (stored as `text`); the answer
+    /// comes back as [`OwnerEvent::BotVerdict`].
+    Bot {
+        conversation: ConversationId,
+        site: Arc<str>,
+        visitor: Arc<str>,
+        text: String,
+        failed_turns: u32,
     },
     /// The conversation's metadata is needed: load it from storage and feed
     /// `event` again.
@@ -179,6 +204,9 @@ pub enum Completion {
         side: ReadSide,
     },
     StateChanged {
+        conversation: ConversationId,
+    },
+    BotMessage {
         conversation: ConversationId,
     },
 }
@@ -371,6 +399,10 @@ impl Owner {
                 reattached,
                 pending,
             } => self.greet_all(key, conversation, awaiting, reattached, pending, &mut out),
+            OwnerEvent::BotVerdict {
+                conversation,
+                verdict,
+            } => self.bot_verdict(conversation, verdict, &mut out),
             OwnerEvent::Tick => {
                 self.expire_typing(now_ms, &mut out);
                 self.evict_idle();
@@ -979,6 +1011,9 @@ impl Owner {
                     }
                 }
             }
+            Completion::BotMessage { conversation } => {
+                self.bot_message_committed(conversation, op, outcome, out)
+            }
             Completion::StateChanged { conversation } => {
                 if !matches!(
                     op,
@@ -1089,7 +1124,113 @@ impl Owner {
         }
         let key = live.key.clone();
         let except = visitor_key.map(|_| session);
+        let bot_turn = visitor_key.is_some()
+            && self.config.bot_enabled
+            && live.meta.state == ConversationState::Bot;
+        if bot_turn {
+            // The bot's work counts as in flight: the conversation stays in
+            // memory until its verdict is handled.
+            live.in_flight += 1;
+            out.push(OwnerAction::Bot {
+                conversation,
+                site: key.site.clone(),
+                visitor: key.visitor.clone(),
+                text: message.text,
+                failed_turns: live.meta.failed_bot_turns,
+            });
+        }
         self.send_visitors(&key, except, &rendered, out);
+    }
+
+    /// Applies the bot's verdict on a visitor message: store its answer, or
+    /// queue the conversation for a human.
+    fn bot_verdict(
+        &mut self,
+        conversation: ConversationId,
+        verdict: BotOutcome,
+        out: &mut Vec<OwnerAction>,
+    ) {
+        let Some(live) = self.live.get_mut(&conversation) else {
+            // Cannot happen while in flight; a conversation loaded again has no
+            // pending bot turn to finish.
+            return;
+        };
+        live.in_flight = live.in_flight.saturating_sub(1);
+        if live.meta.state != ConversationState::Bot {
+            // A human took over (or the conversation closed) meanwhile: the bot stays silent.
+            return;
+        }
+        match verdict {
+            BotOutcome::Reply { text, failed_turns } => {
+                out.push(OwnerAction::Store {
+                    op: Op::Append(NewMessage {
+                        conversation,
+                        from: Author::Bot,
+                        name: "bot".into(),
+                        text,
+                        client_id: None,
+                    }),
+                    completion: Completion::BotMessage { conversation },
+                });
+                if failed_turns != live.meta.failed_bot_turns {
+                    live.meta.failed_bot_turns = failed_turns;
+                    out.push(OwnerAction::Store {
+                        op: Op::SetFailedBotTurns {
+                            conversation,
+                            count: failed_turns,
+                        },
+                        completion: Completion::StateChanged { conversation },
+                    });
+                }
+            }
+            BotOutcome::Handoff => {
+                if live.meta.failed_bot_turns != 0 {
+                    live.meta.failed_bot_turns = 0;
+                    out.push(OwnerAction::Store {
+                        op: Op::SetFailedBotTurns {
+                            conversation,
+                            count: 0,
+                        },
+                        completion: Completion::StateChanged { conversation },
+                    });
+                }
+                self.enqueue(conversation, out);
+            }
+            BotOutcome::Silent => {}
+        }
+    }
+
+    /// Fans a stored bot answer out to everyone in the conversation.
+    fn bot_message_committed(
+        &mut self,
+        conversation: ConversationId,
+        op: Op,
+        outcome: Result<OpOutcome, String>,
+        out: &mut Vec<OwnerAction>,
+    ) {
+        let Ok(OpOutcome::Stored { seq, ts_ms }) = outcome else {
+            return;
+        };
+        let (Op::Append(message), Some(live)) = (op, self.live.get_mut(&conversation)) else {
+            return;
+        };
+        live.meta.last_seq = live.meta.last_seq.max(seq);
+        let rendered: Arc<str> = Arc::from(message_frame(
+            conversation,
+            seq,
+            message.from,
+            &message.name,
+            &message.text,
+            ts_ms,
+        ));
+        for to in &live.agent_sessions {
+            out.push(OwnerAction::Send {
+                to: *to,
+                frame: rendered.clone(),
+            });
+        }
+        let key = live.key.clone();
+        self.send_visitors(&key, None, &rendered, out);
     }
 
     fn opened(

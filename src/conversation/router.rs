@@ -26,8 +26,13 @@ use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use shards::{Mesh, ShardId};
 
 use super::dispatch::{self, DispatchAction, DispatchEvent, Dispatcher, DispatcherConfig};
-use super::owner::{message_frame, Completion, Owner, OwnerAction, OwnerConfig, OwnerEvent};
-use super::protocol::{self, now_ms};
+use super::owner::{
+    message_frame, BotOutcome, Completion, Owner, OwnerAction, OwnerConfig, OwnerEvent, VisitorKey,
+};
+use super::protocol::{self, now_ms, VisitorFrame};
+use crate::bot::{BotContext, Chain, HandlerSpec, Registry, Verdict};
+use crate::engine::intent::{CacheOutcome, EngineSettings, IntentEngine};
+use crate::metrics::{Metrics, ShardMetrics};
 use super::SessionRef;
 use crate::arena::{Arena, Outbound, SessionId};
 use crate::config::Config;
@@ -63,6 +68,8 @@ pub enum RouterError {
         dir: String,
         source: crate::store::StoreError,
     },
+    #[error("cannot start the bot: {0}")]
+    Bot(String),
 }
 
 /// Per-shard conversation state and machinery.
@@ -85,16 +92,71 @@ pub struct Router {
     /// Whether each outgoing queue's drain task has been rung and not yet run.
     outgoing_rung: Vec<Cell<bool>>,
     committing: Cell<bool>,
+    bot: Option<Bot>,
+    metrics: Metrics,
+    /// This router itself, for tasks it spawns.
+    me: RefCell<std::rc::Weak<Router>>,
+}
+
+/// The shard's bot: the guard handlers (risk control: masking, blocking,
+/// flood) that run on every visitor message before it is stored, the answer
+/// handlers that run on messages of conversations the bot still holds, and
+/// the shard's intent engine.
+struct Bot {
+    guards: RefCell<Chain>,
+    answers: RefCell<Chain>,
+    engine: Option<Rc<IntentEngine>>,
+}
+
+impl Bot {
+    fn open(config: &Config, shard: usize, core: usize) -> Result<Option<Bot>, RouterError> {
+        let registry = Registry::default();
+        let names: Vec<&str> = config.bot.handlers.iter().map(|h| h.as_str()).collect();
+        let (guard_names, answer_names): (Vec<&str>, Vec<&str>) =
+            names.iter().partition(|name| **name == "risk_control");
+        let build = |names: &[&str]| {
+            let specs: Vec<HandlerSpec<'_>> = names.iter().map(|n| HandlerSpec::new(n)).collect();
+            Chain::from_specs(&registry, &specs, &config.bot, &config.risk_control)
+                .map_err(|err| RouterError::Bot(err.to_string()))
+        };
+        let guards = build(&guard_names)?;
+        let answers = build(&answer_names)?;
+        let engine = if config.inference.enabled && !answers.is_empty() {
+            let started = std::time::Instant::now();
+            let engine = IntentEngine::open(&EngineSettings::from_config(config), shard, core)
+                .map_err(|err| RouterError::Bot(err.to_string()))?;
+            tracing::info!(
+                shard,
+                core,
+                load_ms = started.elapsed().as_secs_f64() * 1000.0,
+                kb_version = ?engine.version(),
+                "intent engine ready"
+            );
+            Some(Rc::new(engine))
+        } else {
+            None
+        };
+        if guards.is_empty() && engine.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Bot {
+            guards: RefCell::new(guards),
+            answers: RefCell::new(answers),
+            engine,
+        }))
+    }
 }
 
 impl Router {
     /// Opens this shard's store and builds the state machines.
     pub fn open(
         shard: usize,
+        core: usize,
         shard_count: usize,
         config: Arc<Config>,
         mesh: Rc<Mesh<ShardMessage>>,
         arena: Rc<RefCell<Arena>>,
+        metrics: Metrics,
     ) -> Result<Rc<Router>, RouterError> {
         let durability = match config.storage.durability {
             crate::config::Durability::Fsync => Durability::Fsync,
@@ -118,9 +180,10 @@ impl Router {
             start_flusher(&store, config.storage.sync_interval, shard);
         }
         let reader = store.reader();
+        let bot = Bot::open(&config, shard, core)?;
         let owner = Owner::new(OwnerConfig {
             shard,
-            bot_enabled: false,
+            bot_enabled: bot.as_ref().is_some_and(|bot| bot.engine.is_some()),
             typing_interval_ms: config.conversations.typing_interval.as_millis() as u64,
             typing_expiry_ms: config.conversations.typing_expiry.as_millis() as u64,
             agent_names: config
@@ -162,7 +225,11 @@ impl Router {
             outgoing_rx: RefCell::new(outgoing_rx),
             outgoing_rung: (0..shard_count).map(|_| Cell::new(false)).collect(),
             committing: Cell::new(false),
+            bot,
+            metrics,
+            me: RefCell::new(std::rc::Weak::new()),
         });
+        *router.me.borrow_mut() = Rc::downgrade(&router);
         Ok(router)
     }
 
@@ -181,6 +248,14 @@ impl Router {
             loop {
                 glommio::timer::sleep(Duration::from_secs(1)).await;
                 ticker.on_owner(OwnerEvent::Tick);
+                if let Some(bot) = &ticker.bot {
+                    let now = now_ms();
+                    bot.guards.borrow_mut().prune(now);
+                    bot.answers.borrow_mut().prune(now);
+                    if let Some(engine) = &bot.engine {
+                        engine.maybe_reload();
+                    }
+                }
                 if let Some(dispatcher) = &ticker.dispatcher {
                     let actions = dispatcher
                         .borrow_mut()
@@ -244,6 +319,20 @@ impl Router {
     /// Handles a message from the mesh.
     pub fn on_mesh(&self, _from: ShardId, message: ShardMessage) {
         match message {
+            ShardMessage::Owner(OwnerEvent::Visitor {
+                key,
+                session,
+                frame: VisitorFrame::Message { id, text },
+            }) => {
+                let Some(text) = self.guard(&key, session, text) else {
+                    return;
+                };
+                self.on_owner(OwnerEvent::Visitor {
+                    key,
+                    session,
+                    frame: VisitorFrame::Message { id, text },
+                });
+            }
             ShardMessage::Owner(event) => self.on_owner(event),
             ShardMessage::Dispatch(event) => {
                 let Some(dispatcher) = &self.dispatcher else {
@@ -354,6 +443,13 @@ impl Router {
             match action {
                 OwnerAction::Store { op, completion } => self.queue_op(op, completion),
                 OwnerAction::Send { to, frame } => self.deliver(to, frame),
+                OwnerAction::Bot {
+                    conversation,
+                    site,
+                    visitor,
+                    text,
+                    failed_turns,
+                } => self.bot_turn(conversation, site, visitor, text, failed_turns),
                 OwnerAction::Hello { to, frame } => self.deliver_hello(to, frame),
                 OwnerAction::Replay {
                     to,
@@ -411,6 +507,113 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// Runs the guard handlers on a visitor message before it is stored:
+    /// returns the text to store (card numbers masked), or `None` when the
+    /// message is refused (the sender gets an error frame).
+    fn guard(&self, key: &VisitorKey, session: SessionRef, text: String) -> Option<String> {
+        let Some(bot) = &self.bot else {
+            return Some(text);
+        };
+        let mut guards = bot.guards.borrow_mut();
+        if guards.is_empty() {
+            return Some(text);
+        }
+        let mut ctx = BotContext::new(0, &key.site, &key.visitor, text);
+        ctx.now_ms = now_ms();
+        match guards.run(&mut ctx, 0).0 {
+            Verdict::Block { code, message } => {
+                ShardMetrics::add(&self.metrics().bot_blocked, 1);
+                self.deliver(session, Arc::from(protocol::error_frame(code, &message)));
+                None
+            }
+            _ => Some(ctx.text),
+        }
+    }
+
+    /// Asks the bot about a stored visitor message, without blocking the
+    /// shard: inference runs on the shard's worker thread and the verdict
+    /// comes back to the owner as an event.
+    fn bot_turn(
+        &self,
+        conversation: ConversationId,
+        site: Arc<str>,
+        visitor: Arc<str>,
+        text: String,
+        failed_turns: u32,
+    ) {
+        let Some(router) = self.me.borrow().upgrade() else {
+            return;
+        };
+        glommio::spawn_local(async move {
+            let verdict = router.decide(conversation, &site, &visitor, text, failed_turns).await;
+            router.on_owner(OwnerEvent::BotVerdict {
+                conversation,
+                verdict,
+            });
+        })
+        .detach();
+    }
+
+    async fn decide(
+        &self,
+        conversation: ConversationId,
+        site: &str,
+        visitor: &str,
+        text: String,
+        failed_turns: u32,
+    ) -> BotOutcome {
+        let Some(bot) = &self.bot else {
+            return BotOutcome::Silent;
+        };
+        let counters = self.metrics();
+        let mut ctx = BotContext::new(conversation.0, site, visitor, text);
+        ctx.failed_turns = failed_turns;
+        ctx.now_ms = now_ms();
+        let (mut verdict, mut next) = bot.answers.borrow_mut().run(&mut ctx, 0);
+        if verdict == Verdict::NeedIntent {
+            if let Some(engine) = &bot.engine {
+                if let Some(result) = engine.recognise(&ctx.text).await {
+                    match result.cache {
+                        CacheOutcome::HotHit => ShardMetrics::add(&counters.bot_hot_cache_hits, 1),
+                        CacheOutcome::EmbeddingHit => {
+                            ShardMetrics::add(&counters.bot_embedding_cache_hits, 1)
+                        }
+                        CacheOutcome::Miss => ShardMetrics::add(&counters.bot_cache_misses, 1),
+                    }
+                    ctx.intent = Some(result.into());
+                }
+            }
+            (verdict, next) = bot.answers.borrow_mut().run(&mut ctx, next);
+        }
+        let _ = next;
+        if matches!(verdict, Verdict::Continue | Verdict::NeedIntent | Verdict::Block { .. }) {
+            verdict = Verdict::fallback(&ctx);
+        }
+        let failed = verdict.next_failed_turns(failed_turns);
+        match verdict {
+            Verdict::Reply { text, degraded, .. } => {
+                ShardMetrics::add(&counters.bot_replies, 1);
+                if degraded {
+                    ShardMetrics::add(&counters.bot_degraded, 1);
+                }
+                BotOutcome::Reply {
+                    text,
+                    failed_turns: failed,
+                }
+            }
+            Verdict::Handoff { reason } => {
+                ShardMetrics::add(&counters.bot_handoffs, 1);
+                tracing::debug!(%conversation, reason = reason.as_str(), "bot hands off");
+                BotOutcome::Handoff
+            }
+            _ => BotOutcome::Silent,
+        }
+    }
+
+    fn metrics(&self) -> &ShardMetrics {
+        self.metrics.shard(self.shard)
     }
 
     fn replay(&self, to: &[SessionRef], conversation: ConversationId, after: u64, up_to: u64) {

@@ -67,10 +67,12 @@ pub async fn shard_main(
     let arena = Rc::new(RefCell::new(Arena::new()));
     let router = match Router::open(
         context.id.0,
+        context.core,
         context.shard_count,
         config.clone(),
         context.mesh.clone(),
         arena.clone(),
+        metrics.clone(),
     ) {
         Ok(router) => router,
         Err(err) => {
