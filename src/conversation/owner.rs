@@ -1103,29 +1103,14 @@ impl Owner {
         let Op::Append(message) = op else {
             return;
         };
-        let Some(live) = self.live.get_mut(&conversation) else {
+        let bot_enabled = self.config.bot_enabled;
+        // The sender has its ack; its other tabs and the other side get the message.
+        let Some(live) = self.fan_out(conversation, seq, ts_ms, &message, Some(session), out) else {
             return;
         };
-        live.meta.last_seq = live.meta.last_seq.max(seq);
-        let rendered: Arc<str> = Arc::from(message_frame(
-            conversation,
-            seq,
-            message.from,
-            &message.name,
-            &message.text,
-            ts_ms,
-        ));
-        // The sender has its ack; its other tabs and the other side get the message.
-        for to in live.agent_sessions.iter().filter(|s| **s != session) {
-            out.push(OwnerAction::Send {
-                to: *to,
-                frame: rendered.clone(),
-            });
-        }
         let key = live.key.clone();
-        let except = visitor_key.map(|_| session);
         let bot_turn = visitor_key.is_some()
-            && self.config.bot_enabled
+            && bot_enabled
             && live.meta.state == ConversationState::Bot;
         if bot_turn {
             // The bot's work counts as in flight: the conversation stays in
@@ -1139,7 +1124,6 @@ impl Owner {
                 failed_turns: live.meta.failed_bot_turns,
             });
         }
-        self.send_visitors(&key, except, &rendered, out);
     }
 
     /// Applies the bot's verdict on a visitor message: store its answer, or
@@ -1211,9 +1195,23 @@ impl Owner {
         let Ok(OpOutcome::Stored { seq, ts_ms }) = outcome else {
             return;
         };
-        let (Op::Append(message), Some(live)) = (op, self.live.get_mut(&conversation)) else {
-            return;
-        };
+        if let Op::Append(message) = op {
+            self.fan_out(conversation, seq, ts_ms, &message, None, out);
+        }
+    }
+
+    /// Sends a stored message to every session of the conversation except
+    /// `except`, and records its seq as delivered. Returns the conversation.
+    fn fan_out(
+        &mut self,
+        conversation: ConversationId,
+        seq: u64,
+        ts_ms: u64,
+        message: &NewMessage,
+        except: Option<SessionRef>,
+        out: &mut Vec<OwnerAction>,
+    ) -> Option<&mut Live> {
+        let live = self.live.get_mut(&conversation)?;
         live.meta.last_seq = live.meta.last_seq.max(seq);
         let rendered: Arc<str> = Arc::from(message_frame(
             conversation,
@@ -1223,14 +1221,23 @@ impl Owner {
             &message.text,
             ts_ms,
         ));
-        for to in &live.agent_sessions {
+        let targets = live
+            .agent_sessions
+            .iter()
+            .chain(
+                self.visitors
+                    .get(&live.key)
+                    .map(|entry| entry.sessions.as_slice())
+                    .unwrap_or_default(),
+            )
+            .filter(|s| Some(**s) != except);
+        for to in targets {
             out.push(OwnerAction::Send {
                 to: *to,
                 frame: rendered.clone(),
             });
         }
-        let key = live.key.clone();
-        self.send_visitors(&key, None, &rendered, out);
+        Some(live)
     }
 
     fn opened(

@@ -34,27 +34,7 @@ impl Server {
 
     /// Like [`Server::start`] but reuses a directory (a restart on the same data).
     pub fn start_in(dir: tempfile::TempDir, overlay: &str) -> Server {
-        let config_path = dir.path().join("test.toml");
-        let storage = dir.path().join("data");
-        // Base sections, each left out when the test's overlay brings its own.
-        let base = [
-            (
-                "[server]",
-                "listen = \"127.0.0.1:0\"\nshutdown_grace = \"3s\"".to_string(),
-            ),
-            ("[diagnostics]", "echo = true".to_string()),
-            ("[storage]", format!("dir = {storage:?}")),
-            ("[log]", "format = \"text\"\nlevel = \"info\"".to_string()),
-        ];
-        let mut text = String::new();
-        for (section, body) in base {
-            if !overlay.contains(section) {
-                text.push_str(&format!("{section}\n{body}\n\n"));
-            }
-        }
-        text.push_str(overlay);
-        text.push('\n');
-        std::fs::write(&config_path, text).expect("write test config");
+        let config_path = write_config(dir.path(), overlay);
         let mut child = Command::new(BIN)
             .args(["serve", "--config"])
             .arg(&config_path)
@@ -136,6 +116,33 @@ impl Server {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+}
+
+/// Writes `dir/test.toml`: `overlay` plus base sections (listen on a free
+/// loopback port, echo on, storage in `dir/data`, text logs), each base
+/// section left out when the overlay brings its own. Returns its path.
+pub fn write_config(dir: &std::path::Path, overlay: &str) -> std::path::PathBuf {
+    let config_path = dir.join("test.toml");
+    let storage = dir.join("data");
+    let base = [
+        (
+            "[server]",
+            "listen = \"127.0.0.1:0\"\nshutdown_grace = \"3s\"".to_string(),
+        ),
+        ("[diagnostics]", "echo = true".to_string()),
+        ("[storage]", format!("dir = {storage:?}")),
+        ("[log]", "format = \"text\"\nlevel = \"info\"".to_string()),
+    ];
+    let mut text = String::new();
+    for (section, body) in base {
+        if !overlay.contains(section) {
+            text.push_str(&format!("{section}\n{body}\n\n"));
+        }
+    }
+    text.push_str(overlay);
+    text.push('\n');
+    std::fs::write(&config_path, text).expect("write test config");
+    config_path
 }
 
 impl Drop for Server {
