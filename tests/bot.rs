@@ -62,6 +62,9 @@ fn quote(field: &str) -> String {
 }
 
 const BOT_CONFIG: &str = r#"
+[inference]
+enabled = true
+
 [bot]
 confidence_threshold = 0.45
 margin_threshold = 0.0

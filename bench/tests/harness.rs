@@ -76,7 +76,7 @@ impl Server {
         std::fs::write(
             &config,
             format!(
-                "[server]\nlisten = \"127.0.0.1:0\"\n\n[diagnostics]\necho = true\n\n[storage]\ndir = {:?}\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n",
+                "[server]\nlisten = \"127.0.0.1:0\"\n\n[diagnostics]\necho = true\n\n[inference]\nenabled = false\n\n[storage]\ndir = {:?}\n\n[log]\nformat = \"text\"\nlevel = \"info\"\n",
                 dir.join("data")
             ),
         )

@@ -119,7 +119,7 @@ impl Server {
 }
 
 /// Writes `dir/test.toml`: `overlay` plus base sections (listen on a free
-/// loopback port, echo on, storage in `dir/data`, text logs), each base
+/// loopback port, echo on, no model, storage in `dir/data`, text logs), each base
 /// section left out when the overlay brings its own. Returns its path.
 pub fn write_config(dir: &std::path::Path, overlay: &str) -> std::path::PathBuf {
     let config_path = dir.join("test.toml");
@@ -130,6 +130,8 @@ pub fn write_config(dir: &std::path::Path, overlay: &str) -> std::path::PathBuf 
             "listen = \"127.0.0.1:0\"\nshutdown_grace = \"3s\"".to_string(),
         ),
         ("[diagnostics]", "echo = true".to_string()),
+        // Tests that exercise the bot load the model by naming [inference].
+        ("[inference]", "enabled = false".to_string()),
         ("[storage]", format!("dir = {storage:?}")),
         ("[log]", "format = \"text\"\nlevel = \"info\"".to_string()),
     ];
