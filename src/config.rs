@@ -272,6 +272,9 @@ pub struct InferenceConfig {
 pub struct BotConfig {
     pub confidence_threshold: f64,
     pub margin_threshold: f64,
+    /// Below this cosine between a message and its nearest knowledge-base question, the
+    /// intent engine scores the match 0 (the message is about something else).
+    pub min_similarity: f64,
     pub failed_turns_before_handoff: u32,
     /// Non-empty, each handler at most once, in the order messages pass through them.
     pub handlers: Vec<BotHandler>,
@@ -657,6 +660,7 @@ impl BotConfig {
         match key {
             "confidence_threshold" => self.confidence_threshold = f.float_in(0.0, 1.0)?,
             "margin_threshold" => self.margin_threshold = f.float_in(0.0, 1.0)?,
+            "min_similarity" => self.min_similarity = f.float_in(0.0, 1.0)?,
             "failed_turns_before_handoff" => {
                 self.failed_turns_before_handoff = f.integer_in(1, 100)?
             }
@@ -782,6 +786,7 @@ impl Config {
         w.section("bot");
         w.float("confidence_threshold", bot.confidence_threshold);
         w.float("margin_threshold", bot.margin_threshold);
+        w.float("min_similarity", bot.min_similarity);
         w.display(
             "failed_turns_before_handoff",
             bot.failed_turns_before_handoff,
@@ -868,6 +873,7 @@ impl Config {
             bot: BotConfig {
                 confidence_threshold: 0.0,
                 margin_threshold: 0.0,
+                min_similarity: 0.0,
                 failed_turns_before_handoff: 0,
                 handlers: Vec::new(),
                 hot_cache_entries: 0,

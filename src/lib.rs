@@ -14,6 +14,7 @@ pub mod bot;
 pub mod buffers;
 pub mod config;
 pub mod conversation;
+pub mod engine;
 pub mod http;
 pub mod kb;
 pub mod logging;

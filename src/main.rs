@@ -1,16 +1,25 @@
-//! The `switchboard` command line: `serve`, `config check`, `config print`.
+//! The `switchboard` command line: `serve`, `config check`, `config print`, and the
+//! knowledge-base commands `kb import`, `kb export`, `kb list`, `kb eval`.
 //!
-//! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or
-//! arguments (clap also exits 2 for bad arguments).
+//! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration, arguments or input
+//! file (clap also exits 2 for bad arguments).
+//!
+//! The `kb` commands work on the replicas under `[storage] dir` of the given configuration,
+//! the directory `serve` uses, and may run while a server has them open (LMDB coordinates
+//! the processes); they hold the environments only while they read or write.
 
+use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use switchboard::config::{self, Config};
+use switchboard::engine::eval::{self, EvalMode};
+use switchboard::engine::{update, EngineSettings, IntentEngine, ModelSettings};
+use switchboard::kb::{self, ImportError, KbReplica};
 use switchboard::metrics::Metrics;
 use switchboard::server::{self, ShardMessage};
 use switchboard::{logging, system};
@@ -44,6 +53,47 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Manage the knowledge base under `[storage] dir`.
+    Kb {
+        #[command(subcommand)]
+        command: KbCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KbCommand {
+    /// Import a CSV (`text,category[,answer]`) or JSON file as a new version of every
+    /// shard's replica: questions embedded once, classifier head trained once.
+    Import {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Write the current version as JSON (the format `kb import` takes).
+    Export {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Write here instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// List the entries of the current version.
+    List {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Accuracy, confusions, fallback rate and latency on a labelled CSV (`text,category`, or
+    /// any file `kb import` takes), through the same engine and thresholds as the server.
+    Eval {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Evaluate the degraded (lexical, BM25) match instead of the model.
+        #[arg(long)]
+        lexical: bool,
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
     },
 }
 
@@ -93,6 +143,7 @@ fn main() -> ExitCode {
             }
             Err(err) => config_error(&err),
         },
+        Command::Kb { command } => kb_command(command),
     }
 }
 
@@ -198,5 +249,237 @@ fn install_signal_handlers(shutdown: shards::Shutdown) -> std::io::Result<()> {
                 shutdown.trigger();
             }
         })?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// kb commands
+// ---------------------------------------------------------------------------------------------------
+
+/// A failed `kb` command: what to print and the exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    /// Exit 1: the command could not do its work.
+    fn runtime(message: impl std::fmt::Display) -> Failure {
+        Failure {
+            code: 1,
+            message: message.to_string(),
+        }
+    }
+
+    /// Exit 2: the configuration, the arguments or the input file are wrong.
+    fn invalid(message: impl std::fmt::Display) -> Failure {
+        Failure {
+            code: 2,
+            message: message.to_string(),
+        }
+    }
+}
+
+fn kb_command(command: KbCommand) -> ExitCode {
+    let result = match command {
+        KbCommand::Import { config, file } => kb_import(config.as_deref(), &file),
+        KbCommand::Export { config, output } => kb_export(config.as_deref(), output.as_deref()),
+        KbCommand::List { config } => kb_list(config.as_deref()),
+        KbCommand::Eval {
+            config,
+            lexical,
+            file,
+        } => kb_eval(config.as_deref(), &file, lexical),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("switchboard: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// The configuration and the cores its shards run on.
+fn kb_config(path: Option<&Path>) -> Result<(Config, Vec<usize>), Failure> {
+    let config = config::load(path)
+        .map_err(|err| Failure::invalid(format_args!("invalid configuration: {err}")))?;
+    let cores = config
+        .shard_cores(&core_ids())
+        .map_err(|err| Failure::invalid(format_args!("invalid configuration: {err}")))?;
+    Ok((config, cores))
+}
+
+/// A malformed input file exits 2, an unreadable one 1.
+fn import_failure(err: ImportError) -> Failure {
+    match err {
+        ImportError::Invalid { .. } => Failure::invalid(err),
+        other => Failure::runtime(other),
+    }
+}
+
+fn seconds(duration: Duration) -> String {
+    format!("{:.2} s", duration.as_secs_f64())
+}
+
+fn millis(duration: Duration) -> String {
+    format!("{:.1} ms", duration.as_secs_f64() * 1e3)
+}
+
+fn kb_import(config_path: Option<&Path>, file: &Path) -> Result<(), Failure> {
+    let started = Instant::now();
+    let (config, cores) = kb_config(config_path)?;
+    let entries = kb::import_file(file).map_err(import_failure)?;
+    println!(
+        "read {}: {} entries, {} questions ({})",
+        file.display(),
+        entries.len(),
+        kb::question_count(&entries),
+        millis(started.elapsed())
+    );
+    // An import runs once, off the serving path: two intra-op threads halve its time.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+    let load_started = Instant::now();
+    let mut encoder = ModelSettings::from_config(&config, threads)
+        .load()
+        .map_err(|err| Failure::runtime(format_args!("cannot load the sentence encoder: {err}")))?;
+    println!(
+        "loaded the model in {} ({})",
+        millis(load_started.elapsed()),
+        encoder.fingerprint()
+    );
+    let prepared = update::prepare(entries, &mut encoder).map_err(Failure::runtime)?;
+    drop(encoder);
+    println!(
+        "embedded {} questions in {} ({} dimensions, {threads} threads)",
+        prepared.question_count(),
+        seconds(prepared.embed_time),
+        prepared.dim
+    );
+    println!(
+        "trained the classifier head in {} ({} iterations, loss {:.4})",
+        seconds(prepared.train_time),
+        prepared.train_report.iterations,
+        prepared.train_report.loss
+    );
+    let apply_started = Instant::now();
+    let version = update::apply(
+        &config.storage.dir,
+        cores.len(),
+        kb::DEFAULT_MAP_SIZE,
+        &prepared,
+    )
+    .map_err(Failure::runtime)?;
+    println!(
+        "stored version {version} in {} shard replica{} under {} ({})",
+        cores.len(),
+        if cores.len() == 1 { "" } else { "s" },
+        config.storage.dir.display(),
+        millis(apply_started.elapsed())
+    );
+    println!("imported in {}", seconds(started.elapsed()));
+    Ok(())
+}
+
+/// Shard 0's current version and entries, read in one transaction; the environment is
+/// closed again before this returns.
+fn read_replica_zero(config: &Config) -> Result<(kb::VersionInfo, Vec<kb::Entry>), Failure> {
+    let dir = &config.storage.dir;
+    let no_kb = || {
+        Failure::runtime(format_args!(
+            "no knowledge base has been imported under {} (run `switchboard kb import`)",
+            dir.display()
+        ))
+    };
+    if !dir.join("kb-0").is_dir() {
+        return Err(no_kb());
+    }
+    let replica = KbReplica::open(dir, 0, kb::DEFAULT_MAP_SIZE).map_err(Failure::runtime)?;
+    let view = replica.read().map_err(Failure::runtime)?;
+    let info = view.info().map_err(Failure::runtime)?.ok_or_else(no_kb)?;
+    let entries = view.entries().map_err(Failure::runtime)?;
+    Ok((info, entries))
+}
+
+fn kb_export(config_path: Option<&Path>, output: Option<&Path>) -> Result<(), Failure> {
+    let (config, _) = kb_config(config_path)?;
+    let (info, entries) = read_replica_zero(&config)?;
+    let text = kb::export_json(&entries);
+    match output {
+        Some(path) => {
+            std::fs::write(path, text.as_bytes()).map_err(|err| {
+                Failure::runtime(format_args!("cannot write {}: {err}", path.display()))
+            })?;
+            eprintln!("exported {} to {}", kb::describe(&info), path.display());
+        }
+        None => std::io::stdout()
+            .lock()
+            .write_all(text.as_bytes())
+            .map_err(|err| Failure::runtime(format_args!("cannot write the export: {err}")))?,
+    }
+    Ok(())
+}
+
+fn kb_list(config_path: Option<&Path>) -> Result<(), Failure> {
+    let (config, _) = kb_config(config_path)?;
+    let (info, entries) = read_replica_zero(&config)?;
+    println!("{}", kb::describe(&info));
+    print!("{}", kb::list(&entries));
+    Ok(())
+}
+
+fn kb_eval(config_path: Option<&Path>, file: &Path, lexical: bool) -> Result<(), Failure> {
+    let (config, cores) = kb_config(config_path)?;
+    let queries = eval::read_labelled(file).map_err(import_failure)?;
+    let mut settings = EngineSettings::from_config(&config);
+    if !lexical && settings.model.is_none() {
+        return Err(Failure::invalid(
+            "[inference] enabled = false: there is no model to evaluate (use --lexical)",
+        ));
+    }
+    if lexical {
+        settings.model = None;
+    }
+    // Every query must reach the model: a cache hit would not measure it.
+    settings.hot_cache_entries = 0;
+    settings.embedding_cache_entries = 0;
+    let (engine, timings) =
+        IntentEngine::open_timed(&settings, 0, cores[0]).map_err(Failure::runtime)?;
+    let Some(version) = engine.version() else {
+        return Err(Failure::runtime(format_args!(
+            "no knowledge base has been imported under {} (run `switchboard kb import`)",
+            config.storage.dir.display()
+        )));
+    };
+    println!(
+        "knowledge base: version {version}, {} entries; model: {}",
+        engine.entry_count(),
+        engine.model_fingerprint().unwrap_or("none (lexical)")
+    );
+    let mode = if lexical {
+        EvalMode::Lexical
+    } else {
+        EvalMode::Model
+    };
+    if !lexical {
+        let first = Instant::now();
+        futures_lite::future::block_on(engine.recognise(&queries[0].text));
+        println!(
+            "engine opened in {} (model {}, knowledge base {}); first query {}",
+            millis(timings.total),
+            millis(timings.model),
+            millis(timings.knowledge_base),
+            millis(first.elapsed())
+        );
+    }
+    println!("queries: {} from {}", queries.len(), file.display());
+    if !lexical {
+        println!(
+            "one query at a time: each waits [inference] batch_window ({:?}) for others to batch with",
+            settings.worker.batch_window
+        );
+    }
+    let report = eval::evaluate(&engine, &config.bot, &queries, mode);
+    print!("{report}");
     Ok(())
 }

@@ -62,6 +62,43 @@ fn entry_max_scores_avx2(
     scan(matrix, dim, entry_rows, queries, out, |a, b| dot_avx2(a, b));
 }
 
+/// Writes into `out[r]` the dot product of `query` with row `r` of `matrix` (row-major,
+/// `query.len()` columns, `out.len()` rows), with the same kernels as
+/// [`entry_max_scores`]: for callers that need every row's score, such as the intent
+/// classifier (its neighbour vote over all questions, and its softmax head's logits).
+///
+/// # Panics
+/// If `query` is empty or `matrix.len() != out.len() * query.len()`.
+pub fn row_scores(matrix: &[f32], query: &[f32], out: &mut [f32]) {
+    assert!(
+        !query.is_empty() && Some(matrix.len()) == out.len().checked_mul(query.len()),
+        "row_scores: matrix of {} floats is not {} rows of {}",
+        matrix.len(),
+        out.len(),
+        query.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features `row_scores_avx2` is compiled for.
+        unsafe { row_scores_avx2(matrix, query, out) };
+        return;
+    }
+    score_rows(matrix, query, out, dot_portable);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn row_scores_avx2(matrix: &[f32], query: &[f32], out: &mut [f32]) {
+    score_rows(matrix, query, out, |a, b| dot_avx2(a, b));
+}
+
+#[inline(always)]
+fn score_rows(matrix: &[f32], query: &[f32], out: &mut [f32], dot: impl Fn(&[f32], &[f32]) -> f32) {
+    for (score, row) in out.iter_mut().zip(matrix.chunks_exact(query.len())) {
+        *score = dot(row, query);
+    }
+}
+
 /// The portable kernel alone, whatever the CPU (for comparison in the measurements).
 #[cfg(test)]
 pub(crate) fn entry_max_scores_portable(
@@ -220,6 +257,35 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn row_scores_match_naive_dot_products() {
+        let dim = 37;
+        let rows = 5;
+        let matrix: Vec<f32> = (0..rows * dim)
+            .map(|i| ((i * 7 % 19) as f32 - 9.0) / 7.0)
+            .collect();
+        let query: Vec<f32> = (0..dim).map(|i| ((i * 3 % 5) as f32 - 2.0) / 2.0).collect();
+        let mut out = vec![f32::NAN; rows];
+        row_scores(&matrix, &query, &mut out);
+        for (row, score) in matrix.chunks_exact(dim).zip(&out) {
+            let naive: f64 = row
+                .iter()
+                .zip(&query)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum();
+            assert!(
+                (f64::from(*score) - naive).abs() < 1e-4,
+                "{score} vs {naive}"
+            );
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "row_scores")]
+    fn row_scores_rejects_a_ragged_matrix() {
+        row_scores(&[1.0, 2.0, 3.0], &[1.0, 0.0], &mut [0.0; 2]);
     }
 
     #[test]

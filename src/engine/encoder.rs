@@ -1,0 +1,732 @@
+//! Sentence encoder: text in, one L2-normalised embedding per text out.
+//!
+//! An [`Encoder`] owns one ONNX Runtime session and one Hugging Face tokenizer. It works with any
+//! ONNX sentence encoder whose graph takes `input_ids` and `attention_mask` (and optionally
+//! `token_type_ids`), all int64 `[batch, sequence]`, and returns a float32
+//! `[batch, sequence, dim]` hidden state (the output named `last_hidden_state`, or the only
+//! rank-3 float output). The embedding of a text is the mean of its token states over the
+//! attention mask, scaled to unit length, exactly what sentence-transformers does for
+//! all-MiniLM-L6-v2.
+//!
+//! Invariants:
+//! - Every returned vector has `dim()` elements and unit L2 norm (for tokenizers that add
+//!   special tokens, as BERT's do, no sequence is empty; one that is gives a zero vector).
+//! - Row `i` of a result is the embedding of text `i`, whatever batch it was computed in: a
+//!   batch is sorted by token count and split into model calls of similar lengths, each padded
+//!   to its own longest sequence (never to a fixed length); masked positions are excluded from
+//!   the mean, so padding does not change an embedding.
+//! - The session's threads are fixed at load time. The token buffers grow to the largest call
+//!   seen and are reused ([`Encoder::release_buffers`] gives them back); each call still
+//!   allocates its tokenizer encodings and the ONNX Runtime output.
+//! - [`Encoder::fingerprint`] names the model and tokenizer by the sha256 of their files, so
+//!   vectors stored by one encoder are never scored against queries embedded by another.
+//! - ONNX Runtime is loaded dynamically from the library path given at load time. The library
+//!   and its environment are process-wide: every encoder in a process must name the same file.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::{Session, SessionInputValue};
+use ort::value::{TensorElementType, TensorRef, ValueType};
+use tokenizers::{Tokenizer, TruncationParams};
+
+/// Why an encoder could not be loaded or could not encode.
+#[derive(Debug, thiserror::Error)]
+pub enum EncoderError {
+    #[error("{what} not found at {path} (run models/fetch to provision the model files)")]
+    MissingFile { what: &'static str, path: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("could not load the ONNX Runtime library {path}: {message}")]
+    RuntimeLoad { path: PathBuf, message: String },
+    #[error(
+        "ONNX Runtime is already loaded from {loaded} in this process; cannot also load {requested}"
+    )]
+    RuntimeMismatch { loaded: PathBuf, requested: PathBuf },
+    #[error("could not load the ONNX model {path}: {source}")]
+    Model { path: PathBuf, source: ort::Error },
+    #[error("the ONNX model {path} is not a supported sentence encoder: {reason}")]
+    UnsupportedModel { path: PathBuf, reason: String },
+    #[error("could not load the tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("invalid encoder setting: {0}")]
+    InvalidSetting(String),
+    #[error("could not tokenize text #{index}: {message}")]
+    Tokenize { index: usize, message: String },
+    #[error("inference failed: {0}")]
+    Inference(#[from] ort::Error),
+    #[error("the model returned an unexpected output: {0}")]
+    BadOutput(String),
+}
+
+/// The process-wide ONNX Runtime environment, and the library file it came from.
+struct Runtime {
+    library: PathBuf,
+    environment: ort::environment::Environment,
+}
+
+static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+/// Serialises the first load only; never touched once `RUNTIME` is set.
+static RUNTIME_INIT: Mutex<()> = Mutex::new(());
+
+fn runtime(library: &Path) -> Result<&'static Runtime, EncoderError> {
+    let canonical = std::fs::canonicalize(library).map_err(|_| EncoderError::MissingFile {
+        what: "ONNX Runtime library",
+        path: library.to_path_buf(),
+    })?;
+    let check = |rt: &'static Runtime| {
+        if rt.library == canonical {
+            Ok(rt)
+        } else {
+            Err(EncoderError::RuntimeMismatch {
+                loaded: rt.library.clone(),
+                requested: canonical.clone(),
+            })
+        }
+    };
+    if let Some(rt) = RUNTIME.get() {
+        return check(rt);
+    }
+    let _guard = RUNTIME_INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(rt) = RUNTIME.get() {
+        return check(rt);
+    }
+    let load_error = |message: String| EncoderError::RuntimeLoad {
+        path: canonical.clone(),
+        message,
+    };
+    let environment = ort::init_from(&canonical)
+        .map_err(|e| load_error(e.to_string()))?
+        .with_name("switchboard")
+        .with_telemetry(false)
+        .build()
+        .map_err(|e| load_error(e.to_string()))?;
+    let rt = RUNTIME.get_or_init(|| Runtime {
+        library: canonical.clone(),
+        environment,
+    });
+    Ok(rt)
+}
+
+/// Embeddings of a batch, row-major: row `i` is `data[i * dim..(i + 1) * dim]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embeddings {
+    pub dim: usize,
+    pub data: Vec<f32>,
+}
+
+impl Embeddings {
+    /// Number of vectors.
+    pub fn len(&self) -> usize {
+        self.data.len().checked_div(self.dim).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// The `i`-th vector.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+/// Largest share of padding cells (relative to real tokens) one model call may carry; a batch
+/// whose lengths differ more is split into calls of similar lengths.
+pub const MAX_PADDING: f32 = 0.25;
+
+/// One ONNX sentence-encoder session plus its tokenizer.
+pub struct Encoder {
+    session: Session,
+    fingerprint: String,
+    tokenizer: Tokenizer,
+    output_index: usize,
+    uses_token_type_ids: bool,
+    /// Embedding width; known from the model's output shape or from the first run.
+    dim: Option<usize>,
+    max_sequence_length: usize,
+    ids: Vec<i64>,
+    mask: Vec<i64>,
+    type_ids: Vec<i64>,
+}
+
+impl Encoder {
+    /// Loads ONNX Runtime from `ort_library` (once per process), the model and the tokenizer.
+    ///
+    /// `threads` is the session's intra-op thread count (1 for a worker pinned next to a shard);
+    /// texts longer than `max_sequence_length` tokens (special tokens included) are truncated.
+    pub fn load(
+        model: &Path,
+        tokenizer: &Path,
+        ort_library: &Path,
+        threads: usize,
+        max_sequence_length: usize,
+    ) -> Result<Encoder, EncoderError> {
+        if threads == 0 {
+            return Err(EncoderError::InvalidSetting(
+                "threads must be at least 1".into(),
+            ));
+        }
+        if max_sequence_length < 2 {
+            return Err(EncoderError::InvalidSetting(
+                "max_sequence_length must be at least 2 (room for the special tokens)".into(),
+            ));
+        }
+        for (what, path) in [("model", model), ("tokenizer", tokenizer)] {
+            if !path.is_file() {
+                return Err(EncoderError::MissingFile {
+                    what,
+                    path: path.to_path_buf(),
+                });
+            }
+        }
+        let fingerprint = fingerprint(model, tokenizer)?;
+        let tokenizer = load_tokenizer(tokenizer, max_sequence_length)?;
+        let rt = runtime(ort_library)?;
+        let model_error = |source: ort::Error| EncoderError::Model {
+            path: model.to_path_buf(),
+            source,
+        };
+        let session = Session::builder(&rt.environment)
+            .map_err(model_error)?
+            .with_intra_threads(threads)
+            .map_err(|e| model_error(e.into()))?
+            .with_inter_threads(1)
+            .map_err(|e| model_error(e.into()))?
+            .with_intra_op_spinning(false)
+            .map_err(|e| model_error(e.into()))?
+            .with_optimization_level(GraphOptimizationLevel::All)
+            .map_err(|e| model_error(e.into()))?
+            .commit_from_file(model)
+            .map_err(model_error)?;
+
+        let unsupported = |reason: String| EncoderError::UnsupportedModel {
+            path: model.to_path_buf(),
+            reason,
+        };
+        let mut uses_token_type_ids = false;
+        for required in ["input_ids", "attention_mask"] {
+            if !session.inputs().iter().any(|i| i.name() == required) {
+                return Err(unsupported(format!("it has no `{required}` input")));
+            }
+        }
+        for input in session.inputs() {
+            match input.name() {
+                "input_ids" | "attention_mask" => {}
+                "token_type_ids" => uses_token_type_ids = true,
+                other => return Err(unsupported(format!("unexpected input `{other}`"))),
+            }
+            if !matches!(
+                input.dtype(),
+                ValueType::Tensor {
+                    ty: TensorElementType::Int64,
+                    ..
+                }
+            ) {
+                return Err(unsupported(format!(
+                    "input `{}` is not int64",
+                    input.name()
+                )));
+            }
+        }
+        let rank3_float = |t: &ValueType| matches!(t, ValueType::Tensor { ty: TensorElementType::Float32, shape, .. } if shape.len() == 3);
+        let outputs = session.outputs();
+        let output_index = outputs
+            .iter()
+            .position(|o| o.name() == "last_hidden_state")
+            .or_else(|| {
+                let mut candidates = outputs.iter().enumerate().filter(|(_, o)| rank3_float(o.dtype()));
+                match (candidates.next(), candidates.next()) {
+                    (Some((i, _)), None) => Some(i),
+                    _ => None,
+                }
+            })
+            .ok_or_else(|| {
+                unsupported("no `last_hidden_state` output and no single float [batch, sequence, dim] output".into())
+            })?;
+        let dim = match outputs[output_index].dtype() {
+            ValueType::Tensor {
+                ty: TensorElementType::Float32,
+                shape,
+                ..
+            } if shape.len() == 3 => usize::try_from(shape[2]).ok().filter(|&d| d > 0),
+            _ => {
+                return Err(unsupported(
+                    "`last_hidden_state` is not float [batch, sequence, dim]".into(),
+                ))
+            }
+        };
+        Ok(Encoder {
+            session,
+            fingerprint,
+            tokenizer,
+            output_index,
+            uses_token_type_ids,
+            dim,
+            max_sequence_length,
+            ids: Vec::new(),
+            mask: Vec::new(),
+            type_ids: Vec::new(),
+        })
+    }
+
+    /// Names the model: `<model file name> sha256:<16 hex> tokenizer sha256:<16 hex>` (the
+    /// start of each file's sha256). Stored with knowledge-base vectors.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Embedding width, if the model declares it (otherwise known after the first batch).
+    pub fn dim(&self) -> Option<usize> {
+        self.dim
+    }
+
+    pub fn max_sequence_length(&self) -> usize {
+        self.max_sequence_length
+    }
+
+    /// Embeds `texts`; row `i` of the result is the embedding of `texts[i]`.
+    pub fn encode_batch(&mut self, texts: &[&str]) -> Result<Embeddings, EncoderError> {
+        let mut data = Vec::new();
+        let dim = self.encode_batch_into(texts, &mut data)?;
+        Ok(Embeddings { dim, data })
+    }
+
+    /// Embeds `texts` and appends their vectors to `out`, in the order of `texts`; returns the
+    /// dimension.
+    ///
+    /// The texts are sorted by token count and run in as few model calls as possible such that
+    /// no call pads more than [`MAX_PADDING`] of its cells: a batch of 16 typical questions
+    /// padded to its longest member would be about half padding (measured on BANKING77), and
+    /// padding costs as much as real tokens.
+    pub fn encode_batch_into(
+        &mut self,
+        texts: &[&str],
+        out: &mut Vec<f32>,
+    ) -> Result<usize, EncoderError> {
+        if texts.is_empty() {
+            return self.dim.ok_or_else(|| {
+                EncoderError::InvalidSetting("empty first batch: dimension unknown".into())
+            });
+        }
+        let mut encodings = Vec::with_capacity(texts.len());
+        for (index, text) in texts.iter().enumerate() {
+            let encoding =
+                self.tokenizer
+                    .encode(*text, true)
+                    .map_err(|e| EncoderError::Tokenize {
+                        index,
+                        message: e.to_string(),
+                    })?;
+            encodings.push(encoding);
+        }
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| (encodings[i].get_ids().len(), i));
+        let base = out.len();
+        let mut group_start = 0;
+        while group_start < order.len() {
+            // Extend the group (ascending lengths, so the last is the longest) while padding
+            // stays within the limit.
+            let mut tokens = 0usize;
+            let mut group_end = group_start;
+            while group_end < order.len() {
+                let length = encodings[order[group_end]].get_ids().len().max(1);
+                let cells = length * (group_end + 1 - group_start);
+                let real = tokens + length;
+                if group_end > group_start && cells as f32 > real as f32 * (1.0 + MAX_PADDING) {
+                    break;
+                }
+                tokens = real;
+                group_end += 1;
+            }
+            let rows = &order[group_start..group_end];
+            let dim = self.run_group(&encodings, rows, out, base)?;
+            debug_assert_eq!(Some(dim), self.dim);
+            group_start = group_end;
+        }
+        Ok(self.dim.expect("set by run_group"))
+    }
+
+    /// Runs the model on `encodings[rows]` padded to the longest of them and writes each
+    /// pooled vector to `out` at row `base / dim + rows[j]` (growing `out` as needed).
+    fn run_group(
+        &mut self,
+        encodings: &[tokenizers::Encoding],
+        rows: &[usize],
+        out: &mut Vec<f32>,
+        base: usize,
+    ) -> Result<usize, EncoderError> {
+        let batch = rows.len();
+        let seq = rows
+            .iter()
+            .map(|&r| encodings[r].get_ids().len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let cells = batch * seq;
+        for buffer in [&mut self.ids, &mut self.mask, &mut self.type_ids] {
+            buffer.clear();
+            buffer.resize(cells, 0);
+        }
+        for (slot, &r) in rows.iter().enumerate() {
+            let encoding = &encodings[r];
+            let start = slot * seq;
+            let n = encoding.get_ids().len();
+            for (dst, &src) in self.ids[start..start + n]
+                .iter_mut()
+                .zip(encoding.get_ids())
+            {
+                *dst = i64::from(src);
+            }
+            let mask = encoding.get_attention_mask();
+            for (dst, &src) in self.mask[start..start + n].iter_mut().zip(mask) {
+                *dst = i64::from(src);
+            }
+            let type_ids = encoding.get_type_ids();
+            for (dst, &src) in self.type_ids[start..start + n].iter_mut().zip(type_ids) {
+                *dst = i64::from(src);
+            }
+        }
+
+        let shape = [batch as i64, seq as i64];
+        let mut inputs: Vec<(&str, SessionInputValue<'_>)> = vec![
+            (
+                "input_ids",
+                TensorRef::from_array_view((shape, self.ids.as_slice()))?.into(),
+            ),
+            (
+                "attention_mask",
+                TensorRef::from_array_view((shape, self.mask.as_slice()))?.into(),
+            ),
+        ];
+        if self.uses_token_type_ids {
+            inputs.push((
+                "token_type_ids",
+                TensorRef::from_array_view((shape, self.type_ids.as_slice()))?.into(),
+            ));
+        }
+        let outputs = self.session.run(inputs)?;
+        let (out_shape, hidden) = outputs[self.output_index].try_extract_tensor::<f32>()?;
+        if out_shape.len() != 3
+            || out_shape[0] != batch as i64
+            || out_shape[1] != seq as i64
+            || out_shape[2] <= 0
+        {
+            return Err(EncoderError::BadOutput(format!(
+                "expected shape [{batch}, {seq}, dim], got {out_shape}"
+            )));
+        }
+        let dim = out_shape[2] as usize;
+        match self.dim {
+            Some(known) if known != dim => {
+                return Err(EncoderError::BadOutput(format!(
+                    "dimension changed from {known} to {dim}"
+                )))
+            }
+            _ => self.dim = Some(dim),
+        }
+        let needed = base + (rows.iter().max().copied().unwrap_or(0) + 1) * dim;
+        if out.len() < needed {
+            out.resize(needed, 0.0);
+        }
+        for (slot, &r) in rows.iter().enumerate() {
+            let pooled = &mut out[base + r * dim..base + (r + 1) * dim];
+            pooled.fill(0.0);
+            let mask = &self.mask[slot * seq..(slot + 1) * seq];
+            let mut tokens = 0usize;
+            for (t, &m) in mask.iter().enumerate() {
+                if m != 0 {
+                    tokens += 1;
+                    let state = &hidden[(slot * seq + t) * dim..(slot * seq + t + 1) * dim];
+                    for (acc, &x) in pooled.iter_mut().zip(state) {
+                        *acc += x;
+                    }
+                }
+            }
+            // Mean then L2-normalise: the 1/tokens factor cancels in the normalisation, but it
+            // is kept so the intermediate matches the reference pooling numerically.
+            let inv_tokens = 1.0 / tokens.max(1) as f32;
+            pooled.iter_mut().for_each(|x| *x *= inv_tokens);
+            let norm = pooled.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            pooled.iter_mut().for_each(|x| *x /= norm);
+        }
+        Ok(dim)
+    }
+
+    /// Embeds any number of texts in batches of `batch_size`, grouping texts of similar length
+    /// to limit padding; the result is in the order of `texts`. Meant for knowledge-base imports.
+    pub fn encode_many(
+        &mut self,
+        texts: &[&str],
+        batch_size: usize,
+    ) -> Result<Embeddings, EncoderError> {
+        let batch_size = batch_size.max(1);
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| (texts[i].len(), i));
+        let mut sorted = Vec::new();
+        let mut dim = self.dim.unwrap_or(0);
+        let mut chunk: Vec<&str> = Vec::with_capacity(batch_size);
+        for group in order.chunks(batch_size) {
+            chunk.clear();
+            chunk.extend(group.iter().map(|&i| texts[i]));
+            dim = self.encode_batch_into(&chunk, &mut sorted)?;
+        }
+        let mut data = vec![0.0f32; texts.len() * dim];
+        for (position, &original) in order.iter().enumerate() {
+            data[original * dim..(original + 1) * dim]
+                .copy_from_slice(&sorted[position * dim..(position + 1) * dim]);
+        }
+        Ok(Embeddings { dim, data })
+    }
+
+    /// Frees the token buffers (they regrow on the next batch). Call when the worker goes idle.
+    pub fn release_buffers(&mut self) {
+        self.ids = Vec::new();
+        self.mask = Vec::new();
+        self.type_ids = Vec::new();
+    }
+}
+
+/// See [`Encoder::fingerprint`].
+fn fingerprint(model: &Path, tokenizer: &Path) -> Result<String, EncoderError> {
+    let model_hash = file_sha256(model)?;
+    let tokenizer_hash = file_sha256(tokenizer)?;
+    let name = model
+        .file_name()
+        .map_or_else(|| "model".into(), |name| name.to_string_lossy());
+    Ok(format!(
+        "{name} sha256:{} tokenizer sha256:{}",
+        &model_hash[..16],
+        &tokenizer_hash[..16]
+    ))
+}
+
+fn file_sha256(path: &Path) -> Result<String, EncoderError> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let read_error = |source| EncoderError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_error)?;
+    let mut hasher = Sha256::new();
+    let mut block = vec![0u8; 1 << 20];
+    loop {
+        let read = file.read(&mut block).map_err(read_error)?;
+        if read == 0 {
+            break;
+        }
+        hasher.update(&block[..read]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect())
+}
+
+fn load_tokenizer(path: &Path, max_sequence_length: usize) -> Result<Tokenizer, EncoderError> {
+    let error = |message: String| EncoderError::Tokenizer {
+        path: path.to_path_buf(),
+        message,
+    };
+    let mut tokenizer = Tokenizer::from_file(path).map_err(|e| error(e.to_string()))?;
+    // tokenizer.json files often pad every text to a fixed length; batches are padded here
+    // instead, to their own longest member.
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(Some(TruncationParams {
+            max_length: max_sequence_length,
+            ..TruncationParams::default()
+        }))
+        .map_err(|e| error(e.to_string()))?;
+    Ok(tokenizer)
+}
+
+#[cfg(test)]
+mod tests {
+    //! These tests need the real model: run `models/fetch` first (or point
+    //! SWITCHBOARD_MODELS_DIR at a directory holding libonnxruntime.so, model.onnx and
+    //! tokenizer.json). They fail, rather than skip, when it is missing.
+
+    use super::*;
+    use crate::engine::testing::{load_encoder as load, model_file};
+
+    #[derive(serde::Deserialize)]
+    struct Fixture {
+        max_sequence_length: usize,
+        dim: usize,
+        texts: Vec<String>,
+        vectors: Vec<Vec<f32>>,
+    }
+
+    fn fixture() -> Fixture {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/data/engine/reference_embeddings.json"
+        );
+        serde_json::from_slice(&std::fs::read(path).expect("read the reference fixture"))
+            .expect("parse the fixture")
+    }
+
+    fn max_abs_difference(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn encoder_can_move_to_a_worker_thread() {
+        fn assert_send<T: Send>() {}
+        assert_send::<Encoder>();
+        let mut encoder = load(256);
+        let dim = std::thread::spawn(move || encoder.encode_batch(&["hello"]).unwrap().dim)
+            .join()
+            .unwrap();
+        assert_eq!(dim, 384);
+    }
+
+    #[test]
+    fn matches_the_python_reference_alone_and_in_a_batch() {
+        let fixture = fixture();
+        let mut encoder = load(fixture.max_sequence_length);
+        assert_eq!(
+            encoder.dim(),
+            Some(fixture.dim),
+            "dimension declared by the model"
+        );
+        for (text, want) in fixture.texts.iter().zip(&fixture.vectors) {
+            let got = encoder.encode_batch(&[text.as_str()]).unwrap();
+            assert_eq!(got.len(), 1);
+            let difference = max_abs_difference(got.row(0), want);
+            let shown: String = text.chars().take(40).collect();
+            eprintln!("{shown:?}: max |rust - python| = {difference:.1e}");
+            assert!(difference < 1e-4, "{text:?}: max difference {difference}");
+        }
+        // One padded batch holding the empty text and the truncated long one.
+        let texts: Vec<&str> = fixture.texts.iter().map(String::as_str).collect();
+        let batch = encoder.encode_batch(&texts).unwrap();
+        assert_eq!(batch.len(), texts.len());
+        for (i, want) in fixture.vectors.iter().enumerate() {
+            let difference = max_abs_difference(batch.row(i), want);
+            assert!(
+                difference < 1e-4,
+                "batched {:?}: max difference {difference}",
+                texts[i]
+            );
+            let norm = batch.row(i).iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn encode_many_keeps_the_input_order() {
+        let mut encoder = load(256);
+        let texts = [
+            "a much longer question about my card payment",
+            "hi",
+            "where is my card?",
+        ];
+        let many = encoder.encode_many(&texts, 2).unwrap();
+        assert_eq!(many.len(), 3);
+        for (i, text) in texts.iter().enumerate() {
+            let alone = encoder.encode_batch(&[text]).unwrap();
+            assert!(
+                max_abs_difference(many.row(i), alone.row(0)) < 1e-5,
+                "row {i}"
+            );
+        }
+        // Different texts give different vectors; related ones are closer than unrelated ones.
+        let similarity = |a: usize, b: usize| -> f32 {
+            many.row(a)
+                .iter()
+                .zip(many.row(b))
+                .map(|(x, y)| x * y)
+                .sum()
+        };
+        assert!(similarity(0, 2) > similarity(1, 2));
+        assert!(similarity(1, 2) < 0.99);
+    }
+
+    #[test]
+    fn fingerprint_names_the_model_and_tokenizer_files() {
+        let encoder = load(256);
+        // The sha256 prefixes pinned in models/fetch.
+        assert_eq!(
+            encoder.fingerprint(),
+            "model.onnx sha256:8199be6f699a395f tokenizer sha256:be50c3628f2bf5bb"
+        );
+    }
+
+    #[test]
+    fn truncation_limits_long_texts() {
+        let fixture = fixture();
+        let long = fixture.texts.iter().max_by_key(|t| t.len()).unwrap();
+        let mut short_limit = load(8);
+        let mut long_limit = load(256);
+        let a = short_limit.encode_batch(&[long.as_str()]).unwrap();
+        let b = long_limit.encode_batch(&[long.as_str()]).unwrap();
+        // Only the first 6 word pieces are seen with a limit of 8, so the vectors differ.
+        assert!(max_abs_difference(a.row(0), b.row(0)) > 1e-3);
+    }
+
+    #[test]
+    fn bad_paths_and_settings_are_reported() {
+        let model = model_file("model.onnx");
+        let tokenizer = model_file("tokenizer.json");
+        let library = model_file("libonnxruntime.so");
+        let missing = Path::new("/nonexistent/model.onnx");
+        assert!(matches!(
+            Encoder::load(missing, &tokenizer, &library, 1, 256),
+            Err(EncoderError::MissingFile { what: "model", .. })
+        ));
+        assert!(matches!(
+            Encoder::load(
+                &model,
+                &tokenizer,
+                Path::new("/nonexistent/libonnxruntime.so"),
+                1,
+                256
+            ),
+            Err(EncoderError::MissingFile { .. })
+        ));
+        assert!(matches!(
+            Encoder::load(&model, &tokenizer, &library, 0, 256),
+            Err(EncoderError::InvalidSetting(_))
+        ));
+        assert!(matches!(
+            Encoder::load(&model, &tokenizer, &library, 1, 1),
+            Err(EncoderError::InvalidSetting(_))
+        ));
+        // A tokenizer file that is not a tokenizer, and a model file that is not a model.
+        let dir =
+            std::env::temp_dir().join(format!("switchboard-encoder-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let junk = dir.join("junk");
+        std::fs::write(&junk, b"not json, not onnx").unwrap();
+        assert!(matches!(
+            Encoder::load(&model, &junk, &library, 1, 256),
+            Err(EncoderError::Tokenizer { .. })
+        ));
+        assert!(matches!(
+            Encoder::load(&junk, &tokenizer, &library, 1, 256),
+            Err(EncoderError::Model { .. })
+        ));
+        // A different ONNX Runtime library than the one already loaded in this process.
+        let other_library = dir.join("libonnxruntime-other.so");
+        std::fs::write(&other_library, b"x").unwrap();
+        let _ = load(256);
+        assert!(matches!(
+            Encoder::load(&model, &tokenizer, &other_library, 1, 256),
+            Err(EncoderError::RuntimeMismatch { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

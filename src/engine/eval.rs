@@ -1,0 +1,407 @@
+//! `switchboard kb eval`: accuracy, confusions, fallback rate and latency of the intent engine
+//! on a labelled CSV (`text,category`), through the same path the server takes.
+//!
+//! Each query goes through [`IntentEngine::recognise`] (one at a time, each awaited before the
+//! next, so a latency is one query's embed + classify through the inference worker) and then
+//! through the `intent` bot handler ([`IntentAnswer`]) with the configured confidence and margin
+//! thresholds: a reply is a prediction, anything else is a fallback. Accuracy is top-1 over all
+//! rows, with a fallback counted as wrong.
+//!
+//! Invariants:
+//! - The whole file is read and checked before any query runs, by the `kb import` parser:
+//!   every problem is reported with its 1-based line.
+//! - A category the knowledge base does not have can never be predicted; such rows count as
+//!   wrong and are reported.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::intent::{IntentEngine, IntentResult};
+use crate::bot::{BotContext, IntentAnswer, MessageHandler, Verdict};
+use crate::config::BotConfig;
+use crate::kb;
+
+/// One labelled query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelledQuery {
+    pub text: String,
+    pub category: String,
+}
+
+/// Reads labelled queries from a file in a format `kb import` takes: a CSV `text,category`
+/// (an `answer` column is allowed and ignored) or a JSON array of entries, whose questions are
+/// labelled with their entry's intent. The same parser as `kb import`, so the same checks and
+/// line-numbered problems (`kb::ImportError::Invalid`); queries come grouped by category.
+pub fn read_labelled(path: &Path) -> Result<Vec<LabelledQuery>, kb::ImportError> {
+    let entries = kb::import_file(path)?;
+    Ok(entries
+        .into_iter()
+        .flat_map(|entry| {
+            let category = entry.intent;
+            entry.questions.into_iter().map(move |text| LabelledQuery {
+                text,
+                category: category.clone(),
+            })
+        })
+        .collect())
+}
+
+/// How the engine is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvalMode {
+    /// The server's path: caches, worker, model, lexical only when degraded.
+    Model,
+    /// The degraded path alone (BM25), to see what overload costs.
+    Lexical,
+}
+
+/// Per-intent tallies.
+#[derive(Debug, Default, Clone)]
+struct IntentTally {
+    total: usize,
+    right: usize,
+    /// Predicted intent (or "(fallback)") → count, for the wrong ones.
+    wrong: HashMap<String, usize>,
+}
+
+/// The outcome of an evaluation.
+#[derive(Debug, Clone)]
+pub struct EvalReport {
+    pub queries: usize,
+    /// Answered with the right intent.
+    pub right: usize,
+    /// Right before the thresholds (the top-1 match alone).
+    pub top1_right: usize,
+    /// Not answered (below a threshold, or no match).
+    pub fallbacks: usize,
+    /// Recognitions that came from the lexical match.
+    pub degraded: usize,
+    /// Rows whose category the knowledge base does not have.
+    pub unknown_categories: usize,
+    /// Matches scored 0 because the nearest question was less similar than `min_similarity`.
+    pub unrelated: usize,
+    pub min_similarity: f64,
+    /// Per query, in file order.
+    pub latencies: Vec<Duration>,
+    pub confidence_threshold: f64,
+    pub margin_threshold: f64,
+    per_intent: BTreeMap<String, IntentTally>,
+    /// Per query with a match: (score, second score, top-1 right), for the threshold sweep.
+    matches: Vec<(f32, f32, bool)>,
+}
+
+const FALLBACK: &str = "(fallback)";
+
+/// Runs every query through `engine` and the `intent` handler configured by `bot`, one at a
+/// time.
+pub fn evaluate(
+    engine: &IntentEngine,
+    bot: &BotConfig,
+    queries: &[LabelledQuery],
+    mode: EvalMode,
+) -> EvalReport {
+    let known_intents: HashSet<String> = engine.intents().into_iter().collect();
+    let mut report = EvalReport {
+        queries: queries.len(),
+        right: 0,
+        top1_right: 0,
+        fallbacks: 0,
+        degraded: 0,
+        unknown_categories: 0,
+        unrelated: 0,
+        min_similarity: bot.min_similarity,
+        latencies: Vec::with_capacity(queries.len()),
+        confidence_threshold: bot.confidence_threshold,
+        margin_threshold: bot.margin_threshold,
+        per_intent: BTreeMap::new(),
+        matches: Vec::with_capacity(queries.len()),
+    };
+    let mut handler = IntentAnswer::from_config(bot);
+    for query in queries {
+        let started = Instant::now();
+        let result: Option<IntentResult> = match mode {
+            EvalMode::Model => futures_lite::future::block_on(engine.recognise(&query.text)),
+            EvalMode::Lexical => engine.recognise_lexically(&query.text),
+        };
+        report.latencies.push(started.elapsed());
+        if !known_intents.contains(&query.category) {
+            report.unknown_categories += 1;
+        }
+        if result.as_ref().is_some_and(|r| r.degraded) {
+            report.degraded += 1;
+        }
+        if let Some(result) = &result {
+            let similarity = result.similarity.map(f64::from);
+            if similarity.is_some_and(|similarity| similarity < bot.min_similarity) {
+                report.unrelated += 1;
+            }
+            let right = result.intent == query.category;
+            report.top1_right += usize::from(right);
+            report
+                .matches
+                .push((result.score, result.second_score, right));
+        }
+        let predicted = result.and_then(|result| {
+            let mut ctx = BotContext::new(0, "eval", "eval", query.text.clone());
+            ctx.intent = Some(result.into());
+            match handler.handle(&mut ctx) {
+                Verdict::Reply {
+                    intent: Some(intent),
+                    ..
+                } => Some(intent),
+                _ => None,
+            }
+        });
+        let tally = report.per_intent.entry(query.category.clone()).or_default();
+        tally.total += 1;
+        match predicted {
+            Some(intent) if intent == query.category => {
+                report.right += 1;
+                tally.right += 1;
+            }
+            Some(intent) => *tally.wrong.entry(intent).or_default() += 1,
+            None => {
+                report.fallbacks += 1;
+                *tally.wrong.entry(FALLBACK.to_owned()).or_default() += 1;
+            }
+        }
+    }
+    report
+}
+
+impl EvalReport {
+    /// Right answers over all queries, in percent.
+    pub fn accuracy(&self) -> f64 {
+        percent(self.right, self.queries)
+    }
+
+    /// What the thresholds would give: (answered, right) when answering matches with
+    /// `score >= confidence` and `score - second >= margin` (the `intent` handler's rule).
+    pub fn with_thresholds(&self, confidence: f64, margin: f64) -> (usize, usize) {
+        let mut answered = 0;
+        let mut right = 0;
+        for &(score, second, correct) in &self.matches {
+            let (score, second) = (f64::from(score), f64::from(second));
+            if score >= confidence && score - second >= margin {
+                answered += 1;
+                right += usize::from(correct);
+            }
+        }
+        (answered, right)
+    }
+
+    /// The `p`-th percentile latency (nearest rank), zero without queries.
+    pub fn latency_percentile(&self, p: f64) -> Duration {
+        let mut sorted = self.latencies.clone();
+        sorted.sort_unstable();
+        if sorted.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+        sorted[rank.clamp(1, sorted.len()) - 1]
+    }
+}
+
+fn percent(part: usize, whole: usize) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        100.0 * part as f64 / whole as f64
+    }
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+/// Confidence thresholds shown in the sweep.
+const SWEEP: [f64; 6] = [0.0, 0.2, 0.3, 0.4, 0.5, 0.7];
+/// Intents listed in the confusion summary.
+const WORST_SHOWN: usize = 10;
+/// Wrong predictions listed per intent.
+const CONFUSIONS_SHOWN: usize = 3;
+
+impl fmt::Display for EvalReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "accuracy: {:.2}%  ({} of {} right; a fallback counts as wrong)",
+            self.accuracy(),
+            self.right,
+            self.queries
+        )?;
+        writeln!(
+            f,
+            "top-1 before thresholds: {:.2}%",
+            percent(self.top1_right, self.queries)
+        )?;
+        let answered = self.queries - self.fallbacks;
+        writeln!(
+            f,
+            "fallback rate: {:.2}%  ({} of {}; confidence_threshold {}, margin_threshold {})",
+            percent(self.fallbacks, self.queries),
+            self.fallbacks,
+            self.queries,
+            self.confidence_threshold,
+            self.margin_threshold
+        )?;
+        writeln!(
+            f,
+            "answered: {answered}, {:.2}% of them right",
+            percent(self.right, answered)
+        )?;
+        writeln!(
+            f,
+            "unrelated (nearest question below min_similarity {}): {}",
+            self.min_similarity, self.unrelated
+        )?;
+        writeln!(f, "degraded (lexical) recognitions: {}", self.degraded)?;
+        if self.unknown_categories > 0 {
+            writeln!(
+                f,
+                "rows with a category the knowledge base does not have: {}",
+                self.unknown_categories
+            )?;
+        }
+        let total: Duration = self.latencies.iter().sum();
+        writeln!(
+            f,
+            "latency per query, one at a time: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  mean {:.2} ms",
+            ms(self.latency_percentile(50.0)),
+            ms(self.latency_percentile(90.0)),
+            ms(self.latency_percentile(99.0)),
+            ms(self.latency_percentile(100.0)),
+            ms(total) / self.latencies.len().max(1) as f64,
+        )?;
+        writeln!(
+            f,
+            "other thresholds (answer when score >= confidence and score - second >= margin):"
+        )?;
+        writeln!(
+            f,
+            "  confidence  margin  answered  right of answered  accuracy"
+        )?;
+        let margins = [0.0, self.margin_threshold];
+        let margins = if self.margin_threshold == 0.0 {
+            &margins[..1]
+        } else {
+            &margins[..]
+        };
+        for confidence in SWEEP {
+            for &margin in margins {
+                let (answered, right) = self.with_thresholds(confidence, margin);
+                writeln!(
+                    f,
+                    "  {confidence:<10.2}  {margin:<6.2}  {:>7.2}%  {:>16.2}%  {:>7.2}%",
+                    percent(answered, self.queries),
+                    percent(right, answered),
+                    percent(right, self.queries)
+                )?;
+            }
+        }
+        let mut worst: Vec<(&String, &IntentTally)> = self
+            .per_intent
+            .iter()
+            .filter(|(_, tally)| tally.right < tally.total)
+            .collect();
+        worst.sort_by(|a, b| {
+            let accuracy = |t: &IntentTally| t.right as f64 / t.total as f64;
+            accuracy(a.1)
+                .total_cmp(&accuracy(b.1))
+                .then(b.1.total.cmp(&a.1.total))
+                .then(a.0.cmp(b.0))
+        });
+        let perfect = self.per_intent.len() - worst.len();
+        writeln!(
+            f,
+            "per intent: {} intents, {perfect} without an error; worst {}:",
+            self.per_intent.len(),
+            worst.len().min(WORST_SHOWN)
+        )?;
+        let width = worst
+            .iter()
+            .take(WORST_SHOWN)
+            .map(|(name, _)| name.chars().count())
+            .max()
+            .unwrap_or(0);
+        for (name, tally) in worst.iter().take(WORST_SHOWN) {
+            let mut wrong: Vec<(&String, &usize)> = tally.wrong.iter().collect();
+            wrong.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let confusions: Vec<String> = wrong
+                .iter()
+                .take(CONFUSIONS_SHOWN)
+                .map(|(intent, count)| format!("{intent} ×{count}"))
+                .collect();
+            writeln!(
+                f,
+                "  {name:width$}  {:>3}/{:<3} {:>6.2}%  wrong: {}",
+                tally.right,
+                tally.total,
+                percent(tally.right, tally.total),
+                confusions.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labelled_queries_come_from_the_import_parser() {
+        let dir = std::env::temp_dir().join(format!("switchboard-eval-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("labelled.csv");
+        std::fs::write(&path, "category,text\ncard_arrival,where is my card?\n\nfx,\"rate, please\"\ncard_arrival,still no card\n").unwrap();
+        let query = |text: &str, category: &str| LabelledQuery {
+            text: text.into(),
+            category: category.into(),
+        };
+        assert_eq!(
+            read_labelled(&path).unwrap(),
+            vec![
+                query("where is my card?", "card_arrival"),
+                query("still no card", "card_arrival"),
+                query("rate, please", "fx"),
+            ]
+        );
+        std::fs::write(&path, "text,category\nok,a\n,b\n").unwrap();
+        let error = read_labelled(&path).unwrap_err().to_string();
+        assert!(error.contains("line 3"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let report = EvalReport {
+            queries: 4,
+            right: 3,
+            top1_right: 4,
+            fallbacks: 1,
+            degraded: 0,
+            unknown_categories: 0,
+            unrelated: 0,
+            min_similarity: 0.5,
+            latencies: [4, 1, 3, 2].map(Duration::from_millis).to_vec(),
+            confidence_threshold: 0.5,
+            margin_threshold: 0.05,
+            per_intent: BTreeMap::new(),
+            matches: vec![
+                (0.9, 0.1, true),
+                (0.6, 0.58, true),
+                (0.4, 0.1, false),
+                (0.8, 0.0, true),
+            ],
+        };
+        assert_eq!(report.with_thresholds(0.5, 0.05), (2, 2));
+        assert_eq!(report.with_thresholds(0.0, 0.0), (4, 3));
+        assert_eq!(report.latency_percentile(50.0), Duration::from_millis(2));
+        assert_eq!(report.latency_percentile(99.0), Duration::from_millis(4));
+        assert_eq!(report.accuracy(), 75.0);
+        assert!(report.to_string().starts_with("accuracy: 75.00%"));
+    }
+}

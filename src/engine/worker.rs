@@ -1,0 +1,583 @@
+//! The per-shard inference worker: one sentence-encoder session on a dedicated thread pinned
+//! next to its shard, fed through a bounded crossbeam channel, answering through oneshots that
+//! an async shard task awaits.
+//!
+//! The shard calls [`InferenceHandle::embed`]; that only does a `try_send`, so the shard's
+//! event loop never blocks on inference: a full queue, or a queue whose expected wait is
+//! already longer than `max_wait`, is refused at once with [`EmbedError::Overloaded`] and the
+//! caller degrades (the intent engine falls back to a lexical match). The future it returns
+//! resolves when the worker has embedded the text; the worker wakes the shard's task from its
+//! own thread (glommio routes foreign wakes to the task's executor).
+//!
+//! Batching: the worker blocks for the first request, then keeps collecting until it has
+//! `max_batch` requests or `batch_window` has passed since the first one was sent, and runs
+//! them in one [`Encoder::encode_batch`] call (which groups texts of similar length, see the
+//! encoder). A request that already waited longer than the window is not held back further.
+//!
+//! Invariants:
+//! - Every accepted request is answered exactly once: with its vector, [`EmbedError::Expired`]
+//!   when it had waited more than `max_wait` before its batch started (it is then not
+//!   embedded), or [`EmbedError::Failed`] when the model failed. A request whose worker has
+//!   gone resolves to [`EmbedError::Stopped`].
+//! - [`WorkerStats::pending`] counts requests accepted and not yet answered; the expected
+//!   wait of a new request is `pending × service time per text` (a moving average).
+//! - The thread ends when the [`InferenceHandle`] is dropped (the drop waits for the batch in
+//!   progress). After a second without requests the worker releases its token buffers.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TrySendError};
+use futures_channel::oneshot;
+
+use super::encoder::Encoder;
+use crate::config::InferenceConfig;
+
+/// Why a text was not embedded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EmbedError {
+    #[error("the inference queue is full or its expected wait exceeds max_wait")]
+    Overloaded,
+    #[error("the request waited {waited:?} in the inference queue, more than max_wait")]
+    Expired { waited: Duration },
+    #[error("the inference worker has stopped")]
+    Stopped,
+    #[error("inference failed: {0}")]
+    Failed(String),
+}
+
+/// How a worker batches and when it refuses work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerOptions {
+    /// Most texts in one model call (at least 1).
+    pub max_batch: usize,
+    /// How long after the first request of a batch the worker waits for more.
+    pub batch_window: Duration,
+    /// A request that would wait longer than this is refused or expires.
+    pub max_wait: Duration,
+    /// Requests the channel holds (at least 1).
+    pub queue_capacity: usize,
+}
+
+impl WorkerOptions {
+    /// `[inference] max_batch`, `batch_window` and `max_wait`; the queue holds 16 batches
+    /// (at least 64 requests). The expected-wait check refuses work long before that fills
+    /// up unless the model is very fast.
+    pub fn from_config(inference: &InferenceConfig) -> Self {
+        WorkerOptions {
+            max_batch: inference.max_batch,
+            batch_window: inference.batch_window,
+            max_wait: inference.max_wait,
+            queue_capacity: (inference.max_batch * 16).clamp(64, 16_384),
+        }
+    }
+}
+
+/// Counters shared by the worker thread and its handle.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pending: AtomicUsize,
+    /// Moving average of the model time per text, in nanoseconds, as f64 bits (0: unknown).
+    service_ns_per_text: AtomicU64,
+    batches: AtomicU64,
+    embedded: AtomicU64,
+    expired: AtomicU64,
+    failed: AtomicU64,
+    overloaded: AtomicU64,
+    busy_ns: AtomicU64,
+    running: AtomicBool,
+}
+
+/// A copy of a worker's counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct WorkerSnapshot {
+    /// Requests accepted and not answered yet.
+    pub pending: usize,
+    /// Moving average of the model time per text (zero before the first batch).
+    pub service_time_per_text: Duration,
+    /// Model calls made (batches run).
+    pub batches: u64,
+    /// Texts embedded.
+    pub embedded: u64,
+    /// Requests answered `Expired`.
+    pub expired: u64,
+    /// Requests answered `Failed`.
+    pub failed: u64,
+    /// Requests refused with `Overloaded`.
+    pub overloaded: u64,
+    /// Time spent in the model.
+    pub busy: Duration,
+}
+
+impl WorkerStats {
+    fn service_ns_per_text(&self) -> f64 {
+        f64::from_bits(self.service_ns_per_text.load(Ordering::Relaxed))
+    }
+
+    fn record_batch(&self, texts: usize, elapsed: Duration) {
+        // Weight 0.2: follows a change of load within a few batches, smooths single outliers.
+        const WEIGHT: f64 = 0.2;
+        let per_text = elapsed.as_nanos() as f64 / texts.max(1) as f64;
+        let old = self.service_ns_per_text();
+        let new = if old == 0.0 {
+            per_text
+        } else {
+            old + WEIGHT * (per_text - old)
+        };
+        self.service_ns_per_text
+            .store(new.to_bits(), Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.busy_ns
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> WorkerSnapshot {
+        WorkerSnapshot {
+            pending: self.pending.load(Ordering::Relaxed),
+            service_time_per_text: Duration::from_nanos(self.service_ns_per_text() as u64),
+            batches: self.batches.load(Ordering::Relaxed),
+            embedded: self.embedded.load(Ordering::Relaxed),
+            expired: self.expired.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            overloaded: self.overloaded.load(Ordering::Relaxed),
+            busy: Duration::from_nanos(self.busy_ns.load(Ordering::Relaxed)),
+        }
+    }
+}
+
+/// The answer to one request.
+pub type EmbedResult = Result<Vec<f32>, EmbedError>;
+
+struct Request {
+    text: String,
+    sent: Instant,
+    reply: oneshot::Sender<EmbedResult>,
+}
+
+/// Starts inference workers.
+pub struct InferenceWorker;
+
+impl InferenceWorker {
+    /// Moves `encoder` to a new thread named `switchboard-infer-<shard>`, pinned to `core`
+    /// (a warning is logged and the thread runs unpinned if the core cannot be used), and
+    /// returns the handle the shard submits texts through.
+    pub fn start(
+        shard: usize,
+        core: usize,
+        encoder: Encoder,
+        options: WorkerOptions,
+    ) -> std::io::Result<InferenceHandle> {
+        let options = WorkerOptions {
+            max_batch: options.max_batch.max(1),
+            queue_capacity: options.queue_capacity.max(1),
+            ..options
+        };
+        let (sender, receiver) = channel::bounded(options.queue_capacity);
+        let stats = Arc::new(WorkerStats::default());
+        stats.running.store(true, Ordering::Relaxed);
+        let thread_stats = stats.clone();
+        let thread_options = options.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("switchboard-infer-{shard}"))
+            .spawn(move || {
+                // core_affinity does not check the id (an id past the CPU set panics in
+                // libc's CPU_SET), so only a core the process may use is asked for.
+                let pinned = core_affinity::get_core_ids()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|candidate| candidate.id == core)
+                    .is_some_and(core_affinity::set_for_current);
+                if !pinned {
+                    tracing::warn!(shard, core, "cannot pin the inference worker to its core");
+                }
+                run(encoder, receiver, &thread_options, &thread_stats);
+                thread_stats.running.store(false, Ordering::Relaxed);
+            })?;
+        Ok(InferenceHandle {
+            sender: Some(sender),
+            stats,
+            options,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// The shard's side of an inference worker. Dropping it stops the worker.
+pub struct InferenceHandle {
+    sender: Option<Sender<Request>>,
+    stats: Arc<WorkerStats>,
+    options: WorkerOptions,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl InferenceHandle {
+    /// Submits `text` without blocking and returns a future of its embedding (unit length).
+    ///
+    /// The submission happens now, not when the future is first polled: a refusal
+    /// ([`EmbedError::Overloaded`], [`EmbedError::Stopped`]) is decided before this returns
+    /// and the future resolves to it at once.
+    pub fn embed(&self, text: &str) -> impl Future<Output = EmbedResult> + 'static {
+        let submitted = self.submit(text);
+        async move {
+            match submitted {
+                Ok(answer) => answer.await.unwrap_or(Err(EmbedError::Stopped)),
+                Err(error) => Err(error),
+            }
+        }
+    }
+
+    fn submit(&self, text: &str) -> Result<oneshot::Receiver<EmbedResult>, EmbedError> {
+        let Some(sender) = &self.sender else {
+            return Err(EmbedError::Stopped);
+        };
+        if self.expected_wait() > self.options.max_wait {
+            self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+            return Err(EmbedError::Overloaded);
+        }
+        let (reply, answer) = oneshot::channel();
+        self.stats.pending.fetch_add(1, Ordering::Relaxed);
+        let request = Request {
+            text: text.to_owned(),
+            sent: Instant::now(),
+            reply,
+        };
+        match sender.try_send(request) {
+            Ok(()) => Ok(answer),
+            Err(error) => {
+                self.stats.pending.fetch_sub(1, Ordering::Relaxed);
+                match error {
+                    TrySendError::Full(_) => {
+                        self.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                        Err(EmbedError::Overloaded)
+                    }
+                    TrySendError::Disconnected(_) => Err(EmbedError::Stopped),
+                }
+            }
+        }
+    }
+
+    /// Requests accepted and not answered yet (queued or in the batch being run).
+    pub fn queue_depth(&self) -> usize {
+        self.stats.pending.load(Ordering::Relaxed)
+    }
+
+    /// How long a request submitted now is expected to wait for its answer:
+    /// [`queue_depth`](Self::queue_depth) × the moving average of the model time per text.
+    pub fn expected_wait(&self) -> Duration {
+        let per_text = self.stats.service_ns_per_text();
+        Duration::from_nanos((self.queue_depth() as f64 * per_text) as u64)
+    }
+
+    /// Whether the worker thread is alive.
+    pub fn is_running(&self) -> bool {
+        self.stats.running.load(Ordering::Relaxed)
+    }
+
+    pub fn options(&self) -> &WorkerOptions {
+        &self.options
+    }
+
+    pub fn stats(&self) -> WorkerSnapshot {
+        self.stats.snapshot()
+    }
+}
+
+impl Drop for InferenceHandle {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker's loop once the current batch is answered.
+        self.sender = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The worker loop: batch, embed, answer; returns when the channel is closed.
+fn run(
+    mut encoder: Encoder,
+    receiver: Receiver<Request>,
+    options: &WorkerOptions,
+    stats: &WorkerStats,
+) {
+    const IDLE: Duration = Duration::from_secs(1);
+    let mut batch: Vec<Request> = Vec::with_capacity(options.max_batch);
+    let mut holding_buffers = false;
+    loop {
+        let first = match receiver.recv_timeout(IDLE) {
+            Ok(request) => request,
+            Err(RecvTimeoutError::Timeout) => {
+                if holding_buffers {
+                    encoder.release_buffers();
+                    holding_buffers = false;
+                }
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let window_end = first.sent + options.batch_window;
+        batch.push(first);
+        while batch.len() < options.max_batch {
+            match receiver.recv_deadline(window_end) {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        run_batch(&mut encoder, &mut batch, options.max_wait, stats);
+        holding_buffers = true;
+    }
+}
+
+/// Answers every request of `batch` (leaving it empty).
+fn run_batch(
+    encoder: &mut Encoder,
+    batch: &mut Vec<Request>,
+    max_wait: Duration,
+    stats: &WorkerStats,
+) {
+    let started = Instant::now();
+    let answer = |request: Request, result: EmbedResult| {
+        stats.pending.fetch_sub(1, Ordering::Relaxed);
+        // The receiver may be gone (the caller gave up); nothing to do then.
+        let _ = request.reply.send(result);
+    };
+    let mut live = Vec::with_capacity(batch.len());
+    for request in batch.drain(..) {
+        let waited = started.saturating_duration_since(request.sent);
+        if waited > max_wait || request.reply.is_canceled() {
+            stats.expired.fetch_add(1, Ordering::Relaxed);
+            answer(request, Err(EmbedError::Expired { waited }));
+        } else {
+            live.push(request);
+        }
+    }
+    if live.is_empty() {
+        return;
+    }
+    let texts: Vec<&str> = live.iter().map(|request| request.text.as_str()).collect();
+    let result = encoder.encode_batch(&texts);
+    stats.record_batch(live.len(), started.elapsed());
+    match result {
+        Ok(embeddings) => {
+            stats
+                .embedded
+                .fetch_add(live.len() as u64, Ordering::Relaxed);
+            for (i, request) in live.into_iter().enumerate() {
+                let vector = embeddings.row(i).to_vec();
+                answer(request, Ok(vector));
+            }
+        }
+        Err(error) => {
+            let message = error.to_string();
+            tracing::warn!(error = %message, texts = live.len(), "inference failed");
+            stats.failed.fetch_add(live.len() as u64, Ordering::Relaxed);
+            for request in live {
+                answer(request, Err(EmbedError::Failed(message.clone())));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! These tests run the real model (see `engine::testing`).
+
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    use futures_lite::future::block_on;
+
+    use super::*;
+    use crate::engine::testing::load_encoder;
+
+    fn options(max_batch: usize, batch_window: Duration, max_wait: Duration) -> WorkerOptions {
+        WorkerOptions {
+            max_batch,
+            batch_window,
+            max_wait,
+            queue_capacity: 64,
+        }
+    }
+
+    const TEXTS: [&str; 6] = [
+        "where is my card?",
+        "I still have not received my new card, what should I do",
+        "exchange rate",
+        "Why was I charged a fee for my transfer?",
+        "hi",
+        "can I top up with apple pay",
+    ];
+
+    #[test]
+    fn batches_what_arrives_together_and_answers_each_its_own_vector() {
+        let handle = InferenceWorker::start(
+            0,
+            0,
+            load_encoder(128),
+            options(8, Duration::from_millis(200), Duration::from_secs(10)),
+        )
+        .unwrap();
+        let futures: Vec<_> = TEXTS.iter().map(|text| handle.embed(text)).collect();
+        let vectors: Vec<Vec<f32>> = futures
+            .into_iter()
+            .map(|future| block_on(future).expect("embedded"))
+            .collect();
+        let stats = handle.stats();
+        assert_eq!(
+            (stats.batches, stats.embedded),
+            (1, TEXTS.len() as u64),
+            "{stats:?}"
+        );
+        assert_eq!(handle.queue_depth(), 0);
+        assert!(stats.service_time_per_text > Duration::ZERO);
+        // Each answer is its own text's embedding, as if embedded alone.
+        let mut reference = load_encoder(128);
+        for (text, vector) in TEXTS.iter().zip(&vectors) {
+            let alone = reference.encode_batch(&[text]).unwrap();
+            let difference = alone
+                .row(0)
+                .iter()
+                .zip(vector)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(difference < 1e-5, "{text:?}: {difference}");
+        }
+    }
+
+    fn count(results: &[EmbedResult], wanted: fn(&EmbedResult) -> bool) -> usize {
+        results.iter().filter(|result| wanted(result)).count()
+    }
+
+    #[test]
+    fn a_full_queue_is_refused_at_once_and_every_accepted_request_is_answered() {
+        // One text per model call and room for two in the queue: a burst of 20 submitted in
+        // microseconds cannot all fit while a call takes milliseconds.
+        let handle = InferenceWorker::start(
+            1,
+            0,
+            load_encoder(128),
+            WorkerOptions {
+                queue_capacity: 2,
+                ..options(1, Duration::ZERO, Duration::from_secs(10))
+            },
+        )
+        .unwrap();
+        let futures: Vec<_> = (0..20)
+            .map(|i| handle.embed(TEXTS[i % TEXTS.len()]))
+            .collect();
+        let results: Vec<EmbedResult> = futures.into_iter().map(block_on).collect();
+        let embedded = count(&results, |r| r.is_ok());
+        let overloaded = count(&results, |r| matches!(r, Err(EmbedError::Overloaded)));
+        assert_eq!(embedded + overloaded, 20, "{results:?}");
+        assert!((2..=4).contains(&embedded), "{results:?}");
+        assert_eq!(handle.queue_depth(), 0);
+        let stats = handle.stats();
+        assert_eq!(
+            (stats.overloaded, stats.embedded),
+            (overloaded as u64, embedded as u64)
+        );
+    }
+
+    /// About 50 tokens: one model call on it takes milliseconds.
+    const LONG: &str = "I ordered a new card three weeks ago and it still has not arrived, the \
+        tracking page says nothing and I am travelling next week, so I really need to know where \
+        it is and whether I should cancel it and order another one before I leave";
+
+    #[test]
+    fn requests_that_would_wait_longer_than_max_wait_expire_or_are_refused() {
+        let handle = InferenceWorker::start(
+            2,
+            0,
+            load_encoder(128),
+            options(1, Duration::ZERO, Duration::from_millis(1)),
+        )
+        .unwrap();
+        // Before the model time is known every request is accepted; those queued behind a
+        // model call (milliseconds) have waited more than 1 ms when their turn comes.
+        let futures: Vec<_> = (0..6).map(|_| handle.embed(LONG)).collect();
+        let results: Vec<EmbedResult> = futures.into_iter().map(block_on).collect();
+        let embedded = count(&results, |r| r.is_ok());
+        let expired = count(&results, |r| matches!(r, Err(EmbedError::Expired { .. })));
+        assert_eq!(embedded + expired, 6, "{results:?}");
+        assert!(expired >= 4, "{results:?}");
+        assert_eq!(handle.stats().expired, expired as u64);
+        assert_eq!(handle.queue_depth(), 0);
+        // Once the model time is known, a request behind one in progress is expected to wait
+        // longer than 1 ms and is refused without being queued.
+        let mut warmed = false;
+        for _ in 0..5 {
+            warmed |= block_on(handle.embed(LONG)).is_ok();
+        }
+        assert!(warmed, "the idle worker starts a lone request within 1 ms");
+        assert!(handle.stats().service_time_per_text > Duration::from_millis(1));
+        let first = handle.embed(LONG);
+        assert_eq!(block_on(handle.embed("two")), Err(EmbedError::Overloaded));
+        assert!(matches!(
+            block_on(first),
+            Ok(_) | Err(EmbedError::Expired { .. })
+        ));
+        assert_eq!(handle.queue_depth(), 0);
+    }
+
+    #[test]
+    fn a_dropped_handle_stops_the_worker_and_an_unpinnable_core_is_tolerated() {
+        let handle = InferenceWorker::start(
+            3,
+            usize::MAX,
+            load_encoder(128),
+            options(4, Duration::ZERO, Duration::from_secs(10)),
+        )
+        .unwrap();
+        assert!(block_on(handle.embed("hello")).is_ok());
+        assert!(handle.is_running());
+        let pending = handle.embed("answered before the worker stops");
+        drop(handle);
+        assert!(block_on(pending).is_ok());
+    }
+
+    #[test]
+    fn a_glommio_shard_keeps_running_while_it_awaits_an_embedding() {
+        let handle = InferenceWorker::start(
+            4,
+            0,
+            load_encoder(128),
+            options(4, Duration::ZERO, Duration::from_secs(10)),
+        )
+        .unwrap();
+        let ticks = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .io_memory(256 << 10)
+            .spawn(move || async move {
+                let ticks = Rc::new(Cell::new(0u32));
+                let done = Rc::new(Cell::new(false));
+                let ticker = {
+                    let (ticks, done) = (ticks.clone(), done.clone());
+                    glommio::spawn_local(async move {
+                        while !done.get() {
+                            glommio::timer::sleep(Duration::from_millis(1)).await;
+                            ticks.set(ticks.get() + 1);
+                        }
+                    })
+                };
+                let mut during = Vec::new();
+                for text in TEXTS {
+                    let before = ticks.get();
+                    let vector = handle.embed(text).await.expect("embedded");
+                    assert_eq!(vector.len(), 384);
+                    during.push(ticks.get() - before);
+                }
+                done.set(true);
+                ticker.await;
+                during
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        // A model call takes milliseconds; the 1 ms timer task ran meanwhile.
+        assert!(
+            ticks.iter().sum::<u32>() >= 3,
+            "ticks during each await: {ticks:?}"
+        );
+    }
+}

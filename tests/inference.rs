@@ -1,0 +1,358 @@
+//! The per-shard intent engine over the real model and real LMDB replicas: recognition
+//! through the hot-query and embedding caches, reload of a new knowledge-base version (a
+//! recognition never mixes versions), degradation to the lexical match when the inference
+//! queue is overloaded, and a knowledge base embedded by another model.
+//!
+//! An import while an engine is open runs `switchboard kb import` in its own process, as in
+//! production: LMDB lets several processes share a replica, while one process may open an
+//! environment only once.
+//!
+//! The model files must be provisioned first (`models/fetch`, which `scripts/test` runs); set
+//! SWITCHBOARD_MODELS_DIR to use another directory.
+//!
+//! `cargo test --release --test inference -- --ignored --nocapture` measures the worker's
+//! throughput one text at a time against batches.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::time::{Duration, Instant};
+
+use futures_lite::future::{block_on, poll_once};
+use switchboard::engine::update::{self, PreparedUpdate};
+use switchboard::engine::{
+    CacheOutcome, EngineSettings, IntentEngine, IntentResult, ModelSettings, WorkerOptions,
+};
+use switchboard::kb::{self, Entry};
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("SWITCHBOARD_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache"))
+}
+
+fn model() -> ModelSettings {
+    let dir = models_dir();
+    ModelSettings {
+        model: dir.join("model.onnx"),
+        tokenizer: dir.join("tokenizer.json"),
+        ort_library: dir.join("libonnxruntime.so"),
+        max_sequence_length: 128,
+        threads: 1,
+    }
+}
+
+fn settings(storage: &Path) -> EngineSettings {
+    EngineSettings {
+        storage_dir: storage.to_path_buf(),
+        kb_map_size: kb::DEFAULT_MAP_SIZE,
+        model: Some(model()),
+        worker: WorkerOptions {
+            max_batch: 16,
+            batch_window: Duration::from_millis(2),
+            max_wait: Duration::from_secs(10),
+            queue_capacity: 256,
+        },
+        hot_cache_entries: 64,
+        embedding_cache_entries: 64,
+        min_similarity: 0.5,
+        reload_interval: Duration::ZERO,
+    }
+}
+
+fn entry(id: &str, answer: &str, questions: &[&str]) -> Entry {
+    Entry {
+        id: id.into(),
+        intent: id.into(),
+        questions: questions.iter().map(|q| q.to_string()).collect(),
+        answer: answer.into(),
+        tags: Vec::new(),
+    }
+}
+
+fn knowledge_base(card_answer: &str) -> Vec<Entry> {
+    vec![
+        entry(
+            "card_arrival",
+            card_answer,
+            &[
+                "I am still waiting on my card?",
+                "What can I do if my card still hasn't arrived after 2 weeks?",
+                "How long does a card take to arrive?",
+                "My card has not been delivered yet",
+            ],
+        ),
+        entry(
+            "change_pin",
+            "Go to Security, then Change PIN.",
+            &[
+                "I need to change my PIN",
+                "How do I reset my PIN?",
+                "Can I change my PIN at an ATM?",
+                "I forgot my PIN number",
+            ],
+        ),
+        entry(
+            "exchange_rate",
+            "We use the interbank rate.",
+            &[
+                "What is the exchange rate?",
+                "Which exchange rate do you use?",
+                "How are exchange rates calculated?",
+                "What rate do I get when I pay in euros?",
+            ],
+        ),
+    ]
+}
+
+/// Embeds and trains once, with the shipped model.
+fn prepare(entries: Vec<Entry>) -> PreparedUpdate {
+    let mut encoder = model().load().expect("load the model (run models/fetch)");
+    update::prepare(entries, &mut encoder).expect("prepare the update")
+}
+
+/// Stores `prepared` in shard 0's replica, in this process (no engine may have it open).
+fn import(storage: &Path, prepared: &PreparedUpdate) -> u64 {
+    update::apply(storage, 1, kb::DEFAULT_MAP_SIZE, prepared).expect("apply the update")
+}
+
+/// Imports `entries` with `switchboard kb import` (another process) into one shard's replica.
+fn import_with_cli(storage: &Path, entries: &[Entry]) {
+    let dir = tempfile::tempdir().unwrap();
+    let models = models_dir();
+    let config = dir.path().join("site.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[shards]\ncores = [0]\n\n[storage]\ndir = {storage:?}\n\n[inference]\nmodel = {:?}\ntokenizer = {:?}\nort_library = {:?}\n",
+            models.join("model.onnx"),
+            models.join("tokenizer.json"),
+            models.join("libonnxruntime.so"),
+        ),
+    )
+    .unwrap();
+    let file = dir.path().join("kb.json");
+    std::fs::write(&file, kb::export_json(entries)).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["kb", "import", "--config"])
+        .arg(&config)
+        .arg(&file)
+        .output()
+        .expect("run switchboard kb import");
+    assert!(
+        output.status.success(),
+        "kb import failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn recognise(engine: &IntentEngine, text: &str) -> IntentResult {
+    block_on(engine.recognise(text)).unwrap_or_else(|| panic!("no match for {text:?}"))
+}
+
+#[test]
+fn recognition_goes_through_the_caches_and_follows_new_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = IntentEngine::open(&settings(dir.path()), 0, 0).expect("open the engine");
+    assert_eq!(engine.version(), None);
+    assert_eq!(block_on(engine.recognise("where is my card")), None);
+
+    import_with_cli(
+        dir.path(),
+        &knowledge_base("Cards arrive within 5 working days."),
+    );
+    // reload_interval is zero: the next recognition notices the new version.
+    let found = recognise(&engine, "my new card still has not arrived");
+    assert_eq!(
+        (
+            found.version,
+            found.intent.as_str(),
+            found.cache,
+            found.degraded
+        ),
+        (1, "card_arrival", CacheOutcome::Miss, false)
+    );
+    assert_eq!(found.answer, "Cards arrive within 5 working days.");
+    assert!(
+        found.score > 0.5 && found.second_score < found.score,
+        "{found:?}"
+    );
+    let other = recognise(&engine, "how do I set a new PIN");
+    assert_eq!(other.intent, "change_pin");
+    assert!(other.similarity.unwrap() >= 0.5, "{other:?}");
+    // With three entries the classifier alone is sure of something even for an unrelated
+    // message; its distance to every question gives it away.
+    let unrelated = recognise(&engine, "what's the weather like on mars tomorrow?");
+    assert!(unrelated.similarity.unwrap() < 0.5, "{unrelated:?}");
+    assert_eq!((unrelated.score, unrelated.second_score), (0.0, 0.0));
+
+    // The same question with other spacing and case is a hot-cache hit.
+    let again = recognise(&engine, "  My new card STILL has not   arrived ");
+    assert_eq!(again.cache, CacheOutcome::HotHit);
+    assert_eq!((again.entry, again.score), (found.entry, found.score));
+
+    // A new version empties the hot cache but keeps the embeddings.
+    import_with_cli(dir.path(), &knowledge_base("Your card is on its way."));
+    let reloaded = recognise(&engine, "my new card still has not arrived");
+    assert_eq!(
+        (reloaded.version, reloaded.cache),
+        (2, CacheOutcome::EmbeddingHit)
+    );
+    assert_eq!(reloaded.answer, "Your card is on its way.");
+
+    let stats = engine.stats();
+    assert_eq!(stats.version, Some(2));
+    assert_eq!(stats.reloads, 2);
+    assert_eq!((stats.hot_cache.hits, stats.embedding_cache.hits), (1, 1));
+    assert_eq!(stats.degraded, 0);
+    assert_eq!(stats.worker.unwrap().embedded, 3);
+}
+
+#[test]
+fn a_recognition_in_flight_during_an_update_sees_one_version() {
+    let dir = tempfile::tempdir().unwrap();
+    import(dir.path(), &prepare(knowledge_base("old answer")));
+    let mut settings = settings(dir.path());
+    settings.hot_cache_entries = 0;
+    let engine = IntentEngine::open(&settings, 0, 0).unwrap();
+    assert_eq!(engine.version(), Some(1));
+
+    // Start a recognition: it takes the loaded version and waits for the worker.
+    let mut pending = pin!(engine.recognise("where is my card? it never came"));
+    assert!(block_on(poll_once(pending.as_mut())).is_none());
+    // Meanwhile a new version lands and the engine switches to it.
+    import_with_cli(dir.path(), &knowledge_base("new answer"));
+    assert!(engine.reload().unwrap());
+    assert_eq!(engine.version(), Some(2));
+    let old = block_on(pending).unwrap();
+    assert_eq!(
+        (old.version, old.answer.as_str()),
+        (1, "old answer"),
+        "{old:?}"
+    );
+    let new = recognise(&engine, "where is my card? it never came");
+    assert_eq!((new.version, new.answer.as_str()), (2, "new answer"));
+}
+
+/// Polls every future once (so all are submitted together), then waits for each.
+fn run_together<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures
+        .iter_mut()
+        .map(|future| block_on(poll_once(future.as_mut())))
+        .collect();
+    for (output, future) in outputs.iter_mut().zip(futures) {
+        if output.is_none() {
+            *output = Some(block_on(future));
+        }
+    }
+    outputs.into_iter().map(Option::unwrap).collect()
+}
+
+#[test]
+fn an_overloaded_worker_degrades_to_the_lexical_match() {
+    let dir = tempfile::tempdir().unwrap();
+    import(dir.path(), &prepare(knowledge_base("on its way")));
+    let mut settings = settings(dir.path());
+    settings.worker = WorkerOptions {
+        max_batch: 1,
+        batch_window: Duration::ZERO,
+        max_wait: Duration::from_secs(10),
+        queue_capacity: 1,
+    };
+    settings.hot_cache_entries = 0;
+    settings.embedding_cache_entries = 0;
+    let engine = IntentEngine::open(&settings, 0, 0).unwrap();
+    let texts: Vec<String> = (0..12)
+        .map(|i| format!("how do I change my PIN number, attempt {i}"))
+        .collect();
+    let results = run_together(texts.iter().map(|text| engine.recognise(text)).collect());
+    let degraded: Vec<&IntentResult> = results
+        .iter()
+        .flatten()
+        .filter(|result| result.degraded)
+        .collect();
+    assert!(degraded.len() >= 8, "{results:?}");
+    assert!(results.iter().flatten().any(|result| !result.degraded));
+    for result in results.iter().flatten() {
+        assert_eq!(result.intent, "change_pin", "{result:?}");
+        assert!((0.0..=1.0).contains(&result.score) && result.second_score <= result.score);
+    }
+    let stats = engine.stats();
+    assert_eq!(stats.degraded, degraded.len() as u64);
+    assert_eq!(stats.worker.unwrap().overloaded, degraded.len() as u64);
+    // A degraded match of a text sharing no word with the knowledge base is no match.
+    let lexical = engine.recognise_lexically("zebra xylophone");
+    assert_eq!(lexical, None);
+}
+
+#[test]
+fn a_knowledge_base_embedded_by_another_model_is_only_matched_lexically() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut prepared = prepare(knowledge_base("on its way"));
+    prepared.model_fingerprint = "another-model sha256:0000".into();
+    import(dir.path(), &prepared);
+    let engine = IntentEngine::open(&settings(dir.path()), 0, 0).unwrap();
+    let result = recognise(&engine, "what exchange rate will I get");
+    assert!(result.degraded, "{result:?}");
+    assert_eq!(result.intent, "exchange_rate");
+    assert_eq!(engine.stats().worker.unwrap().embedded, 0);
+}
+
+fn holdout_texts(count: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/banking77/holdout.csv"),
+    )
+    .unwrap();
+    let mut reader = csv::Reader::from_reader(text.as_bytes());
+    reader
+        .records()
+        .take(count)
+        .map(|record| record.unwrap()[0].to_string())
+        .collect()
+}
+
+/// Throughput of the worker (embedding only): one text at a time against batches of 16
+/// submitted together. Prints; run with `--release --ignored --nocapture`.
+#[test]
+#[ignore = "measurement"]
+fn measure_worker_throughput() {
+    use switchboard::engine::InferenceWorker;
+    let texts = holdout_texts(480);
+    let worker = InferenceWorker::start(
+        0,
+        0,
+        model().load().unwrap(),
+        WorkerOptions {
+            max_batch: 16,
+            batch_window: Duration::from_millis(2),
+            max_wait: Duration::from_secs(60),
+            queue_capacity: 1024,
+        },
+    )
+    .unwrap();
+    for text in texts.iter().take(20) {
+        block_on(worker.embed(text)).unwrap();
+    }
+    let started = Instant::now();
+    for text in &texts {
+        block_on(worker.embed(text)).unwrap();
+    }
+    let single = texts.len() as f64 / started.elapsed().as_secs_f64();
+    let batches_before = worker.stats().batches;
+    let started = Instant::now();
+    for chunk in texts.chunks(16) {
+        let futures: Vec<_> = chunk.iter().map(|text| worker.embed(text)).collect();
+        for future in futures {
+            block_on(future).unwrap();
+        }
+    }
+    let batched = texts.len() as f64 / started.elapsed().as_secs_f64();
+    let batches = worker.stats().batches - batches_before;
+    println!(
+        "worker throughput over {} hold-out questions: one at a time {single:.0} texts/s; \
+         16 submitted together {batched:.0} texts/s ({:.2}x, {batches} model calls)",
+        texts.len(),
+        batched / single
+    );
+}

@@ -1,0 +1,250 @@
+//! The knowledge-base commands through the real binary, the real model and real LMDB
+//! replicas: `kb import` (CSV and JSON), `kb list`, `kb export`, `kb eval`.
+//!
+//! The model files must be provisioned first (`models/fetch`, which `scripts/test` runs); set
+//! SWITCHBOARD_MODELS_DIR to use another directory. The BANKING77 test embeds the committed
+//! 9,000-question knowledge base once (about 40 s) and evaluates the committed hold-out.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::BIN;
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("SWITCHBOARD_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("models/cache"))
+}
+
+fn data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/banking77")
+        .join(name)
+}
+
+/// A temporary directory with a configuration whose storage lives inside it.
+struct Site {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+impl Site {
+    fn new() -> Site {
+        Site::with_model(&models_dir().join("model.onnx"))
+    }
+
+    fn with_model(model: &Path) -> Site {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let models = models_dir();
+        for file in ["model.onnx", "tokenizer.json", "libonnxruntime.so"] {
+            assert!(
+                models.join(file).is_file(),
+                "{} is missing: run models/fetch before these tests",
+                models.join(file).display()
+            );
+        }
+        let config = dir.path().join("site.toml");
+        let text = format!(
+            "[storage]\ndir = {:?}\n\n[inference]\nmodel = {:?}\ntokenizer = {:?}\nort_library = {:?}\n",
+            dir.path().join("data"),
+            model,
+            models.join("tokenizer.json"),
+            models.join("libonnxruntime.so"),
+        );
+        std::fs::write(&config, text).expect("write the configuration");
+        Site { dir, config }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::write(&path, text).expect("write a test file");
+        path
+    }
+
+    /// Runs `switchboard kb <args> --config <site.toml>`.
+    fn kb(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("kb")
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run switchboard")
+    }
+
+    fn kb_ok(&self, args: &[&str]) -> String {
+        let output = self.kb(args);
+        assert!(
+            output.status.success(),
+            "kb {args:?} failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    fn export(&self) -> String {
+        self.kb_ok(&["export"])
+    }
+}
+
+/// The first line of `kb list`: "version N: ...".
+fn listed_version(listing: &str) -> u64 {
+    let first = listing.lines().next().unwrap_or_default();
+    first
+        .strip_prefix("version ")
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no version line in:\n{listing}"))
+}
+
+/// Three intents of BANKING77 with three questions each and explicit answers.
+const SMALL_CSV: &str = "text,category,answer
+I am still waiting on my card?,card_arrival,Cards arrive within 5 working days.
+What can I do if my card still hasn't arrived after 2 weeks?,card_arrival,
+How long does a card take to arrive?,card_arrival,
+I need to change my PIN,change_pin,\"Go to Security, then Change PIN.\"
+How do I reset my PIN?,change_pin,
+Can I change my PIN at an ATM?,change_pin,
+What is the exchange rate?,exchange_rate,We use the interbank rate.
+Which exchange rate do you use?,exchange_rate,
+How are exchange rates calculated?,exchange_rate,
+";
+
+#[test]
+fn banking77_imports_lists_and_evaluates_above_the_target() {
+    let site = Site::new();
+    let import = site.kb_ok(&["import", data("kb.csv").to_str().unwrap()]);
+    assert!(
+        import.contains("77 entries, 9000 questions"),
+        "import output:\n{import}"
+    );
+    assert!(import.contains("stored version 1 in"), "{import}");
+
+    let listing = site.kb_ok(&["list"]);
+    assert_eq!(listed_version(&listing), 1);
+    assert!(
+        listing
+            .lines()
+            .next()
+            .unwrap()
+            .contains("77 entries, 9000 questions"),
+        "{listing}"
+    );
+    // The version line, the column header, then one line per entry.
+    assert_eq!(listing.lines().count(), 2 + 77, "{listing}");
+    assert!(listing
+        .lines()
+        .any(|line| line.starts_with("card_arrival ")));
+
+    let report = site.kb_ok(&["eval", data("holdout.csv").to_str().unwrap()]);
+    eprintln!("{report}");
+    let accuracy: f64 = report
+        .lines()
+        .find_map(|line| line.strip_prefix("accuracy: "))
+        .and_then(|rest| rest.split('%').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no accuracy line in:\n{report}"));
+    assert!(
+        accuracy >= 92.0,
+        "accuracy {accuracy}% is below the 92% target:\n{report}"
+    );
+    for expected in [
+        "queries: 1003 from",
+        "fallback rate: ",
+        "latency per query, one at a time: p50 ",
+        "per intent: 77 intents",
+        "degraded (lexical) recognitions: 0",
+    ] {
+        assert!(report.contains(expected), "{expected:?} missing:\n{report}");
+    }
+}
+
+#[test]
+fn export_round_trips_through_import() {
+    let site = Site::new();
+    let csv = site.write("small.csv", SMALL_CSV);
+    site.kb_ok(&["import", csv.to_str().unwrap()]);
+    let first = site.export();
+    let entries: serde_json::Value = serde_json::from_str(&first).expect("the export is JSON");
+    let entries = entries.as_array().expect("an array of entries");
+    assert_eq!(entries.len(), 3);
+    assert_eq!(entries[1]["id"], "change_pin");
+    assert_eq!(entries[1]["answer"], "Go to Security, then Change PIN.");
+    assert_eq!(entries[0]["questions"].as_array().unwrap().len(), 3);
+
+    // The export, imported again, is a new version with the same content.
+    let exported = site.path("export.json");
+    let output = site.kb(&["export", "--output", exported.to_str().unwrap()]);
+    assert!(output.status.success());
+    assert_eq!(std::fs::read_to_string(&exported).unwrap(), first);
+    site.kb_ok(&["import", exported.to_str().unwrap()]);
+    assert_eq!(listed_version(&site.kb_ok(&["list"])), 2);
+    assert_eq!(site.export(), first);
+}
+
+#[test]
+fn a_malformed_file_reports_every_problem_by_line_and_keeps_the_current_version() {
+    let site = Site::new();
+    let csv = site.write("small.csv", SMALL_CSV);
+    site.kb_ok(&["import", csv.to_str().unwrap()]);
+    let before = site.export();
+
+    let bad = site.write(
+        "bad.csv",
+        "text,category\nwhere is my card?,card_arrival\n,card_arrival\nnew pin please\nrate?,exchange_rate\n\"unclosed,exchange_rate\n",
+    );
+    let output = site.kb(&["import", bad.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for line in ["line 3:", "line 4:", "line 6:"] {
+        assert!(stderr.contains(line), "{line} missing from:\n{stderr}");
+    }
+    assert!(stderr.contains("nothing imported"), "{stderr}");
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("embedded"),
+        "nothing may be embedded for a malformed file"
+    );
+    assert_eq!(listed_version(&site.kb_ok(&["list"])), 1);
+    assert_eq!(site.export(), before);
+
+    let bad_json = site.write(
+        "bad.json",
+        "[\n  {\"id\": \"a\", \"questions\": [\"q\"], \"answer\": \"x\"},\n  {\"id\": \"a\", \"questions\": [], \"answer\": \"y\"}\n]\n",
+    );
+    let output = site.kb(&["import", bad_json.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("line 3"));
+    assert_eq!(site.export(), before);
+}
+
+#[test]
+fn missing_model_files_and_an_empty_knowledge_base_are_explained() {
+    let site = Site::with_model(Path::new("/nonexistent/model.onnx"));
+    let csv = site.write("small.csv", SMALL_CSV);
+    let output = site.kb(&["import", csv.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("/nonexistent/model.onnx"), "{stderr}");
+    assert!(stderr.contains("run models/fetch"), "{stderr}");
+
+    for args in [&["list"][..], &["export"][..]] {
+        let output = site.kb(args);
+        assert_eq!(output.status.code(), Some(1), "kb {args:?}: {output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("no knowledge base has been imported"),
+            "{stderr}"
+        );
+    }
+    let output = site.kb(&["eval", csv.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("run models/fetch"));
+}
