@@ -1860,7 +1860,10 @@ mod tests {
     #[test]
     fn defaults_load_with_documented_values() {
         let c = load(None).unwrap();
-        assert_eq!(c.server.listen, "127.0.0.1:8080".parse::<std::net::SocketAddr>().unwrap());
+        assert_eq!(
+            c.server.listen,
+            "127.0.0.1:8080".parse::<std::net::SocketAddr>().unwrap()
+        );
         assert_eq!(c.server.backlog, 4096);
         assert_eq!(c.shards.cores, Cores::All);
         assert_eq!(c.shards.io_memory, 256 * 1024);
@@ -2287,7 +2290,10 @@ mod tests {
         let e = err("[server]\nlisten = \"localhost:8080\"\n");
         assert_invalid(&e, 2, "server.listen", "host names are not resolved");
         let c = load_str("ok.toml", "[server]\nlisten = \"[::1]:0\"\n").unwrap();
-        assert_eq!(c.server.listen, "[::1]:0".parse::<std::net::SocketAddr>().unwrap());
+        assert_eq!(
+            c.server.listen,
+            "[::1]:0".parse::<std::net::SocketAddr>().unwrap()
+        );
         let e = err("[bot]\nhandlers = [\"intent\", \"fallback\", \"intent\"]\n");
         assert_invalid(
             &e,

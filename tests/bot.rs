@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-const CARD_ARRIVAL: &str = "Cards arrive within 5 working days; track yours under Cards > Delivery.";
+const CARD_ARRIVAL: &str =
+    "Cards arrive within 5 working days; track yours under Cards > Delivery.";
 const CARD_ARRIVAL_V2: &str = "New policy: cards arrive within 2 working days.";
 
 /// A small knowledge base from the committed BANKING77 split: a few intents,
@@ -20,10 +21,22 @@ const CARD_ARRIVAL_V2: &str = "New policy: cards arrive within 2 working days.";
 fn small_kb(card_answer: &str) -> String {
     let wanted = [
         ("card_arrival", card_answer.to_string()),
-        ("lost_or_stolen_card", "Freeze your card in the app right away, then order a new one.".into()),
-        ("exchange_rate", "We use the interbank rate plus a small margin shown before you pay.".into()),
-        ("age_limit", "You must be 18 or older to open an account.".into()),
-        ("pin_blocked", "Unblock your PIN at any of our ATMs with your card.".into()),
+        (
+            "lost_or_stolen_card",
+            "Freeze your card in the app right away, then order a new one.".into(),
+        ),
+        (
+            "exchange_rate",
+            "We use the interbank rate plus a small margin shown before you pay.".into(),
+        ),
+        (
+            "age_limit",
+            "You must be 18 or older to open an account.".into(),
+        ),
+        (
+            "pin_blocked",
+            "Unblock your PIN at any of our ATMs with your card.".into(),
+        ),
     ];
     let source = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -53,7 +66,10 @@ fn small_kb(card_answer: &str) -> String {
 fn csv_rows(source: &str) -> impl Iterator<Item = (String, String)> + '_ {
     source.lines().skip(1).filter_map(|line| {
         let (text, category) = line.rsplit_once(',')?;
-        Some((text.trim_matches('"').replace("\"\"", "\""), category.to_string()))
+        Some((
+            text.trim_matches('"').replace("\"\"", "\""),
+            category.to_string(),
+        ))
     })
 }
 
@@ -141,7 +157,11 @@ fn bot_answers_falls_back_hands_off_and_refuses() {
     let mut tab = visitor(&server, "asker");
 
     // A BANKING77-style question not in the knowledge base verbatim.
-    let answer = ask(&mut tab, "q1", "my new card still hasn't come in the mail, where is it?");
+    let answer = ask(
+        &mut tab,
+        "q1",
+        "my new card still hasn't come in the mail, where is it?",
+    );
     assert_eq!(answer["text"], CARD_ARRIVAL, "{answer}");
 
     // Something the knowledge base knows nothing about: the fallback.
@@ -149,8 +169,16 @@ fn bot_answers_falls_back_hands_off_and_refuses() {
     assert_eq!(answer["from"], "bot");
     assert_ne!(answer["text"], CARD_ARRIVAL);
     assert!(
-        answer["text"].as_str().unwrap().to_lowercase().contains("human")
-            || answer["text"].as_str().unwrap().to_lowercase().contains("rephrase"),
+        answer["text"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("human")
+            || answer["text"]
+                .as_str()
+                .unwrap()
+                .to_lowercase()
+                .contains("rephrase"),
         "fallback offers to rephrase or a human: {answer}"
     );
 
@@ -161,7 +189,9 @@ fn bot_answers_falls_back_hands_off_and_refuses() {
 
     // Card numbers are masked before they are stored and forwarded.
     let mut other = visitor(&server, "asker");
-    tab.send_json(&json!({"type": "message", "id": "q4", "text": "my card 4111 1111 1111 1111 was stolen"}));
+    tab.send_json(
+        &json!({"type": "message", "id": "q4", "text": "my card 4111 1111 1111 1111 was stolen"}),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     let echoed = loop {
         let value = other.read_json();
@@ -172,7 +202,10 @@ fn bot_answers_falls_back_hands_off_and_refuses() {
     };
     let stored = echoed["text"].as_str().unwrap();
     assert!(!stored.contains("4111 1111 1111 1111"), "{stored}");
-    assert!(stored.contains("1111"), "the last four digits stay: {stored}");
+    assert!(
+        stored.contains("1111"),
+        "the last four digits stay: {stored}"
+    );
 
     // Asking for a human reaches the queue.
     let mut human = visitor(&server, "wants-a-human");

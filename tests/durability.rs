@@ -42,7 +42,10 @@ fn absorb(ledger: &mut Ledger, value: &Value) {
             let id = value["id"].as_str().unwrap().to_string();
             let seq = value["seq"].as_u64().unwrap();
             if let Some(previous) = ledger.acked.insert(id.clone(), seq) {
-                assert_eq!(previous, seq, "a resent id must be acked with its original seq");
+                assert_eq!(
+                    previous, seq,
+                    "a resent id must be acked with its original seq"
+                );
             }
             ledger.unacked.retain(|u| *u != id);
             ledger.seen = ledger.seen.max(seq);
@@ -65,7 +68,10 @@ fn verify(server: &Server, visitor: &str, ledger: &Ledger) {
             Some("message") => {
                 let seq = value["seq"].as_u64().unwrap();
                 let text = value["text"].as_str().unwrap().to_string();
-                assert!(by_seq.insert(seq, text).is_none(), "seq {seq} replayed twice");
+                assert!(
+                    by_seq.insert(seq, text).is_none(),
+                    "seq {seq} replayed twice"
+                );
             }
             _ => {}
         }
@@ -74,14 +80,28 @@ fn verify(server: &Server, visitor: &str, ledger: &Ledger) {
         }
     }
     let last = hello_seq.expect("hello");
-    assert_eq!(by_seq.len() as u64, last, "{visitor}: replay holds every seq up to {last}");
-    assert_eq!(by_seq.keys().copied().collect::<Vec<_>>(), (1..=last).collect::<Vec<_>>());
+    assert_eq!(
+        by_seq.len() as u64,
+        last,
+        "{visitor}: replay holds every seq up to {last}"
+    );
+    assert_eq!(
+        by_seq.keys().copied().collect::<Vec<_>>(),
+        (1..=last).collect::<Vec<_>>()
+    );
     let mut seen_texts = HashMap::new();
     for (seq, text) in &by_seq {
-        assert!(seen_texts.insert(text.clone(), *seq).is_none(), "{text} stored twice");
+        assert!(
+            seen_texts.insert(text.clone(), *seq).is_none(),
+            "{text} stored twice"
+        );
     }
     for (id, seq) in &ledger.acked {
-        assert_eq!(seen_texts.get(id), Some(seq), "{visitor}: acked {id} must be stored at seq {seq}");
+        assert_eq!(
+            seen_texts.get(id),
+            Some(seq),
+            "{visitor}: acked {id} must be stored at seq {seq}"
+        );
     }
 }
 
@@ -117,7 +137,9 @@ fn random_disconnects_with_resend_and_resume_lose_and_duplicate_nothing() {
             // that leaves us: before, between or after the acks.
             let reads = next() % (burst + 3);
             for _ in 0..reads {
-                let Some(frame) = client.read_message() else { break };
+                let Some(frame) = client.read_message() else {
+                    break;
+                };
                 absorb(ledger, &frame.json());
             }
             drop(client);
@@ -135,15 +157,24 @@ fn random_disconnects_with_resend_and_resume_lose_and_duplicate_nothing() {
                 client.send_json(&json!({"type": "message", "id": id, "text": id}));
             }
             while !ledger.unacked.is_empty() {
-                let Some(frame) = client.read_message() else { break };
+                let Some(frame) = client.read_message() else {
+                    break;
+                };
                 absorb(ledger, &frame.json());
             }
         }
-        assert!(ledger.unacked.is_empty(), "{visitor}: unacked after retries: {:?}", ledger.unacked);
+        assert!(
+            ledger.unacked.is_empty(),
+            "{visitor}: unacked after retries: {:?}",
+            ledger.unacked
+        );
         verify(&server, visitor, ledger);
     }
     let total: usize = ledgers.iter().map(|l| l.acked.len()).sum();
-    assert_eq!(total as u64, counter, "every message sent was eventually stored once");
+    assert_eq!(
+        total as u64, counter,
+        "every message sent was eventually stored once"
+    );
 }
 
 #[test]
@@ -158,7 +189,9 @@ fn kill_9_under_load_keeps_every_acked_message() {
             let stop = stop.clone();
             std::thread::spawn(move || {
                 let visitor = format!("crash-{index}");
-                let Some(mut client) = connect(addr, &visitor, 0) else { return };
+                let Some(mut client) = connect(addr, &visitor, 0) else {
+                    return;
+                };
                 client.set_read_timeout(Duration::from_millis(200));
                 let mut n = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -194,7 +227,10 @@ fn kill_9_under_load_keeps_every_acked_message() {
     }
     let ledgers = ledgers.lock().unwrap().clone();
     let acked: usize = ledgers.iter().map(|l| l.acked.len()).sum();
-    assert!(acked > 50, "the load produced acked messages before the crash ({acked})");
+    assert!(
+        acked > 50,
+        "the load produced acked messages before the crash ({acked})"
+    );
 
     // Restart on the same data directory.
     let server = Server::start_in(dir, NO_BOT);
@@ -212,7 +248,9 @@ fn kill_9_under_load_keeps_every_acked_message() {
         let mut after = ledger.clone();
         let mut acks = 0;
         while acks < all.len() {
-            let Some(frame) = client.read_message() else { break };
+            let Some(frame) = client.read_message() else {
+                break;
+            };
             let value = frame.json();
             if value["type"] == "ack" {
                 acks += 1;

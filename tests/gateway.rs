@@ -80,7 +80,10 @@ fn handshake_timeout_stops_slowloris() {
     let text = String::from_utf8_lossy(&response);
     // Only the server's timer can produce a 408 here: the head never completes.
     assert!(text.starts_with("HTTP/1.1 408"), "got {text:?}");
-    assert!(elapsed < Duration::from_secs(10), "closed after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "closed after {elapsed:?}"
+    );
 }
 
 #[test]

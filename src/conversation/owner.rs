@@ -1105,13 +1105,13 @@ impl Owner {
         };
         let bot_enabled = self.config.bot_enabled;
         // The sender has its ack; its other tabs and the other side get the message.
-        let Some(live) = self.fan_out(conversation, seq, ts_ms, &message, Some(session), out) else {
+        let Some(live) = self.fan_out(conversation, seq, ts_ms, &message, Some(session), out)
+        else {
             return;
         };
         let key = live.key.clone();
-        let bot_turn = visitor_key.is_some()
-            && bot_enabled
-            && live.meta.state == ConversationState::Bot;
+        let bot_turn =
+            visitor_key.is_some() && bot_enabled && live.meta.state == ConversationState::Bot;
         if bot_turn {
             // The bot's work counts as in flight: the conversation stays in
             // memory until its verdict is handled.

@@ -30,12 +30,12 @@ use super::owner::{
     message_frame, BotOutcome, Completion, Owner, OwnerAction, OwnerConfig, OwnerEvent, VisitorKey,
 };
 use super::protocol::{self, now_ms, VisitorFrame};
-use crate::bot::{BotContext, Chain, HandlerSpec, Registry, Verdict};
-use crate::engine::intent::{CacheOutcome, EngineSettings, IntentEngine};
-use crate::metrics::{Metrics, ShardMetrics};
 use super::SessionRef;
 use crate::arena::{Arena, Outbound, SessionId};
+use crate::bot::{BotContext, Chain, HandlerSpec, Registry, Verdict};
 use crate::config::Config;
+use crate::engine::intent::{CacheOutcome, EngineSettings, IntentEngine};
+use crate::metrics::{Metrics, ShardMetrics};
 use crate::store::{ConversationId, Durability, Op, ShardStore, StoreOptions, StoreReader};
 
 /// Messages shards send each other.
@@ -547,7 +547,9 @@ impl Router {
             return;
         };
         glommio::spawn_local(async move {
-            let verdict = router.decide(conversation, &site, &visitor, text, failed_turns).await;
+            let verdict = router
+                .decide(conversation, &site, &visitor, text, failed_turns)
+                .await;
             router.on_owner(OwnerEvent::BotVerdict {
                 conversation,
                 verdict,
@@ -588,7 +590,10 @@ impl Router {
             (verdict, next) = bot.answers.borrow_mut().run(&mut ctx, next);
         }
         let _ = next;
-        if matches!(verdict, Verdict::Continue | Verdict::NeedIntent | Verdict::Block { .. }) {
+        if matches!(
+            verdict,
+            Verdict::Continue | Verdict::NeedIntent | Verdict::Block { .. }
+        ) {
             verdict = Verdict::fallback(&ctx);
         }
         let failed = verdict.next_failed_turns(failed_turns);
