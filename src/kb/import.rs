@@ -858,7 +858,10 @@ mod tests {
 
     #[test]
     fn banking77_train_imports_to_77_entries() {
-        let path = Path::new("/work/shared/data/banking77/train.csv");
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../shared/data/banking77/train.csv"
+        ));
         if !path.exists() {
             eprintln!("skipped: {} is not present", path.display());
             return;
@@ -872,7 +875,11 @@ mod tests {
             .all(|entry| entry.problems().is_empty() && entry.intent == entry.id));
         // The category list shipped next to the data agrees.
         let categories: Vec<String> = serde_json::from_str(
-            &std::fs::read_to_string("/work/shared/data/banking77/categories.json").unwrap(),
+            &std::fs::read_to_string(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../shared/data/banking77/categories.json"
+            ))
+            .unwrap(),
         )
         .unwrap();
         let mut ids: Vec<&str> = entries.iter().map(|entry| entry.id.as_str()).collect();

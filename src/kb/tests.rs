@@ -614,7 +614,10 @@ fn lexical_top_ranks_the_entry_sharing_rare_words() {
 
 #[test]
 fn banking77_imports_stores_and_indexes() {
-    let path = Path::new("/work/shared/data/banking77/train.csv");
+    let path = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/banking77/train.csv"
+    ));
     if !path.exists() {
         eprintln!("skipped: {} is not present", path.display());
         return;
@@ -809,7 +812,10 @@ fn naive_scores(matrix: &[f32], dim: usize, entry_rows: &[u32], query: &[f32]) -
 #[test]
 #[ignore = "measurement; run with --release --nocapture"]
 fn measure_lexical_accuracy_and_speed() {
-    let path = Path::new("/work/shared/data/banking77/train.csv");
+    let path = Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/banking77/train.csv"
+    ));
     let all = import_file(path).unwrap();
     let mut kept = all.clone();
     let mut held_out: Vec<(String, usize)> = Vec::new();
