@@ -289,6 +289,8 @@ pub enum BotHandler {
     HumanTransfer,
     Intent,
     Fallback,
+    /// The sample handler that repeats the message (see docs/plugins.md).
+    Echo,
 }
 
 /// `[risk_control]`
@@ -453,6 +455,7 @@ impl BotHandler {
         ("human_transfer", BotHandler::HumanTransfer),
         ("intent", BotHandler::Intent),
         ("fallback", BotHandler::Fallback),
+        ("echo", BotHandler::Echo),
     ];
 
     /// The spelling used in TOML.
@@ -2305,6 +2308,8 @@ mod tests {
         assert_invalid(&e, 2, "bot.handlers", "element 2: must be one of");
         let e = err("[bot]\nhandlers = []\n");
         assert_invalid(&e, 2, "bot.handlers", "at least one handler");
+        let c = load_str("t.toml", "[bot]\nhandlers = [\"risk_control\", \"echo\"]\n").unwrap();
+        assert_eq!(c.bot.handlers, [BotHandler::RiskControl, BotHandler::Echo]);
         let e = err("[storage]\ndir = \"\"\n");
         assert_invalid(
             &e,
