@@ -281,9 +281,18 @@ struct Session {
 /// What a session is, keeping only what the session needs after its
 /// handshake (the query string's strings are not kept twice).
 enum SessionRole {
-    Echo { delay_ms: u32 },
-    Visitor { key: VisitorKey },
-    Agent { id: Box<str>, name: Box<str> },
+    Echo {
+        delay_ms: u32,
+    },
+    /// `owner` is the shard owning the visitor's conversation, computed once.
+    Visitor {
+        key: VisitorKey,
+        owner: usize,
+    },
+    Agent {
+        id: Box<str>,
+        name: Box<str>,
+    },
 }
 
 impl Session {
@@ -320,7 +329,7 @@ impl Session {
                         session: me,
                     }),
                 );
-                SessionRole::Visitor { key }
+                SessionRole::Visitor { key, owner }
             }
             Endpoint::Agent { id, name, max_open } => {
                 router.send(
@@ -394,10 +403,10 @@ impl Session {
         let max_text = self.shard.config.conversations.max_text_bytes;
         let me = self.me();
         match &self.role {
-            SessionRole::Visitor { key } => match protocol::parse_visitor(text, max_text) {
+            SessionRole::Visitor { key, owner } => match protocol::parse_visitor(text, max_text) {
                 Ok(frame) => {
                     let key = key.clone();
-                    let owner = visitor_owner(&key.site, &key.visitor, router.shard_count());
+                    let owner = *owner;
                     router.send(
                         owner,
                         ShardMessage::Owner(OwnerEvent::Visitor {
@@ -495,8 +504,8 @@ impl Drop for Session {
         let me = self.me();
         match &self.role {
             SessionRole::Echo { .. } => {}
-            SessionRole::Visitor { key } => {
-                let owner = visitor_owner(&key.site, &key.visitor, router.shard_count());
+            SessionRole::Visitor { key, owner } => {
+                let owner = *owner;
                 router.send(
                     owner,
                     ShardMessage::Owner(OwnerEvent::VisitorDetach {
