@@ -60,6 +60,12 @@ counters! {
     bot_embedding_cache_hits: "counter",
     /// Recognitions that needed the model (or the lexical fallback).
     bot_cache_misses: "counter",
+    /// Storage group commits (LMDB write transactions) completed.
+    store_commits: "counter",
+    /// Operations (message appends, state changes, ...) written by those commits.
+    store_commit_ops: "counter",
+    /// Microseconds spent in group commits, fsync included (divide by store_commits for the mean).
+    store_commit_micros: "counter",
 }
 
 impl ShardMetrics {

@@ -819,6 +819,7 @@ impl Router {
                     .borrow_mut()
                     .take()
                     .expect("only the committer takes the store");
+                let started = std::time::Instant::now();
                 let (store, ops, result) = glommio::executor()
                     .spawn_blocking(move || {
                         let mut store = store;
@@ -826,6 +827,13 @@ impl Router {
                         (store, ops, result)
                     })
                     .await;
+                let counters = self.metrics();
+                ShardMetrics::add(&counters.store_commits, 1);
+                ShardMetrics::add(&counters.store_commit_ops, ops.len() as u64);
+                ShardMetrics::add(
+                    &counters.store_commit_micros,
+                    started.elapsed().as_micros() as u64,
+                );
                 *self.store.borrow_mut() = Some(store);
                 first = false;
                 match result {
