@@ -8,7 +8,7 @@
 
 use super::records::ConversationId;
 
-/// Longest client message id accepted for deduplication.
+/// Longest client message id accepted (re-sends are recognised by it).
 pub const MAX_CLIENT_ID_BYTES: usize = 128;
 /// Longest site name accepted.
 pub const MAX_SITE_BYTES: usize = 128;
@@ -58,18 +58,6 @@ impl<const N: usize> KeyBuf<N> {
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
     }
-}
-
-/// `dedup` table key: conversation (8 bytes BE) then the client id bytes.
-/// The caller has checked `client_id.len() <= MAX_CLIENT_ID_BYTES`.
-pub fn dedup_key(
-    conversation: ConversationId,
-    client_id: &str,
-) -> KeyBuf<{ 8 + MAX_CLIENT_ID_BYTES }> {
-    let mut key = KeyBuf::new();
-    key.push(&conversation.0.to_be_bytes());
-    key.push(client_id.as_bytes());
-    key
 }
 
 /// `visitors` table key: site length (1 byte), site, visitor id. The length prefix keeps
@@ -134,13 +122,5 @@ mod tests {
             1 + MAX_SITE_BYTES + MAX_VISITOR_BYTES
         );
         assert!(longest.as_bytes().len() <= 511);
-    }
-
-    #[test]
-    fn dedup_keys_are_scoped_by_conversation() {
-        let one = dedup_key(ConversationId(1), "m1");
-        let two = dedup_key(ConversationId(2), "m1");
-        assert_ne!(one.as_bytes(), two.as_bytes());
-        assert_eq!(&one.as_bytes()[8..], b"m1");
     }
 }

@@ -5,8 +5,10 @@
 //! `dir/shard-<n>/` holds shard `n`'s environment (`data.mdb`, `lock.mdb`) with tables:
 //! - `messages`: big-endian `(conversation, seq)` -> archived [`MessageRecord`]; a range
 //!   scan replays a conversation in order ([`ReadView::messages_after`]).
-//! - `dedup`: `(conversation, client id)` -> seq, written in the same transaction as the
-//!   message, so a re-sent message gets its ORIGINAL seq back and is never stored twice.
+//! - (no dedup table) a re-sent message is recognised from the client id in the stored
+//!   records of the conversation's newest [`recent_ids::WINDOW`] messages, through an
+//!   in-memory window per recently written conversation ([`recent_ids`]), and gets its
+//!   ORIGINAL seq back instead of being stored twice.
 //! - `conversations`: conversation -> archived [`Conversation`] (state, last seq, read
 //!   watermarks, failed bot turns, timestamps).
 //! - `open`: the conversations that are not closed (rebuilds queues after a restart).
@@ -65,6 +67,7 @@ mod flusher;
 mod keys;
 mod options;
 mod read;
+pub mod recent_ids;
 mod records;
 mod shard_store;
 

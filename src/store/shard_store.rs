@@ -8,8 +8,10 @@
 //!   `Err`, nothing of the batch is stored and in-memory state is unchanged.
 //! - `Conversation::last_seq` is the seq of the newest stored message of that
 //!   conversation; the next message gets `last_seq + 1`.
-//! - A dedup entry `(conversation, client id) -> seq` is written in the same transaction
-//!   as the message it names, so the two can never disagree after a crash.
+//! - A re-sent message (same conversation and client id as one of the conversation's newest
+//!   [`WINDOW`] messages) is answered with the original seq and not stored again; the
+//!   answer comes from the stored records themselves ([`RecentIds`]), so it cannot
+//!   disagree with them after a crash.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,7 @@ use super::flusher::Flusher;
 use super::keys::{self, MAX_CLIENT_ID_BYTES, MAX_SITE_BYTES, MAX_VISITOR_BYTES};
 use super::options::{Durability, StoreOptions};
 use super::read::{self, ReadView};
+use super::recent_ids::{client_id_hash, RecentIds, WINDOW};
 use super::records::{
     ArchivedMessageRecord, Conversation, ConversationId, ConversationState, MessageRecord,
     MAX_LOCAL_CONVERSATION, MAX_SHARDS,
@@ -35,7 +38,8 @@ pub const FORMAT_VERSION: u64 = 1;
 /// Reader slots of the LMDB lock table. Each live [`ReadView`] holds one; a shard thread
 /// needs a handful, the rest is headroom for diagnostics tools.
 pub const MAX_READERS: u32 = 126;
-/// Named tables of a shard environment (6 used, 2 spare for later layouts).
+/// Named tables of a shard environment (5 used; format 1 files may also hold an unused
+/// `dedup` table from before re-sends were recognised from the records; 2 spare).
 pub const MAX_DBS: u32 = 8;
 
 /// The scratch serialisation buffer is dropped after a batch that grew it past this.
@@ -52,8 +56,6 @@ pub(crate) type Table = Database<'static, Bytes, Bytes>;
 pub(crate) struct Tables {
     /// `(conversation, seq)` -> archived [`MessageRecord`].
     pub messages: Table,
-    /// `(conversation, client id)` -> seq.
-    pub dedup: Table,
     /// conversation -> archived [`Conversation`].
     pub conversations: Table,
     /// conversation -> empty, for every conversation that is not closed.
@@ -78,6 +80,8 @@ pub struct ShardStore {
     scratch: Vec<u8>,
     /// Conversations loaded or changed by the current batch (empty between batches).
     staged: StagedConversations,
+    /// Client ids of the newest messages of recently written conversations.
+    recent: RecentIds,
 }
 
 const _: fn() = || {
@@ -122,7 +126,6 @@ impl ShardStore {
         let tables = env
             .create_databases_and_commit(wtxn, |opener, wtxn| -> Result<_, StoreError> {
                 let messages = opener.create_database::<Bytes, Bytes>(wtxn, Some("messages"))?;
-                let dedup = opener.create_database::<Bytes, Bytes>(wtxn, Some("dedup"))?;
                 let conversations =
                     opener.create_database::<Bytes, Bytes>(wtxn, Some("conversations"))?;
                 let open = opener.create_database::<Bytes, Bytes>(wtxn, Some("open"))?;
@@ -157,7 +160,6 @@ impl ShardStore {
                 }
                 Ok(CommitOrAbort::<_, ()>::Commit((
                     messages,
-                    dedup,
                     conversations,
                     open,
                     visitors,
@@ -165,13 +167,12 @@ impl ShardStore {
                 )))
             })?
             .unwrap_commit();
-        let (messages, dedup, conversations, open, visitors, info) = tables;
+        let (messages, conversations, open, visitors, info) = tables;
 
         Ok(ShardStore {
             env,
             tables: Tables {
                 messages,
-                dedup,
                 conversations,
                 open,
                 visitors,
@@ -182,6 +183,7 @@ impl ShardStore {
             path,
             scratch: Vec::new(),
             staged: StagedConversations::default(),
+            recent: RecentIds::default(),
         })
     }
 
@@ -212,6 +214,9 @@ impl ShardStore {
     pub fn apply(&mut self, ops: &[Op]) -> Result<Vec<OpOutcome>, StoreError> {
         let result = self.apply_in_txn(ops);
         self.staged.clear();
+        if result.is_err() {
+            self.recent.clear();
+        }
         if self.scratch.capacity() > SCRATCH_KEEP_BYTES {
             self.scratch = Vec::new();
         }
@@ -225,6 +230,9 @@ impl ShardStore {
         // Same transaction logic as `apply`, without cloning the messages into `Op`s.
         let result = self.append_in_txn(batch);
         self.staged.clear();
+        if result.is_err() {
+            self.recent.clear();
+        }
         if self.scratch.capacity() > SCRATCH_KEEP_BYTES {
             self.scratch = Vec::new();
         }
@@ -325,6 +333,7 @@ impl ShardStore {
             now_ms: now_ms(),
             scratch: &mut self.scratch,
             staged: &mut self.staged,
+            recent: &mut self.recent,
             next_local: None,
         };
         let mut outcomes = Vec::with_capacity(ops.len());
@@ -360,6 +369,7 @@ impl ShardStore {
             now_ms: now_ms(),
             scratch: &mut self.scratch,
             staged: &mut self.staged,
+            recent: &mut self.recent,
             next_local: None,
         };
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -446,6 +456,7 @@ struct BatchWriter<'s> {
     now_ms: u64,
     scratch: &'s mut Vec<u8>,
     staged: &'s mut StagedConversations,
+    recent: &'s mut RecentIds,
     /// The conversation counter, once an `Open` of this batch has read it.
     next_local: Option<u64>,
 }
@@ -532,18 +543,10 @@ impl BatchWriter<'_> {
         let seq = conversation.last_seq + 1;
         let ts_ms = self.now_ms.max(conversation.updated_ms);
 
-        if let Some(client_id) = &message.client_id {
-            let dedup_key = keys::dedup_key(id, client_id);
-            let seq_value = keys::u64_value(seq);
-            // One lookup: inserts `seq` unless the id is known, else returns its seq.
-            let existing =
-                self.tables
-                    .dedup
-                    .get_or_put(&mut self.txn, dedup_key.as_bytes(), &seq_value)?;
-            if let Some(bytes) = existing {
-                let seq = keys::decode_u64_value(bytes)
-                    .ok_or_else(|| corrupt("dedup", dedup_key.as_bytes(), "bad seq"))?;
-                return Ok(AppendOutcome::Duplicate { seq });
+        let client_hash = message.client_id.as_deref().map(client_id_hash);
+        if let (Some(client_id), Some(hash)) = (message.client_id.as_deref(), client_hash) {
+            if let Some(original) = self.resent(id, seq - 1, client_id, hash)? {
+                return Ok(AppendOutcome::Duplicate { seq: original });
             }
         }
 
@@ -565,6 +568,7 @@ impl BatchWriter<'_> {
             .messages
             .put(&mut self.txn, &keys::message_key(id, seq), bytes)?;
 
+        self.recent.record(id, seq, client_hash);
         let staged = &mut self.staged.entries[slot];
         staged.conversation.last_seq = seq;
         staged.conversation.updated_ms = ts_ms;
@@ -652,6 +656,46 @@ impl BatchWriter<'_> {
             staged.dirty = true;
         }
         Ok(OpOutcome::Updated)
+    }
+
+    /// The seq of the message of `id` with this client id among the conversation's newest
+    /// [`WINDOW`] messages (`last_seq` is the newest), if there is one.
+    fn resent(
+        &mut self,
+        id: ConversationId,
+        last_seq: u64,
+        client_id: &str,
+        hash: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let messages = self.tables.messages;
+        if !self.recent.holds(id) {
+            let first = last_seq.saturating_sub(WINDOW - 1).max(1);
+            let low = keys::message_key(id, first);
+            let high = keys::message_key(id, last_seq);
+            let mut entries = Vec::new();
+            if last_seq > 0 {
+                let range = (
+                    std::ops::Bound::Included(&low[..]),
+                    std::ops::Bound::Included(&high[..]),
+                );
+                for entry in messages.range(&self.txn, &range)? {
+                    let (key, bytes) = entry?;
+                    let record = read::access_message(key, bytes)?;
+                    if let Some(stored) = record.client_id() {
+                        entries.push((client_id_hash(stored), record.seq()));
+                    }
+                }
+            }
+            self.recent.install(id, entries);
+        }
+        let txn = &self.txn;
+        self.recent.find(id, hash, |candidate| {
+            let key = keys::message_key(id, candidate);
+            Ok(match messages.get(txn, &key)? {
+                Some(bytes) => read::access_message(&key, bytes)?.client_id() == Some(client_id),
+                None => false,
+            })
+        })
     }
 
     /// The staged slot of an existing conversation of this shard that is not closed.

@@ -693,6 +693,7 @@ fn full_map_is_a_typed_error_that_stores_nothing_and_can_be_grown() {
     let text = "x".repeat(1000);
     let mut stored = 0u64;
     let mut full = None;
+    let mut failed_batch = Vec::new();
     for i in 0..10_000 {
         let id = format!("m{i}");
         let batch: Vec<_> = (0..4)
@@ -702,6 +703,7 @@ fn full_map_is_a_typed_error_that_stores_nothing_and_can_be_grown() {
             Ok(outcomes) => stored += outcomes.len() as u64,
             Err(error) => {
                 full = Some(error);
+                failed_batch = batch;
                 break;
             }
         }
@@ -721,6 +723,69 @@ fn full_map_is_a_typed_error_that_stores_nothing_and_can_be_grown() {
         .append_batch(&[message(c, "after growth", Some("g"))])
         .unwrap();
     assert!(matches!(after[0], AppendOutcome::Stored { seq, .. } if seq == stored + 1));
+    // The ids of the failed batch were never stored, so sending them again stores them:
+    // nothing the failed transaction staged is remembered as a re-send.
+    let retried = store.append_batch(&failed_batch).unwrap();
+    assert_eq!(
+        seqs(&retried),
+        (stored + 2..stored + 6).map(Some).collect::<Vec<_>>()
+    );
+    assert!(retried
+        .iter()
+        .all(|outcome| matches!(outcome, AppendOutcome::Stored { .. })));
+}
+
+#[test]
+fn resends_are_recognised_within_the_newest_window_messages_also_after_a_reopen() {
+    use super::recent_ids::WINDOW;
+    let dir = tempfile::tempdir().unwrap();
+    let conversation;
+    let total = WINDOW + 10;
+    {
+        let mut store = open(dir.path());
+        conversation = open_conversation(&mut store, "site", "v");
+        // Every other message has a client id; the others are like bot replies.
+        let batch: Vec<_> = (1..=total)
+            .map(|seq| {
+                let id = format!("id-{seq}");
+                message(conversation, "m", (seq % 2 == 1).then_some(id.as_str()))
+            })
+            .collect();
+        let outcomes = store.append_batch(&batch).unwrap();
+        assert_eq!(seqs(&outcomes), (1..=total).map(Some).collect::<Vec<_>>());
+    }
+    // A fresh process: the window is rebuilt from the stored records.
+    let mut store = open(dir.path());
+    let oldest_in_window = total - WINDOW + 1;
+    let newest_with_id = if total % 2 == 1 { total } else { total - 1 };
+    let first_with_id_in_window = oldest_in_window + (1 - oldest_in_window % 2);
+    let outcomes = store
+        .append_batch(&[
+            message(conversation, "m", Some(&format!("id-{newest_with_id}"))),
+            message(
+                conversation,
+                "m",
+                Some(&format!("id-{first_with_id_in_window}")),
+            ),
+        ])
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        vec![
+            AppendOutcome::Duplicate {
+                seq: newest_with_id
+            },
+            AppendOutcome::Duplicate {
+                seq: first_with_id_in_window
+            },
+        ]
+    );
+    // The documented limit: an original older than the newest WINDOW messages is not
+    // recognised, and the re-send is stored as a new message.
+    let outcomes = store
+        .append_batch(&[message(conversation, "m", Some("id-1"))])
+        .unwrap();
+    assert!(matches!(outcomes[0], AppendOutcome::Stored { seq, .. } if seq == total + 1));
 }
 
 #[test]
