@@ -175,6 +175,10 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(err) = switchboard::store::check_shard_layout(&config.storage.dir, cores.len()) {
+        eprintln!("switchboard: cannot start: {err}");
+        return ExitCode::from(2);
+    }
     let config = Arc::new(config);
     let metrics = Metrics::new(cores.len());
     let runtime_config = shards::RuntimeConfig {

@@ -441,3 +441,39 @@ fn handoff_request_queues_the_conversation() {
     let (queued, _) = wait_for(&mut tab, "queued", of_type("queued"));
     assert_eq!(queued["position"], 1);
 }
+
+#[test]
+fn a_restart_with_another_shard_count_is_refused_and_the_same_count_finds_everything() {
+    let two_shards = overlay("[shards]\ncores = [0, 1]\n");
+    let server = Server::start(&two_shards);
+    let (on_0, on_1) = visitor_ids_on_each_shard("layout-");
+    let mut seqs = Vec::new();
+    for id in [&on_0, &on_1] {
+        let (mut tab, _) = visitor(&server, "acme", id, None);
+        seqs.push(say(&mut tab, &format!("{id}-m1"), "kept across restarts"));
+    }
+    let dir = server.crash();
+
+    // One shard could not reach shard 1's conversations: refused, with what to do.
+    let config = write_config(dir.path(), &overlay("[shards]\ncores = [0]\n"));
+    let output = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run switchboard");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("shards 0, 1") && stderr.contains("set [shards] cores to 2 cores"),
+        "{stderr}"
+    );
+
+    // The same count starts and both visitors find their conversations.
+    let server = Server::start_in(dir, &two_shards);
+    for (id, seq) in [&on_0, &on_1].into_iter().zip(seqs) {
+        let (mut tab, hello) = visitor(&server, "acme", id, Some(0));
+        assert_eq!(hello["seq"], seq);
+        let (replayed, _) = wait_for(&mut tab, "replayed message", of_type("message"));
+        assert_eq!(replayed["text"], "kept across restarts");
+    }
+}
