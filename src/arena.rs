@@ -91,6 +91,10 @@ pub struct SessionRecord {
     /// so a client always sees `hello` first even when other frames come
     /// from another shard faster than the hello does.
     awaiting_hello: bool,
+    /// Frames of a resume replay queued and not yet written: the outbox may exceed its
+    /// usual bound by this many (a replay is as long as the conversation, and a client
+    /// that reads slowly is told apart from one catching up).
+    replay_frames: u32,
     held: Vec<Outbound>,
     outbox: VecDeque<Outbound>,
     waker: Option<Waker>,
@@ -116,14 +120,28 @@ impl SessionRecord {
         for frame in self.outbox.drain(..) {
             each(frame);
         }
+        if self.held.is_empty() {
+            self.replay_frames = 0;
+        }
         if self.outbox.capacity() > 16 {
             self.outbox = VecDeque::new();
         }
     }
 
+    /// Drops every frame waiting (the session is being closed; its client resumes from
+    /// storage) and gives back the queue's memory.
+    pub fn discard_outbox(&mut self) {
+        self.outbox = VecDeque::new();
+    }
+
     /// Number of frames waiting.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Frames of a resume replay among those waiting (see `push_replay`).
+    pub fn replay_frames(&self) -> usize {
+        self.replay_frames as usize
     }
 
     fn wake(&mut self) {
@@ -184,6 +202,7 @@ impl Arena {
             abort: false,
             follows: Vec::new(),
             awaiting_hello: kind != SessionKind::Echo,
+            replay_frames: 0,
             held: Vec::new(),
             outbox: VecDeque::new(),
             waker: None,
@@ -255,6 +274,14 @@ impl Arena {
     }
 
     /// Queues a session's `hello`, then everything held back until it came.
+    /// Like [`Arena::push`], for a frame of a resume replay: it does not count towards the
+    /// bound on a session's backlog that closes clients which stop reading.
+    pub fn push_replay(&mut self, id: SessionId, frame: Outbound) -> Option<usize> {
+        let record = self.get_mut(id)?;
+        record.replay_frames = record.replay_frames.saturating_add(1);
+        self.push(id, frame)
+    }
+
     pub fn push_hello(&mut self, id: SessionId, hello: Outbound) -> Option<usize> {
         let record = self.get_mut(id)?;
         record.outbox.push_back(hello);

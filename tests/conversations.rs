@@ -477,3 +477,49 @@ fn a_restart_with_another_shard_count_is_refused_and_the_same_count_finds_everyt
         assert_eq!(replayed["text"], "kept across restarts");
     }
 }
+
+#[test]
+fn resume_replays_a_conversation_longer_than_the_backlog_bound() {
+    // A session whose backlog passes 4,096 frames is closed as a client that stopped
+    // reading; a resume replay is as long as the conversation and must not count.
+    const MESSAGES: u64 = 5_000;
+    let server = Server::start(&overlay(
+        "[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n",
+    ));
+    let (mut tab, _) = visitor(&server, "acme", "long-talker", None);
+    let mut last = 0;
+    for chunk in 0..MESSAGES / 500 {
+        for i in 0..500 {
+            let n = chunk * 500 + i;
+            tab.send_json(
+                &json!({"type": "message", "id": format!("m{n}"), "text": format!("t{n}")}),
+            );
+        }
+        let want = format!("m{}", chunk * 500 + 499);
+        let (ack, _) = wait_for(&mut tab, "ack", |v| v["type"] == "ack" && v["id"] == want);
+        last = ack["seq"].as_u64().unwrap();
+        tab.backlog.clear();
+    }
+    assert_eq!(last, MESSAGES);
+
+    let (mut reader, hello) = visitor(&server, "acme", "long-talker", Some(0));
+    assert_eq!(hello["seq"], MESSAGES);
+    let mut next = 1;
+    while next <= MESSAGES {
+        let frame = reader
+            .read_message()
+            .unwrap_or_else(|| panic!("replay stopped before seq {next}"));
+        assert_eq!(
+            frame.opcode,
+            TEXT,
+            "replay interrupted: {:?}",
+            frame.close_code()
+        );
+        let value = frame.json();
+        if value["type"] == "message" {
+            assert_eq!(value["seq"], next);
+            assert_eq!(value["text"], format!("t{}", next - 1));
+            next += 1;
+        }
+    }
+}

@@ -38,6 +38,17 @@ use crate::engine::intent::{CacheOutcome, EngineSettings, IntentEngine};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::store::{ConversationId, Durability, Op, ShardStore, StoreOptions, StoreReader};
 
+/// What a delivered frame is to the session's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// A live frame.
+    Live,
+    /// The session's `hello`: released together with anything held back.
+    Hello,
+    /// A frame of a resume replay (exempt from the backlog bound).
+    Replay,
+}
+
 /// Messages shards send each other.
 #[derive(Debug)]
 pub enum ShardMessage {
@@ -49,8 +60,7 @@ pub enum ShardMessage {
     Deliver {
         session: SessionId,
         frame: Arc<str>,
-        /// The session's `hello`: released together with anything held back.
-        hello: bool,
+        kind: Delivery,
     },
     /// An agent session follows a conversation (unsubscribe when it closes).
     Track {
@@ -352,15 +362,8 @@ impl Router {
             ShardMessage::Deliver {
                 session,
                 frame,
-                hello,
-            } => {
-                let mut arena = self.arena.borrow_mut();
-                if hello {
-                    arena.push_hello(session, Outbound::Text(frame));
-                } else {
-                    arena.push(session, Outbound::Text(frame));
-                }
-            }
+                kind,
+            } => push(&mut self.arena.borrow_mut(), session, frame, kind),
             ShardMessage::Track {
                 session,
                 conversation,
@@ -403,29 +406,24 @@ impl Router {
 
     /// Delivers a frame to a session wherever it lives.
     fn deliver(&self, to: SessionRef, frame: Arc<str>) {
-        self.deliver_frame(to, frame, false);
+        self.deliver_frame(to, frame, Delivery::Live);
     }
 
     /// Delivers a session's `hello` (see [`Arena::push_hello`]).
     fn deliver_hello(&self, to: SessionRef, frame: Arc<str>) {
-        self.deliver_frame(to, frame, true);
+        self.deliver_frame(to, frame, Delivery::Hello);
     }
 
-    fn deliver_frame(&self, to: SessionRef, frame: Arc<str>, hello: bool) {
+    fn deliver_frame(&self, to: SessionRef, frame: Arc<str>, kind: Delivery) {
         if to.shard == self.shard {
-            let mut arena = self.arena.borrow_mut();
-            if hello {
-                arena.push_hello(to.session, Outbound::Text(frame));
-            } else {
-                arena.push(to.session, Outbound::Text(frame));
-            }
+            push(&mut self.arena.borrow_mut(), to.session, frame, kind);
         } else {
             self.send(
                 to.shard,
                 ShardMessage::Deliver {
                     session: to.session,
                     frame,
-                    hello,
+                    kind,
                 },
             );
         }
@@ -660,7 +658,7 @@ impl Router {
         drop(view);
         for session in to {
             for frame in &frames {
-                self.deliver(*session, frame.clone());
+                self.deliver_frame(*session, frame.clone(), Delivery::Replay);
             }
         }
     }
@@ -888,4 +886,14 @@ fn start_flusher(store: &ShardStore, interval: Duration, shard: usize) {
                 tracing::error!(shard, error = %err, "batch flush failed");
             }
         });
+}
+
+/// Queues a frame for a session of this shard.
+fn push(arena: &mut Arena, session: SessionId, frame: Arc<str>, kind: Delivery) {
+    let frame = Outbound::Text(frame);
+    match kind {
+        Delivery::Live => arena.push(session, frame),
+        Delivery::Hello => arena.push_hello(session, frame),
+        Delivery::Replay => arena.push_replay(session, frame),
+    };
 }
