@@ -239,14 +239,14 @@ fn kill_9_under_load_keeps_every_acked_message() {
         verify(&server, &visitor, ledger);
         // Resending the unacked ids, and acked ones too, stores nothing twice and
         // re-acks the acked ones with their original seqs. Re-sends are recognised
-        // within a conversation's newest 4,096 messages (docs/protocol.md), so the
-        // acked ids resent are the newest 2,048.
+        // within a conversation's newest 1,024 messages (docs/protocol.md), so the
+        // acked ids resent are the newest 512.
         let mut client = connect(server.addr, &visitor, u64::MAX >> 1).expect("reconnect");
         let mut acked: Vec<(&String, &u64)> = ledger.acked.iter().collect();
         acked.sort_by_key(|(_, seq)| std::cmp::Reverse(**seq));
         let mut all: Vec<String> = acked
             .into_iter()
-            .take(2048)
+            .take(512)
             .map(|(id, _)| id.clone())
             .collect();
         all.extend(ledger.unacked.iter().cloned());

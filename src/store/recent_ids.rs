@@ -25,8 +25,13 @@
 //! - When a write transaction fails, the caller drops everything ([`RecentIds::clear`]):
 //!   entries staged by the failed batch must not survive it.
 //! - Bounded memory: at most [`CONVERSATIONS`] windows and [`MAX_ENTRIES`] entries of ~40
-//!   bytes in all (~5 MiB); the least recently used windows go first. Only chatty
+//!   bytes in all (~10 MiB); the least recently used windows go first. Only chatty
 //!   conversations have long windows: an entry exists per message with a client id.
+//!   The bounds are sized so that the working set fits: 256 conversations at a full
+//!   window at once. When it does not, windows are rebuilt from LMDB on every use (a
+//!   scan of up to [`WINDOW`] records, ~0.25 ms for a full one): with 4,096-message
+//!   windows, 50 conversations of ~2,000 messages each overflowed a 128 Ki bound and
+//!   the rebuilds took most of a core in the relay benchmark.
 //!
 //! The contract this gives clients (docs/protocol.md): a re-send is recognised while its
 //! original is among the conversation's newest [`WINDOW`] messages. A client re-sends right
@@ -38,11 +43,11 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 use super::records::ConversationId;
 
 /// How many of a conversation's newest messages a re-send is checked against.
-pub const WINDOW: u64 = 4096;
+pub const WINDOW: u64 = 1024;
 /// How many conversations' windows are kept in memory at most.
 pub const CONVERSATIONS: usize = 4096;
 /// How many entries all windows hold together at most.
-pub const MAX_ENTRIES: usize = 128 * 1024;
+pub const MAX_ENTRIES: usize = 256 * 1024;
 
 /// The hash of a client id (SipHash-1-3 with fixed keys: stable across runs).
 pub fn client_id_hash(client_id: &str) -> u64 {
