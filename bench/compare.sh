@@ -6,6 +6,7 @@
 # Usage: bench/compare.sh            (from anywhere; settings through the environment below)
 #   SESSIONS=10000 RAMP=2000 HOLD=5s          density settings
 #   CONVERSATIONS=100 START_RATE=5000 FACTOR=1.5 STEP=5s WARMUP=1s P99=50ms REFINE=3   sweep settings
+#   SETTLE=10                                  seconds between starting a fresh server and its sweep
 #   SB_PROTOCOL=auto|switchboard|echo          how switchboard is relayed: auto uses the conversation
 #                                              protocol when a probe run passes, else /ws/echo (said in the table)
 #   SWITCHBOARD_CONFIG_EXTRA="..."             TOML appended to switchboard's config
@@ -29,6 +30,7 @@ STEP="${STEP:-5s}"
 WARMUP="${WARMUP:-1s}"
 P99="${P99:-50ms}"
 REFINE="${REFINE:-3}"
+SETTLE="${SETTLE:-10}"
 SB_PROTOCOL="${SB_PROTOCOL:-auto}"
 AGENTS="${AGENTS:-4}"
 ONLY="${ONLY:-go tokio switchboard}"
@@ -160,6 +162,10 @@ for sys in go tokio switchboard; do
     --sessions "$SESSIONS" --ramp "$RAMP" --hold "$HOLD" --json "$OUT/density-$sys.json"
   # A fresh process for the sweep, so density leftovers do not weigh on it.
   stop_server; start_server "$sys"
+  # Let the density run's closed sockets and the fresh process settle before measuring: without
+  # this pause the first sweep step (5,000/s) failed once on noise, and a sweep that fails its
+  # first step only bisects downwards. Same pause for every system.
+  sleep "$SETTLE"
   log "$name_relay: relay sweep, $CONVERSATIONS conversations, p99 <= $P99"
   "$BENCH" sweep --target "$target" --protocol "$relay_proto" "${AGENT_ARGS[@]}" --pid "$SERVER_PID" \
     --label "$name_relay" --conversations "$CONVERSATIONS" --start-rate "$START_RATE" --factor "$FACTOR" \
