@@ -541,7 +541,13 @@ impl Owner {
         }
     }
 
-    /// Drops a conversation from memory when nobody is connected to it.
+    /// Drops a conversation from memory when nobody is connected to it and nothing of it
+    /// is being committed.
+    ///
+    /// A conversation with a commit in flight stays (the tick's `evict_idle` drops it
+    /// later): evicted, it would be loaded again from a snapshot that may already hold
+    /// the commit and greet a returning session from there, and the commit's completion
+    /// would then find it gone and skip its in-flight bookkeeping.
     fn maybe_evict(&mut self, conversation: ConversationId) {
         let Some(live) = self.live.get(&conversation) else {
             return;
@@ -550,7 +556,7 @@ impl Owner {
             .visitors
             .get(&live.key)
             .is_some_and(|entry| entry.conversation == Some(conversation));
-        if !visitors_connected && live.agent_sessions.is_empty() {
+        if !visitors_connected && live.agent_sessions.is_empty() && live.in_flight == 0 {
             self.live.remove(&conversation);
         }
     }
@@ -1221,14 +1227,23 @@ impl Owner {
             &message.text,
             ts_ms,
         ));
+        // A visitor session still waiting for its hello is left out: its hello carries
+        // the conversation's last seq as of its greeting, which includes this message,
+        // and its resume replay (from storage) delivers it. Sent here as well, it arrived
+        // twice when a visitor reconnected while its previous tab's message was committing.
+        let entry = self.visitors.get(&live.key);
+        let awaiting = entry
+            .map(|entry| entry.awaiting_hello.as_slice())
+            .unwrap_or_default();
         let targets = live
             .agent_sessions
             .iter()
             .chain(
-                self.visitors
-                    .get(&live.key)
+                entry
                     .map(|entry| entry.sessions.as_slice())
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|s| !awaiting.iter().any(|(waiting, _)| waiting == *s)),
             )
             .filter(|s| Some(**s) != except);
         for to in targets {

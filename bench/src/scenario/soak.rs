@@ -5,7 +5,8 @@
 //! send probes the agents echo; the others ask the bot (switchboard only).
 //!
 //! Checks, per visitor, against the exactly-once contract of issue 4: the sequence numbers seen (acks and
-//! delivered messages) are dense from the conversation start (gaps counted), no seq is delivered twice,
+//! delivered messages) are dense from the conversation start (gaps counted), no seq is delivered twice on
+//! one connection (a reconnect resumes from the contiguous prefix held, so what lies above a gap comes again),
 //! nothing at or below the resume point is replayed, a resent id is acked with its original seq, and every
 //! probe's reply arrives (lost counted after a final drain). With `--protocol relay` (the peers: no
 //! storage, no resume) only the churn, relay and RSS parts apply, and messages sent while a visitor is
@@ -87,7 +88,13 @@ struct VisitorBook {
     baseline: Option<u64>,
     /// Sequence numbers seen in acks or delivered messages.
     seen: Arrivals,
+    /// Sequence numbers delivered on the current connection. A reconnect resumes from the
+    /// contiguous prefix it holds, so messages above a gap (its own message whose ack was lost
+    /// in an abrupt drop) are rightly replayed again: only a second delivery within one
+    /// connection breaks the contract (and anything at or below `resume`, counted apart).
     delivered: Arrivals,
+    /// Duplicate deliveries of earlier connections.
+    duplicate_deliveries: u64,
     max_seq: u64,
     /// Resume point given on the current connection.
     resume: Option<u64>,
@@ -424,6 +431,7 @@ async fn visitor_life(
         {
             let mut b = book.borrow_mut();
             b.resume = resume;
+            b.duplicate_deliveries += std::mem::take(&mut b.delivered).duplicates;
             if b.baseline.is_none() {
                 b.baseline = Some(hello.as_ref().and_then(|h| h.seq).unwrap_or(0));
             }
@@ -532,7 +540,7 @@ async fn visitor_life(
     t.duplicate_replies += b.replies.duplicates;
     if switchboard {
         t.seq_gaps += b.gaps();
-        t.duplicate_deliveries += b.delivered.duplicates;
+        t.duplicate_deliveries += b.duplicate_deliveries + b.delivered.duplicates;
         t.unacked_at_end += b.unacked.len() as u64;
     }
 }
