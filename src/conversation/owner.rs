@@ -1421,3 +1421,156 @@ fn op_conversation(op: &Op) -> Option<ConversationId> {
         | Op::SetFailedBotTurns { conversation, .. } => Some(*conversation),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arena::SessionId;
+
+    fn session(n: u64) -> SessionRef {
+        SessionRef {
+            shard: 0,
+            session: SessionId::from_u64(n),
+        }
+    }
+
+    fn owner() -> Owner {
+        Owner::new(OwnerConfig {
+            shard: 0,
+            bot_enabled: false,
+            typing_interval_ms: 1000,
+            typing_expiry_ms: 5000,
+            agent_names: HashMap::new(),
+        })
+    }
+
+    /// The store ops among `actions`, as the router would queue them.
+    fn stores(actions: &[OwnerAction]) -> Vec<(Op, Completion)> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                OwnerAction::Store { op, completion } => Some((op.clone(), completion.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn committed(
+        owner: &mut Owner,
+        (op, completion): (Op, Completion),
+        outcome: OpOutcome,
+    ) -> Vec<OwnerAction> {
+        owner.handle(
+            OwnerEvent::Committed {
+                completion,
+                op,
+                outcome: Ok(outcome),
+            },
+            1_000,
+        )
+    }
+
+    fn messages_to(actions: &[OwnerAction], to: SessionRef) -> usize {
+        actions
+            .iter()
+            .filter(|action| {
+                matches!(action, OwnerAction::Send { to: target, frame }
+                    if *target == to && frame.contains("\"type\":\"message\""))
+            })
+            .count()
+    }
+
+    #[test]
+    fn a_tab_waiting_for_its_hello_gets_a_committing_message_from_its_replay_only() {
+        let key = VisitorKey {
+            site: "acme".into(),
+            visitor: "v1".into(),
+        };
+        let conversation = ConversationId::from_parts(0, 1);
+        let (first, second) = (session(1), session(2));
+        let mut owner = owner();
+
+        // The first tab opens the conversation and is greeted.
+        let attach = |session, resume| OwnerEvent::VisitorAttach {
+            key: key.clone(),
+            resume,
+            session,
+        };
+        let open = stores(&owner.handle(attach(first, None), 0)).remove(0);
+        let load = committed(
+            &mut owner,
+            open,
+            OpOutcome::Opened {
+                conversation,
+                created: true,
+                last_seq: 0,
+            },
+        );
+        assert!(matches!(load[..], [OwnerAction::Load { .. }]));
+        owner.insert_loaded(Conversation {
+            id: conversation,
+            site: "acme".into(),
+            visitor: "v1".into(),
+            state: ConversationState::Bot,
+            state_since_ms: 0,
+            last_seq: 0,
+            created_ms: 0,
+            updated_ms: 0,
+            visitor_read: 0,
+            agent_read: 0,
+            failed_bot_turns: 0,
+        });
+        let OwnerAction::Load { event, .. } = load.into_iter().next().unwrap() else {
+            unreachable!()
+        };
+        owner.handle(*event, 0);
+
+        // It sends a message and goes away before the commit completes.
+        let sent = owner.handle(
+            OwnerEvent::Visitor {
+                key: key.clone(),
+                session: first,
+                frame: VisitorFrame::Message {
+                    id: "m1".into(),
+                    text: "hello".into(),
+                },
+            },
+            0,
+        );
+        let append = stores(&sent)
+            .into_iter()
+            .find(|(op, _)| matches!(op, Op::Append(_)))
+            .expect("the message is stored");
+        owner.handle(
+            OwnerEvent::VisitorDetach {
+                key: key.clone(),
+                session: first,
+            },
+            0,
+        );
+
+        // A new tab attaches with resume = 0 while the message commits.
+        let reopen = stores(&owner.handle(attach(second, Some(0)), 0)).remove(0);
+        let fan_out = committed(&mut owner, append, OpOutcome::Stored { seq: 1, ts_ms: 1 });
+        assert_eq!(
+            messages_to(&fan_out, second),
+            0,
+            "a tab waiting for its hello must not get the message here: {fan_out:#?}"
+        );
+
+        // Its greeting covers the message: hello at seq 1 and a replay of (0, 1].
+        let greeting = committed(
+            &mut owner,
+            reopen,
+            OpOutcome::Opened {
+                conversation,
+                created: false,
+                last_seq: 1,
+            },
+        );
+        assert!(greeting.iter().any(|action| matches!(action,
+            OwnerAction::Hello { to, frame } if *to == second && frame.contains("\"seq\":1"))));
+        assert!(greeting.iter().any(|action| matches!(action,
+            OwnerAction::Replay { to, after: 0, up_to: 1, .. } if to == &vec![second])));
+    }
+}
