@@ -132,6 +132,7 @@ impl SessionRecord {
     /// storage) and gives back the queue's memory.
     pub fn discard_outbox(&mut self) {
         self.outbox = VecDeque::new();
+        self.replay_frames = 0;
     }
 
     /// Number of frames waiting.
@@ -273,7 +274,6 @@ impl Arena {
         Some(record.outbox.len())
     }
 
-    /// Queues a session's `hello`, then everything held back until it came.
     /// Like [`Arena::push`], for a frame of a resume replay: it does not count towards the
     /// bound on a session's backlog that closes clients which stop reading.
     pub fn push_replay(&mut self, id: SessionId, frame: Outbound) -> Option<usize> {
@@ -282,6 +282,7 @@ impl Arena {
         self.push(id, frame)
     }
 
+    /// Queues a session's `hello`, then everything held back until it came.
     pub fn push_hello(&mut self, id: SessionId, hello: Outbound) -> Option<usize> {
         let record = self.get_mut(id)?;
         record.outbox.push_back(hello);
