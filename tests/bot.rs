@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -97,18 +96,7 @@ flood_window = "100ms"
 fn import(dir: &std::path::Path, csv: &str) {
     let path = dir.join(format!("kb-{}.csv", rand_suffix()));
     std::fs::write(&path, csv).unwrap();
-    let config = dir.join("test.toml");
-    let output = Command::new(BIN)
-        .args(["kb", "import", "--config"])
-        .arg(&config)
-        .arg(&path)
-        .output()
-        .expect("run kb import");
-    assert!(
-        output.status.success(),
-        "kb import failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    kb_import(&dir.join("test.toml"), &path);
 }
 
 fn rand_suffix() -> u64 {

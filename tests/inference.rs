@@ -13,6 +13,8 @@
 //! `cargo test --release --test inference -- --ignored --nocapture` measures the worker's
 //! throughput one text at a time against batches.
 
+mod common;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::pin;
@@ -133,17 +135,7 @@ fn import_with_cli(storage: &Path, entries: &[Entry]) {
     .unwrap();
     let file = dir.path().join("kb.json");
     std::fs::write(&file, kb::export_json(entries)).unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
-        .args(["kb", "import", "--config"])
-        .arg(&config)
-        .arg(&file)
-        .output()
-        .expect("run switchboard kb import");
-    assert!(
-        output.status.success(),
-        "kb import failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    common::kb_import(&config, &file);
 }
 
 fn recognise(engine: &IntentEngine, text: &str) -> IntentResult {

@@ -86,7 +86,7 @@ pub use batch::{AppendOutcome, NewMessage, Op, OpOutcome, ReadSide};
 pub use error::{Rejection, StoreError};
 pub use flusher::Flusher;
 pub use keys::{MAX_CLIENT_ID_BYTES, MAX_SITE_BYTES, MAX_VISITOR_BYTES};
-pub use layout::{check_shard_layout, stored_shards, LayoutError};
+pub use layout::{check_shard_layout, LayoutError};
 pub use options::{Durability, StoreOptions, DEFAULT_MAP_SIZE};
 pub use read::{MessageIter, ReadView};
 pub use records::{

@@ -154,6 +154,22 @@ impl Drop for Server {
     }
 }
 
+/// Runs `switchboard kb import --config CONFIG FILE`, as an operator would; panics with
+/// its stderr if the import fails.
+pub fn kb_import(config: &std::path::Path, file: &std::path::Path) {
+    let output = Command::new(BIN)
+        .args(["kb", "import", "--config"])
+        .arg(config)
+        .arg(file)
+        .output()
+        .expect("run switchboard kb import");
+    assert!(
+        output.status.success(),
+        "kb import failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// Sends raw bytes as an HTTP request and returns the status and the body.
 pub fn http_raw(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).expect("connect");
