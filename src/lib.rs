@@ -19,6 +19,7 @@ pub mod http;
 pub mod kb;
 pub mod logging;
 pub mod metrics;
+pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod system;
