@@ -86,7 +86,8 @@ impl TokenBucket {
         } else {
             // A cost above the burst can never be met; callers keep costs within it.
             let missing = cost - self.tokens;
-            let ms = (missing / rate.per_second * 1000.0).ceil() as u64;
+            // The epsilon absorbs binary rounding of the refill (0.99 tokens is 0.98999...).
+            let ms = (missing / rate.per_second * 1000.0 - 1e-6).ceil() as u64;
             Err(RetryAfter { ms: ms.max(1) })
         }
     }
