@@ -121,6 +121,7 @@ pub struct Config {
     pub inference: InferenceConfig,
     pub bot: BotConfig,
     pub risk_control: RiskControlConfig,
+    pub audit: AuditConfig,
     /// Where each key was last set; used to point errors found after loading at the right line.
     origins: Origins,
 }
@@ -304,6 +305,13 @@ pub struct RiskControlConfig {
     pub flood_window: Duration,
 }
 
+/// `[audit]`
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditConfig {
+    /// The audit chain's file; `None` (written as "") means `audit.log` under `storage.dir`.
+    pub file: Option<PathBuf>,
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Public entry points
 // ---------------------------------------------------------------------------------------------------
@@ -383,6 +391,16 @@ impl Config {
             .cores
             .resolve(available)
             .map_err(|error| self.error_at("shards.cores", error))
+    }
+}
+
+impl Config {
+    /// Where the audit chain is kept: `[audit] file`, or `audit.log` under `[storage] dir`.
+    pub fn audit_path(&self) -> PathBuf {
+        self.audit
+            .file
+            .clone()
+            .unwrap_or_else(|| self.storage.dir.join("audit.log"))
     }
 }
 
@@ -692,6 +710,19 @@ impl RiskControlConfig {
     }
 }
 
+impl AuditConfig {
+    fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
+        match key {
+            "file" => {
+                let text = f.text(0, 4096)?;
+                self.file = (!text.is_empty()).then(|| PathBuf::from(text));
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Writing: the one list of keys. Order here is the order `config print` shows.
 // ---------------------------------------------------------------------------------------------------
@@ -711,6 +742,7 @@ impl Config {
             inference: inf,
             bot,
             risk_control: risk,
+            audit,
             origins: _,
         } = self;
 
@@ -810,6 +842,9 @@ impl Config {
         w.display("mask_card_numbers", risk.mask_card_numbers);
         w.display("flood_messages", risk.flood_messages);
         w.duration("flood_window", risk.flood_window);
+
+        w.section("audit");
+        w.path("file", audit.file.as_deref().unwrap_or(Path::new("")));
     }
 
     /// Placeholder values the embedded default overwrites entirely (it must set every key).
@@ -889,6 +924,7 @@ impl Config {
                 flood_messages: 0,
                 flood_window: Duration::ZERO,
             },
+            audit: AuditConfig { file: None },
             origins: Origins::default(),
         }
     }
@@ -1181,6 +1217,7 @@ impl Builder {
             "inference" => c.inference.set(key, f),
             "bot" => c.bot.set(key, f),
             "risk_control" => c.risk_control.set(key, f),
+            "audit" => c.audit.set(key, f),
             _ => Ok(false),
         }
     }

@@ -10,6 +10,7 @@
 //! session state; `config` is the tuning file loader.
 
 pub mod arena;
+pub mod audit;
 pub mod bot;
 pub mod buffers;
 pub mod config;

@@ -15,6 +15,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod audit_cli;
+
 use clap::{Parser, Subcommand};
 use switchboard::config::{self, Config};
 use switchboard::engine::eval::{self, EvalMode};
@@ -58,6 +60,11 @@ enum Command {
     Kb {
         #[command(subcommand)]
         command: KbCommand,
+    },
+    /// Check or read the audit chain (`[audit] file`).
+    Audit {
+        #[command(subcommand)]
+        command: audit_cli::AuditCommand,
     },
 }
 
@@ -144,6 +151,7 @@ fn main() -> ExitCode {
             Err(err) => config_error(&err),
         },
         Command::Kb { command } => kb_command(command),
+        Command::Audit { command } => audit_cli::run(command),
     }
 }
 
@@ -179,6 +187,19 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
         eprintln!("switchboard: cannot start: {err}");
         return ExitCode::from(2);
     }
+    let audit = match switchboard::audit::AuditLog::start(&config.audit_path()) {
+        Ok(audit) => audit,
+        Err(err) => {
+            eprintln!("switchboard: cannot start: audit chain: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    audit.record(
+        switchboard::audit::AuditEvent::new("server_started", "system")
+            .detail("version", env!("CARGO_PKG_VERSION"))
+            .detail("shards", cores.len() as u64)
+            .detail("config_sha256", config_digest(&config)),
+    );
     let config = Arc::new(config);
     let metrics = Metrics::new(cores.len());
     let runtime_config = shards::RuntimeConfig {
@@ -190,9 +211,15 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
         thread_name: "switchboard-shard".into(),
     };
     let shard_config = config.clone();
+    let shard_audit = audit.clone();
     let runtime =
         match shards::Runtime::start::<ShardMessage, _, _>(runtime_config, move |context| {
-            server::shard_main(context, shard_config.clone(), metrics.clone())
+            server::shard_main(
+                context,
+                shard_config.clone(),
+                metrics.clone(),
+                shard_audit.clone(),
+            )
         }) {
             Ok(runtime) => runtime,
             Err(err) => {
@@ -213,7 +240,9 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
         tracing::error!(error = %err, "cannot install signal handlers");
         return ExitCode::FAILURE;
     }
-    match runtime.join() {
+    let result = runtime.join();
+    audit.flush();
+    match result {
         Ok(()) => {
             tracing::info!("switchboard stopped");
             ExitCode::SUCCESS
@@ -223,6 +252,16 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// SHA-256 of the effective configuration as `config print` shows it: the audit chain records
+/// it at every start, so a configuration change shows as a new digest.
+fn config_digest(config: &Config) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(config.to_toml().as_bytes())
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }
 
 fn core_ids() -> Vec<usize> {
@@ -382,6 +421,14 @@ fn kb_import(config_path: Option<&Path>, file: &Path) -> Result<(), Failure> {
         millis(apply_started.elapsed())
     );
     println!("imported in {}", seconds(started.elapsed()));
+    audit_cli::record(
+        &config,
+        switchboard::audit::AuditEvent::new("kb_imported", &audit_cli::cli_actor())
+            .target(file.display().to_string())
+            .detail("version", version)
+            .detail("entries", prepared.entries.len() as u64),
+    )
+    .map_err(Failure::runtime)?;
     Ok(())
 }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use shards::{ShardContext, ShardId};
 
 use crate::arena::{Arena, CloseRequest};
+use crate::audit::AuditLog;
 use crate::buffers::BufferPool;
 use crate::config::Config;
 use crate::metrics::{Metrics, ShardMetrics};
@@ -37,6 +38,8 @@ pub struct Shard {
     pub router: Rc<Router>,
     pub buffers: BufferPool,
     pub metrics: Metrics,
+    /// The audit chain's writer (security-relevant events only; never on the message path).
+    pub audit: AuditLog,
     started: Instant,
     shutting_down: Cell<bool>,
 }
@@ -63,6 +66,7 @@ pub async fn shard_main(
     context: ShardContext<ShardMessage>,
     config: Arc<Config>,
     metrics: Metrics,
+    audit: AuditLog,
 ) {
     let arena = Rc::new(RefCell::new(Arena::new()));
     let router = match Router::open(
@@ -93,6 +97,7 @@ pub async fn shard_main(
         arena,
         router: router.clone(),
         metrics,
+        audit,
         started: Instant::now(),
         shutting_down: Cell::new(false),
     });
