@@ -266,6 +266,8 @@ pub struct InferenceConfig {
     pub batch_window: Duration,
     pub max_wait: Duration,
     pub max_sequence_length: usize,
+    /// Prepended to every text before tokenizing (multilingual-e5 wants `"query: "`).
+    pub text_prefix: String,
 }
 
 /// `[bot]`
@@ -670,6 +672,7 @@ impl InferenceConfig {
             "batch_window" => self.batch_window = f.duration_in(Duration::ZERO, secs(1))?,
             "max_wait" => self.max_wait = f.duration_in(ms(1), mins(1))?,
             "max_sequence_length" => self.max_sequence_length = f.integer_in(8, 8192)?,
+            "text_prefix" => self.text_prefix = f.text(0, 64)?.to_string(),
             _ => return Ok(false),
         }
         Ok(true)
@@ -817,6 +820,7 @@ impl Config {
         w.duration("batch_window", inf.batch_window);
         w.duration("max_wait", inf.max_wait);
         w.display("max_sequence_length", inf.max_sequence_length);
+        w.string("text_prefix", &inf.text_prefix);
 
         w.section("bot");
         w.float("confidence_threshold", bot.confidence_threshold);
@@ -907,6 +911,7 @@ impl Config {
                 batch_window: Duration::ZERO,
                 max_wait: Duration::ZERO,
                 max_sequence_length: 0,
+                text_prefix: String::new(),
             },
             bot: BotConfig {
                 confidence_threshold: 0.0,

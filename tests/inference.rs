@@ -40,6 +40,7 @@ fn model() -> ModelSettings {
         tokenizer: dir.join("tokenizer.json"),
         ort_library: dir.join("libonnxruntime.so"),
         max_sequence_length: 128,
+        text_prefix: String::new(),
         threads: 1,
     }
 }

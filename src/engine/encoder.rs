@@ -150,6 +150,8 @@ pub struct Encoder {
     /// Embedding width; known from the model's output shape or from the first run.
     dim: Option<usize>,
     max_sequence_length: usize,
+    /// Prepended to every text before tokenizing (e5 models expect `"query: "`).
+    text_prefix: String,
     ids: Vec<i64>,
     mask: Vec<i64>,
     type_ids: Vec<i64>,
@@ -269,14 +271,38 @@ impl Encoder {
             uses_token_type_ids,
             dim,
             max_sequence_length,
+            text_prefix: String::new(),
             ids: Vec::new(),
             mask: Vec::new(),
             type_ids: Vec::new(),
         })
     }
 
+    /// Prepends `prefix` to every text before it is tokenized: models trained with an
+    /// instruction prefix (multilingual-e5 wants `"query: "` on both sides of a symmetric
+    /// match) embed worse without it. A non-empty prefix becomes part of the fingerprint,
+    /// since it changes every vector.
+    pub fn with_text_prefix(mut self, prefix: &str) -> Self {
+        if !prefix.is_empty() {
+            self.fingerprint = format!("{} prefix:{prefix:?}", self.fingerprint);
+        }
+        self.text_prefix = prefix.to_string();
+        self
+    }
+
+    /// The prefix every text gets before tokenizing (empty for most models).
+    pub fn text_prefix(&self) -> &str {
+        &self.text_prefix
+    }
+
+    /// The tokenizer (for vocabulary checks such as the share of unknown tokens).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
     /// Names the model: `<model file name> sha256:<16 hex> tokenizer sha256:<16 hex>` (the
-    /// start of each file's sha256). Stored with knowledge-base vectors.
+    /// start of each file's sha256), plus ` prefix:"…"` when a text prefix is set. Stored with
+    /// knowledge-base vectors.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
     }
@@ -316,9 +342,14 @@ impl Encoder {
         }
         let mut encodings = Vec::with_capacity(texts.len());
         for (index, text) in texts.iter().enumerate() {
-            let encoding =
+            let encoded = if self.text_prefix.is_empty() {
+                self.tokenizer.encode(*text, true)
+            } else {
                 self.tokenizer
-                    .encode(*text, true)
+                    .encode(format!("{}{text}", self.text_prefix), true)
+            };
+            let encoding =
+                encoded
                     .map_err(|e| EncoderError::Tokenize {
                         index,
                         message: e.to_string(),

@@ -12,6 +12,8 @@
 //!   every problem is reported with its 1-based line.
 //! - A category the knowledge base does not have can never be predicted; such rows count as
 //!   wrong and are reported.
+//! - A row labelled [`NO_INTENT`] (`(none)`) is an off-topic question: it is right when the bot
+//!   falls back and wrong when it answers with any entry.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -93,6 +95,8 @@ pub struct EvalReport {
 }
 
 const FALLBACK: &str = "(fallback)";
+/// The category of a labelled query that must get the fallback (an off-topic question).
+pub const NO_INTENT: &str = "(none)";
 
 /// Runs every query through `engine` and the `intent` handler configured by `bot`, one at a
 /// time.
@@ -126,7 +130,8 @@ pub fn evaluate(
             EvalMode::Lexical => engine.recognise_lexically(&query.text),
         };
         report.latencies.push(started.elapsed());
-        if !known_intents.contains(&query.category) {
+        let off_topic = query.category == NO_INTENT;
+        if !off_topic && !known_intents.contains(&query.category) {
             report.unknown_categories += 1;
         }
         if result.as_ref().is_some_and(|r| r.degraded) {
@@ -157,6 +162,11 @@ pub fn evaluate(
         let tally = report.per_intent.entry(query.category.clone()).or_default();
         tally.total += 1;
         match predicted {
+            None if off_topic => {
+                report.fallbacks += 1;
+                report.right += 1;
+                tally.right += 1;
+            }
             Some(intent) if intent == query.category => {
                 report.right += 1;
                 tally.right += 1;

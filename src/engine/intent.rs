@@ -77,18 +77,22 @@ pub struct ModelSettings {
     pub tokenizer: PathBuf,
     pub ort_library: PathBuf,
     pub max_sequence_length: usize,
+    /// Prepended to every text before tokenizing (`[inference] text_prefix`).
+    pub text_prefix: String,
     /// Intra-op threads of the session (1 for a worker next to a shard).
     pub threads: usize,
 }
 
 impl ModelSettings {
-    /// `[inference]` model, tokenizer, ort_library and max_sequence_length, with `threads`.
+    /// `[inference]` model, tokenizer, ort_library, max_sequence_length and text_prefix, with
+    /// `threads`.
     pub fn from_config(config: &Config, threads: usize) -> Self {
         ModelSettings {
             model: config.inference.model.clone(),
             tokenizer: config.inference.tokenizer.clone(),
             ort_library: config.inference.ort_library.clone(),
             max_sequence_length: config.inference.max_sequence_length,
+            text_prefix: config.inference.text_prefix.clone(),
             threads,
         }
     }
@@ -102,6 +106,7 @@ impl ModelSettings {
             self.threads,
             self.max_sequence_length,
         )
+        .map(|encoder| encoder.with_text_prefix(&self.text_prefix))
     }
 }
 

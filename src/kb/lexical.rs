@@ -9,7 +9,10 @@
 //! Invariants:
 //! - Tokens are maximal runs of Unicode alphanumeric characters, lowercased
 //!   ([`tokens`]); nothing else (no stemming, no stop words: IDF already discounts
-//!   words that every question has).
+//!   words that every question has). Scripts written without spaces (Han, Hiragana,
+//!   Katakana) are cut out of those runs: each such character is a token, and so is each
+//!   pair of adjacent ones (a bigram), so 怎么修改密码 matches 密码怎么改 on 密码, 怎么, 改, ...
+//!   without a word segmenter.
 //! - Postings are stored compressed-sparse-row: the documents of term `t` are
 //!   `postings[starts[t]..starts[t + 1]]`, in increasing document order.
 //! - Scores are standard Okapi BM25 with `k1 = 1.2`, `b = 0.75` and the non-negative
@@ -43,11 +46,50 @@ struct Posting {
     term_frequency: u32,
 }
 
-/// The lowercased alphanumeric tokens of `text`.
-pub fn tokens(text: &str) -> impl Iterator<Item = String> + '_ {
-    text.split(|c: char| !c.is_alphanumeric())
-        .filter(|token| !token.is_empty())
-        .map(str::to_lowercase)
+/// The lowercased alphanumeric tokens of `text`, with CJK runs split into characters and
+/// bigrams (see the module invariants).
+pub fn tokens(text: &str) -> std::vec::IntoIter<String> {
+    let mut out = Vec::new();
+    for run in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|run| !run.is_empty())
+    {
+        let mut word_start = None;
+        let mut previous_cjk: Option<char> = None;
+        for (at, c) in run.char_indices() {
+            if is_cjk(c) {
+                if let Some(start) = word_start.take() {
+                    out.push(run[start..at].to_lowercase());
+                }
+                out.push(c.to_string());
+                if let Some(previous) = previous_cjk {
+                    out.push([previous, c].iter().collect());
+                }
+                previous_cjk = Some(c);
+            } else {
+                previous_cjk = None;
+                word_start.get_or_insert(at);
+            }
+        }
+        if let Some(start) = word_start {
+            out.push(run[start..].to_lowercase());
+        }
+    }
+    out.into_iter()
+}
+
+/// Characters of scripts written without spaces between words: CJK ideographs (with the
+/// extensions and compatibility blocks), Hiragana and Katakana.
+pub fn is_cjk(c: char) -> bool {
+    matches!(c as u32,
+        0x3040..=0x30FF       // Hiragana, Katakana
+        | 0x31F0..=0x31FF     // Katakana phonetic extensions
+        | 0x3400..=0x4DBF     // CJK extension A
+        | 0x4E00..=0x9FFF     // CJK unified ideographs
+        | 0xF900..=0xFAFF     // CJK compatibility ideographs
+        | 0xFF66..=0xFF9F     // half-width Katakana
+        | 0x20000..=0x3134F   // CJK extensions B..G
+    )
 }
 
 impl Bm25 {
@@ -202,6 +244,50 @@ mod tests {
                 "ünïcode"
             ]
         );
+    }
+
+    #[test]
+    fn cjk_runs_become_characters_and_bigrams() {
+        let found: Vec<String> = tokens("怎么修改密码？").collect();
+        assert_eq!(
+            found,
+            ["怎", "么", "怎么", "修", "么修", "改", "修改", "密", "改密", "码", "密码"]
+        );
+        // Latin words inside a CJK run stay whole and lowercased; punctuation breaks bigrams.
+        let found: Vec<String> = tokens("VIP会员，能打折吗").collect();
+        assert_eq!(
+            found,
+            ["vip", "会", "员", "会员", "能", "打", "能打", "折", "打折", "吗", "折吗"]
+        );
+        // Kana count as CJK too; Hangul is written with spaces and stays word-based.
+        let found: Vec<String> = tokens("パスワード 비밀번호 변경").collect();
+        assert_eq!(found[..3], ["パ", "ス", "パス"]);
+        assert_eq!(found[found.len() - 2..], ["비밀번호", "변경"]);
+    }
+
+    #[test]
+    fn chinese_paraphrases_match_their_entry() {
+        let index = Bm25::build_from_parts([
+            vec!["怎么修改密码", "我想改一下登录密码"],
+            vec!["如何申请退款", "东西不想要了，钱能退吗"],
+            vec!["运费多少钱", "包邮吗"],
+            vec!["可以开发票吗", "发票在哪里申请"],
+        ]);
+        for (query, expected) in [
+            ("密码怎么改", 0),
+            ("退款怎么申请", 1),
+            ("邮费是多少", 2),
+            ("我要开发票", 3),
+        ] {
+            let found = scores(&index, query);
+            let best = (0..found.len())
+                .max_by(|&a, &b| found[a].total_cmp(&found[b]))
+                .unwrap();
+            assert_eq!(best, expected, "{query}: {found:?}");
+        }
+        // Nothing shared with an off-topic question scores nothing.
+        let mut none = vec![0.0; index.doc_count()];
+        assert!(!index.add_scores("今天天气晴朗", &mut none));
     }
 
     #[test]
