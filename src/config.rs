@@ -118,6 +118,8 @@ pub struct Config {
     pub storage: StorageConfig,
     pub conversations: ConversationsConfig,
     pub agents: AgentsConfig,
+    pub auth: AuthConfig,
+    pub api: ApiConfig,
     pub inference: InferenceConfig,
     pub bot: BotConfig,
     pub risk_control: RiskControlConfig,
@@ -239,6 +241,8 @@ pub struct ConversationsConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentsConfig {
     pub default_max_open: u32,
+    /// Development mode: the static `accounts` tokens open `/ws/agent` (warned at start-up).
+    pub dev_static_tokens: bool,
     /// Keyed by agent id. Tokens are unique across accounts.
     pub accounts: BTreeMap<String, AgentAccount>,
 }
@@ -251,6 +255,36 @@ pub struct AgentAccount {
     pub name: String,
     /// `agents.default_max_open` when the file gives no max_open.
     pub max_open: u32,
+}
+
+/// `[auth]`: agent logins and tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuthConfig {
+    /// `None` (written as "") means `<storage dir>/auth-secret`.
+    pub secret_file: Option<PathBuf>,
+    pub token_ttl: Duration,
+    pub lockout_failures: u32,
+    pub lockout_time: Duration,
+    pub min_password_length: usize,
+    /// 0 = unlimited.
+    pub login_per_ip_per_minute: u32,
+    /// 0 = unlimited.
+    pub login_per_account_per_minute: u32,
+}
+
+impl AuthConfig {
+    /// The signing secret's path: `secret_file`, or `auth-secret` under the storage dir.
+    pub fn secret_path(&self, storage_dir: &Path) -> PathBuf {
+        self.secret_file
+            .clone()
+            .unwrap_or_else(|| storage_dir.join("auth-secret"))
+    }
+}
+
+/// `[api]`: the HTTP JSON API under `/api/`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiConfig {
+    pub max_body_bytes: usize,
 }
 
 /// `[inference]`
@@ -635,6 +669,40 @@ impl AgentsConfig {
     fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
         match key {
             "default_max_open" => self.default_max_open = f.integer_in(1, 1000)?,
+            "dev_static_tokens" => self.dev_static_tokens = f.boolean()?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+impl AuthConfig {
+    fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
+        match key {
+            "secret_file" => {
+                self.secret_file = match f.string()? {
+                    "" => None,
+                    _ => Some(f.path()?),
+                }
+            }
+            "token_ttl" => self.token_ttl = f.duration_in(mins(1), hours(24 * 30))?,
+            "lockout_failures" => self.lockout_failures = f.integer_in(1, 1000)?,
+            "lockout_time" => self.lockout_time = f.duration_in(secs(1), hours(24 * 7))?,
+            "min_password_length" => self.min_password_length = f.integer_in(8, 128)?,
+            "login_per_ip_per_minute" => self.login_per_ip_per_minute = f.integer_in(0, 100_000)?,
+            "login_per_account_per_minute" => {
+                self.login_per_account_per_minute = f.integer_in(0, 100_000)?
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+impl ApiConfig {
+    fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
+        match key {
+            "max_body_bytes" => self.max_body_bytes = f.size_in(256, MIB)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -708,6 +776,8 @@ impl Config {
             storage,
             conversations: conv,
             agents,
+            auth,
+            api,
             inference: inf,
             bot,
             risk_control: risk,
@@ -768,6 +838,7 @@ impl Config {
 
         w.section("agents");
         w.display("default_max_open", agents.default_max_open);
+        w.display("dev_static_tokens", agents.dev_static_tokens);
         w.section("agents.accounts");
         for (id, account) in &agents.accounts {
             w.section(&format!("agents.accounts.{id}"));
@@ -775,6 +846,24 @@ impl Config {
             w.string("name", &account.name);
             w.display("max_open", account.max_open);
         }
+
+        w.section("auth");
+        match &auth.secret_file {
+            Some(path) => w.path("secret_file", path),
+            None => w.string("secret_file", ""),
+        }
+        w.duration("token_ttl", auth.token_ttl);
+        w.display("lockout_failures", auth.lockout_failures);
+        w.duration("lockout_time", auth.lockout_time);
+        w.display("min_password_length", auth.min_password_length);
+        w.display("login_per_ip_per_minute", auth.login_per_ip_per_minute);
+        w.display(
+            "login_per_account_per_minute",
+            auth.login_per_account_per_minute,
+        );
+
+        w.section("api");
+        w.size("max_body_bytes", api.max_body_bytes as u64);
 
         w.section("inference");
         w.display("enabled", inf.enabled);
@@ -861,8 +950,19 @@ impl Config {
             },
             agents: AgentsConfig {
                 default_max_open: 0,
+                dev_static_tokens: false,
                 accounts: BTreeMap::new(),
             },
+            auth: AuthConfig {
+                secret_file: None,
+                token_ttl: Duration::ZERO,
+                lockout_failures: 0,
+                lockout_time: Duration::ZERO,
+                min_password_length: 0,
+                login_per_ip_per_minute: 0,
+                login_per_account_per_minute: 0,
+            },
+            api: ApiConfig { max_body_bytes: 0 },
             inference: InferenceConfig {
                 enabled: false,
                 model: PathBuf::new(),
@@ -1178,6 +1278,8 @@ impl Builder {
             "conversations" => c.conversations.set(key, f),
             "agents" if key == "accounts" => self.apply_accounts(f).map(|()| true),
             "agents" => c.agents.set(key, f),
+            "auth" => c.auth.set(key, f),
+            "api" => c.api.set(key, f),
             "inference" => c.inference.set(key, f),
             "bot" => c.bot.set(key, f),
             "risk_control" => c.risk_control.set(key, f),

@@ -1,0 +1,74 @@
+//! Security events of accounts and logins: ONE function per event kind, each logging at
+//! info (warn for lockouts) with `target: "switchboard::audit"`.
+//!
+//! These are the hook points for the audit chain (`src/audit.rs`): wiring an event into the
+//! chain means adding one call in one of these functions; no caller changes. `by` names who
+//! did it: `cli` for the command line, `api:NAME` for an admin through `/api/`.
+
+use std::net::IpAddr;
+
+use super::rbac::Role;
+
+fn ip_text(ip: Option<IpAddr>) -> String {
+    ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string())
+}
+
+/// A login succeeded and a token was issued.
+pub fn login_succeeded(name: &str, ip: Option<IpAddr>) {
+    tracing::info!(target: "switchboard::audit", event = "login", name, ip = %ip_text(ip), "login succeeded");
+}
+
+/// A login failed. `reason` is for the log only (the client always hears
+/// `invalid_credentials`): `unknown_account`, `wrong_password`, `disabled`, `locked`.
+pub fn login_failed(name: &str, ip: Option<IpAddr>, reason: &'static str) {
+    tracing::info!(target: "switchboard::audit", event = "login_failed", name, ip = %ip_text(ip), reason, "login failed");
+}
+
+/// Consecutive failures locked the account until `until` (Unix seconds).
+pub fn locked_out(name: &str, ip: Option<IpAddr>, until: u64) {
+    tracing::warn!(target: "switchboard::audit", event = "lockout", name, ip = %ip_text(ip), until = %super::clock::rfc3339(until), "account locked after repeated login failures");
+}
+
+/// A login attempt was refused by the per-IP or per-account rate limit.
+pub fn login_rate_limited(name: &str, ip: Option<IpAddr>, retry_after_ms: u64) {
+    tracing::info!(target: "switchboard::audit", event = "login_rate_limited", name, ip = %ip_text(ip), retry_after_ms, "login rate-limited");
+}
+
+/// A token was refused (bad signature, expired, revoked, disabled account).
+pub fn token_refused(ip: Option<IpAddr>, reason: &str) {
+    tracing::info!(target: "switchboard::audit", event = "token_refused", ip = %ip_text(ip), reason, "agent token refused");
+}
+
+/// A token was refreshed.
+pub fn token_refreshed(name: &str) {
+    tracing::info!(target: "switchboard::audit", event = "token_refreshed", name, "token refreshed");
+}
+
+pub fn account_created(by: &str, name: &str, role: Role) {
+    tracing::info!(target: "switchboard::audit", event = "account_created", by, name, role = role.as_str(), "agent account created");
+}
+
+pub fn account_disabled(by: &str, name: &str) {
+    tracing::info!(target: "switchboard::audit", event = "account_disabled", by, name, "agent account disabled");
+}
+
+pub fn account_enabled(by: &str, name: &str) {
+    tracing::info!(target: "switchboard::audit", event = "account_enabled", by, name, "agent account enabled");
+}
+
+pub fn role_changed(by: &str, name: &str, from: Role, to: Role) {
+    tracing::info!(target: "switchboard::audit", event = "role_changed", by, name, from = from.as_str(), to = to.as_str(), "agent role changed");
+}
+
+pub fn password_changed(by: &str, name: &str) {
+    tracing::info!(target: "switchboard::audit", event = "password_changed", by, name, "agent password changed");
+}
+
+pub fn account_unlocked(by: &str, name: &str) {
+    tracing::info!(target: "switchboard::audit", event = "account_unlocked", by, name, "agent account unlocked");
+}
+
+/// An agent was refused an action by the RBAC table.
+pub fn access_denied(name: &str, role: Role, action: &str) {
+    tracing::info!(target: "switchboard::audit", event = "access_denied", name, role = role.as_str(), action, "action denied by role");
+}
