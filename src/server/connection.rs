@@ -27,6 +27,7 @@ use glommio::net::TcpStream;
 use super::routes::{route, Endpoint, Route};
 use super::Shard;
 use crate::arena::{CloseRequest, Outbound, SessionId};
+use crate::auth::rbac::Role as AgentRole;
 use crate::conversation::dispatch::{self, AgentStatus, DispatchEvent};
 use crate::conversation::owner::{OwnerEvent, VisitorKey};
 use crate::conversation::protocol::{self, AgentFrame, FrameError, Presence};
@@ -128,7 +129,12 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Upgraded> 
         Err(HeadError::Closed) => return None,
     };
 
-    let endpoint = match route(&head, config) {
+    let endpoint = match route(&head, config, &shard.authority, crate::auth::clock::unix_now()) {
+        Route::Api => {
+            let peer = stream.peer_addr().ok().map(|addr| addr.ip());
+            super::api_driver::serve(&shard, &mut stream, head, buffer, leftover, peer).await;
+            return None;
+        }
         Route::Health => {
             respond(&shard, &mut stream, 200, b"ok\n", &[]).await;
             return None;
@@ -293,6 +299,7 @@ enum SessionRole {
     Agent {
         id: Box<str>,
         name: Box<str>,
+        role: AgentRole,
     },
 }
 
@@ -332,7 +339,12 @@ impl Session {
                 );
                 SessionRole::Visitor { key, owner }
             }
-            Endpoint::Agent { id, name, max_open } => {
+            Endpoint::Agent {
+                id,
+                name,
+                max_open,
+                role,
+            } => {
                 router.send(
                     dispatcher_shard(router.shard_count()),
                     ShardMessage::Dispatch(DispatchEvent::AgentAttached {
@@ -345,6 +357,7 @@ impl Session {
                 SessionRole::Agent {
                     id: id.into(),
                     name: name.into(),
+                    role,
                 }
             }
         };
@@ -419,7 +432,7 @@ impl Session {
                 }
                 Err(err) => self.refuse(reply, err),
             },
-            SessionRole::Agent { id, name } => match protocol::parse_agent(text, max_text) {
+            SessionRole::Agent { id, name, role } => match protocol::parse_agent(text, max_text) {
                 Ok(frame) => {
                     let dispatcher = dispatcher_shard(router.shard_count());
                     let to_dispatcher =
@@ -447,6 +460,7 @@ impl Session {
                                 session: me.to_dispatch(),
                                 conversation: dispatch::ConversationId(conversation),
                                 to,
+                                role: *role,
                             })
                         }
                         frame => {
@@ -467,6 +481,7 @@ impl Session {
                                 ShardMessage::Owner(OwnerEvent::Agent {
                                     agent: id.to_string(),
                                     name: name.to_string(),
+                                    role: *role,
                                     session: me,
                                     frame,
                                 }),

@@ -10,6 +10,7 @@
 //! Invariants: everything here lives on the shard's thread (`Rc`, `RefCell`);
 //! the only things shared with other shards are the mesh and the metrics.
 
+mod api_driver;
 pub mod connection;
 mod routes;
 
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 use shards::{ShardContext, ShardId};
 
 use crate::arena::{Arena, CloseRequest};
+use crate::auth::{Authority, LoginLimiter};
 use crate::buffers::BufferPool;
 use crate::config::Config;
 use crate::metrics::{Metrics, ShardMetrics};
@@ -37,6 +39,10 @@ pub struct Shard {
     pub router: Rc<Router>,
     pub buffers: BufferPool,
     pub metrics: Metrics,
+    /// Accounts, token key and settings: one per process, shared by every shard.
+    pub authority: Arc<Authority>,
+    /// Login attempts per IP and per account on this shard.
+    pub login_limiter: RefCell<LoginLimiter>,
     started: Instant,
     shutting_down: Cell<bool>,
 }
@@ -63,6 +69,7 @@ pub async fn shard_main(
     context: ShardContext<ShardMessage>,
     config: Arc<Config>,
     metrics: Metrics,
+    authority: Arc<Authority>,
 ) {
     let arena = Rc::new(RefCell::new(Arena::new()));
     let router = match Router::open(
@@ -89,10 +96,12 @@ pub async fn shard_main(
             config.websocket.read_buffer_bytes,
             config.websocket.pool_max_idle_buffers,
         ),
+        login_limiter: RefCell::new(LoginLimiter::from_config(&config)),
         config,
         arena,
         router: router.clone(),
         metrics,
+        authority,
         started: Instant::now(),
         shutting_down: Cell::new(false),
     });
