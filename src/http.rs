@@ -520,9 +520,15 @@ Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r
         let (head, consumed) = parse_request(req, &limits()).unwrap().unwrap();
         assert_eq!((head.content_length, consumed), (Some(5), req.len() - 5));
         let req = b"POST /api/login HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
-        assert_eq!(parse_request(req, &limits()).unwrap_err(), HttpError::BodyNotAllowed);
+        assert_eq!(
+            parse_request(req, &limits()).unwrap_err(),
+            HttpError::BodyNotAllowed
+        );
         let req = b"POST /ws/agent HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
-        assert_eq!(parse_request(req, &limits()).unwrap_err(), HttpError::BodyNotAllowed);
+        assert_eq!(
+            parse_request(req, &limits()).unwrap_err(),
+            HttpError::BodyNotAllowed
+        );
     }
 
     #[test]

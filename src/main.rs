@@ -625,7 +625,8 @@ fn parse_role(role: &str) -> Result<Role, Failure> {
 fn open_accounts(path: Option<&Path>) -> Result<(Config, auth::accounts::AccountStore), Failure> {
     let config = config::load(path)
         .map_err(|err| Failure::invalid(format_args!("invalid configuration: {err}")))?;
-    let store = auth::accounts::AccountStore::open(&config.storage.dir).map_err(Failure::runtime)?;
+    let store =
+        auth::accounts::AccountStore::open(&config.storage.dir).map_err(Failure::runtime)?;
     Ok((config, store))
 }
 
@@ -643,9 +644,9 @@ fn read_password(name: &str) -> Result<String, Failure> {
         Ok(first)
     } else {
         let mut line = String::new();
-        std::io::stdin()
-            .read_line(&mut line)
-            .map_err(|err| Failure::invalid(format_args!("cannot read the password from stdin: {err}")))?;
+        std::io::stdin().read_line(&mut line).map_err(|err| {
+            Failure::invalid(format_args!("cannot read the password from stdin: {err}"))
+        })?;
         let trimmed = line.strip_suffix('\n').unwrap_or(&line);
         let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
         Ok(trimmed.to_owned())
@@ -695,7 +696,10 @@ fn agent_run(command: AgentCommand) -> Result<(), Failure> {
             );
             for account in accounts {
                 let lockout = if account.is_locked(now) {
-                    format!("locked until {}", auth::clock::rfc3339(account.locked_until))
+                    format!(
+                        "locked until {}",
+                        auth::clock::rfc3339(account.locked_until)
+                    )
                 } else if account.failed_logins > 0 {
                     format!("{} failed login(s)", account.failed_logins)
                 } else {
@@ -705,7 +709,11 @@ fn agent_run(command: AgentCommand) -> Result<(), Failure> {
                     "{:<24} {:<10} {:<9} {:>8}  {:<28} {}",
                     account.name,
                     account.role.as_str(),
-                    if account.disabled { "disabled" } else { "enabled" },
+                    if account.disabled {
+                        "disabled"
+                    } else {
+                        "enabled"
+                    },
                     account.max_open,
                     lockout,
                     account.display
@@ -726,11 +734,20 @@ fn agent_run(command: AgentCommand) -> Result<(), Failure> {
             let (config, store) = open_accounts(config.as_deref())?;
             auth::accounts::check_name(&name).map_err(Failure::invalid)?;
             if store.get(&name).map_err(Failure::runtime)?.is_none() {
-                return Err(Failure::invalid(format_args!("no agent account named {name:?}")));
+                return Err(Failure::invalid(format_args!(
+                    "no agent account named {name:?}"
+                )));
             }
             let password = read_password(&name)?;
-            manage::set_password(&store, &name, &password, config.auth.min_password_length, now, by)
-                .map_err(manage_failure)?;
+            manage::set_password(
+                &store,
+                &name,
+                &password,
+                config.auth.min_password_length,
+                now,
+                by,
+            )
+            .map_err(manage_failure)?;
             println!("password of {name} changed; its tokens no longer work");
         }
         AgentCommand::Role { name, role, config } => {

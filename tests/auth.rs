@@ -37,7 +37,11 @@ fn agent_cli(config: &Path, args: &[&str], stdin: &str) -> Output {
 }
 
 fn add(config: &Path, name: &str, role: &str) {
-    let out = agent_cli(config, &["add", name, "--role", role], &format!("{PASSWORD}\n"));
+    let out = agent_cli(
+        config,
+        &["add", name, "--role", role],
+        &format!("{PASSWORD}\n"),
+    );
     assert!(
         out.status.success(),
         "agent add {name}: {}",
@@ -133,10 +137,23 @@ fn agent_add_login_and_token_opens_the_agent_socket() {
     let config = config_of(&server);
     let out = agent_cli(
         &config,
-        &["add", "alice", "--role", "agent", "--display", "Alice A.", "--max-open", "3"],
+        &[
+            "add",
+            "alice",
+            "--role",
+            "agent",
+            "--display",
+            "Alice A.",
+            "--max-open",
+            "3",
+        ],
         &format!("{PASSWORD}\n"),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // The secret was created on first start, 0600, 32 bytes.
     let secret = server.dir.path().join("data/auth-secret");
@@ -157,16 +174,34 @@ fn agent_add_login_and_token_opens_the_agent_socket() {
 
     let (status, _, me) = request(server.addr, "GET", "/api/me", Some(&token), None);
     assert_eq!(status, 200, "{me}");
-    assert_eq!((me["name"].as_str(), me["role"].as_str(), me["max_open"].as_u64()), (Some("alice"), Some("agent"), Some(3)));
+    assert_eq!(
+        (
+            me["name"].as_str(),
+            me["role"].as_str(),
+            me["max_open"].as_u64()
+        ),
+        (Some("alice"), Some("agent"), Some(3))
+    );
 
-    let (status, _, refreshed) = request(server.addr, "POST", "/api/refresh", Some(&token), Some(""));
+    let (status, _, refreshed) =
+        request(server.addr, "POST", "/api/refresh", Some(&token), Some(""));
     assert_eq!(status, 200, "{refreshed}");
     agent_hello(server.addr, refreshed["token"].as_str().unwrap());
 
     // A token not from this server's secret is refused.
     let forged = format!("{}A", &token[..token.len() - 1]);
-    let forged = if forged == token { format!("{}B", &token[..token.len() - 1]) } else { forged };
-    assert_eq!(RawClient::connect(server.addr, &format!("/ws/agent?token={forged}")).err().unwrap().0, 401);
+    let forged = if forged == token {
+        format!("{}B", &token[..token.len() - 1])
+    } else {
+        forged
+    };
+    assert_eq!(
+        RawClient::connect(server.addr, &format!("/ws/agent?token={forged}"))
+            .err()
+            .unwrap()
+            .0,
+        401
+    );
     // Signed tokens survive a restart (the secret file is reused).
     let dir = server.crash();
     let server = Server::start_in(dir, "");
@@ -184,12 +219,30 @@ fn wrong_password_and_unknown_name_answer_alike() {
     assert_eq!(wrong.2, unknown.2, "same body: no account enumeration");
     assert_eq!(wrong.2["error"]["code"], "invalid_credentials");
     // Malformed bodies and limits.
-    let (status, _, body) = request(server.addr, "POST", "/api/login", None, Some("{\"name\":1}"));
-    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")));
+    let (status, _, body) = request(
+        server.addr,
+        "POST",
+        "/api/login",
+        None,
+        Some("{\"name\":1}"),
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("bad_request"))
+    );
     let (status, _, body) = raw(server.addr, b"POST /api/login HTTP/1.1\r\nHost: t\r\n\r\n");
-    assert_eq!((status, body["error"]["code"].as_str()), (411, Some("length_required")));
-    let (status, _, body) = raw(server.addr, b"POST /api/login HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n{");
-    assert_eq!((status, body["error"]["code"].as_str()), (413, Some("body_too_large")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (411, Some("length_required"))
+    );
+    let (status, _, body) = raw(
+        server.addr,
+        b"POST /api/login HTTP/1.1\r\nContent-Length: 1000000\r\n\r\n{",
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (413, Some("body_too_large"))
+    );
     let (status, _, _) = request(server.addr, "GET", "/api/login", None, None);
     assert_eq!(status, 405);
 }
@@ -217,7 +270,13 @@ fn lockout_after_failures_is_visible_and_survives_restart() {
     let admin = token_of(server.addr, "root");
     let (status, _, agents) = request(server.addr, "GET", "/api/agents", Some(&admin), None);
     assert_eq!(status, 200);
-    let entry = agents["agents"].as_array().unwrap().iter().find(|a| a["name"] == "carol").unwrap().clone();
+    let entry = agents["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "carol")
+        .unwrap()
+        .clone();
     assert_eq!(entry["locked"], true, "{entry}");
 
     // The lock is in the store: it survives a restart.
@@ -265,18 +324,30 @@ fn disabled_and_expired_tokens_are_refused() {
     agent_hello(server.addr, &token);
     let out = agent_cli(&config, &["disable", "erin"], "");
     assert!(out.status.success());
-    assert_eq!(RawClient::connect(server.addr, &format!("/ws/agent?token={token}")).err().unwrap().0, 401);
+    assert_eq!(
+        RawClient::connect(server.addr, &format!("/ws/agent?token={token}"))
+            .err()
+            .unwrap()
+            .0,
+        401
+    );
     assert_eq!(login(server.addr, "erin", PASSWORD).0, 401);
     let out = agent_cli(&config, &["enable", "erin"], "");
     assert!(out.status.success());
     assert_eq!(
-        RawClient::connect(server.addr, &format!("/ws/agent?token={token}")).err().unwrap().0,
+        RawClient::connect(server.addr, &format!("/ws/agent?token={token}"))
+            .err()
+            .unwrap()
+            .0,
         401,
         "enabling again does not revive old tokens"
     );
 
     // An expired token, correctly signed with this server's secret.
-    let key: [u8; 32] = std::fs::read(server.dir.path().join("data/auth-secret")).unwrap().try_into().unwrap();
+    let key: [u8; 32] = std::fs::read(server.dir.path().join("data/auth-secret"))
+        .unwrap()
+        .try_into()
+        .unwrap();
     let expired = switchboard::auth::token::sign(
         &switchboard::auth::token::SigningKey::new(key),
         &switchboard::auth::token::Claims {
@@ -286,11 +357,16 @@ fn disabled_and_expired_tokens_are_refused() {
             generation: 1,
         },
     );
-    let (status, body) = RawClient::connect(server.addr, &format!("/ws/agent?token={expired}")).err().unwrap();
+    let (status, body) = RawClient::connect(server.addr, &format!("/ws/agent?token={expired}"))
+        .err()
+        .unwrap();
     assert_eq!(status, 401);
     assert!(body.contains("expired"), "{body}");
     let (status, _, body) = request(server.addr, "GET", "/api/me", Some(&expired), None);
-    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("token_expired")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("token_expired"))
+    );
     // The same claims not yet expired work (generation 1 after the disable).
     let valid = switchboard::auth::token::sign(
         &switchboard::auth::token::SigningKey::new(key),
@@ -309,13 +385,24 @@ fn static_tokens_only_in_dev_mode() {
     let accounts = "[agents.accounts.sam]\ntoken = \"sam-static-token-0123\"\nname = \"Sam\"\n";
     let server = Server::start(accounts);
     assert_eq!(
-        RawClient::connect(server.addr, "/ws/agent?token=sam-static-token-0123").err().unwrap().0,
+        RawClient::connect(server.addr, "/ws/agent?token=sam-static-token-0123")
+            .err()
+            .unwrap()
+            .0,
         401
     );
-    assert!(server.logs().contains("static tokens are ignored"), "{}", server.logs());
+    assert!(
+        server.logs().contains("static tokens are ignored"),
+        "{}",
+        server.logs()
+    );
     drop(server);
     let server = Server::start(&format!("[agents]\ndev_static_tokens = true\n{accounts}"));
-    assert!(server.logs().contains("DEVELOPMENT MODE"), "{}", server.logs());
+    assert!(
+        server.logs().contains("DEVELOPMENT MODE"),
+        "{}",
+        server.logs()
+    );
     let (_, hello) = agent_hello(server.addr, "sam-static-token-0123");
     assert_eq!(hello["agent"], "Sam");
 }
@@ -325,10 +412,18 @@ fn agent_cli_refuses_bad_input_with_exit_2() {
     let server = Server::start("");
     let config = config_of(&server);
     let cases: [(&[&str], &str, &str); 6] = [
-        (&["add", "x1", "--role", "root"], "a good long password\n", "unknown role"),
+        (
+            &["add", "x1", "--role", "root"],
+            "a good long password\n",
+            "unknown role",
+        ),
         (&["add", "x2", "--role", "agent"], "\n", "empty"),
         (&["add", "x3", "--role", "agent"], "short\n", "too short"),
-        (&["add", "bad name", "--role", "agent"], "a good long password\n", "invalid account name"),
+        (
+            &["add", "bad name", "--role", "agent"],
+            "a good long password\n",
+            "invalid account name",
+        ),
         (&["disable", "ghost"], "", "no agent account"),
         (&["role", "ghost", "admin"], "", "no agent account"),
     ];
@@ -339,7 +434,11 @@ fn agent_cli_refuses_bad_input_with_exit_2() {
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
     add(&config, "x4", "agent");
-    let out = agent_cli(&config, &["add", "x4", "--role", "agent"], "a good long password\n");
+    let out = agent_cli(
+        &config,
+        &["add", "x4", "--role", "agent"],
+        "a good long password\n",
+    );
     assert_eq!(out.status.code(), Some(2));
     let list = String::from_utf8_lossy(&agent_cli(&config, &["list"], "").stdout).into_owned();
     assert!(list.contains("x4") && !list.contains("x1"), "{list}");
@@ -349,7 +448,12 @@ fn agent_cli_refuses_bad_input_with_exit_2() {
 fn rbac_agent_refused_supervisor_allowed() {
     let server = Server::start("[inference]\nenabled = false\n");
     let config = config_of(&server);
-    for (name, role) in [("al", "agent"), ("bo", "agent"), ("sue", "supervisor"), ("root", "admin")] {
+    for (name, role) in [
+        ("al", "agent"),
+        ("bo", "agent"),
+        ("sue", "supervisor"),
+        ("root", "admin"),
+    ] {
         add(&config, name, role);
     }
     let (al_token, bo_token, sue_token, root_token) = (
@@ -361,25 +465,71 @@ fn rbac_agent_refused_supervisor_allowed() {
     // Admin API: an agent and a supervisor are refused, an admin allowed.
     for token in [&al_token, &sue_token] {
         let (status, _, body) = request(server.addr, "GET", "/api/agents", Some(token), None);
-        assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")));
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (403, Some("forbidden"))
+        );
         let create = json!({"name": "new1", "password": PASSWORD, "role": "admin"}).to_string();
-        assert_eq!(request(server.addr, "POST", "/api/agents", Some(token), Some(&create)).0, 403);
+        assert_eq!(
+            request(
+                server.addr,
+                "POST",
+                "/api/agents",
+                Some(token),
+                Some(&create)
+            )
+            .0,
+            403
+        );
     }
     let create = json!({"name": "new1", "password": PASSWORD, "role": "agent"}).to_string();
-    assert_eq!(request(server.addr, "POST", "/api/agents", Some(&root_token), Some(&create)).0, 201);
+    assert_eq!(
+        request(
+            server.addr,
+            "POST",
+            "/api/agents",
+            Some(&root_token),
+            Some(&create)
+        )
+        .0,
+        201
+    );
     let role = json!({"role": "supervisor"}).to_string();
-    let (status, _, body) = request(server.addr, "PUT", "/api/agents/new1/role", Some(&root_token), Some(&role));
+    let (status, _, body) = request(
+        server.addr,
+        "PUT",
+        "/api/agents/new1/role",
+        Some(&root_token),
+        Some(&role),
+    );
     assert_eq!((status, body["role"].as_str()), (200, Some("supervisor")));
-    assert_eq!(request(server.addr, "POST", "/api/agents/new1/disable", Some(&root_token), Some("")).0, 200);
-    assert_eq!(login(server.addr, "new1", PASSWORD).0, 401, "disabled through the API");
+    assert_eq!(
+        request(
+            server.addr,
+            "POST",
+            "/api/agents/new1/disable",
+            Some(&root_token),
+            Some("")
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        login(server.addr, "new1", PASSWORD).0,
+        401,
+        "disabled through the API"
+    );
 
     // A conversation assigned to al.
     let (mut al, _) = agent_hello(server.addr, &al_token);
-    let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=acme&visitor=rbac-visitor").unwrap();
+    let mut visitor =
+        RawClient::connect(server.addr, "/ws/visitor?site=acme&visitor=rbac-visitor").unwrap();
     let hello = visitor.read_json();
     let conversation = hello["conversation"].as_u64().unwrap();
     visitor.send_json(&json!({"type": "message", "id": "q1", "text": "I need a human"}));
-    wait_for(&mut al, "assignment", |v| v["type"] == "assigned" && v["conversation"] == conversation);
+    wait_for(&mut al, "assignment", |v| {
+        v["type"] == "assigned" && v["conversation"] == conversation
+    });
     let (mut bo, _) = agent_hello(server.addr, &bo_token);
     let (mut sue, _) = agent_hello(server.addr, &sue_token);
 
@@ -387,15 +537,25 @@ fn rbac_agent_refused_supervisor_allowed() {
     bo.send_json(&json!({"type": "transfer", "conversation": conversation, "to": "bo"}));
     let error = wait_for(&mut bo, "refusal", |v| v["type"] == "error");
     assert_eq!(error["code"], "not_assigned");
-    bo.send_json(&json!({"type": "message", "conversation": conversation, "id": "m", "text": "hi"}));
+    bo.send_json(
+        &json!({"type": "message", "conversation": conversation, "id": "m", "text": "hi"}),
+    );
     let error = wait_for(&mut bo, "refusal", |v| v["type"] == "error");
     assert_eq!(error["code"], "not_assigned");
 
     // sue (supervisor) may move it to bo.
     sue.send_json(&json!({"type": "transfer", "conversation": conversation, "to": "bo"}));
-    wait_for(&mut bo, "assigned by the supervisor", |v| v["type"] == "assigned" && v["conversation"] == conversation);
-    wait_for(&mut al, "transferred away", |v| v["type"] == "transferred" && v["conversation"] == conversation);
-    bo.send_json(&json!({"type": "message", "conversation": conversation, "id": "m2", "text": "Bo here"}));
-    let reply = wait_for(&mut visitor, "bo's reply", |v| v["type"] == "message" && v["text"] == "Bo here");
+    wait_for(&mut bo, "assigned by the supervisor", |v| {
+        v["type"] == "assigned" && v["conversation"] == conversation
+    });
+    wait_for(&mut al, "transferred away", |v| {
+        v["type"] == "transferred" && v["conversation"] == conversation
+    });
+    bo.send_json(
+        &json!({"type": "message", "conversation": conversation, "id": "m2", "text": "Bo here"}),
+    );
+    let reply = wait_for(&mut visitor, "bo's reply", |v| {
+        v["type"] == "message" && v["text"] == "Bo here"
+    });
     assert_eq!(reply["name"], "bo");
 }

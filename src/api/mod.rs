@@ -158,8 +158,9 @@ fn parse_body<'de, T: Deserialize<'de>>(req: &ApiRequest<'de>) -> Result<T, ApiR
             ));
         }
     }
-    serde_json::from_slice(req.body)
-        .map_err(|err| ApiResponse::error(400, "bad_request", format_args!("invalid JSON body: {err}")))
+    serde_json::from_slice(req.body).map_err(|err| {
+        ApiResponse::error(400, "bad_request", format_args!("invalid JSON body: {err}"))
+    })
 }
 
 fn method_not_allowed(allowed: &str) -> ApiResponse {
@@ -427,7 +428,13 @@ mod tests {
         auth
     }
 
-    fn call(auth: &Authority, method: &str, path: &str, bearer: Option<&str>, body: &str) -> (u16, serde_json::Value) {
+    fn call(
+        auth: &Authority,
+        method: &str,
+        path: &str,
+        bearer: Option<&str>,
+        body: &str,
+    ) -> (u16, serde_json::Value) {
         let header = bearer.map(|t| format!("Bearer {t}"));
         let req = ApiRequest {
             method,
@@ -441,11 +448,20 @@ mod tests {
             Ok(plan) => execute(plan, auth, None, 100, 5),
             Err(response) => response,
         };
-        (response.status, serde_json::from_str(&response.body).unwrap())
+        (
+            response.status,
+            serde_json::from_str(&response.body).unwrap(),
+        )
     }
 
     fn login(auth: &Authority, name: &str) -> String {
-        let (status, body) = call(auth, "POST", "/api/login", None, &json!({"name": name, "password": "password-123"}).to_string());
+        let (status, body) = call(
+            auth,
+            "POST",
+            "/api/login",
+            None,
+            &json!({"name": name, "password": "password-123"}).to_string(),
+        );
         assert_eq!(status, 200, "{body}");
         body["token"].as_str().unwrap().to_owned()
     }
@@ -454,12 +470,30 @@ mod tests {
     fn login_answers_alike_for_unknown_name_and_wrong_password() {
         let dir = tempfile::tempdir().unwrap();
         let auth = authority(dir.path());
-        let wrong_password = call(&auth, "POST", "/api/login", None, r#"{"name":"al","password":"nope-nope"}"#);
-        let unknown_name = call(&auth, "POST", "/api/login", None, r#"{"name":"zed","password":"nope-nope"}"#);
+        let wrong_password = call(
+            &auth,
+            "POST",
+            "/api/login",
+            None,
+            r#"{"name":"al","password":"nope-nope"}"#,
+        );
+        let unknown_name = call(
+            &auth,
+            "POST",
+            "/api/login",
+            None,
+            r#"{"name":"zed","password":"nope-nope"}"#,
+        );
         assert_eq!(wrong_password.0, 401);
         assert_eq!(wrong_password, unknown_name);
         assert_eq!(wrong_password.1["error"]["code"], "invalid_credentials");
-        let (status, body) = call(&auth, "POST", "/api/login", None, r#"{"name":"al","password":"password-123"}"#);
+        let (status, body) = call(
+            &auth,
+            "POST",
+            "/api/login",
+            None,
+            r#"{"name":"al","password":"password-123"}"#,
+        );
         assert_eq!(status, 200);
         assert_eq!(body["expires"], clock::rfc3339(3700));
     }
@@ -468,13 +502,21 @@ mod tests {
     fn every_endpoint_checks_the_table() {
         let dir = tempfile::tempdir().unwrap();
         let auth = authority(dir.path());
-        let tokens: Vec<(Role, String)> = [("al", Role::Agent), ("sue", Role::Supervisor), ("root", Role::Admin)]
-            .into_iter()
-            .map(|(name, role)| (role, login(&auth, name)))
-            .collect();
+        let tokens: Vec<(Role, String)> = [
+            ("al", Role::Agent),
+            ("sue", Role::Supervisor),
+            ("root", Role::Admin),
+        ]
+        .into_iter()
+        .map(|(name, role)| (role, login(&auth, name)))
+        .collect();
         let admin_calls = [
             ("GET", "/api/agents", ""),
-            ("POST", "/api/agents", r#"{"name":"new-{role}","password":"password-123","role":"agent"}"#),
+            (
+                "POST",
+                "/api/agents",
+                r#"{"name":"new-{role}","password":"password-123","role":"agent"}"#,
+            ),
             ("POST", "/api/agents/al/disable", ""),
             ("POST", "/api/agents/al/enable", ""),
             ("PUT", "/api/agents/sue/role", r#"{"role":"supervisor"}"#),
@@ -484,7 +526,10 @@ mod tests {
                 let body = body.replace("{role}", role.as_str());
                 let (status, reply) = call(&auth, method, path, Some(token), &body);
                 if rbac::allows(*role, Action::ManageAgents) {
-                    assert!(status == 200 || status == 201, "{role} {method} {path}: {reply}");
+                    assert!(
+                        status == 200 || status == 201,
+                        "{role} {method} {path}: {reply}"
+                    );
                 } else {
                     assert_eq!(status, 403, "{role} {method} {path}: {reply}");
                     assert_eq!(reply["error"]["code"], "forbidden");
@@ -502,7 +547,10 @@ mod tests {
             assert_eq!(call(&auth, method, path, None, body).0, 401);
         }
         assert_eq!(call(&auth, "GET", "/api/me", None, "").0, 401);
-        assert_eq!(call(&auth, "POST", "/api/refresh", Some("sb1.x.y"), "").0, 401);
+        assert_eq!(
+            call(&auth, "POST", "/api/refresh", Some("sb1.x.y"), "").0,
+            401
+        );
     }
 
     #[test]
@@ -516,20 +564,55 @@ mod tests {
         assert_eq!(call(&auth, "GET", "/api/login", None, "").0, 405);
         assert_eq!(call(&auth, "GET", "/api/nothing", None, "").0, 404);
         let (status, body) = call(&auth, "POST", "/api/login", None, "{not json");
-        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")));
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("bad_request"))
+        );
         let root = login(&auth, "root");
-        let (status, body) = call(&auth, "PUT", "/api/agents/al/role", Some(&root), r#"{"role":"king"}"#);
-        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")));
+        let (status, body) = call(
+            &auth,
+            "PUT",
+            "/api/agents/al/role",
+            Some(&root),
+            r#"{"role":"king"}"#,
+        );
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("bad_request"))
+        );
         let (status, _) = call(&auth, "POST", "/api/agents/ghost/disable", Some(&root), "");
         assert_eq!(status, 404);
-        let (status, _) = call(&auth, "POST", "/api/agents", Some(&root), r#"{"name":"al","password":"password-123","role":"agent"}"#);
+        let (status, _) = call(
+            &auth,
+            "POST",
+            "/api/agents",
+            Some(&root),
+            r#"{"name":"al","password":"password-123","role":"agent"}"#,
+        );
         assert_eq!(status, 409);
-        let (status, body) = call(&auth, "POST", "/api/agents", Some(&root), r#"{"name":"weak","password":"short","role":"agent"}"#);
-        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")));
+        let (status, body) = call(
+            &auth,
+            "POST",
+            "/api/agents",
+            Some(&root),
+            r#"{"name":"weak","password":"short","role":"agent"}"#,
+        );
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (400, Some("bad_request"))
+        );
         let (status, body) = call(&auth, "GET", "/api/agents", Some(&root), "");
         assert_eq!(status, 200);
-        let names: Vec<&str> = body["agents"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+        let names: Vec<&str> = body["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["name"].as_str().unwrap())
+            .collect();
         assert_eq!(names, ["al", "root", "sue"]);
-        assert!(body.to_string().find("argon2").is_none(), "hashes never leave the store");
+        assert!(
+            body.to_string().find("argon2").is_none(),
+            "hashes never leave the store"
+        );
     }
 }

@@ -28,7 +28,9 @@ impl ManageError {
             ManageError::Password(_) => true,
             ManageError::Account(err) => !matches!(
                 err,
-                AccountError::Store(_) | AccountError::Damaged { .. } | AccountError::CreateDir { .. }
+                AccountError::Store(_)
+                    | AccountError::Damaged { .. }
+                    | AccountError::CreateDir { .. }
             ),
         }
     }
@@ -166,7 +168,12 @@ pub fn set_password(
 }
 
 /// Lifts a lockout.
-pub fn unlock(store: &AccountStore, name: &str, now: u64, by: &str) -> Result<Account, ManageError> {
+pub fn unlock(
+    store: &AccountStore,
+    name: &str,
+    now: u64,
+    by: &str,
+) -> Result<Account, ManageError> {
     let account = change(store, name, |a| a.unlock(now))?;
     events::account_unlocked(by, name);
     Ok(account)

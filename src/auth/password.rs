@@ -119,14 +119,23 @@ mod tests {
     #[test]
     fn policy() {
         assert_eq!(check_policy("", 8), Err(PasswordError::Empty));
-        assert_eq!(check_policy("short", 8), Err(PasswordError::TooShort { min: 8 }));
+        assert_eq!(
+            check_policy("short", 8),
+            Err(PasswordError::TooShort { min: 8 })
+        );
         assert_eq!(check_policy("long enough", 8), Ok(()));
-        assert_eq!(check_policy("tab\there!", 4), Err(PasswordError::ControlCharacters));
+        assert_eq!(
+            check_policy("tab\there!", 4),
+            Err(PasswordError::ControlCharacters)
+        );
         assert_eq!(
             check_policy(&"x".repeat(MAX_PASSWORD_BYTES + 1), 8),
             Err(PasswordError::TooLong)
         );
         // Characters, not bytes.
-        assert_eq!(check_policy("ééééééé", 8), Err(PasswordError::TooShort { min: 8 }));
+        assert_eq!(
+            check_policy("ééééééé", 8),
+            Err(PasswordError::TooShort { min: 8 })
+        );
     }
 }

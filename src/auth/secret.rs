@@ -32,7 +32,9 @@ pub enum SecretError {
     },
     #[error("the token secret {path} must hold exactly 32 bytes, it holds {len}")]
     Length { path: PathBuf, len: usize },
-    #[error("the token secret {path} has mode {mode:o}: group and others must not read it (chmod 600)")]
+    #[error(
+        "the token secret {path} has mode {mode:o}: group and others must not read it (chmod 600)"
+    )]
     Exposed { path: PathBuf, mode: u32 },
 }
 
@@ -60,10 +62,13 @@ pub fn load_or_create(path: &Path) -> Result<(SigningKey, SecretOrigin), SecretE
                     mode: mode & 0o777,
                 });
             }
-            let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| SecretError::Length {
-                path: path.to_owned(),
-                len: bytes.len(),
-            })?;
+            let key: [u8; 32] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| SecretError::Length {
+                    path: path.to_owned(),
+                    len: bytes.len(),
+                })?;
             Ok((SigningKey::new(key), SecretOrigin::Read))
         }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {

@@ -583,8 +583,7 @@ impl Dispatcher {
         to: &str,
         out: &mut Vec<DispatchAction>,
     ) {
-        let (from_idx, to_idx) = match self.check_transfer(from, role, session, conversation, to)
-        {
+        let (from_idx, to_idx) = match self.check_transfer(from, role, session, conversation, to) {
             Ok(pair) => pair,
             Err(rejection) => {
                 out.push(rejected(session, &rejection));

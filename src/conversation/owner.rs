@@ -738,7 +738,10 @@ impl Owner {
                 to: session,
                 frame: error(
                     "forbidden",
-                    &format!("role {role} may not do this in conversation {}", conversation.0),
+                    &format!(
+                        "role {role} may not do this in conversation {}",
+                        conversation.0
+                    ),
                 ),
             });
             return;

@@ -129,7 +129,12 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Upgraded> 
         Err(HeadError::Closed) => return None,
     };
 
-    let endpoint = match route(&head, config, &shard.authority, crate::auth::clock::unix_now()) {
+    let endpoint = match route(
+        &head,
+        config,
+        &shard.authority,
+        crate::auth::clock::unix_now(),
+    ) {
         Route::Api => {
             let peer = stream.peer_addr().ok().map(|addr| addr.ip());
             super::api_driver::serve(&shard, &mut stream, head, buffer, leftover, peer).await;
