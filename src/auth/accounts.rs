@@ -182,6 +182,8 @@ pub enum AccountError {
 pub struct AccountStore {
     env: Env<WithoutTls>,
     accounts: Database<'static, Str, Bytes>,
+    /// One record rewritten by [`AccountStore::decoy_write`].
+    decoy: Database<'static, Str, Bytes>,
 }
 
 impl AccountStore {
@@ -198,20 +200,25 @@ impl AccountStore {
             source,
         })?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
-        options.map_size(MAP_SIZE).max_dbs(2).max_readers(512);
+        options.map_size(MAP_SIZE).max_dbs(4).max_readers(512);
         // SAFETY: the map is unsound only if the file changes behind LMDB's back; the
         // directory is ours, opened once per process, and other processes (the CLI) go
         // through LMDB too.
         let env = unsafe { options.open(&path) }?;
         env.clear_stale_readers()?;
         let wtxn = env.write_txn()?;
-        let accounts = env
+        let (accounts, decoy) = env
             .create_databases_and_commit(wtxn, |opener, wtxn| -> Result<_, AccountError> {
                 let accounts = opener.create_database::<Str, Bytes>(wtxn, Some("accounts"))?;
-                Ok(CommitOrAbort::<_, ()>::Commit(accounts))
+                let decoy = opener.create_database::<Str, Bytes>(wtxn, Some("decoy"))?;
+                Ok(CommitOrAbort::<_, ()>::Commit((accounts, decoy)))
             })?
             .unwrap_commit();
-        Ok(AccountStore { env, accounts })
+        Ok(AccountStore {
+            env,
+            accounts,
+            decoy,
+        })
     }
 
     /// The account called `name`.
@@ -232,6 +239,26 @@ impl AccountStore {
             out.push(decode(name, bytes)?);
         }
         Ok(out)
+    }
+
+    /// Commits a write of the same shape as a failed-login update (one small record, one
+    /// synced commit) to a table of its own. A refused login of a missing, disabled or
+    /// locked account calls it, so that it costs what a wrong password costs and the answer
+    /// time does not reveal whether the account exists.
+    pub fn decoy_write(&self) -> Result<(), AccountError> {
+        let mut wtxn = self.env.write_txn()?;
+        let count = self
+            .decoy
+            .get(&wtxn, "decoy")?
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+            .map_or(0, u64::from_le_bytes);
+        let filler = [0u8; 200];
+        let mut record = (count + 1).to_le_bytes().to_vec();
+        record.extend_from_slice(&filler);
+        self.decoy.put(&mut wtxn, "decoy", &record[..8])?;
+        self.decoy.put(&mut wtxn, "filler", &record)?;
+        wtxn.commit()?;
+        Ok(())
     }
 
     /// Stores a new account; refuses an existing name.

@@ -190,6 +190,8 @@ impl Authority {
         };
         let refuse = |reason| {
             password::verify(password, password::dummy_hash());
+            // As long as a wrong password's failure count commit.
+            self.store.decoy_write()?;
             events::login_failed(name, ip, reason);
             Err(LoginRefusal::InvalidCredentials)
         };
@@ -226,6 +228,9 @@ impl Authority {
             }
             Ok(a.record_failure(now, policy))
         })?;
+        if outcome.is_err() {
+            self.store.decoy_write()?;
+        }
         events::login_failed(name, ip, "wrong_password");
         if let Ok(FailureOutcome::LockedOut { until }) = outcome {
             events::locked_out(name, ip, until);
