@@ -559,3 +559,44 @@ fn rbac_agent_refused_supervisor_allowed() {
     });
     assert_eq!(reply["name"], "bo");
 }
+
+#[test]
+fn api_body_may_arrive_in_pieces_within_the_head_timeout() {
+    let server = Server::start("[http]\nhandshake_timeout = \"1s\"\n");
+    add(&config_of(&server), "fay", "agent");
+    let body = json!({"name": "fay", "password": PASSWORD}).to_string();
+    let head = format!(
+        "POST /api/login HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    // Head and half the body, a pause, then the rest: read as one body.
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (first, rest) = body.split_at(body.len() / 2);
+    stream
+        .write_all(format!("{head}{first}").as_bytes())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    stream.write_all(rest.as_bytes()).unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("\"token\":\"sb1."), "{response}");
+
+    // A body that never completes: 408 after the timeout, in the API's error shape.
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(format!("{head}{first}").as_bytes())
+        .unwrap();
+    let started = Instant::now();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.contains("\"code\":\"timeout\""), "{response}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

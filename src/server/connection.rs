@@ -27,7 +27,7 @@ use glommio::net::TcpStream;
 use super::routes::{route, Endpoint, Route};
 use super::Shard;
 use crate::arena::{CloseRequest, Outbound, SessionId};
-use crate::auth::rbac::Role as AgentRole;
+use crate::auth::rbac::{self, Role as AgentRole};
 use crate::conversation::dispatch::{self, AgentStatus, DispatchEvent};
 use crate::conversation::owner::{OwnerEvent, VisitorKey};
 use crate::conversation::protocol::{self, AgentFrame, FrameError, Presence};
@@ -451,6 +451,14 @@ impl Session {
                                     Presence::Away => AgentStatus::Away,
                                 },
                             })
+                        }
+                        AgentFrame::Accept { .. }
+                            if !rbac::allows(*role, rbac::Action::AcceptConversation) =>
+                        {
+                            self.refuse(
+                                reply,
+                                FrameError::new("forbidden", format!("role {role} may not accept")),
+                            );
                         }
                         AgentFrame::Accept { conversation } => {
                             to_dispatcher(DispatchEvent::Accept {
