@@ -2463,6 +2463,37 @@ mod tests {
     }
 
     #[test]
+    fn auth_and_api_sections() {
+        let c = Config::default();
+        assert_eq!(c.auth.secret_file, None);
+        assert_eq!(
+            c.auth.secret_path(Path::new("/var/lib/sb")),
+            PathBuf::from("/var/lib/sb/auth-secret")
+        );
+        assert!(!c.agents.dev_static_tokens);
+        let c = load_str(
+            "auth.toml",
+            "[auth]\nsecret_file = \"/etc/sb/secret\"\ntoken_ttl = \"1h\"\nlockout_failures = 3\n\n[api]\nmax_body_bytes = \"4KiB\"\n\n[agents]\ndev_static_tokens = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.secret_path(Path::new("x")),
+            PathBuf::from("/etc/sb/secret")
+        );
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(3600));
+        assert_eq!(c.auth.lockout_failures, 3);
+        assert_eq!(c.api.max_body_bytes, 4096);
+        assert!(c.agents.dev_static_tokens);
+        assert_eq!(load_str("again", &c.to_toml()).unwrap(), c);
+        let e = err("[auth]\ntoken_ttl = \"10s\"\n");
+        assert_invalid(&e, 2, "auth.token_ttl", "");
+        let e = err("[auth]\nmin_password_length = 4\n");
+        assert_invalid(&e, 2, "auth.min_password_length", "");
+        let e = err("[api]\nmax_body_bytes = \"2MiB\"\n");
+        assert_invalid(&e, 2, "api.max_body_bytes", "");
+    }
+
+    #[test]
     fn agent_accounts_merge_default_and_validate() {
         let c = load_str(
             "agents.toml",

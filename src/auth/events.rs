@@ -9,6 +9,14 @@ use std::net::IpAddr;
 
 use super::rbac::Role;
 
+/// A client-supplied name as logged: at most 64 characters (valid names are no longer).
+fn short(name: &str) -> &str {
+    match name.char_indices().nth(64) {
+        Some((at, _)) => &name[..at],
+        None => name,
+    }
+}
+
 fn ip_text(ip: Option<IpAddr>) -> String {
     ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string())
 }
@@ -21,7 +29,7 @@ pub fn login_succeeded(name: &str, ip: Option<IpAddr>) {
 /// A login failed. `reason` is for the log only (the client always hears
 /// `invalid_credentials`): `unknown_account`, `wrong_password`, `disabled`, `locked`.
 pub fn login_failed(name: &str, ip: Option<IpAddr>, reason: &'static str) {
-    tracing::info!(target: "switchboard::audit", event = "login_failed", name, ip = %ip_text(ip), reason, "login failed");
+    tracing::info!(target: "switchboard::audit", event = "login_failed", name = short(name), ip = %ip_text(ip), reason, "login failed");
 }
 
 /// Consecutive failures locked the account until `until` (Unix seconds).
@@ -31,7 +39,7 @@ pub fn locked_out(name: &str, ip: Option<IpAddr>, until: u64) {
 
 /// A login attempt was refused by the per-IP or per-account rate limit.
 pub fn login_rate_limited(name: &str, ip: Option<IpAddr>, retry_after_ms: u64) {
-    tracing::info!(target: "switchboard::audit", event = "login_rate_limited", name, ip = %ip_text(ip), retry_after_ms, "login rate-limited");
+    tracing::info!(target: "switchboard::audit", event = "login_rate_limited", name = short(name), ip = %ip_text(ip), retry_after_ms, "login rate-limited");
 }
 
 /// A token was refused (bad signature, expired, revoked, disabled account).
@@ -71,4 +79,13 @@ pub fn account_unlocked(by: &str, name: &str) {
 /// An agent was refused an action by the RBAC table.
 pub fn access_denied(name: &str, role: Role, action: &str) {
     tracing::info!(target: "switchboard::audit", event = "access_denied", name, role = role.as_str(), action, "action denied by role");
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn logged_names_are_bounded() {
+        assert_eq!(super::short("alice"), "alice");
+        assert_eq!(super::short(&"é".repeat(100)).chars().count(), 64);
+    }
 }
