@@ -245,6 +245,10 @@ fn wrong_password_and_unknown_name_answer_alike() {
     );
     let (status, _, _) = request(server.addr, "GET", "/api/login", None, None);
     assert_eq!(status, 405);
+    // A missing agent token: a proper 401 status line (was "401 Unknown").
+    let (status, head, _) = raw(server.addr, b"GET /ws/agent HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(status, 401);
+    assert!(head.starts_with("HTTP/1.1 401 Unauthorized"), "{head}");
 }
 
 #[test]
