@@ -110,6 +110,10 @@ enabled = false
 # A load generator sends far faster than a person; keep the flood guard out of the way.
 flood_messages = 10000
 flood_window = "100ms"
+
+[agents]
+# The load generator authenticates with static tokens: development mode only.
+dev_static_tokens = true
 $(for i in $(seq 0 $((AGENTS - 1))); do printf '\n[agents.accounts.bench%s]\ntoken = "switchboard-bench-agent-%s"\nmax_open = 1000\n' "$i" "$i"; done)
 ${SWITCHBOARD_CONFIG_EXTRA:-}
 TOML

@@ -497,6 +497,39 @@ impl AuditLog {
     }
 }
 
+/// Where [`emit`] sends records: the server's writer thread, or a command's own file.
+type Sink = Box<dyn Fn(AuditEvent) + Send + Sync>;
+
+static SINK: std::sync::OnceLock<Sink> = std::sync::OnceLock::new();
+
+/// Makes `log` the process's audit sink (the server, once at start-up).
+pub fn install(log: AuditLog) {
+    let _ = SINK.set(Box::new(move |event| log.record(event)));
+}
+
+/// Makes the file at `path` the process's audit sink, written synchronously (one-shot commands
+/// such as `switchboard agent add`, which must not return before their record is on disk).
+pub fn install_file(path: &Path) -> Result<(), AuditError> {
+    let file = std::sync::Mutex::new(AuditFile::open(path)?);
+    let _ = SINK.set(Box::new(move |event: AuditEvent| {
+        let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Err(err) = file.append(&event, wall_clock_ms()) {
+            tracing::error!(error = %err, kind = %event.kind, "audit record not written");
+            eprintln!("switchboard: audit record not written: {err}");
+        }
+    }));
+    Ok(())
+}
+
+/// Records a security-relevant event in the process's audit chain. Security events are rare
+/// (logins, account and admin actions), never per message; without an installed sink (unit
+/// tests) the event is dropped.
+pub fn emit(event: AuditEvent) {
+    if let Some(sink) = SINK.get() {
+        sink(event);
+    }
+}
+
 /// Milliseconds since the Unix epoch: audit timestamps are calendar times by design.
 pub fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now()

@@ -118,6 +118,8 @@ pub struct Config {
     pub storage: StorageConfig,
     pub conversations: ConversationsConfig,
     pub agents: AgentsConfig,
+    pub auth: AuthConfig,
+    pub api: ApiConfig,
     pub inference: InferenceConfig,
     pub bot: BotConfig,
     pub risk_control: RiskControlConfig,
@@ -240,6 +242,8 @@ pub struct ConversationsConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentsConfig {
     pub default_max_open: u32,
+    /// Development mode: the static `accounts` tokens open `/ws/agent` (warned at start-up).
+    pub dev_static_tokens: bool,
     /// Keyed by agent id. Tokens are unique across accounts.
     pub accounts: BTreeMap<String, AgentAccount>,
 }
@@ -252,6 +256,36 @@ pub struct AgentAccount {
     pub name: String,
     /// `agents.default_max_open` when the file gives no max_open.
     pub max_open: u32,
+}
+
+/// `[auth]`: agent logins and tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuthConfig {
+    /// `None` (written as "") means `<storage dir>/auth-secret`.
+    pub secret_file: Option<PathBuf>,
+    pub token_ttl: Duration,
+    pub lockout_failures: u32,
+    pub lockout_time: Duration,
+    pub min_password_length: usize,
+    /// 0 = unlimited.
+    pub login_per_ip_per_minute: u32,
+    /// 0 = unlimited.
+    pub login_per_account_per_minute: u32,
+}
+
+impl AuthConfig {
+    /// The signing secret's path: `secret_file`, or `auth-secret` under the storage dir.
+    pub fn secret_path(&self, storage_dir: &Path) -> PathBuf {
+        self.secret_file
+            .clone()
+            .unwrap_or_else(|| storage_dir.join("auth-secret"))
+    }
+}
+
+/// `[api]`: the HTTP JSON API under `/api/`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiConfig {
+    pub max_body_bytes: usize,
 }
 
 /// `[inference]`
@@ -655,6 +689,40 @@ impl AgentsConfig {
     fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
         match key {
             "default_max_open" => self.default_max_open = f.integer_in(1, 1000)?,
+            "dev_static_tokens" => self.dev_static_tokens = f.boolean()?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+impl AuthConfig {
+    fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
+        match key {
+            "secret_file" => {
+                self.secret_file = match f.string()? {
+                    "" => None,
+                    _ => Some(f.path()?),
+                }
+            }
+            "token_ttl" => self.token_ttl = f.duration_in(mins(1), hours(24 * 30))?,
+            "lockout_failures" => self.lockout_failures = f.integer_in(1, 1000)?,
+            "lockout_time" => self.lockout_time = f.duration_in(secs(1), hours(24 * 7))?,
+            "min_password_length" => self.min_password_length = f.integer_in(8, 128)?,
+            "login_per_ip_per_minute" => self.login_per_ip_per_minute = f.integer_in(0, 100_000)?,
+            "login_per_account_per_minute" => {
+                self.login_per_account_per_minute = f.integer_in(0, 100_000)?
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+impl ApiConfig {
+    fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
+        match key {
+            "max_body_bytes" => self.max_body_bytes = f.size_in(256, MIB)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -742,6 +810,8 @@ impl Config {
             storage,
             conversations: conv,
             agents,
+            auth,
+            api,
             inference: inf,
             bot,
             risk_control: risk,
@@ -803,6 +873,7 @@ impl Config {
 
         w.section("agents");
         w.display("default_max_open", agents.default_max_open);
+        w.display("dev_static_tokens", agents.dev_static_tokens);
         w.section("agents.accounts");
         for (id, account) in &agents.accounts {
             w.section(&format!("agents.accounts.{id}"));
@@ -810,6 +881,24 @@ impl Config {
             w.string("name", &account.name);
             w.display("max_open", account.max_open);
         }
+
+        w.section("auth");
+        match &auth.secret_file {
+            Some(path) => w.path("secret_file", path),
+            None => w.string("secret_file", ""),
+        }
+        w.duration("token_ttl", auth.token_ttl);
+        w.display("lockout_failures", auth.lockout_failures);
+        w.duration("lockout_time", auth.lockout_time);
+        w.display("min_password_length", auth.min_password_length);
+        w.display("login_per_ip_per_minute", auth.login_per_ip_per_minute);
+        w.display(
+            "login_per_account_per_minute",
+            auth.login_per_account_per_minute,
+        );
+
+        w.section("api");
+        w.size("max_body_bytes", api.max_body_bytes as u64);
 
         w.section("inference");
         w.display("enabled", inf.enabled);
@@ -900,8 +989,19 @@ impl Config {
             },
             agents: AgentsConfig {
                 default_max_open: 0,
+                dev_static_tokens: false,
                 accounts: BTreeMap::new(),
             },
+            auth: AuthConfig {
+                secret_file: None,
+                token_ttl: Duration::ZERO,
+                lockout_failures: 0,
+                lockout_time: Duration::ZERO,
+                min_password_length: 0,
+                login_per_ip_per_minute: 0,
+                login_per_account_per_minute: 0,
+            },
+            api: ApiConfig { max_body_bytes: 0 },
             inference: InferenceConfig {
                 enabled: false,
                 model: PathBuf::new(),
@@ -1219,6 +1319,8 @@ impl Builder {
             "conversations" => c.conversations.set(key, f),
             "agents" if key == "accounts" => self.apply_accounts(f).map(|()| true),
             "agents" => c.agents.set(key, f),
+            "auth" => c.auth.set(key, f),
+            "api" => c.api.set(key, f),
             "inference" => c.inference.set(key, f),
             "bot" => c.bot.set(key, f),
             "risk_control" => c.risk_control.set(key, f),
@@ -2400,6 +2502,37 @@ mod tests {
             "mine.toml:3: key 'shards.cores': core 3 is not available to this process (available: [0, 1])"
         );
         assert_eq!(c.shard_cores(&[2, 3]).unwrap(), vec![3]);
+    }
+
+    #[test]
+    fn auth_and_api_sections() {
+        let c = Config::default();
+        assert_eq!(c.auth.secret_file, None);
+        assert_eq!(
+            c.auth.secret_path(Path::new("/var/lib/sb")),
+            PathBuf::from("/var/lib/sb/auth-secret")
+        );
+        assert!(!c.agents.dev_static_tokens);
+        let c = load_str(
+            "auth.toml",
+            "[auth]\nsecret_file = \"/etc/sb/secret\"\ntoken_ttl = \"1h\"\nlockout_failures = 3\n\n[api]\nmax_body_bytes = \"4KiB\"\n\n[agents]\ndev_static_tokens = true\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.auth.secret_path(Path::new("x")),
+            PathBuf::from("/etc/sb/secret")
+        );
+        assert_eq!(c.auth.token_ttl, Duration::from_secs(3600));
+        assert_eq!(c.auth.lockout_failures, 3);
+        assert_eq!(c.api.max_body_bytes, 4096);
+        assert!(c.agents.dev_static_tokens);
+        assert_eq!(load_str("again", &c.to_toml()).unwrap(), c);
+        let e = err("[auth]\ntoken_ttl = \"10s\"\n");
+        assert_invalid(&e, 2, "auth.token_ttl", "");
+        let e = err("[auth]\nmin_password_length = 4\n");
+        assert_invalid(&e, 2, "auth.min_password_length", "");
+        let e = err("[api]\nmax_body_bytes = \"2MiB\"\n");
+        assert_invalid(&e, 2, "api.max_body_bytes", "");
     }
 
     #[test]

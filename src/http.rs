@@ -13,9 +13,10 @@
 //!   more than that many bytes.
 //! - More than [`HttpLimits::max_headers`] header lines: 431.
 //! - Requests announcing a body (`Content-Length` other than 0, or any `Transfer-Encoding`) are rejected with
-//!   400 [`HttpError::BodyNotAllowed`]: none of our endpoints takes a body, and silently skipping one would
-//!   make the following bytes ambiguous (they would be read as WebSocket frames). An unparsable or
-//!   conflicting `Content-Length` is a 400 as well.
+//!   400 [`HttpError::BodyNotAllowed`], except a `Content-Length` body on the JSON API (paths under
+//!   [`API_PREFIX`]), which the driver reads, bounded, after the head ([`RequestHead::content_length`]).
+//!   Elsewhere silently skipping a body would make the following bytes ambiguous (they would be read as
+//!   WebSocket frames). An unparsable or conflicting `Content-Length` is a 400 as well.
 //! - Only origin-form request targets (`/path?query`) are accepted; absolute-form and `*` get a 400.
 //! - HTTP/1.0 and HTTP/1.1 heads both parse; deciding which endpoints need 1.1 is up to the caller (the
 //!   WebSocket handshake rejects 1.0).
@@ -26,6 +27,9 @@
 
 use std::borrow::Cow;
 use std::io::Write as _;
+
+/// Paths under this prefix may carry a `Content-Length` body (the JSON API).
+pub const API_PREFIX: &str = "/api/";
 
 /// Limits applied while parsing a request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +89,8 @@ pub struct RequestHead {
     pub query: Option<String>,
     pub version: HttpVersion,
     pub headers: Vec<(String, Vec<u8>)>,
+    /// The `Content-Length` header's value, if any (above 0 only under [`API_PREFIX`]).
+    pub content_length: Option<u64>,
 }
 
 impl RequestHead {
@@ -203,7 +209,7 @@ pub fn parse_request(
         }
         headers.push((h.name.to_owned(), h.value.to_vec()));
     }
-    if content_length.is_some_and(|n| n > 0) {
+    if content_length.is_some_and(|n| n > 0) && !path.starts_with(API_PREFIX) {
         return Err(HttpError::BodyNotAllowed);
     }
 
@@ -213,6 +219,7 @@ pub fn parse_request(
         query,
         version,
         headers,
+        content_length,
     };
     Ok(Some((head, consumed)))
 }
@@ -294,11 +301,17 @@ pub fn reason_phrase(status: u16) -> &'static str {
     match status {
         101 => "Switching Protocols",
         200 => "OK",
+        201 => "Created",
         204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        409 => "Conflict",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
         408 => "Request Timeout",
         426 => "Upgrade Required",
         429 => "Too Many Requests",
@@ -502,6 +515,20 @@ Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r
         // An explicit empty body is fine.
         let req = b"GET / HTTP/1.1\r\nContent-Length: 0\r\n\r\n";
         assert!(parse_request(req, &limits()).unwrap().is_some());
+        // The JSON API takes a Content-Length body (read by the driver), never a chunked one.
+        let req = b"POST /api/login HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        let (head, consumed) = parse_request(req, &limits()).unwrap().unwrap();
+        assert_eq!((head.content_length, consumed), (Some(5), req.len() - 5));
+        let req = b"POST /api/login HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(
+            parse_request(req, &limits()).unwrap_err(),
+            HttpError::BodyNotAllowed
+        );
+        let req = b"POST /ws/agent HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        assert_eq!(
+            parse_request(req, &limits()).unwrap_err(),
+            HttpError::BodyNotAllowed
+        );
     }
 
     #[test]

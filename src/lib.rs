@@ -9,8 +9,10 @@
 //! shard-local driver doing the I/O; `arena` and `buffers` hold per-shard
 //! session state; `config` is the tuning file loader.
 
+pub mod api;
 pub mod arena;
 pub mod audit;
+pub mod auth;
 pub mod bot;
 pub mod buffers;
 pub mod config;

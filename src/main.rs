@@ -1,5 +1,6 @@
-//! The `switchboard` command line: `serve`, `config check`, `config print`, and the
-//! knowledge-base commands `kb import`, `kb export`, `kb list`, `kb eval`.
+//! The `switchboard` command line: `serve`, `config check`, `config print`, the
+//! knowledge-base commands `kb import`, `kb export`, `kb list`, `kb eval`, and the agent
+//! account commands `agent add|list|disable|enable|passwd|role|unlock`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration, arguments or input
 //! file (clap also exits 2 for bad arguments).
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 mod audit_cli;
 
 use clap::{Parser, Subcommand};
+use switchboard::auth::{self, manage, rbac::Role, Authority};
 use switchboard::config::{self, Config};
 use switchboard::engine::eval::{self, EvalMode};
 use switchboard::engine::{update, EngineSettings, IntentEngine, ModelSettings};
@@ -65,6 +67,74 @@ enum Command {
     Audit {
         #[command(subcommand)]
         command: audit_cli::AuditCommand,
+    },
+    /// Manage agent accounts (stored under `[storage] dir`/accounts).
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Create an account; the password is read from a prompt, or from stdin when stdin is not
+    /// a terminal (one line).
+    Add {
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// admin, supervisor or agent.
+        #[arg(long, value_name = "ROLE")]
+        role: String,
+        /// Display name shown to visitors (default: NAME).
+        #[arg(long, value_name = "NAME")]
+        display: Option<String>,
+        /// Conversations the agent may hold open at once (default: `[agents] default_max_open`).
+        #[arg(long, value_name = "N")]
+        max_open: Option<u32>,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// List accounts with their role, status and lockout state.
+    List {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Disable an account (its tokens stop working).
+    Disable {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Enable a disabled account.
+    Enable {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Set a new password (prompt or stdin); the account's tokens stop working.
+    Passwd {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Set the role (admin, supervisor or agent); the account's tokens stop working.
+    Role {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(value_name = "ROLE")]
+        role: String,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Lift a lockout after failed logins.
+    Unlock {
+        #[arg(value_name = "NAME")]
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -152,6 +222,7 @@ fn main() -> ExitCode {
         },
         Command::Kb { command } => kb_command(command),
         Command::Audit { command } => audit_cli::run(command),
+        Command::Agent { command } => agent_command(command),
     }
 }
 
@@ -194,12 +265,44 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    switchboard::audit::install(audit.clone());
     audit.record(
         switchboard::audit::AuditEvent::new("server_started", "system")
             .detail("version", env!("CARGO_PKG_VERSION"))
             .detail("shards", cores.len() as u64)
             .detail("config_sha256", config_digest(&config)),
     );
+    // One accounts environment and one signing key per process, shared by every shard.
+    let authority = match Authority::open(&config) {
+        Ok((authority, origin)) => {
+            let secret = &authority.settings().secret_file;
+            if origin == auth::secret::SecretOrigin::Created {
+                tracing::info!(path = %secret.display(), "created the token signing secret (mode 0600)");
+            }
+            Arc::new(authority)
+        }
+        Err(err) => {
+            eprintln!("switchboard: cannot start: {err}");
+            let code = match err {
+                auth::AuthError::Secret(_) => 2,
+                auth::AuthError::Accounts(_) => 1,
+            };
+            return ExitCode::from(code);
+        }
+    };
+    if config.agents.dev_static_tokens {
+        tracing::warn!(
+            accounts = config.agents.accounts.len(),
+            "DEVELOPMENT MODE: [agents] dev_static_tokens = true lets static tokens from the \
+             configuration open /ws/agent; never use it in production"
+        );
+    } else if !config.agents.accounts.is_empty() {
+        tracing::warn!(
+            accounts = config.agents.accounts.len(),
+            "[agents.accounts] static tokens are ignored (dev_static_tokens = false); \
+             create accounts with `switchboard agent add`"
+        );
+    }
     let config = Arc::new(config);
     let metrics = Metrics::new(cores.len());
     let runtime_config = shards::RuntimeConfig {
@@ -219,6 +322,7 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
                 shard_config.clone(),
                 metrics.clone(),
                 shard_audit.clone(),
+                authority.clone(),
             )
         }) {
             Ok(runtime) => runtime,
@@ -532,5 +636,176 @@ fn kb_eval(config_path: Option<&Path>, file: &Path, lexical: bool) -> Result<(),
     }
     let report = eval::evaluate(&engine, &config.bot, &queries, mode);
     print!("{report}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// agent commands
+// ---------------------------------------------------------------------------------------------------
+
+fn agent_command(command: AgentCommand) -> ExitCode {
+    match agent_run(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("switchboard: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+/// Bad input (unknown agent, weak password, bad name) exits 2; a store failure 1.
+fn manage_failure(err: manage::ManageError) -> Failure {
+    if err.is_bad_input() {
+        Failure::invalid(err)
+    } else {
+        Failure::runtime(err)
+    }
+}
+
+fn parse_role(role: &str) -> Result<Role, Failure> {
+    role.parse::<Role>().map_err(Failure::invalid)
+}
+
+fn open_accounts(path: Option<&Path>) -> Result<(Config, auth::accounts::AccountStore), Failure> {
+    let config = config::load(path)
+        .map_err(|err| Failure::invalid(format_args!("invalid configuration: {err}")))?;
+    let store =
+        auth::accounts::AccountStore::open(&config.storage.dir).map_err(Failure::runtime)?;
+    switchboard::audit::install_file(&config.audit_path()).map_err(Failure::runtime)?;
+    Ok((config, store))
+}
+
+/// The password from a prompt (twice, no echo) or, when stdin is not a terminal, its first line.
+fn read_password(name: &str) -> Result<String, Failure> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password(format!("password for {name}: "))
+            .map_err(|err| Failure::runtime(format_args!("cannot read the password: {err}")))?;
+        let again = rpassword::prompt_password("repeat the password: ")
+            .map_err(|err| Failure::runtime(format_args!("cannot read the password: {err}")))?;
+        if first != again {
+            return Err(Failure::invalid("the two passwords differ"));
+        }
+        Ok(first)
+    } else {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map_err(|err| {
+            Failure::invalid(format_args!("cannot read the password from stdin: {err}"))
+        })?;
+        let trimmed = line.strip_suffix('\n').unwrap_or(&line);
+        let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
+        Ok(trimmed.to_owned())
+    }
+}
+
+fn agent_run(command: AgentCommand) -> Result<(), Failure> {
+    let now = auth::clock::unix_now();
+    let by = &audit_cli::cli_actor();
+    match command {
+        AgentCommand::Add {
+            name,
+            role,
+            display,
+            max_open,
+            config,
+        } => {
+            let role = parse_role(&role)?;
+            let (config, store) = open_accounts(config.as_deref())?;
+            auth::accounts::check_name(&name).map_err(Failure::invalid)?;
+            if store.get(&name).map_err(Failure::runtime)?.is_some() {
+                return Err(Failure::invalid(format_args!(
+                    "an agent account named {name:?} already exists"
+                )));
+            }
+            let password = read_password(&name)?;
+            let new = manage::NewAccount {
+                name: &name,
+                display: display.as_deref(),
+                role,
+                max_open: max_open.unwrap_or(config.agents.default_max_open),
+                password: &password,
+            };
+            let account = manage::create(&store, &new, config.auth.min_password_length, now, by)
+                .map_err(manage_failure)?;
+            println!(
+                "created agent {} ({}, role {}, max_open {})",
+                account.name, account.display, account.role, account.max_open
+            );
+        }
+        AgentCommand::List { config } => {
+            let (_, store) = open_accounts(config.as_deref())?;
+            let accounts = store.list().map_err(Failure::runtime)?;
+            println!(
+                "{:<24} {:<10} {:<9} {:>8}  {:<28} display",
+                "name", "role", "status", "max_open", "lockout"
+            );
+            for account in accounts {
+                let lockout = if account.is_locked(now) {
+                    format!(
+                        "locked until {}",
+                        auth::clock::rfc3339(account.locked_until)
+                    )
+                } else if account.failed_logins > 0 {
+                    format!("{} failed login(s)", account.failed_logins)
+                } else {
+                    "-".to_owned()
+                };
+                println!(
+                    "{:<24} {:<10} {:<9} {:>8}  {:<28} {}",
+                    account.name,
+                    account.role.as_str(),
+                    if account.disabled {
+                        "disabled"
+                    } else {
+                        "enabled"
+                    },
+                    account.max_open,
+                    lockout,
+                    account.display
+                );
+            }
+        }
+        AgentCommand::Disable { name, config } => {
+            let (_, store) = open_accounts(config.as_deref())?;
+            manage::set_disabled(&store, &name, true, now, by).map_err(manage_failure)?;
+            println!("{name} disabled; its tokens no longer work");
+        }
+        AgentCommand::Enable { name, config } => {
+            let (_, store) = open_accounts(config.as_deref())?;
+            manage::set_disabled(&store, &name, false, now, by).map_err(manage_failure)?;
+            println!("{name} enabled");
+        }
+        AgentCommand::Passwd { name, config } => {
+            let (config, store) = open_accounts(config.as_deref())?;
+            auth::accounts::check_name(&name).map_err(Failure::invalid)?;
+            if store.get(&name).map_err(Failure::runtime)?.is_none() {
+                return Err(Failure::invalid(format_args!(
+                    "no agent account named {name:?}"
+                )));
+            }
+            let password = read_password(&name)?;
+            manage::set_password(
+                &store,
+                &name,
+                &password,
+                config.auth.min_password_length,
+                now,
+                by,
+            )
+            .map_err(manage_failure)?;
+            println!("password of {name} changed; its tokens no longer work");
+        }
+        AgentCommand::Role { name, role, config } => {
+            let role = parse_role(&role)?;
+            let (_, store) = open_accounts(config.as_deref())?;
+            manage::set_role(&store, &name, role, now, by).map_err(manage_failure)?;
+            println!("{name} is now {role}");
+        }
+        AgentCommand::Unlock { name, config } => {
+            let (_, store) = open_accounts(config.as_deref())?;
+            manage::unlock(&store, &name, now, by).map_err(manage_failure)?;
+            println!("{name} unlocked");
+        }
+    }
     Ok(())
 }

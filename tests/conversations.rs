@@ -17,6 +17,10 @@ const AGENTS: &str = r#"
 [inference]
 enabled = false
 
+# The static tokens below are a development mode; these tests use it.
+[agents]
+dev_static_tokens = true
+
 [agents.accounts.alice]
 token = "alice-token-0123456789"
 name = "Alice"
@@ -224,6 +228,10 @@ fn resend_is_deduplicated_and_resume_replays_what_was_missed() {
 const CAPPED_AGENTS: &str = r#"
 [inference]
 enabled = false
+
+# The static tokens below are a development mode; these tests use it.
+[agents]
+dev_static_tokens = true
 
 [agents.accounts.alice]
 token = "alice-token-0123456789"

@@ -225,7 +225,7 @@ fn server_pings_and_closes_silent_sessions() {
 #[test]
 fn visitor_and_agent_hello() {
     let server = Server::start(
-        "[agents.accounts.alice]\ntoken = \"alice-secret-token\"\nname = \"Alice\"\n",
+        "[agents]\ndev_static_tokens = true\n[agents.accounts.alice]\ntoken = \"alice-secret-token\"\nname = \"Alice\"\n",
     );
     let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=acme").unwrap();
     let hello = visitor.read_json();
@@ -253,7 +253,7 @@ fn visitor_and_agent_hello() {
             .err()
             .unwrap()
             .0,
-        403
+        401
     );
     let mut agent = RawClient::connect(server.addr, "/ws/agent?token=alice-secret-token").unwrap();
     let hello = agent.read_json();

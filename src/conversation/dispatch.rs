@@ -54,6 +54,8 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
+use crate::auth::rbac::{self, Action, Role};
+
 // Shared types (the lead may move them to conversation/mod.rs)
 
 /// Identifies a conversation across shards.
@@ -126,12 +128,14 @@ pub enum DispatchEvent {
         session: SessionRef,
         conversation: ConversationId,
     },
-    /// The assigned agent hands the conversation to another agent.
+    /// The assigned agent hands the conversation to another agent; a role allowed
+    /// `TransferAny` (supervisor, admin) may move any assigned conversation.
     Transfer {
         from: AgentId,
         session: SessionRef,
         conversation: ConversationId,
         to: AgentId,
+        role: Role,
     },
     /// Closed by agent or visitor: leaves the queue or frees the agent's slot.
     /// Unknown conversations are ignored.
@@ -379,7 +383,8 @@ impl Dispatcher {
                 session,
                 conversation,
                 to,
-            } => self.on_transfer(&from, session, conversation, &to, &mut out),
+                role,
+            } => self.on_transfer(&from, role, session, conversation, &to, &mut out),
             DispatchEvent::Closed { conversation } => self.on_closed(conversation),
             DispatchEvent::Restore {
                 conversation,
@@ -572,12 +577,13 @@ impl Dispatcher {
     fn on_transfer(
         &mut self,
         from: &str,
+        role: Role,
         session: SessionRef,
         conversation: ConversationId,
         to: &str,
         out: &mut Vec<DispatchAction>,
     ) {
-        let (from_idx, to_idx) = match self.check_transfer(from, session, conversation, to) {
+        let (from_idx, to_idx) = match self.check_transfer(from, role, session, conversation, to) {
             Ok(pair) => pair,
             Err(rejection) => {
                 out.push(rejected(session, &rejection));
@@ -609,23 +615,31 @@ impl Dispatcher {
         });
     }
 
+    /// Returns the index of the conversation's current agent (the requester, or for a
+    /// `TransferAny` role whoever holds it) and of the target.
     fn check_transfer(
         &self,
         from: &str,
+        role: Role,
         session: SessionRef,
         conversation: ConversationId,
         to: &str,
     ) -> Result<(usize, usize), Rejection> {
-        let from_idx = self.attached_agent(from, session)?;
-        match self.conversations.get(&conversation).map(|c| c.place) {
-            Some(Place::Assigned { agent }) if agent == from_idx => {}
+        let requester = self.attached_agent(from, session)?;
+        let from_idx = match self.conversations.get(&conversation).map(|c| c.place) {
+            Some(Place::Assigned { agent })
+                if agent == requester && rbac::allows(role, Action::TransferOwn) =>
+            {
+                agent
+            }
+            Some(Place::Assigned { agent }) if rbac::allows(role, Action::TransferAny) => agent,
             _ => {
                 return Err(Rejection::NotAssigned {
                     conversation,
                     agent: from.to_owned(),
                 })
             }
-        }
+        };
         let Some(&to_idx) = self.agent_index.get(to) else {
             return Err(Rejection::UnknownAgent {
                 agent: to.to_owned(),
@@ -1046,12 +1060,24 @@ mod tests {
         n: u64,
         to: &str,
     ) -> Vec<DispatchAction> {
+        transfer_as(d, from, Role::Agent, session, n, to)
+    }
+
+    fn transfer_as(
+        d: &mut Dispatcher,
+        from: &str,
+        role: Role,
+        session: SessionRef,
+        n: u64,
+        to: &str,
+    ) -> Vec<DispatchAction> {
         d.handle(
             DispatchEvent::Transfer {
                 from: from.into(),
                 session,
                 conversation: cid(n),
                 to: to.into(),
+                role,
             },
             0,
         )
@@ -1530,6 +1556,40 @@ mod tests {
     }
 
     #[test]
+    fn supervisor_transfers_a_conversation_of_another_agent() {
+        let mut d = dispatcher();
+        let (sa, sb, ss) = (sess(0, 1), sess(1, 1), sess(0, 9));
+        attach(&mut d, "a", 1, sa, 0);
+        enqueue(&mut d, 1, 0); // a
+        attach(&mut d, "b", 1, sb, 0);
+        attach(&mut d, "sup", 1, ss, 0);
+        assert_eq!(open(&d, "a"), vec![1]);
+        // An agent may not move a conversation that is not theirs.
+        assert_eq!(
+            rejection(&transfer_as(&mut d, "sup", Role::Agent, ss, 1, "b")),
+            "not_assigned"
+        );
+        // A supervisor may.
+        let out = transfer_as(&mut d, "sup", Role::Supervisor, ss, 1, "b");
+        assert!(
+            matches!(&out[0], DispatchAction::Transferred { from, to, from_sessions, .. }
+                if from == "a" && to == "b" && from_sessions == &vec![sa]),
+            "{out:?}"
+        );
+        assert_eq!(d.assigned_to(cid(1)).map(String::as_str), Some("b"));
+        assert_eq!(open(&d, "a"), Vec::<u64>::new());
+        // Still not to the agent who already holds it, nor to nobody.
+        assert_eq!(
+            rejection(&transfer_as(&mut d, "sup", Role::Admin, ss, 1, "b")),
+            "same_agent"
+        );
+        assert_eq!(
+            rejection(&transfer_as(&mut d, "sup", Role::Supervisor, ss, 7, "a")),
+            "not_assigned"
+        );
+    }
+
+    #[test]
     fn transfer_rejections() {
         let mut d = dispatcher();
         let (sa, sb, sc) = (sess(0, 1), sess(0, 2), sess(0, 3));
@@ -1777,6 +1837,7 @@ mod tests {
                     session,
                     conversation,
                     to: to.into(),
+                    role: Role::Agent,
                 }
             }
             61..=76 => {
@@ -1918,6 +1979,7 @@ mod tests {
                     session,
                     conversation,
                     to,
+                    ..
                 } => {
                     let a = agent_no(from);
                     let ok = m.sessions[a].contains(session)

@@ -25,6 +25,7 @@ use serde::Serialize;
 use super::dispatch::DispatchEvent;
 use super::protocol::{self, AgentFrame, VisitorFrame};
 use super::SessionRef;
+use crate::auth::rbac::{self, Action, Role};
 use crate::store::{
     Author, Conversation, ConversationId, ConversationState, NewMessage, Op, OpOutcome, ReadSide,
 };
@@ -71,9 +72,12 @@ pub enum OwnerEvent {
         frame: VisitorFrame,
     },
     /// A conversation-scoped agent frame (message, typing, read, close).
+    /// A frame of an agent session; `name` is the account's display name and `role` its
+    /// role, both carried by the session (accounts live in the account store, not here).
     Agent {
         agent: String,
         name: String,
+        role: Role,
         session: SessionRef,
         frame: AgentFrame,
     },
@@ -344,9 +348,10 @@ impl Owner {
             OwnerEvent::Agent {
                 agent,
                 name,
+                role,
                 session,
                 frame,
-            } => self.agent_frame(agent, name, session, frame, now_ms, &mut out),
+            } => self.agent_frame(agent, name, role, session, frame, now_ms, &mut out),
             OwnerEvent::AgentSubscribe {
                 conversation,
                 agent,
@@ -696,10 +701,12 @@ impl Owner {
         }));
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn agent_frame(
         &mut self,
         agent: String,
         name: String,
+        role: Role,
         session: SessionRef,
         frame_in: AgentFrame,
         now_ms: u64,
@@ -714,12 +721,31 @@ impl Owner {
                 event: Box::new(OwnerEvent::Agent {
                     agent,
                     name,
+                    role,
                     session,
                     frame: frame_in,
                 }),
             });
             return;
         };
+        let action = match &frame_in {
+            AgentFrame::Close { .. } => Action::CloseAssigned,
+            _ => Action::MessageAssigned,
+        };
+        if !rbac::allows(role, action) {
+            crate::auth::events::access_denied(&agent, role, &format!("{action:?}"));
+            out.push(OwnerAction::Send {
+                to: session,
+                frame: error(
+                    "forbidden",
+                    &format!(
+                        "role {role} may not do this in conversation {}",
+                        conversation.0
+                    ),
+                ),
+            });
+            return;
+        }
         let assigned =
             matches!(&live.meta.state, ConversationState::Assigned { agent: a } if *a == agent);
         if !assigned {
@@ -731,6 +757,13 @@ impl Owner {
                 ),
             });
             return;
+        }
+        // The display name travels with the session: a conversation loaded from storage
+        // (which records only the agent id) learns it from its agent's first frame.
+        if let Some((_, shown)) = &mut live.agent {
+            if *shown != name {
+                *shown = name.clone();
+            }
         }
         match frame_in {
             AgentFrame::Message { id, text, .. } => out.push(OwnerAction::Store {

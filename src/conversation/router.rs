@@ -196,12 +196,18 @@ impl Router {
             bot_enabled: bot.as_ref().is_some_and(|bot| bot.engine.is_some()),
             typing_interval_ms: config.conversations.typing_interval.as_millis() as u64,
             typing_expiry_ms: config.conversations.typing_expiry.as_millis() as u64,
-            agent_names: config
-                .agents
-                .accounts
-                .iter()
-                .map(|(id, account)| (id.clone(), account.name.clone()))
-                .collect(),
+            // Static accounts name themselves here (development mode); stored accounts carry
+            // their display name with their session's frames.
+            agent_names: if config.agents.dev_static_tokens {
+                config
+                    .agents
+                    .accounts
+                    .iter()
+                    .map(|(id, account)| (id.clone(), account.name.clone()))
+                    .collect()
+            } else {
+                Default::default()
+            },
         });
         let dispatcher = (super::dispatcher_shard(shard_count) == shard).then(|| {
             RefCell::new(Dispatcher::new(DispatcherConfig {
@@ -353,7 +359,9 @@ impl Router {
                     return;
                 };
                 let context = match &event {
-                    DispatchEvent::AgentAttached { agent, .. } => Some(agent.clone()),
+                    DispatchEvent::AgentAttached { agent, name, .. } => {
+                        Some((agent.clone(), name.clone()))
+                    }
                     _ => None,
                 };
                 let actions = dispatcher.borrow_mut().handle(event, now_ms());
@@ -663,7 +671,13 @@ impl Router {
         }
     }
 
-    fn run_dispatch(&self, actions: Vec<DispatchAction>, attaching_agent: Option<String>) {
+    /// `attaching_agent` is the id and display name of the agent whose attach caused these
+    /// actions (its `AgentHello` greets it by name).
+    fn run_dispatch(
+        &self,
+        actions: Vec<DispatchAction>,
+        attaching_agent: Option<(String, String)>,
+    ) {
         for action in actions {
             match action {
                 DispatchAction::Assigned {
@@ -751,10 +765,10 @@ impl Router {
                     status,
                 } => {
                     let session = SessionRef::from_dispatch(session);
-                    let agent = attaching_agent.clone().unwrap_or_default();
+                    let (agent, name) = attaching_agent.clone().unwrap_or_default();
                     let hello = serde_json::json!({
                         "type": "hello",
-                        "agent": self.config.agents.accounts.get(&agent).map_or(agent.as_str(), |a| a.name.as_str()),
+                        "agent": name,
                         "id": &agent,
                         "conversations": conversations.iter().map(|c| c.0).collect::<Vec<_>>(),
                         "queue": queue.iter().map(|c| c.0).collect::<Vec<_>>(),

@@ -27,6 +27,7 @@ use glommio::net::TcpStream;
 use super::routes::{route, Endpoint, Route};
 use super::Shard;
 use crate::arena::{CloseRequest, Outbound, SessionId};
+use crate::auth::rbac::{self, Role as AgentRole};
 use crate::conversation::dispatch::{self, AgentStatus, DispatchEvent};
 use crate::conversation::owner::{OwnerEvent, VisitorKey};
 use crate::conversation::protocol::{self, AgentFrame, FrameError, Presence};
@@ -128,7 +129,17 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Upgraded> 
         Err(HeadError::Closed) => return None,
     };
 
-    let endpoint = match route(&head, config) {
+    let endpoint = match route(
+        &head,
+        config,
+        &shard.authority,
+        crate::auth::clock::unix_now(),
+    ) {
+        Route::Api => {
+            let peer = stream.peer_addr().ok().map(|addr| addr.ip());
+            super::api_driver::serve(&shard, &mut stream, head, buffer, leftover, peer).await;
+            return None;
+        }
         Route::Health => {
             respond(&shard, &mut stream, 200, b"ok\n", &[]).await;
             return None;
@@ -293,6 +304,7 @@ enum SessionRole {
     Agent {
         id: Box<str>,
         name: Box<str>,
+        role: AgentRole,
     },
 }
 
@@ -332,7 +344,12 @@ impl Session {
                 );
                 SessionRole::Visitor { key, owner }
             }
-            Endpoint::Agent { id, name, max_open } => {
+            Endpoint::Agent {
+                id,
+                name,
+                max_open,
+                role,
+            } => {
                 router.send(
                     dispatcher_shard(router.shard_count()),
                     ShardMessage::Dispatch(DispatchEvent::AgentAttached {
@@ -345,6 +362,7 @@ impl Session {
                 SessionRole::Agent {
                     id: id.into(),
                     name: name.into(),
+                    role,
                 }
             }
         };
@@ -419,7 +437,7 @@ impl Session {
                 }
                 Err(err) => self.refuse(reply, err),
             },
-            SessionRole::Agent { id, name } => match protocol::parse_agent(text, max_text) {
+            SessionRole::Agent { id, name, role } => match protocol::parse_agent(text, max_text) {
                 Ok(frame) => {
                     let dispatcher = dispatcher_shard(router.shard_count());
                     let to_dispatcher =
@@ -434,6 +452,14 @@ impl Session {
                                 },
                             })
                         }
+                        AgentFrame::Accept { .. }
+                            if !rbac::allows(*role, rbac::Action::AcceptConversation) =>
+                        {
+                            self.refuse(
+                                reply,
+                                FrameError::new("forbidden", format!("role {role} may not accept")),
+                            );
+                        }
                         AgentFrame::Accept { conversation } => {
                             to_dispatcher(DispatchEvent::Accept {
                                 agent: id.to_string(),
@@ -447,6 +473,7 @@ impl Session {
                                 session: me.to_dispatch(),
                                 conversation: dispatch::ConversationId(conversation),
                                 to,
+                                role: *role,
                             })
                         }
                         frame => {
@@ -467,6 +494,7 @@ impl Session {
                                 ShardMessage::Owner(OwnerEvent::Agent {
                                     agent: id.to_string(),
                                     name: name.to_string(),
+                                    role: *role,
                                     session: me,
                                     frame,
                                 }),

@@ -10,6 +10,7 @@
 //! Invariants: everything here lives on the shard's thread (`Rc`, `RefCell`);
 //! the only things shared with other shards are the mesh and the metrics.
 
+mod api_driver;
 pub mod connection;
 mod routes;
 
@@ -22,6 +23,7 @@ use shards::{ShardContext, ShardId};
 
 use crate::arena::{Arena, CloseRequest};
 use crate::audit::AuditLog;
+use crate::auth::{Authority, LoginLimiter};
 use crate::buffers::BufferPool;
 use crate::config::Config;
 use crate::metrics::{Metrics, ShardMetrics};
@@ -40,6 +42,10 @@ pub struct Shard {
     pub metrics: Metrics,
     /// The audit chain's writer (security-relevant events only; never on the message path).
     pub audit: AuditLog,
+    /// Accounts, token key and settings: one per process, shared by every shard.
+    pub authority: Arc<Authority>,
+    /// Login attempts per IP and per account on this shard.
+    pub login_limiter: RefCell<LoginLimiter>,
     started: Instant,
     shutting_down: Cell<bool>,
 }
@@ -67,6 +73,7 @@ pub async fn shard_main(
     config: Arc<Config>,
     metrics: Metrics,
     audit: AuditLog,
+    authority: Arc<Authority>,
 ) {
     let arena = Rc::new(RefCell::new(Arena::new()));
     let router = match Router::open(
@@ -93,11 +100,13 @@ pub async fn shard_main(
             config.websocket.read_buffer_bytes,
             config.websocket.pool_max_idle_buffers,
         ),
+        login_limiter: RefCell::new(LoginLimiter::from_config(&config)),
         config,
         arena,
         router: router.clone(),
         metrics,
         audit,
+        authority,
         started: Instant::now(),
         shutting_down: Cell::new(false),
     });

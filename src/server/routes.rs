@@ -1,9 +1,12 @@
 //! Maps a parsed request head to what the shard does with it.
 //!
-//! Pure: no I/O, no shard state beyond the configuration passed in, so every
-//! routing rule is tested without sockets.
+//! Pure: no I/O, no shard state beyond the configuration and the authority passed
+//! in (an agent token is checked against the account store), so every routing rule is
+//! tested without sockets.
 
 use crate::arena::SessionKind;
+use crate::auth::rbac::Role;
+use crate::auth::{events, Authority, TokenRefusal};
 use crate::config::Config;
 use crate::http::{query_param, RequestHead};
 
@@ -18,6 +21,8 @@ pub enum Route {
     Metrics,
     /// A WebSocket endpoint.
     Upgrade(Endpoint),
+    /// The JSON API under `/api/` (method and path are the API's to check).
+    Api,
     /// Answer with this HTTP status and message.
     Reject(u16, &'static str),
 }
@@ -33,11 +38,13 @@ pub enum Endpoint {
         visitor: Option<String>,
         resume: Option<u64>,
     },
-    /// `/ws/agent?token=T`, resolved to the matching `[agents]` account.
+    /// `/ws/agent?token=T`, resolved to the token's account (or, in development mode, the
+    /// matching static `[agents]` account).
     Agent {
         id: String,
         name: String,
         max_open: u32,
+        role: Role,
     },
 }
 
@@ -56,10 +63,13 @@ const MAX_ID_BYTES: usize = 128;
 /// Longest echo delay accepted (a diagnostic, not a feature).
 const MAX_ECHO_DELAY_MS: u32 = 10_000;
 
-/// Decides what to do with a request.
-pub fn route(head: &RequestHead, config: &Config) -> Route {
+/// Decides what to do with a request; `now` (Unix seconds) is for token expiry.
+pub fn route(head: &RequestHead, config: &Config, authority: &Authority, now: u64) -> Route {
     let query = head.query.as_deref().unwrap_or("");
     let path = head.path.as_str();
+    if path.starts_with(crate::http::API_PREFIX) {
+        return Route::Api;
+    }
     let is_websocket = path.starts_with("/ws/");
     let known = matches!(path, "/healthz" | "/readyz" | "/metrics")
         || matches!(path, "/ws/visitor" | "/ws/agent")
@@ -120,13 +130,26 @@ pub fn route(head: &RequestHead, config: &Config) -> Route {
             let Some(token) = query_param(query, "token") else {
                 return Route::Reject(401, "the token parameter is required");
             };
-            match config.agent_by_token(&token) {
-                Some((id, account)) => Route::Upgrade(Endpoint::Agent {
-                    id: id.to_string(),
-                    name: account.name.clone(),
-                    max_open: account.max_open,
+            match authority.agent_for_token(&token, config, now) {
+                Ok(agent) => Route::Upgrade(Endpoint::Agent {
+                    id: agent.id,
+                    name: agent.name,
+                    max_open: agent.max_open,
+                    role: agent.role,
                 }),
-                None => Route::Reject(403, "unknown agent token"),
+                Err(refusal) => {
+                    events::token_refused(None, refusal.code());
+                    match refusal {
+                        TokenRefusal::Store(err) => {
+                            tracing::error!(error = %err, "account store");
+                            Route::Reject(500, "the account store failed")
+                        }
+                        TokenRefusal::Token(crate::auth::token::TokenError::Expired) => {
+                            Route::Reject(401, "agent token expired: log in again")
+                        }
+                        _ => Route::Reject(401, "invalid agent token"),
+                    }
+                }
             }
         }
     }

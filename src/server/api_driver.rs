@@ -1,0 +1,134 @@
+//! The shard-local driver of one `/api/` request: reads the bounded body, runs the sans-IO
+//! [`crate::api`] core, applies the login rate limits, and writes the JSON response.
+//!
+//! Bodies: `Content-Length` only (chunked bodies are refused by the head parser); above
+//! `[api] max_body_bytes` → 413 before reading any of it; a POST or PUT without
+//! `Content-Length` → 411; a body not complete within `[http] handshake_timeout` → 408. The
+//! body buffer is allocated for the announced length only after that check.
+//!
+//! Password hashing and account commits run on the shard's blocking thread
+//! (`spawn_blocking`), never on the event loop. Generic over the stream type, so plain TCP
+//! and TLS connections share it.
+
+use std::net::IpAddr;
+use std::ops::Range;
+use std::rc::Rc;
+
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::Shard;
+use crate::api::{self, ApiRequest, ApiResponse};
+use crate::auth::{clock, events};
+use crate::http::{self, RequestHead};
+use crate::metrics::ShardMetrics;
+
+/// Answers one API request on `stream` and closes it. `buffer[leftover]` are body bytes
+/// that arrived with the head.
+pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    shard: &Rc<Shard>,
+    stream: &mut S,
+    head: RequestHead,
+    buffer: Vec<u8>,
+    leftover: Range<usize>,
+    peer: Option<IpAddr>,
+) {
+    let response = answer(shard, stream, &head, buffer, leftover, peer).await;
+    if response.status >= 400 {
+        ShardMetrics::add(&shard.counters().http_errors, 1);
+    }
+    let retry_after = response.retry_after.map(|secs| secs.to_string());
+    let extra: Vec<(&str, &str)> = retry_after
+        .as_deref()
+        .map(|secs| ("Retry-After", secs))
+        .into_iter()
+        .collect();
+    let mut out = shard.buffers.take();
+    http::write_response(
+        &mut out,
+        response.status,
+        "application/json",
+        response.body.as_bytes(),
+        &extra,
+    );
+    let _ = stream.write_all(&out).await;
+    let _ = stream.close().await;
+    shard.buffers.give(out);
+}
+
+async fn answer<S: AsyncRead + Unpin>(
+    shard: &Rc<Shard>,
+    stream: &mut S,
+    head: &RequestHead,
+    buffer: Vec<u8>,
+    leftover: Range<usize>,
+    peer: Option<IpAddr>,
+) -> ApiResponse {
+    let max = shard.config.api.max_body_bytes;
+    let length = match head.content_length {
+        None if matches!(head.method.as_str(), "POST" | "PUT") => {
+            shard.buffers.give(buffer);
+            return ApiResponse::error(411, "length_required", "send the body with Content-Length");
+        }
+        None => 0,
+        Some(n) if n > max as u64 => {
+            shard.buffers.give(buffer);
+            return ApiResponse::error(
+                413,
+                "body_too_large",
+                format_args!("the body may be at most {max} bytes"),
+            );
+        }
+        Some(n) => n as usize,
+    };
+    let mut body = Vec::with_capacity(length);
+    let early = &buffer[leftover];
+    body.extend_from_slice(&early[..early.len().min(length)]);
+    shard.buffers.give(buffer);
+    if body.len() < length {
+        let read_rest = async {
+            let mut chunk = [0u8; 4096];
+            while body.len() < length {
+                let want = (length - body.len()).min(chunk.len());
+                match stream.read(&mut chunk[..want]).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(read) => body.extend_from_slice(&chunk[..read]),
+                }
+            }
+            true
+        };
+        let complete = futures_lite::future::or(read_rest, async {
+            glommio::timer::sleep(shard.config.http.handshake_timeout).await;
+            false
+        })
+        .await;
+        if !complete {
+            return ApiResponse::error(408, "timeout", "request body not received in time");
+        }
+    }
+
+    let request = ApiRequest {
+        method: &head.method,
+        path: &head.path,
+        authorization: head.header_str("authorization"),
+        content_type: head.header_str("content-type"),
+        body: &body,
+        peer,
+    };
+    let now = clock::unix_now();
+    let plan = match api::plan(&request, &shard.authority, now) {
+        Ok(plan) => plan,
+        Err(response) => return response,
+    };
+    if let Some(name) = plan.login_name() {
+        let now_ms = shard.started.elapsed().as_millis() as u64;
+        if let Err(retry) = shard.login_limiter.borrow_mut().check(peer, name, now_ms) {
+            events::login_rate_limited(name, peer, retry.ms);
+            return ApiResponse::rate_limited(retry.secs());
+        }
+    }
+    let authority = shard.authority.clone();
+    let default_max_open = shard.config.agents.default_max_open;
+    glommio::executor()
+        .spawn_blocking(move || api::execute(plan, &authority, peer, now, default_max_open))
+        .await
+}
