@@ -121,6 +121,7 @@ pub struct Config {
     pub inference: InferenceConfig,
     pub bot: BotConfig,
     pub risk_control: RiskControlConfig,
+    pub visitors: VisitorsConfig,
     /// Where each key was last set; used to point errors found after loading at the right line.
     origins: Origins,
 }
@@ -251,6 +252,48 @@ pub struct AgentAccount {
     pub name: String,
     /// `agents.default_max_open` when the file gives no max_open.
     pub max_open: u32,
+}
+
+/// `[visitors]`: who may open `/ws/visitor` for which site, and how a host site
+/// vouches for its users.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VisitorsConfig {
+    /// Whether a site without a `[visitors.sites.<name>]` table is served (with
+    /// no Origin check and no verified identities).
+    pub allow_unlisted_sites: bool,
+    /// Keyed by site name.
+    pub sites: BTreeMap<String, SiteConfig>,
+}
+
+/// `[visitors.sites.<name>]`. `Debug` does not print the identity key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SiteConfig {
+    /// Allowed `Origin` values (`scheme://host[:port]`); empty = any origin.
+    pub origins: Vec<String>,
+    /// Where the identity key came from, as written.
+    pub identity_key_source: Option<IdentityKeySource>,
+    /// The HMAC-SHA256 key of `identity_hash` (the file's bytes, trailing line
+    /// break removed); `None` = no verified identities for this site.
+    pub identity_key: Option<Vec<u8>>,
+}
+
+/// `identity_key` or `identity_key_file` of a site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentityKeySource {
+    Inline(String),
+    File(PathBuf),
+}
+
+impl fmt::Debug for SiteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SiteConfig")
+            .field("origins", &self.origins)
+            .field(
+                "identity_key",
+                &self.identity_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// `[inference]`
@@ -641,6 +684,22 @@ impl AgentsConfig {
     }
 }
 
+impl VisitorsConfig {
+    /// `sites` is read by `Builder::apply_sites`.
+    fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
+        match key {
+            "allow_unlisted_sites" => self.allow_unlisted_sites = f.boolean()?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The table of `site`, if it has one.
+    pub fn site(&self, site: &str) -> Option<&SiteConfig> {
+        self.sites.get(site)
+    }
+}
+
 impl InferenceConfig {
     fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
         match key {
@@ -711,6 +770,7 @@ impl Config {
             inference: inf,
             bot,
             risk_control: risk,
+            visitors,
             origins: _,
         } = self;
 
@@ -810,6 +870,19 @@ impl Config {
         w.display("mask_card_numbers", risk.mask_card_numbers);
         w.display("flood_messages", risk.flood_messages);
         w.duration("flood_window", risk.flood_window);
+
+        w.section("visitors");
+        w.display("allow_unlisted_sites", visitors.allow_unlisted_sites);
+        w.section("visitors.sites");
+        for (name, site) in &visitors.sites {
+            w.section(&format!("visitors.sites.{}", toml_key(name)));
+            w.strings("origins", site.origins.iter().map(String::as_str));
+            match &site.identity_key_source {
+                Some(IdentityKeySource::Inline(key)) => w.string("identity_key", key),
+                Some(IdentityKeySource::File(path)) => w.path("identity_key_file", path),
+                None => {}
+            }
+        }
     }
 
     /// Placeholder values the embedded default overwrites entirely (it must set every key).
@@ -888,6 +961,10 @@ impl Config {
                 mask_card_numbers: false,
                 flood_messages: 0,
                 flood_window: Duration::ZERO,
+            },
+            visitors: VisitorsConfig {
+                allow_unlisted_sites: false,
+                sites: BTreeMap::new(),
             },
             origins: Origins::default(),
         }
@@ -1181,6 +1258,8 @@ impl Builder {
             "inference" => c.inference.set(key, f),
             "bot" => c.bot.set(key, f),
             "risk_control" => c.risk_control.set(key, f),
+            "visitors" if key == "sites" => self.apply_sites(f).map(|()| true),
+            "visitors" => c.visitors.set(key, f),
             _ => Ok(false),
         }
     }
@@ -1202,6 +1281,71 @@ impl Builder {
                     _ => return Err(field.error(
                         "unknown key in an agent account; valid keys are: token, name, max_open",
                     )),
+                }
+                self.origins.record(&field);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_sites(&mut self, sites: &Field<'_>) -> Result<(), ConfigError> {
+        let table = sites.table("a table of sites")?;
+        for (name, item) in table.iter() {
+            let site = sites.child(table, name, item);
+            if !valid_site_name(name) {
+                return Err(site.error(format_args!(
+                    "invalid site name \"{name}\": use 1 to 128 characters of A-Z a-z 0-9 . _ -"
+                )));
+            }
+            let entries = site.table("a table with origins, identity_key or identity_key_file")?;
+            self.origins.record(&site);
+            let config = self.config.visitors.sites.entry(name.to_owned()).or_insert(SiteConfig {
+                origins: Vec::new(),
+                identity_key_source: None,
+                identity_key: None,
+            });
+            for (key, item) in entries.iter() {
+                let field = site.child(entries, key, item);
+                match key {
+                    "origins" => {
+                        let origins = field.strings(1, 512)?;
+                        for origin in &origins {
+                            check_origin(origin).map_err(|reason| field.error(reason))?;
+                        }
+                        config.origins = origins;
+                    }
+                    "identity_key" => {
+                        let key = field.string()?;
+                        if key.len() < 32 {
+                            return Err(field.error(format_args!(
+                                "must be at least 32 bytes of random text, got {}",
+                                key.len()
+                            )));
+                        }
+                        config.identity_key = Some(key.as_bytes().to_vec());
+                        config.identity_key_source = Some(IdentityKeySource::Inline(key.to_owned()));
+                    }
+                    "identity_key_file" => {
+                        let path = field.path()?;
+                        let bytes = std::fs::read(&path).map_err(|err| {
+                            field.error(format_args!("cannot read {}: {err}", path.display()))
+                        })?;
+                        let key = trim_line_break(&bytes);
+                        if key.len() < 32 {
+                            return Err(field.error(format_args!(
+                                "{} holds {} bytes; an identity key needs at least 32",
+                                path.display(),
+                                key.len()
+                            )));
+                        }
+                        config.identity_key = Some(key.to_vec());
+                        config.identity_key_source = Some(IdentityKeySource::File(path));
+                    }
+                    _ => {
+                        return Err(field.error(
+                            "unknown key in a site; valid keys are: origins, identity_key, identity_key_file",
+                        ))
+                    }
                 }
                 self.origins.record(&field);
             }
@@ -1692,6 +1836,52 @@ impl<'a> Field<'a> {
 
     fn display_name(&self) -> Result<String, ConfigError> {
         self.text(1, 128).map(str::to_owned)
+    }
+}
+
+/// A site name as `/ws/visitor?site=` accepts it.
+fn valid_site_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// An `Origin` header value: `http(s)://host[:port]`, no path.
+fn check_origin(origin: &str) -> Result<(), String> {
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    match rest {
+        Some(host)
+            if !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "invalid origin \"{origin}\": write scheme://host[:port] as a browser sends it, e.g. \"https://shop.example\""
+        )),
+    }
+}
+
+fn trim_line_break(bytes: &[u8]) -> &[u8] {
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    bytes.strip_suffix(b"\r").unwrap_or(bytes)
+}
+
+/// A TOML key, quoted when it holds a dot.
+fn toml_key(name: &str) -> String {
+    if name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    {
+        name.to_owned()
+    } else {
+        Value::from(name).to_string()
     }
 }
 

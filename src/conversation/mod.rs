@@ -15,6 +15,7 @@
 //! shard accepted their socket; they reach owners only through mesh messages.
 
 pub mod dispatch;
+pub mod identity;
 pub mod owner;
 pub mod protocol;
 pub mod router;

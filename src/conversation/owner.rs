@@ -16,6 +16,17 @@
 //! - Agents act only on conversations assigned to them; visitors only ever
 //!   address their own conversation (their frames are routed by their key, not
 //!   by a conversation id they could forge).
+//! - A session is attached to an existing visitor id only with that visitor's
+//!   secret (compared by hash in constant time) or a verified identity; else it
+//!   is moved to a fresh visitor id (see [`super::identity`]), and the owner
+//!   resolves its frames to that id from then on. What storage knows about an
+//!   id (secret hash, open conversation) arrives as an event after a
+//!   [`OwnerAction::LoadVisitor`], never through a read in here.
+//! - A conversation is created by a visitor's first `message` or `handoff`, not
+//!   by connecting: a visitor without one is greeted with `"conversation":null`.
+//! - Typing: each side forwards at most one change per `typing_interval`; a
+//!   change inside the interval is held and its final state sent at the first
+//!   tick after the interval ends.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -34,6 +45,37 @@ use crate::store::{
 pub struct VisitorKey {
     pub site: Arc<str>,
     pub visitor: Arc<str>,
+}
+
+/// What a visitor connection presented to be attached to its claimed visitor id,
+/// and what the owner gives it if it becomes a new visitor.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// SHA-256 of the `secret` the client presented, if any.
+    pub secret_hash: Option<[u8; 32]>,
+    /// The host site vouched for the visitor id (a valid `identity_hash`).
+    pub verified: bool,
+    /// Drawn by the driver for this connection: a secret issued if the session
+    /// starts a visitor, and a replacement visitor id (owned by the same shard)
+    /// used if the claimed id is refused.
+    pub fresh: FreshVisitor,
+}
+
+/// A random visitor id and secret the owner may hand out.
+#[derive(Debug, Clone)]
+pub struct FreshVisitor {
+    pub visitor: Arc<str>,
+    pub secret: Box<str>,
+    pub secret_hash: [u8; 32],
+}
+
+/// What storage knows about a visitor id (the answer to [`OwnerAction::LoadVisitor`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredVisitor {
+    /// SHA-256 of the visitor's secret.
+    pub secret_hash: Option<[u8; 32]>,
+    /// The visitor's open conversation.
+    pub conversation: Option<ConversationId>,
 }
 
 /// Settings of the owner state machine.
@@ -60,6 +102,9 @@ pub enum OwnerEvent {
         key: VisitorKey,
         resume: Option<u64>,
         session: SessionRef,
+        credentials: Credentials,
+        /// `None` until the driver has looked the id up ([`OwnerAction::LoadVisitor`]).
+        stored: Option<StoredVisitor>,
     },
     VisitorDetach {
         key: VisitorKey,
@@ -180,6 +225,13 @@ pub enum OwnerAction {
         conversation: ConversationId,
         event: Box<OwnerEvent>,
     },
+    /// What storage knows about `key` is needed: look up its secret hash and
+    /// open conversation, put them in `event` (a `VisitorAttach`) as `stored`
+    /// and feed it again.
+    LoadVisitor {
+        key: VisitorKey,
+        event: Box<OwnerEvent>,
+    },
 }
 
 /// What a store operation was for.
@@ -209,12 +261,23 @@ pub enum Completion {
     BotMessage {
         conversation: ConversationId,
     },
+    SecretStored {
+        key: VisitorKey,
+    },
 }
 
 #[derive(Debug, Default)]
 struct VisitorEntry {
     conversation: Option<ConversationId>,
     opening: bool,
+    /// SHA-256 of the visitor's secret; `None` for a visitor from before secrets
+    /// existed, which only a verified identity can reattach to.
+    secret_hash: Option<[u8; 32]>,
+    /// Whether `secret_hash` is in storage (else it is written with the first
+    /// conversation).
+    secret_stored: bool,
+    /// Sessions whose hello still has to carry the secret issued to them.
+    issued: Vec<(SessionRef, Box<str>)>,
     sessions: Vec<SessionRef>,
     /// Sessions waiting for their hello, with their resume point.
     awaiting_hello: Vec<(SessionRef, Option<u64>)>,
@@ -228,9 +291,9 @@ struct Live {
     key: VisitorKey,
     agent: Option<(String, String)>,
     agent_sessions: Vec<SessionRef>,
-    /// When each side's typing indicator was last forwarded as "on".
-    visitor_typing_since: Option<u64>,
-    agent_typing_since: Option<u64>,
+    /// Each side's typing indicator as the other side sees it.
+    visitor_typing: Typing,
+    agent_typing: Typing,
     /// Store operations of this conversation not yet committed; a conversation
     /// is never evicted from memory while this is non-zero, so a reload from
     /// storage never sees a seq the fan-out has not handled.
@@ -242,6 +305,9 @@ pub struct Owner {
     config: OwnerConfig,
     visitors: HashMap<VisitorKey, VisitorEntry>,
     live: HashMap<ConversationId, Live>,
+    /// Sessions whose claimed visitor id was refused, and the fresh visitor they
+    /// were moved to (their frames still name the claimed key).
+    moved: HashMap<SessionRef, VisitorKey>,
 }
 
 #[derive(Serialize)]
@@ -289,7 +355,14 @@ impl Owner {
             config,
             visitors: HashMap::new(),
             live: HashMap::new(),
+            moved: HashMap::new(),
         }
+    }
+
+    /// The visitor a session's frames belong to: its claimed `key`, or the fresh
+    /// visitor it was moved to when the claim was refused.
+    pub fn visitor_of(&self, key: &VisitorKey, session: SessionRef) -> VisitorKey {
+        self.moved.get(&session).unwrap_or(key).clone()
     }
 
     /// Number of conversations held in memory.
@@ -320,8 +393,8 @@ impl Owner {
             key,
             agent,
             agent_sessions: Vec::new(),
-            visitor_typing_since: None,
-            agent_typing_since: None,
+            visitor_typing: Typing::default(),
+            agent_typing: Typing::default(),
             in_flight: 0,
         });
     }
@@ -334,13 +407,21 @@ impl Owner {
                 key,
                 resume,
                 session,
-            } => self.visitor_attach(key, resume, session, &mut out),
-            OwnerEvent::VisitorDetach { key, session } => self.visitor_detach(&key, session),
+                credentials,
+                stored,
+            } => self.visitor_attach(key, resume, session, credentials, stored, &mut out),
+            OwnerEvent::VisitorDetach { key, session } => {
+                let key = self.moved.remove(&session).unwrap_or(key);
+                self.visitor_detach(&key, session)
+            }
             OwnerEvent::Visitor {
                 key,
                 session,
                 frame,
-            } => self.visitor_frame(key, session, frame, now_ms, &mut out),
+            } => {
+                let key = self.visitor_of(&key, session);
+                self.visitor_frame(key, session, frame, now_ms, &mut out)
+            }
             OwnerEvent::Agent {
                 agent,
                 name,
@@ -404,7 +485,7 @@ impl Owner {
                 verdict,
             } => self.bot_verdict(conversation, verdict, &mut out),
             OwnerEvent::Tick => {
-                self.expire_typing(now_ms, &mut out);
+                self.flush_typing(now_ms, &mut out);
                 self.evict_idle();
             }
         }
@@ -426,8 +507,8 @@ impl Owner {
         self.live.retain(|_, live| {
             !live.agent_sessions.is_empty()
                 || live.in_flight > 0
-                || live.visitor_typing_since.is_some()
-                || live.agent_typing_since.is_some()
+                || live.visitor_typing.busy()
+                || live.agent_typing.busy()
         });
     }
 
@@ -436,11 +517,69 @@ impl Owner {
         key: VisitorKey,
         resume: Option<u64>,
         session: SessionRef,
+        credentials: Credentials,
+        stored: Option<StoredVisitor>,
         out: &mut Vec<OwnerAction>,
     ) {
-        let entry = self.visitors.entry(key.clone()).or_default();
+        let presented_ok = |hash: Option<[u8; 32]>| {
+            credentials.verified
+                || matches!((hash, credentials.secret_hash),
+                    (Some(stored), Some(presented)) if super::identity::hashes_match(&stored, &presented))
+        };
+        let (key, issue) = if let Some(entry) = self.visitors.get(&key) {
+            // Someone is connected as this visitor, or it is being opened.
+            if presented_ok(entry.secret_hash) {
+                (key, false)
+            } else {
+                (self.move_to_fresh(&key, session, &credentials), true)
+            }
+        } else {
+            let Some(stored) = stored else {
+                out.push(OwnerAction::LoadVisitor {
+                    key: key.clone(),
+                    event: Box::new(OwnerEvent::VisitorAttach {
+                        key,
+                        resume,
+                        session,
+                        credentials,
+                        stored: None,
+                    }),
+                });
+                return;
+            };
+            match (stored.secret_hash, stored.conversation) {
+                // Nothing is stored under this id: it becomes this visitor's, with a new secret.
+                (None, None) => {
+                    self.visitors.insert(
+                        key.clone(),
+                        VisitorEntry {
+                            secret_hash: Some(credentials.fresh.secret_hash),
+                            ..VisitorEntry::default()
+                        },
+                    );
+                    (key, true)
+                }
+                (hash, conversation) if presented_ok(hash) => {
+                    self.visitors.insert(
+                        key.clone(),
+                        VisitorEntry {
+                            conversation,
+                            secret_hash: hash,
+                            secret_stored: hash.is_some(),
+                            ..VisitorEntry::default()
+                        },
+                    );
+                    (key, false)
+                }
+                _ => (self.move_to_fresh(&key, session, &credentials), true),
+            }
+        };
+        let entry = self.visitors.get_mut(&key).expect("entry made above");
         if !entry.sessions.contains(&session) {
             entry.sessions.push(session);
+        }
+        if issue {
+            entry.issued.push((session, credentials.fresh.secret));
         }
         match entry.conversation {
             Some(conversation) if !entry.opening => {
@@ -449,28 +588,85 @@ impl Owner {
                 } else {
                     out.push(OwnerAction::Load {
                         conversation,
-                        event: Box::new(OwnerEvent::VisitorAttach {
+                        event: Box::new(OwnerEvent::Greet {
                             key,
-                            resume,
-                            session,
+                            conversation,
+                            awaiting: vec![(session, resume)],
+                            reattached: Vec::new(),
+                            pending: Vec::new(),
                         }),
                     });
                 }
             }
-            _ => {
-                entry.awaiting_hello.push((session, resume));
-                if !entry.opening {
-                    entry.opening = true;
-                    out.push(OwnerAction::Store {
-                        op: Op::Open {
-                            site: key.site.to_string(),
-                            visitor: key.visitor.to_string(),
-                        },
-                        completion: Completion::Opened { key },
-                    });
-                }
+            // No conversation yet: it is created by the first message or handoff.
+            None if !entry.opening => {
+                let secret = take_issued(entry, session);
+                out.push(OwnerAction::Hello {
+                    to: session,
+                    frame: hello_frame(&key, None, 0, secret.as_deref()),
+                });
             }
+            // Its conversation is being opened: greeted once it is.
+            _ => entry.awaiting_hello.push((session, resume)),
         }
+    }
+
+    /// Moves a session whose claim on `claimed` was refused to the fresh visitor
+    /// drawn for it, and returns that visitor's key.
+    fn move_to_fresh(
+        &mut self,
+        claimed: &VisitorKey,
+        session: SessionRef,
+        credentials: &Credentials,
+    ) -> VisitorKey {
+        let key = VisitorKey {
+            site: claimed.site.clone(),
+            visitor: credentials.fresh.visitor.clone(),
+        };
+        self.moved.insert(session, key.clone());
+        self.visitors
+            .entry(key.clone())
+            .or_insert_with(|| VisitorEntry {
+                secret_hash: Some(credentials.fresh.secret_hash),
+                ..VisitorEntry::default()
+            });
+        key
+    }
+
+    /// Opens a conversation for the visitor (its first, or a new one after a
+    /// close); `frame` runs once it is open. The visitor's secret is stored
+    /// first if it is not yet.
+    fn open_conversation(
+        &mut self,
+        key: &VisitorKey,
+        session: SessionRef,
+        frame_in: VisitorFrame,
+        out: &mut Vec<OwnerAction>,
+    ) {
+        let Some(entry) = self.visitors.get_mut(key) else {
+            return;
+        };
+        entry.conversation = None;
+        entry.opening = true;
+        entry.pending.push((session, frame_in));
+        if let (Some(secret_hash), false) = (entry.secret_hash, entry.secret_stored) {
+            entry.secret_stored = true;
+            out.push(OwnerAction::Store {
+                op: Op::SetVisitorSecret {
+                    site: key.site.to_string(),
+                    visitor: key.visitor.to_string(),
+                    secret_hash,
+                },
+                completion: Completion::SecretStored { key: key.clone() },
+            });
+        }
+        out.push(OwnerAction::Store {
+            op: Op::Open {
+                site: key.site.to_string(),
+                visitor: key.visitor.to_string(),
+            },
+            completion: Completion::Opened { key: key.clone() },
+        });
     }
 
     /// Sends a session its hello, the messages it missed and the state.
@@ -485,15 +681,13 @@ impl Owner {
             return;
         };
         let last = live.meta.last_seq;
+        let secret = self
+            .visitors
+            .get_mut(&live.key)
+            .and_then(|entry| take_issued(entry, session));
         out.push(OwnerAction::Hello {
             to: session,
-            frame: frame(serde_json::json!({
-                "type": "hello",
-                "visitor": &*live.key.visitor,
-                "site": &*live.key.site,
-                "conversation": conversation.0,
-                "seq": last,
-            })),
+            frame: hello_frame(&live.key, Some(conversation), last, secret.as_deref()),
         });
         if let Some(after) = resume {
             if after < last {
@@ -532,6 +726,7 @@ impl Owner {
         };
         entry.sessions.retain(|s| *s != session);
         entry.awaiting_hello.retain(|(s, _)| *s != session);
+        entry.issued.retain(|(s, _)| *s != session);
         if entry.sessions.is_empty() && !entry.opening {
             let conversation = entry.conversation;
             self.visitors.remove(key);
@@ -575,6 +770,17 @@ impl Owner {
         };
         let conversation = match entry.conversation {
             Some(conversation) if !entry.opening => conversation,
+            None if !entry.opening => {
+                // A first message or handoff creates the conversation; typing
+                // and read have nobody to tell yet.
+                if matches!(
+                    frame_in,
+                    VisitorFrame::Message { .. } | VisitorFrame::Handoff {}
+                ) {
+                    self.open_conversation(&key, session, frame_in, out);
+                }
+                return;
+            }
             _ => {
                 entry.pending.push((session, frame_in));
                 return;
@@ -596,18 +802,7 @@ impl Owner {
             VisitorFrame::Message { id, text } => {
                 if closed {
                     // The visitor writes again after a close: a new conversation.
-                    entry.conversation = None;
-                    entry.opening = true;
-                    entry
-                        .pending
-                        .push((session, VisitorFrame::Message { id, text }));
-                    out.push(OwnerAction::Store {
-                        op: Op::Open {
-                            site: key.site.to_string(),
-                            visitor: key.visitor.to_string(),
-                        },
-                        completion: Completion::Opened { key: key.clone() },
-                    });
+                    self.open_conversation(&key, session, VisitorFrame::Message { id, text }, out);
                     return;
                 }
                 out.push(OwnerAction::Store {
@@ -633,14 +828,12 @@ impl Owner {
                 if closed {
                     return;
                 }
-                if !rate_ok(
-                    &mut live.visitor_typing_since,
-                    on,
-                    now_ms,
-                    self.config.typing_interval_ms,
-                ) {
+                let Some(on) = live
+                    .visitor_typing
+                    .request(on, now_ms, self.config.typing_interval_ms)
+                else {
                     return;
-                }
+                };
                 let typing = frame(serde_json::json!({
                     "type": "typing", "conversation": conversation.0, "from": "visitor", "on": on,
                 }));
@@ -748,14 +941,12 @@ impl Owner {
                 },
             }),
             AgentFrame::Typing { on, .. } => {
-                if !rate_ok(
-                    &mut live.agent_typing_since,
-                    on,
-                    now_ms,
-                    self.config.typing_interval_ms,
-                ) {
+                let Some(on) =
+                    live.agent_typing
+                        .request(on, now_ms, self.config.typing_interval_ms)
+                else {
                     return;
-                }
+                };
                 let typing = frame(serde_json::json!({
                     "type": "typing", "conversation": conversation.0, "from": "agent", "on": on,
                 }));
@@ -952,6 +1143,14 @@ impl Owner {
         }
         match completion {
             Completion::Opened { key } => self.opened(key, outcome, out),
+            Completion::SecretStored { key } => {
+                if !matches!(outcome, Ok(OpOutcome::Updated)) {
+                    // Tried again with the next conversation the visitor opens.
+                    if let Some(entry) = self.visitors.get_mut(&key) {
+                        entry.secret_stored = false;
+                    }
+                }
+            }
             Completion::VisitorMessage {
                 key,
                 session,
@@ -1324,6 +1523,15 @@ impl Owner {
         for (session, frame_in) in pending {
             self.visitor_frame(key.clone(), session, frame_in, 0, out);
         }
+        // Every session left while the conversation was opened: nothing keeps the entry.
+        if self
+            .visitors
+            .get(&key)
+            .is_some_and(|entry| entry.sessions.is_empty() && !entry.opening)
+        {
+            self.visitors.remove(&key);
+            self.maybe_evict(conversation);
+        }
     }
 
     /// Sends `frame` to every connected session of a visitor except `except`.
@@ -1344,43 +1552,125 @@ impl Owner {
         }
     }
 
-    fn expire_typing(&mut self, now_ms: u64, out: &mut Vec<OwnerAction>) {
-        let expiry = self.config.typing_expiry_ms;
-        let mut expired = Vec::new();
+    /// Sends the typing changes held back by the throttle whose interval has
+    /// ended, and switches off indicators not renewed within `typing_expiry`.
+    fn flush_typing(&mut self, now_ms: u64, out: &mut Vec<OwnerAction>) {
+        let (interval, expiry) = (self.config.typing_interval_ms, self.config.typing_expiry_ms);
+        let mut changes = Vec::new();
         for (conversation, live) in &mut self.live {
-            if live
-                .visitor_typing_since
-                .is_some_and(|since| now_ms.saturating_sub(since) >= expiry)
-            {
-                live.visitor_typing_since = None;
-                expired.push((*conversation, "visitor"));
+            if let Some(on) = live.visitor_typing.tick(now_ms, interval, expiry) {
+                changes.push((*conversation, "visitor", on));
             }
-            if live
-                .agent_typing_since
-                .is_some_and(|since| now_ms.saturating_sub(since) >= expiry)
-            {
-                live.agent_typing_since = None;
-                expired.push((*conversation, "agent"));
+            if let Some(on) = live.agent_typing.tick(now_ms, interval, expiry) {
+                changes.push((*conversation, "agent", on));
             }
         }
-        for (conversation, from) in expired {
+        for (conversation, from, on) in changes {
             let Some(live) = self.live.get(&conversation) else {
                 continue;
             };
-            let off = frame(serde_json::json!({
-                "type": "typing", "conversation": conversation.0, "from": from, "on": false,
+            let typing = frame(serde_json::json!({
+                "type": "typing", "conversation": conversation.0, "from": from, "on": on,
             }));
             if from == "visitor" {
                 for to in &live.agent_sessions {
                     out.push(OwnerAction::Send {
                         to: *to,
-                        frame: off.clone(),
+                        frame: typing.clone(),
                     });
                 }
             } else {
-                self.send_visitors(&live.key, None, &off, out);
+                self.send_visitors(&live.key, None, &typing, out);
             }
         }
+    }
+}
+
+/// The visitor's `hello`: `conversation` is `null` (and `seq` 0) until the
+/// visitor's first message or handoff creates one; `secret` is present when a
+/// secret was issued to this session.
+fn hello_frame(
+    key: &VisitorKey,
+    conversation: Option<ConversationId>,
+    seq: u64,
+    secret: Option<&str>,
+) -> Arc<str> {
+    let mut hello = serde_json::json!({
+        "type": "hello",
+        "visitor": &*key.visitor,
+        "site": &*key.site,
+        "conversation": conversation.map(|c| c.0),
+        "seq": seq,
+    });
+    if let Some(secret) = secret {
+        hello["secret"] = secret.into();
+    }
+    frame(hello)
+}
+
+/// The secret issued to `session`, once (its first hello carries it).
+fn take_issued(entry: &mut VisitorEntry, session: SessionRef) -> Option<Box<str>> {
+    let at = entry.issued.iter().position(|(s, _)| *s == session)?;
+    Some(entry.issued.swap_remove(at).1)
+}
+
+/// One side's typing indicator as the other side sees it, throttled.
+///
+/// At most one change (or renewal of "on") is forwarded per interval, however
+/// the client alternates on and off; a change inside the interval is held and
+/// the LAST requested state is delivered by [`Typing::tick`] once the interval
+/// has ended, so the other side always ends up with the true final state.
+#[derive(Debug, Default, Clone, Copy)]
+struct Typing {
+    /// Whether the other side was last told "on".
+    shown: bool,
+    /// When an indicator was last forwarded.
+    forwarded_ms: Option<u64>,
+    /// The state requested inside the interval, not yet forwarded.
+    held: Option<bool>,
+}
+
+impl Typing {
+    /// A client asked for `on`; returns the state to forward now, if any.
+    fn request(&mut self, on: bool, now_ms: u64, interval_ms: u64) -> Option<bool> {
+        let in_interval = self
+            .forwarded_ms
+            .is_some_and(|at| now_ms.saturating_sub(at) < interval_ms);
+        if in_interval {
+            self.held = (on != self.shown).then_some(on);
+            return None;
+        }
+        if !on && !self.shown {
+            self.held = None;
+            return None;
+        }
+        self.forward(on, now_ms)
+    }
+
+    /// Once a tick: the held state when its interval is over, or "off" when an
+    /// "on" was not renewed within `expiry_ms`.
+    fn tick(&mut self, now_ms: u64, interval_ms: u64, expiry_ms: u64) -> Option<bool> {
+        let since = now_ms.saturating_sub(self.forwarded_ms?);
+        if let Some(on) = self.held {
+            if since >= interval_ms {
+                return self.forward(on, now_ms);
+            }
+        } else if self.shown && since >= expiry_ms {
+            return self.forward(false, now_ms);
+        }
+        None
+    }
+
+    fn forward(&mut self, on: bool, now_ms: u64) -> Option<bool> {
+        self.shown = on;
+        self.held = None;
+        self.forwarded_ms = Some(now_ms);
+        Some(on)
+    }
+
+    /// Whether the indicator needs the conversation kept in memory.
+    fn busy(&self) -> bool {
+        self.shown || self.held.is_some()
     }
 }
 
@@ -1394,27 +1684,10 @@ fn assigned_to_agent(live: &Live) -> Arc<str> {
     }))
 }
 
-/// Typing rate limit: an "on" is forwarded at most once per interval (and
-/// renews the expiry); an "off" is forwarded only when "on" was.
-fn rate_ok(since: &mut Option<u64>, on: bool, now_ms: u64, interval_ms: u64) -> bool {
-    match (on, *since) {
-        (true, Some(at)) if now_ms.saturating_sub(at) < interval_ms => false,
-        (true, _) => {
-            *since = Some(now_ms);
-            true
-        }
-        (false, Some(_)) => {
-            *since = None;
-            true
-        }
-        (false, None) => false,
-    }
-}
-
 /// The conversation an operation writes to (none for `Open`, which creates it).
 fn op_conversation(op: &Op) -> Option<ConversationId> {
     match op {
-        Op::Open { .. } => None,
+        Op::Open { .. } | Op::SetVisitorSecret { .. } => None,
         Op::Append(message) => Some(message.conversation),
         Op::SetState { conversation, .. }
         | Op::MarkRead { conversation, .. }

@@ -27,7 +27,8 @@ use shards::{Mesh, ShardId};
 
 use super::dispatch::{self, DispatchAction, DispatchEvent, Dispatcher, DispatcherConfig};
 use super::owner::{
-    message_frame, BotOutcome, Completion, Owner, OwnerAction, OwnerConfig, OwnerEvent, VisitorKey,
+    message_frame, BotOutcome, Completion, Owner, OwnerAction, OwnerConfig, OwnerEvent,
+    StoredVisitor, VisitorKey,
 };
 use super::protocol::{self, now_ms, VisitorFrame};
 use super::SessionRef;
@@ -334,7 +335,10 @@ impl Router {
                 session,
                 frame: VisitorFrame::Message { id, text },
             }) => {
-                let Some(text) = self.guard(&key, session, text) else {
+                // Counted against the visitor the session really is (it may have been
+                // moved off a claimed id it had no secret for).
+                let visitor = self.owner.borrow().visitor_of(&key, session);
+                let Some(text) = self.guard(&visitor, session, text) else {
                     return;
                 };
                 self.on_owner(OwnerEvent::Visitor {
@@ -501,6 +505,33 @@ impl Router {
                         Err(err) => {
                             tracing::error!(shard = self.shard, %conversation, error = %err, "cannot load conversation");
                         }
+                    }
+                }
+                OwnerAction::LoadVisitor { key, event } => {
+                    let stored = self.reader.read().and_then(|view| {
+                        Ok(StoredVisitor {
+                            secret_hash: view.visitor_secret(&key.site, &key.visitor)?,
+                            conversation: view.conversation_of_visitor(&key.site, &key.visitor)?,
+                        })
+                    });
+                    let mut event = *event;
+                    match (stored, &mut event) {
+                        (Ok(found), OwnerEvent::VisitorAttach { stored, .. }) => {
+                            *stored = Some(found);
+                            let more = self.owner.borrow_mut().handle(event, now_ms());
+                            queue.extend(more);
+                        }
+                        (Err(err), OwnerEvent::VisitorAttach { session, .. }) => {
+                            tracing::error!(shard = self.shard, error = %err, "cannot look up a visitor");
+                            self.deliver_hello(
+                                *session,
+                                Arc::from(protocol::error_frame(
+                                    "storage_error",
+                                    "cannot look up the visitor; reconnect later",
+                                )),
+                            );
+                        }
+                        _ => {}
                     }
                 }
             }

@@ -5,6 +5,7 @@
 
 use crate::arena::SessionKind;
 use crate::config::Config;
+use crate::conversation::identity::identity_matches;
 use crate::http::{query_param, RequestHead};
 
 /// What a request asks for.
@@ -27,11 +28,15 @@ pub enum Route {
 pub enum Endpoint {
     /// `/ws/echo[?delay_ms=N]`: diagnostic echo, each message delayed by N ms.
     Echo { delay_ms: u32 },
-    /// `/ws/visitor?site=S[&visitor=V][&resume=SEQ]`.
+    /// `/ws/visitor?site=S[&visitor=V][&secret=X][&identity_hash=H][&resume=SEQ]`.
     Visitor {
         site: String,
         visitor: Option<String>,
         resume: Option<u64>,
+        /// The visitor's secret, as presented (checked by the owner shard).
+        secret: Option<String>,
+        /// `identity_hash` matched the site's identity key for `visitor`.
+        verified: bool,
     },
     /// `/ws/agent?token=T`, resolved to the matching `[agents]` account.
     Agent {
@@ -53,6 +58,8 @@ impl Endpoint {
 
 /// Longest site or visitor id accepted, in bytes.
 const MAX_ID_BYTES: usize = 128;
+/// Longest `secret` accepted, in bytes (issued secrets are 32).
+const MAX_SECRET_BYTES: usize = 128;
 /// Longest echo delay accepted (a diagnostic, not a feature).
 const MAX_ECHO_DELAY_MS: u32 = 10_000;
 
@@ -110,10 +117,62 @@ pub fn route(head: &RequestHead, config: &Config) -> Route {
                     Err(_) => return Route::Reject(400, "resume must be a sequence number"),
                 },
             };
+            let secret = query_param(query, "secret");
+            if let Some(secret) = &secret {
+                if secret.is_empty()
+                    || secret.len() > MAX_SECRET_BYTES
+                    || !secret.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Route::Reject(
+                        400,
+                        "secret must be the 1 to 128 character secret from the visitor's hello",
+                    );
+                }
+            }
+            let site_config = config.visitors.site(&site);
+            if site_config.is_none() && !config.visitors.allow_unlisted_sites {
+                return Route::Reject(
+                    403,
+                    "unknown site: it has no [visitors.sites] entry on this server",
+                );
+            }
+            if let Some(allowed) = site_config.map(|c| &c.origins).filter(|o| !o.is_empty()) {
+                let origin = head.header_str("origin");
+                if !origin.is_some_and(|origin| allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))) {
+                    return Route::Reject(
+                        403,
+                        "Origin not allowed: this site accepts visitors only from the origins \
+                         listed in its [visitors.sites] entry",
+                    );
+                }
+            }
+            let verified = match query_param(query, "identity_hash") {
+                None => false,
+                Some(presented) => {
+                    let Some(visitor) = &visitor else {
+                        return Route::Reject(400, "identity_hash needs the visitor parameter");
+                    };
+                    let Some(key) = site_config.and_then(|c| c.identity_key.as_deref()) else {
+                        return Route::Reject(
+                            403,
+                            "identity_hash refused: this site has no identity key configured",
+                        );
+                    };
+                    if !identity_matches(key, visitor, &presented) {
+                        return Route::Reject(
+                            403,
+                            "identity_hash does not match the visitor id for this site",
+                        );
+                    }
+                    true
+                }
+            };
             Route::Upgrade(Endpoint::Visitor {
                 site: site.into_owned(),
                 visitor: visitor.map(|v| v.into_owned()),
                 resume,
+                secret: secret.map(|s| s.into_owned()),
+                verified,
             })
         }
         _ => {

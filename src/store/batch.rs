@@ -49,6 +49,13 @@ pub enum Op {
         side: ReadSide,
         seq: u64,
     },
+    /// Records the SHA-256 of a visitor's secret, unless one is stored already (the
+    /// first stored secret of a visitor id stays). Outcome `Updated`.
+    SetVisitorSecret {
+        site: String,
+        visitor: String,
+        secret_hash: [u8; 32],
+    },
     /// Records the number of consecutive failed bot turns.
     SetFailedBotTurns {
         conversation: ConversationId,
@@ -71,7 +78,7 @@ pub enum OpOutcome {
     Duplicate { seq: u64 },
     /// `MarkRead`: the watermark after the operation.
     ReadMarked { watermark: u64 },
-    /// `SetState`, `SetFailedBotTurns`: applied (possibly a no-op when nothing changed).
+    /// `SetState`, `SetFailedBotTurns`, `SetVisitorSecret`: applied (possibly a no-op when nothing changed).
     Updated,
     /// The operation was refused and wrote nothing.
     Rejected(Rejection),
