@@ -1753,23 +1753,410 @@ mod tests {
             .count()
     }
 
+    fn credentials(secret: Option<&str>, verified: bool, fresh: &str) -> Credentials {
+        Credentials {
+            secret_hash: secret.map(super::super::identity::hash_secret),
+            verified,
+            fresh: FreshVisitor {
+                visitor: fresh.into(),
+                secret: format!("secret-of-{fresh}").into(),
+                secret_hash: super::super::identity::hash_secret(&format!("secret-of-{fresh}")),
+            },
+        }
+    }
+
+    fn key(visitor: &str) -> VisitorKey {
+        VisitorKey {
+            site: "acme".into(),
+            visitor: visitor.into(),
+        }
+    }
+
+    /// Attaches `session` as the driver would: answers `LoadVisitor` with `stored`.
+    fn attach(
+        owner: &mut Owner,
+        visitor: &str,
+        session: SessionRef,
+        resume: Option<u64>,
+        credentials: Credentials,
+        stored: StoredVisitor,
+    ) -> Vec<OwnerAction> {
+        let actions = owner.handle(
+            OwnerEvent::VisitorAttach {
+                key: key(visitor),
+                resume,
+                session,
+                credentials,
+                stored: None,
+            },
+            0,
+        );
+        match &actions[..] {
+            [OwnerAction::LoadVisitor { .. }] => {
+                let Some(OwnerAction::LoadVisitor { event, .. }) = actions.into_iter().next()
+                else {
+                    unreachable!()
+                };
+                let mut event = *event;
+                if let OwnerEvent::VisitorAttach { stored: slot, .. } = &mut event {
+                    *slot = Some(stored);
+                }
+                owner.handle(event, 0)
+            }
+            _ => actions,
+        }
+    }
+
+    fn meta(conversation: ConversationId, visitor: &str, last_seq: u64) -> Conversation {
+        Conversation {
+            id: conversation,
+            site: "acme".into(),
+            visitor: visitor.into(),
+            state: ConversationState::Bot,
+            state_since_ms: 0,
+            last_seq,
+            created_ms: 0,
+            updated_ms: 0,
+            visitor_read: 0,
+            agent_read: 0,
+            failed_bot_turns: 0,
+        }
+    }
+
+    fn hello_of(actions: &[OwnerAction], to: SessionRef) -> serde_json::Value {
+        actions
+            .iter()
+            .find_map(|action| match action {
+                OwnerAction::Hello { to: target, frame } if *target == to => {
+                    Some(serde_json::from_str(frame).unwrap())
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no hello for {to:?} in {actions:#?}"))
+    }
+
+    #[test]
+    fn connecting_stores_nothing_and_the_first_message_opens_the_conversation() {
+        let mut owner = owner();
+        let tab = session(1);
+        let greeted = attach(
+            &mut owner,
+            "v1",
+            tab,
+            None,
+            credentials(None, false, "fresh-1"),
+            StoredVisitor::default(),
+        );
+        assert!(stores(&greeted).is_empty(), "{greeted:#?}");
+        let hello = hello_of(&greeted, tab);
+        assert_eq!(hello["visitor"], "v1");
+        assert_eq!(hello["conversation"], serde_json::Value::Null);
+        assert_eq!(hello["seq"], 0);
+        assert_eq!(hello["secret"], "secret-of-fresh-1");
+        // Typing and read before a conversation exists store nothing either.
+        for frame in [VisitorFrame::Typing { on: true }, VisitorFrame::Read { seq: 3 }] {
+            let actions = owner.handle(
+                OwnerEvent::Visitor {
+                    key: key("v1"),
+                    session: tab,
+                    frame,
+                },
+                0,
+            );
+            assert!(actions.is_empty(), "{actions:#?}");
+        }
+        // Leaving without a word leaves nothing behind.
+        owner.handle(
+            OwnerEvent::VisitorDetach {
+                key: key("v1"),
+                session: tab,
+            },
+            0,
+        );
+        assert!(owner.visitors.is_empty());
+        // The first message stores the secret's hash, then opens the conversation.
+        attach(
+            &mut owner,
+            "v1",
+            tab,
+            None,
+            credentials(None, false, "fresh-1"),
+            StoredVisitor::default(),
+        );
+        let sent = owner.handle(
+            OwnerEvent::Visitor {
+                key: key("v1"),
+                session: tab,
+                frame: VisitorFrame::Message {
+                    id: "m1".into(),
+                    text: "hi".into(),
+                },
+            },
+            0,
+        );
+        let ops: Vec<Op> = stores(&sent).into_iter().map(|(op, _)| op).collect();
+        assert!(
+            matches!(&ops[..], [Op::SetVisitorSecret { visitor, secret_hash, .. }, Op::Open { .. }]
+                if visitor == "v1" && *secret_hash == super::super::identity::hash_secret("secret-of-fresh-1")),
+            "{ops:#?}"
+        );
+    }
+
+    #[test]
+    fn a_guessed_visitor_id_without_its_secret_becomes_a_new_visitor() {
+        let conversation = ConversationId::from_parts(0, 7);
+        let real_secret = "the-real-secret";
+        let stored = StoredVisitor {
+            secret_hash: Some(super::super::identity::hash_secret(real_secret)),
+            conversation: Some(conversation),
+        };
+        for presented in [None, Some("a-wrong-secret"), Some("")] {
+            let mut owner = owner();
+            let intruder = session(9);
+            let actions = attach(
+                &mut owner,
+                "victim",
+                intruder,
+                Some(0),
+                credentials(presented, false, "fresh-9"),
+                stored.clone(),
+            );
+            // No load, no replay of the victim's conversation: a hello for a new visitor.
+            assert!(
+                !actions.iter().any(|a| matches!(
+                    a,
+                    OwnerAction::Load { .. } | OwnerAction::Replay { .. } | OwnerAction::Store { .. }
+                )),
+                "{actions:#?}"
+            );
+            let hello = hello_of(&actions, intruder);
+            assert_eq!(hello["visitor"], "fresh-9");
+            assert_eq!(hello["conversation"], serde_json::Value::Null);
+            assert_eq!(hello["secret"], "secret-of-fresh-9");
+            // Its frames go to the new visitor: a message opens a conversation for fresh-9.
+            let sent = owner.handle(
+                OwnerEvent::Visitor {
+                    key: key("victim"),
+                    session: intruder,
+                    frame: VisitorFrame::Message {
+                        id: "m1".into(),
+                        text: "hi".into(),
+                    },
+                },
+                0,
+            );
+            assert!(stores(&sent).iter().all(|(op, _)| matches!(op,
+                Op::Open { visitor, .. } | Op::SetVisitorSecret { visitor, .. } if visitor == "fresh-9")));
+            assert_eq!(owner.visitor_of(&key("victim"), intruder), key("fresh-9"));
+            // While the intruder is connected the real visitor still gets in with its secret.
+            let real = session(1);
+            let actions = attach(
+                &mut owner,
+                "victim",
+                real,
+                Some(0),
+                credentials(Some(real_secret), false, "fresh-1"),
+                stored.clone(),
+            );
+            let OwnerAction::Load { event, .. } = &actions[0] else {
+                panic!("the real visitor's conversation is loaded: {actions:#?}")
+            };
+            owner.insert_loaded(meta(conversation, "victim", 4));
+            assert!(matches!(&**event, OwnerEvent::Greet { .. }), "{event:?}");
+            let Some(OwnerAction::Load { event, .. }) = actions.into_iter().next() else {
+                unreachable!()
+            };
+            let greeted = owner.handle(*event, 0);
+            let hello = hello_of(&greeted, real);
+            assert_eq!(hello["visitor"], "victim");
+            assert_eq!(hello["conversation"], conversation.0);
+            assert!(hello.get("secret").is_none());
+            assert!(greeted.iter().any(|a| matches!(a,
+                OwnerAction::Replay { to, after: 0, up_to: 4, .. } if to == &vec![real])));
+            // A second guess while the real visitor is connected is refused from memory.
+            let actions = attach(
+                &mut owner,
+                "victim",
+                session(10),
+                Some(0),
+                credentials(None, false, "fresh-10"),
+                stored.clone(),
+            );
+            assert_eq!(hello_of(&actions, session(10))["visitor"], "fresh-10");
+            assert!(!actions.iter().any(|a| matches!(a, OwnerAction::Replay { .. })));
+        }
+    }
+
+    #[test]
+    fn a_verified_identity_resumes_without_the_secret_and_a_legacy_visitor_needs_one() {
+        let conversation = ConversationId::from_parts(0, 3);
+        let mut owner = owner();
+        owner.insert_loaded(meta(conversation, "user-42", 2));
+        let stored = StoredVisitor {
+            secret_hash: Some([7; 32]),
+            conversation: Some(conversation),
+        };
+        let actions = attach(
+            &mut owner,
+            "user-42",
+            session(1),
+            Some(0),
+            credentials(None, true, "fresh-1"),
+            stored,
+        );
+        assert_eq!(hello_of(&actions, session(1))["conversation"], conversation.0);
+        // A visitor from before secrets existed: only a verified identity gets its conversation.
+        let legacy = StoredVisitor {
+            secret_hash: None,
+            conversation: Some(conversation),
+        };
+        let mut owner = self::owner();
+        owner.insert_loaded(meta(conversation, "user-42", 2));
+        let refused = attach(
+            &mut owner,
+            "user-42",
+            session(2),
+            Some(0),
+            credentials(Some("anything"), false, "fresh-2"),
+            legacy.clone(),
+        );
+        assert_eq!(hello_of(&refused, session(2))["visitor"], "fresh-2");
+        let verified = attach(
+            &mut owner,
+            "user-42",
+            session(3),
+            Some(0),
+            credentials(None, true, "fresh-3"),
+            legacy,
+        );
+        assert_eq!(hello_of(&verified, session(3))["conversation"], conversation.0);
+    }
+
+    /// Every typing frame forwarded to `to`, as `on` values.
+    fn typing_to(actions: &[OwnerAction], to: SessionRef) -> Vec<bool> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                OwnerAction::Send { to: target, frame }
+                    if *target == to && frame.contains("\"type\":\"typing\"") =>
+                {
+                    Some(frame.contains("\"on\":true"))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn alternating_typing_on_and_off_is_throttled_and_ends_in_the_final_state() {
+        let conversation = ConversationId::from_parts(0, 5);
+        let (visitor_tab, agent_tab) = (session(1), session(2));
+        let mut owner = owner();
+        let mut assigned = meta(conversation, "typist", 1);
+        assigned.state = ConversationState::Assigned {
+            agent: "alice".into(),
+        };
+        owner.insert_loaded(assigned);
+        attach(
+            &mut owner,
+            "typist",
+            visitor_tab,
+            None,
+            credentials(None, true, "fresh-1"),
+            StoredVisitor {
+                secret_hash: Some([1; 32]),
+                conversation: Some(conversation),
+            },
+        );
+        owner.handle(
+            OwnerEvent::AgentSubscribe {
+                conversation,
+                agent: "alice".into(),
+                session: agent_tab,
+            },
+            0,
+        );
+        // 1,000 frames in one second from each side, alternating on and off.
+        let (mut to_agent, mut to_visitor) = (Vec::new(), Vec::new());
+        for i in 0..1000u64 {
+            let on = i % 2 == 0;
+            let now = 10_000 + i;
+            let actions = owner.handle(
+                OwnerEvent::Visitor {
+                    key: key("typist"),
+                    session: visitor_tab,
+                    frame: VisitorFrame::Typing { on },
+                },
+                now,
+            );
+            to_agent.extend(typing_to(&actions, agent_tab));
+            let actions = owner.handle(
+                OwnerEvent::Agent {
+                    agent: "alice".into(),
+                    name: "Alice".into(),
+                    session: agent_tab,
+                    frame: AgentFrame::Typing { conversation: conversation.0, on },
+                },
+                now,
+            );
+            to_visitor.extend(typing_to(&actions, visitor_tab));
+        }
+        assert_eq!(to_agent, vec![true], "one change per interval reaches the agent");
+        assert_eq!(to_visitor, vec![true], "one change per interval reaches the visitor");
+        // The last frame was "off": delivered once the interval is over, and only once.
+        let tick = owner.handle(OwnerEvent::Tick, 11_000);
+        assert_eq!(typing_to(&tick, agent_tab), vec![false]);
+        assert_eq!(typing_to(&tick, visitor_tab), vec![false]);
+        let tick = owner.handle(OwnerEvent::Tick, 12_000);
+        assert!(typing_to(&tick, agent_tab).is_empty());
+        assert!(typing_to(&tick, visitor_tab).is_empty());
+        // An "on" that is not renewed is switched off after the expiry.
+        let on = owner.handle(
+            OwnerEvent::Visitor {
+                key: key("typist"),
+                session: visitor_tab,
+                frame: VisitorFrame::Typing { on: true },
+            },
+            20_000,
+        );
+        assert_eq!(typing_to(&on, agent_tab), vec![true]);
+        assert!(typing_to(&owner.handle(OwnerEvent::Tick, 24_000), agent_tab).is_empty());
+        assert_eq!(
+            typing_to(&owner.handle(OwnerEvent::Tick, 25_000), agent_tab),
+            vec![false]
+        );
+    }
+
     #[test]
     fn a_tab_waiting_for_its_hello_gets_a_committing_message_from_its_replay_only() {
-        let key = VisitorKey {
-            site: "acme".into(),
-            visitor: "v1".into(),
-        };
         let conversation = ConversationId::from_parts(0, 1);
         let (first, second) = (session(1), session(2));
         let mut owner = owner();
 
-        // The first tab opens the conversation and is greeted.
-        let attach = |session, resume| OwnerEvent::VisitorAttach {
-            key: key.clone(),
-            resume,
-            session,
-        };
-        let open = stores(&owner.handle(attach(first, None), 0)).remove(0);
+        // The first tab connects and sends a message: that opens the conversation.
+        attach(
+            &mut owner,
+            "v1",
+            first,
+            None,
+            credentials(None, false, "fresh-1"),
+            StoredVisitor::default(),
+        );
+        let first_message = owner.handle(
+            OwnerEvent::Visitor {
+                key: key("v1"),
+                session: first,
+                frame: VisitorFrame::Message {
+                    id: "m0".into(),
+                    text: "first".into(),
+                },
+            },
+            0,
+        );
+        let open = stores(&first_message)
+            .into_iter()
+            .find(|(op, _)| matches!(op, Op::Open { .. }))
+            .expect("the first message opens the conversation");
         let load = committed(
             &mut owner,
             open,
@@ -1780,19 +2167,7 @@ mod tests {
             },
         );
         assert!(matches!(load[..], [OwnerAction::Load { .. }]));
-        owner.insert_loaded(Conversation {
-            id: conversation,
-            site: "acme".into(),
-            visitor: "v1".into(),
-            state: ConversationState::Bot,
-            state_since_ms: 0,
-            last_seq: 0,
-            created_ms: 0,
-            updated_ms: 0,
-            visitor_read: 0,
-            agent_read: 0,
-            failed_bot_turns: 0,
-        });
+        owner.insert_loaded(meta(conversation, "v1", 0));
         let OwnerAction::Load { event, .. } = load.into_iter().next().unwrap() else {
             unreachable!()
         };
@@ -1801,7 +2176,7 @@ mod tests {
         // It sends a message and goes away before the commit completes.
         let sent = owner.handle(
             OwnerEvent::Visitor {
-                key: key.clone(),
+                key: key("v1"),
                 session: first,
                 frame: VisitorFrame::Message {
                     id: "m1".into(),
@@ -1816,34 +2191,31 @@ mod tests {
             .expect("the message is stored");
         owner.handle(
             OwnerEvent::VisitorDetach {
-                key: key.clone(),
+                key: key("v1"),
                 session: first,
             },
             0,
         );
 
-        // A new tab attaches with resume = 0 while the message commits.
-        let reopen = stores(&owner.handle(attach(second, Some(0)), 0)).remove(0);
-        let fan_out = committed(&mut owner, append, OpOutcome::Stored { seq: 1, ts_ms: 1 });
-        assert_eq!(
-            messages_to(&fan_out, second),
-            0,
-            "a tab waiting for its hello must not get the message here: {fan_out:#?}"
-        );
-
-        // Its greeting covers the message: hello at seq 1 and a replay of (0, 1].
-        let greeting = committed(
+        // A new tab attaches with its secret and resume = 0 while the message commits.
+        let greeting = attach(
             &mut owner,
-            reopen,
-            OpOutcome::Opened {
-                conversation,
-                created: false,
-                last_seq: 1,
+            "v1",
+            second,
+            Some(0),
+            credentials(Some("secret-of-fresh-1"), false, "fresh-2"),
+            StoredVisitor {
+                secret_hash: Some(super::super::identity::hash_secret("secret-of-fresh-1")),
+                conversation: Some(conversation),
             },
         );
-        assert!(greeting.iter().any(|action| matches!(action,
-            OwnerAction::Hello { to, frame } if *to == second && frame.contains("\"seq\":1"))));
-        assert!(greeting.iter().any(|action| matches!(action,
-            OwnerAction::Replay { to, after: 0, up_to: 1, .. } if to == &vec![second])));
+        // The conversation is still in memory (a commit in flight): greeted from there, at
+        // the seq fanned out so far, with nothing to replay.
+        let hello = hello_of(&greeting, second);
+        assert_eq!((hello["visitor"].as_str(), hello["seq"].as_u64()), (Some("v1"), Some(0)));
+        assert!(!greeting.iter().any(|a| matches!(a, OwnerAction::Replay { .. })));
+        // So the message reaches it exactly once, by fan-out.
+        let fan_out = committed(&mut owner, append, OpOutcome::Stored { seq: 1, ts_ms: 1 });
+        assert_eq!(messages_to(&fan_out, second), 1, "{fan_out:#?}");
     }
 }
