@@ -399,10 +399,15 @@ fn bad_input_gets_error_codes_and_abuse_closes_with_1008() {
     tab.send_text("{oops");
     assert_eq!(tab.expect_close(), 1008);
 
-    // An agent cannot act on a conversation that is not theirs.
-    let (mut alice, _) = agent(&server, "alice-token-0123456789");
+    // An agent cannot act on a conversation that is not theirs (Bob's: he is the only
+    // agent online when the visitor's first message queues it).
+    let (mut bob, _) = agent(&server, "bob-token-0123456789ab");
     let (mut tab2, _) = visitor(&server, "acme", "someone-else", None);
     let (conversation, _) = say_in(&mut tab2, "s1", "hello?");
+    wait_for(&mut bob, "Bob's assignment", |v| {
+        v["type"] == "assigned" && v["conversation"] == conversation
+    });
+    let (mut alice, _) = agent(&server, "alice-token-0123456789");
     alice.send_json(
         &json!({"type": "message", "conversation": conversation, "id": "x", "text": "hi"}),
     );
