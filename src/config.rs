@@ -1299,11 +1299,16 @@ impl Builder {
             }
             let entries = site.table("a table with origins, identity_key or identity_key_file")?;
             self.origins.record(&site);
-            let config = self.config.visitors.sites.entry(name.to_owned()).or_insert(SiteConfig {
-                origins: Vec::new(),
-                identity_key_source: None,
-                identity_key: None,
-            });
+            let config = self
+                .config
+                .visitors
+                .sites
+                .entry(name.to_owned())
+                .or_insert(SiteConfig {
+                    origins: Vec::new(),
+                    identity_key_source: None,
+                    identity_key: None,
+                });
             for (key, item) in entries.iter() {
                 let field = site.child(entries, key, item);
                 match key {

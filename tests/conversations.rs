@@ -108,7 +108,10 @@ fn visitor(server: &Server, site: &str, id: &str, resume: Option<u64>) -> (Peer,
 fn say_in(client: &mut Peer, id: &str, text: &str) -> (u64, u64) {
     client.send_json(&json!({"type": "message", "id": id, "text": text}));
     let (ack, _) = wait_for(client, "ack", |v| v["type"] == "ack" && v["id"] == id);
-    (ack["conversation"].as_u64().unwrap(), ack["seq"].as_u64().unwrap())
+    (
+        ack["conversation"].as_u64().unwrap(),
+        ack["seq"].as_u64().unwrap(),
+    )
 }
 
 fn agent(server: &Server, token: &str) -> (Peer, Value) {
@@ -157,7 +160,10 @@ fn messages_cross_shards_both_ways_and_reach_every_tab() {
     let (id0, id1) = visitor_ids_on_each_shard("cross-");
     for id in [id0, id1] {
         let (mut tab1, hello) = visitor(&server, "acme", &id, None);
-        assert!(hello["conversation"].is_null(), "connecting creates nothing");
+        assert!(
+            hello["conversation"].is_null(),
+            "connecting creates nothing"
+        );
         let (mut tab2, hello2) = visitor(&server, "acme", &id, None);
         assert!(hello2["conversation"].is_null());
 
@@ -167,7 +173,10 @@ fn messages_cross_shards_both_ways_and_reach_every_tab() {
         let (hello2, _) = wait_for(&mut tab2, "hello with the conversation", |v| {
             v["type"] == "hello" && !v["conversation"].is_null()
         });
-        assert_eq!(hello2["conversation"], conversation, "tabs share the conversation");
+        assert_eq!(
+            hello2["conversation"], conversation,
+            "tabs share the conversation"
+        );
         let (on_tab2, _) = wait_for(&mut tab2, "message on the other tab", of_type("message"));
         assert_eq!(on_tab2["text"], "my card has not arrived");
         assert_eq!(on_tab2["from"], "visitor");

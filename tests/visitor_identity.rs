@@ -83,7 +83,10 @@ fn a_guessed_visitor_id_without_its_secret_sees_nothing_of_the_conversation() {
     let (mut a, hello) = connect(&server, "/ws/visitor?site=acme");
     let id = hello["visitor"].as_str().unwrap().to_owned();
     let secret = hello["secret"].as_str().unwrap().to_owned();
-    assert!(secret.len() >= 32 && secret.bytes().all(|b| b.is_ascii_hexdigit()), "{hello}");
+    assert!(
+        secret.len() >= 32 && secret.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{hello}"
+    );
     assert!(hello["conversation"].is_null(), "{hello}");
     assert_eq!(hello["seq"], 0);
     let ack = say(&mut a, "m1", "my account number is 12345678");
@@ -95,8 +98,13 @@ fn a_guessed_visitor_id_without_its_secret_sees_nothing_of_the_conversation() {
     // asking for the whole history: a new visitor, nothing replayed.
     for path in [
         format!("/ws/visitor?site=acme&visitor={id}&resume=0"),
-        format!("/ws/visitor?site=acme&visitor={id}&secret=00000000000000000000000000000000&resume=0"),
-        format!("/ws/visitor?site=acme&visitor={id}&secret={}&resume=0", &secret[..31]),
+        format!(
+            "/ws/visitor?site=acme&visitor={id}&secret=00000000000000000000000000000000&resume=0"
+        ),
+        format!(
+            "/ws/visitor?site=acme&visitor={id}&secret={}&resume=0",
+            &secret[..31]
+        ),
     ] {
         let (mut intruder, hello) = connect(&server, &path);
         assert_ne!(hello["visitor"], id.as_str(), "{path}: {hello}");
@@ -124,14 +132,19 @@ fn a_guessed_visitor_id_without_its_secret_sees_nothing_of_the_conversation() {
     assert_eq!(hello["visitor"], id.as_str());
     assert_eq!(hello["conversation"], conversation);
     assert_eq!(hello["seq"], 2);
-    assert!(hello.get("secret").is_none(), "the secret is issued once: {hello}");
+    assert!(
+        hello.get("secret").is_none(),
+        "the secret is issued once: {hello}"
+    );
     let first = read_until(&mut a, "replay", |v| v["type"] == "message");
     assert_eq!(first["text"], "my account number is 12345678");
     let second = read_until(&mut a, "replay", |v| v["type"] == "message");
     assert_eq!(second["seq"], 2);
     // A guess while A is connected is refused too (checked from memory).
-    let (mut intruder, hello) =
-        connect(&server, &format!("/ws/visitor?site=acme&visitor={id}&resume=0"));
+    let (mut intruder, hello) = connect(
+        &server,
+        &format!("/ws/visitor?site=acme&visitor={id}&resume=0"),
+    );
     assert_ne!(hello["visitor"], id.as_str());
     say(&mut a, "m3", "are you there?");
     let frames = drain(&mut intruder, Duration::from_millis(500));
@@ -193,13 +206,14 @@ fn origin_is_checked_against_the_sites_allow_list() {
         assert_eq!(status, 403, "{headers:?}");
         assert!(body.contains("Origin not allowed"), "{body}");
     }
-    for origin in ["https://shop.example", "http://localhost:8080", "HTTPS://SHOP.EXAMPLE"] {
-        let mut client = RawClient::connect_with_headers(
-            server.addr,
-            path,
-            &format!("Origin: {origin}\r\n"),
-        )
-        .unwrap_or_else(|err| panic!("{origin}: {err:?}"));
+    for origin in [
+        "https://shop.example",
+        "http://localhost:8080",
+        "HTTPS://SHOP.EXAMPLE",
+    ] {
+        let mut client =
+            RawClient::connect_with_headers(server.addr, path, &format!("Origin: {origin}\r\n"))
+                .unwrap_or_else(|err| panic!("{origin}: {err:?}"));
         assert_eq!(client.read_json()["type"], "hello");
     }
     // A site without a table is served by default (allow_unlisted_sites = true)...
@@ -207,7 +221,10 @@ fn origin_is_checked_against_the_sites_allow_list() {
     assert_eq!(client.read_json()["type"], "hello");
     drop(server);
     // ...and refused when the operator lists every site.
-    let server = Server::start(&format!("{}\n[visitors]\nallow_unlisted_sites = false\n", overlay()));
+    let server = Server::start(&format!(
+        "{}\n[visitors]\nallow_unlisted_sites = false\n",
+        overlay()
+    ));
     let (status, body) = RawClient::connect(server.addr, "/ws/visitor?site=unlisted")
         .err()
         .expect("refused");
@@ -219,7 +236,10 @@ fn origin_is_checked_against_the_sites_allow_list() {
 fn store_bytes(server: &Server) -> u64 {
     let mut total = 0;
     for shard in 0..2 {
-        let path = server.dir.path().join(format!("data/shard-{shard}/data.mdb"));
+        let path = server
+            .dir
+            .path()
+            .join(format!("data/shard-{shard}/data.mdb"));
         let alt = server.dir.path().join(format!("shard-{shard}/data.mdb"));
         total += std::fs::metadata(&path)
             .or_else(|_| std::fs::metadata(&alt))
@@ -260,7 +280,8 @@ fn a_thousand_connect_and_close_cycles_do_not_grow_the_store() {
 #[test]
 fn alternating_typing_is_throttled_and_invisible_text_is_refused() {
     let server = Server::start(&overlay());
-    let mut alice = RawClient::connect(server.addr, "/ws/agent?token=alice-token-0123456789").unwrap();
+    let mut alice =
+        RawClient::connect(server.addr, "/ws/agent?token=alice-token-0123456789").unwrap();
     read_until(&mut alice, "agent hello", |v| v["type"] == "hello");
     let (mut tab, _) = connect(&server, "/ws/visitor?site=acme");
     let ack = say(&mut tab, "m1", "hi");
@@ -291,17 +312,27 @@ fn alternating_typing_is_throttled_and_invisible_text_is_refused() {
             "{side} got {} typing frames in ~{seconds}s: {frames:?}",
             frames.len()
         );
-        assert_eq!(frames.last().unwrap()["on"], false, "{side} ends with the final state");
+        assert_eq!(
+            frames.last().unwrap()["on"],
+            false,
+            "{side} ends with the final state"
+        );
     }
 
     // Text made only of NUL, zero-width or bidi controls is refused...
-    for text in ["\u{0}\u{0}", "\u{200B}\u{200D}\u{FEFF}", "\u{202E}\u{2066}\u{2069}"] {
+    for text in [
+        "\u{0}\u{0}",
+        "\u{200B}\u{200D}\u{FEFF}",
+        "\u{202E}\u{2066}\u{2069}",
+    ] {
         tab.send_json(&json!({"type": "message", "id": "invisible", "text": text}));
         let error = read_until(&mut tab, "error", |v| v["type"] == "error");
         assert_eq!(error["code"], "invalid_field", "{text:?}");
     }
     // ...and visible text reaches the agent without its bidi overrides.
     say(&mut tab, "m2", "refund \u{202E}txt.exe\u{202C} please");
-    let message = read_until(&mut alice, "message", |v| v["type"] == "message" && v["seq"] == 2);
+    let message = read_until(&mut alice, "message", |v| {
+        v["type"] == "message" && v["seq"] == 2
+    });
     assert_eq!(message["text"], "refund txt.exe please");
 }

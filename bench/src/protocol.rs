@@ -181,7 +181,10 @@ mod tests {
         );
         assert_eq!(sb.agent_path(3).unwrap(), "/ws/agent?token=t2");
         let relay = endpoints(Protocol::Relay);
-        assert_eq!(relay.visitor_path(4, None, None), "/ws?room=r9-4&role=visitor");
+        assert_eq!(
+            relay.visitor_path(4, None, None),
+            "/ws?room=r9-4&role=visitor"
+        );
         assert_eq!(relay.agent_path(4).unwrap(), "/ws?room=r9-4&role=agent");
         let echo = endpoints(Protocol::Echo);
         assert_eq!(echo.visitor_path(0, None, None), "/ws/echo?delay_ms=20");

@@ -116,7 +116,11 @@ mod tests {
         assert!(identity_matches(key, "user-42", &good));
         assert!(identity_matches(key, "user-42", &good.to_uppercase()));
         assert!(!identity_matches(key, "user-43", &good));
-        assert!(!identity_matches(b"another key of at least 32 bytes!", "user-42", &good));
+        assert!(!identity_matches(
+            b"another key of at least 32 bytes!",
+            "user-42",
+            &good
+        ));
         assert!(!identity_matches(key, "user-42", &good[..62]));
         assert!(!identity_matches(key, "user-42", "zz"));
         assert!(!identity_matches(key, "user-42", ""));

@@ -828,9 +828,9 @@ impl Owner {
                 if closed {
                     return;
                 }
-                let Some(on) = live
-                    .visitor_typing
-                    .request(on, now_ms, self.config.typing_interval_ms)
+                let Some(on) =
+                    live.visitor_typing
+                        .request(on, now_ms, self.config.typing_interval_ms)
                 else {
                     return;
                 };
@@ -1854,7 +1854,10 @@ mod tests {
         assert_eq!(hello["seq"], 0);
         assert_eq!(hello["secret"], "secret-of-fresh-1");
         // Typing and read before a conversation exists store nothing either.
-        for frame in [VisitorFrame::Typing { on: true }, VisitorFrame::Read { seq: 3 }] {
+        for frame in [
+            VisitorFrame::Typing { on: true },
+            VisitorFrame::Read { seq: 3 },
+        ] {
             let actions = owner.handle(
                 OwnerEvent::Visitor {
                     key: key("v1"),
@@ -1925,7 +1928,9 @@ mod tests {
             assert!(
                 !actions.iter().any(|a| matches!(
                     a,
-                    OwnerAction::Load { .. } | OwnerAction::Replay { .. } | OwnerAction::Store { .. }
+                    OwnerAction::Load { .. }
+                        | OwnerAction::Replay { .. }
+                        | OwnerAction::Store { .. }
                 )),
                 "{actions:#?}"
             );
@@ -1983,7 +1988,9 @@ mod tests {
                 stored.clone(),
             );
             assert_eq!(hello_of(&actions, session(10))["visitor"], "fresh-10");
-            assert!(!actions.iter().any(|a| matches!(a, OwnerAction::Replay { .. })));
+            assert!(!actions
+                .iter()
+                .any(|a| matches!(a, OwnerAction::Replay { .. })));
         }
     }
 
@@ -2004,7 +2011,10 @@ mod tests {
             credentials(None, true, "fresh-1"),
             stored,
         );
-        assert_eq!(hello_of(&actions, session(1))["conversation"], conversation.0);
+        assert_eq!(
+            hello_of(&actions, session(1))["conversation"],
+            conversation.0
+        );
         // A visitor from before secrets existed: only a verified identity gets its conversation.
         let legacy = StoredVisitor {
             secret_hash: None,
@@ -2029,7 +2039,10 @@ mod tests {
             credentials(None, true, "fresh-3"),
             legacy,
         );
-        assert_eq!(hello_of(&verified, session(3))["conversation"], conversation.0);
+        assert_eq!(
+            hello_of(&verified, session(3))["conversation"],
+            conversation.0
+        );
     }
 
     /// Every typing frame forwarded to `to`, as `on` values.
@@ -2095,14 +2108,25 @@ mod tests {
                     agent: "alice".into(),
                     name: "Alice".into(),
                     session: agent_tab,
-                    frame: AgentFrame::Typing { conversation: conversation.0, on },
+                    frame: AgentFrame::Typing {
+                        conversation: conversation.0,
+                        on,
+                    },
                 },
                 now,
             );
             to_visitor.extend(typing_to(&actions, visitor_tab));
         }
-        assert_eq!(to_agent, vec![true], "one change per interval reaches the agent");
-        assert_eq!(to_visitor, vec![true], "one change per interval reaches the visitor");
+        assert_eq!(
+            to_agent,
+            vec![true],
+            "one change per interval reaches the agent"
+        );
+        assert_eq!(
+            to_visitor,
+            vec![true],
+            "one change per interval reaches the visitor"
+        );
         // The last frame was "off": delivered once the interval is over, and only once.
         let tick = owner.handle(OwnerEvent::Tick, 11_000);
         assert_eq!(typing_to(&tick, agent_tab), vec![false]);
@@ -2212,8 +2236,13 @@ mod tests {
         // The conversation is still in memory (a commit in flight): greeted from there, at
         // the seq fanned out so far, with nothing to replay.
         let hello = hello_of(&greeting, second);
-        assert_eq!((hello["visitor"].as_str(), hello["seq"].as_u64()), (Some("v1"), Some(0)));
-        assert!(!greeting.iter().any(|a| matches!(a, OwnerAction::Replay { .. })));
+        assert_eq!(
+            (hello["visitor"].as_str(), hello["seq"].as_u64()),
+            (Some("v1"), Some(0))
+        );
+        assert!(!greeting
+            .iter()
+            .any(|a| matches!(a, OwnerAction::Replay { .. })));
         // So the message reaches it exactly once, by fan-out.
         let fan_out = committed(&mut owner, append, OpOutcome::Stored { seq: 1, ts_ms: 1 });
         assert_eq!(messages_to(&fan_out, second), 1, "{fan_out:#?}");

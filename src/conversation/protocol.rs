@@ -375,7 +375,10 @@ mod tests {
             text(parse_visitor(&message("a\u{2066}b\u{2069}\nc\u{200D}d"), 100).unwrap()),
             "ab\nc\u{200D}d"
         );
-        assert_eq!(text(parse_visitor(&message("plain"), 100).unwrap()), "plain");
+        assert_eq!(
+            text(parse_visitor(&message("plain"), 100).unwrap()),
+            "plain"
+        );
     }
 
     #[test]

@@ -325,7 +325,8 @@ impl Session {
                     visitor: visitor.unwrap_or_else(generate_visitor_id).into(),
                 };
                 let owner = visitor_owner(&key.site, &key.visitor, router.shard_count());
-                let credentials = visitor_credentials(&key, owner, router.shard_count(), secret, verified);
+                let credentials =
+                    visitor_credentials(&key, owner, router.shard_count(), secret, verified);
                 router.send(
                     owner,
                     ShardMessage::Owner(OwnerEvent::VisitorAttach {

@@ -138,7 +138,9 @@ pub fn route(head: &RequestHead, config: &Config) -> Route {
             }
             if let Some(allowed) = site_config.map(|c| &c.origins).filter(|o| !o.is_empty()) {
                 let origin = head.header_str("origin");
-                if !origin.is_some_and(|origin| allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))) {
+                if !origin
+                    .is_some_and(|origin| allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)))
+                {
                     return Route::Reject(
                         403,
                         "Origin not allowed: this site accepts visitors only from the origins \

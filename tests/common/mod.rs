@@ -444,14 +444,20 @@ fn parse_frame(buf: &[u8]) -> Option<(Frame, usize)> {
 
 /// Visitor secrets the server issued, by storage directory, site and visitor id.
 /// Reconnecting to a visitor id needs its secret (docs/protocol.md, "Visitor identity").
-static VISITOR_SECRETS: Mutex<Vec<((std::path::PathBuf, String, String), String)>> =
-    Mutex::new(Vec::new());
+/// (storage directory, site, visitor id).
+type VisitorSlot = (std::path::PathBuf, String, String);
+
+static VISITOR_SECRETS: Mutex<Vec<(VisitorSlot, String)>> = Mutex::new(Vec::new());
 
 /// `/ws/visitor?site=S&visitor=V[&secret=X][&resume=N]`, with the secret the server
 /// issued to `visitor` if a hello carried one (see [`remember_visitor`]).
 pub fn visitor_path(server: &Server, site: &str, visitor: &str, resume: Option<u64>) -> String {
     let mut path = format!("/ws/visitor?site={site}&visitor={visitor}");
-    let key = (server.dir.path().to_owned(), site.to_owned(), visitor.to_owned());
+    let key = (
+        server.dir.path().to_owned(),
+        site.to_owned(),
+        visitor.to_owned(),
+    );
     if let Some((_, secret)) = VISITOR_SECRETS
         .lock()
         .unwrap()
@@ -476,7 +482,11 @@ pub fn remember_visitor(server: &Server, hello: &serde_json::Value) {
     ) else {
         return;
     };
-    let key = (server.dir.path().to_owned(), site.to_owned(), visitor.to_owned());
+    let key = (
+        server.dir.path().to_owned(),
+        site.to_owned(),
+        visitor.to_owned(),
+    );
     let mut secrets = VISITOR_SECRETS.lock().unwrap();
     secrets.retain(|(k, _)| *k != key);
     secrets.push((key, secret.to_owned()));

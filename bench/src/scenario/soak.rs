@@ -418,7 +418,9 @@ async fn visitor_life(
             None
         };
         let secret = book.borrow().secret.clone();
-        let path = ctx.endpoints.visitor_path(plan.v, resume, secret.as_deref());
+        let path = ctx
+            .endpoints
+            .visitor_path(plan.v, resume, secret.as_deref());
         let source = sources.borrow_mut().next();
         let (mut reader, writer, hello) =
             match open_session(ctx, source, &path, seed(plan.shard, plan.v, attempt)).await {
