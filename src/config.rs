@@ -261,6 +261,9 @@ pub struct VisitorsConfig {
     /// Whether a site without a `[visitors.sites.<name>]` table is served (with
     /// no Origin check and no verified identities).
     pub allow_unlisted_sites: bool,
+    /// A conversation in which no message was ever stored (opened by a `handoff`),
+    /// that no agent holds and no visitor is connected to, is deleted after this idle time.
+    pub empty_conversation_ttl: Duration,
     /// Keyed by site name.
     pub sites: BTreeMap<String, SiteConfig>,
 }
@@ -689,6 +692,9 @@ impl VisitorsConfig {
     fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
         match key {
             "allow_unlisted_sites" => self.allow_unlisted_sites = f.boolean()?,
+            "empty_conversation_ttl" => {
+                self.empty_conversation_ttl = f.duration_in(secs(1), hours(24 * 30))?
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -873,6 +879,7 @@ impl Config {
 
         w.section("visitors");
         w.display("allow_unlisted_sites", visitors.allow_unlisted_sites);
+        w.duration("empty_conversation_ttl", visitors.empty_conversation_ttl);
         w.section("visitors.sites");
         for (name, site) in &visitors.sites {
             w.section(&format!("visitors.sites.{}", toml_key(name)));
@@ -964,6 +971,7 @@ impl Config {
             },
             visitors: VisitorsConfig {
                 allow_unlisted_sites: false,
+                empty_conversation_ttl: Duration::ZERO,
                 sites: BTreeMap::new(),
             },
             origins: Origins::default(),

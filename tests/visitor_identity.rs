@@ -336,3 +336,57 @@ fn alternating_typing_is_throttled_and_invisible_text_is_refused() {
     });
     assert_eq!(message["text"], "refund txt.exe please");
 }
+
+#[test]
+fn an_empty_conversation_left_behind_is_expired() {
+    let server = Server::start(&format!(
+        "{}\n[visitors]\nempty_conversation_ttl = \"1s\"\n",
+        overlay()
+    ));
+    // A handoff without a word opens (and queues) a conversation; the visitor leaves.
+    let (mut tab, hello) = connect(&server, "/ws/visitor?site=acme");
+    let id = hello["visitor"].as_str().unwrap().to_owned();
+    let secret = hello["secret"].as_str().unwrap().to_owned();
+    tab.send_json(&json!({"type": "handoff"}));
+    let hello = read_until(&mut tab, "hello with the conversation", |v| {
+        v["type"] == "hello" && !v["conversation"].is_null()
+    });
+    let conversation = hello["conversation"].as_u64().unwrap();
+    // One who stays connected keeps theirs.
+    let (mut stayer, _) = connect(&server, "/ws/visitor?site=acme");
+    stayer.send_json(&json!({"type": "handoff"}));
+    let kept = read_until(&mut stayer, "hello with the conversation", |v| {
+        v["type"] == "hello" && !v["conversation"].is_null()
+    })["conversation"]
+        .clone();
+    drop(tab);
+    std::thread::sleep(Duration::from_millis(3500));
+    let (_tab, hello) = connect(
+        &server,
+        &format!("/ws/visitor?site=acme&visitor={id}&secret={secret}&resume=0"),
+    );
+    assert_eq!(hello["visitor"], id.as_str(), "the visitor keeps its id");
+    assert!(
+        hello["conversation"].is_null(),
+        "conversation {conversation} was expired: {hello}"
+    );
+    // The agent who comes online finds only the conversation of the one who stayed.
+    let mut alice =
+        RawClient::connect(server.addr, "/ws/agent?token=alice-token-0123456789").unwrap();
+    let hello = read_until(&mut alice, "agent hello", |v| v["type"] == "hello");
+    let held: Vec<Value> = hello["conversations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(hello["queue"].as_array().unwrap())
+        .cloned()
+        .collect();
+    assert!(!held.contains(&json!(conversation)), "{hello}");
+    assert!(
+        held.contains(&kept)
+            || drain(&mut alice, Duration::from_millis(500))
+                .iter()
+                .any(|v| v["conversation"] == kept),
+        "{hello}"
+    );
+}

@@ -172,6 +172,12 @@ pub enum OwnerEvent {
     },
     /// About once a second: expire typing indicators.
     Tick,
+    /// Storage lists this conversation as empty (no message ever stored, no
+    /// agent) and idle past `[visitors] empty_conversation_ttl`: delete it
+    /// unless someone is connected to it or it changed meanwhile.
+    ExpireEmpty {
+        conversation: ConversationId,
+    },
 }
 
 /// What the bot decided about a visitor message.
@@ -263,6 +269,9 @@ pub enum Completion {
     },
     SecretStored {
         key: VisitorKey,
+    },
+    Expired {
+        conversation: ConversationId,
     },
 }
 
@@ -488,6 +497,7 @@ impl Owner {
                 self.flush_typing(now_ms, &mut out);
                 self.evict_idle();
             }
+            OwnerEvent::ExpireEmpty { conversation } => self.expire_empty(conversation, &mut out),
         }
         for action in &out {
             if let OwnerAction::Store { op, .. } = action {
@@ -867,6 +877,34 @@ impl Owner {
         }
     }
 
+    /// Deletes an empty, abandoned conversation (see [`OwnerEvent::ExpireEmpty`]).
+    fn expire_empty(&mut self, conversation: ConversationId, out: &mut Vec<OwnerAction>) {
+        let Some(live) = self.live.get(&conversation) else {
+            out.push(OwnerAction::Load {
+                conversation,
+                event: Box::new(OwnerEvent::ExpireEmpty { conversation }),
+            });
+            return;
+        };
+        let someone_connected = !live.agent_sessions.is_empty()
+            || self.visitors.get(&live.key).is_some_and(|entry| {
+                entry.conversation == Some(conversation) && !entry.sessions.is_empty()
+            });
+        let abandoned = live.meta.last_seq == 0
+            && live.in_flight == 0
+            && matches!(
+                live.meta.state,
+                ConversationState::Bot | ConversationState::Queued
+            );
+        if someone_connected || !abandoned {
+            return;
+        }
+        out.push(OwnerAction::Store {
+            op: Op::DeleteEmpty { conversation },
+            completion: Completion::Expired { conversation },
+        });
+    }
+
     /// Moves a conversation to the queue (once).
     fn enqueue(&mut self, conversation: ConversationId, out: &mut Vec<OwnerAction>) {
         let Some(live) = self.live.get_mut(&conversation) else {
@@ -1143,6 +1181,21 @@ impl Owner {
         }
         match completion {
             Completion::Opened { key } => self.opened(key, outcome, out),
+            Completion::Expired { conversation } => {
+                if !matches!(outcome, Ok(OpOutcome::Updated)) {
+                    return;
+                }
+                if let Some(live) = self.live.remove(&conversation) {
+                    if let Some(entry) = self.visitors.get_mut(&live.key) {
+                        if entry.conversation == Some(conversation) && !entry.opening {
+                            entry.conversation = None;
+                        }
+                    }
+                }
+                out.push(OwnerAction::Dispatch(DispatchEvent::Closed {
+                    conversation: super::dispatch::ConversationId(conversation.0),
+                }));
+            }
             Completion::SecretStored { key } => {
                 if !matches!(outcome, Ok(OpOutcome::Updated)) {
                     // Tried again with the next conversation the visitor opens.
@@ -1690,6 +1743,7 @@ fn op_conversation(op: &Op) -> Option<ConversationId> {
         Op::Open { .. } | Op::SetVisitorSecret { .. } => None,
         Op::Append(message) => Some(message.conversation),
         Op::SetState { conversation, .. }
+        | Op::DeleteEmpty { conversation }
         | Op::MarkRead { conversation, .. }
         | Op::SetFailedBotTurns { conversation, .. } => Some(*conversation),
     }
@@ -2043,6 +2097,57 @@ mod tests {
             hello_of(&verified, session(3))["conversation"],
             conversation.0
         );
+    }
+
+    #[test]
+    fn an_abandoned_empty_conversation_is_deleted_unless_someone_is_connected() {
+        let conversation = ConversationId::from_parts(0, 8);
+        let mut owner = owner();
+        let mut queued = meta(conversation, "asker", 0);
+        queued.state = ConversationState::Queued;
+        owner.insert_loaded(queued.clone());
+        // The visitor is connected: kept.
+        let tab = session(1);
+        attach(
+            &mut owner,
+            "asker",
+            tab,
+            None,
+            credentials(None, true, "fresh-1"),
+            StoredVisitor {
+                secret_hash: Some([1; 32]),
+                conversation: Some(conversation),
+            },
+        );
+        let kept = owner.handle(OwnerEvent::ExpireEmpty { conversation }, 0);
+        assert!(stores(&kept).is_empty(), "{kept:#?}");
+        // Gone: deleted, and the dispatcher drops it from the queue.
+        owner.handle(
+            OwnerEvent::VisitorDetach {
+                key: key("asker"),
+                session: tab,
+            },
+            0,
+        );
+        owner.insert_loaded(queued);
+        let expire = stores(&owner.handle(OwnerEvent::ExpireEmpty { conversation }, 0));
+        assert!(
+            matches!(&expire[..], [(Op::DeleteEmpty { .. }, _)]),
+            "{expire:#?}"
+        );
+        let done = committed(
+            &mut owner,
+            expire.into_iter().next().unwrap(),
+            OpOutcome::Updated,
+        );
+        assert!(done
+            .iter()
+            .any(|a| matches!(a, OwnerAction::Dispatch(DispatchEvent::Closed { .. }))));
+        assert!(!owner.is_live(conversation));
+        // A conversation with a message is never deleted.
+        let mut owner = self::owner();
+        owner.insert_loaded(meta(conversation, "talker", 1));
+        assert!(stores(&owner.handle(OwnerEvent::ExpireEmpty { conversation }, 0)).is_empty());
     }
 
     /// Every typing frame forwarded to `to`, as `on` values.

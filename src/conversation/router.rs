@@ -256,9 +256,16 @@ impl Router {
         }
         let ticker = self.clone();
         glommio::spawn_local(async move {
+            let ttl = ticker.config.visitors.empty_conversation_ttl;
+            let sweep_every = (ttl.as_secs() / 2).clamp(1, 60);
+            let mut seconds = 0u64;
             loop {
                 glommio::timer::sleep(Duration::from_secs(1)).await;
                 ticker.on_owner(OwnerEvent::Tick);
+                seconds += 1;
+                if seconds.is_multiple_of(sweep_every) {
+                    ticker.expire_empty_conversations(ttl);
+                }
                 if let Some(bot) = &ticker.bot {
                     let now = now_ms();
                     bot.guards.borrow_mut().prune(now);
@@ -277,6 +284,43 @@ impl Router {
         })
         .detach();
         self.restore();
+    }
+
+    /// Finds the open conversations in which no message was ever stored, that no agent
+    /// holds and that were idle for `ttl`, and lets the owner delete them (it skips
+    /// those someone is connected to).
+    fn expire_empty_conversations(&self, ttl: Duration) {
+        let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
+        let open = match self
+            .reader
+            .read()
+            .and_then(|view| view.open_conversations())
+        {
+            Ok(open) => open,
+            Err(err) => {
+                tracing::error!(shard = self.shard, error = %err, "cannot list open conversations");
+                return;
+            }
+        };
+        let empty: Vec<ConversationId> = open
+            .into_iter()
+            .filter(|c| {
+                c.last_seq == 0
+                    && c.updated_ms <= cutoff
+                    && !matches!(c.state, crate::store::ConversationState::Assigned { .. })
+            })
+            .map(|c| c.id)
+            .collect();
+        if !empty.is_empty() {
+            tracing::info!(
+                shard = self.shard,
+                count = empty.len(),
+                "expiring idle empty conversations"
+            );
+        }
+        for conversation in empty {
+            self.on_owner(OwnerEvent::ExpireEmpty { conversation });
+        }
     }
 
     fn restore(&self) {

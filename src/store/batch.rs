@@ -49,6 +49,10 @@ pub enum Op {
         side: ReadSide,
         seq: u64,
     },
+    /// Deletes a conversation in which no message was ever stored (`last_seq == 0`) and
+    /// that no agent holds: its record, its open entry and the visitor's pointer to it.
+    /// `Updated` when deleted; `Rejected(NotEmpty)` when it has messages or an agent.
+    DeleteEmpty { conversation: ConversationId },
     /// Records the SHA-256 of a visitor's secret, unless one is stored already (the
     /// first stored secret of a visitor id stays). Outcome `Updated`.
     SetVisitorSecret {

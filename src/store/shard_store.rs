@@ -366,6 +366,7 @@ impl ShardStore {
                     visitor,
                     secret_hash,
                 } => writer.set_visitor_secret(site, visitor, secret_hash)?,
+                Op::DeleteEmpty { conversation } => writer.delete_empty(*conversation)?,
             };
             outcomes.push(outcome);
         }
@@ -666,6 +667,39 @@ impl BatchWriter<'_> {
         if staged.conversation.failed_bot_turns != count {
             staged.conversation.failed_bot_turns = count;
             staged.dirty = true;
+        }
+        Ok(OpOutcome::Updated)
+    }
+
+    fn delete_empty(&mut self, id: ConversationId) -> Result<OpOutcome, StoreError> {
+        let slot = match self.writable(id)? {
+            Ok(slot) => slot,
+            Err(reason) => return Ok(OpOutcome::Rejected(reason)),
+        };
+        let staged = &mut self.staged.entries[slot];
+        let conversation = &staged.conversation;
+        if conversation.last_seq != 0
+            || matches!(conversation.state, ConversationState::Assigned { .. })
+        {
+            return Ok(OpOutcome::Rejected(Rejection::NotEmpty(id)));
+        }
+        let (site, visitor) = (conversation.site.clone(), conversation.visitor.clone());
+        // Later ops of this batch see it as closed; commit does not write it back.
+        staged.conversation.state = ConversationState::Closed;
+        staged.dirty = false;
+        let key = keys::conversation_key(id);
+        self.tables.conversations.delete(&mut self.txn, &key)?;
+        self.tables.open.delete(&mut self.txn, &key)?;
+        let visitor_key = keys::visitor_key(&site, &visitor);
+        let points_here = self
+            .tables
+            .visitors
+            .get(&self.txn, visitor_key.as_bytes())?
+            .is_some_and(|bytes| bytes == key);
+        if points_here {
+            self.tables
+                .visitors
+                .delete(&mut self.txn, visitor_key.as_bytes())?;
         }
         Ok(OpOutcome::Updated)
     }
