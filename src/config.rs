@@ -2564,6 +2564,50 @@ mod tests {
     }
 
     #[test]
+    fn visitor_sites_load_keys_validate_and_never_print_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("acme.key");
+        std::fs::write(&key_file, "k".repeat(40) + "\n").unwrap();
+        let c = load_str(
+            "t.toml",
+            &format!(
+                "[visitors]\nallow_unlisted_sites = false\n\n[visitors.sites.acme]\norigins = [\"https://shop.example\"]\nidentity_key_file = {key_file:?}\n\n[visitors.sites.\"b.example\"]\n"
+            ),
+        )
+        .unwrap();
+        assert!(!c.visitors.allow_unlisted_sites);
+        let acme = c.visitors.site("acme").unwrap();
+        assert_eq!(
+            acme.identity_key.as_deref(),
+            Some("k".repeat(40).as_bytes())
+        );
+        assert_eq!(acme.origins, vec!["https://shop.example".to_string()]);
+        assert!(c.visitors.site("b.example").unwrap().identity_key.is_none());
+        assert!(!format!("{acme:?}").contains("kkkk"), "{acme:?}");
+        assert_eq!(load_str("p", &c.to_toml()).unwrap(), c);
+        // No default key, no short key, no unreadable file, no bad origin.
+        assert!(Config::default().visitors.sites.is_empty());
+        let e = err("[visitors.sites.acme]\nidentity_key = \"short\"\n");
+        assert_invalid(
+            &e,
+            2,
+            "visitors.sites.acme.identity_key",
+            "at least 32 bytes",
+        );
+        let e = err("[visitors.sites.acme]\nidentity_key_file = \"/nonexistent/key\"\n");
+        assert_invalid(
+            &e,
+            2,
+            "visitors.sites.acme.identity_key_file",
+            "cannot read",
+        );
+        let e = err("[visitors.sites.acme]\norigins = [\"shop.example/path\"]\n");
+        assert_invalid(&e, 2, "visitors.sites.acme.origins", "scheme://host");
+        let e = err("[visitors.sites.acme]\ncolour = 1\n");
+        assert_invalid(&e, 2, "visitors.sites.acme.colour", "valid keys are");
+    }
+
+    #[test]
     fn agent_accounts_merge_default_and_validate() {
         let c = load_str(
             "agents.toml",

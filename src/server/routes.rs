@@ -200,3 +200,110 @@ fn valid_id(id: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conversation::identity::identity_hash;
+    use crate::http::{parse_request, HttpLimits};
+
+    const KEY: &str = "acme-identity-key-0123456789abcdef";
+
+    fn config(extra: &str) -> Config {
+        crate::config::load_str(
+            "test.toml",
+            &format!(
+                "[visitors.sites.acme]\nidentity_key = \"{KEY}\"\norigins = [\"https://shop.example\"]\n{extra}"
+            ),
+        )
+        .unwrap()
+    }
+
+    fn visitor_route(target: &str, origin: Option<&str>, config: &Config) -> Route {
+        let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+        let request = format!("GET {target} HTTP/1.1\r\nHost: x\r\n{origin}\r\n");
+        let limits = HttpLimits {
+            max_header_bytes: 8192,
+            max_headers: 32,
+        };
+        let (head, _) = parse_request(request.as_bytes(), &limits).unwrap().unwrap();
+        route(&head, config)
+    }
+
+    #[test]
+    fn visitor_origin_secret_and_identity_rules() {
+        let c = config("");
+        let shop = Some("https://shop.example");
+        // Origin allow-list of a listed site.
+        assert!(matches!(
+            visitor_route("/ws/visitor?site=acme", None, &c),
+            Route::Reject(403, _)
+        ));
+        assert!(matches!(
+            visitor_route("/ws/visitor?site=acme", Some("https://evil.example"), &c),
+            Route::Reject(403, _)
+        ));
+        assert!(matches!(
+            visitor_route("/ws/visitor?site=acme", shop, &c),
+            Route::Upgrade(Endpoint::Visitor {
+                verified: false,
+                ..
+            })
+        ));
+        // An unlisted site: served by default, refused when not allowed.
+        assert!(matches!(
+            visitor_route("/ws/visitor?site=other", None, &c),
+            Route::Upgrade(_)
+        ));
+        let strict = config("[visitors]\nallow_unlisted_sites = false\n");
+        assert!(matches!(
+            visitor_route("/ws/visitor?site=other", None, &strict),
+            Route::Reject(403, _)
+        ));
+        // The secret is passed on as given; a malformed one is refused.
+        match visitor_route("/ws/visitor?site=acme&visitor=v1&secret=abc123", shop, &c) {
+            Route::Upgrade(Endpoint::Visitor { secret, .. }) => {
+                assert_eq!(secret.as_deref(), Some("abc123"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            visitor_route("/ws/visitor?site=acme&visitor=v1&secret=", shop, &c),
+            Route::Reject(400, _)
+        ));
+        // identity_hash: verified when it matches; refused when it does not.
+        let good = identity_hash(KEY.as_bytes(), "user-1");
+        assert!(matches!(
+            visitor_route(
+                &format!("/ws/visitor?site=acme&visitor=user-1&identity_hash={good}"),
+                shop,
+                &c
+            ),
+            Route::Upgrade(Endpoint::Visitor { verified: true, .. })
+        ));
+        assert!(matches!(
+            visitor_route(
+                &format!("/ws/visitor?site=acme&visitor=user-2&identity_hash={good}"),
+                shop,
+                &c
+            ),
+            Route::Reject(403, _)
+        ));
+        assert!(matches!(
+            visitor_route(
+                &format!("/ws/visitor?site=other&visitor=user-1&identity_hash={good}"),
+                None,
+                &c
+            ),
+            Route::Reject(403, _)
+        ));
+        assert!(matches!(
+            visitor_route(
+                &format!("/ws/visitor?site=acme&identity_hash={good}"),
+                shop,
+                &c
+            ),
+            Route::Reject(400, _)
+        ));
+    }
+}
