@@ -102,9 +102,10 @@ pub enum OwnerEvent {
         key: VisitorKey,
         resume: Option<u64>,
         session: SessionRef,
-        credentials: Credentials,
+        /// Boxed: it is large, and this enum travels through the mesh channels.
+        credentials: Box<Credentials>,
         /// `None` until the driver has looked the id up ([`OwnerAction::LoadVisitor`]).
-        stored: Option<StoredVisitor>,
+        stored: Option<Box<StoredVisitor>>,
     },
     VisitorDetach {
         key: VisitorKey,
@@ -527,8 +528,8 @@ impl Owner {
         key: VisitorKey,
         resume: Option<u64>,
         session: SessionRef,
-        credentials: Credentials,
-        stored: Option<StoredVisitor>,
+        credentials: Box<Credentials>,
+        stored: Option<Box<StoredVisitor>>,
         out: &mut Vec<OwnerAction>,
     ) {
         let presented_ok = |hash: Option<[u8; 32]>| {
@@ -557,7 +558,11 @@ impl Owner {
                 });
                 return;
             };
-            match (stored.secret_hash, stored.conversation) {
+            let StoredVisitor {
+                secret_hash: stored_hash,
+                conversation: stored_conversation,
+            } = *stored;
+            match (stored_hash, stored_conversation) {
                 // Nothing is stored under this id: it becomes this visitor's, with a new secret.
                 (None, None) => {
                     self.visitors.insert(
@@ -1840,7 +1845,7 @@ mod tests {
                 key: key(visitor),
                 resume,
                 session,
-                credentials,
+                credentials: Box::new(credentials),
                 stored: None,
             },
             0,
@@ -1853,7 +1858,7 @@ mod tests {
                 };
                 let mut event = *event;
                 if let OwnerEvent::VisitorAttach { stored: slot, .. } = &mut event {
-                    *slot = Some(stored);
+                    *slot = Some(Box::new(stored));
                 }
                 owner.handle(event, 0)
             }

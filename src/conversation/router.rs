@@ -561,7 +561,7 @@ impl Router {
                     let mut event = *event;
                     match (stored, &mut event) {
                         (Ok(found), OwnerEvent::VisitorAttach { stored, .. }) => {
-                            *stored = Some(found);
+                            *stored = Some(Box::new(found));
                             let more = self.owner.borrow_mut().handle(event, now_ms());
                             queue.extend(more);
                         }

@@ -333,7 +333,7 @@ impl Session {
                         key: key.clone(),
                         resume,
                         session: me,
-                        credentials,
+                        credentials: Box::new(credentials),
                         stored: None,
                     }),
                 );
