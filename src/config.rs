@@ -124,6 +124,7 @@ pub struct Config {
     pub bot: BotConfig,
     pub risk_control: RiskControlConfig,
     pub audit: AuditConfig,
+    pub visitors: VisitorsConfig,
     /// Where each key was last set; used to point errors found after loading at the right line.
     origins: Origins,
 }
@@ -286,6 +287,51 @@ impl AuthConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ApiConfig {
     pub max_body_bytes: usize,
+}
+
+/// `[visitors]`: who may open `/ws/visitor` for which site, and how a host site
+/// vouches for its users.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VisitorsConfig {
+    /// Whether a site without a `[visitors.sites.<name>]` table is served (with
+    /// no Origin check and no verified identities).
+    pub allow_unlisted_sites: bool,
+    /// A conversation in which no message was ever stored (opened by a `handoff`),
+    /// that no agent holds and no visitor is connected to, is deleted after this idle time.
+    pub empty_conversation_ttl: Duration,
+    /// Keyed by site name.
+    pub sites: BTreeMap<String, SiteConfig>,
+}
+
+/// `[visitors.sites.<name>]`. `Debug` does not print the identity key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SiteConfig {
+    /// Allowed `Origin` values (`scheme://host[:port]`); empty = any origin.
+    pub origins: Vec<String>,
+    /// Where the identity key came from, as written.
+    pub identity_key_source: Option<IdentityKeySource>,
+    /// The HMAC-SHA256 key of `identity_hash` (the file's bytes, trailing line
+    /// break removed); `None` = no verified identities for this site.
+    pub identity_key: Option<Vec<u8>>,
+}
+
+/// `identity_key` or `identity_key_file` of a site.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentityKeySource {
+    Inline(String),
+    File(PathBuf),
+}
+
+impl fmt::Debug for SiteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SiteConfig")
+            .field("origins", &self.origins)
+            .field(
+                "identity_key",
+                &self.identity_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// `[inference]`
@@ -729,6 +775,25 @@ impl ApiConfig {
     }
 }
 
+impl VisitorsConfig {
+    /// `sites` is read by `Builder::apply_sites`.
+    fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
+        match key {
+            "allow_unlisted_sites" => self.allow_unlisted_sites = f.boolean()?,
+            "empty_conversation_ttl" => {
+                self.empty_conversation_ttl = f.duration_in(secs(1), hours(24 * 30))?
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The table of `site`, if it has one.
+    pub fn site(&self, site: &str) -> Option<&SiteConfig> {
+        self.sites.get(site)
+    }
+}
+
 impl InferenceConfig {
     fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
         match key {
@@ -816,6 +881,7 @@ impl Config {
             bot,
             risk_control: risk,
             audit,
+            visitors,
             origins: _,
         } = self;
 
@@ -938,6 +1004,19 @@ impl Config {
 
         w.section("audit");
         w.path("file", audit.file.as_deref().unwrap_or(Path::new("")));
+        w.section("visitors");
+        w.display("allow_unlisted_sites", visitors.allow_unlisted_sites);
+        w.duration("empty_conversation_ttl", visitors.empty_conversation_ttl);
+        w.section("visitors.sites");
+        for (name, site) in &visitors.sites {
+            w.section(&format!("visitors.sites.{}", toml_key(name)));
+            w.strings("origins", site.origins.iter().map(String::as_str));
+            match &site.identity_key_source {
+                Some(IdentityKeySource::Inline(key)) => w.string("identity_key", key),
+                Some(IdentityKeySource::File(path)) => w.path("identity_key_file", path),
+                None => {}
+            }
+        }
     }
 
     /// Placeholder values the embedded default overwrites entirely (it must set every key).
@@ -1030,6 +1109,11 @@ impl Config {
                 flood_window: Duration::ZERO,
             },
             audit: AuditConfig { file: None },
+            visitors: VisitorsConfig {
+                allow_unlisted_sites: false,
+                empty_conversation_ttl: Duration::ZERO,
+                sites: BTreeMap::new(),
+            },
             origins: Origins::default(),
         }
     }
@@ -1325,6 +1409,8 @@ impl Builder {
             "bot" => c.bot.set(key, f),
             "risk_control" => c.risk_control.set(key, f),
             "audit" => c.audit.set(key, f),
+            "visitors" if key == "sites" => self.apply_sites(f).map(|()| true),
+            "visitors" => c.visitors.set(key, f),
             _ => Ok(false),
         }
     }
@@ -1346,6 +1432,76 @@ impl Builder {
                     _ => return Err(field.error(
                         "unknown key in an agent account; valid keys are: token, name, max_open",
                     )),
+                }
+                self.origins.record(&field);
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_sites(&mut self, sites: &Field<'_>) -> Result<(), ConfigError> {
+        let table = sites.table("a table of sites")?;
+        for (name, item) in table.iter() {
+            let site = sites.child(table, name, item);
+            if !valid_site_name(name) {
+                return Err(site.error(format_args!(
+                    "invalid site name \"{name}\": use 1 to 128 characters of A-Z a-z 0-9 . _ -"
+                )));
+            }
+            let entries = site.table("a table with origins, identity_key or identity_key_file")?;
+            self.origins.record(&site);
+            let config = self
+                .config
+                .visitors
+                .sites
+                .entry(name.to_owned())
+                .or_insert(SiteConfig {
+                    origins: Vec::new(),
+                    identity_key_source: None,
+                    identity_key: None,
+                });
+            for (key, item) in entries.iter() {
+                let field = site.child(entries, key, item);
+                match key {
+                    "origins" => {
+                        let origins = field.strings(1, 512)?;
+                        for origin in &origins {
+                            check_origin(origin).map_err(|reason| field.error(reason))?;
+                        }
+                        config.origins = origins;
+                    }
+                    "identity_key" => {
+                        let key = field.string()?;
+                        if key.len() < 32 {
+                            return Err(field.error(format_args!(
+                                "must be at least 32 bytes of random text, got {}",
+                                key.len()
+                            )));
+                        }
+                        config.identity_key = Some(key.as_bytes().to_vec());
+                        config.identity_key_source = Some(IdentityKeySource::Inline(key.to_owned()));
+                    }
+                    "identity_key_file" => {
+                        let path = field.path()?;
+                        let bytes = std::fs::read(&path).map_err(|err| {
+                            field.error(format_args!("cannot read {}: {err}", path.display()))
+                        })?;
+                        let key = trim_line_break(&bytes);
+                        if key.len() < 32 {
+                            return Err(field.error(format_args!(
+                                "{} holds {} bytes; an identity key needs at least 32",
+                                path.display(),
+                                key.len()
+                            )));
+                        }
+                        config.identity_key = Some(key.to_vec());
+                        config.identity_key_source = Some(IdentityKeySource::File(path));
+                    }
+                    _ => {
+                        return Err(field.error(
+                            "unknown key in a site; valid keys are: origins, identity_key, identity_key_file",
+                        ))
+                    }
                 }
                 self.origins.record(&field);
             }
@@ -1839,6 +1995,52 @@ impl<'a> Field<'a> {
     }
 }
 
+/// A site name as `/ws/visitor?site=` accepts it.
+fn valid_site_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// An `Origin` header value: `http(s)://host[:port]`, no path.
+fn check_origin(origin: &str) -> Result<(), String> {
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    match rest {
+        Some(host)
+            if !host.is_empty()
+                && host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']')) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "invalid origin \"{origin}\": write scheme://host[:port] as a browser sends it, e.g. \"https://shop.example\""
+        )),
+    }
+}
+
+fn trim_line_break(bytes: &[u8]) -> &[u8] {
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+    bytes.strip_suffix(b"\r").unwrap_or(bytes)
+}
+
+/// A TOML key, quoted when it holds a dot.
+fn toml_key(name: &str) -> String {
+    if name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+    {
+        name.to_owned()
+    } else {
+        Value::from(name).to_string()
+    }
+}
+
 fn check_account_id(id: &str) -> Result<(), String> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
     if id.is_empty() || id.len() > 64 || !id.chars().all(ok_char) {
@@ -2057,7 +2259,7 @@ mod tests {
         // Every leaf key except sections is documented.
         let leaves = known_keys()
             .iter()
-            .filter(|k| k.contains('.') && *k != "agents.accounts")
+            .filter(|k| k.contains('.') && *k != "agents.accounts" && *k != "visitors.sites")
             .count();
         assert_eq!(checked, leaves);
     }
@@ -2536,6 +2738,50 @@ mod tests {
     }
 
     #[test]
+    fn visitor_sites_load_keys_validate_and_never_print_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("acme.key");
+        std::fs::write(&key_file, "k".repeat(40) + "\n").unwrap();
+        let c = load_str(
+            "t.toml",
+            &format!(
+                "[visitors]\nallow_unlisted_sites = false\n\n[visitors.sites.acme]\norigins = [\"https://shop.example\"]\nidentity_key_file = {key_file:?}\n\n[visitors.sites.\"b.example\"]\n"
+            ),
+        )
+        .unwrap();
+        assert!(!c.visitors.allow_unlisted_sites);
+        let acme = c.visitors.site("acme").unwrap();
+        assert_eq!(
+            acme.identity_key.as_deref(),
+            Some("k".repeat(40).as_bytes())
+        );
+        assert_eq!(acme.origins, vec!["https://shop.example".to_string()]);
+        assert!(c.visitors.site("b.example").unwrap().identity_key.is_none());
+        assert!(!format!("{acme:?}").contains("kkkk"), "{acme:?}");
+        assert_eq!(load_str("p", &c.to_toml()).unwrap(), c);
+        // No default key, no short key, no unreadable file, no bad origin.
+        assert!(Config::default().visitors.sites.is_empty());
+        let e = err("[visitors.sites.acme]\nidentity_key = \"short\"\n");
+        assert_invalid(
+            &e,
+            2,
+            "visitors.sites.acme.identity_key",
+            "at least 32 bytes",
+        );
+        let e = err("[visitors.sites.acme]\nidentity_key_file = \"/nonexistent/key\"\n");
+        assert_invalid(
+            &e,
+            2,
+            "visitors.sites.acme.identity_key_file",
+            "cannot read",
+        );
+        let e = err("[visitors.sites.acme]\norigins = [\"shop.example/path\"]\n");
+        assert_invalid(&e, 2, "visitors.sites.acme.origins", "scheme://host");
+        let e = err("[visitors.sites.acme]\ncolour = 1\n");
+        assert_invalid(&e, 2, "visitors.sites.acme.colour", "valid keys are");
+    }
+
+    #[test]
     fn agent_accounts_merge_default_and_validate() {
         let c = load_str(
             "agents.toml",
@@ -2614,7 +2860,7 @@ blocked_patterns = ['\d{16}']
         let printed_keys = flatten(&defaults.to_toml()).len();
         let leaf_keys = known_keys()
             .iter()
-            .filter(|k| k.contains('.') && *k != "agents.accounts")
+            .filter(|k| k.contains('.') && *k != "agents.accounts" && *k != "visitors.sites")
             .count();
         assert_eq!(printed_keys, leaf_keys);
     }

@@ -239,6 +239,13 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
         }
         Err(err) => tracing::warn!(error = %err, "cannot raise the open-file limit"),
     }
+    if config.visitors.allow_unlisted_sites {
+        tracing::warn!(
+            listed = config.visitors.sites.len(),
+            "[visitors] allow_unlisted_sites = true: /ws/visitor serves any site name without an \
+             Origin check; list your sites under [visitors.sites] and set it to false"
+        );
+    }
     if let Some(memlock) = system::locked_memory_limit() {
         tracing::info!(
             memlock,

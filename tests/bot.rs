@@ -131,11 +131,11 @@ fn ask(tab: &mut RawClient, id: &str, text: &str) -> Value {
 }
 
 fn visitor(server: &Server, id: &str) -> RawClient {
-    let mut tab =
-        RawClient::connect(server.addr, &format!("/ws/visitor?site=bank&visitor={id}")).unwrap();
+    let mut tab = RawClient::connect(server.addr, &visitor_path(server, "bank", id, None)).unwrap();
     tab.set_read_timeout(Duration::from_secs(20));
     let hello = tab.read_json();
     assert_eq!(hello["type"], "hello");
+    remember_visitor(server, &hello);
     tab
 }
 

@@ -89,11 +89,10 @@ fn of_type(kind: &'static str) -> impl Fn(&Value) -> bool {
     move |v| v["type"] == kind
 }
 
+/// Connects as visitor `id` (with its secret, once the server issued one). A visitor
+/// who has not written yet has no conversation: `hello` says `"conversation":null`.
 fn visitor(server: &Server, site: &str, id: &str, resume: Option<u64>) -> (Peer, Value) {
-    let mut path = format!("/ws/visitor?site={site}&visitor={id}");
-    if let Some(seq) = resume {
-        path.push_str(&format!("&resume={seq}"));
-    }
+    let path = visitor_path(server, site, id, resume);
     let client = RawClient::connect(server.addr, &path).expect("visitor upgrade");
     let mut client = Peer {
         client,
@@ -101,8 +100,22 @@ fn visitor(server: &Server, site: &str, id: &str, resume: Option<u64>) -> (Peer,
     };
     let (hello, _) = wait_for(&mut client, "visitor hello", of_type("hello"));
     assert_eq!(hello["visitor"], id);
-    assert!(hello["conversation"].as_u64().unwrap() > 0);
+    assert!(
+        hello["conversation"].is_null() || hello["conversation"].as_u64().unwrap() > 0,
+        "{hello}"
+    );
+    remember_visitor(server, &hello);
     (client, hello)
+}
+
+/// Sends a message and returns `(conversation, seq)` from its ack.
+fn say_in(client: &mut Peer, id: &str, text: &str) -> (u64, u64) {
+    client.send_json(&json!({"type": "message", "id": id, "text": text}));
+    let (ack, _) = wait_for(client, "ack", |v| v["type"] == "ack" && v["id"] == id);
+    (
+        ack["conversation"].as_u64().unwrap(),
+        ack["seq"].as_u64().unwrap(),
+    )
 }
 
 fn agent(server: &Server, token: &str) -> (Peer, Value) {
@@ -151,15 +164,23 @@ fn messages_cross_shards_both_ways_and_reach_every_tab() {
     let (id0, id1) = visitor_ids_on_each_shard("cross-");
     for id in [id0, id1] {
         let (mut tab1, hello) = visitor(&server, "acme", &id, None);
-        let conversation = hello["conversation"].as_u64().unwrap();
+        assert!(
+            hello["conversation"].is_null(),
+            "connecting creates nothing"
+        );
         let (mut tab2, hello2) = visitor(&server, "acme", &id, None);
+        assert!(hello2["conversation"].is_null());
+
+        let (conversation, seq) = say_in(&mut tab1, "m1", "my card has not arrived");
+        assert_eq!(seq, 1);
+        // The first message opened the conversation; the other tab is told with a new hello.
+        let (hello2, _) = wait_for(&mut tab2, "hello with the conversation", |v| {
+            v["type"] == "hello" && !v["conversation"].is_null()
+        });
         assert_eq!(
             hello2["conversation"], conversation,
             "tabs share the conversation"
         );
-
-        let seq = say(&mut tab1, "m1", "my card has not arrived");
-        assert_eq!(seq, 1);
         let (on_tab2, _) = wait_for(&mut tab2, "message on the other tab", of_type("message"));
         assert_eq!(on_tab2["text"], "my card has not arrived");
         assert_eq!(on_tab2["from"], "visitor");
@@ -198,9 +219,9 @@ fn messages_cross_shards_both_ways_and_reach_every_tab() {
 #[test]
 fn resend_is_deduplicated_and_resume_replays_what_was_missed() {
     let server = Server::start(&overlay(""));
-    let (mut tab, hello) = visitor(&server, "acme", "dedup-visitor", None);
-    let conversation = hello["conversation"].as_u64().unwrap();
-    assert_eq!(say(&mut tab, "c1", "first"), 1);
+    let (mut tab, _) = visitor(&server, "acme", "dedup-visitor", None);
+    let (conversation, seq) = say_in(&mut tab, "c1", "first");
+    assert_eq!(seq, 1);
     assert_eq!(say(&mut tab, "c2", "second"), 2);
     // The client lost the ack of c2 and resends it: same seq, stored once.
     assert_eq!(say(&mut tab, "c2", "second"), 2);
@@ -250,11 +271,11 @@ fn queue_is_fifo_and_respects_the_cap() {
     // Visitors write while no agent is online: they queue, in order.
     let mut visitors = Vec::new();
     for i in 0..4 {
-        let (mut tab, hello) = visitor(&server, "acme", &format!("queue-{i}"), None);
-        say(&mut tab, "q", &format!("question {i}"));
+        let (mut tab, _) = visitor(&server, "acme", &format!("queue-{i}"), None);
+        let (conversation, _) = say_in(&mut tab, "q", &format!("question {i}"));
         let (queued, _) = wait_for(&mut tab, "queue position", of_type("queued"));
         assert_eq!(queued["position"], i + 1, "FIFO positions");
-        visitors.push((tab, hello["conversation"].as_u64().unwrap()));
+        visitors.push((tab, conversation));
     }
     // Alice (max_open 2) comes online: she gets the first two, in order.
     let (mut alice, hello) = agent(&server, "alice-token-0123456789");
@@ -289,10 +310,9 @@ fn assignment_is_fair_and_transfer_moves_a_conversation() {
     let mut assigned_to = Vec::new();
     let mut visitors = Vec::new();
     for i in 0..6 {
-        let (mut tab, hello) = visitor(&server, "acme", &format!("fair-{i}"), None);
-        say(&mut tab, "q", &format!("question {i}"));
+        let (mut tab, _) = visitor(&server, "acme", &format!("fair-{i}"), None);
+        let (conversation, _) = say_in(&mut tab, "q", &format!("question {i}"));
         let (note, _) = wait_for(&mut tab, "assignment", of_type("assigned"));
-        let conversation = hello["conversation"].as_u64().unwrap();
         assigned_to.push((note["agent"].as_str().unwrap().to_string(), conversation));
         visitors.push((tab, conversation));
     }
@@ -342,9 +362,8 @@ fn assignment_is_fair_and_transfer_moves_a_conversation() {
 fn offline_messages_are_delivered_on_reconnect() {
     let server = Server::start(&overlay(""));
     let (mut alice, _) = agent(&server, "alice-token-0123456789");
-    let (mut tab, hello) = visitor(&server, "acme", "offline-visitor", None);
-    let conversation = hello["conversation"].as_u64().unwrap();
-    let seen = say(&mut tab, "v1", "anyone there?");
+    let (mut tab, _) = visitor(&server, "acme", "offline-visitor", None);
+    let (conversation, seen) = say_in(&mut tab, "v1", "anyone there?");
     wait_for(&mut alice, "assigned", of_type("assigned"));
     drop(tab);
     // The visitor is gone; the agent answers anyway.
@@ -397,10 +416,15 @@ fn bad_input_gets_error_codes_and_abuse_closes_with_1008() {
     tab.send_text("{oops");
     assert_eq!(tab.expect_close(), 1008);
 
-    // An agent cannot act on a conversation that is not theirs.
+    // An agent cannot act on a conversation that is not theirs (Bob's: he is the only
+    // agent online when the visitor's first message queues it).
+    let (mut bob, _) = agent(&server, "bob-token-0123456789ab");
+    let (mut tab2, _) = visitor(&server, "acme", "someone-else", None);
+    let (conversation, _) = say_in(&mut tab2, "s1", "hello?");
+    wait_for(&mut bob, "Bob's assignment", |v| {
+        v["type"] == "assigned" && v["conversation"] == conversation
+    });
     let (mut alice, _) = agent(&server, "alice-token-0123456789");
-    let (_tab2, hello) = visitor(&server, "acme", "someone-else", None);
-    let conversation = hello["conversation"].as_u64().unwrap();
     alice.send_json(
         &json!({"type": "message", "conversation": conversation, "id": "x", "text": "hi"}),
     );
@@ -418,9 +442,8 @@ fn bad_input_gets_error_codes_and_abuse_closes_with_1008() {
 fn typing_is_forwarded_not_echoed_and_read_moves_a_watermark() {
     let server = Server::start(&overlay(""));
     let (mut alice, _) = agent(&server, "alice-token-0123456789");
-    let (mut tab, hello) = visitor(&server, "acme", "typing-visitor", None);
-    let conversation = hello["conversation"].as_u64().unwrap();
-    say(&mut tab, "m1", "hello");
+    let (mut tab, _) = visitor(&server, "acme", "typing-visitor", None);
+    let (conversation, _) = say_in(&mut tab, "m1", "hello");
     wait_for(&mut alice, "visitor message", of_type("message"));
     tab.send_json(&json!({"type": "typing", "on": true}));
     let (typing, _) = wait_for(&mut alice, "typing", of_type("typing"));
@@ -546,10 +569,12 @@ fn a_visitor_returning_while_its_last_message_commits_gets_each_seq_once() {
         let id = format!("returning-{trial}");
         let (mut first, hello) = visitor(&server, "acme", &id, None);
         let last = hello["seq"].as_u64().unwrap();
+        // A conversation exists already (as for a visitor who wrote before).
+        say(&mut first, "m0", "hi");
         first.send_json(&json!({"type": "message", "id": "m1", "text": "are you there?"}));
         drop(first); // gone before its ack
                      // The new tab re-sends at once, before its hello, as a client that queued it does.
-        let path = format!("/ws/visitor?site=acme&visitor={id}&resume={last}");
+        let path = visitor_path(&server, "acme", &id, Some(last));
         let mut second = Peer {
             client: RawClient::connect(server.addr, &path).expect("visitor upgrade"),
             backlog: Vec::new(),

@@ -12,7 +12,7 @@ use common::*;
 use serde_json::{json, Value};
 
 /// No bot, and a flood guard that lets a test client send as fast as it can.
-const NO_BOT: &str = "[inference]\nenabled = false\n\n[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n";
+const NO_BOT: &str = "[inference]\nenabled = false\n\n[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n\n[visitors.sites.crash]\nidentity_key = \"durability-test-identity-key-0123456789\"\n";
 
 /// One visitor's client-side view: what it sent and what was acked.
 #[derive(Default, Clone, Debug)]
@@ -25,10 +25,19 @@ struct Ledger {
     seen: u64,
 }
 
+/// The identity key of site `crash`: these clients reconnect as a host site's verified
+/// users (`identity_hash`), so a connection cut before its hello (and its secret) arrived
+/// still finds its conversation again.
+const IDENTITY_KEY: &str = "durability-test-identity-key-0123456789";
+
 fn connect(server_addr: std::net::SocketAddr, visitor: &str, resume: u64) -> Option<RawClient> {
+    let identity_hash =
+        switchboard::conversation::identity::identity_hash(IDENTITY_KEY.as_bytes(), visitor);
     let mut client = RawClient::connect(
         server_addr,
-        &format!("/ws/visitor?site=crash&visitor={visitor}&resume={resume}"),
+        &format!(
+            "/ws/visitor?site=crash&visitor={visitor}&identity_hash={identity_hash}&resume={resume}"
+        ),
     )
     .ok()?;
     client.set_read_timeout(Duration::from_secs(5));

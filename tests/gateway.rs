@@ -232,13 +232,22 @@ fn visitor_and_agent_hello() {
     assert_eq!(hello["type"], "hello");
     let visitor_id = hello["visitor"].as_str().unwrap().to_string();
     assert!(!visitor_id.is_empty());
+    let secret = hello["secret"].as_str().unwrap().to_string();
 
+    // Another tab of the same visitor presents its secret...
     let mut again = RawClient::connect(
+        server.addr,
+        &format!("/ws/visitor?site=acme&visitor={visitor_id}&secret={secret}"),
+    )
+    .unwrap();
+    assert_eq!(again.read_json()["visitor"], visitor_id.as_str());
+    // ...without it, the id is not given out.
+    let mut stranger = RawClient::connect(
         server.addr,
         &format!("/ws/visitor?site=acme&visitor={visitor_id}"),
     )
     .unwrap();
-    assert_eq!(again.read_json()["visitor"], visitor_id.as_str());
+    assert_ne!(stranger.read_json()["visitor"], visitor_id.as_str());
 
     assert_eq!(
         RawClient::connect(server.addr, "/ws/visitor")

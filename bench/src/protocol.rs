@@ -1,7 +1,7 @@
 //! The three wire protocols the harness speaks, kept in one place so that adapting to a server change means
 //! editing this file only:
 //! - `switchboard`: the appliance's visitor/agent protocol (docs/protocol.md, issue 4). A visitor connects to
-//!   `/ws/visitor?site=S&visitor=V[&resume=SEQ]`, gets `hello`, asks for a human with `handoff`, waits for
+//!   `/ws/visitor?site=S&visitor=V[&secret=X][&resume=SEQ]`, gets `hello` (keeps its `secret`), asks for a human with `handoff`, waits for
 //!   `assigned`, then sends `{"type":"message","id":ID,"text":T}` and gets `ack`; the agent (on
 //!   `/ws/agent?token=T`) receives the message with its `conversation` and replies to it; the reply reaches
 //!   the visitor as `{"type":"message","from":"agent","text":T,...}`.
@@ -46,14 +46,19 @@ pub struct Endpoints {
 }
 
 impl Endpoints {
-    /// Path for visitor number `index` (one per conversation). `resume` applies to switchboard only.
-    pub fn visitor_path(&self, index: u64, resume: Option<u64>) -> String {
+    /// Path for visitor number `index` (one per conversation). `resume` and `secret` (the
+    /// visitor's secret from an earlier `hello`, needed to reconnect to the same visitor)
+    /// apply to switchboard only.
+    pub fn visitor_path(&self, index: u64, resume: Option<u64>, secret: Option<&str>) -> String {
         match self.protocol {
             Protocol::Switchboard => {
                 let mut p = format!(
                     "/ws/visitor?site={}&visitor={}-{index}",
                     self.site, self.run_id
                 );
+                if let Some(secret) = secret {
+                    p.push_str(&format!("&secret={secret}"));
+                }
                 if let Some(seq) = resume {
                     p.push_str(&format!("&resume={seq}"));
                 }
@@ -108,6 +113,10 @@ pub struct ServerFrame<'a> {
     pub cache: Option<Value>,
     #[serde(default)]
     pub cached: Option<bool>,
+    /// The visitor's secret (`hello` of a connection that was issued one); a reconnect to the
+    /// same visitor id passes it as `&secret=`, or the server makes it a new visitor.
+    #[serde(default, borrow)]
+    pub secret: Option<Cow<'a, str>>,
 }
 
 impl<'a> ServerFrame<'a> {
@@ -167,15 +176,18 @@ mod tests {
     fn paths_per_protocol() {
         let sb = endpoints(Protocol::Switchboard);
         assert_eq!(
-            sb.visitor_path(4, Some(7)),
+            sb.visitor_path(4, Some(7), None),
             "/ws/visitor?site=demo&visitor=r9-4&resume=7"
         );
         assert_eq!(sb.agent_path(3).unwrap(), "/ws/agent?token=t2");
         let relay = endpoints(Protocol::Relay);
-        assert_eq!(relay.visitor_path(4, None), "/ws?room=r9-4&role=visitor");
+        assert_eq!(
+            relay.visitor_path(4, None, None),
+            "/ws?room=r9-4&role=visitor"
+        );
         assert_eq!(relay.agent_path(4).unwrap(), "/ws?room=r9-4&role=agent");
         let echo = endpoints(Protocol::Echo);
-        assert_eq!(echo.visitor_path(0, None), "/ws/echo?delay_ms=20");
+        assert_eq!(echo.visitor_path(0, None, None), "/ws/echo?delay_ms=20");
         assert!(echo.agent_path(0).is_none());
     }
 

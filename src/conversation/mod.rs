@@ -5,6 +5,8 @@
 //!   storage, fan-out, typing, read watermarks — as a pure state machine.
 //! - [`dispatch`]: the global queue and agent directory (one shard runs it),
 //!   pure.
+//! - [`identity`]: visitor secrets and host-verified identities (hashing,
+//!   constant-time checks, HMAC), so a visitor id alone opens nothing.
 //! - [`router`]: the shard-local driver that runs the two state machines,
 //!   executes their actions (storage commits, mesh messages, frames to
 //!   sessions) and feeds results back.
@@ -15,6 +17,7 @@
 //! shard accepted their socket; they reach owners only through mesh messages.
 
 pub mod dispatch;
+pub mod identity;
 pub mod owner;
 pub mod protocol;
 pub mod router;

@@ -16,6 +16,17 @@
 //! - Agents act only on conversations assigned to them; visitors only ever
 //!   address their own conversation (their frames are routed by their key, not
 //!   by a conversation id they could forge).
+//! - A session is attached to an existing visitor id only with that visitor's
+//!   secret (compared by hash in constant time) or a verified identity; else it
+//!   is moved to a fresh visitor id (see [`super::identity`]), and the owner
+//!   resolves its frames to that id from then on. What storage knows about an
+//!   id (secret hash, open conversation) arrives as an event after a
+//!   [`OwnerAction::LoadVisitor`], never through a read in here.
+//! - A conversation is created by a visitor's first `message` or `handoff`, not
+//!   by connecting: a visitor without one is greeted with `"conversation":null`.
+//! - Typing: each side forwards at most one change per `typing_interval`; a
+//!   change inside the interval is held and its final state sent at the first
+//!   tick after the interval ends.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -35,6 +46,37 @@ use crate::store::{
 pub struct VisitorKey {
     pub site: Arc<str>,
     pub visitor: Arc<str>,
+}
+
+/// What a visitor connection presented to be attached to its claimed visitor id,
+/// and what the owner gives it if it becomes a new visitor.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// SHA-256 of the `secret` the client presented, if any.
+    pub secret_hash: Option<[u8; 32]>,
+    /// The host site vouched for the visitor id (a valid `identity_hash`).
+    pub verified: bool,
+    /// Drawn by the driver for this connection: a secret issued if the session
+    /// starts a visitor, and a replacement visitor id (owned by the same shard)
+    /// used if the claimed id is refused.
+    pub fresh: FreshVisitor,
+}
+
+/// A random visitor id and secret the owner may hand out.
+#[derive(Debug, Clone)]
+pub struct FreshVisitor {
+    pub visitor: Arc<str>,
+    pub secret: Box<str>,
+    pub secret_hash: [u8; 32],
+}
+
+/// What storage knows about a visitor id (the answer to [`OwnerAction::LoadVisitor`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredVisitor {
+    /// SHA-256 of the visitor's secret.
+    pub secret_hash: Option<[u8; 32]>,
+    /// The visitor's open conversation.
+    pub conversation: Option<ConversationId>,
 }
 
 /// Settings of the owner state machine.
@@ -61,6 +103,10 @@ pub enum OwnerEvent {
         key: VisitorKey,
         resume: Option<u64>,
         session: SessionRef,
+        /// Boxed: it is large, and this enum travels through the mesh channels.
+        credentials: Box<Credentials>,
+        /// `None` until the driver has looked the id up ([`OwnerAction::LoadVisitor`]).
+        stored: Option<Box<StoredVisitor>>,
     },
     VisitorDetach {
         key: VisitorKey,
@@ -131,6 +177,12 @@ pub enum OwnerEvent {
     },
     /// About once a second: expire typing indicators.
     Tick,
+    /// Storage lists this conversation as empty (no message ever stored, no
+    /// agent) and idle past `[visitors] empty_conversation_ttl`: delete it
+    /// unless someone is connected to it or it changed meanwhile.
+    ExpireEmpty {
+        conversation: ConversationId,
+    },
 }
 
 /// What the bot decided about a visitor message.
@@ -184,6 +236,13 @@ pub enum OwnerAction {
         conversation: ConversationId,
         event: Box<OwnerEvent>,
     },
+    /// What storage knows about `key` is needed: look up its secret hash and
+    /// open conversation, put them in `event` (a `VisitorAttach`) as `stored`
+    /// and feed it again.
+    LoadVisitor {
+        key: VisitorKey,
+        event: Box<OwnerEvent>,
+    },
 }
 
 /// What a store operation was for.
@@ -213,12 +272,26 @@ pub enum Completion {
     BotMessage {
         conversation: ConversationId,
     },
+    SecretStored {
+        key: VisitorKey,
+    },
+    Expired {
+        conversation: ConversationId,
+    },
 }
 
 #[derive(Debug, Default)]
 struct VisitorEntry {
     conversation: Option<ConversationId>,
     opening: bool,
+    /// SHA-256 of the visitor's secret; `None` for a visitor from before secrets
+    /// existed, which only a verified identity can reattach to.
+    secret_hash: Option<[u8; 32]>,
+    /// Whether `secret_hash` is in storage (else it is written with the first
+    /// conversation).
+    secret_stored: bool,
+    /// Sessions whose hello still has to carry the secret issued to them.
+    issued: Vec<(SessionRef, Box<str>)>,
     sessions: Vec<SessionRef>,
     /// Sessions waiting for their hello, with their resume point.
     awaiting_hello: Vec<(SessionRef, Option<u64>)>,
@@ -232,9 +305,9 @@ struct Live {
     key: VisitorKey,
     agent: Option<(String, String)>,
     agent_sessions: Vec<SessionRef>,
-    /// When each side's typing indicator was last forwarded as "on".
-    visitor_typing_since: Option<u64>,
-    agent_typing_since: Option<u64>,
+    /// Each side's typing indicator as the other side sees it.
+    visitor_typing: Typing,
+    agent_typing: Typing,
     /// Store operations of this conversation not yet committed; a conversation
     /// is never evicted from memory while this is non-zero, so a reload from
     /// storage never sees a seq the fan-out has not handled.
@@ -246,6 +319,9 @@ pub struct Owner {
     config: OwnerConfig,
     visitors: HashMap<VisitorKey, VisitorEntry>,
     live: HashMap<ConversationId, Live>,
+    /// Sessions whose claimed visitor id was refused, and the fresh visitor they
+    /// were moved to (their frames still name the claimed key).
+    moved: HashMap<SessionRef, VisitorKey>,
 }
 
 #[derive(Serialize)]
@@ -293,7 +369,14 @@ impl Owner {
             config,
             visitors: HashMap::new(),
             live: HashMap::new(),
+            moved: HashMap::new(),
         }
+    }
+
+    /// The visitor a session's frames belong to: its claimed `key`, or the fresh
+    /// visitor it was moved to when the claim was refused.
+    pub fn visitor_of(&self, key: &VisitorKey, session: SessionRef) -> VisitorKey {
+        self.moved.get(&session).unwrap_or(key).clone()
     }
 
     /// Number of conversations held in memory.
@@ -324,8 +407,8 @@ impl Owner {
             key,
             agent,
             agent_sessions: Vec::new(),
-            visitor_typing_since: None,
-            agent_typing_since: None,
+            visitor_typing: Typing::default(),
+            agent_typing: Typing::default(),
             in_flight: 0,
         });
     }
@@ -338,13 +421,21 @@ impl Owner {
                 key,
                 resume,
                 session,
-            } => self.visitor_attach(key, resume, session, &mut out),
-            OwnerEvent::VisitorDetach { key, session } => self.visitor_detach(&key, session),
+                credentials,
+                stored,
+            } => self.visitor_attach(key, resume, session, credentials, stored, &mut out),
+            OwnerEvent::VisitorDetach { key, session } => {
+                let key = self.moved.remove(&session).unwrap_or(key);
+                self.visitor_detach(&key, session)
+            }
             OwnerEvent::Visitor {
                 key,
                 session,
                 frame,
-            } => self.visitor_frame(key, session, frame, now_ms, &mut out),
+            } => {
+                let key = self.visitor_of(&key, session);
+                self.visitor_frame(key, session, frame, now_ms, &mut out)
+            }
             OwnerEvent::Agent {
                 agent,
                 name,
@@ -409,9 +500,10 @@ impl Owner {
                 verdict,
             } => self.bot_verdict(conversation, verdict, &mut out),
             OwnerEvent::Tick => {
-                self.expire_typing(now_ms, &mut out);
+                self.flush_typing(now_ms, &mut out);
                 self.evict_idle();
             }
+            OwnerEvent::ExpireEmpty { conversation } => self.expire_empty(conversation, &mut out),
         }
         for action in &out {
             if let OwnerAction::Store { op, .. } = action {
@@ -431,8 +523,8 @@ impl Owner {
         self.live.retain(|_, live| {
             !live.agent_sessions.is_empty()
                 || live.in_flight > 0
-                || live.visitor_typing_since.is_some()
-                || live.agent_typing_since.is_some()
+                || live.visitor_typing.busy()
+                || live.agent_typing.busy()
         });
     }
 
@@ -441,11 +533,73 @@ impl Owner {
         key: VisitorKey,
         resume: Option<u64>,
         session: SessionRef,
+        credentials: Box<Credentials>,
+        stored: Option<Box<StoredVisitor>>,
         out: &mut Vec<OwnerAction>,
     ) {
-        let entry = self.visitors.entry(key.clone()).or_default();
+        let presented_ok = |hash: Option<[u8; 32]>| {
+            credentials.verified
+                || matches!((hash, credentials.secret_hash),
+                    (Some(stored), Some(presented)) if super::identity::hashes_match(&stored, &presented))
+        };
+        let (key, issue) = if let Some(entry) = self.visitors.get(&key) {
+            // Someone is connected as this visitor, or it is being opened.
+            if presented_ok(entry.secret_hash) {
+                (key, false)
+            } else {
+                (self.move_to_fresh(&key, session, &credentials), true)
+            }
+        } else {
+            let Some(stored) = stored else {
+                out.push(OwnerAction::LoadVisitor {
+                    key: key.clone(),
+                    event: Box::new(OwnerEvent::VisitorAttach {
+                        key,
+                        resume,
+                        session,
+                        credentials,
+                        stored: None,
+                    }),
+                });
+                return;
+            };
+            let StoredVisitor {
+                secret_hash: stored_hash,
+                conversation: stored_conversation,
+            } = *stored;
+            match (stored_hash, stored_conversation) {
+                // Nothing is stored under this id: it becomes this visitor's, with a new secret.
+                (None, None) => {
+                    self.visitors.insert(
+                        key.clone(),
+                        VisitorEntry {
+                            secret_hash: Some(credentials.fresh.secret_hash),
+                            ..VisitorEntry::default()
+                        },
+                    );
+                    (key, true)
+                }
+                (hash, conversation) if presented_ok(hash) => {
+                    self.visitors.insert(
+                        key.clone(),
+                        VisitorEntry {
+                            conversation,
+                            secret_hash: hash,
+                            secret_stored: hash.is_some(),
+                            ..VisitorEntry::default()
+                        },
+                    );
+                    (key, false)
+                }
+                _ => (self.move_to_fresh(&key, session, &credentials), true),
+            }
+        };
+        let entry = self.visitors.get_mut(&key).expect("entry made above");
         if !entry.sessions.contains(&session) {
             entry.sessions.push(session);
+        }
+        if issue {
+            entry.issued.push((session, credentials.fresh.secret));
         }
         match entry.conversation {
             Some(conversation) if !entry.opening => {
@@ -454,28 +608,85 @@ impl Owner {
                 } else {
                     out.push(OwnerAction::Load {
                         conversation,
-                        event: Box::new(OwnerEvent::VisitorAttach {
+                        event: Box::new(OwnerEvent::Greet {
                             key,
-                            resume,
-                            session,
+                            conversation,
+                            awaiting: vec![(session, resume)],
+                            reattached: Vec::new(),
+                            pending: Vec::new(),
                         }),
                     });
                 }
             }
-            _ => {
-                entry.awaiting_hello.push((session, resume));
-                if !entry.opening {
-                    entry.opening = true;
-                    out.push(OwnerAction::Store {
-                        op: Op::Open {
-                            site: key.site.to_string(),
-                            visitor: key.visitor.to_string(),
-                        },
-                        completion: Completion::Opened { key },
-                    });
-                }
+            // No conversation yet: it is created by the first message or handoff.
+            None if !entry.opening => {
+                let secret = take_issued(entry, session);
+                out.push(OwnerAction::Hello {
+                    to: session,
+                    frame: hello_frame(&key, None, 0, secret.as_deref()),
+                });
             }
+            // Its conversation is being opened: greeted once it is.
+            _ => entry.awaiting_hello.push((session, resume)),
         }
+    }
+
+    /// Moves a session whose claim on `claimed` was refused to the fresh visitor
+    /// drawn for it, and returns that visitor's key.
+    fn move_to_fresh(
+        &mut self,
+        claimed: &VisitorKey,
+        session: SessionRef,
+        credentials: &Credentials,
+    ) -> VisitorKey {
+        let key = VisitorKey {
+            site: claimed.site.clone(),
+            visitor: credentials.fresh.visitor.clone(),
+        };
+        self.moved.insert(session, key.clone());
+        self.visitors
+            .entry(key.clone())
+            .or_insert_with(|| VisitorEntry {
+                secret_hash: Some(credentials.fresh.secret_hash),
+                ..VisitorEntry::default()
+            });
+        key
+    }
+
+    /// Opens a conversation for the visitor (its first, or a new one after a
+    /// close); `frame` runs once it is open. The visitor's secret is stored
+    /// first if it is not yet.
+    fn open_conversation(
+        &mut self,
+        key: &VisitorKey,
+        session: SessionRef,
+        frame_in: VisitorFrame,
+        out: &mut Vec<OwnerAction>,
+    ) {
+        let Some(entry) = self.visitors.get_mut(key) else {
+            return;
+        };
+        entry.conversation = None;
+        entry.opening = true;
+        entry.pending.push((session, frame_in));
+        if let (Some(secret_hash), false) = (entry.secret_hash, entry.secret_stored) {
+            entry.secret_stored = true;
+            out.push(OwnerAction::Store {
+                op: Op::SetVisitorSecret {
+                    site: key.site.to_string(),
+                    visitor: key.visitor.to_string(),
+                    secret_hash,
+                },
+                completion: Completion::SecretStored { key: key.clone() },
+            });
+        }
+        out.push(OwnerAction::Store {
+            op: Op::Open {
+                site: key.site.to_string(),
+                visitor: key.visitor.to_string(),
+            },
+            completion: Completion::Opened { key: key.clone() },
+        });
     }
 
     /// Sends a session its hello, the messages it missed and the state.
@@ -490,15 +701,13 @@ impl Owner {
             return;
         };
         let last = live.meta.last_seq;
+        let secret = self
+            .visitors
+            .get_mut(&live.key)
+            .and_then(|entry| take_issued(entry, session));
         out.push(OwnerAction::Hello {
             to: session,
-            frame: frame(serde_json::json!({
-                "type": "hello",
-                "visitor": &*live.key.visitor,
-                "site": &*live.key.site,
-                "conversation": conversation.0,
-                "seq": last,
-            })),
+            frame: hello_frame(&live.key, Some(conversation), last, secret.as_deref()),
         });
         if let Some(after) = resume {
             if after < last {
@@ -537,6 +746,7 @@ impl Owner {
         };
         entry.sessions.retain(|s| *s != session);
         entry.awaiting_hello.retain(|(s, _)| *s != session);
+        entry.issued.retain(|(s, _)| *s != session);
         if entry.sessions.is_empty() && !entry.opening {
             let conversation = entry.conversation;
             self.visitors.remove(key);
@@ -580,6 +790,17 @@ impl Owner {
         };
         let conversation = match entry.conversation {
             Some(conversation) if !entry.opening => conversation,
+            None if !entry.opening => {
+                // A first message or handoff creates the conversation; typing
+                // and read have nobody to tell yet.
+                if matches!(
+                    frame_in,
+                    VisitorFrame::Message { .. } | VisitorFrame::Handoff {}
+                ) {
+                    self.open_conversation(&key, session, frame_in, out);
+                }
+                return;
+            }
             _ => {
                 entry.pending.push((session, frame_in));
                 return;
@@ -601,18 +822,7 @@ impl Owner {
             VisitorFrame::Message { id, text } => {
                 if closed {
                     // The visitor writes again after a close: a new conversation.
-                    entry.conversation = None;
-                    entry.opening = true;
-                    entry
-                        .pending
-                        .push((session, VisitorFrame::Message { id, text }));
-                    out.push(OwnerAction::Store {
-                        op: Op::Open {
-                            site: key.site.to_string(),
-                            visitor: key.visitor.to_string(),
-                        },
-                        completion: Completion::Opened { key: key.clone() },
-                    });
+                    self.open_conversation(&key, session, VisitorFrame::Message { id, text }, out);
                     return;
                 }
                 out.push(OwnerAction::Store {
@@ -638,14 +848,12 @@ impl Owner {
                 if closed {
                     return;
                 }
-                if !rate_ok(
-                    &mut live.visitor_typing_since,
-                    on,
-                    now_ms,
-                    self.config.typing_interval_ms,
-                ) {
+                let Some(on) =
+                    live.visitor_typing
+                        .request(on, now_ms, self.config.typing_interval_ms)
+                else {
                     return;
-                }
+                };
                 let typing = frame(serde_json::json!({
                     "type": "typing", "conversation": conversation.0, "from": "visitor", "on": on,
                 }));
@@ -677,6 +885,34 @@ impl Owner {
                 _ => {}
             },
         }
+    }
+
+    /// Deletes an empty, abandoned conversation (see [`OwnerEvent::ExpireEmpty`]).
+    fn expire_empty(&mut self, conversation: ConversationId, out: &mut Vec<OwnerAction>) {
+        let Some(live) = self.live.get(&conversation) else {
+            out.push(OwnerAction::Load {
+                conversation,
+                event: Box::new(OwnerEvent::ExpireEmpty { conversation }),
+            });
+            return;
+        };
+        let someone_connected = !live.agent_sessions.is_empty()
+            || self.visitors.get(&live.key).is_some_and(|entry| {
+                entry.conversation == Some(conversation) && !entry.sessions.is_empty()
+            });
+        let abandoned = live.meta.last_seq == 0
+            && live.in_flight == 0
+            && matches!(
+                live.meta.state,
+                ConversationState::Bot | ConversationState::Queued
+            );
+        if someone_connected || !abandoned {
+            return;
+        }
+        out.push(OwnerAction::Store {
+            op: Op::DeleteEmpty { conversation },
+            completion: Completion::Expired { conversation },
+        });
     }
 
     /// Moves a conversation to the queue (once).
@@ -781,14 +1017,12 @@ impl Owner {
                 },
             }),
             AgentFrame::Typing { on, .. } => {
-                if !rate_ok(
-                    &mut live.agent_typing_since,
-                    on,
-                    now_ms,
-                    self.config.typing_interval_ms,
-                ) {
+                let Some(on) =
+                    live.agent_typing
+                        .request(on, now_ms, self.config.typing_interval_ms)
+                else {
                     return;
-                }
+                };
                 let typing = frame(serde_json::json!({
                     "type": "typing", "conversation": conversation.0, "from": "agent", "on": on,
                 }));
@@ -985,6 +1219,29 @@ impl Owner {
         }
         match completion {
             Completion::Opened { key } => self.opened(key, outcome, out),
+            Completion::Expired { conversation } => {
+                if !matches!(outcome, Ok(OpOutcome::Updated)) {
+                    return;
+                }
+                if let Some(live) = self.live.remove(&conversation) {
+                    if let Some(entry) = self.visitors.get_mut(&live.key) {
+                        if entry.conversation == Some(conversation) && !entry.opening {
+                            entry.conversation = None;
+                        }
+                    }
+                }
+                out.push(OwnerAction::Dispatch(DispatchEvent::Closed {
+                    conversation: super::dispatch::ConversationId(conversation.0),
+                }));
+            }
+            Completion::SecretStored { key } => {
+                if !matches!(outcome, Ok(OpOutcome::Updated)) {
+                    // Tried again with the next conversation the visitor opens.
+                    if let Some(entry) = self.visitors.get_mut(&key) {
+                        entry.secret_stored = false;
+                    }
+                }
+            }
             Completion::VisitorMessage {
                 key,
                 session,
@@ -1357,6 +1614,15 @@ impl Owner {
         for (session, frame_in) in pending {
             self.visitor_frame(key.clone(), session, frame_in, 0, out);
         }
+        // Every session left while the conversation was opened: nothing keeps the entry.
+        if self
+            .visitors
+            .get(&key)
+            .is_some_and(|entry| entry.sessions.is_empty() && !entry.opening)
+        {
+            self.visitors.remove(&key);
+            self.maybe_evict(conversation);
+        }
     }
 
     /// Sends `frame` to every connected session of a visitor except `except`.
@@ -1377,43 +1643,125 @@ impl Owner {
         }
     }
 
-    fn expire_typing(&mut self, now_ms: u64, out: &mut Vec<OwnerAction>) {
-        let expiry = self.config.typing_expiry_ms;
-        let mut expired = Vec::new();
+    /// Sends the typing changes held back by the throttle whose interval has
+    /// ended, and switches off indicators not renewed within `typing_expiry`.
+    fn flush_typing(&mut self, now_ms: u64, out: &mut Vec<OwnerAction>) {
+        let (interval, expiry) = (self.config.typing_interval_ms, self.config.typing_expiry_ms);
+        let mut changes = Vec::new();
         for (conversation, live) in &mut self.live {
-            if live
-                .visitor_typing_since
-                .is_some_and(|since| now_ms.saturating_sub(since) >= expiry)
-            {
-                live.visitor_typing_since = None;
-                expired.push((*conversation, "visitor"));
+            if let Some(on) = live.visitor_typing.tick(now_ms, interval, expiry) {
+                changes.push((*conversation, "visitor", on));
             }
-            if live
-                .agent_typing_since
-                .is_some_and(|since| now_ms.saturating_sub(since) >= expiry)
-            {
-                live.agent_typing_since = None;
-                expired.push((*conversation, "agent"));
+            if let Some(on) = live.agent_typing.tick(now_ms, interval, expiry) {
+                changes.push((*conversation, "agent", on));
             }
         }
-        for (conversation, from) in expired {
+        for (conversation, from, on) in changes {
             let Some(live) = self.live.get(&conversation) else {
                 continue;
             };
-            let off = frame(serde_json::json!({
-                "type": "typing", "conversation": conversation.0, "from": from, "on": false,
+            let typing = frame(serde_json::json!({
+                "type": "typing", "conversation": conversation.0, "from": from, "on": on,
             }));
             if from == "visitor" {
                 for to in &live.agent_sessions {
                     out.push(OwnerAction::Send {
                         to: *to,
-                        frame: off.clone(),
+                        frame: typing.clone(),
                     });
                 }
             } else {
-                self.send_visitors(&live.key, None, &off, out);
+                self.send_visitors(&live.key, None, &typing, out);
             }
         }
+    }
+}
+
+/// The visitor's `hello`: `conversation` is `null` (and `seq` 0) until the
+/// visitor's first message or handoff creates one; `secret` is present when a
+/// secret was issued to this session.
+fn hello_frame(
+    key: &VisitorKey,
+    conversation: Option<ConversationId>,
+    seq: u64,
+    secret: Option<&str>,
+) -> Arc<str> {
+    let mut hello = serde_json::json!({
+        "type": "hello",
+        "visitor": &*key.visitor,
+        "site": &*key.site,
+        "conversation": conversation.map(|c| c.0),
+        "seq": seq,
+    });
+    if let Some(secret) = secret {
+        hello["secret"] = secret.into();
+    }
+    frame(hello)
+}
+
+/// The secret issued to `session`, once (its first hello carries it).
+fn take_issued(entry: &mut VisitorEntry, session: SessionRef) -> Option<Box<str>> {
+    let at = entry.issued.iter().position(|(s, _)| *s == session)?;
+    Some(entry.issued.swap_remove(at).1)
+}
+
+/// One side's typing indicator as the other side sees it, throttled.
+///
+/// At most one change (or renewal of "on") is forwarded per interval, however
+/// the client alternates on and off; a change inside the interval is held and
+/// the LAST requested state is delivered by [`Typing::tick`] once the interval
+/// has ended, so the other side always ends up with the true final state.
+#[derive(Debug, Default, Clone, Copy)]
+struct Typing {
+    /// Whether the other side was last told "on".
+    shown: bool,
+    /// When an indicator was last forwarded.
+    forwarded_ms: Option<u64>,
+    /// The state requested inside the interval, not yet forwarded.
+    held: Option<bool>,
+}
+
+impl Typing {
+    /// A client asked for `on`; returns the state to forward now, if any.
+    fn request(&mut self, on: bool, now_ms: u64, interval_ms: u64) -> Option<bool> {
+        let in_interval = self
+            .forwarded_ms
+            .is_some_and(|at| now_ms.saturating_sub(at) < interval_ms);
+        if in_interval {
+            self.held = (on != self.shown).then_some(on);
+            return None;
+        }
+        if !on && !self.shown {
+            self.held = None;
+            return None;
+        }
+        self.forward(on, now_ms)
+    }
+
+    /// Once a tick: the held state when its interval is over, or "off" when an
+    /// "on" was not renewed within `expiry_ms`.
+    fn tick(&mut self, now_ms: u64, interval_ms: u64, expiry_ms: u64) -> Option<bool> {
+        let since = now_ms.saturating_sub(self.forwarded_ms?);
+        if let Some(on) = self.held {
+            if since >= interval_ms {
+                return self.forward(on, now_ms);
+            }
+        } else if self.shown && since >= expiry_ms {
+            return self.forward(false, now_ms);
+        }
+        None
+    }
+
+    fn forward(&mut self, on: bool, now_ms: u64) -> Option<bool> {
+        self.shown = on;
+        self.held = None;
+        self.forwarded_ms = Some(now_ms);
+        Some(on)
+    }
+
+    /// Whether the indicator needs the conversation kept in memory.
+    fn busy(&self) -> bool {
+        self.shown || self.held.is_some()
     }
 }
 
@@ -1427,29 +1775,13 @@ fn assigned_to_agent(live: &Live) -> Arc<str> {
     }))
 }
 
-/// Typing rate limit: an "on" is forwarded at most once per interval (and
-/// renews the expiry); an "off" is forwarded only when "on" was.
-fn rate_ok(since: &mut Option<u64>, on: bool, now_ms: u64, interval_ms: u64) -> bool {
-    match (on, *since) {
-        (true, Some(at)) if now_ms.saturating_sub(at) < interval_ms => false,
-        (true, _) => {
-            *since = Some(now_ms);
-            true
-        }
-        (false, Some(_)) => {
-            *since = None;
-            true
-        }
-        (false, None) => false,
-    }
-}
-
 /// The conversation an operation writes to (none for `Open`, which creates it).
 fn op_conversation(op: &Op) -> Option<ConversationId> {
     match op {
-        Op::Open { .. } => None,
+        Op::Open { .. } | Op::SetVisitorSecret { .. } => None,
         Op::Append(message) => Some(message.conversation),
         Op::SetState { conversation, .. }
+        | Op::DeleteEmpty { conversation }
         | Op::MarkRead { conversation, .. }
         | Op::SetFailedBotTurns { conversation, .. } => Some(*conversation),
     }
@@ -1513,23 +1845,485 @@ mod tests {
             .count()
     }
 
+    fn credentials(secret: Option<&str>, verified: bool, fresh: &str) -> Credentials {
+        Credentials {
+            secret_hash: secret.map(super::super::identity::hash_secret),
+            verified,
+            fresh: FreshVisitor {
+                visitor: fresh.into(),
+                secret: format!("secret-of-{fresh}").into(),
+                secret_hash: super::super::identity::hash_secret(&format!("secret-of-{fresh}")),
+            },
+        }
+    }
+
+    fn key(visitor: &str) -> VisitorKey {
+        VisitorKey {
+            site: "acme".into(),
+            visitor: visitor.into(),
+        }
+    }
+
+    /// Attaches `session` as the driver would: answers `LoadVisitor` with `stored`.
+    fn attach(
+        owner: &mut Owner,
+        visitor: &str,
+        session: SessionRef,
+        resume: Option<u64>,
+        credentials: Credentials,
+        stored: StoredVisitor,
+    ) -> Vec<OwnerAction> {
+        let actions = owner.handle(
+            OwnerEvent::VisitorAttach {
+                key: key(visitor),
+                resume,
+                session,
+                credentials: Box::new(credentials),
+                stored: None,
+            },
+            0,
+        );
+        match &actions[..] {
+            [OwnerAction::LoadVisitor { .. }] => {
+                let Some(OwnerAction::LoadVisitor { event, .. }) = actions.into_iter().next()
+                else {
+                    unreachable!()
+                };
+                let mut event = *event;
+                if let OwnerEvent::VisitorAttach { stored: slot, .. } = &mut event {
+                    *slot = Some(Box::new(stored));
+                }
+                owner.handle(event, 0)
+            }
+            _ => actions,
+        }
+    }
+
+    fn meta(conversation: ConversationId, visitor: &str, last_seq: u64) -> Conversation {
+        Conversation {
+            id: conversation,
+            site: "acme".into(),
+            visitor: visitor.into(),
+            state: ConversationState::Bot,
+            state_since_ms: 0,
+            last_seq,
+            created_ms: 0,
+            updated_ms: 0,
+            visitor_read: 0,
+            agent_read: 0,
+            failed_bot_turns: 0,
+        }
+    }
+
+    fn hello_of(actions: &[OwnerAction], to: SessionRef) -> serde_json::Value {
+        actions
+            .iter()
+            .find_map(|action| match action {
+                OwnerAction::Hello { to: target, frame } if *target == to => {
+                    Some(serde_json::from_str(frame).unwrap())
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no hello for {to:?} in {actions:#?}"))
+    }
+
+    #[test]
+    fn connecting_stores_nothing_and_the_first_message_opens_the_conversation() {
+        let mut owner = owner();
+        let tab = session(1);
+        let greeted = attach(
+            &mut owner,
+            "v1",
+            tab,
+            None,
+            credentials(None, false, "fresh-1"),
+            StoredVisitor::default(),
+        );
+        assert!(stores(&greeted).is_empty(), "{greeted:#?}");
+        let hello = hello_of(&greeted, tab);
+        assert_eq!(hello["visitor"], "v1");
+        assert_eq!(hello["conversation"], serde_json::Value::Null);
+        assert_eq!(hello["seq"], 0);
+        assert_eq!(hello["secret"], "secret-of-fresh-1");
+        // Typing and read before a conversation exists store nothing either.
+        for frame in [
+            VisitorFrame::Typing { on: true },
+            VisitorFrame::Read { seq: 3 },
+        ] {
+            let actions = owner.handle(
+                OwnerEvent::Visitor {
+                    key: key("v1"),
+                    session: tab,
+                    frame,
+                },
+                0,
+            );
+            assert!(actions.is_empty(), "{actions:#?}");
+        }
+        // Leaving without a word leaves nothing behind.
+        owner.handle(
+            OwnerEvent::VisitorDetach {
+                key: key("v1"),
+                session: tab,
+            },
+            0,
+        );
+        assert!(owner.visitors.is_empty());
+        // The first message stores the secret's hash, then opens the conversation.
+        attach(
+            &mut owner,
+            "v1",
+            tab,
+            None,
+            credentials(None, false, "fresh-1"),
+            StoredVisitor::default(),
+        );
+        let sent = owner.handle(
+            OwnerEvent::Visitor {
+                key: key("v1"),
+                session: tab,
+                frame: VisitorFrame::Message {
+                    id: "m1".into(),
+                    text: "hi".into(),
+                },
+            },
+            0,
+        );
+        let ops: Vec<Op> = stores(&sent).into_iter().map(|(op, _)| op).collect();
+        assert!(
+            matches!(&ops[..], [Op::SetVisitorSecret { visitor, secret_hash, .. }, Op::Open { .. }]
+                if visitor == "v1" && *secret_hash == super::super::identity::hash_secret("secret-of-fresh-1")),
+            "{ops:#?}"
+        );
+    }
+
+    #[test]
+    fn a_guessed_visitor_id_without_its_secret_becomes_a_new_visitor() {
+        let conversation = ConversationId::from_parts(0, 7);
+        let real_secret = "the-real-secret";
+        let stored = StoredVisitor {
+            secret_hash: Some(super::super::identity::hash_secret(real_secret)),
+            conversation: Some(conversation),
+        };
+        for presented in [None, Some("a-wrong-secret"), Some("")] {
+            let mut owner = owner();
+            let intruder = session(9);
+            let actions = attach(
+                &mut owner,
+                "victim",
+                intruder,
+                Some(0),
+                credentials(presented, false, "fresh-9"),
+                stored.clone(),
+            );
+            // No load, no replay of the victim's conversation: a hello for a new visitor.
+            assert!(
+                !actions.iter().any(|a| matches!(
+                    a,
+                    OwnerAction::Load { .. }
+                        | OwnerAction::Replay { .. }
+                        | OwnerAction::Store { .. }
+                )),
+                "{actions:#?}"
+            );
+            let hello = hello_of(&actions, intruder);
+            assert_eq!(hello["visitor"], "fresh-9");
+            assert_eq!(hello["conversation"], serde_json::Value::Null);
+            assert_eq!(hello["secret"], "secret-of-fresh-9");
+            // Its frames go to the new visitor: a message opens a conversation for fresh-9.
+            let sent = owner.handle(
+                OwnerEvent::Visitor {
+                    key: key("victim"),
+                    session: intruder,
+                    frame: VisitorFrame::Message {
+                        id: "m1".into(),
+                        text: "hi".into(),
+                    },
+                },
+                0,
+            );
+            assert!(stores(&sent).iter().all(|(op, _)| matches!(op,
+                Op::Open { visitor, .. } | Op::SetVisitorSecret { visitor, .. } if visitor == "fresh-9")));
+            assert_eq!(owner.visitor_of(&key("victim"), intruder), key("fresh-9"));
+            // While the intruder is connected the real visitor still gets in with its secret.
+            let real = session(1);
+            let actions = attach(
+                &mut owner,
+                "victim",
+                real,
+                Some(0),
+                credentials(Some(real_secret), false, "fresh-1"),
+                stored.clone(),
+            );
+            let OwnerAction::Load { event, .. } = &actions[0] else {
+                panic!("the real visitor's conversation is loaded: {actions:#?}")
+            };
+            owner.insert_loaded(meta(conversation, "victim", 4));
+            assert!(matches!(&**event, OwnerEvent::Greet { .. }), "{event:?}");
+            let Some(OwnerAction::Load { event, .. }) = actions.into_iter().next() else {
+                unreachable!()
+            };
+            let greeted = owner.handle(*event, 0);
+            let hello = hello_of(&greeted, real);
+            assert_eq!(hello["visitor"], "victim");
+            assert_eq!(hello["conversation"], conversation.0);
+            assert!(hello.get("secret").is_none());
+            assert!(greeted.iter().any(|a| matches!(a,
+                OwnerAction::Replay { to, after: 0, up_to: 4, .. } if to == &vec![real])));
+            // A second guess while the real visitor is connected is refused from memory.
+            let actions = attach(
+                &mut owner,
+                "victim",
+                session(10),
+                Some(0),
+                credentials(None, false, "fresh-10"),
+                stored.clone(),
+            );
+            assert_eq!(hello_of(&actions, session(10))["visitor"], "fresh-10");
+            assert!(!actions
+                .iter()
+                .any(|a| matches!(a, OwnerAction::Replay { .. })));
+        }
+    }
+
+    #[test]
+    fn a_verified_identity_resumes_without_the_secret_and_a_legacy_visitor_needs_one() {
+        let conversation = ConversationId::from_parts(0, 3);
+        let mut owner = owner();
+        owner.insert_loaded(meta(conversation, "user-42", 2));
+        let stored = StoredVisitor {
+            secret_hash: Some([7; 32]),
+            conversation: Some(conversation),
+        };
+        let actions = attach(
+            &mut owner,
+            "user-42",
+            session(1),
+            Some(0),
+            credentials(None, true, "fresh-1"),
+            stored,
+        );
+        assert_eq!(
+            hello_of(&actions, session(1))["conversation"],
+            conversation.0
+        );
+        // A visitor from before secrets existed: only a verified identity gets its conversation.
+        let legacy = StoredVisitor {
+            secret_hash: None,
+            conversation: Some(conversation),
+        };
+        let mut owner = self::owner();
+        owner.insert_loaded(meta(conversation, "user-42", 2));
+        let refused = attach(
+            &mut owner,
+            "user-42",
+            session(2),
+            Some(0),
+            credentials(Some("anything"), false, "fresh-2"),
+            legacy.clone(),
+        );
+        assert_eq!(hello_of(&refused, session(2))["visitor"], "fresh-2");
+        let verified = attach(
+            &mut owner,
+            "user-42",
+            session(3),
+            Some(0),
+            credentials(None, true, "fresh-3"),
+            legacy,
+        );
+        assert_eq!(
+            hello_of(&verified, session(3))["conversation"],
+            conversation.0
+        );
+    }
+
+    #[test]
+    fn an_abandoned_empty_conversation_is_deleted_unless_someone_is_connected() {
+        let conversation = ConversationId::from_parts(0, 8);
+        let mut owner = owner();
+        let mut queued = meta(conversation, "asker", 0);
+        queued.state = ConversationState::Queued;
+        owner.insert_loaded(queued.clone());
+        // The visitor is connected: kept.
+        let tab = session(1);
+        attach(
+            &mut owner,
+            "asker",
+            tab,
+            None,
+            credentials(None, true, "fresh-1"),
+            StoredVisitor {
+                secret_hash: Some([1; 32]),
+                conversation: Some(conversation),
+            },
+        );
+        let kept = owner.handle(OwnerEvent::ExpireEmpty { conversation }, 0);
+        assert!(stores(&kept).is_empty(), "{kept:#?}");
+        // Gone: deleted, and the dispatcher drops it from the queue.
+        owner.handle(
+            OwnerEvent::VisitorDetach {
+                key: key("asker"),
+                session: tab,
+            },
+            0,
+        );
+        owner.insert_loaded(queued);
+        let expire = stores(&owner.handle(OwnerEvent::ExpireEmpty { conversation }, 0));
+        assert!(
+            matches!(&expire[..], [(Op::DeleteEmpty { .. }, _)]),
+            "{expire:#?}"
+        );
+        let done = committed(
+            &mut owner,
+            expire.into_iter().next().unwrap(),
+            OpOutcome::Updated,
+        );
+        assert!(done
+            .iter()
+            .any(|a| matches!(a, OwnerAction::Dispatch(DispatchEvent::Closed { .. }))));
+        assert!(!owner.is_live(conversation));
+        // A conversation with a message is never deleted.
+        let mut owner = self::owner();
+        owner.insert_loaded(meta(conversation, "talker", 1));
+        assert!(stores(&owner.handle(OwnerEvent::ExpireEmpty { conversation }, 0)).is_empty());
+    }
+
+    /// Every typing frame forwarded to `to`, as `on` values.
+    fn typing_to(actions: &[OwnerAction], to: SessionRef) -> Vec<bool> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                OwnerAction::Send { to: target, frame }
+                    if *target == to && frame.contains("\"type\":\"typing\"") =>
+                {
+                    Some(frame.contains("\"on\":true"))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn alternating_typing_on_and_off_is_throttled_and_ends_in_the_final_state() {
+        let conversation = ConversationId::from_parts(0, 5);
+        let (visitor_tab, agent_tab) = (session(1), session(2));
+        let mut owner = owner();
+        let mut assigned = meta(conversation, "typist", 1);
+        assigned.state = ConversationState::Assigned {
+            agent: "alice".into(),
+        };
+        owner.insert_loaded(assigned);
+        attach(
+            &mut owner,
+            "typist",
+            visitor_tab,
+            None,
+            credentials(None, true, "fresh-1"),
+            StoredVisitor {
+                secret_hash: Some([1; 32]),
+                conversation: Some(conversation),
+            },
+        );
+        owner.handle(
+            OwnerEvent::AgentSubscribe {
+                conversation,
+                agent: "alice".into(),
+                session: agent_tab,
+            },
+            0,
+        );
+        // 1,000 frames in one second from each side, alternating on and off.
+        let (mut to_agent, mut to_visitor) = (Vec::new(), Vec::new());
+        for i in 0..1000u64 {
+            let on = i % 2 == 0;
+            let now = 10_000 + i;
+            let actions = owner.handle(
+                OwnerEvent::Visitor {
+                    key: key("typist"),
+                    session: visitor_tab,
+                    frame: VisitorFrame::Typing { on },
+                },
+                now,
+            );
+            to_agent.extend(typing_to(&actions, agent_tab));
+            let actions = owner.handle(
+                OwnerEvent::Agent {
+                    agent: "alice".into(),
+                    name: "Alice".into(),
+                    session: agent_tab,
+                    frame: AgentFrame::Typing {
+                        conversation: conversation.0,
+                        on,
+                    },
+                },
+                now,
+            );
+            to_visitor.extend(typing_to(&actions, visitor_tab));
+        }
+        assert_eq!(
+            to_agent,
+            vec![true],
+            "one change per interval reaches the agent"
+        );
+        assert_eq!(
+            to_visitor,
+            vec![true],
+            "one change per interval reaches the visitor"
+        );
+        // The last frame was "off": delivered once the interval is over, and only once.
+        let tick = owner.handle(OwnerEvent::Tick, 11_000);
+        assert_eq!(typing_to(&tick, agent_tab), vec![false]);
+        assert_eq!(typing_to(&tick, visitor_tab), vec![false]);
+        let tick = owner.handle(OwnerEvent::Tick, 12_000);
+        assert!(typing_to(&tick, agent_tab).is_empty());
+        assert!(typing_to(&tick, visitor_tab).is_empty());
+        // An "on" that is not renewed is switched off after the expiry.
+        let on = owner.handle(
+            OwnerEvent::Visitor {
+                key: key("typist"),
+                session: visitor_tab,
+                frame: VisitorFrame::Typing { on: true },
+            },
+            20_000,
+        );
+        assert_eq!(typing_to(&on, agent_tab), vec![true]);
+        assert!(typing_to(&owner.handle(OwnerEvent::Tick, 24_000), agent_tab).is_empty());
+        assert_eq!(
+            typing_to(&owner.handle(OwnerEvent::Tick, 25_000), agent_tab),
+            vec![false]
+        );
+    }
+
     #[test]
     fn a_tab_waiting_for_its_hello_gets_a_committing_message_from_its_replay_only() {
-        let key = VisitorKey {
-            site: "acme".into(),
-            visitor: "v1".into(),
-        };
         let conversation = ConversationId::from_parts(0, 1);
         let (first, second) = (session(1), session(2));
         let mut owner = owner();
 
-        // The first tab opens the conversation and is greeted.
-        let attach = |session, resume| OwnerEvent::VisitorAttach {
-            key: key.clone(),
-            resume,
-            session,
-        };
-        let open = stores(&owner.handle(attach(first, None), 0)).remove(0);
+        // The first tab connects and sends a message: that opens the conversation.
+        attach(
+            &mut owner,
+            "v1",
+            first,
+            None,
+            credentials(None, false, "fresh-1"),
+            StoredVisitor::default(),
+        );
+        let first_message = owner.handle(
+            OwnerEvent::Visitor {
+                key: key("v1"),
+                session: first,
+                frame: VisitorFrame::Message {
+                    id: "m0".into(),
+                    text: "first".into(),
+                },
+            },
+            0,
+        );
+        let open = stores(&first_message)
+            .into_iter()
+            .find(|(op, _)| matches!(op, Op::Open { .. }))
+            .expect("the first message opens the conversation");
         let load = committed(
             &mut owner,
             open,
@@ -1540,19 +2334,7 @@ mod tests {
             },
         );
         assert!(matches!(load[..], [OwnerAction::Load { .. }]));
-        owner.insert_loaded(Conversation {
-            id: conversation,
-            site: "acme".into(),
-            visitor: "v1".into(),
-            state: ConversationState::Bot,
-            state_since_ms: 0,
-            last_seq: 0,
-            created_ms: 0,
-            updated_ms: 0,
-            visitor_read: 0,
-            agent_read: 0,
-            failed_bot_turns: 0,
-        });
+        owner.insert_loaded(meta(conversation, "v1", 0));
         let OwnerAction::Load { event, .. } = load.into_iter().next().unwrap() else {
             unreachable!()
         };
@@ -1561,7 +2343,7 @@ mod tests {
         // It sends a message and goes away before the commit completes.
         let sent = owner.handle(
             OwnerEvent::Visitor {
-                key: key.clone(),
+                key: key("v1"),
                 session: first,
                 frame: VisitorFrame::Message {
                     id: "m1".into(),
@@ -1576,34 +2358,36 @@ mod tests {
             .expect("the message is stored");
         owner.handle(
             OwnerEvent::VisitorDetach {
-                key: key.clone(),
+                key: key("v1"),
                 session: first,
             },
             0,
         );
 
-        // A new tab attaches with resume = 0 while the message commits.
-        let reopen = stores(&owner.handle(attach(second, Some(0)), 0)).remove(0);
-        let fan_out = committed(&mut owner, append, OpOutcome::Stored { seq: 1, ts_ms: 1 });
-        assert_eq!(
-            messages_to(&fan_out, second),
-            0,
-            "a tab waiting for its hello must not get the message here: {fan_out:#?}"
-        );
-
-        // Its greeting covers the message: hello at seq 1 and a replay of (0, 1].
-        let greeting = committed(
+        // A new tab attaches with its secret and resume = 0 while the message commits.
+        let greeting = attach(
             &mut owner,
-            reopen,
-            OpOutcome::Opened {
-                conversation,
-                created: false,
-                last_seq: 1,
+            "v1",
+            second,
+            Some(0),
+            credentials(Some("secret-of-fresh-1"), false, "fresh-2"),
+            StoredVisitor {
+                secret_hash: Some(super::super::identity::hash_secret("secret-of-fresh-1")),
+                conversation: Some(conversation),
             },
         );
-        assert!(greeting.iter().any(|action| matches!(action,
-            OwnerAction::Hello { to, frame } if *to == second && frame.contains("\"seq\":1"))));
-        assert!(greeting.iter().any(|action| matches!(action,
-            OwnerAction::Replay { to, after: 0, up_to: 1, .. } if to == &vec![second])));
+        // The conversation is still in memory (a commit in flight): greeted from there, at
+        // the seq fanned out so far, with nothing to replay.
+        let hello = hello_of(&greeting, second);
+        assert_eq!(
+            (hello["visitor"].as_str(), hello["seq"].as_u64()),
+            (Some("v1"), Some(0))
+        );
+        assert!(!greeting
+            .iter()
+            .any(|a| matches!(a, OwnerAction::Replay { .. })));
+        // So the message reaches it exactly once, by fan-out.
+        let fan_out = committed(&mut owner, append, OpOutcome::Stored { seq: 1, ts_ms: 1 });
+        assert_eq!(messages_to(&fan_out, second), 1, "{fan_out:#?}");
     }
 }

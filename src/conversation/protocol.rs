@@ -110,8 +110,8 @@ impl FrameError {
 
 /// Parses a visitor's text frame.
 pub fn parse_visitor(text: &str, max_text_bytes: usize) -> Result<VisitorFrame, FrameError> {
-    let frame: VisitorFrame = parse(text)?;
-    if let VisitorFrame::Message { id, text } = &frame {
+    let mut frame: VisitorFrame = parse(text)?;
+    if let VisitorFrame::Message { id, text } = &mut frame {
         check_message(id, text, max_text_bytes)?;
     }
     Ok(frame)
@@ -119,8 +119,8 @@ pub fn parse_visitor(text: &str, max_text_bytes: usize) -> Result<VisitorFrame, 
 
 /// Parses an agent's text frame.
 pub fn parse_agent(text: &str, max_text_bytes: usize) -> Result<AgentFrame, FrameError> {
-    let frame: AgentFrame = parse(text)?;
-    match &frame {
+    let mut frame: AgentFrame = parse(text)?;
+    match &mut frame {
         AgentFrame::Message { id, text, .. } => check_message(id, text, max_text_bytes)?,
         AgentFrame::Transfer { to, .. } if to.is_empty() || to.len() > 128 => {
             return Err(FrameError::new(
@@ -177,7 +177,8 @@ fn strip_position(detail: &str) -> String {
     }
 }
 
-fn check_message(id: &str, text: &str, max_text_bytes: usize) -> Result<(), FrameError> {
+/// Checks a message's id and text, and cleans the text in place (see [`clean_text`]).
+fn check_message(id: &str, text: &mut String, max_text_bytes: usize) -> Result<(), FrameError> {
     if id.is_empty() || id.len() > MAX_CLIENT_ID_BYTES {
         return Err(FrameError::new(
             "invalid_field",
@@ -186,6 +187,16 @@ fn check_message(id: &str, text: &str, max_text_bytes: usize) -> Result<(), Fram
     }
     if text.trim().is_empty() {
         return Err(FrameError::new("invalid_field", "text must not be empty"));
+    }
+    if !text.chars().any(is_visible) {
+        return Err(FrameError::new(
+            "invalid_field",
+            "text must contain a visible character (not only white space, control, \
+             zero-width or bidi-control characters)",
+        ));
+    }
+    if text.chars().any(is_stripped) {
+        text.retain(|c| !is_stripped(c));
     }
     if text.len() > max_text_bytes {
         return Err(FrameError::new(
@@ -197,6 +208,33 @@ fn check_message(id: &str, text: &str, max_text_bytes: usize) -> Result<(), Fram
         ));
     }
     Ok(())
+}
+
+/// Characters removed from a message text that also has visible characters:
+/// C0/C1 control characters other than tab, line feed and carriage return,
+/// and the bidi embedding, override and isolate controls (U+202A..U+202E,
+/// U+2066..U+2069), which can make text shown to an agent read differently
+/// from what it is. Zero-width characters stay (U+200D joins emoji sequences).
+pub fn is_stripped(c: char) -> bool {
+    (c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
+        || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Whether a character shows something: not white space, not a control
+/// character, not zero-width (U+200B..U+200D, U+2060, U+FEFF) and not a bidi
+/// control (U+200E, U+200F, U+202A..U+202E, U+2066..U+2069). A text without
+/// one is refused with `invalid_field`.
+pub fn is_visible(c: char) -> bool {
+    !(c.is_whitespace()
+        || c.is_control()
+        || matches!(
+            c,
+            '\u{200B}'..='\u{200F}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{FEFF}'
+        ))
 }
 
 /// RFC 3339 UTC with milliseconds for a unix-ms timestamp.
@@ -297,6 +335,50 @@ mod tests {
         );
         let agent = parse_agent(r#"{"type":"status","status":"lunch"}"#, 10).unwrap_err();
         assert_eq!(agent.code, "invalid_field");
+    }
+
+    #[test]
+    fn invisible_only_text_is_refused_and_bidi_controls_are_stripped() {
+        let message = |text: &str| {
+            serde_json::json!({"type": "message", "id": "a", "text": text}).to_string()
+        };
+        for invisible in [
+            "\0",
+            "\0\0\0",
+            "\u{1}\u{7f}\u{9c}",
+            "\u{200B}\u{200C}\u{200D}",
+            "\u{2060}\u{FEFF}",
+            "\u{202E}\u{202A}\u{202D}",
+            "\u{2066}\u{2067}\u{2068}\u{2069}",
+            " \u{200B}\n\u{202E}\t\0 ",
+        ] {
+            let err = parse_visitor(&message(invisible), 100).unwrap_err();
+            assert_eq!(err.code, "invalid_field", "{invisible:?}");
+            let err = parse_agent(
+                &serde_json::json!({"type": "message", "conversation": 1, "id": "a", "text": invisible})
+                    .to_string(),
+                100,
+            )
+            .unwrap_err();
+            assert_eq!(err.code, "invalid_field", "agent {invisible:?}");
+        }
+        let text = |frame: VisitorFrame| match frame {
+            VisitorFrame::Message { text, .. } => text,
+            other => panic!("{other:?}"),
+        };
+        // Visible text keeps zero-width joiners and line breaks, loses bidi controls and NULs.
+        assert_eq!(
+            text(parse_visitor(&message("pay \u{202E}gpj.exe\u{202C} now\0"), 100).unwrap()),
+            "pay gpj.exe now"
+        );
+        assert_eq!(
+            text(parse_visitor(&message("a\u{2066}b\u{2069}\nc\u{200D}d"), 100).unwrap()),
+            "ab\nc\u{200D}d"
+        );
+        assert_eq!(
+            text(parse_visitor(&message("plain"), 100).unwrap()),
+            "plain"
+        );
     }
 
     #[test]

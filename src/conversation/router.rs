@@ -27,7 +27,8 @@ use shards::{Mesh, ShardId};
 
 use super::dispatch::{self, DispatchAction, DispatchEvent, Dispatcher, DispatcherConfig};
 use super::owner::{
-    message_frame, BotOutcome, Completion, Owner, OwnerAction, OwnerConfig, OwnerEvent, VisitorKey,
+    message_frame, BotOutcome, Completion, Owner, OwnerAction, OwnerConfig, OwnerEvent,
+    StoredVisitor, VisitorKey,
 };
 use super::protocol::{self, now_ms, VisitorFrame};
 use super::SessionRef;
@@ -261,9 +262,16 @@ impl Router {
         }
         let ticker = self.clone();
         glommio::spawn_local(async move {
+            let ttl = ticker.config.visitors.empty_conversation_ttl;
+            let sweep_every = (ttl.as_secs() / 2).clamp(1, 60);
+            let mut seconds = 0u64;
             loop {
                 glommio::timer::sleep(Duration::from_secs(1)).await;
                 ticker.on_owner(OwnerEvent::Tick);
+                seconds += 1;
+                if seconds.is_multiple_of(sweep_every) {
+                    ticker.expire_empty_conversations(ttl);
+                }
                 if let Some(bot) = &ticker.bot {
                     let now = now_ms();
                     bot.guards.borrow_mut().prune(now);
@@ -282,6 +290,43 @@ impl Router {
         })
         .detach();
         self.restore();
+    }
+
+    /// Finds the open conversations in which no message was ever stored, that no agent
+    /// holds and that were idle for `ttl`, and lets the owner delete them (it skips
+    /// those someone is connected to).
+    fn expire_empty_conversations(&self, ttl: Duration) {
+        let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
+        let open = match self
+            .reader
+            .read()
+            .and_then(|view| view.open_conversations())
+        {
+            Ok(open) => open,
+            Err(err) => {
+                tracing::error!(shard = self.shard, error = %err, "cannot list open conversations");
+                return;
+            }
+        };
+        let empty: Vec<ConversationId> = open
+            .into_iter()
+            .filter(|c| {
+                c.last_seq == 0
+                    && c.updated_ms <= cutoff
+                    && !matches!(c.state, crate::store::ConversationState::Assigned { .. })
+            })
+            .map(|c| c.id)
+            .collect();
+        if !empty.is_empty() {
+            tracing::info!(
+                shard = self.shard,
+                count = empty.len(),
+                "expiring idle empty conversations"
+            );
+        }
+        for conversation in empty {
+            self.on_owner(OwnerEvent::ExpireEmpty { conversation });
+        }
     }
 
     fn restore(&self) {
@@ -340,7 +385,10 @@ impl Router {
                 session,
                 frame: VisitorFrame::Message { id, text },
             }) => {
-                let Some(text) = self.guard(&key, session, text) else {
+                // Counted against the visitor the session really is (it may have been
+                // moved off a claimed id it had no secret for).
+                let visitor = self.owner.borrow().visitor_of(&key, session);
+                let Some(text) = self.guard(&visitor, session, text) else {
                     return;
                 };
                 self.on_owner(OwnerEvent::Visitor {
@@ -509,6 +557,33 @@ impl Router {
                         Err(err) => {
                             tracing::error!(shard = self.shard, %conversation, error = %err, "cannot load conversation");
                         }
+                    }
+                }
+                OwnerAction::LoadVisitor { key, event } => {
+                    let stored = self.reader.read().and_then(|view| {
+                        Ok(StoredVisitor {
+                            secret_hash: view.visitor_secret(&key.site, &key.visitor)?,
+                            conversation: view.conversation_of_visitor(&key.site, &key.visitor)?,
+                        })
+                    });
+                    let mut event = *event;
+                    match (stored, &mut event) {
+                        (Ok(found), OwnerEvent::VisitorAttach { stored, .. }) => {
+                            *stored = Some(Box::new(found));
+                            let more = self.owner.borrow_mut().handle(event, now_ms());
+                            queue.extend(more);
+                        }
+                        (Err(err), OwnerEvent::VisitorAttach { session, .. }) => {
+                            tracing::error!(shard = self.shard, error = %err, "cannot look up a visitor");
+                            self.deliver_hello(
+                                *session,
+                                Arc::from(protocol::error_frame(
+                                    "storage_error",
+                                    "cannot look up the visitor; reconnect later",
+                                )),
+                            );
+                        }
+                        _ => {}
                     }
                 }
             }

@@ -29,7 +29,8 @@ use super::Shard;
 use crate::arena::{CloseRequest, Outbound, SessionId};
 use crate::auth::rbac::{self, Role as AgentRole};
 use crate::conversation::dispatch::{self, AgentStatus, DispatchEvent};
-use crate::conversation::owner::{OwnerEvent, VisitorKey};
+use crate::conversation::identity;
+use crate::conversation::owner::{Credentials, FreshVisitor, OwnerEvent, VisitorKey};
 use crate::conversation::protocol::{self, AgentFrame, FrameError, Presence};
 use crate::conversation::{dispatcher_shard, visitor_owner, SessionRef};
 use crate::http::{self, HttpError, HttpLimits, RequestHead};
@@ -328,18 +329,24 @@ impl Session {
                 site,
                 visitor,
                 resume,
+                secret,
+                verified,
             } => {
                 let key = VisitorKey {
                     site: site.into(),
                     visitor: visitor.unwrap_or_else(generate_visitor_id).into(),
                 };
                 let owner = visitor_owner(&key.site, &key.visitor, router.shard_count());
+                let credentials =
+                    visitor_credentials(&key, owner, router.shard_count(), secret, verified);
                 router.send(
                     owner,
                     ShardMessage::Owner(OwnerEvent::VisitorAttach {
                         key: key.clone(),
                         resume,
                         session: me,
+                        credentials: Box::new(credentials),
+                        stored: None,
                     }),
                 );
                 SessionRole::Visitor { key, owner }
@@ -563,6 +570,28 @@ impl Drop for Session {
                 }
             }
         }
+    }
+}
+
+/// What a visitor connection presents to its owner shard (see `conversation::identity`):
+/// the hash of its secret, whether its identity was verified, and a fresh id and secret
+/// in case it starts a visitor.
+fn visitor_credentials(
+    key: &VisitorKey,
+    owner: usize,
+    shard_count: usize,
+    secret: Option<String>,
+    verified: bool,
+) -> Credentials {
+    let (fresh_secret, fresh_hash) = identity::new_secret();
+    Credentials {
+        secret_hash: secret.as_deref().map(identity::hash_secret),
+        verified,
+        fresh: FreshVisitor {
+            visitor: identity::new_visitor_on(&key.site, owner, shard_count).into(),
+            secret: fresh_secret.into(),
+            secret_hash: fresh_hash,
+        },
     }
 }
 

@@ -8,6 +8,7 @@ use crate::arena::SessionKind;
 use crate::auth::rbac::Role;
 use crate::auth::{events, Authority, TokenRefusal};
 use crate::config::Config;
+use crate::conversation::identity::identity_matches;
 use crate::http::{query_param, RequestHead};
 
 /// What a request asks for.
@@ -32,11 +33,15 @@ pub enum Route {
 pub enum Endpoint {
     /// `/ws/echo[?delay_ms=N]`: diagnostic echo, each message delayed by N ms.
     Echo { delay_ms: u32 },
-    /// `/ws/visitor?site=S[&visitor=V][&resume=SEQ]`.
+    /// `/ws/visitor?site=S[&visitor=V][&secret=X][&identity_hash=H][&resume=SEQ]`.
     Visitor {
         site: String,
         visitor: Option<String>,
         resume: Option<u64>,
+        /// The visitor's secret, as presented (checked by the owner shard).
+        secret: Option<String>,
+        /// `identity_hash` matched the site's identity key for `visitor`.
+        verified: bool,
     },
     /// `/ws/agent?token=T`, resolved to the token's account (or, in development mode, the
     /// matching static `[agents]` account).
@@ -60,6 +65,8 @@ impl Endpoint {
 
 /// Longest site or visitor id accepted, in bytes.
 const MAX_ID_BYTES: usize = 128;
+/// Longest `secret` accepted, in bytes (issued secrets are 32).
+const MAX_SECRET_BYTES: usize = 128;
 /// Longest echo delay accepted (a diagnostic, not a feature).
 const MAX_ECHO_DELAY_MS: u32 = 10_000;
 
@@ -120,10 +127,64 @@ pub fn route(head: &RequestHead, config: &Config, authority: &Authority, now: u6
                     Err(_) => return Route::Reject(400, "resume must be a sequence number"),
                 },
             };
+            let secret = query_param(query, "secret");
+            if let Some(secret) = &secret {
+                if secret.is_empty()
+                    || secret.len() > MAX_SECRET_BYTES
+                    || !secret.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Route::Reject(
+                        400,
+                        "secret must be the 1 to 128 character secret from the visitor's hello",
+                    );
+                }
+            }
+            let site_config = config.visitors.site(&site);
+            if site_config.is_none() && !config.visitors.allow_unlisted_sites {
+                return Route::Reject(
+                    403,
+                    "unknown site: it has no [visitors.sites] entry on this server",
+                );
+            }
+            if let Some(allowed) = site_config.map(|c| &c.origins).filter(|o| !o.is_empty()) {
+                let origin = head.header_str("origin");
+                if !origin
+                    .is_some_and(|origin| allowed.iter().any(|a| a.eq_ignore_ascii_case(origin)))
+                {
+                    return Route::Reject(
+                        403,
+                        "Origin not allowed: this site accepts visitors only from the origins \
+                         listed in its [visitors.sites] entry",
+                    );
+                }
+            }
+            let verified = match query_param(query, "identity_hash") {
+                None => false,
+                Some(presented) => {
+                    let Some(visitor) = &visitor else {
+                        return Route::Reject(400, "identity_hash needs the visitor parameter");
+                    };
+                    let Some(key) = site_config.and_then(|c| c.identity_key.as_deref()) else {
+                        return Route::Reject(
+                            403,
+                            "identity_hash refused: this site has no identity key configured",
+                        );
+                    };
+                    if !identity_matches(key, visitor, &presented) {
+                        return Route::Reject(
+                            403,
+                            "identity_hash does not match the visitor id for this site",
+                        );
+                    }
+                    true
+                }
+            };
             Route::Upgrade(Endpoint::Visitor {
                 site: site.into_owned(),
                 visitor: visitor.map(|v| v.into_owned()),
                 resume,
+                secret: secret.map(|s| s.into_owned()),
+                verified,
             })
         }
         _ => {
@@ -161,4 +222,111 @@ fn valid_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conversation::identity::identity_hash;
+    use crate::http::{parse_request, HttpLimits};
+
+    const KEY: &str = "acme-identity-key-0123456789abcdef";
+
+    fn config(extra: &str) -> Config {
+        crate::config::load_str(
+            "test.toml",
+            &format!(
+                "[visitors.sites.acme]\nidentity_key = \"{KEY}\"\norigins = [\"https://shop.example\"]\n{extra}"
+            ),
+        )
+        .unwrap()
+    }
+
+    fn visitor_route(target: &str, origin: Option<&str>, config: &Config) -> Route {
+        let origin = origin.map_or(String::new(), |o| format!("Origin: {o}\r\n"));
+        let request = format!("GET {target} HTTP/1.1\r\nHost: x\r\n{origin}\r\n");
+        let limits = HttpLimits {
+            max_header_bytes: 8192,
+            max_headers: 32,
+        };
+        let (head, _) = parse_request(request.as_bytes(), &limits).unwrap().unwrap();
+        route(&head, config)
+    }
+
+    #[test]
+    fn visitor_origin_secret_and_identity_rules() {
+        let c = config("");
+        let shop = Some("https://shop.example");
+        // Origin allow-list of a listed site.
+        assert!(matches!(
+            visitor_route("/ws/visitor?site=acme", None, &c),
+            Route::Reject(403, _)
+        ));
+        assert!(matches!(
+            visitor_route("/ws/visitor?site=acme", Some("https://evil.example"), &c),
+            Route::Reject(403, _)
+        ));
+        assert!(matches!(
+            visitor_route("/ws/visitor?site=acme", shop, &c),
+            Route::Upgrade(Endpoint::Visitor {
+                verified: false,
+                ..
+            })
+        ));
+        // An unlisted site: served by default, refused when not allowed.
+        assert!(matches!(
+            visitor_route("/ws/visitor?site=other", None, &c),
+            Route::Upgrade(_)
+        ));
+        let strict = config("[visitors]\nallow_unlisted_sites = false\n");
+        assert!(matches!(
+            visitor_route("/ws/visitor?site=other", None, &strict),
+            Route::Reject(403, _)
+        ));
+        // The secret is passed on as given; a malformed one is refused.
+        match visitor_route("/ws/visitor?site=acme&visitor=v1&secret=abc123", shop, &c) {
+            Route::Upgrade(Endpoint::Visitor { secret, .. }) => {
+                assert_eq!(secret.as_deref(), Some("abc123"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            visitor_route("/ws/visitor?site=acme&visitor=v1&secret=", shop, &c),
+            Route::Reject(400, _)
+        ));
+        // identity_hash: verified when it matches; refused when it does not.
+        let good = identity_hash(KEY.as_bytes(), "user-1");
+        assert!(matches!(
+            visitor_route(
+                &format!("/ws/visitor?site=acme&visitor=user-1&identity_hash={good}"),
+                shop,
+                &c
+            ),
+            Route::Upgrade(Endpoint::Visitor { verified: true, .. })
+        ));
+        assert!(matches!(
+            visitor_route(
+                &format!("/ws/visitor?site=acme&visitor=user-2&identity_hash={good}"),
+                shop,
+                &c
+            ),
+            Route::Reject(403, _)
+        ));
+        assert!(matches!(
+            visitor_route(
+                &format!("/ws/visitor?site=other&visitor=user-1&identity_hash={good}"),
+                None,
+                &c
+            ),
+            Route::Reject(403, _)
+        ));
+        assert!(matches!(
+            visitor_route(
+                &format!("/ws/visitor?site=acme&identity_hash={good}"),
+                shop,
+                &c
+            ),
+            Route::Reject(400, _)
+        ));
+    }
 }

@@ -49,6 +49,17 @@ pub enum Op {
         side: ReadSide,
         seq: u64,
     },
+    /// Deletes a conversation in which no message was ever stored (`last_seq == 0`) and
+    /// that no agent holds: its record, its open entry and the visitor's pointer to it.
+    /// `Updated` when deleted; `Rejected(NotEmpty)` when it has messages or an agent.
+    DeleteEmpty { conversation: ConversationId },
+    /// Records the SHA-256 of a visitor's secret, unless one is stored already (the
+    /// first stored secret of a visitor id stays). Outcome `Updated`.
+    SetVisitorSecret {
+        site: String,
+        visitor: String,
+        secret_hash: [u8; 32],
+    },
     /// Records the number of consecutive failed bot turns.
     SetFailedBotTurns {
         conversation: ConversationId,
@@ -71,7 +82,7 @@ pub enum OpOutcome {
     Duplicate { seq: u64 },
     /// `MarkRead`: the watermark after the operation.
     ReadMarked { watermark: u64 },
-    /// `SetState`, `SetFailedBotTurns`: applied (possibly a no-op when nothing changed).
+    /// `SetState`, `SetFailedBotTurns`, `SetVisitorSecret`: applied (possibly a no-op when nothing changed).
     Updated,
     /// The operation was refused and wrote nothing.
     Rejected(Rejection),

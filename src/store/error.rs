@@ -33,6 +33,8 @@ pub enum Rejection {
     },
     #[error("this shard has used up its conversation ids")]
     ConversationIdsExhausted,
+    #[error("conversation {0} has messages or an agent; it is not deleted")]
+    NotEmpty(ConversationId),
 }
 
 /// A failure of a whole store call.

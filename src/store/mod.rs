@@ -13,6 +13,9 @@
 //!   watermarks, failed bot turns, timestamps).
 //! - `open`: the conversations that are not closed (rebuilds queues after a restart).
 //! - `visitors`: `(site, visitor id)` -> the visitor's open conversation (resume).
+//! - `visitor_secrets`: `(site, visitor id)` -> SHA-256 of the visitor's secret, written
+//!   with the visitor's first conversation; reconnecting to the id requires the secret
+//!   (see `conversation::identity`). Only the hash is stored.
 //! - `info`: layout version, shard index, conversation id counter.
 //!
 //! Conversation ids carry their owning shard ([`ConversationId::shard`]); a store only

@@ -67,6 +67,25 @@ impl<'s> ReadView<'s> {
         }
     }
 
+    /// The SHA-256 of a visitor's secret, if one was stored (see
+    /// [`Op::SetVisitorSecret`](super::Op::SetVisitorSecret)).
+    pub fn visitor_secret(
+        &self,
+        site: &str,
+        visitor: &str,
+    ) -> Result<Option<[u8; 32]>, StoreError> {
+        if site.len() > MAX_SITE_BYTES || visitor.len() > MAX_VISITOR_BYTES {
+            return Ok(None);
+        }
+        let key = keys::visitor_key(site, visitor);
+        match self.tables.visitor_secrets.get(&self.txn, key.as_bytes())? {
+            Some(bytes) => <[u8; 32]>::try_from(bytes)
+                .map(Some)
+                .map_err(|_| corrupt("visitor_secrets", key.as_bytes(), "not 32 bytes")),
+            None => Ok(None),
+        }
+    }
+
     /// Every conversation that is not closed, in id order.
     pub fn open_conversations(&self) -> Result<Vec<Conversation>, StoreError> {
         let mut open = Vec::new();

@@ -38,9 +38,9 @@ pub const FORMAT_VERSION: u64 = 1;
 /// Reader slots of the LMDB lock table. Each live [`ReadView`] holds one; a shard thread
 /// needs a handful, the rest is headroom for diagnostics tools.
 pub const MAX_READERS: u32 = 126;
-/// Named tables of a shard environment (5 used; format 1 files may also hold an unused
-/// `dedup` table from before re-sends were recognised from the records; 2 spare).
-pub const MAX_DBS: u32 = 8;
+/// Named tables of a shard environment (6 used; format 1 files may also hold an unused
+/// `dedup` table from before re-sends were recognised from the records; the rest spare).
+pub const MAX_DBS: u32 = 10;
 
 /// The scratch serialisation buffer is dropped after a batch that grew it past this.
 const SCRATCH_KEEP_BYTES: usize = 64 * 1024;
@@ -64,6 +64,9 @@ pub(crate) struct Tables {
     pub visitors: Table,
     /// Layout version, shard index, conversation id counter.
     pub info: Table,
+    /// `(site, visitor)` -> SHA-256 of the visitor's secret (32 bytes). Added after
+    /// format 1 shipped; created empty when a store from before is opened.
+    pub visitor_secrets: Table,
 }
 
 /// The durable store of the conversations one shard owns.
@@ -131,6 +134,8 @@ impl ShardStore {
                 let open = opener.create_database::<Bytes, Bytes>(wtxn, Some("open"))?;
                 let visitors = opener.create_database::<Bytes, Bytes>(wtxn, Some("visitors"))?;
                 let info = opener.create_database::<Bytes, Bytes>(wtxn, Some("info"))?;
+                let visitor_secrets =
+                    opener.create_database::<Bytes, Bytes>(wtxn, Some("visitor_secrets"))?;
 
                 match info.get(wtxn, INFO_FORMAT)? {
                     None => {
@@ -164,10 +169,11 @@ impl ShardStore {
                     open,
                     visitors,
                     info,
+                    visitor_secrets,
                 )))
             })?
             .unwrap_commit();
-        let (messages, conversations, open, visitors, info) = tables;
+        let (messages, conversations, open, visitors, info, visitor_secrets) = tables;
 
         Ok(ShardStore {
             env,
@@ -177,6 +183,7 @@ impl ShardStore {
                 open,
                 visitors,
                 info,
+                visitor_secrets,
             },
             shard,
             durability: options.durability,
@@ -354,6 +361,12 @@ impl ShardStore {
                     conversation,
                     count,
                 } => writer.set_failed_bot_turns(*conversation, *count)?,
+                Op::SetVisitorSecret {
+                    site,
+                    visitor,
+                    secret_hash,
+                } => writer.set_visitor_secret(site, visitor, secret_hash)?,
+                Op::DeleteEmpty { conversation } => writer.delete_empty(*conversation)?,
             };
             outcomes.push(outcome);
         }
@@ -654,6 +667,64 @@ impl BatchWriter<'_> {
         if staged.conversation.failed_bot_turns != count {
             staged.conversation.failed_bot_turns = count;
             staged.dirty = true;
+        }
+        Ok(OpOutcome::Updated)
+    }
+
+    fn delete_empty(&mut self, id: ConversationId) -> Result<OpOutcome, StoreError> {
+        let slot = match self.writable(id)? {
+            Ok(slot) => slot,
+            Err(reason) => return Ok(OpOutcome::Rejected(reason)),
+        };
+        let staged = &mut self.staged.entries[slot];
+        let conversation = &staged.conversation;
+        if conversation.last_seq != 0
+            || matches!(conversation.state, ConversationState::Assigned { .. })
+        {
+            return Ok(OpOutcome::Rejected(Rejection::NotEmpty(id)));
+        }
+        let (site, visitor) = (conversation.site.clone(), conversation.visitor.clone());
+        // Later ops of this batch see it as closed; commit does not write it back.
+        staged.conversation.state = ConversationState::Closed;
+        staged.dirty = false;
+        let key = keys::conversation_key(id);
+        self.tables.conversations.delete(&mut self.txn, &key)?;
+        self.tables.open.delete(&mut self.txn, &key)?;
+        let visitor_key = keys::visitor_key(&site, &visitor);
+        let points_here = self
+            .tables
+            .visitors
+            .get(&self.txn, visitor_key.as_bytes())?
+            .is_some_and(|bytes| bytes == key);
+        if points_here {
+            self.tables
+                .visitors
+                .delete(&mut self.txn, visitor_key.as_bytes())?;
+        }
+        Ok(OpOutcome::Updated)
+    }
+
+    fn set_visitor_secret(
+        &mut self,
+        site: &str,
+        visitor: &str,
+        secret_hash: &[u8; 32],
+    ) -> Result<OpOutcome, StoreError> {
+        if let Err(reason) = check_text("site", site, MAX_SITE_BYTES)
+            .and_then(|()| check_text("visitor id", visitor, MAX_VISITOR_BYTES))
+        {
+            return Ok(OpOutcome::Rejected(reason));
+        }
+        let key = keys::visitor_key(site, visitor);
+        if self
+            .tables
+            .visitor_secrets
+            .get(&self.txn, key.as_bytes())?
+            .is_none()
+        {
+            self.tables
+                .visitor_secrets
+                .put(&mut self.txn, key.as_bytes(), secret_hash)?;
         }
         Ok(OpOutcome::Updated)
     }

@@ -933,3 +933,68 @@ fn flusher_syncs_from_another_thread_without_keeping_the_store_open() {
     let store = ShardStore::open(dir.path(), 0, options(Durability::Batch)).unwrap();
     assert_eq!(store.last_seq(c).unwrap(), Some(200));
 }
+
+#[test]
+fn visitor_secrets_keep_the_first_hash_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    let set = |hash: [u8; 32]| Op::SetVisitorSecret {
+        site: "acme".into(),
+        visitor: "v1".into(),
+        secret_hash: hash,
+    };
+    assert_eq!(
+        store.apply(&[set([1; 32]), set([2; 32])]).unwrap(),
+        vec![OpOutcome::Updated, OpOutcome::Updated]
+    );
+    drop(store);
+    let store = open(dir.path());
+    let view = store.read().unwrap();
+    assert_eq!(view.visitor_secret("acme", "v1").unwrap(), Some([1; 32]));
+    assert_eq!(view.visitor_secret("acme", "v2").unwrap(), None);
+    assert_eq!(view.visitor_secret("acm", "ev1").unwrap(), None);
+}
+
+#[test]
+fn delete_empty_removes_only_conversations_without_messages_or_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = open(dir.path());
+    let empty = open_conversation(&mut store, "acme", "silent");
+    let spoken = open_conversation(&mut store, "acme", "talker");
+    store
+        .append_batch(&[message(spoken, "hi", Some("m1"))])
+        .unwrap();
+    let outcomes = store
+        .apply(&[
+            Op::DeleteEmpty {
+                conversation: empty,
+            },
+            Op::DeleteEmpty {
+                conversation: spoken,
+            },
+        ])
+        .unwrap();
+    assert_eq!(outcomes[0], OpOutcome::Updated);
+    assert_eq!(
+        outcomes[1],
+        OpOutcome::Rejected(crate::store::Rejection::NotEmpty(spoken))
+    );
+    assert_eq!(store.conversation(empty).unwrap(), None);
+    assert_eq!(
+        store.conversation_of_visitor("acme", "silent").unwrap(),
+        None
+    );
+    assert_eq!(
+        store.conversation_of_visitor("acme", "talker").unwrap(),
+        Some(spoken)
+    );
+    let open: Vec<ConversationId> = store
+        .open_conversations()
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(open, vec![spoken]);
+    // The visitor's next Open creates a new conversation.
+    assert_ne!(open_conversation(&mut store, "acme", "silent"), empty);
+}

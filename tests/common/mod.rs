@@ -243,13 +243,22 @@ pub struct RawClient {
 impl RawClient {
     /// Connects and upgrades; on a non-101 answer returns the status and body.
     pub fn connect(addr: SocketAddr, path: &str) -> Result<RawClient, (u16, String)> {
+        Self::connect_with_headers(addr, path, "")
+    }
+
+    /// Like [`RawClient::connect`] with extra request header lines (each ending in `\r\n`).
+    pub fn connect_with_headers(
+        addr: SocketAddr,
+        path: &str,
+        headers: &str,
+    ) -> Result<RawClient, (u16, String)> {
         let mut stream = TcpStream::connect(addr).expect("connect");
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         stream.set_nodelay(true).unwrap();
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{headers}\r\n"
         );
         stream.write_all(request.as_bytes()).expect("send upgrade");
         let mut buffer = Vec::new();
@@ -431,4 +440,54 @@ fn parse_frame(buf: &[u8]) -> Option<(Frame, usize)> {
         },
         at,
     ))
+}
+
+/// Visitor secrets the server issued, by storage directory, site and visitor id.
+/// Reconnecting to a visitor id needs its secret (docs/protocol.md, "Visitor identity").
+/// (storage directory, site, visitor id).
+type VisitorSlot = (std::path::PathBuf, String, String);
+
+static VISITOR_SECRETS: Mutex<Vec<(VisitorSlot, String)>> = Mutex::new(Vec::new());
+
+/// `/ws/visitor?site=S&visitor=V[&secret=X][&resume=N]`, with the secret the server
+/// issued to `visitor` if a hello carried one (see [`remember_visitor`]).
+pub fn visitor_path(server: &Server, site: &str, visitor: &str, resume: Option<u64>) -> String {
+    let mut path = format!("/ws/visitor?site={site}&visitor={visitor}");
+    let key = (
+        server.dir.path().to_owned(),
+        site.to_owned(),
+        visitor.to_owned(),
+    );
+    if let Some((_, secret)) = VISITOR_SECRETS
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|(k, _)| *k == key)
+    {
+        path.push_str(&format!("&secret={secret}"));
+    }
+    if let Some(seq) = resume {
+        path.push_str(&format!("&resume={seq}"));
+    }
+    path
+}
+
+/// Keeps the secret of a visitor `hello` that carries one, as a client keeps it in
+/// `localStorage`.
+pub fn remember_visitor(server: &Server, hello: &serde_json::Value) {
+    let (Some(site), Some(visitor), Some(secret)) = (
+        hello["site"].as_str(),
+        hello["visitor"].as_str(),
+        hello["secret"].as_str(),
+    ) else {
+        return;
+    };
+    let key = (
+        server.dir.path().to_owned(),
+        site.to_owned(),
+        visitor.to_owned(),
+    );
+    let mut secrets = VISITOR_SECRETS.lock().unwrap();
+    secrets.retain(|(k, _)| *k != key);
+    secrets.push((key, secret.to_owned()));
 }

@@ -268,7 +268,7 @@ async fn shard_main(
         match open_session(
             &ctx,
             sources.next(),
-            &ctx.endpoints.visitor_path(v, None),
+            &ctx.endpoints.visitor_path(v, None, None),
             seed(shard, v, 0),
         )
         .await

@@ -247,7 +247,7 @@ async fn shard_main(
                     r.first_attempt = Some(Instant::now());
                 }
             }
-            let path = ctx.endpoints.visitor_path(i, None);
+            let path = ctx.endpoints.visitor_path(i, None, None);
             let source = sources.borrow_mut().next();
             let opened = open_session(&ctx, source, &path, seed(shard, i, 0)).await;
             state.resolved.set(state.resolved.get() + 1);

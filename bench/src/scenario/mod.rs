@@ -159,6 +159,8 @@ pub async fn open_session(
 #[derive(Debug, Clone, Default)]
 pub struct Hello {
     pub seq: Option<u64>,
+    /// The visitor secret the server issued on this connection, if it did.
+    pub secret: Option<String>,
 }
 
 /// Reads frames until one whose `type` is in `kinds` arrives (others are skipped); errors on timeout,
@@ -176,7 +178,10 @@ pub async fn await_frame(
                 let f =
                     ServerFrame::parse(&t).map_err(|_| format!("{}: malformed json", kinds[0]))?;
                 if kinds.iter().any(|k| *k == f.kind) {
-                    return Ok(Hello { seq: f.seq });
+                    return Ok(Hello {
+                        seq: f.seq,
+                        secret: f.secret.map(|s| s.into_owned()),
+                    });
                 }
                 if f.kind == "error" {
                     return Err(format!(

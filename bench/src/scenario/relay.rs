@@ -510,7 +510,7 @@ async fn set_up_conversation(
         ));
         agent = Some((writer, task));
     }
-    let path = ctx.endpoints.visitor_path(conv, None);
+    let path = ctx.endpoints.visitor_path(conv, None, None);
     let source = sources.borrow_mut().next();
     let (mut reader, writer, _) = open_session(ctx, source, &path, seed(shard, conv, 2))
         .await

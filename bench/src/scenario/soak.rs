@@ -103,6 +103,8 @@ struct VisitorBook {
     replies: Arrivals,
     probes_sent: u64,
     assigned: bool,
+    /// The visitor's secret from its first `hello`: reconnecting to the visitor id needs it.
+    secret: Option<String>,
 }
 
 impl VisitorBook {
@@ -415,7 +417,10 @@ async fn visitor_life(
         } else {
             None
         };
-        let path = ctx.endpoints.visitor_path(plan.v, resume);
+        let secret = book.borrow().secret.clone();
+        let path = ctx
+            .endpoints
+            .visitor_path(plan.v, resume, secret.as_deref());
         let source = sources.borrow_mut().next();
         let (mut reader, writer, hello) =
             match open_session(ctx, source, &path, seed(plan.shard, plan.v, attempt)).await {
@@ -434,6 +439,9 @@ async fn visitor_life(
             b.duplicate_deliveries += std::mem::take(&mut b.delivered).duplicates;
             if b.baseline.is_none() {
                 b.baseline = Some(hello.as_ref().and_then(|h| h.seq).unwrap_or(0));
+            }
+            if let Some(secret) = hello.as_ref().and_then(|h| h.secret.clone()) {
+                b.secret = Some(secret);
             }
         }
         if switchboard && plan.relay && !book.borrow().assigned {
