@@ -2250,6 +2250,7 @@ mod tests {
                 OwnerEvent::Agent {
                     agent: "alice".into(),
                     name: "Alice".into(),
+                    role: crate::auth::rbac::Role::Agent,
                     session: agent_tab,
                     frame: AgentFrame::Typing {
                         conversation: conversation.0,

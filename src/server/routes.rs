@@ -250,7 +250,12 @@ mod tests {
             max_headers: 32,
         };
         let (head, _) = parse_request(request.as_bytes(), &limits).unwrap().unwrap();
-        route(&head, config)
+        // Visitor routes never consult accounts; an empty store in a scratch dir will do.
+        let dir = tempfile::tempdir().unwrap();
+        let mut scratch = config.clone();
+        scratch.storage.dir = dir.path().to_path_buf();
+        let (authority, _) = Authority::open(&scratch).unwrap();
+        route(&head, config, &authority, 0)
     }
 
     #[test]
