@@ -10,6 +10,7 @@
 //! Invariants: everything here lives on the shard's thread (`Rc`, `RefCell`);
 //! the only things shared with other shards are the mesh and the metrics.
 
+mod admission;
 pub mod connection;
 mod routes;
 
@@ -37,6 +38,8 @@ pub struct Shard {
     pub router: Rc<Router>,
     pub buffers: BufferPool,
     pub metrics: Metrics,
+    /// Accept-time checks, session rates, the load sampler's state (see [`admission`]).
+    pub admission: admission::Admission,
     started: Instant,
     shutting_down: Cell<bool>,
 }
@@ -82,6 +85,7 @@ pub async fn shard_main(
             std::process::exit(1);
         }
     };
+    let shard_admission = admission::Admission::new(&config, context.id.0);
     let shard = Rc::new(Shard {
         id: context.id,
         shard_count: context.shard_count,
@@ -93,6 +97,7 @@ pub async fn shard_main(
         arena,
         router: router.clone(),
         metrics,
+        admission: shard_admission,
         started: Instant::now(),
         shutting_down: Cell::new(false),
     });
@@ -109,7 +114,10 @@ pub async fn shard_main(
             match listener.accept().await {
                 Ok(stream) => {
                     ShardMetrics::add(&accept_shard.counters().connections_accepted, 1);
-                    glommio::spawn_local(connection::serve(accept_shard.clone(), stream)).detach();
+                    if let Some((stream, peer)) = admission::on_accept(&accept_shard, stream) {
+                        glommio::spawn_local(connection::serve(accept_shard.clone(), stream, peer))
+                            .detach();
+                    }
                 }
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning; the
@@ -121,6 +129,8 @@ pub async fn shard_main(
         }
     })
     .detach();
+
+    let admission_tasks = admission::start(&shard);
 
     let sweeper_shard = shard.clone();
     let sweeper = glommio::spawn_local(async move {
@@ -153,6 +163,9 @@ pub async fn shard_main(
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     sweeper.cancel();
+    for task in admission_tasks {
+        task.cancel();
+    }
     let left = shard.arena.borrow().len();
     if left > 0 {
         tracing::warn!(
