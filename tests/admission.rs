@@ -347,8 +347,9 @@ fn flood_guard_refusals_count_toward_the_abuse_limit_and_close_with_1008() {
         }
     };
     assert_eq!(code, Some(1008));
-    // abuse_limit = 10: the 10th refusal closes.
-    assert_eq!(floods, 10, "refusals before the close");
+    // abuse_limit = 10: the 10th refusal closes (the error frames the owner had already
+    // answered in the same burst are written before the close).
+    assert!(floods >= 10, "{floods} flood refusals before the close");
 }
 
 #[test]

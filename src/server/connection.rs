@@ -825,27 +825,6 @@ async fn run_session(
                     continue;
                 }
                 let refusals = std::mem::take(&mut record.refusals);
-                if refusals > 0 {
-                    // Frames the conversation's owner refused (e.g. the flood guard).
-                    drop(arena);
-                    let now = shard.admission.now_ms();
-                    let rates = *session.rates();
-                    let spent = (0..refusals).any(|_| {
-                        session.limits.refused(&rates, now) == AbuseVerdict::Close
-                    });
-                    let closed = spent && ws.close(1008, "too many refused frames", &mut out);
-                    if closed {
-                        ShardMetrics::add(&counters.abuse_closes, 1);
-                        hostile(shard, session.peer, "close 1008", "too many refused frames");
-                    }
-                    arena = shard.arena.borrow_mut();
-                    if let (true, Some(record)) = (closed, arena.get_mut(session.id)) {
-                        record.closing_since.get_or_insert(shard.now_secs());
-                    }
-                }
-                let Some(record) = arena.get_mut(session.id) else {
-                    break;
-                };
                 if record.ping_due {
                     record.ping_due = false;
                     record.ping_sent_at = Some(shard.now_secs());
@@ -874,6 +853,22 @@ async fn run_session(
                     };
                 });
                 ShardMetrics::add(&counters.messages_sent, sent);
+                drop(arena);
+                if refusals > 0 {
+                    // Frames the conversation's owner refused (e.g. the flood guard), counted
+                    // after their error frames are written so the close comes behind them.
+                    let now = shard.admission.now_ms();
+                    let rates = *session.rates();
+                    let spent = (0..refusals)
+                        .any(|_| session.limits.refused(&rates, now) == AbuseVerdict::Close);
+                    if spent && ws.close(1008, "too many refused frames", &mut out) {
+                        ShardMetrics::add(&counters.abuse_closes, 1);
+                        hostile(shard, session.peer, "close 1008", "too many refused frames");
+                        if let Some(record) = shard.arena.borrow_mut().get_mut(session.id) {
+                            record.closing_since.get_or_insert(shard.now_secs());
+                        }
+                    }
+                }
             }
         }
         ShardMetrics::add(&counters.messages_received, std::mem::take(&mut received));
