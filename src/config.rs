@@ -688,9 +688,7 @@ impl LimitsConfig {
             "visitor_message_burst" => self.visitor_message_burst = f.integer_in(1, 1_000_000)?,
             "visitor_frames_per_second" => self.visitor_frames_per_second = f.float_in(0.0, 1e6)?,
             "visitor_frame_burst" => self.visitor_frame_burst = f.integer_in(1, 1_000_000)?,
-            "agent_messages_per_second" => {
-                self.agent_messages_per_second = f.float_in(0.0, 1e6)?
-            }
+            "agent_messages_per_second" => self.agent_messages_per_second = f.float_in(0.0, 1e6)?,
             "agent_message_burst" => self.agent_message_burst = f.integer_in(1, 1_000_000)?,
             "agent_frames_per_second" => self.agent_frames_per_second = f.float_in(0.0, 1e6)?,
             "agent_frame_burst" => self.agent_frame_burst = f.integer_in(1, 1_000_000)?,
@@ -902,11 +900,20 @@ impl Config {
         w.section("limits");
         w.float("connections_per_ip", limits.connections_per_ip);
         w.display("connection_burst", limits.connection_burst);
-        w.float("visitor_messages_per_second", limits.visitor_messages_per_second);
+        w.float(
+            "visitor_messages_per_second",
+            limits.visitor_messages_per_second,
+        );
         w.display("visitor_message_burst", limits.visitor_message_burst);
-        w.float("visitor_frames_per_second", limits.visitor_frames_per_second);
+        w.float(
+            "visitor_frames_per_second",
+            limits.visitor_frames_per_second,
+        );
         w.display("visitor_frame_burst", limits.visitor_frame_burst);
-        w.float("agent_messages_per_second", limits.agent_messages_per_second);
+        w.float(
+            "agent_messages_per_second",
+            limits.agent_messages_per_second,
+        );
         w.display("agent_message_burst", limits.agent_message_burst);
         w.float("agent_frames_per_second", limits.agent_frames_per_second);
         w.display("agent_frame_burst", limits.agent_frame_burst);

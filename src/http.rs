@@ -392,11 +392,23 @@ mod tests {
         assert_eq!(repeated_query_param(""), None);
         assert_eq!(repeated_query_param("a=1&b=2&c"), None);
         assert_eq!(repeated_query_param("a=1&&b=2"), None);
-        assert_eq!(repeated_query_param("token=x&token=good").as_deref(), Some("token"));
-        assert_eq!(repeated_query_param("token=good&token=x").as_deref(), Some("token"));
-        assert_eq!(repeated_query_param("site=a&x=1&site").as_deref(), Some("site"));
+        assert_eq!(
+            repeated_query_param("token=x&token=good").as_deref(),
+            Some("token")
+        );
+        assert_eq!(
+            repeated_query_param("token=good&token=x").as_deref(),
+            Some("token")
+        );
+        assert_eq!(
+            repeated_query_param("site=a&x=1&site").as_deref(),
+            Some("site")
+        );
         // `%74oken` is `token` once decoded.
-        assert_eq!(repeated_query_param("token=a&%74oken=b").as_deref(), Some("token"));
+        assert_eq!(
+            repeated_query_param("token=a&%74oken=b").as_deref(),
+            Some("token")
+        );
     }
 
     fn limits() -> HttpLimits {

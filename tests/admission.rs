@@ -167,7 +167,10 @@ fn the_blocklist_closes_at_accept_and_reloads_when_the_file_changes() {
     std::fs::write(&list, "# nobody\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while http_get(server.addr, "/healthz").0 != 200 {
-        assert!(Instant::now() < deadline, "the emptied list was not reloaded");
+        assert!(
+            Instant::now() < deadline,
+            "the emptied list was not reloaded"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
@@ -188,7 +191,10 @@ fn a_bad_blocklist_stops_start_up_with_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let list = dir.path().join("blocked.txt");
     std::fs::write(&list, "10.0.0.0/8\n\n10.0.0.0/40\n").unwrap();
-    let config = write_config(dir.path(), &format!("[limits]\nblocklist_file = {list:?}\n"));
+    let config = write_config(
+        dir.path(),
+        &format!("[limits]\nblocklist_file = {list:?}\n"),
+    );
     let output = std::process::Command::new(BIN)
         .args(["serve", "--config"])
         .arg(&config)
@@ -203,10 +209,11 @@ fn a_bad_blocklist_stops_start_up_with_file_and_line() {
 /// Reads JSON frames until one satisfies `want` (panics on close or timeout).
 fn until(client: &mut RawClient, what: &str, want: impl Fn(&Value) -> bool) -> Value {
     loop {
-        let frame = client
-            .read_message()
-            .unwrap_or_else(|| panic!("no {what}"));
-        assert_eq!(frame.opcode, 1, "expected text while waiting for {what}: {frame:?}");
+        let frame = client.read_message().unwrap_or_else(|| panic!("no {what}"));
+        assert_eq!(
+            frame.opcode, 1,
+            "expected text while waiting for {what}: {frame:?}"
+        );
         let value = frame.json();
         if want(&value) {
             return value;
@@ -216,9 +223,8 @@ fn until(client: &mut RawClient, what: &str, want: impl Fn(&Value) -> bool) -> V
 
 #[test]
 fn a_visitor_over_its_message_rate_gets_rate_limited_with_retry_after_and_nothing_is_stored() {
-    let server = Server::start(
-        "[limits]\nvisitor_messages_per_second = 1.0\nvisitor_message_burst = 2\n",
-    );
+    let server =
+        Server::start("[limits]\nvisitor_messages_per_second = 1.0\nvisitor_message_burst = 2\n");
     let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
     until(&mut visitor, "hello", |v| v["type"] == "hello");
     for id in ["m1", "m2", "m3"] {
@@ -399,7 +405,9 @@ fn backpressure_bounds_memory_and_keeps_the_shard_responsive_during_a_flood() {
             let asked = Instant::now();
             let mut second = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
             second.set_read_timeout(Duration::from_secs(30));
-            until(&mut second, "second visitor's hello", |v| v["type"] == "hello");
+            until(&mut second, "second visitor's hello", |v| {
+                v["type"] == "hello"
+            });
             hello_wait = Some(asked.elapsed());
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -435,4 +443,24 @@ fn backpressure_bounds_memory_and_keeps_the_shard_responsive_during_a_flood() {
     );
     // The flooder's session is still served: it is paused, not dropped.
     assert_eq!(http_get(server.addr, "/healthz").0, 200);
+}
+
+#[test]
+fn protocol_error_closes_are_logged_with_the_peer_address() {
+    let server = Server::start("");
+    let mut client = RawClient::connect(server.addr, "/ws/echo").unwrap();
+    // An unmasked client frame: 1002.
+    client.send_frame(true, 1, b"hi", false);
+    assert_eq!(client.expect_close(), 1002);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.logs().contains("close 1002") {
+        assert!(Instant::now() < deadline, "{}", server.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let logs = server.logs();
+    let line = logs.lines().find(|l| l.contains("close 1002")).unwrap();
+    assert!(
+        line.contains("INFO") && line.contains("peer=127.0.0.1:"),
+        "{line}"
+    );
 }

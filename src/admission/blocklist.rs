@@ -125,7 +125,8 @@ mod tests {
 
     #[test]
     fn a_bad_line_is_named_with_file_and_line() {
-        let err = Blocklist::parse("10.0.0.0/8\n# fine\n10.0.0.0/33\n", "/etc/block.txt").unwrap_err();
+        let err =
+            Blocklist::parse("10.0.0.0/8\n# fine\n10.0.0.0/33\n", "/etc/block.txt").unwrap_err();
         assert_eq!(
             err,
             BlocklistError::BadLine {
@@ -134,8 +135,16 @@ mod tests {
                 text: "10.0.0.0/33".into(),
             }
         );
-        assert!(err.to_string().starts_with("/etc/block.txt:3: `10.0.0.0/33` is not an IP network"));
-        for bad in ["example.com", "1.2.3", "fe80::1%eth0", "1.2.3.4/", "1.2.3.4 5.6.7.8"] {
+        assert!(err
+            .to_string()
+            .starts_with("/etc/block.txt:3: `10.0.0.0/33` is not an IP network"));
+        for bad in [
+            "example.com",
+            "1.2.3",
+            "fe80::1%eth0",
+            "1.2.3.4/",
+            "1.2.3.4 5.6.7.8",
+        ] {
             assert!(Blocklist::parse(bad, "f").is_err(), "{bad}");
         }
     }

@@ -189,11 +189,17 @@ mod tests {
     }
 
     fn lag(ms: u64) -> Sample {
-        Sample { lag_ms: ms, queue: 0 }
+        Sample {
+            lag_ms: ms,
+            queue: 0,
+        }
     }
 
     fn queue(items: usize) -> Sample {
-        Sample { lag_ms: 0, queue: items }
+        Sample {
+            lag_ms: 0,
+            queue: items,
+        }
     }
 
     #[test]
@@ -281,7 +287,16 @@ mod tests {
             recover_after_ms: 0,
         });
         for t in 0..10 {
-            assert_eq!(c.observe(Sample { lag_ms: 100_000, queue: usize::MAX }, t), None);
+            assert_eq!(
+                c.observe(
+                    Sample {
+                        lag_ms: 100_000,
+                        queue: usize::MAX
+                    },
+                    t
+                ),
+                None
+            );
         }
         assert_eq!(c.level(), Level::Normal);
     }

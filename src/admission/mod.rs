@@ -87,9 +87,7 @@ impl AcceptGate {
 /// IPv4 address: the same client gets the same bucket and the same blocklist verdict.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     }
 }
@@ -125,12 +123,12 @@ impl SessionRates {
         let window = limits.abuse_window.as_secs_f64().max(0.001);
         let abuse_limit = abuse_limit.max(1);
         SessionRates {
-            messages: rate(limits.visitor_messages_per_second, limits.visitor_message_burst),
-            frames: rate(limits.visitor_frames_per_second, limits.visitor_frame_burst),
-            abuse: Rate::new(
-                f64::from(abuse_limit) / window,
-                f64::from(abuse_limit - 1),
+            messages: rate(
+                limits.visitor_messages_per_second,
+                limits.visitor_message_burst,
             ),
+            frames: rate(limits.visitor_frames_per_second, limits.visitor_frame_burst),
+            abuse: Rate::new(f64::from(abuse_limit) / window, f64::from(abuse_limit - 1)),
         }
     }
 
@@ -309,7 +307,10 @@ mod tests {
         limits.connections_per_ip = 0.0;
         let mut gate = AcceptGate::new(&limits, Blocklist::default());
         for _ in 0..10_000 {
-            assert_eq!(gate.check("192.0.2.1".parse().unwrap(), 0), AcceptDecision::Admit);
+            assert_eq!(
+                gate.check("192.0.2.1".parse().unwrap(), 0),
+                AcceptDecision::Admit
+            );
         }
     }
 
@@ -370,9 +371,16 @@ mod tests {
 
     #[test]
     fn refusal_response_has_retry_after_in_whole_seconds() {
-        let text =
-            String::from_utf8(refusal_response(429, RetryAfter { ms: 1200 }, "slow down\n")).unwrap();
-        assert!(text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"), "{text}");
+        let text = String::from_utf8(refusal_response(
+            429,
+            RetryAfter { ms: 1200 },
+            "slow down\n",
+        ))
+        .unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+            "{text}"
+        );
         assert!(text.contains("\r\nRetry-After: 2\r\n"), "{text}");
         assert!(text.ends_with("\r\n\r\nslow down\n"));
     }

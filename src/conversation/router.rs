@@ -31,8 +31,8 @@ use super::owner::{
 };
 use super::protocol::{self, now_ms, VisitorFrame};
 use super::SessionRef;
-use crate::arena::{Arena, Outbound, SessionId};
 use crate::admission::{self, Level};
+use crate::arena::{Arena, Outbound, SessionId};
 use crate::bot::{BotContext, Chain, HandlerSpec, Registry, Verdict};
 use crate::config::Config;
 use crate::engine::intent::{CacheOutcome, EngineSettings, IntentEngine};
@@ -227,10 +227,7 @@ impl Router {
             outgoing_rx.push(Some(rx));
         }
         let bot_queries = KeyedBuckets::new(
-            admission::rate(
-                config.limits.bot_queries_per_site,
-                config.limits.bot_burst,
-            ),
+            admission::rate(config.limits.bot_queries_per_site, config.limits.bot_burst),
             config.limits.tracked_keys,
         );
         let router = Rc::new(Router {

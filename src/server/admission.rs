@@ -78,7 +78,11 @@ impl Admission {
 /// Logs one piece of hostile input (a refused upgrade or connection, a protocol-error close)
 /// at info level with the peer address, at most `[limits] log_lines_per_second` per shard.
 pub fn hostile(shard: &Shard, peer: Option<SocketAddr>, what: &str, detail: &str) {
-    let admitted = shard.admission.log.borrow_mut().admit(shard.admission.now_ms());
+    let admitted = shard
+        .admission
+        .log
+        .borrow_mut()
+        .admit(shard.admission.now_ms());
     match admitted {
         Some(suppressed) => {
             let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
@@ -104,13 +108,23 @@ pub fn on_accept(shard: &Rc<Shard>, stream: TcpStream) -> Option<(TcpStream, Opt
         AcceptDecision::Admit => Some((stream, peer)),
         AcceptDecision::Blocked => {
             ShardMetrics::add(&shard.counters().admission_blocked, 1);
-            hostile(shard, peer, "blocked", "peer is on the blocklist; closed at accept");
+            hostile(
+                shard,
+                peer,
+                "blocked",
+                "peer is on the blocklist; closed at accept",
+            );
             drop(stream);
             None
         }
         AcceptDecision::RateLimited(retry) => {
             ShardMetrics::add(&shard.counters().admission_rate_limited, 1);
-            hostile(shard, peer, "429", "too many new connections from this address");
+            hostile(
+                shard,
+                peer,
+                "429",
+                "too many new connections from this address",
+            );
             let response = crate::admission::refusal_response(
                 429,
                 retry,

@@ -382,10 +382,7 @@ impl Session {
                 }
             }
         };
-        let limits = SessionLimits::new(
-            session_rates(shard, &role),
-            shard.admission.now_ms(),
-        );
+        let limits = SessionLimits::new(session_rates(shard, &role), shard.admission.now_ms());
         Session {
             shard: shard.clone(),
             id,
@@ -429,7 +426,12 @@ impl Session {
             AbuseVerdict::Close => {
                 if reply.close(1008, "too many refused frames") {
                     ShardMetrics::add(&self.shard.counters().abuse_closes, 1);
-                    hostile(&self.shard, self.peer, "close 1008", "too many refused frames");
+                    hostile(
+                        &self.shard,
+                        self.peer,
+                        "close 1008",
+                        "too many refused frames",
+                    );
                 }
                 false
             }
@@ -443,7 +445,12 @@ impl Session {
         let limits = &self.shard.config.limits;
         let over = |to: usize| {
             router.queued_to(to) >= limits.max_queued_per_shard
-                || self.shard.metrics.shard(to).commit_pending.load(Ordering::Relaxed) as usize
+                || self
+                    .shard
+                    .metrics
+                    .shard(to)
+                    .commit_pending
+                    .load(Ordering::Relaxed) as usize
                     >= limits.max_pending_commits
         };
         match &self.role {
