@@ -464,3 +464,80 @@ fn protocol_error_closes_are_logged_with_the_peer_address() {
         "{line}"
     );
 }
+
+/// The sum over shards of a `/metrics` value.
+fn metric(server: &Server, name: &str) -> u64 {
+    let (_, body) = http_get(server.addr, "/metrics");
+    body.lines()
+        .filter(|line| line.starts_with(&format!("switchboard_{name}{{")))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn an_overloaded_shard_refuses_new_sessions_keeps_old_ones_and_recovers() {
+    // Thresholds of one queued item: the commit queue a flood of `read` frames keeps busy
+    // puts the shard at the refuse level; it recovers half a second after the flood.
+    let server = Server::start(&format!(
+        "{ONE_SHARD}[limits]\nvisitor_frames_per_second = 0\nshed_lag = \"0s\"\nrefuse_lag = \"0s\"\n\
+         shed_queue = 1\nrefuse_queue = 1\nrecover_after = \"500ms\"\n"
+    ));
+    let mut flooder = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut flooder, "hello", |v| v["type"] == "hello");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let writer = flood(
+        &flooder,
+        &masked_text_frame(br#"{"type":"read","seq":0}"#),
+        u64::MAX,
+        stop.clone(),
+        sent.clone(),
+    );
+    let reader_stop = stop.clone();
+    let mut reader_stream = flooder.stream_clone();
+    let reader = std::thread::spawn(move || {
+        reader_stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut sink = vec![0u8; 65536];
+        while !reader_stop.load(Ordering::Relaxed) {
+            if let Ok(0) = reader_stream.read(&mut sink) {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&server, "degrade_level") != 2 {
+        assert!(Instant::now() < deadline, "never reached the refuse level");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A new visitor is upgraded and closed with 1013; an agent-style client gets 503.
+    let mut late = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    assert_eq!(late.expect_close(), 1013);
+    let response = raw_response(server.addr, &upgrade_request("/ws/echo", ""));
+    assert!(
+        response.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+            && response.contains("Retry-After:"),
+        "{response}"
+    );
+    // Health and metrics are still answered.
+    assert_eq!(http_get(server.addr, "/healthz").0, 200);
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.join();
+    let _ = reader.join();
+    // The flood's session was not dropped by the refuse level.
+    assert!(flooder.is_alive());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&server, "degrade_level") != 0 {
+        assert!(Instant::now() < deadline, "never recovered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut again = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut again, "hello after recovery", |v| v["type"] == "hello");
+    assert!(metric(&server, "degrade_transitions") >= 2);
+    let logs = server.logs();
+    assert!(
+        logs.contains("load level raised") && logs.contains("load level lowered"),
+        "{logs}"
+    );
+}

@@ -126,7 +126,8 @@ impl Controller {
             Level::Shed => (t.shed_lag_ms, t.shed_queue),
             Level::Refuse => (t.refuse_lag_ms, t.refuse_queue),
         };
-        (lag == 0 || sample.lag_ms < lag / 2) && (queue == 0 || sample.queue < queue / 2)
+        (lag == 0 || sample.lag_ms.saturating_mul(2) < lag)
+            && (queue == 0 || sample.queue.saturating_mul(2) < queue)
     }
 
     /// Feeds one sample taken at `now_ms`; returns the transition it caused, if any.
@@ -275,6 +276,24 @@ mod tests {
         assert_eq!(c.observe(queue(10), 2100), None);
         assert!(c.observe(queue(10), 2200).is_some());
         assert_eq!(c.level(), Level::Normal);
+    }
+
+    #[test]
+    fn a_threshold_of_one_recovers_on_empty_queues() {
+        let mut c = Controller::new(Thresholds {
+            shed_lag_ms: 0,
+            refuse_lag_ms: 0,
+            shed_queue: 1,
+            refuse_queue: 1,
+            recover_after_ms: 500,
+        });
+        c.observe(queue(1), 0);
+        c.observe(queue(3), 100);
+        assert_eq!(c.level(), Level::Refuse);
+        c.observe(queue(0), 200);
+        assert_eq!(c.observe(queue(0), 700).map(|t| t.to), Some(Level::Shed));
+        c.observe(queue(0), 800);
+        assert_eq!(c.observe(queue(0), 1300).map(|t| t.to), Some(Level::Normal));
     }
 
     #[test]
