@@ -110,6 +110,15 @@ enabled = false
 # A load generator sends far faster than a person; keep the flood guard out of the way.
 flood_messages = 10000
 flood_window = "100ms"
+
+[limits]
+# Every client of a benchmark comes from 127.0.0.1 and sends far faster than a person: lift the
+# per-IP connection rate and the per-session rates (back-pressure and degradation stay on).
+connections_per_ip = 0
+visitor_messages_per_second = 0
+visitor_frames_per_second = 0
+agent_messages_per_second = 0
+agent_frames_per_second = 0
 $(for i in $(seq 0 $((AGENTS - 1))); do printf '\n[agents.accounts.bench%s]\ntoken = "switchboard-bench-agent-%s"\nmax_open = 1000\n' "$i" "$i"; done)
 ${SWITCHBOARD_CONFIG_EXTRA:-}
 TOML
