@@ -124,6 +124,7 @@ async fn handshake(
         }
         Err(HeadError::Timeout) => {
             ShardMetrics::add(&shard.counters().handshake_timeouts, 1);
+            hostile(&shard, peer, "408", "request head not received in time");
             respond(
                 &shard,
                 &mut stream,
