@@ -114,6 +114,14 @@ flood_window = "100ms"
 [agents]
 # The load generator authenticates with static tokens: development mode only.
 dev_static_tokens = true
+[limits]
+# Every client of a benchmark comes from 127.0.0.1 and sends far faster than a person: lift the
+# per-IP connection rate and the per-session rates (back-pressure and degradation stay on).
+connections_per_ip = 0
+visitor_messages_per_second = 0
+visitor_frames_per_second = 0
+agent_messages_per_second = 0
+agent_frames_per_second = 0
 $(for i in $(seq 0 $((AGENTS - 1))); do printf '\n[agents.accounts.bench%s]\ntoken = "switchboard-bench-agent-%s"\nmax_open = 1000\n' "$i" "$i"; done)
 ${SWITCHBOARD_CONFIG_EXTRA:-}
 TOML

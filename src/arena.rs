@@ -85,6 +85,9 @@ pub struct SessionRecord {
     /// Set by the sweeper when the close handshake took too long: drop the
     /// connection.
     pub abort: bool,
+    /// Refusals (error frames for something this session sent) queued by other parts of the
+    /// shard since the session task last looked; they count toward its abuse limit.
+    pub refusals: u16,
     /// Conversations an agent session follows (empty, unallocated, for others).
     pub follows: Vec<u64>,
     /// Until its `hello` arrives, frames for the session are held back here,
@@ -103,7 +106,11 @@ pub struct SessionRecord {
 impl SessionRecord {
     /// Whether the connection task has something to do besides reading.
     pub fn has_work(&self) -> bool {
-        self.ping_due || self.abort || self.close.is_some() || !self.outbox.is_empty()
+        self.ping_due
+            || self.abort
+            || self.close.is_some()
+            || !self.outbox.is_empty()
+            || self.refusals > 0
     }
 
     /// Remembers the task to wake when work arrives.
@@ -201,6 +208,7 @@ impl Arena {
             close: None,
             closing_since: None,
             abort: false,
+            refusals: 0,
             follows: Vec::new(),
             awaiting_hello: kind != SessionKind::Echo,
             replay_frames: 0,
@@ -280,6 +288,19 @@ impl Arena {
         let record = self.get_mut(id)?;
         record.replay_frames = record.replay_frames.saturating_add(1);
         self.push(id, frame)
+    }
+
+    /// Like [`Arena::push`], for an `error` frame refusing something the session sent: the
+    /// session task counts it toward the session's abuse limit.
+    pub fn push_refusal(&mut self, id: SessionId, frame: Outbound) -> Option<usize> {
+        let record = self.get_mut(id)?;
+        record.refusals = record.refusals.saturating_add(1);
+        let len = self.push(id, frame);
+        if let Some(record) = self.get_mut(id) {
+            // A refusal held until `hello` still wakes the task to count it.
+            record.wake();
+        }
+        len
     }
 
     /// Queues a session's `hello`, then everything held back until it came.

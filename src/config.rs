@@ -125,6 +125,7 @@ pub struct Config {
     pub risk_control: RiskControlConfig,
     pub audit: AuditConfig,
     pub visitors: VisitorsConfig,
+    pub limits: LimitsConfig,
     /// Where each key was last set; used to point errors found after loading at the right line.
     origins: Origins,
 }
@@ -237,6 +238,52 @@ pub struct ConversationsConfig {
     pub typing_expiry: Duration,
     pub agent_grace: Duration,
     pub abuse_limit: u32,
+}
+
+/// `[limits]`: admission rates, back-pressure bounds, degradation thresholds, the blocklist.
+/// A rate of 0 is unlimited; see `crate::admission`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LimitsConfig {
+    /// New connections per second per client IP, per shard.
+    pub connections_per_ip: f64,
+    pub connection_burst: u32,
+    /// Chat messages per second per visitor session.
+    pub visitor_messages_per_second: f64,
+    pub visitor_message_burst: u32,
+    /// Frames of any kind per second per visitor session.
+    pub visitor_frames_per_second: f64,
+    pub visitor_frame_burst: u32,
+    /// Chat messages per second per agent session (an agent serves many conversations).
+    pub agent_messages_per_second: f64,
+    pub agent_message_burst: u32,
+    /// Frames of any kind per second per agent session.
+    pub agent_frames_per_second: f64,
+    pub agent_frame_burst: u32,
+    /// Bot queries per second per site, per owner shard.
+    pub bot_queries_per_site: f64,
+    pub bot_burst: u32,
+    /// `conversations.abuse_limit` refusals within this window close a session with 1008.
+    pub abuse_window: Duration,
+    /// Messages queued toward one shard past which sessions sending there stop reading.
+    pub max_queued_per_shard: usize,
+    /// Storage operations waiting for a commit past which sessions stop reading.
+    pub max_pending_commits: usize,
+    /// Event-loop lag that sheds non-core work; 0 disables.
+    pub shed_lag: Duration,
+    /// Event-loop lag that refuses new sessions; 0 disables.
+    pub refuse_lag: Duration,
+    /// Queued items that shed non-core work; 0 disables.
+    pub shed_queue: usize,
+    /// Queued items that refuse new sessions; 0 disables.
+    pub refuse_queue: usize,
+    pub recover_after: Duration,
+    /// `None`: no blocklist.
+    pub blocklist_file: Option<PathBuf>,
+    pub blocklist_poll: Duration,
+    /// Hostile-input log lines per second per shard; 0 = every one.
+    pub log_lines_per_second: u32,
+    /// Keys (IPs, sites) each keyed limiter tracks at most.
+    pub tracked_keys: usize,
 }
 
 /// `[agents]`
@@ -730,6 +777,44 @@ impl ConversationsConfig {
     }
 }
 
+impl LimitsConfig {
+    fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
+        match key {
+            "connections_per_ip" => self.connections_per_ip = f.float_in(0.0, 1e6)?,
+            "connection_burst" => self.connection_burst = f.integer_in(1, 1_000_000)?,
+            "visitor_messages_per_second" => {
+                self.visitor_messages_per_second = f.float_in(0.0, 1e6)?
+            }
+            "visitor_message_burst" => self.visitor_message_burst = f.integer_in(1, 1_000_000)?,
+            "visitor_frames_per_second" => self.visitor_frames_per_second = f.float_in(0.0, 1e6)?,
+            "visitor_frame_burst" => self.visitor_frame_burst = f.integer_in(1, 1_000_000)?,
+            "agent_messages_per_second" => self.agent_messages_per_second = f.float_in(0.0, 1e6)?,
+            "agent_message_burst" => self.agent_message_burst = f.integer_in(1, 1_000_000)?,
+            "agent_frames_per_second" => self.agent_frames_per_second = f.float_in(0.0, 1e6)?,
+            "agent_frame_burst" => self.agent_frame_burst = f.integer_in(1, 1_000_000)?,
+            "bot_queries_per_site" => self.bot_queries_per_site = f.float_in(0.0, 1e6)?,
+            "bot_burst" => self.bot_burst = f.integer_in(1, 1_000_000)?,
+            "abuse_window" => self.abuse_window = f.duration_in(secs(1), hours(1))?,
+            "max_queued_per_shard" => self.max_queued_per_shard = f.integer_in(16, 10_000_000)?,
+            "max_pending_commits" => self.max_pending_commits = f.integer_in(16, 10_000_000)?,
+            "shed_lag" => self.shed_lag = f.duration_in(Duration::ZERO, mins(1))?,
+            "refuse_lag" => self.refuse_lag = f.duration_in(Duration::ZERO, mins(1))?,
+            "shed_queue" => self.shed_queue = f.integer_in(0, 100_000_000)?,
+            "refuse_queue" => self.refuse_queue = f.integer_in(0, 100_000_000)?,
+            "recover_after" => self.recover_after = f.duration_in(Duration::ZERO, hours(1))?,
+            "blocklist_file" => {
+                let text = f.text(0, 4096)?;
+                self.blocklist_file = (!text.is_empty()).then(|| PathBuf::from(text));
+            }
+            "blocklist_poll" => self.blocklist_poll = f.duration_in(ms(100), hours(1))?,
+            "log_lines_per_second" => self.log_lines_per_second = f.integer_in(0, 1_000_000)?,
+            "tracked_keys" => self.tracked_keys = f.integer_in(1, 10_000_000)?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
 impl AgentsConfig {
     /// `accounts` is read by `Builder::apply_accounts`, which merges accounts key by key.
     fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
@@ -882,6 +967,7 @@ impl Config {
             risk_control: risk,
             audit,
             visitors,
+            limits,
             origins: _,
         } = self;
 
@@ -1017,6 +1103,43 @@ impl Config {
                 None => {}
             }
         }
+        w.section("limits");
+        w.float("connections_per_ip", limits.connections_per_ip);
+        w.display("connection_burst", limits.connection_burst);
+        w.float(
+            "visitor_messages_per_second",
+            limits.visitor_messages_per_second,
+        );
+        w.display("visitor_message_burst", limits.visitor_message_burst);
+        w.float(
+            "visitor_frames_per_second",
+            limits.visitor_frames_per_second,
+        );
+        w.display("visitor_frame_burst", limits.visitor_frame_burst);
+        w.float(
+            "agent_messages_per_second",
+            limits.agent_messages_per_second,
+        );
+        w.display("agent_message_burst", limits.agent_message_burst);
+        w.float("agent_frames_per_second", limits.agent_frames_per_second);
+        w.display("agent_frame_burst", limits.agent_frame_burst);
+        w.float("bot_queries_per_site", limits.bot_queries_per_site);
+        w.display("bot_burst", limits.bot_burst);
+        w.duration("abuse_window", limits.abuse_window);
+        w.display("max_queued_per_shard", limits.max_queued_per_shard);
+        w.display("max_pending_commits", limits.max_pending_commits);
+        w.duration("shed_lag", limits.shed_lag);
+        w.duration("refuse_lag", limits.refuse_lag);
+        w.display("shed_queue", limits.shed_queue);
+        w.display("refuse_queue", limits.refuse_queue);
+        w.duration("recover_after", limits.recover_after);
+        w.path(
+            "blocklist_file",
+            limits.blocklist_file.as_deref().unwrap_or(Path::new("")),
+        );
+        w.duration("blocklist_poll", limits.blocklist_poll);
+        w.display("log_lines_per_second", limits.log_lines_per_second);
+        w.display("tracked_keys", limits.tracked_keys);
     }
 
     /// Placeholder values the embedded default overwrites entirely (it must set every key).
@@ -1113,6 +1236,32 @@ impl Config {
                 allow_unlisted_sites: false,
                 empty_conversation_ttl: Duration::ZERO,
                 sites: BTreeMap::new(),
+            },
+            limits: LimitsConfig {
+                connections_per_ip: 0.0,
+                connection_burst: 0,
+                visitor_messages_per_second: 0.0,
+                visitor_message_burst: 0,
+                visitor_frames_per_second: 0.0,
+                visitor_frame_burst: 0,
+                agent_messages_per_second: 0.0,
+                agent_message_burst: 0,
+                agent_frames_per_second: 0.0,
+                agent_frame_burst: 0,
+                bot_queries_per_site: 0.0,
+                bot_burst: 0,
+                abuse_window: Duration::ZERO,
+                max_queued_per_shard: 0,
+                max_pending_commits: 0,
+                shed_lag: Duration::ZERO,
+                refuse_lag: Duration::ZERO,
+                shed_queue: 0,
+                refuse_queue: 0,
+                recover_after: Duration::ZERO,
+                blocklist_file: None,
+                blocklist_poll: Duration::ZERO,
+                log_lines_per_second: 0,
+                tracked_keys: 0,
             },
             origins: Origins::default(),
         }
@@ -1411,6 +1560,7 @@ impl Builder {
             "audit" => c.audit.set(key, f),
             "visitors" if key == "sites" => self.apply_sites(f).map(|()| true),
             "visitors" => c.visitors.set(key, f),
+            "limits" => c.limits.set(key, f),
             _ => Ok(false),
         }
     }

@@ -246,6 +246,26 @@ fn parse_error_text(e: httparse::Error) -> &'static str {
     }
 }
 
+/// The (decoded) name of the first parameter that appears more than once in a raw query string,
+/// if any. Requests with a repeated parameter are refused as a whole: with `token=x&token=y`
+/// any choice of value (first wins, last wins) is a guess a proxy or client library may make
+/// differently. An undecodable name counts under its raw form.
+pub fn repeated_query_param(query: &str) -> Option<Cow<'_, str>> {
+    let names: Vec<Cow<'_, str>> = query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let raw = pair.split_once('=').map_or(pair, |(name, _)| name);
+            percent_decode(raw).unwrap_or(Cow::Borrowed(raw))
+        })
+        .collect();
+    names
+        .iter()
+        .enumerate()
+        .find(|(i, name)| names[..*i].contains(name))
+        .map(|(_, name)| name.clone())
+}
+
 /// Finds the first parameter called `name` in a raw query string (`a=1&b=x+y`) and returns its value,
 /// percent-decoded with `+` meaning space. Parameter names are compared after decoding. A parameter without
 /// `=` has the empty value.
@@ -299,25 +319,43 @@ fn hex_value(b: u8) -> Option<u8> {
 /// Standard reason phrase for the status codes switchboard sends.
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
+        100 => "Continue",
         101 => "Switching Protocols",
         200 => "OK",
         201 => "Created",
+        202 => "Accepted",
         204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        406 => "Not Acceptable",
+        408 => "Request Timeout",
         409 => "Conflict",
+        410 => "Gone",
         411 => "Length Required",
         413 => "Content Too Large",
+        414 => "URI Too Long",
         415 => "Unsupported Media Type",
-        408 => "Request Timeout",
+        422 => "Unprocessable Content",
+        423 => "Locked",
         426 => "Upgrade Required",
+        428 => "Precondition Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
         503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
         _ => "Unknown",
     }
 }
@@ -355,6 +393,30 @@ pub fn write_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repeated_query_parameters_are_found_after_decoding() {
+        assert_eq!(repeated_query_param(""), None);
+        assert_eq!(repeated_query_param("a=1&b=2&c"), None);
+        assert_eq!(repeated_query_param("a=1&&b=2"), None);
+        assert_eq!(
+            repeated_query_param("token=x&token=good").as_deref(),
+            Some("token")
+        );
+        assert_eq!(
+            repeated_query_param("token=good&token=x").as_deref(),
+            Some("token")
+        );
+        assert_eq!(
+            repeated_query_param("site=a&x=1&site").as_deref(),
+            Some("site")
+        );
+        // `%74oken` is `token` once decoded.
+        assert_eq!(
+            repeated_query_param("token=a&%74oken=b").as_deref(),
+            Some("token")
+        );
+    }
 
     fn limits() -> HttpLimits {
         HttpLimits {
@@ -571,8 +633,12 @@ Connection: close\r\nSec-WebSocket-Version: 13\r\n\r\nupgrade"
             out,
             b"HTTP/1.1 599 Unknown\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         );
-        for s in [101, 200, 400, 403, 404, 405, 408, 426, 431, 500, 503] {
-            assert_ne!(reason_phrase(s), "Unknown");
+        // Every status the server sends has its phrase (a 401 used to go out as "401 Unknown").
+        for s in [
+            101, 200, 400, 401, 403, 404, 405, 408, 413, 415, 426, 429, 431, 500, 503,
+        ] {
+            assert_ne!(reason_phrase(s), "Unknown", "{s}");
         }
+        assert_eq!(reason_phrase(401), "Unauthorized");
     }
 }

@@ -9,6 +9,7 @@
 //! shard-local driver doing the I/O; `arena` and `buffers` hold per-shard
 //! session state; `config` is the tuning file loader.
 
+pub mod admission;
 pub mod api;
 pub mod arena;
 pub mod audit;

@@ -310,6 +310,13 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
              create accounts with `switchboard agent add`"
         );
     }
+    if let Some(path) = &config.limits.blocklist_file {
+        // Each shard loads (and later reloads) the list itself; a bad file stops the start here.
+        if let Err(err) = switchboard::admission::Blocklist::load(path) {
+            eprintln!("switchboard: invalid configuration: limits.blocklist_file: {err}");
+            return ExitCode::from(2);
+        }
+    }
     let config = Arc::new(config);
     let metrics = Metrics::new(cores.len());
     let runtime_config = shards::RuntimeConfig {

@@ -3,7 +3,10 @@
 //! Each shard writes only its own [`ShardMetrics`] (relaxed atomics, so a write
 //! is a plain add on x86 and never contends); any shard may read all of them to
 //! answer a scrape. This is observation, not coordination: no decision is made
-//! from another shard's counters.
+//! from another shard's counters, with one exception: a session pauses reading
+//! its socket while the `commit_pending` gauge of its conversation's shard is
+//! above `[limits] max_pending_commits` (a relaxed read; a stale value only
+//! delays the pause or the resume by a moment).
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,6 +69,34 @@ counters! {
     store_commit_ops: "counter",
     /// Microseconds spent in group commits, fsync included (divide by store_commits for the mean).
     store_commit_micros: "counter",
+    /// Connections closed at accept because the peer is on the blocklist.
+    admission_blocked: "counter",
+    /// Connections answered 429 at accept (too many new connections from the IP).
+    admission_rate_limited: "counter",
+    /// Upgrades refused because the shard is at the refuse level (503 or close 1013).
+    admission_overloaded: "counter",
+    /// Frames refused with `rate_limited` (message or frame budget of a session spent).
+    frames_rate_limited: "counter",
+    /// Sessions closed with 1008 because their refused frames passed the abuse limit.
+    abuse_closes: "counter",
+    /// Times a session stopped reading its socket because the queues toward its owner were full.
+    backpressure_pauses: "counter",
+    /// Bot queries answered lexically because the site's bot-query rate was spent.
+    bot_rate_limited: "counter",
+    /// Typing indicators not relayed because the shard was shedding load.
+    typing_shed: "counter",
+    /// Hostile-input log lines suppressed by the per-shard log rate.
+    hostile_log_suppressed: "counter",
+    /// Storage operations waiting for a group commit now.
+    commit_pending: "gauge",
+    /// Messages waiting for the mesh, toward all shards, now.
+    mesh_queued: "gauge",
+    /// Event-loop lag of the last sample, in microseconds.
+    event_loop_lag_micros: "gauge",
+    /// Load level now: 0 normal, 1 shed, 2 refuse.
+    degrade_level: "gauge",
+    /// Load-level changes (each logged).
+    degrade_transitions: "counter",
 }
 
 impl ShardMetrics {

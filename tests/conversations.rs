@@ -515,7 +515,8 @@ fn resume_replays_a_conversation_longer_than_the_backlog_bound() {
     // reading; a resume replay is as long as the conversation and must not count.
     const MESSAGES: u64 = 5_000;
     let server = Server::start(&overlay(
-        "[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n",
+        "[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n\
+         [limits]\nvisitor_messages_per_second = 0\nvisitor_frames_per_second = 0\n",
     ));
     let (mut tab, _) = visitor(&server, "acme", "long-talker", None);
     let mut last = 0;

@@ -31,25 +31,42 @@ pub fn login_succeeded(name: &str, ip: Option<IpAddr>) {
 /// `invalid_credentials`): `unknown_account`, `wrong_password`, `disabled`, `locked`.
 pub fn login_failed(name: &str, ip: Option<IpAddr>, reason: &'static str) {
     tracing::info!(target: "switchboard::audit", event = "login_failed", name = short(name), ip = %ip_text(ip), reason, "login failed");
-    emit(AuditEvent::new("login_failed", short(name)).peer(ip_text(ip)).detail("reason", reason));
+    emit(
+        AuditEvent::new("login_failed", short(name))
+            .peer(ip_text(ip))
+            .detail("reason", reason),
+    );
 }
 
 /// Consecutive failures locked the account until `until` (Unix seconds).
 pub fn locked_out(name: &str, ip: Option<IpAddr>, until: u64) {
     tracing::warn!(target: "switchboard::audit", event = "lockout", name, ip = %ip_text(ip), until = %super::clock::rfc3339(until), "account locked after repeated login failures");
-    emit(AuditEvent::new("lockout", name).target(name).peer(ip_text(ip)).detail("until", super::clock::rfc3339(until)));
+    emit(
+        AuditEvent::new("lockout", name)
+            .target(name)
+            .peer(ip_text(ip))
+            .detail("until", super::clock::rfc3339(until)),
+    );
 }
 
 /// A login attempt was refused by the per-IP or per-account rate limit.
 pub fn login_rate_limited(name: &str, ip: Option<IpAddr>, retry_after_ms: u64) {
     tracing::info!(target: "switchboard::audit", event = "login_rate_limited", name = short(name), ip = %ip_text(ip), retry_after_ms, "login rate-limited");
-    emit(AuditEvent::new("login_rate_limited", short(name)).peer(ip_text(ip)).detail("retry_after_ms", retry_after_ms));
+    emit(
+        AuditEvent::new("login_rate_limited", short(name))
+            .peer(ip_text(ip))
+            .detail("retry_after_ms", retry_after_ms),
+    );
 }
 
 /// A token was refused (bad signature, expired, revoked, disabled account).
 pub fn token_refused(ip: Option<IpAddr>, reason: &str) {
     tracing::info!(target: "switchboard::audit", event = "token_refused", ip = %ip_text(ip), reason, "agent token refused");
-    emit(AuditEvent::new("token_refused", "-").peer(ip_text(ip)).detail("reason", reason));
+    emit(
+        AuditEvent::new("token_refused", "-")
+            .peer(ip_text(ip))
+            .detail("reason", reason),
+    );
 }
 
 /// A token was refreshed.
@@ -59,7 +76,11 @@ pub fn token_refreshed(name: &str) {
 
 pub fn account_created(by: &str, name: &str, role: Role) {
     tracing::info!(target: "switchboard::audit", event = "account_created", by, name, role = role.as_str(), "agent account created");
-    emit(AuditEvent::new("account_created", by).target(name).detail("role", role.as_str()));
+    emit(
+        AuditEvent::new("account_created", by)
+            .target(name)
+            .detail("role", role.as_str()),
+    );
 }
 
 pub fn account_disabled(by: &str, name: &str) {
@@ -74,7 +95,12 @@ pub fn account_enabled(by: &str, name: &str) {
 
 pub fn role_changed(by: &str, name: &str, from: Role, to: Role) {
     tracing::info!(target: "switchboard::audit", event = "role_changed", by, name, from = from.as_str(), to = to.as_str(), "agent role changed");
-    emit(AuditEvent::new("role_changed", by).target(name).detail("from", from.as_str()).detail("to", to.as_str()));
+    emit(
+        AuditEvent::new("role_changed", by)
+            .target(name)
+            .detail("from", from.as_str())
+            .detail("to", to.as_str()),
+    );
 }
 
 pub fn password_changed(by: &str, name: &str) {
@@ -90,7 +116,11 @@ pub fn account_unlocked(by: &str, name: &str) {
 /// An agent was refused an action by the RBAC table.
 pub fn access_denied(name: &str, role: Role, action: &str) {
     tracing::info!(target: "switchboard::audit", event = "access_denied", name, role = role.as_str(), action, "action denied by role");
-    emit(AuditEvent::new("access_denied", name).detail("role", role.as_str()).detail("action", action));
+    emit(
+        AuditEvent::new("access_denied", name)
+            .detail("role", role.as_str())
+            .detail("action", action),
+    );
 }
 
 #[cfg(test)]

@@ -32,11 +32,13 @@ use super::owner::{
 };
 use super::protocol::{self, now_ms, VisitorFrame};
 use super::SessionRef;
+use crate::admission::{self, Level};
 use crate::arena::{Arena, Outbound, SessionId};
 use crate::bot::{BotContext, Chain, HandlerSpec, Registry, Verdict};
 use crate::config::Config;
 use crate::engine::intent::{CacheOutcome, EngineSettings, IntentEngine};
 use crate::metrics::{Metrics, ShardMetrics};
+use crate::ratelimit::KeyedBuckets;
 use crate::store::{ConversationId, Durability, Op, ShardStore, StoreOptions, StoreReader};
 
 /// What a delivered frame is to the session's queue.
@@ -48,6 +50,9 @@ pub enum Delivery {
     Hello,
     /// A frame of a resume replay (exempt from the backlog bound).
     Replay,
+    /// An `error` frame refusing something the session sent: it counts toward the session's
+    /// abuse limit (see [`crate::admission::SessionLimits::refused`]).
+    Refusal,
 }
 
 /// Messages shards send each other.
@@ -105,6 +110,10 @@ pub struct Router {
     committing: Cell<bool>,
     bot: Option<Bot>,
     metrics: Metrics,
+    /// The shard's load level (set by the degradation sampler in `server`).
+    level: Cell<Level>,
+    /// Bot queries per site on this shard (`[limits] bot_queries_per_site`).
+    bot_queries: RefCell<KeyedBuckets<Arc<str>>>,
     /// This router itself, for tasks it spawns.
     me: RefCell<std::rc::Weak<Router>>,
 }
@@ -224,6 +233,10 @@ impl Router {
             outgoing_bells.push(tx);
             outgoing_rx.push(Some(rx));
         }
+        let bot_queries = KeyedBuckets::new(
+            admission::rate(config.limits.bot_queries_per_site, config.limits.bot_burst),
+            config.limits.tracked_keys,
+        );
         let router = Rc::new(Router {
             shard,
             shard_count,
@@ -244,6 +257,8 @@ impl Router {
             committing: Cell::new(false),
             bot,
             metrics,
+            level: Cell::new(Level::Normal),
+            bot_queries: RefCell::new(bot_queries),
             me: RefCell::new(std::rc::Weak::new()),
         });
         *router.me.borrow_mut() = Rc::downgrade(&router);
@@ -375,6 +390,40 @@ impl Router {
     /// Number of shards.
     pub fn shard_count(&self) -> usize {
         self.shard_count
+    }
+
+    /// Messages waiting for the mesh toward shard `to`.
+    pub fn queued_to(&self, to: usize) -> usize {
+        self.outgoing[to].borrow().len()
+    }
+
+    /// Messages waiting for the mesh toward every shard.
+    pub fn queued_total(&self) -> usize {
+        self.outgoing.iter().map(|queue| queue.borrow().len()).sum()
+    }
+
+    /// Storage operations waiting for a group commit on this shard.
+    pub fn pending_commits(&self) -> usize {
+        self.pending.borrow().len()
+    }
+
+    /// Texts waiting for the shard's inference worker (0 without a model).
+    pub fn inference_queue(&self) -> usize {
+        self.bot
+            .as_ref()
+            .and_then(|bot| bot.engine.as_ref())
+            .and_then(|engine| engine.worker())
+            .map_or(0, |worker| worker.queue_depth())
+    }
+
+    /// The shard's load level (see [`crate::admission::degrade`]).
+    pub fn level(&self) -> Level {
+        self.level.get()
+    }
+
+    /// Sets the shard's load level (the degradation sampler does).
+    pub fn set_level(&self, level: Level) {
+        self.level.set(level);
     }
 
     /// Handles a message from the mesh.
@@ -606,7 +655,11 @@ impl Router {
         match guards.run(&mut ctx, 0).0 {
             Verdict::Block { code, message } => {
                 ShardMetrics::add(&self.metrics().bot_blocked, 1);
-                self.deliver(session, Arc::from(protocol::error_frame(code, &message)));
+                self.deliver_frame(
+                    session,
+                    Arc::from(protocol::error_frame(code, &message)),
+                    Delivery::Refusal,
+                );
                 None
             }
             _ => Some(ctx.text),
@@ -657,7 +710,27 @@ impl Router {
         let (mut verdict, mut next) = bot.answers.borrow_mut().run(&mut ctx, 0);
         if verdict == Verdict::NeedIntent {
             if let Some(engine) = &bot.engine {
-                if let Some(result) = engine.recognise(&ctx.text).await {
+                // Over the site's query rate, or while the shard sheds load, the bot answers
+                // with the lexical match: the visitor is still served, the model is not used.
+                let lexical = if self.level.get() >= Level::Shed {
+                    true
+                } else if self
+                    .bot_queries
+                    .borrow_mut()
+                    .try_take(&Arc::<str>::from(site), now_ms(), 1.0)
+                    .is_err()
+                {
+                    ShardMetrics::add(&counters.bot_rate_limited, 1);
+                    true
+                } else {
+                    false
+                };
+                let recognised = if lexical {
+                    engine.recognise_lexically(&ctx.text)
+                } else {
+                    engine.recognise(&ctx.text).await
+                };
+                if let Some(result) = recognised {
                     match result.cache {
                         CacheOutcome::HotHit => ShardMetrics::add(&counters.bot_hot_cache_hits, 1),
                         CacheOutcome::EmbeddingHit => {
@@ -872,6 +945,7 @@ impl Router {
     fn queue_op(&self, op: Op, completion: Completion) {
         let mut pending = self.pending.borrow_mut();
         pending.push((op, completion));
+        ShardMetrics::set(&self.metrics().commit_pending, pending.len() as u64);
         if pending.len() == 1 && !self.committing.get() {
             let _ = self.doorbell.try_send(());
         }
@@ -898,7 +972,9 @@ impl Router {
                 let batch: Vec<(Op, Completion)> = {
                     let mut pending = self.pending.borrow_mut();
                     let take = pending.len().min(max_batch);
-                    pending.drain(..take).collect()
+                    let batch = pending.drain(..take).collect();
+                    ShardMetrics::set(&self.metrics().commit_pending, pending.len() as u64);
+                    batch
                 };
                 let (ops, completions): (Vec<Op>, Vec<Completion>) = batch.into_iter().unzip();
                 let store = self
@@ -984,5 +1060,6 @@ fn push(arena: &mut Arena, session: SessionId, frame: Arc<str>, kind: Delivery) 
         Delivery::Live => arena.push(session, frame),
         Delivery::Hello => arena.push_hello(session, frame),
         Delivery::Replay => arena.push_replay(session, frame),
+        Delivery::Refusal => arena.push_refusal(session, frame),
     };
 }

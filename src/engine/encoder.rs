@@ -348,12 +348,10 @@ impl Encoder {
                 self.tokenizer
                     .encode(format!("{}{text}", self.text_prefix), true)
             };
-            let encoding =
-                encoded
-                    .map_err(|e| EncoderError::Tokenize {
-                        index,
-                        message: e.to_string(),
-                    })?;
+            let encoding = encoded.map_err(|e| EncoderError::Tokenize {
+                index,
+                message: e.to_string(),
+            })?;
             encodings.push(encoding);
         }
         let mut order: Vec<usize> = (0..texts.len()).collect();

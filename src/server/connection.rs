@@ -16,22 +16,26 @@
 //!   arena record and wakes the task.
 
 use std::future::poll_fn;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
 
 use futures_lite::io::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
 
+use super::admission::{self as driver, hostile};
 use super::routes::{route, Endpoint, Route};
 use super::Shard;
+use crate::admission::{self, AbuseVerdict, FrameClass, Level, SessionLimits, SessionRates};
 use crate::arena::{CloseRequest, Outbound, SessionId};
 use crate::auth::rbac::{self, Role as AgentRole};
 use crate::conversation::dispatch::{self, AgentStatus, DispatchEvent};
 use crate::conversation::identity;
 use crate::conversation::owner::{Credentials, FreshVisitor, OwnerEvent, VisitorKey};
-use crate::conversation::protocol::{self, AgentFrame, FrameError, Presence};
+use crate::conversation::protocol::{self, AgentFrame, FrameError, Presence, VisitorFrame};
 use crate::conversation::{dispatcher_shard, visitor_owner, SessionRef};
 use crate::http::{self, HttpError, HttpLimits, RequestHead};
 use crate::metrics::ShardMetrics;
@@ -51,8 +55,8 @@ const MAX_OUTBOX_FRAMES: usize = 4096;
 /// parsing state) ends once the upgrade is done, and the long-lived session
 /// task carries only what a session needs, which keeps an idle session's
 /// memory small.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
-    if let Some(upgraded) = handshake(shard.clone(), stream).await {
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr>) {
+    if let Some(upgraded) = handshake(shard.clone(), stream, peer).await {
         glommio::spawn_local(session_task(shard, upgraded)).detach();
     }
 }
@@ -89,7 +93,11 @@ struct Upgraded {
 
 /// Reads the request head, answers plain HTTP requests, and upgrades
 /// WebSocket ones.
-async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Upgraded> {
+async fn handshake(
+    shard: Rc<Shard>,
+    mut stream: TcpStream,
+    peer: Option<SocketAddr>,
+) -> Option<Upgraded> {
     let config = &shard.config;
     let _ = stream.set_write_timeout(Some(config.websocket.write_timeout));
     let limits = HttpLimits {
@@ -105,6 +113,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Upgraded> 
         Ok(parsed) => parsed,
         Err(HeadError::Http(err)) => {
             ShardMetrics::add(&shard.counters().http_errors, 1);
+            hostile(&shard, peer, "bad request", &err.to_string());
             respond(
                 &shard,
                 &mut stream,
@@ -117,6 +126,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Upgraded> 
         }
         Err(HeadError::Timeout) => {
             ShardMetrics::add(&shard.counters().handshake_timeouts, 1);
+            hostile(&shard, peer, "408", "request head not received in time");
             respond(
                 &shard,
                 &mut stream,
@@ -165,6 +175,9 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Upgraded> 
         }
         Route::Reject(status, message) => {
             ShardMetrics::add(&shard.counters().http_errors, 1);
+            if head.path.starts_with("/ws/") {
+                hostile(&shard, peer, "refused upgrade", message);
+            }
             respond(&shard, &mut stream, status, message.as_bytes(), &[]).await;
             return None;
         }
@@ -177,6 +190,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Upgraded> 
     if let Some(limit) = config.shards.session_limit() {
         if shard.arena.borrow().len() >= limit {
             ShardMetrics::add(&shard.counters().http_errors, 1);
+            hostile(&shard, peer, "refused upgrade", "session limit reached");
             respond(&shard, &mut stream, 503, b"session limit reached\n", &[]).await;
             return None;
         }
@@ -185,6 +199,7 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Upgraded> 
         Ok(accept) => accept,
         Err(err) => {
             ShardMetrics::add(&shard.counters().http_errors, 1);
+            hostile(&shard, peer, "refused upgrade", &err.to_string());
             let mut out = shard.buffers.take();
             err.write_response(&mut out);
             let _ = stream.write_all(&out).await;
@@ -196,13 +211,31 @@ async fn handshake(shard: Rc<Shard>, mut stream: TcpStream) -> Option<Upgraded> 
 
     let mut out = shard.buffers.take();
     handshake::write_101(&mut out, &accept);
-    let ws = Connection::new(
+    let mut ws = Connection::new(
         Role::Server,
         WsLimits {
             max_message_bytes: config.websocket.max_message_bytes,
         },
     );
-    let session = Session::open(&shard, endpoint);
+    if driver::refusing(&shard) {
+        // The shard is overloaded: existing conversations continue, new sessions are refused.
+        // A browser cannot read an HTTP status from a failed upgrade, so a visitor gets the
+        // upgrade and an immediate close 1013 (try again later); other clients get a 503.
+        ShardMetrics::add(&shard.counters().admission_overloaded, 1);
+        hostile(&shard, peer, "refused upgrade", "overloaded");
+        if let Endpoint::Visitor { .. } = endpoint {
+            ws.close(1013, "server overloaded; retry later", &mut out);
+            let _ = stream.write_all(&out).await;
+            let _ = stream.close().await;
+        } else {
+            let _ = stream.write_all(&driver::overload_response()).await;
+            let _ = stream.close().await;
+        }
+        shard.buffers.give(out);
+        shard.buffers.give(buffer);
+        return None;
+    }
+    let session = Session::open(&shard, endpoint, peer);
     ShardMetrics::add(&shard.counters().handshakes_completed, 1);
     ShardMetrics::set(
         &shard.counters().sessions_open,
@@ -287,8 +320,10 @@ struct Session {
     shard: Rc<Shard>,
     id: SessionId,
     role: SessionRole,
-    /// Frames refused so far; past `abuse_limit` the session is closed with 1008.
-    refused: u32,
+    /// Message, frame and abuse budgets (see [`crate::admission::SessionLimits`]).
+    limits: SessionLimits,
+    /// For the hostile-input log.
+    peer: Option<SocketAddr>,
 }
 
 /// What a session is, keeping only what the session needs after its
@@ -313,7 +348,7 @@ impl Session {
     /// Registers the session in the arena and announces it to whoever owns
     /// its conversations (a visitor's owner shard, or the dispatcher for an
     /// agent), which answers with the `hello` frame.
-    fn open(shard: &Rc<Shard>, endpoint: Endpoint) -> Session {
+    fn open(shard: &Rc<Shard>, endpoint: Endpoint, peer: Option<SocketAddr>) -> Session {
         let id = shard
             .arena
             .borrow_mut()
@@ -373,11 +408,82 @@ impl Session {
                 }
             }
         };
+        let limits = SessionLimits::new(session_rates(shard, &role), shard.admission.now_ms());
         Session {
             shard: shard.clone(),
             id,
             role,
-            refused: 0,
+            limits,
+            peer,
+        }
+    }
+
+    fn rates(&self) -> &SessionRates {
+        session_rates(&self.shard, &self.role)
+    }
+
+    /// Takes a frame of `class` from the session's budgets; a refusal is answered with a
+    /// `rate_limited` error frame (and counts toward the abuse limit).
+    fn admit(&mut self, class: FrameClass, reply: &mut Sender<'_>) -> bool {
+        let now = self.shard.admission.now_ms();
+        let rates = *self.rates();
+        match self.limits.admit(&rates, class, now) {
+            Ok(()) => true,
+            Err(retry) => {
+                ShardMetrics::add(&self.shard.counters().frames_rate_limited, 1);
+                let what = match class {
+                    FrameClass::Message => "messages",
+                    FrameClass::Other => "frames",
+                };
+                reply.send_text(&admission::rate_limited_frame(what, retry));
+                self.count_refusal(reply);
+                false
+            }
+        }
+    }
+
+    /// Counts one refused frame; closes the session with 1008 when the abuse budget is spent.
+    /// `false` once the session is closing.
+    fn count_refusal(&mut self, reply: &mut Sender<'_>) -> bool {
+        let now = self.shard.admission.now_ms();
+        let rates = *self.rates();
+        match self.limits.refused(&rates, now) {
+            AbuseVerdict::Tolerate => true,
+            AbuseVerdict::Close => {
+                if reply.close(1008, "too many refused frames") {
+                    ShardMetrics::add(&self.shard.counters().abuse_closes, 1);
+                    hostile(
+                        &self.shard,
+                        self.peer,
+                        "close 1008",
+                        "too many refused frames",
+                    );
+                }
+                false
+            }
+        }
+    }
+
+    /// Whether the queues toward where this session's frames go are past their bounds: the
+    /// session then stops reading its socket until they drain (TCP pushes back on the client).
+    fn congested(&self) -> bool {
+        let router = &self.shard.router;
+        let limits = &self.shard.config.limits;
+        let over = |to: usize| {
+            router.queued_to(to) >= limits.max_queued_per_shard
+                || self
+                    .shard
+                    .metrics
+                    .shard(to)
+                    .commit_pending
+                    .load(Ordering::Relaxed) as usize
+                    >= limits.max_pending_commits
+        };
+        match &self.role {
+            SessionRole::Echo { .. } => false,
+            SessionRole::Visitor { owner, .. } => over(*owner),
+            // An agent's frames go to the dispatcher and to its conversations' shards.
+            SessionRole::Agent { .. } => (0..router.shard_count()).any(over),
         }
     }
 
@@ -425,14 +531,28 @@ impl Session {
             }
             (_, Message::Text(text)) => text,
         };
-        let router = &self.shard.router;
-        let max_text = self.shard.config.conversations.max_text_bytes;
+        let shard = self.shard.clone();
+        let router = &shard.router;
+        let max_text = shard.config.conversations.max_text_bytes;
         let me = self.me();
         match &self.role {
             SessionRole::Visitor { key, owner } => match protocol::parse_visitor(text, max_text) {
                 Ok(frame) => {
+                    let class = match frame {
+                        VisitorFrame::Message { .. } => FrameClass::Message,
+                        _ => FrameClass::Other,
+                    };
+                    let shed_typing = matches!(frame, VisitorFrame::Typing { .. })
+                        && self.shard.router.level() >= Level::Shed;
                     let key = key.clone();
                     let owner = *owner;
+                    if !self.admit(class, reply) {
+                        return;
+                    }
+                    if shed_typing {
+                        ShardMetrics::add(&self.shard.counters().typing_shed, 1);
+                        return;
+                    }
                     router.send(
                         owner,
                         ShardMessage::Owner(OwnerEvent::Visitor {
@@ -446,6 +566,20 @@ impl Session {
             },
             SessionRole::Agent { id, name, role } => match protocol::parse_agent(text, max_text) {
                 Ok(frame) => {
+                    let class = match frame {
+                        AgentFrame::Message { .. } => FrameClass::Message,
+                        _ => FrameClass::Other,
+                    };
+                    let shed_typing = matches!(frame, AgentFrame::Typing { .. })
+                        && self.shard.router.level() >= Level::Shed;
+                    let (id, name, role) = (id.clone(), name.clone(), *role);
+                    if !self.admit(class, reply) {
+                        return;
+                    }
+                    if shed_typing {
+                        ShardMetrics::add(&self.shard.counters().typing_shed, 1);
+                        return;
+                    }
                     let dispatcher = dispatcher_shard(router.shard_count());
                     let to_dispatcher =
                         |event| router.send(dispatcher, ShardMessage::Dispatch(event));
@@ -460,7 +594,7 @@ impl Session {
                             })
                         }
                         AgentFrame::Accept { .. }
-                            if !rbac::allows(*role, rbac::Action::AcceptConversation) =>
+                            if !rbac::allows(role, rbac::Action::AcceptConversation) =>
                         {
                             self.refuse(
                                 reply,
@@ -480,7 +614,7 @@ impl Session {
                                 session: me.to_dispatch(),
                                 conversation: dispatch::ConversationId(conversation),
                                 to,
-                                role: *role,
+                                role,
                             })
                         }
                         frame => {
@@ -501,7 +635,7 @@ impl Session {
                                 ShardMessage::Owner(OwnerEvent::Agent {
                                     agent: id.to_string(),
                                     name: name.to_string(),
-                                    role: *role,
+                                    role,
                                     session: me,
                                     frame,
                                 }),
@@ -518,11 +652,8 @@ impl Session {
     /// Answers a refused frame with an `error` frame; closes with 1008 past
     /// the abuse limit.
     fn refuse(&mut self, reply: &mut Sender<'_>, err: FrameError) {
-        self.refused += 1;
         reply.send_text(&protocol::error_frame(err.code, &err.message));
-        if self.refused >= self.shard.config.conversations.abuse_limit {
-            reply.close(1008, "too many invalid frames");
-        }
+        self.count_refusal(reply);
     }
 }
 
@@ -595,6 +726,14 @@ fn visitor_credentials(
     }
 }
 
+/// The rates a session of `role` gets.
+fn session_rates<'a>(shard: &'a Shard, role: &SessionRole) -> &'a SessionRates {
+    match role {
+        SessionRole::Agent { .. } => &shard.admission.agent_rates,
+        _ => &shard.admission.visitor_rates,
+    }
+}
+
 /// A random visitor id (128 bits, hex).
 fn generate_visitor_id() -> String {
     format!("v-{:032x}", rand::random::<u128>())
@@ -608,10 +747,15 @@ enum Wake {
     Gone,
     /// The arena record has work: outbox, ping or close.
     Work,
+    /// A paused session's back-pressure check is due.
+    Recheck,
 }
 
+/// How often a session paused by back-pressure checks whether the queues drained.
+const BACKPRESSURE_RECHECK: Duration = Duration::from_millis(2);
+
 /// Waits for bytes or arena work without holding a buffer while waiting.
-async fn wait(shard: &Shard, id: SessionId, stream: &mut TcpStream) -> Wake {
+async fn wait(shard: &Shard, id: SessionId, stream: &mut TcpStream, read: bool) -> Wake {
     poll_fn(|cx| {
         {
             let mut arena = shard.arena.borrow_mut();
@@ -622,6 +766,9 @@ async fn wait(shard: &Shard, id: SessionId, stream: &mut TcpStream) -> Wake {
                 return Poll::Ready(Wake::Work);
             }
             record.set_waker(cx.waker());
+        }
+        if !read {
+            return Poll::Pending;
         }
         let mut buffer = shard.buffers.take_filled();
         match Pin::new(&mut *stream).poll_read(cx, &mut buffer) {
@@ -650,6 +797,7 @@ async fn run_session(
 ) {
     let counters = shard.counters();
     let mut received = 0u64;
+    let mut was_paused = false;
     // Bytes the client sent right behind its upgrade request.
     if !leftover.is_empty() {
         ws.receive(&mut buffer[leftover], &mut out, |message, reply| {
@@ -674,10 +822,27 @@ async fn run_session(
         // A session with a steady stream of work never waits in `wait`; let the shard's
         // other tasks (accepts, sweeper, commits) run between its rounds.
         glommio::yield_if_needed().await;
-        let wake = wait(shard, session.id, stream).await;
+        // Back-pressure: while the queues toward this session's owner are full, read nothing
+        // (the kernel's receive buffer fills and TCP pushes back on the client), but keep
+        // writing what the session is sent.
+        let paused = ws.state() == State::Open && session.congested();
+        if paused && !was_paused {
+            ShardMetrics::add(&counters.backpressure_pauses, 1);
+        }
+        was_paused = paused;
+        let wake = if paused {
+            futures_lite::future::or(wait(shard, session.id, stream, false), async {
+                glommio::timer::sleep(BACKPRESSURE_RECHECK).await;
+                Wake::Recheck
+            })
+            .await
+        } else {
+            wait(shard, session.id, stream, true).await
+        };
         out = shard.buffers.take();
         match wake {
             Wake::Gone => break,
+            Wake::Recheck => {}
             Wake::Bytes { mut buffer, read } => {
                 if let Some(record) = shard.arena.borrow_mut().get_mut(session.id) {
                     record.last_activity = shard.now_secs();
@@ -695,6 +860,15 @@ async fn run_session(
                             record.closing_since = Some(shard.now_secs());
                             if ws.close_code_received().is_none() {
                                 ShardMetrics::add(&counters.protocol_errors, 1);
+                                if let Some(code @ (1002 | 1007 | 1009)) = ws.close_code_sent() {
+                                    drop(arena);
+                                    hostile(
+                                        shard,
+                                        session.peer,
+                                        &format!("close {code}"),
+                                        "protocol error",
+                                    );
+                                }
                             }
                         }
                     }
@@ -715,6 +889,7 @@ async fn run_session(
                     ws.close(code, reason, &mut out);
                     continue;
                 }
+                let refusals = std::mem::take(&mut record.refusals);
                 if record.ping_due {
                     record.ping_due = false;
                     record.ping_sent_at = Some(shard.now_secs());
@@ -730,6 +905,8 @@ async fn run_session(
                         code: 1013,
                         reason: "client is not reading; reconnect and resume",
                     });
+                    drop(arena);
+                    hostile(shard, session.peer, "close 1013", "client is not reading");
                     continue;
                 }
                 let mut sent = 0u64;
@@ -741,6 +918,22 @@ async fn run_session(
                     };
                 });
                 ShardMetrics::add(&counters.messages_sent, sent);
+                drop(arena);
+                if refusals > 0 {
+                    // Frames the conversation's owner refused (e.g. the flood guard), counted
+                    // after their error frames are written so the close comes behind them.
+                    let now = shard.admission.now_ms();
+                    let rates = *session.rates();
+                    let spent = (0..refusals)
+                        .any(|_| session.limits.refused(&rates, now) == AbuseVerdict::Close);
+                    if spent && ws.close(1008, "too many refused frames", &mut out) {
+                        ShardMetrics::add(&counters.abuse_closes, 1);
+                        hostile(shard, session.peer, "close 1008", "too many refused frames");
+                        if let Some(record) = shard.arena.borrow_mut().get_mut(session.id) {
+                            record.closing_since.get_or_insert(shard.now_secs());
+                        }
+                    }
+                }
             }
         }
         ShardMetrics::add(&counters.messages_received, std::mem::take(&mut received));

@@ -10,6 +10,7 @@
 //! Invariants: everything here lives on the shard's thread (`Rc`, `RefCell`);
 //! the only things shared with other shards are the mesh and the metrics.
 
+mod admission;
 mod api_driver;
 pub mod connection;
 mod routes;
@@ -46,6 +47,8 @@ pub struct Shard {
     pub authority: Arc<Authority>,
     /// Login attempts per IP and per account on this shard.
     pub login_limiter: RefCell<LoginLimiter>,
+    /// Accept-time checks, session rates, the load sampler's state (see [`admission`]).
+    pub admission: admission::Admission,
     started: Instant,
     shutting_down: Cell<bool>,
 }
@@ -93,6 +96,7 @@ pub async fn shard_main(
             std::process::exit(1);
         }
     };
+    let shard_admission = admission::Admission::new(&config, context.id.0);
     let shard = Rc::new(Shard {
         id: context.id,
         shard_count: context.shard_count,
@@ -107,6 +111,7 @@ pub async fn shard_main(
         metrics,
         audit,
         authority,
+        admission: shard_admission,
         started: Instant::now(),
         shutting_down: Cell::new(false),
     });
@@ -123,7 +128,10 @@ pub async fn shard_main(
             match listener.accept().await {
                 Ok(stream) => {
                     ShardMetrics::add(&accept_shard.counters().connections_accepted, 1);
-                    glommio::spawn_local(connection::serve(accept_shard.clone(), stream)).detach();
+                    if let Some((stream, peer)) = admission::on_accept(&accept_shard, stream) {
+                        glommio::spawn_local(connection::serve(accept_shard.clone(), stream, peer))
+                            .detach();
+                    }
                 }
                 Err(err) => {
                     // EMFILE and friends: back off instead of spinning; the
@@ -135,6 +143,8 @@ pub async fn shard_main(
         }
     })
     .detach();
+
+    let admission_tasks = admission::start(&shard);
 
     let sweeper_shard = shard.clone();
     let sweeper = glommio::spawn_local(async move {
@@ -167,6 +177,9 @@ pub async fn shard_main(
         glommio::timer::sleep(Duration::from_millis(10)).await;
     }
     sweeper.cancel();
+    for task in admission_tasks {
+        task.cancel();
+    }
     let left = shard.arena.borrow().len();
     if left > 0 {
         tracing::warn!(

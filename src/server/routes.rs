@@ -87,6 +87,9 @@ pub fn route(head: &RequestHead, config: &Config, authority: &Authority, now: u6
     if head.method != "GET" {
         return Route::Reject(405, "only GET is served here");
     }
+    if crate::http::repeated_query_param(query).is_some() {
+        return Route::Reject(400, "a query parameter is repeated; give each at most once");
+    }
     if !is_websocket {
         return match path {
             "/healthz" => Route::Health,

@@ -118,6 +118,8 @@ struct Tx {
     mask_seed: u32,
     role: Role,
     close_sent: bool,
+    /// The code of the close frame we sent, if it had one.
+    close_code_sent: Option<u16>,
 }
 
 impl Tx {
@@ -163,6 +165,7 @@ impl Tx {
         let mask = self.next_mask();
         encode_frame(out, true, OpCode::Close, &payload[..len], mask);
         self.close_sent = true;
+        self.close_code_sent = code;
         true
     }
 }
@@ -279,6 +282,7 @@ impl Connection {
                 mask_seed: 0x9E37_79B9,
                 role,
                 close_sent: false,
+                close_code_sent: None,
             },
             utf8: Utf8Carry::default(),
             close_received: None,
@@ -375,6 +379,11 @@ impl Connection {
 
     pub fn state(&self) -> State {
         self.state
+    }
+
+    /// Code of the close frame we sent (ours, or the one failing the connection), if any.
+    pub fn close_code_sent(&self) -> Option<u16> {
+        self.tx.close_code_sent
     }
 
     /// Code of the peer's valid close frame, if one arrived ([`close_code::NO_STATUS`] for an empty one).

@@ -44,6 +44,8 @@ pub enum HandshakeError {
     UnsupportedVersion,
     #[error("missing or invalid Sec-WebSocket-Key")]
     InvalidKey,
+    #[error("the {0} header is given more than once")]
+    DuplicateHeader(&'static str),
 }
 
 impl HandshakeError {
@@ -54,7 +56,8 @@ impl HandshakeError {
             HandshakeError::NotWebSocket | HandshakeError::UnsupportedVersion => 426,
             HandshakeError::HttpVersion
             | HandshakeError::MissingConnectionUpgrade
-            | HandshakeError::InvalidKey => 400,
+            | HandshakeError::InvalidKey
+            | HandshakeError::DuplicateHeader(_) => 400,
         }
     }
 
@@ -91,6 +94,19 @@ pub fn validate_upgrade(head: &RequestHead) -> Result<String, HandshakeError> {
     }
     if head.version != HttpVersion::Http11 {
         return Err(HandshakeError::HttpVersion);
+    }
+    // A header that must be single is refused when repeated: which copy counts would be a
+    // guess (two keys, two versions), and a proxy in front may have guessed differently.
+    for name in ["Upgrade", "Sec-WebSocket-Key", "Sec-WebSocket-Version"] {
+        if head
+            .headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .count()
+            > 1
+        {
+            return Err(HandshakeError::DuplicateHeader(name));
+        }
     }
     if !head.has_token("upgrade", "websocket") {
         return Err(HandshakeError::NotWebSocket);
@@ -265,6 +281,42 @@ Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
         );
         // The client side accepts exactly this response, and no extension is negotiated.
         assert_eq!(parse_client_response(&out, &accept), Ok(Some(out.len())));
+    }
+
+    #[test]
+    fn repeated_single_headers_are_refused_with_400() {
+        let second_key = GOOD.replace(
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nsec-websocket-key: AAAAAAAAAAAAAAAAAAAAAA==\r\n",
+        );
+        let same_key_twice = GOOD.replace(
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        );
+        let two_versions = GOOD.replace(
+            "Sec-WebSocket-Version: 13\r\n",
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 8\r\n",
+        );
+        let two_upgrades = GOOD.replace(
+            "Upgrade: websocket\r\n",
+            "Upgrade: websocket\r\nUpgrade: websocket\r\n",
+        );
+        for (raw, name) in [
+            (second_key, "Sec-WebSocket-Key"),
+            (same_key_twice, "Sec-WebSocket-Key"),
+            (two_versions, "Sec-WebSocket-Version"),
+            (two_upgrades, "Upgrade"),
+        ] {
+            let err = validate_upgrade(&head(&raw)).unwrap_err();
+            assert_eq!(err, HandshakeError::DuplicateHeader(name));
+            assert_eq!(err.status(), 400);
+        }
+        // Connection may still come as several lines.
+        let two_connections = GOOD.replace(
+            "Connection: Upgrade\r\n",
+            "Connection: keep-alive\r\nConnection: Upgrade\r\n",
+        );
+        assert!(validate_upgrade(&head(&two_connections)).is_ok());
     }
 
     #[test]

@@ -491,3 +491,31 @@ pub fn remember_visitor(server: &Server, hello: &serde_json::Value) {
     secrets.retain(|(k, _)| *k != key);
     secrets.push((key, secret.to_owned()));
 }
+
+impl RawClient {
+    /// A second handle on the socket (e.g. a writer thread flooding while the test reads).
+    pub fn stream_clone(&self) -> TcpStream {
+        self.stream.try_clone().expect("clone the socket")
+    }
+}
+
+/// Resident set size of process `pid` in KiB (`VmRSS` in /proc/PID/status).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One masked client text frame (what a conforming client sends).
+pub fn masked_text_frame(payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() <= 125, "short frames only");
+    let key = [0x37u8, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&key);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
+}

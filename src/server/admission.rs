@@ -1,0 +1,278 @@
+//! The shard-local driver of admission control (the pure rules are in [`crate::admission`]):
+//! the accept-time check, the 429 answer written without reading the request, the
+//! blocklist poller, the load sampler feeding the degradation controller, and the
+//! rate-limited hostile-input log.
+//!
+//! Invariants: everything runs on the shard's thread; one sampler and one poller task per
+//! shard; nothing here holds memory per session.
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+use super::Shard;
+use crate::admission::{
+    blocklist, degrade::Controller, AcceptDecision, AcceptGate, Blocklist, Level, LogGate, Sample,
+    SessionRates, Thresholds,
+};
+use crate::config::Config;
+use crate::metrics::ShardMetrics;
+use crate::ratelimit::RetryAfter;
+
+/// How often the sampler measures the event-loop lag and the queues.
+const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How long a refused connection may keep sending before it is dropped (its request is
+/// discarded unread so that closing does not reset the connection before the answer arrives).
+const REFUSAL_LINGER: Duration = Duration::from_millis(500);
+
+/// A shard's admission state.
+pub struct Admission {
+    gate: RefCell<AcceptGate>,
+    log: RefCell<LogGate>,
+    pub visitor_rates: SessionRates,
+    pub agent_rates: SessionRates,
+    blocklist_path: Option<PathBuf>,
+    blocklist_mtime: Cell<Option<SystemTime>>,
+    started: Instant,
+}
+
+impl Admission {
+    /// Loads the blocklist; an unreadable or bad file here (main checked it before the shards
+    /// started) is logged and leaves the list empty.
+    pub fn new(config: &Config, shard: usize) -> Admission {
+        let limits = &config.limits;
+        let path = limits.blocklist_file.clone();
+        let mtime = path.as_deref().and_then(blocklist::modified);
+        let list = match path.as_deref().map(Blocklist::load) {
+            Some(Ok(list)) => list,
+            Some(Err(err)) => {
+                tracing::error!(shard, error = %err, "blocklist not loaded");
+                Blocklist::default()
+            }
+            None => Blocklist::default(),
+        };
+        let abuse_limit = config.conversations.abuse_limit;
+        Admission {
+            gate: RefCell::new(AcceptGate::new(limits, list)),
+            log: RefCell::new(LogGate::new(limits.log_lines_per_second, 0)),
+            visitor_rates: SessionRates::visitor(limits, abuse_limit),
+            agent_rates: SessionRates::agent(limits, abuse_limit),
+            blocklist_path: path,
+            blocklist_mtime: Cell::new(mtime),
+            started: Instant::now(),
+        }
+    }
+
+    /// Milliseconds on the shard's monotonic clock (the limiters' time base).
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+/// Logs one piece of hostile input (a refused upgrade or connection, a protocol-error close)
+/// at info level with the peer address, at most `[limits] log_lines_per_second` per shard.
+pub fn hostile(shard: &Shard, peer: Option<SocketAddr>, what: &str, detail: &str) {
+    let admitted = shard
+        .admission
+        .log
+        .borrow_mut()
+        .admit(shard.admission.now_ms());
+    match admitted {
+        Some(suppressed) => {
+            let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
+            tracing::info!(shard = shard.id.0, %peer, what, detail, suppressed, "hostile input");
+        }
+        None => ShardMetrics::add(&shard.counters().hostile_log_suppressed, 1),
+    }
+}
+
+/// Decides about a freshly accepted connection; `Some(peer)` if it is to be served.
+/// Refused connections are answered here (blocked: closed at once; rate-limited: 429).
+pub fn on_accept(shard: &Rc<Shard>, stream: TcpStream) -> Option<(TcpStream, Option<SocketAddr>)> {
+    let peer = stream.peer_addr().ok();
+    let Some(ip) = peer.map(|p| p.ip()) else {
+        return Some((stream, peer));
+    };
+    let decision = shard
+        .admission
+        .gate
+        .borrow_mut()
+        .check(ip, shard.admission.now_ms());
+    match decision {
+        AcceptDecision::Admit => Some((stream, peer)),
+        AcceptDecision::Blocked => {
+            ShardMetrics::add(&shard.counters().admission_blocked, 1);
+            hostile(
+                shard,
+                peer,
+                "blocked",
+                "peer is on the blocklist; closed at accept",
+            );
+            drop(stream);
+            None
+        }
+        AcceptDecision::RateLimited(retry) => {
+            ShardMetrics::add(&shard.counters().admission_rate_limited, 1);
+            hostile(
+                shard,
+                peer,
+                "429",
+                "too many new connections from this address",
+            );
+            let response = crate::admission::refusal_response(
+                429,
+                retry,
+                "too many new connections from this address\n",
+            );
+            glommio::spawn_local(refuse(stream, response)).detach();
+            None
+        }
+    }
+}
+
+/// Writes `response` without reading the request, then closes, discarding (never parsing)
+/// whatever the client sends meanwhile for a short while so the close does not reset the
+/// connection before the client has read the answer.
+pub async fn refuse(mut stream: TcpStream, response: Vec<u8>) {
+    let _ = stream.set_write_timeout(Some(REFUSAL_LINGER));
+    if stream.write_all(&response).await.is_err() {
+        return;
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Write).await;
+    let mut sink = [0u8; 512];
+    let _ = futures_lite::future::or(
+        async {
+            let mut discarded = 0usize;
+            while discarded < 64 * 1024 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(read) => discarded += read,
+                }
+            }
+        },
+        glommio::timer::sleep(REFUSAL_LINGER),
+    )
+    .await;
+}
+
+/// The 503 an upgrade gets while the shard refuses new sessions.
+pub fn overload_response() -> Vec<u8> {
+    crate::admission::refusal_response(
+        503,
+        RetryAfter { ms: 5000 },
+        "the server is overloaded; retry later\n",
+    )
+}
+
+/// Starts the shard's blocklist poller and load sampler.
+pub fn start(shard: &Rc<Shard>) -> Vec<glommio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    if let Some(path) = shard.admission.blocklist_path.clone() {
+        let poller = shard.clone();
+        let every = shard.config.limits.blocklist_poll;
+        tasks.push(
+            glommio::spawn_local(async move {
+                loop {
+                    glommio::timer::sleep(every).await;
+                    poll_blocklist(&poller, &path);
+                }
+            })
+            .detach(),
+        );
+    }
+    let sampler = shard.clone();
+    tasks.push(glommio::spawn_local(async move { sample_load(&sampler).await }).detach());
+    tasks
+}
+
+/// Reloads the blocklist when its modification time changed; a bad file keeps the old list.
+fn poll_blocklist(shard: &Shard, path: &std::path::Path) {
+    let mtime = blocklist::modified(path);
+    if mtime == shard.admission.blocklist_mtime.get() {
+        return;
+    }
+    shard.admission.blocklist_mtime.set(mtime);
+    match Blocklist::load(path) {
+        Ok(list) => {
+            tracing::info!(
+                shard = shard.id.0,
+                networks = list.len(),
+                file = %path.display(),
+                "blocklist reloaded"
+            );
+            shard.admission.gate.borrow_mut().set_blocklist(list);
+        }
+        Err(err) => {
+            let kept = shard.admission.gate.borrow().blocklist().len();
+            tracing::error!(
+                shard = shard.id.0,
+                error = %err,
+                kept_networks = kept,
+                "blocklist not reloaded; the previous list stays in force"
+            );
+        }
+    }
+}
+
+/// Measures the event-loop lag and the queues every [`SAMPLE_INTERVAL`] and runs the
+/// degradation controller; logs and counts every level change.
+async fn sample_load(shard: &Shard) {
+    let limits = &shard.config.limits;
+    let mut controller = Controller::new(Thresholds {
+        shed_lag_ms: limits.shed_lag.as_millis() as u64,
+        refuse_lag_ms: limits.refuse_lag.as_millis() as u64,
+        shed_queue: limits.shed_queue,
+        refuse_queue: limits.refuse_queue,
+        recover_after_ms: limits.recover_after.as_millis() as u64,
+    });
+    let counters = shard.counters();
+    loop {
+        let asleep = Instant::now();
+        glommio::timer::sleep(SAMPLE_INTERVAL).await;
+        let lag = asleep.elapsed().saturating_sub(SAMPLE_INTERVAL);
+        let router = &shard.router;
+        let mesh = router.queued_total();
+        let sample = Sample {
+            lag_ms: lag.as_millis() as u64,
+            queue: mesh + router.pending_commits() + router.inference_queue(),
+        };
+        ShardMetrics::set(&counters.mesh_queued, mesh as u64);
+        ShardMetrics::set(&counters.event_loop_lag_micros, lag.as_micros() as u64);
+        if let Some(transition) = controller.observe(sample, shard.admission.now_ms()) {
+            router.set_level(transition.to);
+            ShardMetrics::set(&counters.degrade_level, transition.to as u64);
+            ShardMetrics::add(&counters.degrade_transitions, 1);
+            let (from, to) = (transition.from.as_str(), transition.to.as_str());
+            if transition.to > transition.from {
+                tracing::warn!(
+                    shard = shard.id.0,
+                    from,
+                    to,
+                    lag_ms = sample.lag_ms,
+                    queued = sample.queue,
+                    "load level raised"
+                );
+            } else {
+                tracing::info!(
+                    shard = shard.id.0,
+                    from,
+                    to,
+                    lag_ms = sample.lag_ms,
+                    queued = sample.queue,
+                    "load level lowered"
+                );
+            }
+        }
+    }
+}
+
+/// Whether the shard refuses new sessions now.
+pub fn refusing(shard: &Shard) -> bool {
+    shard.router.level() >= Level::Refuse
+}

@@ -1,0 +1,543 @@
+//! Admission control and hostile input through the real binary: per-IP connection rate (429
+//! before the request is read), the blocklist, per-session message and frame rates, flood
+//! refusals closing the session, back-pressure against a client that floods cheap frames,
+//! and the small HTTP findings of the hostile-input probe (reason phrases, repeated query
+//! parameters and headers). Each test here failed on the code before issue 10.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const ONE_SHARD: &str = "[shards]\ncores = [0]\n";
+
+const AGENT: &str = r#"
+[agents.accounts.alice]
+token = "alice-token-0123456789"
+name = "Alice"
+max_open = 5
+"#;
+
+/// The raw response (status line, headers, body) to `request`.
+fn raw_response(addr: std::net::SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).expect("send request");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+fn upgrade_request(path_and_query: &str, extra_headers: &str) -> String {
+    format!(
+        "GET {path_and_query} HTTP/1.1\r\nHost: test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
+    )
+}
+
+#[test]
+fn a_missing_agent_token_is_401_unauthorized_not_unknown() {
+    let server = Server::start(AGENT);
+    let response = raw_response(server.addr, &upgrade_request("/ws/agent", ""));
+    assert!(
+        response.starts_with("HTTP/1.1 401 Unauthorized\r\n"),
+        "{response}"
+    );
+}
+
+#[test]
+fn a_repeated_query_parameter_is_refused_whatever_the_order() {
+    let server = Server::start(AGENT);
+    for query in [
+        "token=x&token=alice-token-0123456789",
+        "token=alice-token-0123456789&token=x",
+        "token=alice-token-0123456789&token=alice-token-0123456789",
+    ] {
+        let response = raw_response(
+            server.addr,
+            &upgrade_request(&format!("/ws/agent?{query}"), ""),
+        );
+        assert!(response.starts_with("HTTP/1.1 400 "), "{query}: {response}");
+        assert!(response.contains("repeated"), "{response}");
+    }
+    for query in ["site=a&site=b", "site=a&visitor=v&visitor=w"] {
+        let response = raw_response(
+            server.addr,
+            &upgrade_request(&format!("/ws/visitor?{query}"), ""),
+        );
+        assert!(response.starts_with("HTTP/1.1 400 "), "{query}: {response}");
+    }
+    // The same token once still opens the agent endpoint.
+    let mut agent = RawClient::connect(server.addr, "/ws/agent?token=alice-token-0123456789")
+        .expect("a single token is accepted");
+    assert_eq!(agent.read_json()["type"], "hello");
+}
+
+#[test]
+fn repeated_websocket_key_version_or_upgrade_headers_are_refused_with_400() {
+    let server = Server::start("");
+    for extra in [
+        "Sec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n",
+        "Sec-WebSocket-Version: 13\r\n",
+        "Upgrade: websocket\r\n",
+    ] {
+        let response = raw_response(server.addr, &upgrade_request("/ws/visitor?site=s", extra));
+        assert!(
+            response.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+            "{extra:?}: {response}"
+        );
+        assert!(response.contains("more than once"), "{response}");
+    }
+    assert!(server.logs().contains("hostile input"));
+}
+
+#[test]
+fn too_many_connections_from_one_ip_get_429_with_retry_after_before_the_request_is_read() {
+    let server = Server::start(&format!(
+        "{ONE_SHARD}[limits]\nconnections_per_ip = 0.5\nconnection_burst = 2\n"
+    ));
+    for _ in 0..2 {
+        assert_eq!(http_get(server.addr, "/healthz").0, 200);
+    }
+    // The third connection is refused at accept: the answer comes even though the client
+    // sends nothing at all.
+    let mut stream = TcpStream::connect(server.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response);
+    assert!(
+        response.starts_with("HTTP/1.1 429 Too Many Requests\r\n"),
+        "{response}"
+    );
+    assert!(response.contains("\r\nRetry-After: 2\r\n"), "{response}");
+    // And a client that does send a request gets the same answer.
+    let (status, _) = http_get(server.addr, "/healthz");
+    assert_eq!(status, 429);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.logs().contains("429") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let logs = server.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("hostile input") && l.contains("127.0.0.1") && l.contains("429")),
+        "{logs}"
+    );
+}
+
+/// Whether a connection is closed without a byte of answer (a blocked peer).
+fn closed_without_answer(addr: std::net::SocketAddr) -> bool {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut response = Vec::new();
+    match stream.read_to_end(&mut response) {
+        Ok(_) => response.is_empty(),
+        Err(err) => err.kind() == std::io::ErrorKind::ConnectionReset && response.is_empty(),
+    }
+}
+
+#[test]
+fn the_blocklist_closes_at_accept_and_reloads_when_the_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("blocked.txt");
+    std::fs::write(&list, "# local abuse\n127.0.0.0/8\n2001:db8::/32\n").unwrap();
+    let server = Server::start_in(
+        dir,
+        &format!("[limits]\nblocklist_file = {list:?}\nblocklist_poll = \"100ms\"\n"),
+    );
+    assert!(closed_without_answer(server.addr));
+
+    // Emptied: served again after the next poll.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&list, "# nobody\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(server.addr, "/healthz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the emptied list was not reloaded"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A bad line at a reload keeps the previous (empty) list and says where.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&list, "127.0.0.0/8\nnot-a-network\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.logs().contains("blocklist not reloaded") {
+        assert!(Instant::now() < deadline, "no reload error logged");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(server.logs().contains("blocked.txt:2"), "{}", server.logs());
+    assert_eq!(http_get(server.addr, "/healthz").0, 200);
+}
+
+#[test]
+fn a_bad_blocklist_stops_start_up_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("blocked.txt");
+    std::fs::write(&list, "10.0.0.0/8\n\n10.0.0.0/40\n").unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("[limits]\nblocklist_file = {list:?}\n"),
+    );
+    let output = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("blocked.txt:3"), "{stderr}");
+    assert!(stderr.contains("10.0.0.0/40"), "{stderr}");
+}
+
+/// Reads JSON frames until one satisfies `want` (panics on close or timeout).
+fn until(client: &mut RawClient, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+    loop {
+        let frame = client.read_message().unwrap_or_else(|| panic!("no {what}"));
+        assert_eq!(
+            frame.opcode, 1,
+            "expected text while waiting for {what}: {frame:?}"
+        );
+        let value = frame.json();
+        if want(&value) {
+            return value;
+        }
+    }
+}
+
+#[test]
+fn a_visitor_over_its_message_rate_gets_rate_limited_with_retry_after_and_nothing_is_stored() {
+    let server =
+        Server::start("[limits]\nvisitor_messages_per_second = 1.0\nvisitor_message_burst = 2\n");
+    let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut visitor, "hello", |v| v["type"] == "hello");
+    for id in ["m1", "m2", "m3"] {
+        visitor.send_json(&json!({"type": "message", "id": id, "text": "hi"}));
+    }
+    let mut acks = Vec::new();
+    let mut refusal = None;
+    while acks.len() < 2 || refusal.is_none() {
+        let v = until(&mut visitor, "acks and a refusal", |v| {
+            v["type"] == "ack" || v["type"] == "error"
+        });
+        if v["type"] == "ack" {
+            acks.push(v);
+        } else {
+            refusal = Some(v);
+        }
+    }
+    let refusal = refusal.unwrap();
+    assert_eq!(refusal["code"], "rate_limited", "{refusal}");
+    let retry = refusal["retry_after"].as_u64().expect("retry_after in ms");
+    assert!((1..=1000).contains(&retry), "{refusal}");
+    assert_eq!(acks[0]["id"], "m1");
+    assert_eq!(acks[1]["id"], "m2");
+    // After the wait the same message is taken, right after m2: m3 was never stored.
+    std::thread::sleep(Duration::from_millis(retry + 50));
+    visitor.send_json(&json!({"type": "message", "id": "m3", "text": "hi"}));
+    let ack = until(&mut visitor, "ack of m3", |v| v["type"] == "ack");
+    assert_eq!(ack["id"], "m3");
+    assert_eq!(
+        ack["seq"].as_u64().unwrap(),
+        acks[1]["seq"].as_u64().unwrap() + 1,
+        "{ack}"
+    );
+}
+
+/// Floods `frame` on a second handle of `client`'s socket from a thread until `stop` or an
+/// error; returns the frames written.
+fn flood(
+    client: &RawClient,
+    frame: &[u8],
+    limit: u64,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<()> {
+    let mut stream = client.stream_clone();
+    let batch_frames = 10_000u64;
+    let chunk: Vec<u8> = frame.repeat(batch_frames as usize);
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) && sent.load(Ordering::Relaxed) < limit {
+            if stream.write_all(&chunk).is_err() {
+                break;
+            }
+            sent.fetch_add(batch_frames, Ordering::Relaxed);
+        }
+    })
+}
+
+#[test]
+fn a_flood_of_cheap_frames_is_closed_with_1008() {
+    // Default limits: a visitor flooding `read` frames is refused with `rate_limited` past its
+    // frame rate, and the refusals close it within the abuse window (10 s).
+    let server = Server::start(ONE_SHARD);
+    let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut visitor, "hello", |v| v["type"] == "hello");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let writer = flood(
+        &visitor,
+        &masked_text_frame(br#"{"type":"read","seq":0}"#),
+        u64::MAX,
+        stop.clone(),
+        sent.clone(),
+    );
+    let started = Instant::now();
+    let mut rate_limited = 0;
+    let code = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no close within 10 s of flood"
+        );
+        let Some(frame) = visitor.read_frame() else {
+            panic!("connection ended without a close frame");
+        };
+        match frame.opcode {
+            8 => break frame.close_code(),
+            1 => {
+                let v = frame.json();
+                if v["code"] == "rate_limited" {
+                    assert!(v["retry_after"].as_u64().is_some(), "{v}");
+                    rate_limited += 1;
+                }
+            }
+            _ => {}
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.join();
+    assert_eq!(code, Some(1008));
+    assert!(rate_limited >= 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.logs().contains("close 1008") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(server.logs().contains("close 1008"), "{}", server.logs());
+}
+
+#[test]
+fn flood_guard_refusals_count_toward_the_abuse_limit_and_close_with_1008() {
+    let server = Server::start(
+        "[limits]\nvisitor_messages_per_second = 0\nvisitor_frames_per_second = 0\n\
+         [risk_control]\nflood_messages = 2\nflood_window = \"1h\"\n\
+         [bot]\nhandlers = [\"risk_control\", \"fallback\"]\n",
+    );
+    let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut visitor, "hello", |v| v["type"] == "hello");
+    for i in 0..40 {
+        visitor.send_json(&json!({"type": "message", "id": format!("m{i}"), "text": "hi"}));
+    }
+    let mut floods = 0;
+    let code = loop {
+        let frame = visitor.read_frame().expect("a close frame");
+        match frame.opcode {
+            8 => break frame.close_code(),
+            1 if frame.json()["code"] == "flood" => floods += 1,
+            _ => {}
+        }
+    };
+    assert_eq!(code, Some(1008));
+    // abuse_limit = 10: the 10th refusal closes (the error frames the owner had already
+    // answered in the same burst are written before the close).
+    assert!(floods >= 10, "{floods} flood refusals before the close");
+}
+
+#[test]
+fn backpressure_bounds_memory_and_keeps_the_shard_responsive_during_a_flood() {
+    // Rate limits off: only back-pressure stands between the flood and the server's memory.
+    let server = Server::start(&format!(
+        "{ONE_SHARD}[limits]\nvisitor_frames_per_second = 0\nvisitor_messages_per_second = 0\n"
+    ));
+    let pid = server.pid();
+    let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut visitor, "hello", |v| v["type"] == "hello");
+    std::thread::sleep(Duration::from_millis(300));
+    let baseline = rss_kib(pid);
+
+    const FRAMES: u64 = 2_000_000;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let writer = flood(
+        &visitor,
+        &masked_text_frame(br#"{"type":"read","seq":0}"#),
+        FRAMES,
+        stop.clone(),
+        sent.clone(),
+    );
+    // The flooder reads its own socket meanwhile (what it is sent must not pile up either).
+    let reader_stop = stop.clone();
+    let mut reader_stream = visitor.stream_clone();
+    let reader = std::thread::spawn(move || {
+        reader_stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut sink = vec![0u8; 65536];
+        while !reader_stop.load(Ordering::Relaxed) {
+            match reader_stream.read(&mut sink) {
+                Ok(0) => break,
+                _ => continue,
+            }
+        }
+    });
+
+    let started = Instant::now();
+    let mut peak = baseline;
+    let mut hello_wait = None;
+    while sent.load(Ordering::Relaxed) < FRAMES && started.elapsed() < Duration::from_secs(120) {
+        peak = peak.max(rss_kib(pid));
+        if hello_wait.is_none() && started.elapsed() > Duration::from_secs(1) {
+            let asked = Instant::now();
+            let mut second = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+            second.set_read_timeout(Duration::from_secs(30));
+            until(&mut second, "second visitor's hello", |v| {
+                v["type"] == "hello"
+            });
+            hello_wait = Some(asked.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let flood_time = started.elapsed();
+    peak = peak.max(rss_kib(pid));
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.join();
+    let _ = reader.join();
+    let hello_wait = hello_wait.expect("the second visitor connected during the flood");
+    eprintln!(
+        "flood: {} frames in {:.1} s; RSS baseline {} KiB, peak {} KiB (+{} KiB); second hello after {:?}",
+        sent.load(Ordering::Relaxed),
+        flood_time.as_secs_f64(),
+        baseline,
+        peak,
+        peak.saturating_sub(baseline),
+        hello_wait
+    );
+    assert!(
+        sent.load(Ordering::Relaxed) >= FRAMES,
+        "the flood did not get through in 120 s"
+    );
+    // Before back-pressure 2 M frames grew RSS by about 680 MiB.
+    assert!(
+        peak.saturating_sub(baseline) < 100 * 1024,
+        "RSS grew by {} KiB during the flood",
+        peak - baseline
+    );
+    assert!(
+        hello_wait < Duration::from_secs(2),
+        "the second visitor waited {hello_wait:?} for its hello"
+    );
+    // The flooder's session is still served: it is paused, not dropped.
+    assert_eq!(http_get(server.addr, "/healthz").0, 200);
+}
+
+#[test]
+fn protocol_error_closes_are_logged_with_the_peer_address() {
+    let server = Server::start("");
+    let mut client = RawClient::connect(server.addr, "/ws/echo").unwrap();
+    // An unmasked client frame: 1002.
+    client.send_frame(true, 1, b"hi", false);
+    assert_eq!(client.expect_close(), 1002);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.logs().contains("close 1002") {
+        assert!(Instant::now() < deadline, "{}", server.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let logs = server.logs();
+    let line = logs.lines().find(|l| l.contains("close 1002")).unwrap();
+    assert!(
+        line.contains("INFO") && line.contains("peer=127.0.0.1:"),
+        "{line}"
+    );
+}
+
+/// The sum over shards of a `/metrics` value.
+fn metric(server: &Server, name: &str) -> u64 {
+    let (_, body) = http_get(server.addr, "/metrics");
+    body.lines()
+        .filter(|line| line.starts_with(&format!("switchboard_{name}{{")))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn an_overloaded_shard_refuses_new_sessions_keeps_old_ones_and_recovers() {
+    // Thresholds of one queued item: the commit queue a flood of `read` frames keeps busy
+    // puts the shard at the refuse level; it recovers half a second after the flood.
+    let server = Server::start(&format!(
+        "{ONE_SHARD}[limits]\nvisitor_frames_per_second = 0\nshed_lag = \"0s\"\nrefuse_lag = \"0s\"\n\
+         shed_queue = 1\nrefuse_queue = 1\nrecover_after = \"500ms\"\n"
+    ));
+    let mut flooder = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut flooder, "hello", |v| v["type"] == "hello");
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let writer = flood(
+        &flooder,
+        &masked_text_frame(br#"{"type":"read","seq":0}"#),
+        u64::MAX,
+        stop.clone(),
+        sent.clone(),
+    );
+    let reader_stop = stop.clone();
+    let mut reader_stream = flooder.stream_clone();
+    let reader = std::thread::spawn(move || {
+        reader_stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut sink = vec![0u8; 65536];
+        while !reader_stop.load(Ordering::Relaxed) {
+            if let Ok(0) = reader_stream.read(&mut sink) {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&server, "degrade_level") != 2 {
+        assert!(Instant::now() < deadline, "never reached the refuse level");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // A new visitor is upgraded and closed with 1013; an agent-style client gets 503.
+    let mut late = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    assert_eq!(late.expect_close(), 1013);
+    let response = raw_response(server.addr, &upgrade_request("/ws/echo", ""));
+    assert!(
+        response.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+            && response.contains("Retry-After:"),
+        "{response}"
+    );
+    // Health and metrics are still answered.
+    assert_eq!(http_get(server.addr, "/healthz").0, 200);
+    stop.store(true, Ordering::Relaxed);
+    let _ = writer.join();
+    let _ = reader.join();
+    // The flood's session was not dropped by the refuse level.
+    assert!(flooder.is_alive());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metric(&server, "degrade_level") != 0 {
+        assert!(Instant::now() < deadline, "never recovered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut again = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut again, "hello after recovery", |v| v["type"] == "hello");
+    assert!(metric(&server, "degrade_transitions") >= 2);
+    let logs = server.logs();
+    assert!(
+        logs.contains("load level raised") && logs.contains("load level lowered"),
+        "{logs}"
+    );
+}
