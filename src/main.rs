@@ -345,6 +345,12 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+    // Before announcing the address: a SIGTERM right after it must drain, not kill.
+    let shutdown = runtime.shutdown();
+    if let Err(err) = install_signal_handlers(shutdown) {
+        tracing::error!(error = %err, "cannot install signal handlers");
+        return ExitCode::FAILURE;
+    }
     let addr = runtime.local_addr().expect("serve always binds a listener");
     tracing::info!(
         shards = cores.len(),
@@ -353,11 +359,6 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
         "switchboard listening on {addr}"
     );
 
-    let shutdown = runtime.shutdown();
-    if let Err(err) = install_signal_handlers(shutdown) {
-        tracing::error!(error = %err, "cannot install signal handlers");
-        return ExitCode::FAILURE;
-    }
     let result = runtime.join();
     audit.flush();
     match result {

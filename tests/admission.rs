@@ -18,6 +18,9 @@ use serde_json::{json, Value};
 const ONE_SHARD: &str = "[shards]\ncores = [0]\n";
 
 const AGENT: &str = r#"
+[agents]
+dev_static_tokens = true
+
 [agents.accounts.alice]
 token = "alice-token-0123456789"
 name = "Alice"

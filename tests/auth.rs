@@ -27,12 +27,13 @@ fn agent_cli(config: &Path, args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("run switchboard agent");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
+    // A command that refuses its arguments exits before reading stdin: a broken pipe here is
+    // that exit, which the caller checks.
+    match child.stdin.take().unwrap().write_all(stdin.as_bytes()) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(err) => panic!("write the password: {err}"),
+    }
     child.wait_with_output().unwrap()
 }
 
@@ -528,9 +529,17 @@ fn rbac_agent_refused_supervisor_allowed() {
     let (mut al, _) = agent_hello(server.addr, &al_token);
     let mut visitor =
         RawClient::connect(server.addr, "/ws/visitor?site=acme&visitor=rbac-visitor").unwrap();
-    let hello = visitor.read_json();
-    let conversation = hello["conversation"].as_u64().unwrap();
+    assert_eq!(visitor.read_json()["type"], "hello");
     visitor.send_json(&json!({"type": "message", "id": "q1", "text": "I need a human"}));
+    // The first message creates the conversation; a second hello names it.
+    let conversation = loop {
+        let frame = visitor.read_json();
+        if frame["type"] == "hello" {
+            if let Some(id) = frame["conversation"].as_u64() {
+                break id;
+            }
+        }
+    };
     wait_for(&mut al, "assignment", |v| {
         v["type"] == "assigned" && v["conversation"] == conversation
     });

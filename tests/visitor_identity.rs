@@ -22,9 +22,18 @@ enabled = false
 [shards]
 cores = [0, 1]
 
+[agents]
+dev_static_tokens = true
+
 [agents.accounts.alice]
 token = "alice-token-0123456789"
 name = "Alice"
+
+[limits]
+# One test client opens 1,000 connections and sends typing floods on purpose.
+connections_per_ip = 0
+visitor_frames_per_second = 0
+agent_frames_per_second = 0
 
 [visitors.sites.acme]
 identity_key = "{SITE_KEY}"
