@@ -121,6 +121,7 @@ pub struct Config {
     pub inference: InferenceConfig,
     pub bot: BotConfig,
     pub risk_control: RiskControlConfig,
+    pub tls: TlsConfig,
     /// Where each key was last set; used to point errors found after loading at the right line.
     origins: Origins,
 }
@@ -302,6 +303,19 @@ pub struct RiskControlConfig {
     pub mask_card_numbers: bool,
     pub flood_messages: u32,
     pub flood_window: Duration,
+}
+
+/// `[tls]`
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsConfig {
+    /// `None` (written `""`) = no TLS listener.
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain; empty when unset (required when `listen` is set).
+    pub cert: PathBuf,
+    /// PEM private key; empty when unset (required when `listen` is set).
+    pub key: PathBuf,
+    /// How often the certificate and key files are checked for changes.
+    pub watch_interval: Duration,
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -692,6 +706,25 @@ impl RiskControlConfig {
     }
 }
 
+impl TlsConfig {
+    fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
+        match key {
+            "listen" => {
+                self.listen = if f.string()?.is_empty() {
+                    None
+                } else {
+                    Some(f.socket_addr()?)
+                }
+            }
+            "cert" => self.cert = f.optional_path()?,
+            "key" => self.key = f.optional_path()?,
+            "watch_interval" => self.watch_interval = f.duration_in(ms(100), hours(1))?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Writing: the one list of keys. Order here is the order `config print` shows.
 // ---------------------------------------------------------------------------------------------------
@@ -711,6 +744,7 @@ impl Config {
             inference: inf,
             bot,
             risk_control: risk,
+            tls,
             origins: _,
         } = self;
 
@@ -810,6 +844,15 @@ impl Config {
         w.display("mask_card_numbers", risk.mask_card_numbers);
         w.display("flood_messages", risk.flood_messages);
         w.duration("flood_window", risk.flood_window);
+
+        w.section("tls");
+        w.string(
+            "listen",
+            &tls.listen.map(|addr| addr.to_string()).unwrap_or_default(),
+        );
+        w.path("cert", &tls.cert);
+        w.path("key", &tls.key);
+        w.duration("watch_interval", tls.watch_interval);
     }
 
     /// Placeholder values the embedded default overwrites entirely (it must set every key).
@@ -888,6 +931,12 @@ impl Config {
                 mask_card_numbers: false,
                 flood_messages: 0,
                 flood_window: Duration::ZERO,
+            },
+            tls: TlsConfig {
+                listen: None,
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+                watch_interval: Duration::ZERO,
             },
             origins: Origins::default(),
         }
@@ -1181,6 +1230,7 @@ impl Builder {
             "inference" => c.inference.set(key, f),
             "bot" => c.bot.set(key, f),
             "risk_control" => c.risk_control.set(key, f),
+            "tls" => c.tls.set(key, f),
             _ => Ok(false),
         }
     }
@@ -1274,6 +1324,16 @@ impl Builder {
     fn check_cross_field_rules(&self) -> Result<(), ConfigError> {
         let c = &self.config;
         let d = format_duration;
+        if c.tls.listen.is_some() {
+            for (key, path) in [("tls.cert", &c.tls.cert), ("tls.key", &c.tls.key)] {
+                if path.as_os_str().is_empty() {
+                    return Err(self.origins.error_at(
+                        key,
+                        "required when tls.listen is set (`switchboard tls self-signed` writes a pair)",
+                    ));
+                }
+            }
+        }
         self.ordered(
             ("websocket.ping_interval", d(c.websocket.ping_interval)),
             ("websocket.idle_timeout", d(c.websocket.idle_timeout)),
@@ -1509,6 +1569,11 @@ impl<'a> Field<'a> {
 
     fn path(&self) -> Result<PathBuf, ConfigError> {
         Ok(PathBuf::from(self.text(1, 4096)?))
+    }
+
+    /// A path, or `""` for none (an empty `PathBuf`).
+    fn optional_path(&self) -> Result<PathBuf, ConfigError> {
+        Ok(PathBuf::from(self.text(0, 4096)?))
     }
 
     fn integer_in<T: TryFrom<i64>>(&self, min: i64, max: i64) -> Result<T, ConfigError> {

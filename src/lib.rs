@@ -23,4 +23,5 @@ pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod system;
+pub mod tls;
 pub mod ws;

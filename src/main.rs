@@ -1,5 +1,6 @@
-//! The `switchboard` command line: `serve`, `config check`, `config print`, and the
-//! knowledge-base commands `kb import`, `kb export`, `kb list`, `kb eval`.
+//! The `switchboard` command line: `serve`, `config check`, `config print`, the
+//! knowledge-base commands `kb import`, `kb export`, `kb list`, `kb eval`, and
+//! `tls self-signed`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration, arguments or input
 //! file (clap also exits 2 for bad arguments).
@@ -58,6 +59,30 @@ enum Command {
     Kb {
         #[command(subcommand)]
         command: KbCommand,
+    },
+    /// TLS certificates for `[tls]`.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Write a self-signed certificate and its private key (mode 0600) for a first start.
+    SelfSigned {
+        /// The DNS name or IP address the certificate is for (clients check it).
+        #[arg(long, value_name = "NAME")]
+        host: String,
+        /// Where to write the PEM certificate.
+        #[arg(long, value_name = "FILE", default_value = "cert.pem")]
+        cert: PathBuf,
+        /// Where to write the PEM private key.
+        #[arg(long, value_name = "FILE", default_value = "key.pem")]
+        key: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -144,6 +169,32 @@ fn main() -> ExitCode {
             Err(err) => config_error(&err),
         },
         Command::Kb { command } => kb_command(command),
+        Command::Tls {
+            command:
+                TlsCommand::SelfSigned {
+                    host,
+                    cert,
+                    key,
+                    force,
+                },
+        } => match switchboard::tls::write_self_signed(&host, &cert, &key, force) {
+            Ok(()) => {
+                println!(
+                    "wrote a self-signed certificate for {host} to {} and its key to {} (mode 0600)",
+                    cert.display(),
+                    key.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err @ switchboard::tls::TlsError::Exists { .. }) => {
+                eprintln!("switchboard: {err}");
+                ExitCode::from(2)
+            }
+            Err(err) => {
+                eprintln!("switchboard: {err}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -179,20 +230,39 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
         eprintln!("switchboard: cannot start: {err}");
         return ExitCode::from(2);
     }
+    let tls = match config.tls.listen {
+        None => None,
+        Some(_) => match switchboard::tls::load_server_config(&config.tls.cert, &config.tls.key) {
+            Ok(server_config) => Some(Arc::new(switchboard::tls::Certificates::new(server_config))),
+            Err(err) => {
+                eprintln!("switchboard: invalid TLS certificate or key ([tls] cert, key): {err}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let config = Arc::new(config);
     let metrics = Metrics::new(cores.len());
     let runtime_config = shards::RuntimeConfig {
         cores: cores.clone(),
         io_memory: config.shards.io_memory,
-        listen: Some(config.server.listen),
+        listen: std::iter::once(config.server.listen)
+            .chain(config.tls.listen)
+            .collect(),
         backlog: i32::try_from(config.server.backlog).unwrap_or(i32::MAX),
         mesh_capacity: config.shards.mesh_capacity,
         thread_name: "switchboard-shard".into(),
     };
     let shard_config = config.clone();
+    let shard_metrics = metrics.clone();
+    let shard_tls = tls.clone();
     let runtime =
         match shards::Runtime::start::<ShardMessage, _, _>(runtime_config, move |context| {
-            server::shard_main(context, shard_config.clone(), metrics.clone())
+            server::shard_main(
+                context,
+                shard_config.clone(),
+                shard_metrics.clone(),
+                shard_tls.clone(),
+            )
         }) {
             Ok(runtime) => runtime,
             Err(err) => {
@@ -207,6 +277,19 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
         startup_ms = exec_started.elapsed().as_secs_f64() * 1000.0,
         "switchboard listening on {addr}"
     );
+    if let (Some(certificates), Some(tls_addr)) = (tls, runtime.local_addrs().get(1)) {
+        tracing::info!("switchboard TLS listening on {tls_addr}");
+        if let Err(err) = switchboard::tls::spawn_watcher(
+            certificates,
+            config.tls.cert.clone(),
+            config.tls.key.clone(),
+            config.tls.watch_interval,
+            metrics,
+        ) {
+            tracing::error!(error = %err, "cannot start the TLS certificate watcher");
+            return ExitCode::FAILURE;
+        }
+    }
 
     let shutdown = runtime.shutdown();
     if let Err(err) = install_signal_handlers(shutdown) {
