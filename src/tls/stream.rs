@@ -48,7 +48,9 @@ const RECORD_HEADER: usize = 5;
 /// An established TLS session (see the module documentation for its memory).
 pub struct TlsStream {
     tcp: TcpStream,
-    conn: UnbufferedServerConnection,
+    /// Boxed (about 1 KiB): the stream is moved into the session task and an async fn's
+    /// future can hold more than one slot for it, each as big as the stream.
+    conn: Box<UnbufferedServerConnection>,
     incoming: Vec<u8>,
     plaintext: Vec<u8>,
     /// Bytes of `plaintext` already handed to a reader.
@@ -75,7 +77,7 @@ enum Step {
 
 /// Runs the TLS handshake on an accepted connection. The caller bounds it in time.
 pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<TlsStream> {
-    let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+    let conn = Box::new(UnbufferedServerConnection::new(config).map_err(tls_error)?);
     let mut stream = TlsStream {
         tcp,
         conn,
