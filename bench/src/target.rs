@@ -71,6 +71,14 @@ mod tests {
     }
 
     #[test]
+    fn wss_targets_are_secure() {
+        let t = Target::parse("wss://127.0.0.1:9443").unwrap();
+        assert!(t.secure);
+        assert_eq!(t.url, "wss://127.0.0.1:9443");
+        assert!(!Target::parse("ws://127.0.0.1:9443").unwrap().secure);
+    }
+
+    #[test]
     fn rejects_other_schemes_and_missing_port() {
         assert!(matches!(
             Target::parse("http://127.0.0.1:1"),

@@ -357,6 +357,43 @@ mod tests {
     }
 
     #[test]
+    fn every_shard_gets_a_listener_per_address() {
+        let config = RuntimeConfig {
+            cores: cores(2),
+            io_memory: 256 * 1024,
+            listen: vec![
+                "127.0.0.1:0".parse().unwrap(),
+                "127.0.0.1:0".parse().unwrap(),
+            ],
+            backlog: 128,
+            mesh_capacity: 16,
+            thread_name: "test-shard".into(),
+        };
+        let taken = Arc::new(Mutex::new(Vec::new()));
+        let sink = taken.clone();
+        let runtime = Runtime::start::<(), _, _>(config, move |ctx| {
+            let sink = sink.clone();
+            async move {
+                let addrs: Vec<_> = (0..3)
+                    .map(|i| ctx.take_listener_at(i).map(|l| l.local_addr().unwrap()))
+                    .collect();
+                assert!(ctx.take_listener().is_none(), "taken once");
+                sink.lock().unwrap().push(addrs);
+            }
+        })
+        .unwrap();
+        let bound = runtime.local_addrs().to_vec();
+        runtime.join().unwrap();
+        assert_eq!(bound.len(), 2);
+        assert_ne!(bound[0], bound[1]);
+        let taken = taken.lock().unwrap();
+        assert_eq!(taken.len(), 2);
+        for addrs in taken.iter() {
+            assert_eq!(addrs, &vec![Some(bound[0]), Some(bound[1]), None]);
+        }
+    }
+
+    #[test]
     fn unknown_core_is_rejected() {
         let config = RuntimeConfig {
             cores: vec![100_000],
