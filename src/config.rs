@@ -126,6 +126,7 @@ pub struct Config {
     pub audit: AuditConfig,
     pub visitors: VisitorsConfig,
     pub limits: LimitsConfig,
+    pub tls: TlsConfig,
     /// Where each key was last set; used to point errors found after loading at the right line.
     origins: Origins,
 }
@@ -439,6 +440,19 @@ pub struct RiskControlConfig {
 pub struct AuditConfig {
     /// The audit chain's file; `None` (written as "") means `audit.log` under `storage.dir`.
     pub file: Option<PathBuf>,
+}
+
+/// `[tls]`
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsConfig {
+    /// `None` (written `""`) = no TLS listener.
+    pub listen: Option<SocketAddr>,
+    /// PEM certificate chain; empty when unset (required when `listen` is set).
+    pub cert: PathBuf,
+    /// PEM private key; empty when unset (required when `listen` is set).
+    pub key: PathBuf,
+    /// How often the certificate and key files are checked for changes.
+    pub watch_interval: Duration,
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -944,6 +958,25 @@ impl AuditConfig {
     }
 }
 
+impl TlsConfig {
+    fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
+        match key {
+            "listen" => {
+                self.listen = if f.string()?.is_empty() {
+                    None
+                } else {
+                    Some(f.socket_addr()?)
+                }
+            }
+            "cert" => self.cert = f.optional_path()?,
+            "key" => self.key = f.optional_path()?,
+            "watch_interval" => self.watch_interval = f.duration_in(ms(100), hours(1))?,
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Writing: the one list of keys. Order here is the order `config print` shows.
 // ---------------------------------------------------------------------------------------------------
@@ -968,6 +1001,7 @@ impl Config {
             audit,
             visitors,
             limits,
+            tls,
             origins: _,
         } = self;
 
@@ -1140,6 +1174,14 @@ impl Config {
         w.duration("blocklist_poll", limits.blocklist_poll);
         w.display("log_lines_per_second", limits.log_lines_per_second);
         w.display("tracked_keys", limits.tracked_keys);
+        w.section("tls");
+        w.string(
+            "listen",
+            &tls.listen.map(|addr| addr.to_string()).unwrap_or_default(),
+        );
+        w.path("cert", &tls.cert);
+        w.path("key", &tls.key);
+        w.duration("watch_interval", tls.watch_interval);
     }
 
     /// Placeholder values the embedded default overwrites entirely (it must set every key).
@@ -1262,6 +1304,12 @@ impl Config {
                 blocklist_poll: Duration::ZERO,
                 log_lines_per_second: 0,
                 tracked_keys: 0,
+            },
+            tls: TlsConfig {
+                listen: None,
+                cert: PathBuf::new(),
+                key: PathBuf::new(),
+                watch_interval: Duration::ZERO,
             },
             origins: Origins::default(),
         }
@@ -1561,6 +1609,7 @@ impl Builder {
             "visitors" if key == "sites" => self.apply_sites(f).map(|()| true),
             "visitors" => c.visitors.set(key, f),
             "limits" => c.limits.set(key, f),
+            "tls" => c.tls.set(key, f),
             _ => Ok(false),
         }
     }
@@ -1724,6 +1773,16 @@ impl Builder {
     fn check_cross_field_rules(&self) -> Result<(), ConfigError> {
         let c = &self.config;
         let d = format_duration;
+        if c.tls.listen.is_some() {
+            for (key, path) in [("tls.cert", &c.tls.cert), ("tls.key", &c.tls.key)] {
+                if path.as_os_str().is_empty() {
+                    return Err(self.origins.error_at(
+                        key,
+                        "required when tls.listen is set (`switchboard tls self-signed` writes a pair)",
+                    ));
+                }
+            }
+        }
         self.ordered(
             ("websocket.ping_interval", d(c.websocket.ping_interval)),
             ("websocket.idle_timeout", d(c.websocket.idle_timeout)),
@@ -1959,6 +2018,11 @@ impl<'a> Field<'a> {
 
     fn path(&self) -> Result<PathBuf, ConfigError> {
         Ok(PathBuf::from(self.text(1, 4096)?))
+    }
+
+    /// A path, or `""` for none (an empty `PathBuf`).
+    fn optional_path(&self) -> Result<PathBuf, ConfigError> {
+        Ok(PathBuf::from(self.text(0, 4096)?))
     }
 
     fn integer_in<T: TryFrom<i64>>(&self, min: i64, max: i64) -> Result<T, ConfigError> {

@@ -27,4 +27,5 @@ pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod system;
+pub mod tls;
 pub mod ws;

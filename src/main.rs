@@ -1,6 +1,7 @@
 //! The `switchboard` command line: `serve`, `config check`, `config print`, the
-//! knowledge-base commands `kb import`, `kb export`, `kb list`, `kb eval`, and the agent
-//! account commands `agent add|list|disable|enable|passwd|role|unlock`.
+//! knowledge-base commands `kb import`, `kb export`, `kb list`, `kb eval`, the agent
+//! account commands `agent add|list|disable|enable|passwd|role|unlock`, `audit verify|tail`
+//! and `tls self-signed`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration, arguments or input
 //! file (clap also exits 2 for bad arguments).
@@ -73,6 +74,11 @@ enum Command {
         #[command(subcommand)]
         command: AgentCommand,
     },
+    /// TLS certificates for `[tls]`.
+    Tls {
+        #[command(subcommand)]
+        command: TlsCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -135,6 +141,25 @@ enum AgentCommand {
         name: String,
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TlsCommand {
+    /// Write a self-signed certificate and its private key (mode 0600) for a first start.
+    SelfSigned {
+        /// The DNS name or IP address the certificate is for (clients check it).
+        #[arg(long, value_name = "NAME")]
+        host: String,
+        /// Where to write the PEM certificate.
+        #[arg(long, value_name = "FILE", default_value = "cert.pem")]
+        cert: PathBuf,
+        /// Where to write the PEM private key.
+        #[arg(long, value_name = "FILE", default_value = "key.pem")]
+        key: PathBuf,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -223,6 +248,32 @@ fn main() -> ExitCode {
         Command::Kb { command } => kb_command(command),
         Command::Audit { command } => audit_cli::run(command),
         Command::Agent { command } => agent_command(command),
+        Command::Tls {
+            command:
+                TlsCommand::SelfSigned {
+                    host,
+                    cert,
+                    key,
+                    force,
+                },
+        } => match switchboard::tls::write_self_signed(&host, &cert, &key, force) {
+            Ok(()) => {
+                println!(
+                    "wrote a self-signed certificate for {host} to {} and its key to {} (mode 0600)",
+                    cert.display(),
+                    key.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err @ switchboard::tls::TlsError::Exists { .. }) => {
+                eprintln!("switchboard: {err}");
+                ExitCode::from(2)
+            }
+            Err(err) => {
+                eprintln!("switchboard: {err}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -317,26 +368,41 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    let tls = match config.tls.listen {
+        None => None,
+        Some(_) => match switchboard::tls::load_server_config(&config.tls.cert, &config.tls.key) {
+            Ok(server_config) => Some(Arc::new(switchboard::tls::Certificates::new(server_config))),
+            Err(err) => {
+                eprintln!("switchboard: invalid TLS certificate or key ([tls] cert, key): {err}");
+                return ExitCode::from(2);
+            }
+        },
+    };
     let config = Arc::new(config);
     let metrics = Metrics::new(cores.len());
     let runtime_config = shards::RuntimeConfig {
         cores: cores.clone(),
         io_memory: config.shards.io_memory,
-        listen: Some(config.server.listen),
+        listen: std::iter::once(config.server.listen)
+            .chain(config.tls.listen)
+            .collect(),
         backlog: i32::try_from(config.server.backlog).unwrap_or(i32::MAX),
         mesh_capacity: config.shards.mesh_capacity,
         thread_name: "switchboard-shard".into(),
     };
     let shard_config = config.clone();
     let shard_audit = audit.clone();
+    let shard_metrics = metrics.clone();
+    let shard_tls = tls.clone();
     let runtime =
         match shards::Runtime::start::<ShardMessage, _, _>(runtime_config, move |context| {
             server::shard_main(
                 context,
                 shard_config.clone(),
-                metrics.clone(),
+                shard_metrics.clone(),
                 shard_audit.clone(),
                 authority.clone(),
+                shard_tls.clone(),
             )
         }) {
             Ok(runtime) => runtime,
@@ -358,6 +424,19 @@ fn serve(config: Config, exec_started: Instant) -> ExitCode {
         startup_ms = exec_started.elapsed().as_secs_f64() * 1000.0,
         "switchboard listening on {addr}"
     );
+    if let (Some(certificates), Some(tls_addr)) = (tls, runtime.local_addrs().get(1)) {
+        tracing::info!("switchboard TLS listening on {tls_addr}");
+        if let Err(err) = switchboard::tls::spawn_watcher(
+            certificates,
+            config.tls.cert.clone(),
+            config.tls.key.clone(),
+            config.tls.watch_interval,
+            metrics,
+        ) {
+            tracing::error!(error = %err, "cannot start the TLS certificate watcher");
+            return ExitCode::FAILURE;
+        }
+    }
 
     let result = runtime.join();
     audit.flush();

@@ -97,6 +97,10 @@ counters! {
     degrade_level: "gauge",
     /// Load-level changes (each logged).
     degrade_transitions: "counter",
+    /// TLS handshakes completed on the TLS listener.
+    tls_handshakes_completed: "counter",
+    /// TLS handshakes that failed or timed out (bad client hello, protocol version, ALPN, ...).
+    tls_handshake_failures: "counter",
 }
 
 impl ShardMetrics {
@@ -113,18 +117,35 @@ impl ShardMetrics {
 #[derive(Clone, Debug)]
 pub struct Metrics {
     shards: Arc<[ShardMetrics]>,
+    process: Arc<ProcessMetrics>,
+}
+
+/// Counters of work done outside the shards (by the TLS certificate watcher), written by one
+/// thread and rendered without a shard label.
+#[derive(Default, Debug)]
+pub struct ProcessMetrics {
+    /// TLS certificate/key pairs loaded by a reload (SIGHUP or a file change).
+    pub tls_reloads: AtomicU64,
+    /// TLS reloads refused because the new pair did not load; the previous pair stays in use.
+    pub tls_reload_failures: AtomicU64,
 }
 
 impl Metrics {
     pub fn new(shard_count: usize) -> Self {
         Self {
             shards: (0..shard_count).map(|_| ShardMetrics::default()).collect(),
+            process: Arc::default(),
         }
     }
 
     /// The counters of shard `index`.
     pub fn shard(&self, index: usize) -> &ShardMetrics {
         &self.shards[index]
+    }
+
+    /// The process-wide counters.
+    pub fn process(&self) -> &ProcessMetrics {
+        &self.process
     }
 
     /// Renders every counter, per shard and summed, in Prometheus text format.
@@ -141,6 +162,26 @@ impl Metrics {
                 let value = metrics.fields().nth(position).map_or(0, |f| f.3);
                 let _ = writeln!(text, "switchboard_{name}{{shard=\"{shard}\"}} {value}");
             }
+        }
+        for (name, doc, counter) in [
+            (
+                "tls_reloads",
+                "TLS certificate/key pairs loaded by a reload (SIGHUP or a file change).",
+                &self.process.tls_reloads,
+            ),
+            (
+                "tls_reload_failures",
+                "TLS reloads refused because the new pair did not load (the previous pair stays).",
+                &self.process.tls_reload_failures,
+            ),
+        ] {
+            let _ = writeln!(text, "# HELP switchboard_{name} {doc}");
+            let _ = writeln!(text, "# TYPE switchboard_{name} counter");
+            let _ = writeln!(
+                text,
+                "switchboard_{name} {}",
+                counter.load(Ordering::Relaxed)
+            );
         }
         for (name, doc, value) in extra {
             let _ = writeln!(text, "# HELP switchboard_{name} {doc}");

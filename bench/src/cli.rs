@@ -48,9 +48,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// Server to load, ws://HOST:PORT.
+    /// Server to load, ws://HOST:PORT, or wss://HOST:PORT over TLS (needs --tls-ca).
     #[arg(long, default_value = "ws://127.0.0.1:8080")]
     pub target: String,
+    /// For a wss:// target: PEM certificate(s) to trust, e.g. the server's self-signed certificate.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// For a wss:// target: the name to verify the certificate against (default: the target's host).
+    #[arg(long, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
     /// Server process id, for RSS figures read from /proc/PID/status.
     #[arg(long)]
     pub pid: Option<u32>,

@@ -19,6 +19,7 @@ mod runtime;
 mod scenario;
 mod stats;
 mod target;
+mod tls;
 mod wsclient;
 
 /// The project's WebSocket codec (client role), shared with the server.

@@ -1,11 +1,12 @@
-//! The `--target ws://HOST:PORT` the scenarios load. Only plain `ws://` is accepted: the harness measures
-//! the gateway on loopback, and TLS would measure the crypto instead.
+//! The `--target ws://HOST:PORT` the scenarios load. `wss://HOST:PORT` connects over TLS (with
+//! `--tls-ca FILE`, the certificate to trust): used to measure the memory of idle TLS sessions with
+//! `density`; for latency figures prefer `ws://`, TLS would measure the crypto too.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum TargetError {
-    #[error("target {0:?} must start with ws:// (wss is not supported by the harness)")]
+    #[error("target {0:?} must start with ws:// or wss://")]
     Scheme(String),
     #[error("target {0:?} has no port (write ws://HOST:PORT)")]
     NoPort(String),
@@ -19,13 +20,19 @@ pub struct Target {
     pub url: String,
     pub addr: SocketAddr,
     pub host_header: String,
+    /// `wss://`: sessions run over TLS.
+    pub secure: bool,
+    /// For `wss://`: the client configuration (trusting `--tls-ca`) and the name to verify.
+    pub tls: Option<(std::sync::Arc<rustls::ClientConfig>, String)>,
 }
 
 impl Target {
     pub fn parse(url: &str) -> Result<Target, TargetError> {
-        let rest = url
-            .strip_prefix("ws://")
-            .ok_or_else(|| TargetError::Scheme(url.to_string()))?;
+        let (secure, rest) = match (url.strip_prefix("ws://"), url.strip_prefix("wss://")) {
+            (Some(rest), _) => (false, rest),
+            (_, Some(rest)) => (true, rest),
+            _ => return Err(TargetError::Scheme(url.to_string())),
+        };
         let authority = rest.split('/').next().unwrap_or("");
         let has_port = authority
             .rsplit_once(':')
@@ -40,9 +47,11 @@ impl Target {
             .next()
             .ok_or_else(|| TargetError::Resolve(url.to_string(), "no address".into()))?;
         Ok(Target {
-            url: format!("ws://{authority}"),
+            url: format!("{}://{authority}", if secure { "wss" } else { "ws" }),
             addr,
             host_header: authority.to_string(),
+            secure,
+            tls: None,
         })
     }
 }
@@ -59,6 +68,14 @@ mod tests {
             "127.0.0.1:9100".parse::<std::net::SocketAddr>().unwrap()
         );
         assert_eq!(t.host_header, "127.0.0.1:9100");
+    }
+
+    #[test]
+    fn wss_targets_are_secure() {
+        let t = Target::parse("wss://127.0.0.1:9443").unwrap();
+        assert!(t.secure);
+        assert_eq!(t.url, "wss://127.0.0.1:9443");
+        assert!(!Target::parse("ws://127.0.0.1:9443").unwrap().secure);
     }
 
     #[test]

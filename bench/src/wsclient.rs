@@ -15,7 +15,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use futures_lite::io::{split, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use glommio::net::TcpStream;
+
+use crate::tls::ClientStream;
 
 use crate::codec::handshake::{
     accept_key, client_request, generate_key, parse_client_response, ClientHandshakeError,
@@ -104,7 +105,7 @@ struct Shared {
     /// Frames queued for the socket.
     out: Vec<u8>,
     /// The socket's write half while nobody is writing.
-    half: Option<WriteHalf<TcpStream>>,
+    half: Option<WriteHalf<ClientStream>>,
     /// Set once a write failed; every later write fails too.
     broken: bool,
 }
@@ -123,7 +124,7 @@ pub struct WsReader {
 }
 
 struct ReadSide {
-    half: ReadHalf<TcpStream>,
+    half: ReadHalf<ClientStream>,
     buf: Vec<u8>,
     /// Bytes already read and not yet fed to the codec (those following the 101 response).
     pending: Vec<u8>,
@@ -139,13 +140,21 @@ pub async fn open(
     timeout: Duration,
 ) -> Result<(WsReader, WsWriter), OpenError> {
     let stream = net::start_connect(target.addr, source).map_err(OpenError::Connect)?;
-    with_timeout(timeout, handshake(stream, &target.host_header, path, seed))
-        .await
-        .unwrap_or(Err(OpenError::Timeout))
+    with_timeout(timeout, async {
+        let stream = match &target.tls {
+            None => ClientStream::Plain(stream),
+            Some((config, name)) => crate::tls::connect(stream, config.clone(), name)
+                .await
+                .map_err(OpenError::Io)?,
+        };
+        handshake(stream, &target.host_header, path, seed).await
+    })
+    .await
+    .unwrap_or(Err(OpenError::Timeout))
 }
 
 async fn handshake(
-    mut stream: TcpStream,
+    mut stream: ClientStream,
     host: &str,
     path: &str,
     seed: u64,

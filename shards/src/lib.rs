@@ -2,9 +2,9 @@
 //!
 //! It knows nothing about customer service. It starts one glommio executor per
 //! configured core, pinned to that core, hands each one its own listening socket
-//! (all bound to the same address with `SO_REUSEPORT`, so the kernel spreads
-//! connections over the shards), and connects every pair of shards with a typed,
-//! bounded channel (a full mesh).
+//! per configured address (every shard's socket for an address bound with
+//! `SO_REUSEPORT`, so the kernel spreads connections over the shards), and
+//! connects every pair of shards with a typed, bounded channel (a full mesh).
 //!
 //! Invariants:
 //! - Shards share nothing but the mesh and the [`Shutdown`] flag; per-shard state is

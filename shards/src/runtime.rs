@@ -4,7 +4,7 @@
 //! core with `Placement::Fixed(core)`, so each shard's thread is pinned. Inside
 //! each shard it joins the mesh, builds the shard-id/peer-id tables, and calls the
 //! application's `shard_main` with a [`ShardContext`]: the shard's per-shard state
-//! container (its id, its listener, its mesh, the shutdown flag).
+//! container (its id, its listeners (one per configured address), its mesh, the shutdown flag).
 //!
 //! Invariant: `shard_main` runs on the shard's own thread; nothing it creates is
 //! shared with another shard except what it sends through the mesh.
@@ -32,8 +32,9 @@ pub struct RuntimeConfig {
     pub cores: Vec<usize>,
     /// Bytes of locked memory glommio reserves per shard for io_uring buffers.
     pub io_memory: usize,
-    /// Address every shard listens on (with `SO_REUSEPORT`); `None` for no listener.
-    pub listen: Option<SocketAddr>,
+    /// Addresses every shard listens on (each with `SO_REUSEPORT`), in order: shard listener `i`
+    /// ([`ShardContext::take_listener_at`]) is bound to `listen[i]`. Empty for no listener.
+    pub listen: Vec<SocketAddr>,
     /// Listen backlog of each shard's socket.
     pub backlog: i32,
     /// Capacity of each mesh channel, in messages.
@@ -97,14 +98,19 @@ pub struct ShardContext<M: Send + 'static> {
     pub shutdown: Shutdown,
     /// Sending side of the mesh.
     pub mesh: Rc<Mesh<M>>,
-    listener: RefCell<Option<glommio::net::TcpListener>>,
+    listeners: RefCell<Vec<Option<glommio::net::TcpListener>>>,
     inbox: RefCell<Option<Inbox<M>>>,
 }
 
 impl<M: Send + 'static> ShardContext<M> {
-    /// Takes this shard's listener (once).
+    /// Takes this shard's listener on the first configured address (once).
     pub fn take_listener(&self) -> Option<glommio::net::TcpListener> {
-        self.listener.borrow_mut().take()
+        self.take_listener_at(0)
+    }
+
+    /// Takes this shard's listener on the configured address `index` (once).
+    pub fn take_listener_at(&self, index: usize) -> Option<glommio::net::TcpListener> {
+        self.listeners.borrow_mut().get_mut(index)?.take()
     }
 
     /// Starts delivering mesh messages to `handler` (once). Messages from one
@@ -133,7 +139,7 @@ impl<M: Send + 'static> ShardContext<M> {
 /// A started runtime.
 pub struct Runtime {
     handles: Vec<glommio::ExecutorJoinHandle<()>>,
-    local_addr: Option<SocketAddr>,
+    local_addrs: Vec<SocketAddr>,
     shutdown: Shutdown,
 }
 
@@ -162,13 +168,17 @@ impl Runtime {
             });
         }
 
-        let (listeners, local_addr) = match config.listen {
-            Some(addr) => {
-                let (listeners, bound) = bind_reuseport(addr, count, config.backlog)?;
-                (listeners.into_iter().map(Some).collect(), Some(bound))
+        // listeners[shard][address]
+        let mut listeners: Vec<Vec<std::net::TcpListener>> =
+            (0..count).map(|_| Vec::new()).collect();
+        let mut local_addrs = Vec::with_capacity(config.listen.len());
+        for addr in &config.listen {
+            let (bound, local) = bind_reuseport(*addr, count, config.backlog)?;
+            for (shard, listener) in bound.into_iter().enumerate() {
+                listeners[shard].push(listener);
             }
-            None => ((0..count).map(|_| None).collect::<Vec<_>>(), None),
-        };
+            local_addrs.push(local);
+        }
 
         let shutdown = Shutdown::default();
         let mesh_builder = MeshBuilder::<M, _>::full(count, config.mesh_capacity.max(1));
@@ -184,15 +194,17 @@ impl Runtime {
             let shard_main = shard_main.clone();
             let shard_shutdown = shutdown.clone();
             let mesh_capacity = config.mesh_capacity.max(1);
-            let listener_fd = listener.map(|listener| listener.into_raw_fd());
+            let listener_fds: Vec<_> = listener.into_iter().map(IntoRawFd::into_raw_fd).collect();
             let spawned = LocalExecutorBuilder::new(Placement::Fixed(core))
                 .name(&format!("{}-{index}", config.thread_name))
                 .io_memory(config.io_memory)
                 .spawn(move || async move {
-                    // SAFETY: the fd was just created by `bind_reuseport` and its
+                    // SAFETY: each fd was just created by `bind_reuseport` and its
                     // ownership moved here with `into_raw_fd`.
-                    let listener =
-                        listener_fd.map(|fd| unsafe { glommio::net::TcpListener::from_raw_fd(fd) });
+                    let listeners: Vec<_> = listener_fds
+                        .into_iter()
+                        .map(|fd| Some(unsafe { glommio::net::TcpListener::from_raw_fd(fd) }))
+                        .collect();
                     let (senders, receivers) = mesh_builder
                         .join()
                         .await
@@ -229,7 +241,7 @@ impl Runtime {
                         core,
                         shutdown: shard_shutdown,
                         mesh: Rc::new(Mesh::new(id, senders, peer_of_shard, to_self)),
-                        listener: RefCell::new(listener),
+                        listeners: RefCell::new(listeners),
                         inbox: RefCell::new(Some(Inbox {
                             receivers,
                             from_self,
@@ -252,14 +264,20 @@ impl Runtime {
         }
         Ok(Runtime {
             handles,
-            local_addr,
+            local_addrs,
             shutdown,
         })
     }
 
-    /// The address the shards listen on (with the real port when 0 was asked).
+    /// The first address the shards listen on (with the real port when 0 was asked).
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        self.local_addr
+        self.local_addrs.first().copied()
+    }
+
+    /// Every address the shards listen on, in the order of [`RuntimeConfig::listen`] (with the
+    /// real port when 0 was asked).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
     }
 
     /// The stop flag shared by all shards.
@@ -304,7 +322,7 @@ mod tests {
         let config = RuntimeConfig {
             cores: cores(count),
             io_memory: 256 * 1024,
-            listen: None,
+            listen: Vec::new(),
             backlog: 128,
             mesh_capacity: 16,
             thread_name: "test-shard".into(),
@@ -339,11 +357,48 @@ mod tests {
     }
 
     #[test]
+    fn every_shard_gets_a_listener_per_address() {
+        let config = RuntimeConfig {
+            cores: cores(2),
+            io_memory: 256 * 1024,
+            listen: vec![
+                "127.0.0.1:0".parse().unwrap(),
+                "127.0.0.1:0".parse().unwrap(),
+            ],
+            backlog: 128,
+            mesh_capacity: 16,
+            thread_name: "test-shard".into(),
+        };
+        let taken = Arc::new(Mutex::new(Vec::new()));
+        let sink = taken.clone();
+        let runtime = Runtime::start::<(), _, _>(config, move |ctx| {
+            let sink = sink.clone();
+            async move {
+                let addrs: Vec<_> = (0..3)
+                    .map(|i| ctx.take_listener_at(i).map(|l| l.local_addr().unwrap()))
+                    .collect();
+                assert!(ctx.take_listener().is_none(), "taken once");
+                sink.lock().unwrap().push(addrs);
+            }
+        })
+        .unwrap();
+        let bound = runtime.local_addrs().to_vec();
+        runtime.join().unwrap();
+        assert_eq!(bound.len(), 2);
+        assert_ne!(bound[0], bound[1]);
+        let taken = taken.lock().unwrap();
+        assert_eq!(taken.len(), 2);
+        for addrs in taken.iter() {
+            assert_eq!(addrs, &vec![Some(bound[0]), Some(bound[1]), None]);
+        }
+    }
+
+    #[test]
     fn unknown_core_is_rejected() {
         let config = RuntimeConfig {
             cores: vec![100_000],
             io_memory: 256 * 1024,
-            listen: None,
+            listen: Vec::new(),
             backlog: 128,
             mesh_capacity: 16,
             thread_name: "test-shard".into(),

@@ -94,7 +94,14 @@ pub fn hostile(shard: &Shard, peer: Option<SocketAddr>, what: &str, detail: &str
 
 /// Decides about a freshly accepted connection; `Some(peer)` if it is to be served.
 /// Refused connections are answered here (blocked: closed at once; rate-limited: 429).
-pub fn on_accept(shard: &Rc<Shard>, stream: TcpStream) -> Option<(TcpStream, Option<SocketAddr>)> {
+///
+/// `plain` says whether the listener speaks HTTP in the clear: a TLS client over its rate
+/// cannot read a plain 429 before its handshake, so it is closed at once instead.
+pub fn on_accept(
+    shard: &Rc<Shard>,
+    stream: TcpStream,
+    plain: bool,
+) -> Option<(TcpStream, Option<SocketAddr>)> {
     let peer = stream.peer_addr().ok();
     let Some(ip) = peer.map(|p| p.ip()) else {
         return Some((stream, peer));
@@ -125,6 +132,10 @@ pub fn on_accept(shard: &Rc<Shard>, stream: TcpStream) -> Option<(TcpStream, Opt
                 "429",
                 "too many new connections from this address",
             );
+            if !plain {
+                drop(stream);
+                return None;
+            }
             let response = crate::admission::refusal_response(
                 429,
                 retry,

@@ -1,6 +1,8 @@
 //! The shard-local driver of one connection: the only place that does socket
 //! I/O for it.
 //!
+//! It runs over plain TCP or TLS alike (generic over [`SessionStream`]).
+//!
 //! Phase 1 reads an HTTP request head (bounded in size and, against slowloris,
 //! in total time) and answers it or upgrades to WebSocket. Phase 2 runs the
 //! sans-IO WebSocket [`Connection`] codec: bytes read are fed to it, and bytes it
@@ -23,11 +25,11 @@ use std::sync::atomic::Ordering;
 use std::task::Poll;
 use std::time::Duration;
 
-use futures_lite::io::{AsyncRead, AsyncWriteExt};
-use glommio::net::TcpStream;
+use futures_lite::io::AsyncWriteExt;
 
 use super::admission::{self as driver, hostile};
 use super::routes::{route, Endpoint, Route};
+use super::stream::SessionStream;
 use super::Shard;
 use crate::admission::{self, AbuseVerdict, FrameClass, Level, SessionLimits, SessionRates};
 use crate::arena::{CloseRequest, Outbound, SessionId};
@@ -55,13 +57,13 @@ const MAX_OUTBOX_FRAMES: usize = 4096;
 /// parsing state) ends once the upgrade is done, and the long-lived session
 /// task carries only what a session needs, which keeps an idle session's
 /// memory small.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream, peer: Option<SocketAddr>) {
+pub async fn serve<S: SessionStream>(shard: Rc<Shard>, stream: S, peer: Option<SocketAddr>) {
     if let Some(upgraded) = handshake(shard.clone(), stream, peer).await {
         glommio::spawn_local(session_task(shard, upgraded)).detach();
     }
 }
 
-async fn session_task(shard: Rc<Shard>, upgraded: Upgraded) {
+async fn session_task<S: SessionStream>(shard: Rc<Shard>, upgraded: Upgraded<S>) {
     let Upgraded {
         mut stream,
         ws,
@@ -79,8 +81,8 @@ async fn session_task(shard: Rc<Shard>, upgraded: Upgraded) {
 }
 
 /// A connection whose WebSocket handshake succeeded.
-struct Upgraded {
-    stream: TcpStream,
+struct Upgraded<S> {
+    stream: S,
     ws: Connection,
     session: Session,
     /// The buffer the request head was read into; `leftover` are the bytes
@@ -93,13 +95,13 @@ struct Upgraded {
 
 /// Reads the request head, answers plain HTTP requests, and upgrades
 /// WebSocket ones.
-async fn handshake(
+async fn handshake<S: SessionStream>(
     shard: Rc<Shard>,
-    mut stream: TcpStream,
+    mut stream: S,
     peer: Option<SocketAddr>,
-) -> Option<Upgraded> {
+) -> Option<Upgraded<S>> {
     let config = &shard.config;
-    let _ = stream.set_write_timeout(Some(config.websocket.write_timeout));
+    stream.set_write_timeout(Some(config.websocket.write_timeout));
     let limits = HttpLimits {
         max_header_bytes: config.http.max_header_bytes,
         max_headers: config.http.max_headers,
@@ -147,7 +149,7 @@ async fn handshake(
         crate::auth::clock::unix_now(),
     ) {
         Route::Api => {
-            let peer = stream.peer_addr().ok().map(|addr| addr.ip());
+            let peer = peer.map(|addr| addr.ip());
             super::api_driver::serve(&shard, &mut stream, head, buffer, leftover, peer).await;
             return None;
         }
@@ -261,9 +263,9 @@ enum HeadError {
 /// Reads until a whole request head is buffered. Returns the head, the buffer
 /// and the byte range after the head (bytes a client sent right behind its
 /// upgrade request).
-async fn read_head(
+async fn read_head<S: SessionStream>(
     shard: &Shard,
-    stream: &mut TcpStream,
+    stream: &mut S,
     limits: &HttpLimits,
 ) -> Result<(RequestHead, Vec<u8>, std::ops::Range<usize>), HeadError> {
     let mut buffer = shard.buffers.take_filled();
@@ -294,9 +296,9 @@ async fn read_head(
 }
 
 /// Writes a complete HTTP response and lets the connection close.
-async fn respond(
+async fn respond<S: SessionStream>(
     shard: &Shard,
-    stream: &mut TcpStream,
+    stream: &mut S,
     status: u16,
     body: &[u8],
     extra_headers: &[(&str, &str)],
@@ -755,7 +757,7 @@ enum Wake {
 const BACKPRESSURE_RECHECK: Duration = Duration::from_millis(2);
 
 /// Waits for bytes or arena work without holding a buffer while waiting.
-async fn wait(shard: &Shard, id: SessionId, stream: &mut TcpStream, read: bool) -> Wake {
+async fn wait<S: SessionStream>(shard: &Shard, id: SessionId, stream: &mut S, read: bool) -> Wake {
     poll_fn(|cx| {
         {
             let mut arena = shard.arena.borrow_mut();
@@ -786,9 +788,9 @@ async fn wait(shard: &Shard, id: SessionId, stream: &mut TcpStream, read: bool) 
     .await
 }
 
-async fn run_session(
+async fn run_session<S: SessionStream>(
     shard: &Rc<Shard>,
-    stream: &mut TcpStream,
+    stream: &mut S,
     mut ws: Connection,
     mut session: Session,
     mut buffer: Vec<u8>,

@@ -14,6 +14,7 @@ mod admission;
 mod api_driver;
 pub mod connection;
 mod routes;
+pub mod stream;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -77,6 +78,7 @@ pub async fn shard_main(
     metrics: Metrics,
     audit: AuditLog,
     authority: Arc<Authority>,
+    tls: Option<Arc<crate::tls::Certificates>>,
 ) {
     let arena = Rc::new(RefCell::new(Arena::new()));
     let router = match Router::open(
@@ -128,7 +130,8 @@ pub async fn shard_main(
             match listener.accept().await {
                 Ok(stream) => {
                     ShardMetrics::add(&accept_shard.counters().connections_accepted, 1);
-                    if let Some((stream, peer)) = admission::on_accept(&accept_shard, stream) {
+                    if let Some((stream, peer)) = admission::on_accept(&accept_shard, stream, true)
+                    {
                         glommio::spawn_local(connection::serve(accept_shard.clone(), stream, peer))
                             .detach();
                     }
@@ -145,6 +148,12 @@ pub async fn shard_main(
     .detach();
 
     let admission_tasks = admission::start(&shard);
+    // The TLS listener is the runtime's second address when `[tls] listen` is set.
+    let tls_acceptor = tls
+        .zip(context.take_listener_at(1))
+        .map(|(certificates, listener)| {
+            glommio::spawn_local(accept_tls(shard.clone(), listener, certificates)).detach()
+        });
 
     let sweeper_shard = shard.clone();
     let sweeper = glommio::spawn_local(async move {
@@ -158,6 +167,9 @@ pub async fn shard_main(
     context.shutdown.wait().await;
     shard.shutting_down.set(true);
     acceptor.cancel();
+    if let Some(tls_acceptor) = tls_acceptor {
+        tls_acceptor.cancel();
+    }
     let grace = shard.config.server.shutdown_grace;
     let open = shard.arena.borrow().len();
     tracing::info!(
@@ -187,6 +199,57 @@ pub async fn shard_main(
             left,
             "sessions still open after the shutdown grace; dropping them"
         );
+    }
+}
+
+/// Accepts on the TLS listener: each connection's TLS handshake (bounded by
+/// `[http] handshake_timeout`) runs in its own task, then the same driver as plain connections.
+async fn accept_tls(
+    shard: Rc<Shard>,
+    listener: glommio::net::TcpListener,
+    certificates: Arc<crate::tls::Certificates>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                ShardMetrics::add(&shard.counters().connections_accepted, 1);
+                let Some((stream, peer)) = admission::on_accept(&shard, stream, false) else {
+                    continue;
+                };
+                let shard = shard.clone();
+                let config = certificates.current();
+                glommio::spawn_local(async move {
+                    let timeout = shard.config.http.handshake_timeout;
+                    let handshake = futures_lite::future::or(
+                        async { Some(crate::tls::accept(stream, config).await) },
+                        async {
+                            glommio::timer::sleep(timeout).await;
+                            None
+                        },
+                    )
+                    .await;
+                    match handshake {
+                        Some(Ok(tls)) => {
+                            ShardMetrics::add(&shard.counters().tls_handshakes_completed, 1);
+                            connection::serve(shard, tls, peer).await;
+                        }
+                        Some(Err(err)) => {
+                            ShardMetrics::add(&shard.counters().tls_handshake_failures, 1);
+                            admission::hostile(&shard, peer, "tls", &err.to_string());
+                        }
+                        None => {
+                            ShardMetrics::add(&shard.counters().tls_handshake_failures, 1);
+                            ShardMetrics::add(&shard.counters().handshake_timeouts, 1);
+                        }
+                    }
+                })
+                .detach();
+            }
+            Err(err) => {
+                tracing::warn!(shard = shard.id.0, error = %err, "TLS accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 }
 

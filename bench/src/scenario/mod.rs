@@ -41,7 +41,20 @@ pub struct Ctx {
 
 impl Ctx {
     pub fn new(c: &Common) -> Result<Ctx, String> {
-        let target = Target::parse(&c.target).map_err(|e| e.to_string())?;
+        let mut target = Target::parse(&c.target).map_err(|e| e.to_string())?;
+        if target.secure {
+            let ca = c
+                .tls_ca
+                .as_deref()
+                .ok_or("a wss:// target needs --tls-ca FILE (the server certificate to trust)")?;
+            let name = c.tls_server_name.clone().unwrap_or_else(|| {
+                let host = target.host_header.rsplit_once(':').map_or("", |(h, _)| h);
+                host.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_string()
+            });
+            target.tls = Some((crate::tls::client_config(ca)?, name));
+        }
         let shards = c.shards.unwrap_or_else(|| available_cpus().len().max(1));
         if shards == 0 {
             return Err("--shards must be at least 1".into());
