@@ -268,8 +268,11 @@ test("screenshots: phone and desktop, English and Chinese; keyboard only", async
   ]) {
     for (const locale of ["en-US", "zh-CN"]) {
       const page = await visitorPage({ viewport, locale });
-      // Keyboard only: Tab to the button, Enter opens, typing and Enter send.
-      await page.keyboard.press("Tab");
+      // Keyboard only: Tab to the button (after the page's own links), Enter opens, typing and Enter send.
+      for (let i = 0; i < 10; i++) {
+        await page.keyboard.press("Tab");
+        if (await page.evaluate(() => document.activeElement?.id === "switchboard-widget")) break;
+      }
       await page.keyboard.press("Enter");
       await widget(page).locator(".panel:not([hidden])").waitFor();
       await page.keyboard.type(locale === "zh-CN" ? "My card has not arrived yet" : "My card still hasn't arrived");

@@ -12,7 +12,7 @@ const saved = restore();
 if (saved) start(saved);
 else
   app.replaceChildren(
-    loginForm("switchboard admin", async (name, password) => {
+    loginForm("switchboard admin", "", async (name, password) => {
       start(await login(name, password));
     }),
   );
