@@ -24,4 +24,5 @@ pub mod ratelimit;
 pub mod server;
 pub mod store;
 pub mod system;
+pub mod web;
 pub mod ws;
