@@ -72,7 +72,9 @@ test("widget.js is small, compressed, and cached as its URL requires", async () 
   assert.match(gz.headers["cache-control"], /max-age=300/);
   const js = gunzipSync(gz.body).toString();
   assert.match(js, /switchboard/);
-  console.log(`# widget.js transferred with gzip: ${gz.body.length} bytes (${(gz.body.length / 1024).toFixed(1)} KiB); identity ${js.length} bytes`);
+  console.log(
+    `# widget.js transferred with gzip: ${gz.body.length} bytes (${(gz.body.length / 1024).toFixed(1)} KiB); identity ${Buffer.byteLength(js)} bytes`,
+  );
   assert.ok(gz.body.length <= 30 * 1024, "widget gzip size target: <= 30 KB");
 
   const br = await get("/widget.js", { "Accept-Encoding": "gzip, br" });
@@ -299,7 +301,7 @@ test("the admin pages log in, render, and name the endpoints they lack", async (
   await adminLogin(page, server.base);
   // /metrics exists today: the charts fill in.
   await page.locator("#metrics .chart .value").filter({ hasText: /\d/ }).first().waitFor();
-  await page.waitForTimeout(2500);
+  await page.waitForTimeout(6500);
   for (const id of ["agents", "kb", "audit", "metrics"]) await page.locator(`#${id}`).waitFor();
   // Panels whose endpoint is missing say so instead of staying blank.
   const agentsError = await page.locator("#agents .error").textContent();

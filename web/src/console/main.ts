@@ -230,6 +230,8 @@ function start(me: Session) {
       case "hello":
         attempts = 0;
         everConnected = true;
+        if (me.dev) who.textContent = frame.agent + " (dev token)";
+        me = { ...me, display: frame.agent };
         connection.textContent = "connected";
         connection.className = "conn ok";
         if (presence !== frame.status) send({ type: "status", status: presence });
@@ -326,13 +328,18 @@ function start(me: Session) {
         renderLists();
         break;
       }
-      case "error":
-        // `accept` lost the race to automatic assignment, which gave it to us: nothing to report.
-        if (frame.code === "not_queued" && lastAccepted !== null && conversations.has(frame.conversation ?? lastAccepted))
-          break;
-        errorLine.textContent = `${frame.code}: ${frame.message ?? ""}`;
-        setTimeout(() => (errorLine.textContent = ""), 6000);
+      case "error": {
+        const show = () => {
+          errorLine.textContent = `${frame.code}: ${frame.message ?? ""}`;
+          setTimeout(() => (errorLine.textContent = ""), 6000);
+        };
+        // `accept` may lose the race to automatic assignment, which gives the conversation
+        // to us anyway: report it only if it did not arrive.
+        const accepted = frame.code === "not_queued" ? lastAccepted : null;
+        if (accepted !== null) setTimeout(() => conversations.get(accepted)?.closed === false || show(), 1000);
+        else show();
         break;
+      }
       default:
         break;
     }

@@ -51,7 +51,8 @@ export async function api<T>(path: string, token: string | null, init: RequestIn
     } catch {
       // Plain-text error.
     }
-    if (response.status === 404) message = `${path} is not available on this server (404): ${message}`;
+    if (!structured)
+      message = `${init.method || "GET"} ${path} is not available on this server (HTTP ${response.status}: ${message})`;
     throw new ApiError(response.status, code, message, structured);
   }
   const type = response.headers.get("Content-Type") || "";
