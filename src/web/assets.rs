@@ -3,6 +3,7 @@
 
 use super::Asset;
 
+#[rustfmt::skip]
 pub static ASSETS: &[Asset] = &[
     Asset {
         name: "widget.js",

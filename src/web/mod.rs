@@ -252,7 +252,10 @@ mod tests {
             respond(&BOTH, "/widget.js", None, Some("W/\"00\", \"11\"")).status,
             304
         );
-        assert_eq!(respond(&BOTH, "/widget.js", None, Some("\"11\"")).status, 200);
+        assert_eq!(
+            respond(&BOTH, "/widget.js", None, Some("\"11\"")).status,
+            200
+        );
     }
 
     #[test]
@@ -274,7 +277,9 @@ mod tests {
                 lookup(&format!("/assets/{}", asset.file)).map(|a| a.file),
                 Some(asset.file)
             );
-            assert!(asset.file.starts_with(asset.name.split('.').next().unwrap()));
+            assert!(asset
+                .file
+                .starts_with(asset.name.split('.').next().unwrap()));
             if let Some(gzip) = asset.gzip {
                 assert_eq!(gzip[..2], [0x1f, 0x8b], "{} gzip magic", asset.file);
                 assert!(gzip.len() < asset.identity.len());

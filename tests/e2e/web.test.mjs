@@ -119,6 +119,7 @@ test("the visitor asks for a human; an agent accepts in the console and replies;
   const queued = agent.locator(".queue li[data-conversation]");
   await queued.first().waitFor();
   assert.match(await queued.first().textContent(), /waiting \d+:\d\d/);
+  await agent.screenshot({ path: join(ARTIFACTS, "console-queue.png") });
   await queued.first().getByRole("button", { name: "Accept" }).click();
   const mine = agent.locator(".mine li[data-conversation]");
   await mine.first().waitFor();
