@@ -7,12 +7,12 @@ use super::Asset;
 pub static ASSETS: &[Asset] = &[
     Asset {
         name: "widget.js",
-        file: "widget-5786d9ff51eab72d.js",
+        file: "widget-8d3abbb02c08cb2a.js",
         content_type: "text/javascript; charset=utf-8",
-        etag: "\"5786d9ff51eab72d\"",
-        identity: include_bytes!("../../web/dist/widget-5786d9ff51eab72d.js"),
-        gzip: Some(include_bytes!("../../web/dist/widget-5786d9ff51eab72d.js.gz")),
-        brotli: Some(include_bytes!("../../web/dist/widget-5786d9ff51eab72d.js.br")),
+        etag: "\"8d3abbb02c08cb2a\"",
+        identity: include_bytes!("../../web/dist/widget-8d3abbb02c08cb2a.js"),
+        gzip: Some(include_bytes!("../../web/dist/widget-8d3abbb02c08cb2a.js.gz")),
+        brotli: Some(include_bytes!("../../web/dist/widget-8d3abbb02c08cb2a.js.br")),
     },
     Asset {
         name: "console.js",

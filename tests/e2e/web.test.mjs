@@ -182,6 +182,9 @@ test("the visitor asks for a human; an agent accepts in the console and replies;
   // Close the conversation; the visitor is told.
   await agent.getByRole("button", { name: "Close" }).click();
   await widget(visitor).locator(".m.sys").filter({ hasText: "ended" }).waitFor();
+  // Writing again starts a new conversation (seqs start over) and the bot answers in it.
+  await widgetSend(visitor, "How do I unblock my PIN?");
+  await widget(visitor).locator(".m.bot .b", { hasText: ANSWERS.pin_blocked }).waitFor({ timeout: 20000 });
   await agent.context().close();
   await visitor.context().close();
 });
