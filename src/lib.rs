@@ -28,4 +28,5 @@ pub mod server;
 pub mod store;
 pub mod system;
 pub mod tls;
+pub mod web;
 pub mod ws;

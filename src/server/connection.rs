@@ -183,6 +183,26 @@ async fn handshake<S: SessionStream>(
             respond(&shard, &mut stream, status, message.as_bytes(), &[]).await;
             return None;
         }
+        Route::Asset(asset) => {
+            let response = crate::web::respond(
+                asset,
+                &head.path,
+                head.header_str("accept-encoding"),
+                head.header_str("if-none-match"),
+            );
+            // Not a pooled buffer: assets are larger than the pool's buffers and rare.
+            let mut out = Vec::with_capacity(response.body.len() + 512);
+            http::write_response(
+                &mut out,
+                response.status,
+                response.content_type,
+                response.body,
+                &response.headers,
+            );
+            let _ = stream.write_all(&out).await;
+            let _ = stream.close().await;
+            return None;
+        }
         Route::Upgrade(endpoint) => endpoint,
     };
     if shard.is_shutting_down() {

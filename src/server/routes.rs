@@ -26,6 +26,8 @@ pub enum Route {
     Api,
     /// Answer with this HTTP status and message.
     Reject(u16, &'static str),
+    /// An embedded web asset (widget, console, admin, demo page); see [`crate::web`].
+    Asset(&'static crate::web::Asset),
 }
 
 /// A WebSocket endpoint and what its query string asked for.
@@ -78,6 +80,12 @@ pub fn route(head: &RequestHead, config: &Config, authority: &Authority, now: u6
         return Route::Api;
     }
     let is_websocket = path.starts_with("/ws/");
+    if let Some(asset) = crate::web::lookup(path) {
+        return match head.method.as_str() {
+            "GET" => Route::Asset(asset),
+            _ => Route::Reject(405, "only GET is served here"),
+        };
+    }
     let known = matches!(path, "/healthz" | "/readyz" | "/metrics")
         || matches!(path, "/ws/visitor" | "/ws/agent")
         || (path == "/ws/echo" && config.diagnostics.echo);

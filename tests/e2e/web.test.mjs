@@ -72,7 +72,9 @@ test("widget.js is small, compressed, and cached as its URL requires", async () 
   assert.match(gz.headers["cache-control"], /max-age=300/);
   const js = gunzipSync(gz.body).toString();
   assert.match(js, /switchboard/);
-  console.log(`# widget.js transferred with gzip: ${gz.body.length} bytes (${(gz.body.length / 1024).toFixed(1)} KiB); identity ${js.length} bytes`);
+  console.log(
+    `# widget.js transferred with gzip: ${gz.body.length} bytes (${(gz.body.length / 1024).toFixed(1)} KiB); identity ${Buffer.byteLength(js)} bytes`,
+  );
   assert.ok(gz.body.length <= 30 * 1024, "widget gzip size target: <= 30 KB");
 
   const br = await get("/widget.js", { "Accept-Encoding": "gzip, br" });
@@ -117,6 +119,7 @@ test("the visitor asks for a human; an agent accepts in the console and replies;
   const queued = agent.locator(".queue li[data-conversation]");
   await queued.first().waitFor();
   assert.match(await queued.first().textContent(), /waiting \d+:\d\d/);
+  await agent.screenshot({ path: join(ARTIFACTS, "console-queue.png") });
   await queued.first().getByRole("button", { name: "Accept" }).click();
   const mine = agent.locator(".mine li[data-conversation]");
   await mine.first().waitFor();
@@ -179,6 +182,9 @@ test("the visitor asks for a human; an agent accepts in the console and replies;
   // Close the conversation; the visitor is told.
   await agent.getByRole("button", { name: "Close" }).click();
   await widget(visitor).locator(".m.sys").filter({ hasText: "ended" }).waitFor();
+  // Writing again starts a new conversation (seqs start over) and the bot answers in it.
+  await widgetSend(visitor, "How do I unblock my PIN?");
+  await widget(visitor).locator(".m.bot .b", { hasText: ANSWERS.pin_blocked }).waitFor({ timeout: 20000 });
   await agent.context().close();
   await visitor.context().close();
 });
@@ -268,8 +274,11 @@ test("screenshots: phone and desktop, English and Chinese; keyboard only", async
   ]) {
     for (const locale of ["en-US", "zh-CN"]) {
       const page = await visitorPage({ viewport, locale });
-      // Keyboard only: Tab to the button, Enter opens, typing and Enter send.
-      await page.keyboard.press("Tab");
+      // Keyboard only: Tab to the button (after the page's own links), Enter opens, typing and Enter send.
+      for (let i = 0; i < 10; i++) {
+        await page.keyboard.press("Tab");
+        if (await page.evaluate(() => document.activeElement?.id === "switchboard-widget")) break;
+      }
       await page.keyboard.press("Enter");
       await widget(page).locator(".panel:not([hidden])").waitFor();
       await page.keyboard.type(locale === "zh-CN" ? "My card has not arrived yet" : "My card still hasn't arrived");
@@ -296,7 +305,7 @@ test("the admin pages log in, render, and name the endpoints they lack", async (
   await adminLogin(page, server.base);
   // /metrics exists today: the charts fill in.
   await page.locator("#metrics .chart .value").filter({ hasText: /\d/ }).first().waitFor();
-  await page.waitForTimeout(2500);
+  await page.waitForTimeout(6500);
   for (const id of ["agents", "kb", "audit", "metrics"]) await page.locator(`#${id}`).waitFor();
   // Panels whose endpoint is missing say so instead of staying blank.
   const agentsError = await page.locator("#agents .error").textContent();

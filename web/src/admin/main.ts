@@ -12,7 +12,7 @@ const saved = restore();
 if (saved) start(saved);
 else
   app.replaceChildren(
-    loginForm("switchboard admin", async (name, password) => {
+    loginForm("switchboard admin", "", async (name, password) => {
       start(await login(name, password));
     }),
   );
@@ -166,7 +166,9 @@ function start(me: Session) {
       charts.sessions.push(total(samples, "switchboard_sessions_open"));
       if (previous) charts.messages.push(((messages - previous.messages) * 1000) / (now - previous.at));
       previous = { at: now, messages };
-      charts.latency.push(latencyP99(samples));
+      const latency = latencyP99(samples);
+      charts.latency.rename(latency.label);
+      charts.latency.push(latency.ms);
       const hits = (total(samples, "switchboard_bot_hot_cache_hits") ?? 0) + (total(samples, "switchboard_bot_embedding_cache_hits") ?? 0);
       const misses = total(samples, "switchboard_bot_cache_misses") ?? 0;
       charts.cache.push(hits + misses ? (100 * hits) / (hits + misses) : null);
@@ -202,17 +204,20 @@ function start(me: Session) {
   setInterval(pollMetrics, 2000);
 }
 
-/** p99 latency in ms: a latency histogram when the server has one, else the mean group-commit time. */
-function latencyP99(samples: Sample[]): number | null {
+/**
+ * p99 latency in ms from a latency histogram when the server exports one; otherwise
+ * (no histogram today) the mean group-commit time, labelled as such.
+ */
+function latencyP99(samples: Sample[]): { label: string; ms: number | null } {
   const histogram = samples.find((s) => /latency.*_bucket$|_seconds_bucket$/.test(s.name));
   if (histogram) {
     const base = histogram.name.replace(/_bucket$/, "");
     const p99 = histogramQuantile(samples, base, 0.99);
-    return p99 === null ? null : base.endsWith("_seconds") ? p99 * 1000 : p99;
+    return { label: "Latency p99", ms: p99 === null ? null : base.endsWith("_seconds") ? p99 * 1000 : p99 };
   }
   const commits = total(samples, "switchboard_store_commits");
   const micros = total(samples, "switchboard_store_commit_micros");
-  return commits ? (micros ?? 0) / commits / 1000 : null;
+  return { label: "Commit latency (mean; no p99 histogram)", ms: commits ? (micros ?? 0) / commits / 1000 : null };
 }
 
 function roleSelect(value: string): HTMLSelectElement {
@@ -234,9 +239,13 @@ function chart(title: string, unit: string) {
   line.setAttribute("stroke", "#1558d6");
   line.setAttribute("stroke-width", "2");
   svg.append(line);
-  const node = h("figure", { class: "chart" }, h("figcaption", {}, title, " ", current), svg);
+  const caption = h("span", {}, title);
+  const node = h("figure", { class: "chart" }, h("figcaption", {}, caption, " ", current), svg);
   return {
     node,
+    rename(text: string) {
+      caption.textContent = text;
+    },
     push(value: number | null) {
       values.push(value);
       if (values.length > 60) values.shift();

@@ -25,9 +25,9 @@ let session: Session | null = restore();
 if (session) start(session);
 else showLogin();
 
-function showLogin() {
+function showLogin(problem = "") {
   app.replaceChildren(
-    loginForm("Agent console", async (name, password) => {
+    loginForm("Agent console", problem, async (name, password) => {
       // Asking here, inside the click, is what browsers allow.
       if ("Notification" in window && Notification.permission === "default") void Notification.requestPermission();
       session = await login(name, password);
@@ -47,6 +47,7 @@ function start(me: Session) {
   let presence: "online" | "away" = "online";
   let typingSentAt = 0;
   let lastAccepted: number | null = null;
+  let everConnected = false;
 
   const presenceSelect = h(
     "select",
@@ -228,6 +229,9 @@ function start(me: Session) {
     switch (frame.type) {
       case "hello":
         attempts = 0;
+        everConnected = true;
+        if (me.dev) who.textContent = frame.agent + " (dev token)";
+        me = { ...me, display: frame.agent };
         connection.textContent = "connected";
         connection.className = "conn ok";
         if (presence !== frame.status) send({ type: "status", status: presence });
@@ -324,13 +328,18 @@ function start(me: Session) {
         renderLists();
         break;
       }
-      case "error":
-        // `accept` lost the race to automatic assignment, which gave it to us: nothing to report.
-        if (frame.code === "not_queued" && lastAccepted !== null && conversations.has(frame.conversation ?? lastAccepted))
-          break;
-        errorLine.textContent = `${frame.code}: ${frame.message ?? ""}`;
-        setTimeout(() => (errorLine.textContent = ""), 6000);
+      case "error": {
+        const show = () => {
+          errorLine.textContent = `${frame.code}: ${frame.message ?? ""}`;
+          setTimeout(() => (errorLine.textContent = ""), 6000);
+        };
+        // `accept` may lose the race to automatic assignment, which gives the conversation
+        // to us anyway: report it only if it did not arrive.
+        const accepted = frame.code === "not_queued" ? lastAccepted : null;
+        if (accepted !== null) setTimeout(() => conversations.get(accepted)?.closed === false || show(), 1000);
+        else show();
         break;
+      }
       default:
         break;
     }
@@ -351,6 +360,12 @@ function start(me: Session) {
     ws.onclose = (event) => {
       if (socket !== ws) return;
       socket = null;
+      if (!everConnected && attempts >= 1) {
+        // Refused twice before any hello: the token is not (or no longer) valid.
+        logout();
+        showLogin("The server refused this login for the agent console.");
+        return;
+      }
       connection.textContent = "offline, reconnecting…";
       connection.className = "conn bad";
       if (event.code === 1006 && attempts === 0 && me.dev === false) void refresh(me).then((s) => (me = s), () => {});

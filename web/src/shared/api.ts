@@ -15,6 +15,8 @@ export class ApiError extends Error {
     public status: number,
     public code: string,
     message: string,
+    /** The body had the API's `{"error":{...}}` shape (false: plain text, e.g. from an older server). */
+    public structured = false,
   ) {
     super(message);
   }
@@ -38,25 +40,29 @@ export async function api<T>(path: string, token: string | null, init: RequestIn
   if (!response.ok) {
     let code = "http_" + response.status;
     let message = text.trim() || response.statusText;
+    let structured = false;
     try {
       const body = JSON.parse(text) as { error?: { code?: string; message?: string } };
       if (body.error) {
         code = body.error.code || code;
         message = body.error.message || message;
+        structured = true;
       }
     } catch {
       // Plain-text error.
     }
-    if (response.status === 404) message = `${path} is not available on this server (404): ${message}`;
-    throw new ApiError(response.status, code, message);
+    if (!structured)
+      message = `${init.method || "GET"} ${path} is not available on this server (HTTP ${response.status}: ${message})`;
+    throw new ApiError(response.status, code, message, structured);
   }
   const type = response.headers.get("Content-Type") || "";
   return (type.includes("json") ? JSON.parse(text) : text) as T;
 }
 
 /**
- * Logs in with name and password. A server without `/api/login` (404) is a
- * development build with static agent tokens: the password is then used as the token.
+ * Logs in with name and password. A server without `/api/login` is a development
+ * build with static agent tokens (`[agents.accounts.ID] token`): the password is then
+ * used as the token, and the socket's handshake checks it.
  */
 export async function login(name: string, password: string): Promise<Session> {
   try {
@@ -72,7 +78,10 @@ export async function login(name: string, password: string): Promise<Session> {
     }
     return remember({ token, name: me.name, display: me.display || me.name, role: me.role, dev: false });
   } catch (err) {
-    if (err instanceof ApiError && err.status === 404) {
+    // No account API on this server (it answers 404/405, or refuses the body in plain text).
+    const noLoginApi =
+      err instanceof ApiError && !err.structured && [400, 404, 405, 501].includes(err.status);
+    if (noLoginApi) {
       return remember({ token: password, name, display: name, role: "agent", dev: true });
     }
     throw err;

@@ -22,7 +22,7 @@ export function $(selector: string): HTMLElement {
 }
 
 /** A login form; calls `submit(name, password)` and shows its error. */
-export function loginForm(title: string, submit: (name: string, password: string) => Promise<void>): HTMLElement {
+export function loginForm(title: string, problem: string, submit: (name: string, password: string) => Promise<void>): HTMLElement {
   const name = h("input", { name: "name", autocomplete: "username", required: true, "aria-label": "Name" });
   const password = h("input", {
     name: "password",
@@ -31,7 +31,7 @@ export function loginForm(title: string, submit: (name: string, password: string
     required: true,
     "aria-label": "Password",
   });
-  const error = h("p", { class: "error", role: "alert" });
+  const error = h("p", { class: "error", role: "alert" }, problem);
   const form = h(
     "form",
     { class: "login card" },

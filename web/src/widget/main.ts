@@ -78,7 +78,6 @@ function mount(script: HTMLScriptElement): void {
   let socket: WebSocket | null = null;
   let connected = false;
   let attempts = 0;
-  let conversation: number | null = null;
   let readUpTo = 0;
   let typingTimer = 0;
   let typingSentAt = 0;
@@ -123,7 +122,20 @@ function mount(script: HTMLScriptElement): void {
     send({ type: "read", seq: readUpTo });
   }
 
+  /** Seqs count per conversation: a new one (after `closed`) starts again from 1. */
+  function enter(id: number | null | undefined) {
+    if (id === null || id === undefined || id === stored.conversation) return;
+    if (stored.conversation !== null && stored.conversation !== undefined) {
+      stored.seq = 0;
+      readUpTo = 0;
+      bySeq.clear();
+    }
+    stored.conversation = id;
+    persist();
+  }
+
   function onFrame(frame: ServerFrame) {
+    if ("conversation" in frame) enter(frame.conversation);
     if (meansNobodyOnline(frame)) {
       showStatus(t.nobody, "info");
       return;
@@ -133,12 +145,12 @@ function mount(script: HTMLScriptElement): void {
         if (frame.visitor !== stored.visitor) {
           // A new visitor (first visit, or the server refused our secret): old seqs mean nothing.
           stored.seq = 0;
+          stored.conversation = frame.conversation;
           for (const node of bySeq.values()) node.remove();
           bySeq.clear();
         }
         stored.visitor = frame.visitor;
         if (frame.secret) stored.secret = frame.secret;
-        conversation = frame.conversation;
         connected = true;
         attempts = 0;
         persist();
@@ -150,7 +162,6 @@ function mount(script: HTMLScriptElement): void {
         const node = byId.get(frame.id);
         stored.pending = stored.pending.filter((p) => p.id !== frame.id);
         byId.delete(frame.id);
-        conversation = frame.conversation;
         if (frame.seq > stored.seq) stored.seq = frame.seq;
         persist();
         if (node) {
@@ -165,7 +176,6 @@ function mount(script: HTMLScriptElement): void {
         break;
       }
       case "message": {
-        conversation = frame.conversation;
         if (bySeq.has(frame.seq)) break;
         if (frame.seq > stored.seq) stored.seq = frame.seq;
         persist();
@@ -210,7 +220,6 @@ function mount(script: HTMLScriptElement): void {
         scroll();
         break;
       case "closed":
-        conversation = null;
         showStatus("");
         log.append(el("div", { class: "m sys" }, t.closed));
         scroll();
@@ -327,7 +336,6 @@ function mount(script: HTMLScriptElement): void {
     byId.set(pending.id, node);
     setState(node, "sending");
   }
-  void conversation;
   connect();
   if (script.dataset.open === "true") open(false);
 }

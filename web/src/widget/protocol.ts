@@ -5,6 +5,8 @@
 export interface Stored {
   visitor?: string;
   secret?: string;
+  /** The conversation `seq` belongs to (seqs restart in a new conversation). */
+  conversation?: number | null;
   /** Highest seq seen; sent as `resume` on reconnect. */
   seq: number;
   /** Messages sent but not acked yet, re-sent with the same id after a reconnect. */
