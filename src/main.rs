@@ -353,7 +353,11 @@ fn kb_import(config_path: Option<&Path>, file: &Path) -> Result<(), Failure> {
         encoder.fingerprint()
     );
     let coverage = encoder
-        .vocabulary_coverage(entries.iter().flat_map(|e| e.questions.iter().map(String::as_str)))
+        .vocabulary_coverage(
+            entries
+                .iter()
+                .flat_map(|e| e.questions.iter().map(String::as_str)),
+        )
         .map_err(|err| Failure::runtime(format_args!("cannot tokenize the questions: {err}")))?;
     if let Some(warning) = coverage.warning(&config.inference.tokenizer) {
         eprintln!("warning: {warning}");

@@ -245,7 +245,9 @@ impl Encoder {
                 Ok((fingerprint, tokenizer))
             });
             let session = Self::create_session(model, ort_library, threads);
-            let side = side.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let side = side
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
             session.map(|session| (session, side))
         });
         let (session, side) = side?;
@@ -457,12 +459,10 @@ impl Encoder {
                 self.tokenizer
                     .encode(format!("{}{text}", self.text_prefix), true)
             };
-            let encoding =
-                encoded
-                    .map_err(|e| EncoderError::Tokenize {
-                        index,
-                        message: e.to_string(),
-                    })?;
+            let encoding = encoded.map_err(|e| EncoderError::Tokenize {
+                index,
+                message: e.to_string(),
+            })?;
             encodings.push(encoding);
         }
         let mut order: Vec<usize> = (0..texts.len()).collect();
@@ -743,6 +743,50 @@ mod tests {
         let encoder = encoder.with_text_prefix("query: ");
         assert_eq!(encoder.vocabulary_coverage(english).unwrap(), coverage);
         assert!(encoder.fingerprint().ends_with(r#"prefix:"query: ""#));
+    }
+
+    /// The multilingual profile (`models/fetch --profile multilingual`): the converted 4-bit
+    /// multilingual-e5-small, no `token_type_ids`, with the `"query: "` prefix.
+    #[test]
+    fn multilingual_profile_tells_chinese_paraphrases_apart() {
+        let encoder = Encoder::load(
+            &model_file("multilingual-e5-small.onnx"),
+            &model_file("multilingual-e5-small.tokenizer.json"),
+            &model_file("libonnxruntime.so"),
+            1,
+            128,
+        )
+        .expect("load the multilingual encoder");
+        let mut encoder = encoder.with_text_prefix("query: ");
+        assert_eq!(encoder.dim(), Some(384));
+        let stored = ["怎么修改密码", "如何申请退款", "可以开发票吗", "运费多少钱"];
+        let asked = [
+            "密码怎么重新设置一下",
+            "买错了，可以退款吗",
+            "发票怎么开",
+            "邮费是多少",
+        ];
+        let stored_vectors = encoder.encode_batch(&stored).unwrap();
+        let asked_vectors = encoder.encode_batch(&asked).unwrap();
+        for (i, question) in asked.iter().enumerate() {
+            let query = asked_vectors.row(i);
+            let norm: f32 = query.iter().map(|x| x * x).sum();
+            assert!((norm - 1.0).abs() < 1e-4);
+            let similarities: Vec<f32> = (0..stored.len())
+                .map(|j| dot(query, stored_vectors.row(j)))
+                .collect();
+            let best = (0..stored.len())
+                .max_by(|&a, &b| similarities[a].total_cmp(&similarities[b]))
+                .unwrap();
+            assert_eq!(best, i, "{question}: {similarities:?}");
+        }
+        // Chinese is covered by this tokenizer: no unknown tokens, so no warning.
+        let coverage = encoder.vocabulary_coverage(stored).unwrap();
+        assert_eq!(coverage.unknown, 0, "{coverage:?}");
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
     }
 
     #[test]

@@ -251,13 +251,17 @@ mod tests {
         let found: Vec<String> = tokens("怎么修改密码？").collect();
         assert_eq!(
             found,
-            ["怎", "么", "怎么", "修", "么修", "改", "修改", "密", "改密", "码", "密码"]
+            [
+                "怎", "么", "怎么", "修", "么修", "改", "修改", "密", "改密", "码", "密码"
+            ]
         );
         // Latin words inside a CJK run stay whole and lowercased; punctuation breaks bigrams.
         let found: Vec<String> = tokens("VIP会员，能打折吗").collect();
         assert_eq!(
             found,
-            ["vip", "会", "员", "会员", "能", "打", "能打", "折", "打折", "吗", "折吗"]
+            [
+                "vip", "会", "员", "会员", "能", "打", "能打", "折", "打折", "吗", "折吗"
+            ]
         );
         // Kana count as CJK too; Hangul is written with spaces and stays word-based.
         let found: Vec<String> = tokens("パスワード 비밀번호 변경").collect();
