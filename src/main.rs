@@ -589,6 +589,16 @@ fn kb_import(config_path: Option<&Path>, file: &Path) -> Result<(), Failure> {
         millis(load_started.elapsed()),
         encoder.fingerprint()
     );
+    let coverage = encoder
+        .vocabulary_coverage(
+            entries
+                .iter()
+                .flat_map(|e| e.questions.iter().map(String::as_str)),
+        )
+        .map_err(|err| Failure::runtime(format_args!("cannot tokenize the questions: {err}")))?;
+    if let Some(warning) = coverage.warning(&config.inference.tokenizer) {
+        eprintln!("warning: {warning}");
+    }
     let prepared = update::prepare(entries, &mut encoder).map_err(Failure::runtime)?;
     drop(encoder);
     println!(

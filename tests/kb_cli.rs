@@ -248,3 +248,42 @@ fn missing_model_files_and_an_empty_knowledge_base_are_explained() {
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stderr).contains("run models/fetch"));
 }
+
+#[test]
+fn a_knowledge_base_the_tokenizer_cannot_read_is_warned_about_with_figures() {
+    let site = Site::new();
+    // The shipped Chinese FAQ set with the English profile: most characters are [UNK].
+    let chinese = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/zh_faq/kb.csv");
+    let output = site.kb(&["import", chinese.to_str().unwrap()]);
+    assert!(
+        output.status.success(),
+        "a warning does not stop the import"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("warning: "), "{stderr}");
+    assert!(
+        stderr.contains("of the knowledge base's tokens (") && stderr.contains("in 125 questions"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--profile multilingual"), "{stderr}");
+    assert!(stderr.contains("text_prefix = \"query: \""), "{stderr}");
+    // The lexical fallback still tells Chinese questions apart (characters and bigrams).
+    let holdout = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/zh_faq/holdout.csv");
+    let report = site.kb_ok(&["eval", "--lexical", holdout.to_str().unwrap()]);
+    let top1: f64 = report
+        .lines()
+        .find_map(|line| line.strip_prefix("top-1 before thresholds: "))
+        .and_then(|rest| rest.trim_end_matches('%').parse().ok())
+        .unwrap_or_else(|| panic!("no top-1 line in:\n{report}"));
+    assert!(
+        top1 >= 80.0,
+        "lexical top-1 {top1}% on the Chinese hold-out:\n{report}"
+    );
+
+    // An English knowledge base gets no warning.
+    let csv = site.write("small.csv", SMALL_CSV);
+    let output = site.kb(&["import", csv.to_str().unwrap()]);
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("warning"), "{stderr}");
+}

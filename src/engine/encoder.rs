@@ -136,6 +136,53 @@ impl Embeddings {
     }
 }
 
+/// Share of unknown tokens above which `kb import` warns that the model does not fit the
+/// knowledge base's language.
+pub const UNKNOWN_TOKEN_WARNING_SHARE: f64 = 0.05;
+
+/// How well a tokenizer's vocabulary covers some texts: of `tokens` (special tokens excluded),
+/// `unknown` became the tokenizer's unknown token (`[UNK]`, `<unk>`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VocabularyCoverage {
+    pub texts: usize,
+    pub tokens: usize,
+    pub unknown: usize,
+}
+
+impl VocabularyCoverage {
+    /// Unknown tokens over all tokens, 0 without tokens.
+    pub fn unknown_share(&self) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            self.unknown as f64 / self.tokens as f64
+        }
+    }
+
+    /// The warning `kb import` prints when more than [`UNKNOWN_TOKEN_WARNING_SHARE`] of the
+    /// tokens are unknown: the figures, what it does to answers, and the profile that fits.
+    pub fn warning(&self, tokenizer: &Path) -> Option<String> {
+        if self.unknown_share() <= UNKNOWN_TOKEN_WARNING_SHARE {
+            return None;
+        }
+        Some(format!(
+            "{:.1}% of the knowledge base's tokens ({} of {}, in {} questions) are unknown to the \
+             tokenizer {}: the model cannot tell those questions apart, so answers will be \
+             poor. The knowledge base is probably in a language the model does not cover \
+             (the en profile, all-MiniLM-L6-v2, knows almost no Chinese). Use the multilingual \
+             profile: run `models/fetch --profile multilingual`, set [inference] model = \
+             \"models/cache/multilingual-e5-small.onnx\", tokenizer = \
+             \"models/cache/multilingual-e5-small.tokenizer.json\", text_prefix = \"query: \" \
+             (see models/README.md), and import again.",
+            100.0 * self.unknown_share(),
+            self.unknown,
+            self.tokens,
+            self.texts,
+            tokenizer.display()
+        ))
+    }
+}
+
 /// Largest share of padding cells (relative to real tokens) one model call may carry; a batch
 /// whose lengths differ more is split into calls of similar lengths.
 pub const MAX_PADDING: f32 = 0.25;
@@ -187,14 +234,39 @@ impl Encoder {
                 });
             }
         }
-        let fingerprint = fingerprint(model, tokenizer)?;
-        let tokenizer = load_tokenizer(tokenizer, max_sequence_length)?;
+        // Hashing the files and parsing the tokenizer (17 MB for a 250,000-piece multilingual
+        // vocabulary) run on their own thread while the session is created: a cold start
+        // costs the longest of them, not their sum.
+        let tokenizer_path = tokenizer;
+        let side = std::thread::scope(|scope| {
+            let side = scope.spawn(move || -> Result<_, EncoderError> {
+                let fingerprint = fingerprint(model, tokenizer_path)?;
+                let tokenizer = load_tokenizer(tokenizer_path, max_sequence_length)?;
+                Ok((fingerprint, tokenizer))
+            });
+            let session = Self::create_session(model, ort_library, threads);
+            let side = side
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            session.map(|session| (session, side))
+        });
+        let (session, side) = side?;
+        let (fingerprint, tokenizer) = side?;
+        Self::from_session(model, session, fingerprint, tokenizer, max_sequence_length)
+    }
+
+    /// Loads ONNX Runtime (once per process) and creates the model's session.
+    fn create_session(
+        model: &Path,
+        ort_library: &Path,
+        threads: usize,
+    ) -> Result<Session, EncoderError> {
         let rt = runtime(ort_library)?;
         let model_error = |source: ort::Error| EncoderError::Model {
             path: model.to_path_buf(),
             source,
         };
-        let session = Session::builder(&rt.environment)
+        Session::builder(&rt.environment)
             .map_err(model_error)?
             .with_intra_threads(threads)
             .map_err(|e| model_error(e.into()))?
@@ -205,8 +277,17 @@ impl Encoder {
             .with_optimization_level(GraphOptimizationLevel::All)
             .map_err(|e| model_error(e.into()))?
             .commit_from_file(model)
-            .map_err(model_error)?;
+            .map_err(model_error)
+    }
 
+    /// Checks the session's inputs and outputs and builds the encoder.
+    fn from_session(
+        model: &Path,
+        session: Session,
+        fingerprint: String,
+        tokenizer: Tokenizer,
+        max_sequence_length: usize,
+    ) -> Result<Encoder, EncoderError> {
         let unsupported = |reason: String| EncoderError::UnsupportedModel {
             path: model.to_path_buf(),
             reason,
@@ -298,6 +379,36 @@ impl Encoder {
     /// The tokenizer (for vocabulary checks such as the share of unknown tokens).
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// Counts the tokens of `texts` that the tokenizer maps to its unknown token (`[UNK]` or
+    /// `<unk>`; a tokenizer with neither has none). Special tokens and the text prefix are not
+    /// counted.
+    pub fn vocabulary_coverage<'a>(
+        &self,
+        texts: impl IntoIterator<Item = &'a str>,
+    ) -> Result<VocabularyCoverage, EncoderError> {
+        let unknown_id = ["[UNK]", "<unk>"]
+            .iter()
+            .find_map(|token| self.tokenizer.token_to_id(token));
+        let mut coverage = VocabularyCoverage::default();
+        for (index, text) in texts.into_iter().enumerate() {
+            let encoding =
+                self.tokenizer
+                    .encode(text, false)
+                    .map_err(|e| EncoderError::Tokenize {
+                        index,
+                        message: e.to_string(),
+                    })?;
+            coverage.texts += 1;
+            coverage.tokens += encoding.get_ids().len();
+            coverage.unknown += encoding
+                .get_ids()
+                .iter()
+                .filter(|&&id| Some(id) == unknown_id)
+                .count();
+        }
+        Ok(coverage)
     }
 
     /// Names the model: `<model file name> sha256:<16 hex> tokenizer sha256:<16 hex>` (the
@@ -609,6 +720,73 @@ mod tests {
             .zip(b)
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn chinese_is_mostly_unknown_to_the_english_tokenizer_and_warned_about() {
+        let encoder = load(128);
+        let chinese = ["怎么修改密码", "如何申请退款", "可以开发票吗", "运费多少钱"];
+        let coverage = encoder.vocabulary_coverage(chinese).unwrap();
+        assert_eq!(coverage.texts, 4);
+        assert!(coverage.tokens >= 20, "{coverage:?}");
+        assert!(coverage.unknown_share() > 0.5, "{coverage:?}");
+        let warning = coverage.warning(Path::new("tokenizer.json")).unwrap();
+        assert!(warning.contains(&format!("{} of {}", coverage.unknown, coverage.tokens)));
+        assert!(warning.contains("--profile multilingual"), "{warning}");
+
+        let english = ["how do I change my password?", "can I get an invoice"];
+        let coverage = encoder.vocabulary_coverage(english).unwrap();
+        assert_eq!(coverage.unknown, 0, "{coverage:?}");
+        assert!(coverage.tokens >= 10);
+        assert_eq!(coverage.warning(Path::new("tokenizer.json")), None);
+        // The prefix is not counted and does not change the figures.
+        let encoder = encoder.with_text_prefix("query: ");
+        assert_eq!(encoder.vocabulary_coverage(english).unwrap(), coverage);
+        assert!(encoder.fingerprint().ends_with(r#"prefix:"query: ""#));
+    }
+
+    /// The multilingual profile (`models/fetch --profile multilingual`): the converted 4-bit
+    /// multilingual-e5-small, no `token_type_ids`, with the `"query: "` prefix.
+    #[test]
+    fn multilingual_profile_tells_chinese_paraphrases_apart() {
+        let encoder = Encoder::load(
+            &model_file("multilingual-e5-small.onnx"),
+            &model_file("multilingual-e5-small.tokenizer.json"),
+            &model_file("libonnxruntime.so"),
+            1,
+            128,
+        )
+        .expect("load the multilingual encoder");
+        let mut encoder = encoder.with_text_prefix("query: ");
+        assert_eq!(encoder.dim(), Some(384));
+        let stored = ["怎么修改密码", "如何申请退款", "可以开发票吗", "运费多少钱"];
+        let asked = [
+            "密码怎么重新设置一下",
+            "买错了，可以退款吗",
+            "发票怎么开",
+            "邮费是多少",
+        ];
+        let stored_vectors = encoder.encode_batch(&stored).unwrap();
+        let asked_vectors = encoder.encode_batch(&asked).unwrap();
+        for (i, question) in asked.iter().enumerate() {
+            let query = asked_vectors.row(i);
+            let norm: f32 = query.iter().map(|x| x * x).sum();
+            assert!((norm - 1.0).abs() < 1e-4);
+            let similarities: Vec<f32> = (0..stored.len())
+                .map(|j| dot(query, stored_vectors.row(j)))
+                .collect();
+            let best = (0..stored.len())
+                .max_by(|&a, &b| similarities[a].total_cmp(&similarities[b]))
+                .unwrap();
+            assert_eq!(best, i, "{question}: {similarities:?}");
+        }
+        // Chinese is covered by this tokenizer: no unknown tokens, so no warning.
+        let coverage = encoder.vocabulary_coverage(stored).unwrap();
+        assert_eq!(coverage.unknown, 0, "{coverage:?}");
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        a.iter().zip(b).map(|(x, y)| x * y).sum()
     }
 
     #[test]

@@ -12,8 +12,9 @@
 //!   every problem is reported with its 1-based line.
 //! - A category the knowledge base does not have can never be predicted; such rows count as
 //!   wrong and are reported.
-//! - A row labelled [`NO_INTENT`] (`(none)`) is an off-topic question: it is right when the bot
-//!   falls back and wrong when it answers with any entry.
+//! - A row labelled [`NO_INTENT`] (`(none)`) is an off-topic question: it is counted apart
+//!   (`off_topic`, `off_topic_fell_back`; not in `queries`, accuracy or the threshold sweep) and
+//!   is right when the bot falls back.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -82,6 +83,9 @@ pub struct EvalReport {
     pub degraded: usize,
     /// Rows whose category the knowledge base does not have.
     pub unknown_categories: usize,
+    /// Off-topic rows ([`NO_INTENT`]) and how many of them got the fallback, as they should.
+    pub off_topic: usize,
+    pub off_topic_fell_back: usize,
     /// Matches scored 0 because the nearest question was less similar than `min_similarity`.
     pub unrelated: usize,
     pub min_similarity: f64,
@@ -107,8 +111,11 @@ pub fn evaluate(
     mode: EvalMode,
 ) -> EvalReport {
     let known_intents: HashSet<String> = engine.intents().into_iter().collect();
+    let off_topic = queries.iter().filter(|q| q.category == NO_INTENT).count();
     let mut report = EvalReport {
-        queries: queries.len(),
+        queries: queries.len() - off_topic,
+        off_topic,
+        off_topic_fell_back: 0,
         right: 0,
         top1_right: 0,
         fallbacks: 0,
@@ -131,7 +138,16 @@ pub fn evaluate(
         };
         report.latencies.push(started.elapsed());
         let off_topic = query.category == NO_INTENT;
-        if !off_topic && !known_intents.contains(&query.category) {
+        if off_topic {
+            let answered = result.is_some_and(|result| {
+                let mut ctx = BotContext::new(0, "eval", "eval", query.text.clone());
+                ctx.intent = Some(result.into());
+                matches!(handler.handle(&mut ctx), Verdict::Reply { .. })
+            });
+            report.off_topic_fell_back += usize::from(!answered);
+            continue;
+        }
+        if !known_intents.contains(&query.category) {
             report.unknown_categories += 1;
         }
         if result.as_ref().is_some_and(|r| r.degraded) {
@@ -162,11 +178,6 @@ pub fn evaluate(
         let tally = report.per_intent.entry(query.category.clone()).or_default();
         tally.total += 1;
         match predicted {
-            None if off_topic => {
-                report.fallbacks += 1;
-                report.right += 1;
-                tally.right += 1;
-            }
             Some(intent) if intent == query.category => {
                 report.right += 1;
                 tally.right += 1;
@@ -268,6 +279,15 @@ impl fmt::Display for EvalReport {
             self.min_similarity, self.unrelated
         )?;
         writeln!(f, "degraded (lexical) recognitions: {}", self.degraded)?;
+        if self.off_topic > 0 {
+            writeln!(
+                f,
+                "off-topic rows ({NO_INTENT}): {} of {} got the fallback ({:.2}%)",
+                self.off_topic_fell_back,
+                self.off_topic,
+                percent(self.off_topic_fell_back, self.off_topic)
+            )?;
+        }
         if self.unknown_categories > 0 {
             writeln!(
                 f,
@@ -394,6 +414,8 @@ mod tests {
             fallbacks: 1,
             degraded: 0,
             unknown_categories: 0,
+            off_topic: 0,
+            off_topic_fell_back: 0,
             unrelated: 0,
             min_similarity: 0.5,
             latencies: [4, 1, 3, 2].map(Duration::from_millis).to_vec(),
