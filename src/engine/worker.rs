@@ -506,9 +506,14 @@ mod tests {
         assert_eq!(handle.queue_depth(), 0);
         // Once the model time is known, a request behind one in progress is expected to wait
         // longer than 1 ms and is refused without being queued.
+        // On a loaded machine a thread wake-up alone can take longer than 1 ms, so give the
+        // lone request many chances: one start within its budget is what this checks.
         let mut warmed = false;
-        for _ in 0..5 {
+        for _ in 0..200 {
             warmed |= block_on(handle.embed(LONG)).is_ok();
+            if warmed {
+                break;
+            }
         }
         assert!(warmed, "the idle worker starts a lone request within 1 ms");
         assert!(handle.stats().service_time_per_text > Duration::from_millis(1));

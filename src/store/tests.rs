@@ -909,6 +909,7 @@ fn flusher_syncs_from_another_thread_without_keeping_the_store_open() {
     let c = open_conversation(&mut store, "s", "v");
     let flusher = store.flusher().unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started_tx, started) = std::sync::mpsc::channel();
     let background = {
         let (flusher, stop) = (flusher.clone(), stop.clone());
         std::thread::spawn(move || {
@@ -916,10 +917,15 @@ fn flusher_syncs_from_another_thread_without_keeping_the_store_open() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && flushes < 10_000 {
                 flusher.flush().unwrap();
                 flushes += 1;
+                if flushes == 1 {
+                    let _ = started_tx.send(());
+                }
             }
             flushes
         })
     };
+    // Writes start once the flusher runs, so the two overlap even on a loaded machine.
+    started.recv().unwrap();
     for i in 0..200 {
         let id = format!("m{i}");
         store.append_batch(&[message(c, &id, Some(&id))]).unwrap();
