@@ -194,6 +194,10 @@ dir = "$OUT/storage"
 [inference]
 # The echo endpoint needs no sentence encoder; do not depend on installed model files.
 enabled = false
+
+[limits]
+# The fuzzing client opens hundreds of connections from one address in quick succession.
+connections_per_ip = 0
 EOF
     if [[ -n "${AUTOBAHN_EXTRA_CONFIG:-}" ]]; then
         cat "$AUTOBAHN_EXTRA_CONFIG" >>"$config"
