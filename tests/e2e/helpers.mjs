@@ -29,16 +29,23 @@ export function binary() {
   throw new Error("no switchboard binary: run `cargo build` first");
 }
 
-/** Agent accounts of the test configuration. */
+/**
+ * Agent accounts of the test server, created with `switchboard agent add` (the password on
+ * stdin), as an operator would; the console and admin pages log in with POST /api/login.
+ */
 export const AGENTS = {
-  alice: { name: "Alice", token: "alice-token-0123456789" },
-  bob: { name: "Bob", token: "bob-token-0123456789ab" },
+  alice: { name: "alice", display: "Alice", role: "admin", password: "alice-password-0123" },
+  bob: { name: "bob", display: "Bob", role: "agent", password: "bob-password-0123" },
 };
 
-function agentConfig() {
-  return Object.entries(AGENTS)
-    .map(([id, a]) => `[agents.accounts.${id}]\ntoken = "${a.token}"\nname = "${a.name}"\nmax_open = 5\n`)
-    .join("\n");
+function addAgents(config) {
+  for (const agent of Object.values(AGENTS)) {
+    execFileSync(
+      binary(),
+      ["agent", "add", agent.name, "--role", agent.role, "--display", agent.display, "--max-open", "5", "--config", config],
+      { cwd: ROOT, input: `${agent.password}\n`, stdio: ["pipe", "pipe", "pipe"] },
+    );
+  }
 }
 
 /**
@@ -73,8 +80,19 @@ margin_threshold = 0.0
 flood_messages = 10000
 flood_window = "100ms"
 
-${agentConfig()}`,
+[limits]
+# One browser on one address sends far faster than a person: lift the per-session and per-IP
+# rates (they have their own tests in tests/admission.rs).
+connections_per_ip = 0
+visitor_messages_per_second = 0
+visitor_frames_per_second = 0
+# A debug build beside a browser on a shared test machine lags more than a production box:
+# shed typing relays (which the tests check) only past a lag no healthy run reaches.
+shed_lag = "2s"
+refuse_lag = "10s"
+`,
   );
+  addAgents(config);
   const kb = join(dir, "kb.csv");
   writeFileSync(kb, smallKb());
   execFileSync(binary(), ["kb", "import", "--config", config, kb], { cwd: ROOT, stdio: "pipe" });
@@ -152,15 +170,11 @@ export async function launchBrowser() {
   });
 }
 
-/**
- * Logs `agent` in to the console on `page`. Today's servers have static agent
- * tokens and no /api/login, so the console's dev fallback takes the token as the
- * password. Once accounts exist (issue 10), change only this function.
- */
+/** Logs `agent` in to the console on `page` with its account's password. */
 export async function agentLogin(page, base, agent = "alice") {
   await page.goto(`${base}/console`);
   await page.getByLabel("Name").fill(agent);
-  await page.getByLabel("Password").fill(AGENTS[agent].token);
+  await page.getByLabel("Password").fill(AGENTS[agent].password);
   await page.getByRole("button", { name: "Log in" }).click();
   await page.locator(".conn.ok").waitFor();
 }
@@ -169,7 +183,7 @@ export async function agentLogin(page, base, agent = "alice") {
 export async function adminLogin(page, base, agent = "alice") {
   await page.goto(`${base}/admin`);
   await page.getByLabel("Name").fill(agent);
-  await page.getByLabel("Password").fill(AGENTS[agent].token);
+  await page.getByLabel("Password").fill(AGENTS[agent].password);
   await page.getByRole("button", { name: "Log in" }).click();
   await page.locator("#metrics").waitFor();
 }
