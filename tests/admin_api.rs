@@ -250,7 +250,8 @@ fn admin_imports_searches_tries_and_reads_the_audit_log() {
 
     // An agent gets 403 on each, without a token 401; nothing was imported by them.
     let try_body = json!({"text": "where is my card"}).to_string();
-    let calls: [(&str, &str, Option<(&str, &[u8])>); 4] = [
+    type Body<'a> = Option<(&'a str, &'a [u8])>;
+    let calls: [(&str, &str, Body<'_>); 4] = [
         ("GET", "/api/audit", None),
         ("GET", "/api/kb/entries?q=card", None),
         (

@@ -793,7 +793,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let auth = authority(dir.path());
         let json = Some("application/json");
-        let cases: [(&str, &str, Option<&str>, Option<&str>, &str, Action); 4] = [
+        /// method, path, query, content type, body, the action it needs
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a str,
+            Action,
+        );
+        let cases: [Case<'_>; 4] = [
             (
                 "GET",
                 "/api/audit",
