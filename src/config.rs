@@ -335,6 +335,8 @@ impl AuthConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ApiConfig {
     pub max_body_bytes: usize,
+    /// Largest body of `POST /api/kb/import` (a whole knowledge base).
+    pub max_import_bytes: usize,
 }
 
 /// `[visitors]`: who may open `/ws/visitor` for which site, and how a host site
@@ -868,6 +870,7 @@ impl ApiConfig {
     fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
         match key {
             "max_body_bytes" => self.max_body_bytes = f.size_in(256, MIB)?,
+            "max_import_bytes" => self.max_import_bytes = f.size_in(KIB, 256 * MIB)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -1085,6 +1088,7 @@ impl Config {
 
         w.section("api");
         w.size("max_body_bytes", api.max_body_bytes as u64);
+        w.size("max_import_bytes", api.max_import_bytes as u64);
 
         w.section("inference");
         w.display("enabled", inf.enabled);
@@ -1245,7 +1249,10 @@ impl Config {
                 login_per_ip_per_minute: 0,
                 login_per_account_per_minute: 0,
             },
-            api: ApiConfig { max_body_bytes: 0 },
+            api: ApiConfig {
+                max_body_bytes: 0,
+                max_import_bytes: 0,
+            },
             inference: InferenceConfig {
                 enabled: false,
                 model: PathBuf::new(),

@@ -11,7 +11,11 @@
 //! - `POST /api/refresh` (Bearer) → a new `{"token","expires"}`
 //! - `GET /api/me` (Bearer) → the account
 //! - `GET /api/agents`, `POST /api/agents`, `POST /api/agents/NAME/disable`,
-//!   `POST /api/agents/NAME/enable`, `PUT /api/agents/NAME/role` (admin: `ManageAgents`)
+//!   `POST /api/agents/NAME/enable`, `PUT /api/agents/NAME/role`, and
+//!   `PATCH /api/agents/NAME` `{"role"?, "disabled"?}` (admin: `ManageAgents`)
+//! - the admin endpoints of [`admin`]: `GET /api/audit`, `GET /api/kb/entries`,
+//!   `POST /api/kb/try`, `POST /api/kb/import`; [`plan`] parses and authorizes them into a
+//!   [`Plan::Admin`] that the shard driver carries out with its shard's resources.
 //!
 //! Invariants:
 //! - Every error has one shape, `{"error":{"code":"...","message":"..."}}`, with a proper
@@ -19,6 +23,8 @@
 //! - Every endpoint but login checks [`crate::auth::rbac::allows`] before doing anything.
 //! - Login answers a wrong name, a wrong password, a disabled and a locked account with the
 //!   same 401 body.
+
+pub mod admin;
 
 use std::net::IpAddr;
 
@@ -28,12 +34,15 @@ use serde_json::json;
 use crate::auth::accounts::Account;
 use crate::auth::rbac::{self, Action, Role};
 use crate::auth::{self, clock, events, manage, Authority, LoginRefusal, TokenRefusal};
+use admin::AdminPlan;
 
 /// A request as the API sees it.
 #[derive(Clone, Copy, Debug)]
 pub struct ApiRequest<'a> {
     pub method: &'a str,
     pub path: &'a str,
+    /// The raw query string after `?`, if any (not decoded).
+    pub query: Option<&'a str>,
     /// The `Authorization` header, if any.
     pub authorization: Option<&'a str>,
     /// The `Content-Type` header, if any.
@@ -111,6 +120,15 @@ pub enum Plan {
         name: String,
         role: Role,
     },
+    /// `PATCH /api/agents/NAME`: the role and/or the disabled flag.
+    Patch {
+        by: String,
+        name: String,
+        role: Option<Role>,
+        disabled: Option<bool>,
+    },
+    /// An admin endpoint: carried out by the shard driver (see [`admin`]).
+    Admin(AdminPlan),
 }
 
 impl Plan {
@@ -145,6 +163,25 @@ pub struct CreateAgent {
 #[serde(deny_unknown_fields)]
 struct RoleBody {
     role: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchBody {
+    role: Option<String>,
+    disabled: Option<bool>,
+}
+
+fn parse_role(role: &str) -> Result<Role, ApiResponse> {
+    role.parse::<Role>()
+        .map_err(|err| ApiResponse::error(400, "bad_request", err))
+}
+
+/// A query parameter, percent-decoded (`None` when absent or undecodable).
+fn query_param(req: &ApiRequest<'_>, name: &str) -> Option<String> {
+    req.query
+        .and_then(|query| crate::http::query_param(query, name))
+        .map(|value| value.into_owned())
 }
 
 fn parse_body<'de, T: Deserialize<'de>>(req: &ApiRequest<'de>) -> Result<T, ApiResponse> {
@@ -293,7 +330,94 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 role,
             })
         }
+        ["agents", name] => {
+            if req.method != "PATCH" {
+                return Err(method_not_allowed("PATCH"));
+            }
+            let admin = authorize(req, authority, Action::ManageAgents, now)?;
+            let body: PatchBody = parse_body(req)?;
+            let role = body.role.as_deref().map(parse_role).transpose()?;
+            if role.is_none() && body.disabled.is_none() {
+                return Err(ApiResponse::error(
+                    400,
+                    "bad_request",
+                    "send \"role\" and/or \"disabled\"",
+                ));
+            }
+            Ok(Plan::Patch {
+                by: by(&admin),
+                name: (*name).to_owned(),
+                role,
+                disabled: body.disabled,
+            })
+        }
+        ["audit"] => {
+            if req.method != "GET" {
+                return Err(method_not_allowed("GET"));
+            }
+            authorize(req, authority, Action::ViewAudit, now)?;
+            let limit = admin::parse_limit(
+                query_param(req, "limit").as_deref(),
+                admin::DEFAULT_AUDIT_RECORDS,
+                admin::MAX_AUDIT_RECORDS,
+            )?;
+            Ok(Plan::Admin(AdminPlan::Audit { limit }))
+        }
+        ["kb", "entries"] => {
+            if req.method != "GET" {
+                return Err(method_not_allowed("GET"));
+            }
+            authorize(req, authority, Action::ManageKnowledgeBase, now)?;
+            let limit = admin::parse_limit(
+                query_param(req, "limit").as_deref(),
+                admin::DEFAULT_ENTRIES,
+                admin::MAX_ENTRIES,
+            )?;
+            Ok(Plan::Admin(AdminPlan::KbEntries {
+                query: query_param(req, "q"),
+                limit,
+            }))
+        }
+        ["kb", "try"] => {
+            if req.method != "POST" {
+                return Err(method_not_allowed("POST"));
+            }
+            authorize(req, authority, Action::TryKnowledgeBase, now)?;
+            let body: admin::TryBody = parse_body(req)?;
+            let text = body.text.trim();
+            if text.is_empty() || text.len() > admin::MAX_TRY_BYTES {
+                return Err(ApiResponse::error(
+                    400,
+                    "bad_request",
+                    format_args!("text must be 1 to {} bytes", admin::MAX_TRY_BYTES),
+                ));
+            }
+            Ok(Plan::Admin(AdminPlan::KbTry {
+                text: text.to_owned(),
+            }))
+        }
+        ["kb", "import"] => {
+            if req.method != "POST" {
+                return Err(method_not_allowed("POST"));
+            }
+            let admin = authorize(req, authority, Action::ManageKnowledgeBase, now)?;
+            let format = admin::import_format(req.content_type, req.body)?;
+            Ok(Plan::Admin(AdminPlan::KbImport {
+                by: by(&admin),
+                format,
+            }))
+        }
         _ => Err(ApiResponse::error(404, "not_found", "no such endpoint")),
+    }
+}
+
+/// The body limit for a request to `path`: `[api] max_import_bytes` for the import,
+/// `[api] max_body_bytes` for everything else.
+pub fn body_limit(method: &str, path: &str, api: &crate::config::ApiConfig) -> usize {
+    if method == "POST" && path == "/api/kb/import" {
+        api.max_import_bytes
+    } else {
+        api.max_body_bytes
     }
 }
 
@@ -380,6 +504,31 @@ pub fn execute(
             Ok(account) => ApiResponse::json(200, manage::public_view(&account, now)),
             Err(err) => manage_error(err),
         },
+        Plan::Patch {
+            by,
+            name,
+            role,
+            disabled,
+        } => {
+            let mut result = None;
+            if let Some(role) = role {
+                result = Some(manage::set_role(store, &name, role, now, &by));
+            }
+            if let Some(disabled) = disabled {
+                if !matches!(result, Some(Err(_))) {
+                    result = Some(manage::set_disabled(store, &name, disabled, now, &by));
+                }
+            }
+            match result {
+                Some(Ok(account)) => ApiResponse::json(200, manage::public_view(&account, now)),
+                Some(Err(err)) => manage_error(err),
+                None => ApiResponse::error(400, "bad_request", "nothing to change"),
+            }
+        }
+        Plan::Admin(_) => {
+            tracing::error!("an admin plan reached the account executor");
+            ApiResponse::error(500, "internal", "this request cannot be carried out here")
+        }
     }
 }
 
@@ -439,6 +588,7 @@ mod tests {
         let req = ApiRequest {
             method,
             path,
+            query: None,
             authorization: header.as_deref(),
             content_type: Some("application/json"),
             body: body.as_bytes(),
@@ -613,6 +763,206 @@ mod tests {
         assert!(
             body.to_string().find("argon2").is_none(),
             "hashes never leave the store"
+        );
+    }
+
+    fn plan_of(
+        auth: &Authority,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+        bearer: Option<&str>,
+        content_type: Option<&str>,
+        body: &str,
+    ) -> Result<Plan, ApiResponse> {
+        let header = bearer.map(|t| format!("Bearer {t}"));
+        let req = ApiRequest {
+            method,
+            path,
+            query,
+            authorization: header.as_deref(),
+            content_type,
+            body: body.as_bytes(),
+            peer: None,
+        };
+        plan(&req, auth, 100)
+    }
+
+    #[test]
+    fn admin_endpoints_route_and_check_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authority(dir.path());
+        let json = Some("application/json");
+        /// method, path, query, content type, body, the action it needs
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a str,
+            Action,
+        );
+        let cases: [Case<'_>; 4] = [
+            (
+                "GET",
+                "/api/audit",
+                Some("limit=5"),
+                None,
+                "",
+                Action::ViewAudit,
+            ),
+            (
+                "GET",
+                "/api/kb/entries",
+                Some("q=Card%20arrival&limit=7"),
+                None,
+                "",
+                Action::ManageKnowledgeBase,
+            ),
+            (
+                "POST",
+                "/api/kb/try",
+                None,
+                json,
+                r#"{"text":" where is my card "}"#,
+                Action::TryKnowledgeBase,
+            ),
+            (
+                "POST",
+                "/api/kb/import",
+                None,
+                Some("text/csv"),
+                "text,category\nhi,greet\n",
+                Action::ManageKnowledgeBase,
+            ),
+        ];
+        for name in ["al", "sue", "root"] {
+            let token = login(&auth, name);
+            let role = auth.verify_token(&token, 100).unwrap().1.role;
+            for (method, path, query, content_type, body, action) in cases {
+                let planned = plan_of(&auth, method, path, query, Some(&token), content_type, body);
+                if !rbac::allows(role, action) {
+                    let refused = planned.unwrap_err();
+                    assert_eq!(refused.status, 403, "{role} {path}");
+                    let reply: serde_json::Value = serde_json::from_str(&refused.body).unwrap();
+                    assert_eq!(reply["error"]["code"], "forbidden");
+                    continue;
+                }
+                let Ok(Plan::Admin(admin)) = planned else {
+                    panic!("{role} {path}: {planned:?}")
+                };
+                let expected = match path {
+                    "/api/audit" => AdminPlan::Audit { limit: 5 },
+                    "/api/kb/entries" => AdminPlan::KbEntries {
+                        query: Some("Card arrival".into()),
+                        limit: 7,
+                    },
+                    "/api/kb/try" => AdminPlan::KbTry {
+                        text: "where is my card".into(),
+                    },
+                    _ => AdminPlan::KbImport {
+                        by: format!("api:{name}"),
+                        format: crate::kb::Format::Csv,
+                    },
+                };
+                assert_eq!(admin, expected);
+            }
+            // Without a token: 401 on each.
+            for (method, path, query, content_type, body, _) in cases {
+                let refused =
+                    plan_of(&auth, method, path, query, None, content_type, body).unwrap_err();
+                assert_eq!(refused.status, 401);
+            }
+        }
+        let root = login(&auth, "root");
+        let status = |method, path, query, content_type, body| {
+            plan_of(&auth, method, path, query, Some(&root), content_type, body)
+                .map(|_| 200)
+                .unwrap_or_else(|r| r.status)
+        };
+        assert_eq!(status("POST", "/api/audit", None, None, ""), 405);
+        assert_eq!(status("GET", "/api/kb/try", None, None, ""), 405);
+        assert_eq!(status("GET", "/api/audit", Some("limit=0"), None, ""), 400);
+        assert_eq!(
+            status("GET", "/api/kb/entries", Some("limit=x"), None, ""),
+            400
+        );
+        assert_eq!(
+            status("POST", "/api/kb/try", None, json, r#"{"text":"  "}"#),
+            400
+        );
+        assert_eq!(
+            status("POST", "/api/kb/try", None, json, r#"{"txt":"a"}"#),
+            400
+        );
+        assert_eq!(
+            status("POST", "/api/kb/import", None, Some("image/png"), "x"),
+            415
+        );
+        assert_eq!(status("GET", "/api/kb/nothing", None, None, ""), 404);
+        // Import bodies get their own limit.
+        let mut api = crate::config::load_str("t", "").unwrap().api;
+        api.max_body_bytes = 100;
+        api.max_import_bytes = 1000;
+        assert_eq!(body_limit("POST", "/api/kb/import", &api), 1000);
+        assert_eq!(body_limit("POST", "/api/kb/try", &api), 100);
+    }
+
+    #[test]
+    fn patch_changes_role_and_disabled() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authority(dir.path());
+        let root = login(&auth, "root");
+        let (status, body) = call(
+            &auth,
+            "PATCH",
+            "/api/agents/al",
+            Some(&root),
+            r#"{"role":"supervisor"}"#,
+        );
+        assert_eq!(
+            (status, body["role"].as_str()),
+            (200, Some("supervisor")),
+            "{body}"
+        );
+        let (status, body) = call(
+            &auth,
+            "PATCH",
+            "/api/agents/al",
+            Some(&root),
+            r#"{"disabled":true}"#,
+        );
+        assert_eq!(
+            (status, body["disabled"].as_bool()),
+            (200, Some(true)),
+            "{body}"
+        );
+        assert_eq!(
+            call(&auth, "PATCH", "/api/agents/al", Some(&root), "{}").0,
+            400
+        );
+        assert_eq!(
+            call(
+                &auth,
+                "PATCH",
+                "/api/agents/ghost",
+                Some(&root),
+                r#"{"disabled":true}"#
+            )
+            .0,
+            404
+        );
+        let sue = login(&auth, "sue");
+        assert_eq!(
+            call(
+                &auth,
+                "PATCH",
+                "/api/agents/al",
+                Some(&sue),
+                r#"{"disabled":false}"#
+            )
+            .0,
+            403
         );
     }
 }

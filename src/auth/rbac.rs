@@ -90,8 +90,10 @@ pub enum Action {
     CloseAssigned,
     /// Create, list, disable, enable agent accounts and change their roles.
     ManageAgents,
-    /// Import, change and delete knowledge-base entries.
+    /// Import, list, change and delete knowledge-base entries.
     ManageKnowledgeBase,
+    /// Ask the knowledge base a question as a visitor would (`POST /api/kb/try`).
+    TryKnowledgeBase,
     /// Change the configuration.
     ManageConfig,
     /// Read the audit log.
@@ -104,7 +106,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in row order of the table.
-    pub const ALL: [Action; 13] = [
+    pub const ALL: [Action; 14] = [
         Action::ViewQueue,
         Action::AcceptConversation,
         Action::MessageAssigned,
@@ -114,6 +116,7 @@ impl Action {
         Action::CloseAssigned,
         Action::ManageAgents,
         Action::ManageKnowledgeBase,
+        Action::TryKnowledgeBase,
         Action::ManageConfig,
         Action::ViewAudit,
         Action::ViewMetrics,
@@ -137,6 +140,7 @@ const fn row(action: Action) -> [bool; 3] {
         Action::CloseAssigned => [Y, Y, Y],
         Action::ManageAgents => [N, N, Y],
         Action::ManageKnowledgeBase => [N, N, Y],
+        Action::TryKnowledgeBase => [N, Y, Y],
         Action::ManageConfig => [N, N, Y],
         Action::ViewAudit => [N, Y, Y],
         Action::ViewMetrics => [N, Y, Y],
@@ -165,6 +169,7 @@ mod tests {
         (Role::Agent, Action::CloseAssigned, true),
         (Role::Agent, Action::ManageAgents, false),
         (Role::Agent, Action::ManageKnowledgeBase, false),
+        (Role::Agent, Action::TryKnowledgeBase, false),
         (Role::Agent, Action::ManageConfig, false),
         (Role::Agent, Action::ViewAudit, false),
         (Role::Agent, Action::ViewMetrics, false),
@@ -178,6 +183,7 @@ mod tests {
         (Role::Supervisor, Action::CloseAssigned, true),
         (Role::Supervisor, Action::ManageAgents, false),
         (Role::Supervisor, Action::ManageKnowledgeBase, false),
+        (Role::Supervisor, Action::TryKnowledgeBase, true),
         (Role::Supervisor, Action::ManageConfig, false),
         (Role::Supervisor, Action::ViewAudit, true),
         (Role::Supervisor, Action::ViewMetrics, true),
@@ -191,6 +197,7 @@ mod tests {
         (Role::Admin, Action::CloseAssigned, true),
         (Role::Admin, Action::ManageAgents, true),
         (Role::Admin, Action::ManageKnowledgeBase, true),
+        (Role::Admin, Action::TryKnowledgeBase, true),
         (Role::Admin, Action::ManageConfig, true),
         (Role::Admin, Action::ViewAudit, true),
         (Role::Admin, Action::ViewMetrics, true),

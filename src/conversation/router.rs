@@ -388,6 +388,11 @@ impl Router {
     }
 
     /// Number of shards.
+    /// The shard's intent engine, when the bot answers from the knowledge base.
+    pub fn engine(&self) -> Option<Rc<IntentEngine>> {
+        self.bot.as_ref().and_then(|bot| bot.engine.clone())
+    }
+
     pub fn shard_count(&self) -> usize {
         self.shard_count
     }

@@ -441,7 +441,8 @@ impl IntentEngine {
         };
         let model_time = started.elapsed();
         let kb_started = Instant::now();
-        let reader = KbReplica::open(&settings.storage_dir, shard, settings.kb_map_size)?.reader();
+        let reader =
+            KbReplica::open_shared(&settings.storage_dir, shard, settings.kb_map_size)?.reader();
         let loaded = LoadedKb::load(&reader, model.as_ref().map(|(f, d)| (f.as_str(), *d)))?;
         let engine = IntentEngine {
             shard,
@@ -464,6 +465,11 @@ impl IntentEngine {
             total: started.elapsed(),
         };
         Ok((engine, timings))
+    }
+
+    /// A read handle on the shard's replica (for the admin API's entry listing).
+    pub fn replica(&self) -> &ReplicaReader {
+        &self.reader
     }
 
     pub fn shard(&self) -> usize {

@@ -117,7 +117,8 @@ pub fn prepare(entries: Vec<Entry>, encoder: &mut Encoder) -> Result<PreparedUpd
 }
 
 /// Stores `update` in the replicas of shards `0..shards` under `dir` as one new version and
-/// returns that version.
+/// returns that version. Replicas this process already has open (a serving shard's engine)
+/// are written through the same environment ([`KbReplica::open_shared`]).
 pub fn apply(
     dir: &Path,
     shards: usize,
@@ -127,7 +128,7 @@ pub fn apply(
     let mut replicas = Vec::with_capacity(shards);
     let mut highest = 0u64;
     for shard in 0..shards {
-        let replica = KbReplica::open(dir, shard, map_size)
+        let replica = KbReplica::open_shared(dir, shard, map_size)
             .map_err(|source| UpdateError::Open { shard, source })?;
         let current = replica
             .current_version()

@@ -61,6 +61,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::sync::{Arc, Mutex, Weak};
+
 use heed::types::Bytes;
 use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RoTxn, WithoutTls};
 use rkyv::{rancor, Archive, Deserialize, Serialize};
@@ -143,7 +145,21 @@ pub struct KbReplica {
     path: PathBuf,
     /// Reused serialisation buffer (released when a snapshot made it large).
     scratch: Vec<u8>,
+    /// Keeps the environment findable by [`KbReplica::open_shared`] while this handle lives.
+    shared: Option<Arc<SharedEnv>>,
 }
+
+/// An environment opened through [`KbReplica::open_shared`], findable by its path while any
+/// handle made from it lives.
+struct SharedEnv {
+    env: Env<WithoutTls>,
+    tables: Tables,
+}
+
+/// Replica environments open in this process, by path (weak: an entry whose handles are all
+/// gone no longer upgrades, and the path is opened afresh). Admin paths only (engine start,
+/// `kb import` over the API), never per message.
+static SHARED: Mutex<Vec<(PathBuf, Weak<SharedEnv>)>> = Mutex::new(Vec::new());
 
 const _: fn() = || {
     fn send<T: Send>() {}
@@ -239,7 +255,41 @@ impl KbReplica {
             shard,
             path,
             scratch: Vec::new(),
+            shared: None,
         })
+    }
+
+    /// [`open`](Self::open), except that a replica already opened this way in this process
+    /// (and still held) is handed out again instead of being refused. The serving shard's
+    /// engine and an import over the API (`POST /api/kb/import`, which writes every shard's
+    /// replica from one thread) share an environment this way; LMDB serialises their write
+    /// transactions and readers keep their MVCC snapshots.
+    pub fn open_shared(dir: &Path, shard: usize, map_size: usize) -> Result<Self, KbError> {
+        let path = dir.join(format!("kb-{shard}"));
+        let mut registry = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+        registry.retain(|(_, weak)| weak.strong_count() > 0);
+        if let Some(shared) = registry
+            .iter()
+            .find(|(known, _)| *known == path)
+            .and_then(|(_, weak)| weak.upgrade())
+        {
+            return Ok(KbReplica {
+                env: shared.env.clone(),
+                tables: shared.tables,
+                shard,
+                path,
+                scratch: Vec::new(),
+                shared: Some(shared),
+            });
+        }
+        let mut replica = Self::open(dir, shard, map_size)?;
+        let shared = Arc::new(SharedEnv {
+            env: replica.env.clone(),
+            tables: replica.tables,
+        });
+        registry.push((path, Arc::downgrade(&shared)));
+        replica.shared = Some(shared);
+        Ok(replica)
     }
 
     pub fn shard(&self) -> usize {
@@ -261,6 +311,7 @@ impl KbReplica {
         ReplicaReader {
             env: self.env.clone(),
             tables: self.tables,
+            _shared: self.shared.clone(),
         }
     }
 
@@ -376,6 +427,8 @@ impl KbReplica {
 pub struct ReplicaReader {
     env: Env<WithoutTls>,
     tables: Tables,
+    /// See [`KbReplica::open_shared`].
+    _shared: Option<Arc<SharedEnv>>,
 }
 
 impl ReplicaReader {

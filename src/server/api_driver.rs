@@ -9,6 +9,13 @@
 //! Password hashing and account commits run on the shard's blocking thread
 //! (`spawn_blocking`), never on the event loop. Generic over the stream type, so plain TCP
 //! and TLS connections share it.
+//!
+//! Admin plans ([`api::admin`]): the audit file and the replica's entries are read on the
+//! blocking thread; a try-a-question goes through the shard's intent engine like a visitor's
+//! message (awaited on the loop, the model runs on the inference worker); an import runs on
+//! its own `kb-import` thread (it takes seconds to minutes and must not hold up logins on the
+//! blocking thread) and the request waits for it. `POST /api/kb/import` bodies are bounded
+//! by `[api] max_import_bytes`, every other body by `[api] max_body_bytes`.
 
 use std::net::IpAddr;
 use std::ops::Range;
@@ -17,7 +24,8 @@ use std::rc::Rc;
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::Shard;
-use crate::api::{self, ApiRequest, ApiResponse};
+use crate::api::admin::{self, AdminPlan};
+use crate::api::{self, ApiRequest, ApiResponse, Plan};
 use crate::auth::{clock, events};
 use crate::http::{self, RequestHead};
 use crate::metrics::ShardMetrics;
@@ -63,7 +71,7 @@ async fn answer<S: AsyncRead + Unpin>(
     leftover: Range<usize>,
     peer: Option<IpAddr>,
 ) -> ApiResponse {
-    let max = shard.config.api.max_body_bytes;
+    let max = api::body_limit(&head.method, &head.path, &shard.config.api);
     let length = match head.content_length {
         None if matches!(head.method.as_str(), "POST" | "PUT") => {
             shard.buffers.give(buffer);
@@ -109,6 +117,7 @@ async fn answer<S: AsyncRead + Unpin>(
     let request = ApiRequest {
         method: &head.method,
         path: &head.path,
+        query: head.query.as_deref(),
         authorization: head.header_str("authorization"),
         content_type: head.header_str("content-type"),
         body: &body,
@@ -116,6 +125,7 @@ async fn answer<S: AsyncRead + Unpin>(
     };
     let now = clock::unix_now();
     let plan = match api::plan(&request, &shard.authority, now) {
+        Ok(Plan::Admin(plan)) => return answer_admin(shard, plan, body, peer).await,
         Ok(plan) => plan,
         Err(response) => return response,
     };
@@ -131,4 +141,88 @@ async fn answer<S: AsyncRead + Unpin>(
     glommio::executor()
         .spawn_blocking(move || api::execute(plan, &authority, peer, now, default_max_open))
         .await
+}
+
+/// Carries out an admin plan with this shard's resources.
+async fn answer_admin(
+    shard: &Rc<Shard>,
+    plan: AdminPlan,
+    body: Vec<u8>,
+    peer: Option<IpAddr>,
+) -> ApiResponse {
+    match plan {
+        AdminPlan::Audit { limit } => {
+            let path = shard.config.audit_path();
+            glommio::executor()
+                .spawn_blocking(move || admin::audit(&path, limit))
+                .await
+        }
+        AdminPlan::KbEntries { query, limit } => {
+            let engine_reader = shard.router.engine().map(|e| e.replica().clone());
+            let dir = shard.config.storage.dir.clone();
+            let id = shard.id.0;
+            glommio::executor()
+                .spawn_blocking(move || {
+                    let listed = || -> Result<ApiResponse, crate::kb::KbError> {
+                        // Without an engine (no bot on this shard) the replica is opened here.
+                        let reader = match engine_reader {
+                            Some(reader) => reader,
+                            None => crate::kb::KbReplica::open_shared(
+                                &dir,
+                                id,
+                                crate::kb::DEFAULT_MAP_SIZE,
+                            )?
+                            .reader(),
+                        };
+                        let view = reader.read()?;
+                        let version = view.version()?;
+                        let entries = view.entries()?;
+                        Ok(admin::entries(version, &entries, query.as_deref(), limit))
+                    };
+                    listed().unwrap_or_else(|err| {
+                        tracing::error!(error = %err, "knowledge-base replica unreadable");
+                        ApiResponse::error(500, "internal", "the knowledge base could not be read")
+                    })
+                })
+                .await
+        }
+        AdminPlan::KbTry { text } => {
+            let Some(engine) = shard.router.engine() else {
+                return ApiResponse::error(
+                    503,
+                    "bot_disabled",
+                    "this server's bot does not answer from the knowledge base ([inference] enabled, [bot] handlers)",
+                );
+            };
+            // A version imported a moment ago is tried, not the one loaded before it.
+            if let Err(err) = engine.reload() {
+                tracing::warn!(error = %err, "knowledge-base reload for a try failed");
+            }
+            let found = engine.recognise(&text).await.map(Into::into);
+            admin::tried(&text, found, &shard.config.bot)
+        }
+        AdminPlan::KbImport { by, format } => {
+            let slot = match admin::ImportSlot::take() {
+                Ok(slot) => slot,
+                Err(busy) => return busy,
+            };
+            let config = shard.config.clone();
+            let shards = shard.shard_count;
+            let (done, result) = futures_channel::oneshot::channel();
+            let spawned = std::thread::Builder::new()
+                .name("kb-import".into())
+                .spawn(move || {
+                    let _slot = slot;
+                    let response = admin::import(&config, shards, &body, format, &by, peer);
+                    let _ = done.send(response);
+                });
+            if let Err(err) = spawned {
+                tracing::error!(error = %err, "cannot start the import thread");
+                return ApiResponse::error(500, "internal", "cannot start the import");
+            }
+            result.await.unwrap_or_else(|_| {
+                ApiResponse::error(500, "internal", "the import stopped without an answer")
+            })
+        }
+    }
 }
