@@ -36,6 +36,7 @@ use serde::Serialize;
 use super::dispatch::DispatchEvent;
 use super::protocol::{self, AgentFrame, VisitorFrame};
 use super::SessionRef;
+use crate::audit::AuditEvent;
 use crate::auth::rbac::{self, Action, Role};
 use crate::store::{
     Author, Conversation, ConversationId, ConversationState, NewMessage, Op, OpOutcome, ReadSide,
@@ -243,6 +244,9 @@ pub enum OwnerAction {
         key: VisitorKey,
         event: Box<OwnerEvent>,
     },
+    /// Append a record to the audit chain: an agent's action on a conversation whose
+    /// outcome is now known (a close committed, a watch granted).
+    Audit(AuditEvent),
 }
 
 /// What a store operation was for.
@@ -268,6 +272,11 @@ pub enum Completion {
     },
     StateChanged {
         conversation: ConversationId,
+    },
+    /// An agent closed the conversation (audited once the close is committed).
+    ClosedBy {
+        conversation: ConversationId,
+        agent: String,
     },
     BotMessage {
         conversation: ConversationId,
@@ -305,6 +314,9 @@ struct Live {
     key: VisitorKey,
     agent: Option<(String, String)>,
     agent_sessions: Vec<SessionRef>,
+    /// Sessions that watch the conversation without holding it (a supervisor's `watch`):
+    /// they hear what its agent hears but cannot act in it. Never also in `agent_sessions`.
+    watchers: Vec<SessionRef>,
     /// Each side's typing indicator as the other side sees it.
     visitor_typing: Typing,
     agent_typing: Typing,
@@ -312,6 +324,13 @@ struct Live {
     /// is never evicted from memory while this is non-zero, so a reload from
     /// storage never sees a seq the fan-out has not handled.
     in_flight: u32,
+}
+
+impl Live {
+    /// The agent sessions that hear the conversation: its agent's, then its watchers.
+    fn followers(&self) -> impl Iterator<Item = &SessionRef> + '_ {
+        self.agent_sessions.iter().chain(self.watchers.iter())
+    }
 }
 
 /// The conversations owned by one shard.
@@ -407,6 +426,7 @@ impl Owner {
             key,
             agent,
             agent_sessions: Vec::new(),
+            watchers: Vec::new(),
             visitor_typing: Typing::default(),
             agent_typing: Typing::default(),
             in_flight: 0,
@@ -454,6 +474,7 @@ impl Owner {
             } => {
                 if let Some(live) = self.live.get_mut(&conversation) {
                     live.agent_sessions.retain(|s| *s != session);
+                    live.watchers.retain(|s| *s != session);
                 }
                 self.maybe_evict(conversation);
             }
@@ -522,6 +543,7 @@ impl Owner {
     fn evict_idle(&mut self) {
         self.live.retain(|_, live| {
             !live.agent_sessions.is_empty()
+                || !live.watchers.is_empty()
                 || live.in_flight > 0
                 || live.visitor_typing.busy()
                 || live.agent_typing.busy()
@@ -771,7 +793,11 @@ impl Owner {
             .visitors
             .get(&live.key)
             .is_some_and(|entry| entry.conversation == Some(conversation));
-        if !visitors_connected && live.agent_sessions.is_empty() && live.in_flight == 0 {
+        if !visitors_connected
+            && live.agent_sessions.is_empty()
+            && live.watchers.is_empty()
+            && live.in_flight == 0
+        {
             self.live.remove(&conversation);
         }
     }
@@ -857,7 +883,7 @@ impl Owner {
                 let typing = frame(serde_json::json!({
                     "type": "typing", "conversation": conversation.0, "from": "visitor", "on": on,
                 }));
-                for to in &live.agent_sessions {
+                for to in live.followers() {
                     out.push(OwnerAction::Send {
                         to: *to,
                         frame: typing.clone(),
@@ -897,6 +923,7 @@ impl Owner {
             return;
         };
         let someone_connected = !live.agent_sessions.is_empty()
+            || !live.watchers.is_empty()
             || self.visitors.get(&live.key).is_some_and(|entry| {
                 entry.conversation == Some(conversation) && !entry.sessions.is_empty()
             });
@@ -966,6 +993,7 @@ impl Owner {
         };
         let action = match &frame_in {
             AgentFrame::Close { .. } => Action::CloseAssigned,
+            AgentFrame::Watch { .. } | AgentFrame::Unwatch { .. } => Action::ReadAnyConversation,
             _ => Action::MessageAssigned,
         };
         if !rbac::allows(role, action) {
@@ -981,6 +1009,21 @@ impl Owner {
                 ),
             });
             return;
+        }
+        match frame_in {
+            AgentFrame::Watch { .. } => return self.watch(conversation, agent, role, session, out),
+            AgentFrame::Unwatch { .. } => {
+                live.watchers.retain(|s| *s != session);
+                out.push(OwnerAction::Send {
+                    to: session,
+                    frame: frame(serde_json::json!({
+                        "type": "unwatched", "conversation": conversation.0,
+                    })),
+                });
+                self.maybe_evict(conversation);
+                return;
+            }
+            _ => {}
         }
         let assigned =
             matches!(&live.meta.state, ConversationState::Assigned { agent: a } if *a == agent);
@@ -1027,7 +1070,7 @@ impl Owner {
                     "type": "typing", "conversation": conversation.0, "from": "agent", "on": on,
                 }));
                 let key = live.key.clone();
-                for to in live.agent_sessions.iter().filter(|s| **s != session) {
+                for to in live.followers().filter(|s| **s != session) {
                     out.push(OwnerAction::Send {
                         to: *to,
                         frame: typing.clone(),
@@ -1053,12 +1096,85 @@ impl Owner {
                         conversation,
                         state: ConversationState::Closed,
                     },
-                    completion: Completion::StateChanged { conversation },
+                    completion: Completion::ClosedBy {
+                        conversation,
+                        agent,
+                    },
                 });
             }
-            // Accept, transfer and status go to the dispatcher, not here.
-            AgentFrame::Accept { .. } | AgentFrame::Transfer { .. } | AgentFrame::Status { .. } => {
-            }
+            // Accept, transfer and status go to the dispatcher, not here; watch was
+            // handled above.
+            AgentFrame::Accept { .. }
+            | AgentFrame::Transfer { .. }
+            | AgentFrame::Status { .. }
+            | AgentFrame::Watch { .. }
+            | AgentFrame::Unwatch { .. } => {}
+        }
+    }
+
+    /// A session allowed `ReadAnyConversation` follows a conversation without taking it:
+    /// a `watching` frame, the whole history (replay), then live frames until it unwatches
+    /// or closes. A closed conversation's history is sent without subscribing. The caller
+    /// has checked the role.
+    fn watch(
+        &mut self,
+        conversation: ConversationId,
+        agent: String,
+        role: Role,
+        session: SessionRef,
+        out: &mut Vec<OwnerAction>,
+    ) {
+        let Some(live) = self.live.get_mut(&conversation) else {
+            return;
+        };
+        let holding = live.agent_sessions.contains(&session);
+        let open = live.meta.state != ConversationState::Closed;
+        out.push(OwnerAction::Send {
+            to: session,
+            frame: watching_frame(live),
+        });
+        // The conversation's own agent already hears everything.
+        if holding {
+            return;
+        }
+        let newly = open && !live.watchers.contains(&session);
+        if newly {
+            live.watchers.push(session);
+            out.push(OwnerAction::Track {
+                session,
+                conversation,
+            });
+        }
+        if live.meta.last_seq > 0 {
+            out.push(OwnerAction::Replay {
+                to: vec![session],
+                conversation,
+                after: 0,
+                up_to: live.meta.last_seq,
+            });
+        }
+        out.push(OwnerAction::Audit(
+            AuditEvent::new("conversation_watched", &agent)
+                .target(conversation.0.to_string())
+                .detail("role", role.as_str())
+                .detail("state", state_name(&live.meta.state)),
+        ));
+    }
+
+    /// Tells a conversation's watchers its current state.
+    fn tell_watchers(&self, conversation: ConversationId, out: &mut Vec<OwnerAction>) {
+        let Some(live) = self.live.get(&conversation) else {
+            return;
+        };
+        if live.watchers.is_empty() {
+            return;
+        }
+        let note = watching_frame(live);
+        for to in &live.watchers {
+            out.push(OwnerAction::Send {
+                to: *to,
+                frame: note.clone(),
+            });
         }
     }
 
@@ -1083,6 +1199,8 @@ impl Owner {
         if !matches!(&live.meta.state, ConversationState::Assigned { agent: a } if *a == agent) {
             return;
         }
+        // A watcher that gets the conversation assigned hears it once, as its agent.
+        live.watchers.retain(|s| *s != session);
         if !live.agent_sessions.contains(&session) {
             live.agent_sessions.push(session);
         }
@@ -1174,6 +1292,7 @@ impl Owner {
         for session in sessions {
             self.agent_subscribe(conversation, agent.clone(), session, out);
         }
+        self.tell_watchers(conversation, out);
     }
 
     fn requeued(&mut self, conversation: ConversationId, out: &mut Vec<OwnerAction>) {
@@ -1205,6 +1324,7 @@ impl Owner {
             },
             completion: Completion::StateChanged { conversation },
         });
+        self.tell_watchers(conversation, out);
     }
 
     fn committed(
@@ -1294,7 +1414,7 @@ impl Owner {
                 }));
                 match side {
                     ReadSide::Visitor => {
-                        for to in &live.agent_sessions {
+                        for to in live.followers() {
                             out.push(OwnerAction::Send {
                                 to: *to,
                                 frame: note.clone(),
@@ -1302,6 +1422,12 @@ impl Owner {
                         }
                     }
                     ReadSide::Agent => {
+                        for to in &live.watchers {
+                            out.push(OwnerAction::Send {
+                                to: *to,
+                                frame: note.clone(),
+                            });
+                        }
                         let key = live.key.clone();
                         self.send_visitors(&key, None, &note, out);
                     }
@@ -1310,41 +1436,66 @@ impl Owner {
             Completion::BotMessage { conversation } => {
                 self.bot_message_committed(conversation, op, outcome, out)
             }
+            Completion::ClosedBy {
+                conversation,
+                agent,
+            } => {
+                if matches!(outcome, Ok(OpOutcome::Updated)) {
+                    out.push(OwnerAction::Audit(
+                        AuditEvent::new("conversation_closed", &agent)
+                            .target(conversation.0.to_string()),
+                    ));
+                }
+                self.state_committed(conversation, op, outcome, out);
+            }
             Completion::StateChanged { conversation } => {
-                if !matches!(
-                    op,
-                    Op::SetState {
-                        state: ConversationState::Closed,
-                        ..
-                    }
-                ) {
-                    return;
-                }
-                if !matches!(outcome, Ok(OpOutcome::Updated)) {
-                    return;
-                }
-                let Some(live) = self.live.remove(&conversation) else {
-                    return;
-                };
-                let note = frame(serde_json::json!({
-                    "type": "closed", "conversation": conversation.0,
-                }));
-                for to in &live.agent_sessions {
-                    out.push(OwnerAction::Send {
-                        to: *to,
-                        frame: note.clone(),
-                    });
-                }
-                self.send_visitors(&live.key, None, &note, out);
-                out.push(OwnerAction::Dispatch(DispatchEvent::Closed {
-                    conversation: super::dispatch::ConversationId(conversation.0),
-                }));
-                // The visitor's next message opens a new conversation.
-                if let Some(entry) = self.visitors.get_mut(&live.key) {
-                    if entry.conversation == Some(conversation) && !entry.opening {
-                        self.live.insert(conversation, live);
-                    }
-                }
+                self.state_committed(conversation, op, outcome, out)
+            }
+        }
+    }
+
+    /// A state change was committed: a close tells everyone and frees the dispatcher's slot.
+    fn state_committed(
+        &mut self,
+        conversation: ConversationId,
+        op: Op,
+        outcome: Result<OpOutcome, String>,
+        out: &mut Vec<OwnerAction>,
+    ) {
+        if !matches!(
+            op,
+            Op::SetState {
+                state: ConversationState::Closed,
+                ..
+            }
+        ) {
+            return;
+        }
+        if !matches!(outcome, Ok(OpOutcome::Updated)) {
+            return;
+        }
+        let Some(mut live) = self.live.remove(&conversation) else {
+            return;
+        };
+        let note = frame(serde_json::json!({
+            "type": "closed", "conversation": conversation.0,
+        }));
+        for to in live.followers() {
+            out.push(OwnerAction::Send {
+                to: *to,
+                frame: note.clone(),
+            });
+        }
+        self.send_visitors(&live.key, None, &note, out);
+        // Watchers heard `closed`; nothing more happens in this conversation.
+        live.watchers.clear();
+        out.push(OwnerAction::Dispatch(DispatchEvent::Closed {
+            conversation: super::dispatch::ConversationId(conversation.0),
+        }));
+        // The visitor's next message opens a new conversation.
+        if let Some(entry) = self.visitors.get_mut(&live.key) {
+            if entry.conversation == Some(conversation) && !entry.opening {
+                self.live.insert(conversation, live);
             }
         }
     }
@@ -1526,8 +1677,7 @@ impl Owner {
             .map(|entry| entry.awaiting_hello.as_slice())
             .unwrap_or_default();
         let targets = live
-            .agent_sessions
-            .iter()
+            .followers()
             .chain(
                 entry
                     .map(|entry| entry.sessions.as_slice())
@@ -1664,13 +1814,19 @@ impl Owner {
                 "type": "typing", "conversation": conversation.0, "from": from, "on": on,
             }));
             if from == "visitor" {
-                for to in &live.agent_sessions {
+                for to in live.followers() {
                     out.push(OwnerAction::Send {
                         to: *to,
                         frame: typing.clone(),
                     });
                 }
             } else {
+                for to in &live.watchers {
+                    out.push(OwnerAction::Send {
+                        to: *to,
+                        frame: typing.clone(),
+                    });
+                }
                 self.send_visitors(&live.key, None, &typing, out);
             }
         }
@@ -1762,6 +1918,32 @@ impl Typing {
     /// Whether the indicator needs the conversation kept in memory.
     fn busy(&self) -> bool {
         self.shown || self.held.is_some()
+    }
+}
+
+/// What a watcher is told about a conversation: where it stands and who holds it.
+fn watching_frame(live: &Live) -> Arc<str> {
+    let agent = match &live.meta.state {
+        ConversationState::Assigned { agent } => Some(agent.as_str()),
+        _ => None,
+    };
+    frame(serde_json::json!({
+        "type": "watching",
+        "conversation": live.meta.id.0,
+        "site": &*live.key.site,
+        "visitor": &*live.key.visitor,
+        "seq": live.meta.last_seq,
+        "state": state_name(&live.meta.state),
+        "agent": agent,
+    }))
+}
+
+fn state_name(state: &ConversationState) -> &'static str {
+    match state {
+        ConversationState::Bot => "bot",
+        ConversationState::Queued => "queued",
+        ConversationState::Assigned { .. } => "assigned",
+        ConversationState::Closed => "closed",
     }
 }
 

@@ -74,6 +74,15 @@ pub enum AgentFrame {
     Status {
         status: Presence,
     },
+    /// Follow any conversation without taking it (roles allowed `ReadAnyConversation`):
+    /// its history, then its live messages, typing and read marks.
+    Watch {
+        conversation: u64,
+    },
+    /// Stop following a watched conversation.
+    Unwatch {
+        conversation: u64,
+    },
 }
 
 impl AgentFrame {
@@ -85,7 +94,9 @@ impl AgentFrame {
             | AgentFrame::Typing { conversation, .. }
             | AgentFrame::Read { conversation, .. }
             | AgentFrame::Transfer { conversation, .. }
-            | AgentFrame::Close { conversation } => Some(ConversationId(*conversation)),
+            | AgentFrame::Close { conversation }
+            | AgentFrame::Watch { conversation }
+            | AgentFrame::Unwatch { conversation } => Some(ConversationId(*conversation)),
             AgentFrame::Status { .. } => None,
         }
     }

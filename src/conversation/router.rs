@@ -34,6 +34,7 @@ use super::protocol::{self, now_ms, VisitorFrame};
 use super::SessionRef;
 use crate::admission::{self, Level};
 use crate::arena::{Arena, Outbound, SessionId};
+use crate::audit::AuditEvent;
 use crate::bot::{BotContext, Chain, HandlerSpec, Registry, Verdict};
 use crate::config::Config;
 use crate::engine::intent::{CacheOutcome, EngineSettings, IntentEngine};
@@ -461,7 +462,19 @@ impl Router {
                     }
                     _ => None,
                 };
+                let audited = auditable(&event).then(|| event.clone());
+                let held_by = match &event {
+                    DispatchEvent::Transfer { conversation, .. } => {
+                        dispatcher.borrow().assigned_to(*conversation).cloned()
+                    }
+                    _ => None,
+                };
                 let actions = dispatcher.borrow_mut().handle(event, now_ms());
+                if let Some(event) = audited {
+                    for record in dispatch_audit(&event, held_by.as_deref(), &actions) {
+                        self::record(record);
+                    }
+                }
                 self.run_dispatch(actions, context);
             }
             ShardMessage::Deliver {
@@ -554,6 +567,7 @@ impl Router {
                     failed_turns,
                 } => self.bot_turn(conversation, site, visitor, text, failed_turns),
                 OwnerAction::Hello { to, frame } => self.deliver_hello(to, frame),
+                OwnerAction::Audit(event) => record(event),
                 OwnerAction::Replay {
                     to,
                     conversation,
@@ -1051,6 +1065,93 @@ fn start_flusher(store: &ShardStore, interval: Duration, shard: usize) {
                 tracing::error!(shard, error = %err, "batch flush failed");
             }
         });
+}
+
+/// Appends an agent's action on a conversation to the audit chain (and logs it).
+fn record(event: AuditEvent) {
+    tracing::info!(
+        target: "switchboard::audit",
+        event = event.kind.as_str(),
+        actor = event.actor.as_str(),
+        conversation = event.target.as_str(),
+        "agent action on a conversation"
+    );
+    crate::audit::emit(event);
+}
+
+/// Whether a dispatcher event is an agent's action whose outcome is audited.
+fn auditable(event: &DispatchEvent) -> bool {
+    matches!(
+        event,
+        DispatchEvent::Accept { .. } | DispatchEvent::Transfer { .. }
+    )
+}
+
+/// The audit records of an agent's `accept` or `transfer` once the dispatcher has handled
+/// it: what it carried out (`conversation_accepted`, `conversation_transferred` with `from`
+/// and `to`), or `access_denied` when a role without `TransferAny` tried to move a
+/// conversation `held_by` someone else. Other refusals (queue races, capacity) are not
+/// security events and leave no record. Pure, so it is unit-tested.
+fn dispatch_audit(
+    event: &DispatchEvent,
+    held_by: Option<&str>,
+    actions: &[DispatchAction],
+) -> Vec<AuditEvent> {
+    let mut records = Vec::new();
+    match event {
+        DispatchEvent::Accept {
+            agent,
+            conversation,
+            ..
+        } => {
+            let taken = actions.iter().any(|action| {
+                matches!(action, DispatchAction::Assigned { conversation: c, agent: a, .. }
+                    if c == conversation && a == agent)
+            });
+            if taken {
+                records.push(
+                    AuditEvent::new("conversation_accepted", agent)
+                        .target(conversation.0.to_string()),
+                );
+            }
+        }
+        DispatchEvent::Transfer {
+            from: requester,
+            conversation,
+            role,
+            ..
+        } => {
+            let done = actions.iter().find_map(|action| match action {
+                DispatchAction::Transferred {
+                    conversation: c,
+                    from,
+                    to,
+                    ..
+                } if c == conversation => Some((from, to)),
+                _ => None,
+            });
+            if let Some((from, to)) = done {
+                records.push(
+                    AuditEvent::new("conversation_transferred", requester)
+                        .target(conversation.0.to_string())
+                        .detail("from", from.as_str())
+                        .detail("to", to.as_str())
+                        .detail("role", role.as_str()),
+                );
+            } else if held_by.is_some_and(|holder| holder != requester)
+                && !crate::auth::rbac::allows(*role, crate::auth::rbac::Action::TransferAny)
+            {
+                records.push(
+                    AuditEvent::new("access_denied", requester)
+                        .target(conversation.0.to_string())
+                        .detail("role", role.as_str())
+                        .detail("action", "TransferAny"),
+                );
+            }
+        }
+        _ => {}
+    }
+    records
 }
 
 /// Queues a frame for a session of this shard.
