@@ -2573,4 +2573,267 @@ mod tests {
         let fan_out = committed(&mut owner, append, OpOutcome::Stored { seq: 1, ts_ms: 1 });
         assert_eq!(messages_to(&fan_out, second), 1, "{fan_out:#?}");
     }
+
+    fn frames_to(actions: &[OwnerAction], to: SessionRef) -> Vec<serde_json::Value> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                OwnerAction::Send { to: target, frame } if *target == to => {
+                    Some(serde_json::from_str(frame).unwrap())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn audits(actions: &[OwnerAction]) -> Vec<&AuditEvent> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                OwnerAction::Audit(event) => Some(event),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn agent_frame(agent: &str, role: Role, session: SessionRef, frame: AgentFrame) -> OwnerEvent {
+        OwnerEvent::Agent {
+            agent: agent.into(),
+            name: agent.to_uppercase(),
+            role,
+            session,
+            frame,
+        }
+    }
+
+    #[test]
+    fn a_supervisor_watches_any_conversation_without_taking_it_and_an_agent_may_not() {
+        let conversation = ConversationId::from_parts(0, 7);
+        let mut owner = owner();
+        let mut stored = meta(conversation, "v1", 3);
+        stored.state = ConversationState::Assigned {
+            agent: "alice".into(),
+        };
+        owner.insert_loaded(stored);
+        let (alice, bob, sue) = (session(10), session(11), session(20));
+        owner.handle(
+            OwnerEvent::AgentSubscribe {
+                conversation,
+                agent: "alice".into(),
+                session: alice,
+            },
+            0,
+        );
+        let c = conversation.0;
+
+        // A plain agent is refused by role: no subscription, no history.
+        let refused = owner.handle(
+            agent_frame("bob", Role::Agent, bob, AgentFrame::Watch { conversation: c }),
+            0,
+        );
+        assert_eq!(frames_to(&refused, bob)[0]["code"], "forbidden");
+        assert!(!refused.iter().any(|a| matches!(
+            a,
+            OwnerAction::Replay { .. } | OwnerAction::Track { .. } | OwnerAction::Audit(_)
+        )));
+
+        // A supervisor gets the state, the whole history and is tracked; it is audited.
+        let watched = owner.handle(
+            agent_frame(
+                "sue",
+                Role::Supervisor,
+                sue,
+                AgentFrame::Watch { conversation: c },
+            ),
+            0,
+        );
+        let info = &frames_to(&watched, sue)[0];
+        assert_eq!(info["type"], "watching");
+        assert_eq!(info["state"], "assigned");
+        assert_eq!(info["agent"], "alice");
+        assert_eq!(info["seq"], 3);
+        assert!(watched.iter().any(|a| matches!(a,
+            OwnerAction::Replay { to, after: 0, up_to: 3, .. } if *to == vec![sue])));
+        assert!(watched.iter().any(|a| matches!(a,
+            OwnerAction::Track { session, .. } if *session == sue)));
+        let records = audits(&watched);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].kind, "conversation_watched");
+        assert_eq!(records[0].actor, "sue");
+        assert_eq!(records[0].target, c.to_string());
+        // Watching twice does not deliver live frames twice.
+        owner.handle(
+            agent_frame(
+                "sue",
+                Role::Supervisor,
+                sue,
+                AgentFrame::Watch { conversation: c },
+            ),
+            0,
+        );
+
+        // Live messages and typing of the conversation reach the watcher once.
+        let sent = owner.handle(
+            agent_frame(
+                "alice",
+                Role::Agent,
+                alice,
+                AgentFrame::Message {
+                    conversation: c,
+                    id: "m1".into(),
+                    text: "hi".into(),
+                },
+            ),
+            0,
+        );
+        let fanned = committed(
+            &mut owner,
+            stores(&sent).remove(0),
+            OpOutcome::Stored { seq: 4, ts_ms: 5 },
+        );
+        assert_eq!(messages_to(&fanned, sue), 1);
+        let typing = owner.handle(
+            agent_frame(
+                "alice",
+                Role::Agent,
+                alice,
+                AgentFrame::Typing {
+                    conversation: c,
+                    on: true,
+                },
+            ),
+            10_000,
+        );
+        assert_eq!(frames_to(&typing, sue)[0]["type"], "typing");
+
+        // Watching is not holding: the supervisor cannot write in it.
+        let write = owner.handle(
+            agent_frame(
+                "sue",
+                Role::Supervisor,
+                sue,
+                AgentFrame::Message {
+                    conversation: c,
+                    id: "s1".into(),
+                    text: "psst".into(),
+                },
+            ),
+            0,
+        );
+        assert_eq!(frames_to(&write, sue)[0]["code"], "not_assigned");
+        assert!(stores(&write).is_empty());
+
+        // The watcher keeps the conversation in memory and follows a transfer.
+        owner.handle(OwnerEvent::Tick, 20_000);
+        owner.handle(
+            OwnerEvent::AgentUnsubscribe {
+                conversation,
+                session: alice,
+            },
+            0,
+        );
+        owner.handle(OwnerEvent::Tick, 30_000);
+        assert!(owner.is_live(conversation));
+        let moved = owner.handle(
+            OwnerEvent::Transferred {
+                conversation,
+                to: "carol".into(),
+                to_name: "Carol".into(),
+                sessions: vec![],
+            },
+            0,
+        );
+        let info = frames_to(&moved, sue);
+        assert_eq!(info.last().unwrap()["type"], "watching");
+        assert_eq!(info.last().unwrap()["agent"], "carol");
+
+        // Closing by its agent is audited once committed, and the watcher hears `closed`.
+        let close = owner.handle(
+            agent_frame(
+                "carol",
+                Role::Agent,
+                session(12),
+                AgentFrame::Close { conversation: c },
+            ),
+            0,
+        );
+        assert!(audits(&close).is_empty(), "audited only when committed");
+        let closing = stores(&close)
+            .into_iter()
+            .find(|(op, _)| matches!(op, Op::SetState { .. }))
+            .unwrap();
+        let closed = committed(&mut owner, closing, OpOutcome::Updated);
+        assert_eq!(frames_to(&closed, sue)[0]["type"], "closed");
+        let records = audits(&closed);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].kind, "conversation_closed");
+        assert_eq!(records[0].actor, "carol");
+        assert_eq!(records[0].target, c.to_string());
+    }
+
+    #[test]
+    fn an_unwatched_conversation_no_longer_reaches_the_supervisor() {
+        let conversation = ConversationId::from_parts(0, 8);
+        let mut owner = owner();
+        let mut stored = meta(conversation, "v1", 0);
+        stored.state = ConversationState::Assigned {
+            agent: "alice".into(),
+        };
+        owner.insert_loaded(stored);
+        let (alice, sue) = (session(10), session(20));
+        owner.handle(
+            OwnerEvent::AgentSubscribe {
+                conversation,
+                agent: "alice".into(),
+                session: alice,
+            },
+            0,
+        );
+        let c = conversation.0;
+        let watched = owner.handle(
+            agent_frame("sue", Role::Admin, sue, AgentFrame::Watch { conversation: c }),
+            0,
+        );
+        assert!(!watched.iter().any(|a| matches!(a, OwnerAction::Replay { .. })), "no history yet");
+        let unwatched = owner.handle(
+            agent_frame(
+                "sue",
+                Role::Admin,
+                sue,
+                AgentFrame::Unwatch { conversation: c },
+            ),
+            0,
+        );
+        assert_eq!(frames_to(&unwatched, sue)[0]["type"], "unwatched");
+        let sent = owner.handle(
+            agent_frame(
+                "alice",
+                Role::Agent,
+                alice,
+                AgentFrame::Message {
+                    conversation: c,
+                    id: "m1".into(),
+                    text: "hi".into(),
+                },
+            ),
+            0,
+        );
+        let fanned = committed(
+            &mut owner,
+            stores(&sent).remove(0),
+            OpOutcome::Stored { seq: 1, ts_ms: 5 },
+        );
+        assert_eq!(messages_to(&fanned, sue), 0);
+        // An agent may not unwatch either (the frame is a supervisor's).
+        let refused = owner.handle(
+            agent_frame(
+                "alice",
+                Role::Agent,
+                alice,
+                AgentFrame::Unwatch { conversation: c },
+            ),
+            0,
+        );
+        assert_eq!(frames_to(&refused, alice)[0]["code"], "forbidden");
+    }
 }

@@ -400,6 +400,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(frame.conversation(), Some(ConversationId(42)));
+        let frame = parse_agent(r#"{"type":"watch","conversation":7}"#, 100).unwrap();
+        assert_eq!(frame, AgentFrame::Watch { conversation: 7 });
+        assert_eq!(frame.conversation(), Some(ConversationId(7)));
+        let frame = parse_agent(r#"{"type":"unwatch","conversation":7}"#, 100).unwrap();
+        assert_eq!(frame.conversation(), Some(ConversationId(7)));
         let frame = parse_agent(r#"{"type":"status","status":"away"}"#, 100).unwrap();
         assert_eq!(
             frame,

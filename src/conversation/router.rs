@@ -1164,3 +1164,106 @@ fn push(arena: &mut Arena, session: SessionId, frame: Arc<str>, kind: Delivery) 
         Delivery::Refusal => arena.push_refusal(session, frame),
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::rbac::Role;
+
+    fn sess() -> dispatch::SessionRef {
+        dispatch::SessionRef {
+            shard: 0,
+            session: 1,
+        }
+    }
+
+    fn transfer(requester: &str, role: Role) -> DispatchEvent {
+        DispatchEvent::Transfer {
+            from: requester.into(),
+            session: sess(),
+            conversation: dispatch::ConversationId(9),
+            to: "carol".into(),
+            role,
+        }
+    }
+
+    #[test]
+    fn accepts_and_transfers_are_audited_only_when_carried_out() {
+        let accept = DispatchEvent::Accept {
+            agent: "alice".into(),
+            session: sess(),
+            conversation: dispatch::ConversationId(9),
+        };
+        let assigned = DispatchAction::Assigned {
+            conversation: dispatch::ConversationId(9),
+            owner: 0,
+            agent: "alice".into(),
+            agent_name: "Alice".into(),
+            sessions: vec![sess()],
+        };
+        let records = dispatch_audit(&accept, None, std::slice::from_ref(&assigned));
+        assert_eq!(records.len(), 1);
+        assert_eq!(
+            (
+                records[0].kind.as_str(),
+                records[0].actor.as_str(),
+                records[0].target.as_str()
+            ),
+            ("conversation_accepted", "alice", "9")
+        );
+        let refused = DispatchAction::Rejected {
+            session: sess(),
+            code: "not_queued",
+            message: "taken".into(),
+        };
+        assert!(dispatch_audit(&accept, None, std::slice::from_ref(&refused)).is_empty());
+
+        // A supervisor moves alice's conversation: the supervisor is the actor.
+        let moved = DispatchAction::Transferred {
+            conversation: dispatch::ConversationId(9),
+            owner: 0,
+            from: "alice".into(),
+            to: "carol".into(),
+            to_name: "Carol".into(),
+            sessions: vec![],
+            from_sessions: vec![],
+        };
+        let records = dispatch_audit(
+            &transfer("sue", Role::Supervisor),
+            Some("alice"),
+            std::slice::from_ref(&moved),
+        );
+        assert_eq!(records.len(), 1);
+        let record = &records[0];
+        assert_eq!(record.kind, "conversation_transferred");
+        assert_eq!(record.actor, "sue");
+        assert_eq!(record.target, "9");
+        assert_eq!(record.detail["from"], "alice");
+        assert_eq!(record.detail["to"], "carol");
+        assert_eq!(record.detail["role"], "supervisor");
+
+        // An agent trying to move someone else's conversation is refused by role: audited.
+        let denied = DispatchAction::Rejected {
+            session: sess(),
+            code: "not_assigned",
+            message: "no".into(),
+        };
+        let records = dispatch_audit(
+            &transfer("bob", Role::Agent),
+            Some("alice"),
+            std::slice::from_ref(&denied),
+        );
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].kind, "access_denied");
+        assert_eq!(records[0].actor, "bob");
+        // Its own conversation refused for another reason (target offline): no record.
+        assert!(dispatch_audit(
+            &transfer("alice", Role::Agent),
+            Some("alice"),
+            std::slice::from_ref(&denied)
+        )
+        .is_empty());
+        // Other events are not agent actions.
+        assert!(dispatch_audit(&DispatchEvent::Tick, None, &[assigned]).is_empty());
+    }
+}
