@@ -1067,15 +1067,8 @@ fn start_flusher(store: &ShardStore, interval: Duration, shard: usize) {
         });
 }
 
-/// Appends an agent's action on a conversation to the audit chain (and logs it).
+/// Appends an agent's action on a conversation to the audit chain (the sink logs it too).
 fn record(event: AuditEvent) {
-    tracing::info!(
-        target: "switchboard::audit",
-        event = event.kind.as_str(),
-        actor = event.actor.as_str(),
-        conversation = event.target.as_str(),
-        "agent action on a conversation"
-    );
     crate::audit::emit(event);
 }
 
