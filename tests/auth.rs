@@ -673,7 +673,11 @@ fn supervisor_watches_any_conversation_and_agent_actions_are_audited() {
     sue.send_json(&json!({"type": "watch", "conversation": conversation}));
     let info = wait_for(&mut sue, "watching", |v| v["type"] == "watching");
     assert_eq!(
-        (info["conversation"].as_u64(), &info["state"], &info["agent"]),
+        (
+            info["conversation"].as_u64(),
+            &info["state"],
+            &info["agent"]
+        ),
         (Some(conversation), &json!("assigned"), &json!("al")),
         "{info}"
     );

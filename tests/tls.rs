@@ -267,7 +267,9 @@ fn reload_swaps_the_certificate_keeps_sessions_and_refuses_a_bad_pair() {
         let kinds: Vec<String> = std::fs::read_to_string(&audit)
             .unwrap_or_default()
             .lines()
-            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["kind"].to_string())
+            .map(|line| {
+                serde_json::from_str::<serde_json::Value>(line).unwrap()["kind"].to_string()
+            })
             .collect();
         kinds.contains(&"\"tls_reloaded\"".to_owned())
             && kinds.contains(&"\"tls_reload_failed\"".to_owned())

@@ -118,7 +118,10 @@ mod tests {
         let new = Blocklist::parse("203.0.113.0/24\n2001:db8::/32\n", "f").unwrap();
         assert_eq!(
             old.changes(&new),
-            (vec!["2001:db8::/32".to_owned()], vec!["192.0.2.7/32".to_owned()])
+            (
+                vec!["2001:db8::/32".to_owned()],
+                vec!["192.0.2.7/32".to_owned()]
+            )
         );
         assert_eq!(new.changes(&new.clone()), (vec![], vec![]));
     }

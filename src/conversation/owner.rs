@@ -2628,7 +2628,12 @@ mod tests {
 
         // A plain agent is refused by role: no subscription, no history.
         let refused = owner.handle(
-            agent_frame("bob", Role::Agent, bob, AgentFrame::Watch { conversation: c }),
+            agent_frame(
+                "bob",
+                Role::Agent,
+                bob,
+                AgentFrame::Watch { conversation: c },
+            ),
             0,
         );
         assert_eq!(frames_to(&refused, bob)[0]["code"], "forbidden");
@@ -2791,10 +2796,20 @@ mod tests {
         );
         let c = conversation.0;
         let watched = owner.handle(
-            agent_frame("sue", Role::Admin, sue, AgentFrame::Watch { conversation: c }),
+            agent_frame(
+                "sue",
+                Role::Admin,
+                sue,
+                AgentFrame::Watch { conversation: c },
+            ),
             0,
         );
-        assert!(!watched.iter().any(|a| matches!(a, OwnerAction::Replay { .. })), "no history yet");
+        assert!(
+            !watched
+                .iter()
+                .any(|a| matches!(a, OwnerAction::Replay { .. })),
+            "no history yet"
+        );
         let unwatched = owner.handle(
             agent_frame(
                 "sue",

@@ -230,7 +230,10 @@ fn poll_blocklist(shard: &Shard, path: &std::path::Path) {
                         .detail("added_count", added.len())
                         .detail("removed_count", removed.len())
                         .detail("added", added.into_iter().take(SHOWN).collect::<Vec<_>>())
-                        .detail("removed", removed.into_iter().take(SHOWN).collect::<Vec<_>>()),
+                        .detail(
+                            "removed",
+                            removed.into_iter().take(SHOWN).collect::<Vec<_>>(),
+                        ),
                 );
             }
             shard.admission.gate.borrow_mut().set_blocklist(list);
