@@ -9,6 +9,13 @@
 //! the previous line's bytes (without its newline), 64 zeros for the first record. `target`,
 //! `peer` and `detail` are omitted when empty.
 //!
+//! Kinds recorded by the server for agents' actions on conversations (actor = the agent's
+//! account, target = the conversation id): `conversation_accepted`, `conversation_transferred`
+//! (detail `from`, `to`, `role`; the actor is who asked, e.g. a supervisor), `conversation_closed`
+//! (once the close is committed), `conversation_watched` (a supervisor's `watch`), and
+//! `access_denied` for refusals by role. Configuration-relevant reloads: `blocklist_changed`
+//! (added and removed networks), `blocklist_reload_failed`, `tls_reloaded`, `tls_reload_failed`.
+//!
 //! Invariants:
 //! - A record is appended whole and then `fdatasync`'d before [`AuditFile::append`] returns;
 //!   appends from several processes (the server and `switchboard agent ...` commands) are

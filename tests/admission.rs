@@ -154,6 +154,24 @@ fn closed_without_answer(addr: std::net::SocketAddr) -> bool {
     }
 }
 
+/// The audit records once one of `kind` is there (10 s at most).
+fn audit_until(server: &Server, kind: &str) -> Vec<serde_json::Value> {
+    let audit = server.dir.path().join("data/audit.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        if records.iter().any(|r| r["kind"] == kind) {
+            return records;
+        }
+        assert!(Instant::now() < deadline, "no {kind} record: {records:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn the_blocklist_closes_at_accept_and_reloads_when_the_file_changes() {
     let dir = tempfile::tempdir().unwrap();
@@ -177,6 +195,9 @@ fn the_blocklist_closes_at_accept_and_reloads_when_the_file_changes() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // Shard 0 (which audits the change) has the emptied list.
+    audit_until(&server, "blocklist_changed");
+
     // A bad line at a reload keeps the previous (empty) list and says where.
     std::thread::sleep(Duration::from_millis(20));
     std::fs::write(&list, "127.0.0.0/8\nnot-a-network\n").unwrap();
@@ -187,6 +208,26 @@ fn the_blocklist_closes_at_accept_and_reloads_when_the_file_changes() {
     }
     assert!(server.logs().contains("blocked.txt:2"), "{}", server.logs());
     assert_eq!(http_get(server.addr, "/healthz").0, 200);
+
+    // The change and the refused reload are in the audit chain, once each (not per shard).
+    let records = audit_until(&server, "blocklist_reload_failed");
+    let changed: Vec<_> = records
+        .iter()
+        .filter(|r| r["kind"] == "blocklist_changed")
+        .collect();
+    assert_eq!(changed.len(), 1, "{records:#?}");
+    assert_eq!(
+        changed[0]["detail"]["removed"],
+        serde_json::json!(["127.0.0.0/8", "2001:db8::/32"])
+    );
+    assert_eq!(changed[0]["detail"]["networks"], 0);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["kind"] == "blocklist_reload_failed")
+            .count(),
+        1
+    );
 }
 
 #[test]

@@ -613,3 +613,163 @@ fn api_body_may_arrive_in_pieces_within_the_head_timeout() {
     assert!(response.contains("\"code\":\"timeout\""), "{response}");
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// The audit records (parsed lines) once one of kind `last` is there (10 s at most).
+fn audit_records_until(server: &Server, last: &str) -> Vec<Value> {
+    let path = server.dir.path().join("data/audit.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let records: Vec<Value> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        if records.iter().any(|r| r["kind"] == last) {
+            return records;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {last} record; have {records:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn supervisor_watches_any_conversation_and_agent_actions_are_audited() {
+    let server = Server::start("[inference]\nenabled = false\n");
+    let config = config_of(&server);
+    for (name, role) in [("al", "agent"), ("bo", "agent"), ("sue", "supervisor")] {
+        add(&config, name, role);
+    }
+    let (al_token, bo_token, sue_token) = (
+        token_of(server.addr, "al"),
+        token_of(server.addr, "bo"),
+        token_of(server.addr, "sue"),
+    );
+    // A conversation assigned to al (the only agent connected), with a message in it.
+    let (mut al, _) = agent_hello(server.addr, &al_token);
+    let mut visitor =
+        RawClient::connect(server.addr, "/ws/visitor?site=acme&visitor=watched-visitor").unwrap();
+    assert_eq!(visitor.read_json()["type"], "hello");
+    visitor.send_json(&json!({"type": "message", "id": "q1", "text": "I need a human"}));
+    let conversation = wait_for(&mut visitor, "the conversation", |v| {
+        v["type"] == "hello" && v["conversation"].is_u64()
+    })["conversation"]
+        .as_u64()
+        .unwrap();
+    wait_for(&mut al, "assignment", |v| {
+        v["type"] == "assigned" && v["conversation"] == conversation
+    });
+    let (mut bo, _) = agent_hello(server.addr, &bo_token);
+    let (mut sue, _) = agent_hello(server.addr, &sue_token);
+
+    // An agent may not watch someone else's conversation.
+    bo.send_json(&json!({"type": "watch", "conversation": conversation}));
+    let error = wait_for(&mut bo, "refusal", |v| v["type"] == "error");
+    assert_eq!(error["code"], "forbidden", "{error}");
+
+    // A supervisor watches it: its state, its history, then live traffic of both sides.
+    sue.send_json(&json!({"type": "watch", "conversation": conversation}));
+    let info = wait_for(&mut sue, "watching", |v| v["type"] == "watching");
+    assert_eq!(
+        (
+            info["conversation"].as_u64(),
+            &info["state"],
+            &info["agent"]
+        ),
+        (Some(conversation), &json!("assigned"), &json!("al")),
+        "{info}"
+    );
+    let history = wait_for(&mut sue, "history", |v| v["type"] == "message");
+    assert_eq!(history["text"], "I need a human");
+    assert_eq!(history["seq"], 1);
+    visitor.send_json(&json!({"type": "message", "id": "q2", "text": "anyone?"}));
+    wait_for(&mut sue, "the visitor's live message", |v| {
+        v["type"] == "message" && v["text"] == "anyone?"
+    });
+    al.send_json(
+        &json!({"type": "message", "conversation": conversation, "id": "a1", "text": "Al here"}),
+    );
+    wait_for(&mut sue, "the agent's live message", |v| {
+        v["type"] == "message" && v["text"] == "Al here" && v["from"] == "agent"
+    });
+    // Watching is not holding: the supervisor cannot write in it.
+    sue.send_json(
+        &json!({"type": "message", "conversation": conversation, "id": "s1", "text": "psst"}),
+    );
+    let error = wait_for(&mut sue, "refusal", |v| v["type"] == "error");
+    assert_eq!(error["code"], "not_assigned");
+
+    // bo may not move it (refused by role); sue moves it to bo; bo closes it.
+    bo.send_json(&json!({"type": "transfer", "conversation": conversation, "to": "bo"}));
+    assert_eq!(
+        wait_for(&mut bo, "refusal", |v| v["type"] == "error")["code"],
+        "not_assigned"
+    );
+    sue.send_json(&json!({"type": "transfer", "conversation": conversation, "to": "bo"}));
+    wait_for(&mut bo, "assigned by the supervisor", |v| {
+        v["type"] == "assigned" && v["conversation"] == conversation
+    });
+    let moved = wait_for(&mut sue, "the new holder", |v| {
+        v["type"] == "watching" && v["agent"] == "bo"
+    });
+    assert_eq!(moved["state"], "assigned");
+    bo.send_json(&json!({"type": "close", "conversation": conversation}));
+    wait_for(&mut sue, "closed", |v| {
+        v["type"] == "closed" && v["conversation"] == conversation
+    });
+    wait_for(&mut visitor, "closed", |v| v["type"] == "closed");
+
+    // Each action left its record, and the chain verifies.
+    let records = audit_records_until(&server, "conversation_closed");
+    let target = conversation.to_string();
+    let find = |kind: &str, actor: &str| {
+        records
+            .iter()
+            .find(|r| r["kind"] == kind && r["actor"] == actor)
+            .unwrap_or_else(|| panic!("no {kind} by {actor} in {records:#?}"))
+            .clone()
+    };
+    let watched = find("conversation_watched", "sue");
+    assert_eq!(watched["target"], target.as_str());
+    assert_eq!(watched["detail"]["role"], "supervisor");
+    let transferred = find("conversation_transferred", "sue");
+    assert_eq!(transferred["target"], target.as_str());
+    assert_eq!(
+        (&transferred["detail"]["from"], &transferred["detail"]["to"]),
+        (&json!("al"), &json!("bo"))
+    );
+    assert_eq!(find("conversation_closed", "bo")["target"], target.as_str());
+    let denied: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["kind"] == "access_denied" && r["actor"] == "bo")
+        .collect();
+    assert_eq!(denied.len(), 2, "the watch and the transfer: {denied:#?}");
+
+    let verify = Command::new(BIN)
+        .args(["audit", "verify", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    let tail = Command::new(BIN)
+        .args(["audit", "tail", "-n", "20", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(tail.status.success());
+    let shown = String::from_utf8_lossy(&tail.stdout);
+    for kind in [
+        "conversation_watched",
+        "conversation_transferred",
+        "conversation_closed",
+    ] {
+        assert!(shown.contains(kind), "{kind} not in tail: {shown}");
+    }
+}

@@ -261,6 +261,19 @@ fn reload_swaps_the_certificate_keeps_sessions_and_refuses_a_bad_pair() {
         metric(&server, "tls_reload_failures") > failures
     });
     assert!(server.logs().contains("keeping the previous certificate"));
+    // Both reloads are in the audit chain (written by its own thread, so wait for it).
+    let audit = server.dir.path().join("data/audit.log");
+    wait_for("the audit records", Duration::from_secs(10), || {
+        let kinds: Vec<String> = std::fs::read_to_string(&audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| {
+                serde_json::from_str::<serde_json::Value>(line).unwrap()["kind"].to_string()
+            })
+            .collect();
+        kinds.contains(&"\"tls_reloaded\"".to_owned())
+            && kinds.contains(&"\"tls_reload_failed\"".to_owned())
+    });
     assert!(
         healthz(connect(addr, new.clone(), "reloaded.test").unwrap()).starts_with("HTTP/1.1 200")
     );

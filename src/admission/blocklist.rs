@@ -83,6 +83,24 @@ impl Blocklist {
     pub fn is_empty(&self) -> bool {
         self.networks.is_empty()
     }
+
+    /// What a reload to `next` changes: the networks it adds and those it drops (after
+    /// merging, as text), for the audit record of a reload.
+    pub fn changes(&self, next: &Blocklist) -> (Vec<String>, Vec<String>) {
+        let added = next
+            .networks
+            .iter()
+            .filter(|n| !self.networks.contains(n))
+            .map(|n| n.to_string())
+            .collect();
+        let removed = self
+            .networks
+            .iter()
+            .filter(|n| !next.networks.contains(n))
+            .map(|n| n.to_string())
+            .collect();
+        (added, removed)
+    }
 }
 
 /// The modification time of `path` (for change polling); `None` if it cannot be read.
@@ -93,6 +111,20 @@ pub fn modified(path: &Path) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changes_name_added_and_dropped_networks() {
+        let old = Blocklist::parse("203.0.113.0/24\n192.0.2.7\n", "f").unwrap();
+        let new = Blocklist::parse("203.0.113.0/24\n2001:db8::/32\n", "f").unwrap();
+        assert_eq!(
+            old.changes(&new),
+            (
+                vec!["2001:db8::/32".to_owned()],
+                vec!["192.0.2.7/32".to_owned()]
+            )
+        );
+        assert_eq!(new.changes(&new.clone()), (vec![], vec![]));
+    }
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()

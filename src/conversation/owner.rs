@@ -36,6 +36,7 @@ use serde::Serialize;
 use super::dispatch::DispatchEvent;
 use super::protocol::{self, AgentFrame, VisitorFrame};
 use super::SessionRef;
+use crate::audit::AuditEvent;
 use crate::auth::rbac::{self, Action, Role};
 use crate::store::{
     Author, Conversation, ConversationId, ConversationState, NewMessage, Op, OpOutcome, ReadSide,
@@ -243,6 +244,9 @@ pub enum OwnerAction {
         key: VisitorKey,
         event: Box<OwnerEvent>,
     },
+    /// Append a record to the audit chain: an agent's action on a conversation whose
+    /// outcome is now known (a close committed, a watch granted).
+    Audit(AuditEvent),
 }
 
 /// What a store operation was for.
@@ -268,6 +272,11 @@ pub enum Completion {
     },
     StateChanged {
         conversation: ConversationId,
+    },
+    /// An agent closed the conversation (audited once the close is committed).
+    ClosedBy {
+        conversation: ConversationId,
+        agent: String,
     },
     BotMessage {
         conversation: ConversationId,
@@ -305,6 +314,9 @@ struct Live {
     key: VisitorKey,
     agent: Option<(String, String)>,
     agent_sessions: Vec<SessionRef>,
+    /// Sessions that watch the conversation without holding it (a supervisor's `watch`):
+    /// they hear what its agent hears but cannot act in it. Never also in `agent_sessions`.
+    watchers: Vec<SessionRef>,
     /// Each side's typing indicator as the other side sees it.
     visitor_typing: Typing,
     agent_typing: Typing,
@@ -312,6 +324,13 @@ struct Live {
     /// is never evicted from memory while this is non-zero, so a reload from
     /// storage never sees a seq the fan-out has not handled.
     in_flight: u32,
+}
+
+impl Live {
+    /// The agent sessions that hear the conversation: its agent's, then its watchers.
+    fn followers(&self) -> impl Iterator<Item = &SessionRef> + '_ {
+        self.agent_sessions.iter().chain(self.watchers.iter())
+    }
 }
 
 /// The conversations owned by one shard.
@@ -407,6 +426,7 @@ impl Owner {
             key,
             agent,
             agent_sessions: Vec::new(),
+            watchers: Vec::new(),
             visitor_typing: Typing::default(),
             agent_typing: Typing::default(),
             in_flight: 0,
@@ -454,6 +474,7 @@ impl Owner {
             } => {
                 if let Some(live) = self.live.get_mut(&conversation) {
                     live.agent_sessions.retain(|s| *s != session);
+                    live.watchers.retain(|s| *s != session);
                 }
                 self.maybe_evict(conversation);
             }
@@ -522,6 +543,7 @@ impl Owner {
     fn evict_idle(&mut self) {
         self.live.retain(|_, live| {
             !live.agent_sessions.is_empty()
+                || !live.watchers.is_empty()
                 || live.in_flight > 0
                 || live.visitor_typing.busy()
                 || live.agent_typing.busy()
@@ -771,7 +793,11 @@ impl Owner {
             .visitors
             .get(&live.key)
             .is_some_and(|entry| entry.conversation == Some(conversation));
-        if !visitors_connected && live.agent_sessions.is_empty() && live.in_flight == 0 {
+        if !visitors_connected
+            && live.agent_sessions.is_empty()
+            && live.watchers.is_empty()
+            && live.in_flight == 0
+        {
             self.live.remove(&conversation);
         }
     }
@@ -857,7 +883,7 @@ impl Owner {
                 let typing = frame(serde_json::json!({
                     "type": "typing", "conversation": conversation.0, "from": "visitor", "on": on,
                 }));
-                for to in &live.agent_sessions {
+                for to in live.followers() {
                     out.push(OwnerAction::Send {
                         to: *to,
                         frame: typing.clone(),
@@ -897,6 +923,7 @@ impl Owner {
             return;
         };
         let someone_connected = !live.agent_sessions.is_empty()
+            || !live.watchers.is_empty()
             || self.visitors.get(&live.key).is_some_and(|entry| {
                 entry.conversation == Some(conversation) && !entry.sessions.is_empty()
             });
@@ -966,6 +993,7 @@ impl Owner {
         };
         let action = match &frame_in {
             AgentFrame::Close { .. } => Action::CloseAssigned,
+            AgentFrame::Watch { .. } | AgentFrame::Unwatch { .. } => Action::ReadAnyConversation,
             _ => Action::MessageAssigned,
         };
         if !rbac::allows(role, action) {
@@ -981,6 +1009,21 @@ impl Owner {
                 ),
             });
             return;
+        }
+        match frame_in {
+            AgentFrame::Watch { .. } => return self.watch(conversation, agent, role, session, out),
+            AgentFrame::Unwatch { .. } => {
+                live.watchers.retain(|s| *s != session);
+                out.push(OwnerAction::Send {
+                    to: session,
+                    frame: frame(serde_json::json!({
+                        "type": "unwatched", "conversation": conversation.0,
+                    })),
+                });
+                self.maybe_evict(conversation);
+                return;
+            }
+            _ => {}
         }
         let assigned =
             matches!(&live.meta.state, ConversationState::Assigned { agent: a } if *a == agent);
@@ -1027,7 +1070,7 @@ impl Owner {
                     "type": "typing", "conversation": conversation.0, "from": "agent", "on": on,
                 }));
                 let key = live.key.clone();
-                for to in live.agent_sessions.iter().filter(|s| **s != session) {
+                for to in live.followers().filter(|s| **s != session) {
                     out.push(OwnerAction::Send {
                         to: *to,
                         frame: typing.clone(),
@@ -1053,12 +1096,85 @@ impl Owner {
                         conversation,
                         state: ConversationState::Closed,
                     },
-                    completion: Completion::StateChanged { conversation },
+                    completion: Completion::ClosedBy {
+                        conversation,
+                        agent,
+                    },
                 });
             }
-            // Accept, transfer and status go to the dispatcher, not here.
-            AgentFrame::Accept { .. } | AgentFrame::Transfer { .. } | AgentFrame::Status { .. } => {
-            }
+            // Accept, transfer and status go to the dispatcher, not here; watch was
+            // handled above.
+            AgentFrame::Accept { .. }
+            | AgentFrame::Transfer { .. }
+            | AgentFrame::Status { .. }
+            | AgentFrame::Watch { .. }
+            | AgentFrame::Unwatch { .. } => {}
+        }
+    }
+
+    /// A session allowed `ReadAnyConversation` follows a conversation without taking it:
+    /// a `watching` frame, the whole history (replay), then live frames until it unwatches
+    /// or closes. A closed conversation's history is sent without subscribing. The caller
+    /// has checked the role.
+    fn watch(
+        &mut self,
+        conversation: ConversationId,
+        agent: String,
+        role: Role,
+        session: SessionRef,
+        out: &mut Vec<OwnerAction>,
+    ) {
+        let Some(live) = self.live.get_mut(&conversation) else {
+            return;
+        };
+        let holding = live.agent_sessions.contains(&session);
+        let open = live.meta.state != ConversationState::Closed;
+        out.push(OwnerAction::Send {
+            to: session,
+            frame: watching_frame(live),
+        });
+        // The conversation's own agent already hears everything.
+        if holding {
+            return;
+        }
+        let newly = open && !live.watchers.contains(&session);
+        if newly {
+            live.watchers.push(session);
+            out.push(OwnerAction::Track {
+                session,
+                conversation,
+            });
+        }
+        if live.meta.last_seq > 0 {
+            out.push(OwnerAction::Replay {
+                to: vec![session],
+                conversation,
+                after: 0,
+                up_to: live.meta.last_seq,
+            });
+        }
+        out.push(OwnerAction::Audit(
+            AuditEvent::new("conversation_watched", &agent)
+                .target(conversation.0.to_string())
+                .detail("role", role.as_str())
+                .detail("state", state_name(&live.meta.state)),
+        ));
+    }
+
+    /// Tells a conversation's watchers its current state.
+    fn tell_watchers(&self, conversation: ConversationId, out: &mut Vec<OwnerAction>) {
+        let Some(live) = self.live.get(&conversation) else {
+            return;
+        };
+        if live.watchers.is_empty() {
+            return;
+        }
+        let note = watching_frame(live);
+        for to in &live.watchers {
+            out.push(OwnerAction::Send {
+                to: *to,
+                frame: note.clone(),
+            });
         }
     }
 
@@ -1083,6 +1199,8 @@ impl Owner {
         if !matches!(&live.meta.state, ConversationState::Assigned { agent: a } if *a == agent) {
             return;
         }
+        // A watcher that gets the conversation assigned hears it once, as its agent.
+        live.watchers.retain(|s| *s != session);
         if !live.agent_sessions.contains(&session) {
             live.agent_sessions.push(session);
         }
@@ -1174,6 +1292,7 @@ impl Owner {
         for session in sessions {
             self.agent_subscribe(conversation, agent.clone(), session, out);
         }
+        self.tell_watchers(conversation, out);
     }
 
     fn requeued(&mut self, conversation: ConversationId, out: &mut Vec<OwnerAction>) {
@@ -1205,6 +1324,7 @@ impl Owner {
             },
             completion: Completion::StateChanged { conversation },
         });
+        self.tell_watchers(conversation, out);
     }
 
     fn committed(
@@ -1294,7 +1414,7 @@ impl Owner {
                 }));
                 match side {
                     ReadSide::Visitor => {
-                        for to in &live.agent_sessions {
+                        for to in live.followers() {
                             out.push(OwnerAction::Send {
                                 to: *to,
                                 frame: note.clone(),
@@ -1302,6 +1422,12 @@ impl Owner {
                         }
                     }
                     ReadSide::Agent => {
+                        for to in &live.watchers {
+                            out.push(OwnerAction::Send {
+                                to: *to,
+                                frame: note.clone(),
+                            });
+                        }
                         let key = live.key.clone();
                         self.send_visitors(&key, None, &note, out);
                     }
@@ -1310,41 +1436,66 @@ impl Owner {
             Completion::BotMessage { conversation } => {
                 self.bot_message_committed(conversation, op, outcome, out)
             }
+            Completion::ClosedBy {
+                conversation,
+                agent,
+            } => {
+                if matches!(outcome, Ok(OpOutcome::Updated)) {
+                    out.push(OwnerAction::Audit(
+                        AuditEvent::new("conversation_closed", &agent)
+                            .target(conversation.0.to_string()),
+                    ));
+                }
+                self.state_committed(conversation, op, outcome, out);
+            }
             Completion::StateChanged { conversation } => {
-                if !matches!(
-                    op,
-                    Op::SetState {
-                        state: ConversationState::Closed,
-                        ..
-                    }
-                ) {
-                    return;
-                }
-                if !matches!(outcome, Ok(OpOutcome::Updated)) {
-                    return;
-                }
-                let Some(live) = self.live.remove(&conversation) else {
-                    return;
-                };
-                let note = frame(serde_json::json!({
-                    "type": "closed", "conversation": conversation.0,
-                }));
-                for to in &live.agent_sessions {
-                    out.push(OwnerAction::Send {
-                        to: *to,
-                        frame: note.clone(),
-                    });
-                }
-                self.send_visitors(&live.key, None, &note, out);
-                out.push(OwnerAction::Dispatch(DispatchEvent::Closed {
-                    conversation: super::dispatch::ConversationId(conversation.0),
-                }));
-                // The visitor's next message opens a new conversation.
-                if let Some(entry) = self.visitors.get_mut(&live.key) {
-                    if entry.conversation == Some(conversation) && !entry.opening {
-                        self.live.insert(conversation, live);
-                    }
-                }
+                self.state_committed(conversation, op, outcome, out)
+            }
+        }
+    }
+
+    /// A state change was committed: a close tells everyone and frees the dispatcher's slot.
+    fn state_committed(
+        &mut self,
+        conversation: ConversationId,
+        op: Op,
+        outcome: Result<OpOutcome, String>,
+        out: &mut Vec<OwnerAction>,
+    ) {
+        if !matches!(
+            op,
+            Op::SetState {
+                state: ConversationState::Closed,
+                ..
+            }
+        ) {
+            return;
+        }
+        if !matches!(outcome, Ok(OpOutcome::Updated)) {
+            return;
+        }
+        let Some(mut live) = self.live.remove(&conversation) else {
+            return;
+        };
+        let note = frame(serde_json::json!({
+            "type": "closed", "conversation": conversation.0,
+        }));
+        for to in live.followers() {
+            out.push(OwnerAction::Send {
+                to: *to,
+                frame: note.clone(),
+            });
+        }
+        self.send_visitors(&live.key, None, &note, out);
+        // Watchers heard `closed`; nothing more happens in this conversation.
+        live.watchers.clear();
+        out.push(OwnerAction::Dispatch(DispatchEvent::Closed {
+            conversation: super::dispatch::ConversationId(conversation.0),
+        }));
+        // The visitor's next message opens a new conversation.
+        if let Some(entry) = self.visitors.get_mut(&live.key) {
+            if entry.conversation == Some(conversation) && !entry.opening {
+                self.live.insert(conversation, live);
             }
         }
     }
@@ -1526,8 +1677,7 @@ impl Owner {
             .map(|entry| entry.awaiting_hello.as_slice())
             .unwrap_or_default();
         let targets = live
-            .agent_sessions
-            .iter()
+            .followers()
             .chain(
                 entry
                     .map(|entry| entry.sessions.as_slice())
@@ -1664,13 +1814,19 @@ impl Owner {
                 "type": "typing", "conversation": conversation.0, "from": from, "on": on,
             }));
             if from == "visitor" {
-                for to in &live.agent_sessions {
+                for to in live.followers() {
                     out.push(OwnerAction::Send {
                         to: *to,
                         frame: typing.clone(),
                     });
                 }
             } else {
+                for to in &live.watchers {
+                    out.push(OwnerAction::Send {
+                        to: *to,
+                        frame: typing.clone(),
+                    });
+                }
                 self.send_visitors(&live.key, None, &typing, out);
             }
         }
@@ -1762,6 +1918,32 @@ impl Typing {
     /// Whether the indicator needs the conversation kept in memory.
     fn busy(&self) -> bool {
         self.shown || self.held.is_some()
+    }
+}
+
+/// What a watcher is told about a conversation: where it stands and who holds it.
+fn watching_frame(live: &Live) -> Arc<str> {
+    let agent = match &live.meta.state {
+        ConversationState::Assigned { agent } => Some(agent.as_str()),
+        _ => None,
+    };
+    frame(serde_json::json!({
+        "type": "watching",
+        "conversation": live.meta.id.0,
+        "site": &*live.key.site,
+        "visitor": &*live.key.visitor,
+        "seq": live.meta.last_seq,
+        "state": state_name(&live.meta.state),
+        "agent": agent,
+    }))
+}
+
+fn state_name(state: &ConversationState) -> &'static str {
+    match state {
+        ConversationState::Bot => "bot",
+        ConversationState::Queued => "queued",
+        ConversationState::Assigned { .. } => "assigned",
+        ConversationState::Closed => "closed",
     }
 }
 
@@ -2390,5 +2572,283 @@ mod tests {
         // So the message reaches it exactly once, by fan-out.
         let fan_out = committed(&mut owner, append, OpOutcome::Stored { seq: 1, ts_ms: 1 });
         assert_eq!(messages_to(&fan_out, second), 1, "{fan_out:#?}");
+    }
+
+    fn frames_to(actions: &[OwnerAction], to: SessionRef) -> Vec<serde_json::Value> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                OwnerAction::Send { to: target, frame } if *target == to => {
+                    Some(serde_json::from_str(frame).unwrap())
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn audits(actions: &[OwnerAction]) -> Vec<&AuditEvent> {
+        actions
+            .iter()
+            .filter_map(|action| match action {
+                OwnerAction::Audit(event) => Some(event),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn agent_frame(agent: &str, role: Role, session: SessionRef, frame: AgentFrame) -> OwnerEvent {
+        OwnerEvent::Agent {
+            agent: agent.into(),
+            name: agent.to_uppercase(),
+            role,
+            session,
+            frame,
+        }
+    }
+
+    #[test]
+    fn a_supervisor_watches_any_conversation_without_taking_it_and_an_agent_may_not() {
+        let conversation = ConversationId::from_parts(0, 7);
+        let mut owner = owner();
+        let mut stored = meta(conversation, "v1", 3);
+        stored.state = ConversationState::Assigned {
+            agent: "alice".into(),
+        };
+        owner.insert_loaded(stored);
+        let (alice, bob, sue) = (session(10), session(11), session(20));
+        owner.handle(
+            OwnerEvent::AgentSubscribe {
+                conversation,
+                agent: "alice".into(),
+                session: alice,
+            },
+            0,
+        );
+        let c = conversation.0;
+
+        // A plain agent is refused by role: no subscription, no history.
+        let refused = owner.handle(
+            agent_frame(
+                "bob",
+                Role::Agent,
+                bob,
+                AgentFrame::Watch { conversation: c },
+            ),
+            0,
+        );
+        assert_eq!(frames_to(&refused, bob)[0]["code"], "forbidden");
+        assert!(!refused.iter().any(|a| matches!(
+            a,
+            OwnerAction::Replay { .. } | OwnerAction::Track { .. } | OwnerAction::Audit(_)
+        )));
+
+        // A supervisor gets the state, the whole history and is tracked; it is audited.
+        let watched = owner.handle(
+            agent_frame(
+                "sue",
+                Role::Supervisor,
+                sue,
+                AgentFrame::Watch { conversation: c },
+            ),
+            0,
+        );
+        let info = &frames_to(&watched, sue)[0];
+        assert_eq!(info["type"], "watching");
+        assert_eq!(info["state"], "assigned");
+        assert_eq!(info["agent"], "alice");
+        assert_eq!(info["seq"], 3);
+        assert!(watched.iter().any(|a| matches!(a,
+            OwnerAction::Replay { to, after: 0, up_to: 3, .. } if *to == vec![sue])));
+        assert!(watched.iter().any(|a| matches!(a,
+            OwnerAction::Track { session, .. } if *session == sue)));
+        let records = audits(&watched);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].kind, "conversation_watched");
+        assert_eq!(records[0].actor, "sue");
+        assert_eq!(records[0].target, c.to_string());
+        // Watching twice does not deliver live frames twice.
+        owner.handle(
+            agent_frame(
+                "sue",
+                Role::Supervisor,
+                sue,
+                AgentFrame::Watch { conversation: c },
+            ),
+            0,
+        );
+
+        // Live messages and typing of the conversation reach the watcher once.
+        let sent = owner.handle(
+            agent_frame(
+                "alice",
+                Role::Agent,
+                alice,
+                AgentFrame::Message {
+                    conversation: c,
+                    id: "m1".into(),
+                    text: "hi".into(),
+                },
+            ),
+            0,
+        );
+        let fanned = committed(
+            &mut owner,
+            stores(&sent).remove(0),
+            OpOutcome::Stored { seq: 4, ts_ms: 5 },
+        );
+        assert_eq!(messages_to(&fanned, sue), 1);
+        let typing = owner.handle(
+            agent_frame(
+                "alice",
+                Role::Agent,
+                alice,
+                AgentFrame::Typing {
+                    conversation: c,
+                    on: true,
+                },
+            ),
+            10_000,
+        );
+        assert_eq!(frames_to(&typing, sue)[0]["type"], "typing");
+
+        // Watching is not holding: the supervisor cannot write in it.
+        let write = owner.handle(
+            agent_frame(
+                "sue",
+                Role::Supervisor,
+                sue,
+                AgentFrame::Message {
+                    conversation: c,
+                    id: "s1".into(),
+                    text: "psst".into(),
+                },
+            ),
+            0,
+        );
+        assert_eq!(frames_to(&write, sue)[0]["code"], "not_assigned");
+        assert!(stores(&write).is_empty());
+
+        // The watcher keeps the conversation in memory and follows a transfer.
+        owner.handle(OwnerEvent::Tick, 20_000);
+        owner.handle(
+            OwnerEvent::AgentUnsubscribe {
+                conversation,
+                session: alice,
+            },
+            0,
+        );
+        owner.handle(OwnerEvent::Tick, 30_000);
+        assert!(owner.is_live(conversation));
+        let moved = owner.handle(
+            OwnerEvent::Transferred {
+                conversation,
+                to: "carol".into(),
+                to_name: "Carol".into(),
+                sessions: vec![],
+            },
+            0,
+        );
+        let info = frames_to(&moved, sue);
+        assert_eq!(info.last().unwrap()["type"], "watching");
+        assert_eq!(info.last().unwrap()["agent"], "carol");
+
+        // Closing by its agent is audited once committed, and the watcher hears `closed`.
+        let close = owner.handle(
+            agent_frame(
+                "carol",
+                Role::Agent,
+                session(12),
+                AgentFrame::Close { conversation: c },
+            ),
+            0,
+        );
+        assert!(audits(&close).is_empty(), "audited only when committed");
+        let closing = stores(&close)
+            .into_iter()
+            .find(|(op, _)| matches!(op, Op::SetState { .. }))
+            .unwrap();
+        let closed = committed(&mut owner, closing, OpOutcome::Updated);
+        assert_eq!(frames_to(&closed, sue)[0]["type"], "closed");
+        let records = audits(&closed);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].kind, "conversation_closed");
+        assert_eq!(records[0].actor, "carol");
+        assert_eq!(records[0].target, c.to_string());
+    }
+
+    #[test]
+    fn an_unwatched_conversation_no_longer_reaches_the_supervisor() {
+        let conversation = ConversationId::from_parts(0, 8);
+        let mut owner = owner();
+        let mut stored = meta(conversation, "v1", 0);
+        stored.state = ConversationState::Assigned {
+            agent: "alice".into(),
+        };
+        owner.insert_loaded(stored);
+        let (alice, sue) = (session(10), session(20));
+        owner.handle(
+            OwnerEvent::AgentSubscribe {
+                conversation,
+                agent: "alice".into(),
+                session: alice,
+            },
+            0,
+        );
+        let c = conversation.0;
+        let watched = owner.handle(
+            agent_frame(
+                "sue",
+                Role::Admin,
+                sue,
+                AgentFrame::Watch { conversation: c },
+            ),
+            0,
+        );
+        assert!(
+            !watched
+                .iter()
+                .any(|a| matches!(a, OwnerAction::Replay { .. })),
+            "no history yet"
+        );
+        let unwatched = owner.handle(
+            agent_frame(
+                "sue",
+                Role::Admin,
+                sue,
+                AgentFrame::Unwatch { conversation: c },
+            ),
+            0,
+        );
+        assert_eq!(frames_to(&unwatched, sue)[0]["type"], "unwatched");
+        let sent = owner.handle(
+            agent_frame(
+                "alice",
+                Role::Agent,
+                alice,
+                AgentFrame::Message {
+                    conversation: c,
+                    id: "m1".into(),
+                    text: "hi".into(),
+                },
+            ),
+            0,
+        );
+        let fanned = committed(
+            &mut owner,
+            stores(&sent).remove(0),
+            OpOutcome::Stored { seq: 1, ts_ms: 5 },
+        );
+        assert_eq!(messages_to(&fanned, sue), 0);
+        // An agent may not unwatch either (the frame is a supervisor's).
+        let refused = owner.handle(
+            agent_frame(
+                "alice",
+                Role::Agent,
+                alice,
+                AgentFrame::Unwatch { conversation: c },
+            ),
+            0,
+        );
+        assert_eq!(frames_to(&refused, alice)[0]["code"], "forbidden");
     }
 }

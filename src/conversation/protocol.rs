@@ -74,6 +74,15 @@ pub enum AgentFrame {
     Status {
         status: Presence,
     },
+    /// Follow any conversation without taking it (roles allowed `ReadAnyConversation`):
+    /// its history, then its live messages, typing and read marks.
+    Watch {
+        conversation: u64,
+    },
+    /// Stop following a watched conversation.
+    Unwatch {
+        conversation: u64,
+    },
 }
 
 impl AgentFrame {
@@ -85,7 +94,9 @@ impl AgentFrame {
             | AgentFrame::Typing { conversation, .. }
             | AgentFrame::Read { conversation, .. }
             | AgentFrame::Transfer { conversation, .. }
-            | AgentFrame::Close { conversation } => Some(ConversationId(*conversation)),
+            | AgentFrame::Close { conversation }
+            | AgentFrame::Watch { conversation }
+            | AgentFrame::Unwatch { conversation } => Some(ConversationId(*conversation)),
             AgentFrame::Status { .. } => None,
         }
     }
@@ -389,6 +400,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(frame.conversation(), Some(ConversationId(42)));
+        let frame = parse_agent(r#"{"type":"watch","conversation":7}"#, 100).unwrap();
+        assert_eq!(frame, AgentFrame::Watch { conversation: 7 });
+        assert_eq!(frame.conversation(), Some(ConversationId(7)));
+        let frame = parse_agent(r#"{"type":"unwatch","conversation":7}"#, 100).unwrap();
+        assert_eq!(frame.conversation(), Some(ConversationId(7)));
         let frame = parse_agent(r#"{"type":"status","status":"away"}"#, 100).unwrap();
         assert_eq!(
             frame,

@@ -20,6 +20,7 @@ use crate::admission::{
     blocklist, degrade::Controller, AcceptDecision, AcceptGate, Blocklist, Level, LogGate, Sample,
     SessionRates, Thresholds,
 };
+use crate::audit::AuditEvent;
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::ratelimit::RetryAfter;
@@ -209,6 +210,8 @@ fn poll_blocklist(shard: &Shard, path: &std::path::Path) {
         return;
     }
     shard.admission.blocklist_mtime.set(mtime);
+    // Every shard reloads the same file; shard 0 alone records it in the audit chain.
+    let audited = shard.id.0 == 0;
     match Blocklist::load(path) {
         Ok(list) => {
             tracing::info!(
@@ -217,6 +220,22 @@ fn poll_blocklist(shard: &Shard, path: &std::path::Path) {
                 file = %path.display(),
                 "blocklist reloaded"
             );
+            let (added, removed) = shard.admission.gate.borrow().blocklist().changes(&list);
+            if audited && (!added.is_empty() || !removed.is_empty()) {
+                const SHOWN: usize = 50;
+                crate::audit::emit(
+                    AuditEvent::new("blocklist_changed", "system")
+                        .target(path.display().to_string())
+                        .detail("networks", list.len())
+                        .detail("added_count", added.len())
+                        .detail("removed_count", removed.len())
+                        .detail("added", added.into_iter().take(SHOWN).collect::<Vec<_>>())
+                        .detail(
+                            "removed",
+                            removed.into_iter().take(SHOWN).collect::<Vec<_>>(),
+                        ),
+                );
+            }
             shard.admission.gate.borrow_mut().set_blocklist(list);
         }
         Err(err) => {
@@ -227,6 +246,14 @@ fn poll_blocklist(shard: &Shard, path: &std::path::Path) {
                 kept_networks = kept,
                 "blocklist not reloaded; the previous list stays in force"
             );
+            if audited {
+                crate::audit::emit(
+                    AuditEvent::new("blocklist_reload_failed", "system")
+                        .target(path.display().to_string())
+                        .detail("error", err.to_string())
+                        .detail("kept_networks", kept),
+                );
+            }
         }
     }
 }

@@ -198,6 +198,12 @@ pub fn spawn_watcher(
                             key = %key.display(),
                             "TLS certificate reloaded; new handshakes use it"
                         );
+                        crate::audit::emit(
+                            crate::audit::AuditEvent::new("tls_reloaded", "system")
+                                .target(cert.display().to_string())
+                                .detail("key", key.display().to_string())
+                                .detail("reason", reason),
+                        );
                     }
                     Err(err) => {
                         ShardMetrics::add(&metrics.process().tls_reload_failures, 1);
@@ -205,6 +211,12 @@ pub fn spawn_watcher(
                             reason,
                             error = %err,
                             "TLS certificate reload failed; keeping the previous certificate"
+                        );
+                        crate::audit::emit(
+                            crate::audit::AuditEvent::new("tls_reload_failed", "system")
+                                .target(cert.display().to_string())
+                                .detail("reason", reason)
+                                .detail("error", err.to_string()),
                         );
                     }
                 }
