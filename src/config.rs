@@ -278,6 +278,9 @@ pub struct LimitsConfig {
     /// Queued items that refuse new sessions; 0 disables.
     pub refuse_queue: usize,
     pub recover_after: Duration,
+    /// Message-level shedding: a visitor message whose predicted wait (owner's event-loop lag
+    /// plus its commit backlog) exceeds this is refused with `overloaded`; zero disables.
+    pub admit_latency_budget: Duration,
     /// `None`: no blocklist.
     pub blocklist_file: Option<PathBuf>,
     pub blocklist_poll: Duration,
@@ -818,6 +821,9 @@ impl LimitsConfig {
             "shed_queue" => self.shed_queue = f.integer_in(0, 100_000_000)?,
             "refuse_queue" => self.refuse_queue = f.integer_in(0, 100_000_000)?,
             "recover_after" => self.recover_after = f.duration_in(Duration::ZERO, hours(1))?,
+            "admit_latency_budget" => {
+                self.admit_latency_budget = f.duration_in(Duration::ZERO, mins(1))?
+            }
             "blocklist_file" => {
                 let text = f.text(0, 4096)?;
                 self.blocklist_file = (!text.is_empty()).then(|| PathBuf::from(text));
@@ -1171,6 +1177,7 @@ impl Config {
         w.display("shed_queue", limits.shed_queue);
         w.display("refuse_queue", limits.refuse_queue);
         w.duration("recover_after", limits.recover_after);
+        w.duration("admit_latency_budget", limits.admit_latency_budget);
         w.path(
             "blocklist_file",
             limits.blocklist_file.as_deref().unwrap_or(Path::new("")),
@@ -1307,6 +1314,7 @@ impl Config {
                 shed_queue: 0,
                 refuse_queue: 0,
                 recover_after: Duration::ZERO,
+                admit_latency_budget: Duration::ZERO,
                 blocklist_file: None,
                 blocklist_poll: Duration::ZERO,
                 log_lines_per_second: 0,

@@ -89,6 +89,10 @@ counters! {
     hostile_log_suppressed: "counter",
     /// Storage operations waiting for a group commit now.
     commit_pending: "gauge",
+    /// Recent mean duration of one group commit in microseconds (feeds message shedding).
+    commit_recent_micros: "gauge",
+    /// Visitor messages refused with `overloaded` (predicted wait over the latency budget).
+    messages_overloaded: "counter",
     /// Messages waiting for the mesh, toward all shards, now.
     mesh_queued: "gauge",
     /// Event-loop lag of the last sample, in microseconds.

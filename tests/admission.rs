@@ -593,3 +593,62 @@ fn an_overloaded_shard_refuses_new_sessions_keeps_old_ones_and_recovers() {
         "{logs}"
     );
 }
+
+#[test]
+fn an_overloaded_shard_answers_messages_with_overloaded_and_retry_after_instead_of_queueing() {
+    // A tiny commit capacity: every commit after an idle moment waits a 400 ms window, so a
+    // second message behind a pending one would wait about 400 ms, past the 50 ms budget.
+    let server = Server::start(&format!(
+        "{ONE_SHARD}[storage]\ncommit_window = \"400ms\"\nmax_batch = 1000\n\
+         [limits]\nvisitor_messages_per_second = 0\nadmit_latency_budget = \"50ms\"\n"
+    ));
+    let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut visitor, "hello", |v| v["type"] == "hello");
+    // The first commit teaches the shard what a commit costs.
+    visitor.send_json(&json!({"type": "message", "id": "m0", "text": "hi"}));
+    let first = until(&mut visitor, "ack of m0", |v| v["type"] == "ack");
+    assert_eq!(first["id"], "m0");
+    // A burst: the first is admitted (nothing pending), the rest are refused at once.
+    let started = Instant::now();
+    let burst = 20;
+    for k in 1..=burst {
+        visitor.send_json(&json!({"type": "message", "id": format!("m{k}"), "text": "hi"}));
+    }
+    let mut acked = Vec::new();
+    let mut refused = Vec::new();
+    while acked.len() + refused.len() < burst {
+        let v = until(&mut visitor, "acks and refusals", |v| {
+            v["type"] == "ack" || v["type"] == "error"
+        });
+        if v["type"] == "ack" {
+            acked.push(v["id"].as_str().unwrap().to_owned());
+        } else {
+            assert_eq!(v["code"], "overloaded", "{v}");
+            let retry = v["retry_after"].as_u64().expect("retry_after in ms");
+            assert!((50..=10_000).contains(&retry), "{v}");
+            refused.push((v["id"].as_str().unwrap().to_owned(), retry));
+        }
+    }
+    // Every message got exactly one answer; the refusals came without waiting for commits
+    // (generous bound: a queued burst would take 20 windows, 8 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(refused.len() >= burst / 2, "acked {acked:?}");
+    let last_seq = first["seq"].as_u64().unwrap() + acked.len() as u64;
+    // The session stays open (overloaded is not abuse) and a refused message re-sent with the
+    // same id after its retry_after is stored right behind the admitted ones: it was not
+    // stored before.
+    let (id, retry) = refused[0].clone();
+    std::thread::sleep(Duration::from_millis(retry + 500));
+    visitor.send_json(&json!({"type": "message", "id": id, "text": "hi"}));
+    let ack = until(&mut visitor, "ack of the re-sent message", |v| {
+        v["type"] == "ack" || (v["type"] == "error" && v["id"] == id)
+    });
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(ack["id"], id);
+    assert_eq!(ack["seq"].as_u64().unwrap(), last_seq + 1, "{ack}");
+    assert!(metric(&server, "messages_overloaded") >= refused.len() as u64);
+}

@@ -12,6 +12,8 @@
 //!   session with 1008.
 //! - [`degrade`]: the shard's load level (normal, shed, refuse) from its event-loop lag and
 //!   queue depths, with hysteresis.
+//! - [`shed`]: message-level load shedding: a visitor message that would wait past
+//!   `limits.admit_latency_budget` on its owner shard is refused at once with `overloaded`.
 //! - [`blocklist`]: the CIDR list file.
 //! - [`LogGate`]: at most so many hostile-input log lines per second per shard, counting the
 //!   ones it suppresses.
@@ -22,6 +24,7 @@
 
 pub mod blocklist;
 pub mod degrade;
+pub mod shed;
 
 use std::net::IpAddr;
 

@@ -109,6 +109,8 @@ pub struct Router {
     /// Whether each outgoing queue's drain task has been rung and not yet run.
     outgoing_rung: Vec<Cell<bool>>,
     committing: Cell<bool>,
+    /// Mean cost of recent group commits (published for message shedding).
+    commit_cost: Cell<crate::admission::shed::CommitCost>,
     bot: Option<Bot>,
     metrics: Metrics,
     /// The shard's load level (set by the degradation sampler in `server`).
@@ -256,6 +258,7 @@ impl Router {
             outgoing_rx: RefCell::new(outgoing_rx),
             outgoing_rung: (0..shard_count).map(|_| Cell::new(false)).collect(),
             committing: Cell::new(false),
+            commit_cost: Cell::default(),
             bot,
             metrics,
             level: Cell::new(Level::Normal),
@@ -985,6 +988,8 @@ impl Router {
                     break;
                 }
                 self.committing.set(true);
+                // The cost a queued message sees: the window (if waited) and the write.
+                let cycle = std::time::Instant::now();
                 if first && self.pending.borrow().len() < max_batch && !window.is_zero() {
                     glommio::timer::sleep(window).await;
                 }
@@ -1016,6 +1021,10 @@ impl Router {
                     &counters.store_commit_micros,
                     started.elapsed().as_micros() as u64,
                 );
+                let mut cost = self.commit_cost.get();
+                let cycle_micros = cycle.elapsed().as_micros() as u64;
+                ShardMetrics::set(&counters.commit_recent_micros, cost.record(cycle_micros));
+                self.commit_cost.set(cost);
                 *self.store.borrow_mut() = Some(store);
                 first = false;
                 match result {

@@ -31,6 +31,7 @@ use super::admission::{self as driver, hostile};
 use super::routes::{route, Endpoint, Route};
 use super::stream::SessionStream;
 use super::Shard;
+use crate::admission::shed::{self, MessageVerdict, OwnerLoad};
 use crate::admission::{self, AbuseVerdict, FrameClass, Level, SessionLimits, SessionRates};
 use crate::arena::{CloseRequest, Outbound, SessionId};
 use crate::auth::rbac::{self, Role as AgentRole};
@@ -509,6 +510,22 @@ impl Session {
         }
     }
 
+    /// Message-level shedding (see [`crate::admission::shed`]): whether a message for the
+    /// conversation owned by shard `owner` would wait past the latency budget. The owner's
+    /// backlog counts the messages this shard still holds for it on the mesh.
+    fn shed_message(&self, owner: usize) -> MessageVerdict {
+        let config = &self.shard.config;
+        let published = self.shard.metrics.shard(owner);
+        let load = OwnerLoad {
+            pending_commits: published.commit_pending.load(Ordering::Relaxed) as usize
+                + self.shard.router.queued_to(owner),
+            commit_micros: published.commit_recent_micros.load(Ordering::Relaxed),
+            max_batch: config.storage.max_batch,
+            lag_micros: published.event_loop_lag_micros.load(Ordering::Relaxed),
+        };
+        shed::decide(load, config.limits.admit_latency_budget.as_millis() as u64)
+    }
+
     fn me(&self) -> SessionRef {
         SessionRef {
             shard: self.shard.id.0,
@@ -574,6 +591,15 @@ impl Session {
                     if shed_typing {
                         ShardMetrics::add(&self.shard.counters().typing_shed, 1);
                         return;
+                    }
+                    if let VisitorFrame::Message { id, .. } = &frame {
+                        if let MessageVerdict::Overloaded(retry) = self.shed_message(owner) {
+                            // Not stored and not counted as abuse: the client re-sends it later
+                            // with the same id.
+                            ShardMetrics::add(&self.shard.counters().messages_overloaded, 1);
+                            reply.send_text(&shed::overloaded_frame(id, retry));
+                            return;
+                        }
                     }
                     router.send(
                         owner,

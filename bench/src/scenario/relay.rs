@@ -73,6 +73,9 @@ pub struct RelayTotals {
     pub unknown: u64,
     pub misrouted: u64,
     pub lost: u64,
+    /// Messages the server refused explicitly with `overloaded` (not stored; the bench does not
+    /// re-send them): neither lost nor part of the admitted traffic's latency.
+    pub refused: u64,
     pub acks: u64,
     pub agent_replies: u64,
     pub agent_ignored: u64,
@@ -97,6 +100,7 @@ impl RelayTotals {
         self.unknown += o.unknown;
         self.misrouted += o.misrouted;
         self.lost += o.lost;
+        self.refused += o.refused;
         self.acks += o.acks;
         self.agent_replies += o.agent_replies;
         self.agent_ignored += o.agent_ignored;
@@ -145,6 +149,11 @@ impl RelayTotals {
         report.set("sent", self.sent as f64);
         report.set("received", self.received as f64);
         report.set("lost", self.lost as f64);
+        if self.refused > 0 {
+            // Offered = sent; admitted = sent - refused; p50/p99 above are admitted traffic only.
+            report.set("refused_overloaded", self.refused as f64);
+            report.set("admitted", self.sent.saturating_sub(self.refused) as f64);
+        }
         report.set("duplicated", self.duplicates as f64);
         report.set("misrouted", self.misrouted as f64);
         report.set("unknown", self.unknown as f64);
@@ -272,6 +281,8 @@ pub fn execute(ctx: &Arc<Ctx>, plan: &RelayPlan, bars: &Bars) -> Result<RelayTot
 struct ShardState {
     totals: RefCell<RelayTotals>,
     arrivals: RefCell<Vec<Arrivals>>,
+    /// Per conversation, the seqs refused with `overloaded`.
+    refused: RefCell<Vec<Arrivals>>,
     sent_per_conv: Vec<Cell<u64>>,
     closing: Rc<Cell<bool>>,
 }
@@ -295,6 +306,7 @@ async fn shard_main(
     let state = Rc::new(ShardState {
         totals: RefCell::new(RelayTotals::default()),
         arrivals: RefCell::new(vec![Arrivals::default(); mine.len()]),
+        refused: RefCell::new(vec![Arrivals::default(); mine.len()]),
         sent_per_conv: (0..mine.len()).map(|_| Cell::new(0)).collect(),
         closing: Rc::new(Cell::new(false)),
     });
@@ -464,10 +476,20 @@ async fn shard_main(
             .or_default() += stuck;
     }
     let arrivals = state.arrivals.borrow();
+    let refused = state.refused.borrow();
     for (local, a) in arrivals.iter().enumerate() {
         let sent = state.sent_per_conv[local].get();
-        totals.lost += sent.saturating_sub(a.unique);
-        for seq in (0..sent).filter(|s| !a.contains(*s)).take(20) {
+        let r = &refused[local];
+        // A message refused with `overloaded` was not stored: it is not lost (the server said
+        // so), and it never arrives.
+        totals.refused += r.unique;
+        totals.lost += (0..sent)
+            .filter(|s| !a.contains(*s) && !r.contains(*s))
+            .count() as u64;
+        for seq in (0..sent)
+            .filter(|s| !a.contains(*s) && !r.contains(*s))
+            .take(20)
+        {
             if totals.lost_sample.len() < 20 {
                 totals.lost_sample.push(format!("{}:{seq}", mine[local]));
             }
@@ -625,6 +647,30 @@ async fn receiver(
                             },
                             ("ack", _) => {
                                 state.totals.borrow_mut().acks += 1;
+                                return;
+                            }
+                            ("error", _)
+                                if frame.code.as_ref().and_then(|c| c.as_str())
+                                    == Some("overloaded") =>
+                            {
+                                // An explicit refusal of message `{conv}-{seq}`: not stored.
+                                let seq = frame
+                                    .id
+                                    .as_ref()
+                                    .and_then(|id| id.as_str())
+                                    .and_then(|id| id.strip_prefix(&format!("{conv}-")))
+                                    .and_then(|seq| seq.parse::<u64>().ok());
+                                let mut totals = state.totals.borrow_mut();
+                                let Some(seq) =
+                                    seq.filter(|s| *s < state.sent_per_conv[local].get())
+                                else {
+                                    bump(
+                                        &mut totals.errors,
+                                        "visitor: overloaded without a known id",
+                                    );
+                                    return;
+                                };
+                                state.refused.borrow_mut()[local].record(seq);
                                 return;
                             }
                             ("error", _) => {
