@@ -539,9 +539,7 @@ pub fn emit(event: AuditEvent) {
 
 /// Milliseconds since the Unix epoch: audit timestamps are calendar times by design.
 pub fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+    crate::conversation::protocol::now_ms()
 }
 
 #[cfg(test)]

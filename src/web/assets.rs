@@ -7,12 +7,12 @@ use super::Asset;
 pub static ASSETS: &[Asset] = &[
     Asset {
         name: "widget.js",
-        file: "widget-8d3abbb02c08cb2a.js",
+        file: "widget-35a89906fe641487.js",
         content_type: "text/javascript; charset=utf-8",
-        etag: "\"8d3abbb02c08cb2a\"",
-        identity: include_bytes!("../../web/dist/widget-8d3abbb02c08cb2a.js"),
-        gzip: Some(include_bytes!("../../web/dist/widget-8d3abbb02c08cb2a.js.gz")),
-        brotli: Some(include_bytes!("../../web/dist/widget-8d3abbb02c08cb2a.js.br")),
+        etag: "\"35a89906fe641487\"",
+        identity: include_bytes!("../../web/dist/widget-35a89906fe641487.js"),
+        gzip: Some(include_bytes!("../../web/dist/widget-35a89906fe641487.js.gz")),
+        brotli: Some(include_bytes!("../../web/dist/widget-35a89906fe641487.js.br")),
     },
     Asset {
         name: "console.js",

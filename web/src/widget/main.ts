@@ -225,7 +225,8 @@ function mount(script: HTMLScriptElement): void {
         scroll();
         break;
       case "error":
-        if (frame.code === "rate_limited") {
+        if (frame.code === "rate_limited" || frame.code === "overloaded") {
+          // Not stored: re-send the unacked messages (same ids) once the server says to.
           showStatus(t.rateLimited, "info");
           setTimeout(() => {
             showStatus("");
