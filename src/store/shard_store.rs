@@ -611,21 +611,33 @@ impl BatchWriter<'_> {
         if *state == ConversationState::Closed {
             let site = staged.conversation.site.clone();
             let visitor = staged.conversation.visitor.clone();
-            let key = keys::conversation_key(id);
-            self.tables.open.delete(&mut self.txn, &key)?;
-            let visitor_key = keys::visitor_key(&site, &visitor);
-            let points_here = self
-                .tables
-                .visitors
-                .get(&self.txn, visitor_key.as_bytes())?
-                .is_some_and(|bytes| bytes == key);
-            if points_here {
-                self.tables
-                    .visitors
-                    .delete(&mut self.txn, visitor_key.as_bytes())?;
-            }
+            self.forget_open(id, &site, &visitor)?;
         }
         Ok(OpOutcome::Updated)
+    }
+
+    /// Takes a conversation off the open list, and off its visitor's pointer when that still
+    /// names it (a newer conversation of the visitor keeps its pointer).
+    fn forget_open(
+        &mut self,
+        id: ConversationId,
+        site: &str,
+        visitor: &str,
+    ) -> Result<(), StoreError> {
+        let key = keys::conversation_key(id);
+        self.tables.open.delete(&mut self.txn, &key)?;
+        let visitor_key = keys::visitor_key(site, visitor);
+        let points_here = self
+            .tables
+            .visitors
+            .get(&self.txn, visitor_key.as_bytes())?
+            .is_some_and(|bytes| bytes == key);
+        if points_here {
+            self.tables
+                .visitors
+                .delete(&mut self.txn, visitor_key.as_bytes())?;
+        }
+        Ok(())
     }
 
     fn mark_read(
@@ -687,20 +699,10 @@ impl BatchWriter<'_> {
         // Later ops of this batch see it as closed; commit does not write it back.
         staged.conversation.state = ConversationState::Closed;
         staged.dirty = false;
-        let key = keys::conversation_key(id);
-        self.tables.conversations.delete(&mut self.txn, &key)?;
-        self.tables.open.delete(&mut self.txn, &key)?;
-        let visitor_key = keys::visitor_key(&site, &visitor);
-        let points_here = self
-            .tables
-            .visitors
-            .get(&self.txn, visitor_key.as_bytes())?
-            .is_some_and(|bytes| bytes == key);
-        if points_here {
-            self.tables
-                .visitors
-                .delete(&mut self.txn, visitor_key.as_bytes())?;
-        }
+        self.tables
+            .conversations
+            .delete(&mut self.txn, &keys::conversation_key(id))?;
+        self.forget_open(id, &site, &visitor)?;
         Ok(OpOutcome::Updated)
     }
 
