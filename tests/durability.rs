@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 /// No bot, and none of the limits a person never reaches (flood guard, per-IP connection rate,
 /// per-session message rates): these tests drive one IP as fast as it goes.
-const NO_BOT: &str = "[inference]\nenabled = false\n\n[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n\n[limits]\nconnections_per_ip = 0\nvisitor_messages_per_second = 0\nvisitor_frames_per_second = 0\n\n[visitors.sites.crash]\nidentity_key = \"durability-test-identity-key-0123456789\"\n";
+const NO_BOT: &str = "[inference]\nenabled = false\n\n[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n\n[limits]\nconnections_per_ip = 0\nvisitor_messages_per_second = 0\nvisitor_frames_per_second = 0\nadmit_latency_budget = \"0s\"\n\n[visitors.sites.crash]\nidentity_key = \"durability-test-identity-key-0123456789\"\n";
 
 /// One visitor's client-side view: what it sent and what was acked.
 #[derive(Default, Clone, Debug)]
