@@ -148,13 +148,19 @@ impl Bot {
             let started = std::time::Instant::now();
             let engine = IntentEngine::open(&EngineSettings::from_config(config), shard, core)
                 .map_err(|err| RouterError::Bot(err.to_string()))?;
-            tracing::info!(
-                shard,
-                core,
-                load_ms = started.elapsed().as_secs_f64() * 1000.0,
-                kb_version = ?engine.version(),
-                "intent engine ready"
-            );
+            let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+            match engine.version() {
+                Some(kb_version) => {
+                    tracing::info!(shard, core, load_ms, kb_version, "intent engine ready")
+                }
+                None => tracing::warn!(
+                    shard,
+                    core,
+                    load_ms,
+                    "intent engine ready, but no knowledge base is imported: the bot answers \
+                     every question with the fallback; import one with `switchboard kb import FILE`"
+                ),
+            }
             Some(Rc::new(engine))
         } else {
             None
