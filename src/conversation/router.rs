@@ -322,16 +322,8 @@ impl Router {
     /// those someone is connected to).
     fn expire_empty_conversations(&self, ttl: Duration) {
         let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
-        let open = match self
-            .reader
-            .read()
-            .and_then(|view| view.open_conversations())
-        {
-            Ok(open) => open,
-            Err(err) => {
-                tracing::error!(shard = self.shard, error = %err, "cannot list open conversations");
-                return;
-            }
+        let Some(open) = self.open_conversations() else {
+            return;
         };
         let empty: Vec<ConversationId> = open
             .into_iter()
@@ -354,17 +346,24 @@ impl Router {
         }
     }
 
-    fn restore(&self) {
-        let open = match self
+    /// The shard's open conversations from storage; a read failure is logged and gives `None`.
+    fn open_conversations(&self) -> Option<Vec<crate::store::Conversation>> {
+        match self
             .reader
             .read()
             .and_then(|view| view.open_conversations())
         {
-            Ok(open) => open,
+            Ok(open) => Some(open),
             Err(err) => {
                 tracing::error!(shard = self.shard, error = %err, "cannot list open conversations");
-                return;
+                None
             }
+        }
+    }
+
+    fn restore(&self) {
+        let Some(open) = self.open_conversations() else {
+            return;
         };
         let mut restored = 0;
         for conversation in open {
