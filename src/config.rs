@@ -296,6 +296,9 @@ pub struct AgentsConfig {
     pub default_max_open: u32,
     /// Development mode: the static `accounts` tokens open `/ws/agent` (warned at start-up).
     pub dev_static_tokens: bool,
+    /// Queued conversations go to an available agent by themselves; when false they wait for
+    /// an agent's `accept`.
+    pub auto_assign: bool,
     /// Keyed by agent id. Tokens are unique across accounts.
     pub accounts: BTreeMap<String, AgentAccount>,
 }
@@ -843,6 +846,7 @@ impl AgentsConfig {
         match key {
             "default_max_open" => self.default_max_open = f.integer_in(1, 1000)?,
             "dev_static_tokens" => self.dev_static_tokens = f.boolean()?,
+            "auto_assign" => self.auto_assign = f.boolean()?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -1069,6 +1073,7 @@ impl Config {
         w.section("agents");
         w.display("default_max_open", agents.default_max_open);
         w.display("dev_static_tokens", agents.dev_static_tokens);
+        w.display("auto_assign", agents.auto_assign);
         w.section("agents.accounts");
         for (id, account) in &agents.accounts {
             w.section(&format!("agents.accounts.{id}"));
@@ -1245,6 +1250,7 @@ impl Config {
             agents: AgentsConfig {
                 default_max_open: 0,
                 dev_static_tokens: false,
+                auto_assign: false,
                 accounts: BTreeMap::new(),
             },
             auth: AuthConfig {

@@ -20,6 +20,14 @@
 //! - Visitors learn their 1-based queue position: a `QueuePositions` action
 //!   lists exactly the queued conversations whose position differs from the
 //!   last one reported for them.
+//! - Nobody online: when no agent is *present* after an event, every
+//!   conversation that entered the queue during it (enqueued, enqueued again
+//!   by its visitor reconnecting, re-queued after a grace period) is listed in
+//!   a `NoAgents` action, so its visitor hears that nobody will answer soon
+//!   and may leave a message; the conversation stays queued. When the last
+//!   present agent leaves, every queued conversation is listed once. At
+//!   capacity is not "nobody online": agents who are present but full leave
+//!   their visitors waiting with a position, as before.
 //! - An agent's status is sticky while the dispatcher runs: an agent who went
 //!   Away and reconnects is still Away (their `AgentHello` says so).
 //! - `Accept` takes a queued conversation for an agent who is present and
@@ -198,6 +206,12 @@ pub enum DispatchAction {
         code: &'static str,
         message: String,
     },
+    /// No agent is present: tell the visitors of these queued conversations
+    /// (conversation, owner shard) that nobody is online. Queue order when
+    /// the last agent left, else the order they entered the queue.
+    NoAgents {
+        conversations: Vec<(ConversationId, usize)>,
+    },
     /// Reply to `AgentAttached`: the agent's open conversations (in the order
     /// they were assigned), the queue, and the agent's current status.
     AgentHello {
@@ -330,6 +344,8 @@ pub struct Dispatcher {
     queue: VecDeque<Waiting>,
     next_arrival: u64,
     assignments: u64,
+    /// Agents that are present (Online with a session).
+    present_agents: usize,
     // Per-event bookkeeping, reset at the end of `handle`:
     /// Lowest queue index whose conversation may have moved.
     positions_dirty_from: Option<usize>,
@@ -337,6 +353,11 @@ pub struct Dispatcher {
     pushed_this_event: Vec<ConversationId>,
     /// A conversation that was queued before this event left the queue.
     removed_earlier: bool,
+    /// Conversations that entered the queue during this event and whose
+    /// visitor is told when nobody is present after it.
+    entered_this_event: Vec<ConversationId>,
+    /// The last present agent left during this event.
+    last_agent_left: bool,
 }
 
 impl Dispatcher {
@@ -349,9 +370,12 @@ impl Dispatcher {
             queue: VecDeque::new(),
             next_arrival: 0,
             assignments: 0,
+            present_agents: 0,
             positions_dirty_from: None,
             pushed_this_event: Vec::new(),
             removed_earlier: false,
+            entered_this_event: Vec::new(),
+            last_agent_left: false,
         }
     }
 
@@ -397,6 +421,7 @@ impl Dispatcher {
             self.assign_waiting(&mut out);
         }
         self.report_queue_changes(&mut out);
+        self.report_no_agents(&mut out);
         out
     }
 
@@ -463,6 +488,11 @@ impl Dispatcher {
         self.agent_index.keys()
     }
 
+    /// Whether any agent is present (Online with a session).
+    pub fn anyone_present(&self) -> bool {
+        self.present_agents > 0
+    }
+
     /// Queued plus assigned conversations.
     pub fn tracked_len(&self) -> usize {
         self.conversations.len()
@@ -518,6 +548,9 @@ impl Dispatcher {
     }
 
     fn on_enqueue(&mut self, conversation: ConversationId, owner: usize) {
+        // Queued already: its visitor came back (the owner enqueues again on every
+        // greeting), so it hears again if nobody is online.
+        self.entered_this_event.push(conversation);
         if self.conversations.contains_key(&conversation) {
             return;
         }
@@ -734,6 +767,8 @@ impl Dispatcher {
             let owner = self.conversations[&conversation].owner;
             self.queue_push_front(conversation, owner);
         }
+        self.entered_this_event
+            .extend(expired.iter().map(|&(_, conversation, _)| conversation));
     }
 
     // Assignment.
@@ -828,9 +863,16 @@ impl Dispatcher {
         let agent = &mut self.agents[idx];
         match (was_present, agent.present()) {
             (true, false) => {
-                agent.grace_deadline = Some(now_ms.saturating_add(self.config.agent_grace_ms))
+                agent.grace_deadline = Some(now_ms.saturating_add(self.config.agent_grace_ms));
+                self.present_agents -= 1;
+                if self.present_agents == 0 {
+                    self.last_agent_left = true;
+                }
             }
-            (false, true) => agent.grace_deadline = None,
+            (false, true) => {
+                agent.grace_deadline = None;
+                self.present_agents += 1;
+            }
             _ => {}
         }
     }
@@ -936,6 +978,43 @@ impl Dispatcher {
                     queue: self.queue().collect(),
                 });
             }
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Emits `NoAgents` when nobody is present after the event: for every
+    /// queued conversation if the last agent just left, else for those that
+    /// entered the queue during the event and are still in it.
+    fn report_no_agents(&mut self, out: &mut Vec<DispatchAction>) {
+        let everyone = std::mem::take(&mut self.last_agent_left);
+        let mut entered = std::mem::take(&mut self.entered_this_event);
+        if self.present_agents > 0 || self.queue.is_empty() {
+            entered.clear();
+            self.entered_this_event = entered;
+            return;
+        }
+        let conversations: Vec<(ConversationId, usize)> = if everyone {
+            self.queue.iter().map(|w| (w.conversation, w.owner)).collect()
+        } else {
+            // One event lets few conversations in (one enqueue, or a tick's
+            // re-queued ones in queue order), so the dedup is cheap.
+            let mut listed: Vec<(ConversationId, usize)> = Vec::with_capacity(entered.len());
+            for &conversation in &entered {
+                if let Some(entry) = self.conversations.get(&conversation) {
+                    if matches!(entry.place, Place::Queued)
+                        && !listed.iter().any(|(c, _)| *c == conversation)
+                    {
+                        listed.push((conversation, entry.owner));
+                    }
+                }
+            }
+            listed
+        };
+        entered.clear();
+        self.entered_this_event = entered;
+        if !conversations.is_empty() {
+            out.push(DispatchAction::NoAgents { conversations });
         }
     }
 }
@@ -1190,7 +1269,10 @@ mod tests {
     fn enqueue_is_idempotent() {
         let mut d = dispatcher();
         enqueue(&mut d, 7, 0);
-        assert!(enqueue(&mut d, 7, 0).is_empty());
+        // Nothing moves; its visitor only hears again that nobody is online.
+        let again = enqueue(&mut d, 7, 0);
+        assert_eq!(told_no_agents(&again), vec![7]);
+        assert_eq!(again.len(), 1);
         assert_eq!(queue(&d), vec![7]);
 
         attach(&mut d, "a", 1, sess(0, 1), 0);
@@ -1707,6 +1789,67 @@ mod tests {
         assert_eq!(d.agent_open("a"), 2);
     }
 
+    fn told_no_agents(actions: &[DispatchAction]) -> Vec<u64> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                DispatchAction::NoAgents { conversations } => Some(conversations),
+                _ => None,
+            })
+            .flatten()
+            .map(|(c, _)| c.0)
+            .collect()
+    }
+
+    #[test]
+    fn visitors_are_told_when_nobody_is_online_and_stay_queued() {
+        let mut d = dispatcher();
+        // No agent at all: the visitor is told, the conversation waits.
+        assert_eq!(told_no_agents(&enqueue(&mut d, 9, 0)), vec![9]);
+        assert_eq!(queue(&d), vec![9]);
+        close(&mut d, 9, 0);
+        // An agent who is away is nobody online.
+        attach(&mut d, "a", 1, sess(0, 1), 0);
+        status(&mut d, "a", AgentStatus::Away, 0);
+        assert!(!d.anyone_present());
+        assert_eq!(told_no_agents(&enqueue(&mut d, 1, 0)), vec![1]);
+        assert_eq!(told_no_agents(&enqueue(&mut d, 2, 0)), vec![2]);
+        assert_eq!(queue(&d), vec![1, 2]);
+        // Enqueued again (the visitor reconnected): told again, still queued once.
+        assert_eq!(told_no_agents(&enqueue(&mut d, 1, 0)), vec![1]);
+        assert_eq!(queue(&d), vec![1, 2]);
+        // Coming online takes the head; the other keeps waiting with a position,
+        // and a full agent is not "nobody online".
+        let out = status(&mut d, "a", AgentStatus::Online, 0);
+        assert_eq!(assigned(&out), pairs(&[(1, "a")]));
+        assert!(told_no_agents(&out).is_empty());
+        assert!(told_no_agents(&enqueue(&mut d, 3, 0)).is_empty());
+        // The last agent leaves: everyone still waiting is told, once.
+        let out = detach(&mut d, "a", sess(0, 1), 10);
+        assert_eq!(told_no_agents(&out), vec![2, 3]);
+        assert!(told_no_agents(&d.handle(DispatchEvent::Tick, 20)).is_empty());
+        // Its conversation comes back after the grace period: that visitor is told too.
+        let out = d.handle(DispatchEvent::Tick, 10 + GRACE);
+        assert_eq!(requeued(&out), pairs(&[(1, "a")]));
+        assert_eq!(told_no_agents(&out), vec![1]);
+        assert_eq!(queue(&d), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn with_manual_accept_an_online_agent_means_somebody_is_there() {
+        let mut d = Dispatcher::new(DispatcherConfig {
+            agent_grace_ms: GRACE,
+            auto_assign: false,
+        });
+        attach(&mut d, "a", 2, sess(0, 1), 0);
+        let out = enqueue(&mut d, 1, 0);
+        assert!(assigned(&out).is_empty());
+        assert!(told_no_agents(&out).is_empty());
+        assert_eq!(queue(&d), vec![1]);
+        let out = detach(&mut d, "a", sess(0, 1), 0);
+        assert_eq!(told_no_agents(&out), vec![1]);
+    }
+
     // Randomized: random events, invariants and oracles checked after each one.
 
     struct XorShift(u64);
@@ -1888,12 +2031,14 @@ mod tests {
         // How often each outcome happened, so the run proves it covered them.
         let (mut accepts, mut transfers, mut requeues, mut assignments, mut rejections) =
             (0, 0, 0, 0, 0);
+        let mut no_agents = 0;
         for step in 0..steps {
             now += rng.below(300);
             let event = random_event(&mut rng, &d);
             let ctx = format!("seed {seed} step {step} now {now} event {event:?}");
             let queue_before: Vec<u64> = queue(&d);
             let open_before: Vec<usize> = AGENTS.iter().map(|a| d.agent_open(a)).collect();
+            let anyone_before = (0..4).any(|a| m.present(a));
             let owner_before = match &event {
                 DispatchEvent::Transfer { conversation, .. } => {
                     d.assigned_to(*conversation).cloned()
@@ -2106,6 +2251,39 @@ mod tests {
                 }
             }
 
+            // Nobody online: said only when true, to queued visitors, and to every
+            // visitor who just entered the queue (or all of them when the last agent left).
+            let told: Vec<u64> = out
+                .iter()
+                .filter_map(|a| match a {
+                    DispatchAction::NoAgents { conversations } => Some(conversations),
+                    _ => None,
+                })
+                .flatten()
+                .map(|(c, _)| c.0)
+                .collect();
+            let anyone_after = (0..4).any(|a| m.present(a));
+            assert_eq!(d.anyone_present(), anyone_after, "{ctx}");
+            if !told.is_empty() {
+                no_agents += 1;
+                assert!(!anyone_after, "{ctx}: no_agents while an agent is present");
+                let unique: BTreeSet<u64> = told.iter().copied().collect();
+                assert_eq!(unique.len(), told.len(), "{ctx}: told twice {told:?}");
+                assert!(told.iter().all(|c| d.is_queued(cid(*c))), "{ctx}");
+            }
+            if !anyone_after {
+                if anyone_before {
+                    assert_eq!(told, queue(&d), "{ctx}: last agent left");
+                }
+                if let DispatchEvent::Enqueue { conversation, .. } = &event {
+                    let waiting = d.is_queued(*conversation);
+                    assert_eq!(told.contains(&conversation.0), waiting, "{ctx}: not told");
+                }
+                for (c, _) in requeued(&out) {
+                    assert!(told.contains(&c), "{ctx}: re-queued {c} not told");
+                }
+            }
+
             // Global invariants.
             let q = queue(&d);
             let unique: BTreeSet<u64> = q.iter().copied().collect();
@@ -2158,14 +2336,14 @@ mod tests {
         }
         let counts = format!(
             "seed {seed}: {accepts} accepts, {transfers} transfers, {requeues} requeues, \
-             {assignments} assignments, {rejections} rejections"
+             {assignments} assignments, {rejections} rejections, {no_agents} no_agents"
         );
         println!("{counts}");
         // With auto-assignment an idle agent never sees a waiting conversation,
         // so a manual accept can only be refused.
         assert!(accepts > 0 || auto_assign, "{counts}");
         assert!(
-            transfers > 0 && requeues > 0 && assignments > 50 && rejections > 100,
+            transfers > 0 && requeues > 0 && assignments > 50 && rejections > 100 && no_agents > 0,
             "{counts}"
         );
     }

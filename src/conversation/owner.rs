@@ -157,6 +157,11 @@ pub enum OwnerEvent {
         conversation: ConversationId,
         position: usize,
     },
+    /// No agent is online: the visitors of these queued conversations are told
+    /// (`no_agents`) that they may leave a message; the conversations stay queued.
+    NoAgents {
+        conversations: Vec<ConversationId>,
+    },
     /// A store operation finished; `op` is handed back with its outcome.
     Committed {
         completion: Completion,
@@ -504,6 +509,7 @@ impl Owner {
                     self.send_visitors(&live.key, None, &queued, &mut out);
                 }
             }
+            OwnerEvent::NoAgents { conversations } => self.no_agents(&conversations, &mut out),
             OwnerEvent::Committed {
                 completion,
                 op,
@@ -1293,6 +1299,38 @@ impl Owner {
             self.agent_subscribe(conversation, agent.clone(), session, out);
         }
         self.tell_watchers(conversation, out);
+    }
+
+    /// Tells the connected visitors of queued conversations that no agent is
+    /// online. A conversation not in memory (evicted while its visitor idles)
+    /// is found through the visitors' entries, in one pass for all of them;
+    /// one whose visitor is not connected needs nothing: a returning visitor's
+    /// greeting enqueues it again and the dispatcher answers then.
+    fn no_agents(&self, conversations: &[ConversationId], out: &mut Vec<OwnerAction>) {
+        let note = |conversation: ConversationId| {
+            frame(serde_json::json!({"type": "no_agents", "conversation": conversation.0}))
+        };
+        let mut evicted = Vec::new();
+        for &conversation in conversations {
+            match self.live.get(&conversation) {
+                Some(live) if live.meta.state == ConversationState::Queued => {
+                    self.send_visitors(&live.key, None, &note(conversation), out)
+                }
+                Some(_) => {}
+                None => evicted.push(conversation),
+            }
+        }
+        if evicted.is_empty() {
+            return;
+        }
+        for (key, entry) in &self.visitors {
+            if entry.sessions.is_empty() {
+                continue;
+            }
+            if let Some(conversation) = entry.conversation.filter(|c| evicted.contains(c)) {
+                self.send_visitors(key, None, &note(conversation), out);
+            }
+        }
     }
 
     fn requeued(&mut self, conversation: ConversationId, out: &mut Vec<OwnerAction>) {

@@ -231,7 +231,7 @@ impl Router {
         let dispatcher = (super::dispatcher_shard(shard_count) == shard).then(|| {
             RefCell::new(Dispatcher::new(DispatcherConfig {
                 agent_grace_ms: config.conversations.agent_grace.as_millis() as u64,
-                auto_assign: true,
+                auto_assign: config.agents.auto_assign,
             }))
         });
         let (doorbell, doorbell_rx) = local_channel::new_bounded(1);
@@ -925,6 +925,23 @@ impl Router {
                             .collect(),
                     }),
                 ),
+                DispatchAction::NoAgents { conversations } => {
+                    // One message per owner shard, in the dispatcher's order.
+                    let mut by_owner: Vec<(usize, Vec<ConversationId>)> = Vec::new();
+                    for (conversation, owner) in conversations {
+                        let conversation = ConversationId(conversation.0);
+                        match by_owner.iter_mut().find(|(o, _)| *o == owner) {
+                            Some((_, list)) => list.push(conversation),
+                            None => by_owner.push((owner, vec![conversation])),
+                        }
+                    }
+                    for (owner, conversations) in by_owner {
+                        self.send(
+                            owner,
+                            ShardMessage::Owner(OwnerEvent::NoAgents { conversations }),
+                        );
+                    }
+                }
                 DispatchAction::Rejected {
                     session,
                     code,
