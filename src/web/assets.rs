@@ -7,12 +7,12 @@ use super::Asset;
 pub static ASSETS: &[Asset] = &[
     Asset {
         name: "widget.js",
-        file: "widget-35a89906fe641487.js",
+        file: "widget-b0d4b335cfccf40a.js",
         content_type: "text/javascript; charset=utf-8",
-        etag: "\"35a89906fe641487\"",
-        identity: include_bytes!("../../web/dist/widget-35a89906fe641487.js"),
-        gzip: Some(include_bytes!("../../web/dist/widget-35a89906fe641487.js.gz")),
-        brotli: Some(include_bytes!("../../web/dist/widget-35a89906fe641487.js.br")),
+        etag: "\"b0d4b335cfccf40a\"",
+        identity: include_bytes!("../../web/dist/widget-b0d4b335cfccf40a.js"),
+        gzip: Some(include_bytes!("../../web/dist/widget-b0d4b335cfccf40a.js.gz")),
+        brotli: Some(include_bytes!("../../web/dist/widget-b0d4b335cfccf40a.js.br")),
     },
     Asset {
         name: "console.js",

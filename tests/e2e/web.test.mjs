@@ -114,7 +114,12 @@ test("the visitor asks for a human; an agent accepts in the console and replies;
   await widgetSend(visitor, "Hello, something odd happened with my account");
   await widget(visitor).locator(".m.me[data-state=sent]").first().waitFor();
   await widget(visitor).getByRole("button", { name: "Talk to a human" }).click();
-  await widget(visitor).locator(".status.info").filter({ hasText: "in the queue" }).waitFor();
+  // The only agent is away: the server says nobody is online (`no_agents`) and the widget
+  // invites the visitor to leave a message, which is stored and waits in the queue.
+  await widget(visitor).locator(".status.info").filter({ hasText: "Leave a message" }).waitFor();
+  await visitor.screenshot({ path: join(ARTIFACTS, "widget-no-agents-en.png") });
+  await widgetSend(visitor, "Please call me back about it");
+  await widget(visitor).locator(".m.me[data-state=sent]").nth(1).waitFor();
 
   const queued = agent.locator(".queue li[data-conversation]");
   await queued.first().waitFor();
@@ -125,6 +130,7 @@ test("the visitor asks for a human; an agent accepts in the console and replies;
   await mine.first().waitFor();
   // The history: the visitor's message and the bot's earlier answer, marked.
   await agent.locator(".chat-log .msg.visitor").filter({ hasText: "something odd" }).waitFor();
+  await agent.locator(".chat-log .msg.visitor").filter({ hasText: "call me back" }).waitFor();
   await agent.locator(".chat-log .msg.bot").first().waitFor();
 
   // The visitor is told, sees the agent typing and then the reply.

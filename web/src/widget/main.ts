@@ -82,6 +82,9 @@ function mount(script: HTMLScriptElement): void {
   let typingTimer = 0;
   let typingSentAt = 0;
   let stopTypingTimer = 0;
+  /** The server said no agent is online: the visitor is invited to leave a message until an
+   * agent takes the conversation (a later queue position does not hide the invitation). */
+  let nobodyOnline = false;
 
   const persist = () => save(site, stored);
 
@@ -137,7 +140,8 @@ function mount(script: HTMLScriptElement): void {
   function onFrame(frame: ServerFrame) {
     if ("conversation" in frame) enter(frame.conversation);
     if (meansNobodyOnline(frame)) {
-      showStatus(t.nobody, "info");
+      nobodyOnline = true;
+      showStatus(t.nobody, "info leave");
       return;
     }
     switch (frame.type) {
@@ -154,6 +158,8 @@ function mount(script: HTMLScriptElement): void {
         connected = true;
         attempts = 0;
         persist();
+        // The server says again after the greeting if nobody is online still.
+        nobodyOnline = false;
         showStatus("");
         for (const pending of stored.pending) send({ type: "message", id: pending.id, text: pending.text });
         break;
@@ -212,14 +218,16 @@ function mount(script: HTMLScriptElement): void {
         for (const [seq, node] of bySeq) if (seq <= frame.seq && node.classList.contains("me")) setState(node, "read");
         break;
       case "queued":
-        showStatus(fill(t.queued, { n: frame.position }), "info");
+        if (!nobodyOnline) showStatus(fill(t.queued, { n: frame.position }), "info");
         break;
       case "assigned":
+        nobodyOnline = false;
         showStatus("");
         log.append(el("div", { class: "m sys" }, fill(t.assigned, { name: frame.agent })));
         scroll();
         break;
       case "closed":
+        nobodyOnline = false;
         showStatus("");
         log.append(el("div", { class: "m sys" }, t.closed));
         scroll();

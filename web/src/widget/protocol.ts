@@ -31,7 +31,7 @@ export type ServerFrame =
   | { type: "queued"; conversation: number; position: number }
   | { type: "assigned"; conversation: number; agent: string }
   | { type: "closed"; conversation: number }
-  | { type: "no_agents" }
+  | { type: "no_agents"; conversation: number }
   | { type: "error"; code: string; message?: string; retry_after?: number };
 
 export type ClientFrame =
