@@ -430,6 +430,9 @@ pub enum BotHandler {
     Fallback,
     /// The sample handler that repeats the message (see docs/plugins.md).
     Echo,
+    /// A handler registered by the program that embeds switchboard (see
+    /// [`allow_plugin_handlers`] and `cli::run_with_registry`), by its registry name.
+    Plugin(&'static str),
 }
 
 /// `[risk_control]`
@@ -629,8 +632,34 @@ impl BotHandler {
 
     /// The spelling used in TOML.
     pub fn as_str(self) -> &'static str {
-        name_of(Self::CHOICES, self)
+        match self {
+            BotHandler::Plugin(name) => name,
+            _ => name_of(Self::CHOICES, self),
+        }
     }
+
+    /// The names `[bot] handlers` accepts: the built-ins, then the plugins allowed by
+    /// [`allow_plugin_handlers`].
+    fn choices() -> Vec<(&'static str, BotHandler)> {
+        let mut choices = Self::CHOICES.to_vec();
+        for name in PLUGIN_HANDLERS.get().into_iter().flatten() {
+            if !choices.iter().any(|(n, _)| n == name) {
+                choices.push((name, BotHandler::Plugin(name)));
+            }
+        }
+        choices
+    }
+}
+
+/// Handler names registered by the program embedding switchboard, accepted in `[bot] handlers`.
+static PLUGIN_HANDLERS: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+
+/// Lets `[bot] handlers` name the handlers of a custom bot registry (the built-in names are
+/// always accepted). Process-wide, because every command loads the configuration: call it
+/// once at start-up, before the first load (`cli::run_with_registry` does). Later calls are
+/// ignored.
+pub fn allow_plugin_handlers(names: impl IntoIterator<Item = &'static str>) {
+    let _ = PLUGIN_HANDLERS.set(names.into_iter().collect());
 }
 
 impl fmt::Debug for AgentAccount {
@@ -2196,7 +2225,7 @@ impl<'a> Field<'a> {
     fn handlers(&self) -> Result<Vec<BotHandler>, ConfigError> {
         let mut handlers = Vec::new();
         for element in self.elements("an array of handler names")? {
-            let handler = element.choice(BotHandler::CHOICES)?;
+            let handler = element.choice(&BotHandler::choices())?;
             if handlers.contains(&handler) {
                 return Err(element.error(format_args!(
                     "handler \"{}\" is listed twice",

@@ -7,7 +7,8 @@
 //!
 //! Module map: protocol cores are sans-IO (`http`, `ws`); `server` is the
 //! shard-local driver doing the I/O; `arena` and `buffers` hold per-shard
-//! session state; `config` is the tuning file loader.
+//! session state; `config` is the tuning file loader; `cli` is the command line (the
+//! `switchboard` binary, or a program adding its own bot handlers).
 
 pub mod admission;
 pub mod api;
@@ -16,6 +17,7 @@ pub mod audit;
 pub mod auth;
 pub mod bot;
 pub mod buffers;
+pub mod cli;
 pub mod config;
 pub mod conversation;
 pub mod engine;

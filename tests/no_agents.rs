@@ -76,18 +76,25 @@ impl Peer {
             if left.is_zero() {
                 return None;
             }
-            self.client.set_read_timeout(left.min(Duration::from_millis(200)));
+            self.client
+                .set_read_timeout(left.min(Duration::from_millis(200)));
             let Some(frame) = self.client.read_message() else {
                 if Instant::now() >= deadline {
                     return None;
                 }
                 // A read timeout; the connection may still be open.
                 if !self.client.is_alive() {
-                    panic!("connection ended while waiting for {what}; saw {:#?}", self.backlog);
+                    panic!(
+                        "connection ended while waiting for {what}; saw {:#?}",
+                        self.backlog
+                    );
                 }
                 continue;
             };
-            assert_eq!(frame.opcode, TEXT, "unexpected frame while waiting for {what}");
+            assert_eq!(
+                frame.opcode, TEXT,
+                "unexpected frame while waiting for {what}"
+            );
             let value = frame.json();
             if want(&value) {
                 return Some(value);
@@ -139,7 +146,11 @@ fn with_no_agent_online_the_visitor_is_told_and_the_left_message_reaches_a_later
     let queued = tab.wait_for("queued", of_type("queued"));
     assert_eq!(queued["position"], 1);
     let (again, seq) = say(&mut tab, "m2", "Please call me back at 555-0100.");
-    assert_eq!((again, seq), (conversation, 2), "stored in the same conversation");
+    assert_eq!(
+        (again, seq),
+        (conversation, 2),
+        "stored in the same conversation"
+    );
 
     // Coming back later, the visitor hears it again (nobody came online meanwhile).
     drop(tab);
@@ -204,7 +215,10 @@ fn manual_assignment_waits_for_accept_and_the_last_agent_leaving_tells_the_queue
         None,
         "assigned without accept"
     );
-    assert!(tab.backlog.iter().all(|v| v["type"] != "assigned" && v["type"] != "no_agents"));
+    assert!(tab
+        .backlog
+        .iter()
+        .all(|v| v["type"] != "assigned" && v["type"] != "no_agents"));
 
     // The only agent leaves: the waiting visitor is told nobody is online.
     drop(alice);

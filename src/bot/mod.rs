@@ -8,7 +8,9 @@
 //! 2. on [`Verdict::NeedIntent`], ask the inference worker for an [`IntentMatch`] (with a
 //!    deadline; on overload the worker answers with a lexical match and `degraded: true`), put it
 //!    in `ctx.intent` and call `run` again from the index it returned;
-//! 3. act on the final verdict; a chain that ends in [`Verdict::Continue`] (no handler decided)
+//! 3. on [`Verdict::Later`] (a handler waiting for something outside the process, see
+//!    [`later`]), await the answer without blocking the shard;
+//! 4. act on the final verdict; a chain that ends in [`Verdict::Continue`] (no handler decided)
 //!    is a fallback turn — [`Verdict::fallback`] builds the standard one.
 //!
 //! `ctx.text` is what gets stored: handlers may rewrite it (card-number masking), so the driver
@@ -33,6 +35,7 @@ pub mod echo;
 pub mod fallback;
 pub mod human_transfer;
 pub mod intent;
+pub mod later;
 pub mod risk_control;
 pub mod words;
 
@@ -41,6 +44,7 @@ pub use echo::Echo;
 pub use fallback::{Fallback, FALLBACK_TEXT};
 pub use human_transfer::HumanTransfer;
 pub use intent::IntentAnswer;
+pub use later::{later, Later, LaterAnswer};
 pub use risk_control::RiskControl;
 
 /// Priorities of the built-in handlers (higher runs first). Custom handlers pick a value in
@@ -78,6 +82,10 @@ pub enum Verdict {
     Block { code: &'static str, message: String },
     /// The handler needs `ctx.intent`; fill it and resume the chain at the returned index.
     NeedIntent,
+    /// The handler answers later (it waits for something outside the process, on a thread of
+    /// its own); the driver awaits the answer without blocking the shard. See [`later`].
+    /// Answer handlers only: a guard's verdict is needed before the message is stored.
+    Later(Later),
 }
 
 impl Verdict {
@@ -101,7 +109,9 @@ impl Verdict {
         match self {
             Verdict::Reply { failed: true, .. } => failed_turns.saturating_add(1),
             Verdict::Reply { failed: false, .. } | Verdict::Handoff { .. } => 0,
-            Verdict::Block { .. } | Verdict::Continue | Verdict::NeedIntent => failed_turns,
+            Verdict::Block { .. } | Verdict::Continue | Verdict::NeedIntent | Verdict::Later(_) => {
+                failed_turns
+            }
         }
     }
 }

@@ -995,7 +995,10 @@ impl Dispatcher {
             return;
         }
         let conversations: Vec<(ConversationId, usize)> = if everyone {
-            self.queue.iter().map(|w| (w.conversation, w.owner)).collect()
+            self.queue
+                .iter()
+                .map(|w| (w.conversation, w.owner))
+                .collect()
         } else {
             // One event lets few conversations in (one enqueue, or a tick's
             // re-queued ones in queue order), so the dedup is cheap.

@@ -132,14 +132,18 @@ struct Bot {
 }
 
 impl Bot {
-    fn open(config: &Config, shard: usize, core: usize) -> Result<Option<Bot>, RouterError> {
-        let registry = Registry::default();
+    fn open(
+        config: &Config,
+        shard: usize,
+        core: usize,
+        registry: &Registry,
+    ) -> Result<Option<Bot>, RouterError> {
         let names: Vec<&str> = config.bot.handlers.iter().map(|h| h.as_str()).collect();
         let (guard_names, answer_names): (Vec<&str>, Vec<&str>) =
             names.iter().partition(|name| **name == "risk_control");
         let build = |names: &[&str]| {
             let specs: Vec<HandlerSpec<'_>> = names.iter().map(|n| HandlerSpec::new(n)).collect();
-            Chain::from_specs(&registry, &specs, &config.bot, &config.risk_control)
+            Chain::from_specs(registry, &specs, &config.bot, &config.risk_control)
                 .map_err(|err| RouterError::Bot(err.to_string()))
         };
         let guards = build(&guard_names)?;
@@ -177,7 +181,9 @@ impl Bot {
 }
 
 impl Router {
-    /// Opens this shard's store and builds the state machines.
+    /// Opens this shard's store and builds the state machines; the bot's chains come from
+    /// `handlers`.
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         shard: usize,
         core: usize,
@@ -186,6 +192,7 @@ impl Router {
         mesh: Rc<Mesh<ShardMessage>>,
         arena: Rc<RefCell<Arena>>,
         metrics: Metrics,
+        handlers: &Registry,
     ) -> Result<Rc<Router>, RouterError> {
         let durability = match config.storage.durability {
             crate::config::Durability::Fsync => Durability::Fsync,
@@ -209,7 +216,7 @@ impl Router {
             start_flusher(&store, config.storage.sync_interval, shard);
         }
         let reader = store.reader();
-        let bot = Bot::open(&config, shard, core)?;
+        let bot = Bot::open(&config, shard, core, handlers)?;
         let owner = Owner::new(OwnerConfig {
             shard,
             bot_enabled: bot.as_ref().is_some_and(|bot| bot.engine.is_some()),
@@ -771,6 +778,15 @@ impl Router {
             (verdict, next) = bot.answers.borrow_mut().run(&mut ctx, next);
         }
         let _ = next;
+        if let Verdict::Later(later) = verdict {
+            // A handler waits for something outside the process (docs/plugins.md): its answer
+            // comes from another thread, awaited here without blocking the shard.
+            let answer = async { Ok(later.answer().await) };
+            verdict = match glommio::timer::timeout(crate::bot::later::LATER_LIMIT, answer).await {
+                Ok(Some(Verdict::Later(_))) | Ok(None) | Err(_) => Verdict::Continue,
+                Ok(Some(answer)) => answer,
+            };
+        }
         if matches!(
             verdict,
             Verdict::Continue | Verdict::NeedIntent | Verdict::Block { .. }

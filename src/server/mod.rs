@@ -71,7 +71,8 @@ impl Shard {
     }
 }
 
-/// Runs one shard until shutdown.
+/// Runs one shard until shutdown. `handlers` is the bot registry the shard's chains are built
+/// from (`Registry::default()` for the built-ins).
 pub async fn shard_main(
     context: ShardContext<ShardMessage>,
     config: Arc<Config>,
@@ -79,6 +80,7 @@ pub async fn shard_main(
     audit: AuditLog,
     authority: Arc<Authority>,
     tls: Option<Arc<crate::tls::Certificates>>,
+    handlers: crate::bot::Registry,
 ) {
     let arena = Rc::new(RefCell::new(Arena::new()));
     let router = match Router::open(
@@ -89,6 +91,7 @@ pub async fn shard_main(
         context.mesh.clone(),
         arena.clone(),
         metrics.clone(),
+        &handlers,
     ) {
         Ok(router) => router,
         Err(err) => {

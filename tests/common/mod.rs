@@ -34,8 +34,15 @@ impl Server {
 
     /// Like [`Server::start`] but reuses a directory (a restart on the same data).
     pub fn start_in(dir: tempfile::TempDir, overlay: &str) -> Server {
+        Self::start_program(Command::new(BIN), dir, overlay)
+    }
+
+    /// Like [`Server::start_in`] with another program that runs the switchboard command line
+    /// (a sample built on `switchboard::cli`), given as a `Command` so a test can set its
+    /// environment.
+    pub fn start_program(mut program: Command, dir: tempfile::TempDir, overlay: &str) -> Server {
         let config_path = write_config(dir.path(), overlay);
-        let mut child = Command::new(BIN)
+        let mut child = program
             .args(["serve", "--config"])
             .arg(&config_path)
             .stdout(Stdio::null())

@@ -1,13 +1,13 @@
 //! `switchboard audit verify` and `switchboard audit tail`: the operator's view of the audit
-//! chain kept by [`switchboard::audit`]. Exit codes: 0 the chain is intact (or the records were
+//! chain kept by [`crate::audit`]. Exit codes: 0 the chain is intact (or the records were
 //! printed), 1 the chain is broken or the file unreadable, 2 invalid configuration.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::audit;
+use crate::config;
 use clap::Subcommand;
-use switchboard::audit;
-use switchboard::config;
 
 #[derive(Subcommand)]
 pub enum AuditCommand {
