@@ -2874,6 +2874,37 @@ mod tests {
     }
 
     #[test]
+    fn plugin_handlers_are_accepted_once_allowed_and_auto_assign_parses() {
+        // Process-wide and set once; no other test allows plugins.
+        allow_plugin_handlers(["lookup_sample"]);
+        let c = load_str(
+            "t.toml",
+            "[bot]\nhandlers = [\"lookup_sample\", \"fallback\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.bot.handlers,
+            [BotHandler::Plugin("lookup_sample"), BotHandler::Fallback]
+        );
+        assert!(c
+            .to_toml()
+            .contains("handlers = [\"lookup_sample\", \"fallback\"]"));
+        let e = err("[bot]\nhandlers = [\"lookup_sampel\"]\n");
+        assert_invalid(
+            &e,
+            2,
+            "bot.handlers",
+            "\"lookup_sample\", got \"lookup_sampel\"",
+        );
+
+        assert!(Config::default().agents.auto_assign);
+        let c = load_str("t.toml", "[agents]\nauto_assign = false\n").unwrap();
+        assert!(!c.agents.auto_assign);
+        let e = err("[agents]\nauto_assign = \"no\"\n");
+        assert_invalid(&e, 2, "agents.auto_assign", "");
+    }
+
+    #[test]
     fn choices_log_level_and_listen_are_validated() {
         let e = err("[storage]\ndurability = \"fsink\"\n");
         assert_invalid(

@@ -2408,6 +2408,51 @@ mod tests {
         assert!(stores(&owner.handle(OwnerEvent::ExpireEmpty { conversation }, 0)).is_empty());
     }
 
+    #[test]
+    fn no_agents_reaches_the_connected_visitor_even_after_eviction() {
+        let conversation = ConversationId::from_parts(0, 9);
+        let mut owner = owner();
+        let mut queued = meta(conversation, "waiter", 1);
+        queued.state = ConversationState::Queued;
+        owner.insert_loaded(queued);
+        let tab = session(1);
+        attach(
+            &mut owner,
+            "waiter",
+            tab,
+            None,
+            credentials(None, true, "fresh-1"),
+            StoredVisitor {
+                secret_hash: Some([1; 32]),
+                conversation: Some(conversation),
+            },
+        );
+        let tell = |owner: &mut Owner| {
+            let actions = owner.handle(
+                OwnerEvent::NoAgents {
+                    conversations: vec![conversation],
+                },
+                0,
+            );
+            frames_to(&actions, tab)
+        };
+        let expected = serde_json::json!({"type": "no_agents", "conversation": conversation.0});
+        assert_eq!(tell(&mut owner), vec![expected.clone()]);
+        // Evicted while the visitor idles: found through the visitor's entry.
+        owner.handle(OwnerEvent::Tick, 0);
+        assert!(!owner.is_live(conversation));
+        assert_eq!(tell(&mut owner), vec![expected]);
+        // Gone: nobody to tell.
+        owner.handle(
+            OwnerEvent::VisitorDetach {
+                key: key("waiter"),
+                session: tab,
+            },
+            0,
+        );
+        assert!(tell(&mut owner).is_empty());
+    }
+
     /// Every typing frame forwarded to `to`, as `on` values.
     fn typing_to(actions: &[OwnerAction], to: SessionRef) -> Vec<bool> {
         actions
