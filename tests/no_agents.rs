@@ -236,3 +236,18 @@ fn manual_assignment_waits_for_accept_and_the_last_agent_leaving_tells_the_queue
     });
     tab.wait_for("assigned notice", of_type("assigned"));
 }
+
+#[test]
+fn a_bot_handoff_with_no_agent_online_is_told_too() {
+    // The bot answers (model loaded); "talk to a human" makes it hand off.
+    let server = Server::start(&overlay("").replace(
+        "[inference]\nenabled = false",
+        "[inference]\nenabled = true\n\n[bot]\nhandlers = [\"human_transfer\", \"fallback\"]",
+    ));
+    let (mut tab, _) = visitor(&server, "asker", None);
+    let (conversation, _) = say(&mut tab, "m1", "I want to talk to a human");
+    let note = tab.wait_for("no_agents after the bot's handoff", of_type("no_agents"));
+    assert_eq!(note["conversation"], conversation);
+    let (_, seq) = say(&mut tab, "m2", "My number is 555-0100, call me.");
+    assert!(seq >= 2, "the left message is stored");
+}

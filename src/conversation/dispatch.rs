@@ -53,7 +53,9 @@
 //! conversation, so with n waiting visitors an assignment produces n position
 //! updates (several assignments in one event still produce one pass).
 //! `QueueSnapshot` carries the whole queue to every agent session whenever
-//! its content changed. Picking an agent is O(agents). Agents are never
+//! its content changed. `NoAgents` lists the whole queue only when the last
+//! present agent leaves (once per such transition); otherwise it lists the
+//! few conversations that just entered the queue. Picking an agent is O(agents). Agents are never
 //! forgotten: their number is bounded by the configured accounts plus the
 //! agents named in restored assignments. Measured with 50,000 waiting
 //! (`long_queue_cost`, release): an assignment from the head takes about
