@@ -166,10 +166,37 @@ enum TlsCommand {
     },
 }
 
+/// The file formats `kb import` takes, shown by `switchboard kb import --help`.
+const KB_FORMAT_HELP: &str = "\
+FORMATS
+  CSV: a header row naming `text`, `category` and optionally `answer` (any order). Each row
+  is one question; rows sharing a category form one entry, whose answer is the `answer` of
+  whichever of its rows gives one (giving two different answers is an error). RFC 4180
+  quoting; UTF-8.
+
+      text,category,answer
+      How do I change my password?,change_password,\"Go to My account > Security.\"
+      I want a new password,change_password,
+      怎么修改密码,change_password_zh,在「我的账户 → 安全设置」里修改。
+
+  JSON: an array of entries:
+
+      [{\"id\": \"change_password\",
+        \"questions\": [\"How do I change my password?\", \"I want a new password\"],
+        \"answer\": \"Go to My account > Security.\",
+        \"tags\": [\"account\"]}]
+
+  (`intent` defaults to `id`; unknown fields, blank values and duplicate ids are errors.)
+  The whole file is checked first: any problem fails the import with every problem and
+  its line, and the serving version is left as it was. A sample bilingual knowledge base
+  is examples/kb/starter.csv; `switchboard kb export` writes the current one as JSON.
+";
+
 #[derive(Subcommand)]
 enum KbCommand {
     /// Import a CSV (`text,category[,answer]`) or JSON file as a new version of every
     /// shard's replica: questions embedded once, classifier head trained once.
+    #[command(after_long_help = KB_FORMAT_HELP)]
     Import {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
