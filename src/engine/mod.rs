@@ -11,6 +11,7 @@
 //! - [`intent`]: [`IntentEngine`], one per shard: caches → worker → classifier, lexical
 //!   fallback when degraded, reload on a new knowledge-base version;
 //! - [`update`]: `kb import`'s embed-once, train-once, apply-to-every-replica;
+//! - [`progress`]: the progress bar `kb import` shows while it embeds;
 //! - [`eval`]: `kb eval`.
 //!
 //! # Measured
@@ -32,6 +33,7 @@ pub mod classifier;
 pub mod encoder;
 pub mod eval;
 pub mod intent;
+pub mod progress;
 pub mod update;
 pub mod worker;
 
