@@ -333,5 +333,8 @@ fn an_import_shows_its_progress_and_a_companion_model_joins_the_vectors() {
         "text,category\nmy card has not arrived yet,card_arrival\nhow can I change my pin,change_pin\n",
     );
     let report = site.kb_ok(&["eval", queries.to_str().unwrap()]);
-    assert!(report.contains("top-1 before thresholds: 100.00%"), "{report}");
+    assert!(
+        report.contains("top-1 before thresholds: 100.00%"),
+        "{report}"
+    );
 }

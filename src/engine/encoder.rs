@@ -182,7 +182,7 @@ impl VocabularyCoverage {
              profile: run `models/fetch --profile multilingual`, set [inference] model = \
              \"models/cache/multilingual-e5-small.onnx\", tokenizer = \
              \"models/cache/multilingual-e5-small.tokenizer.json\", text_prefix = \"query: \" \
-             (see models/README.md), and import again.",
+             and no companion_model (see models/README.md), and import again.",
             100.0 * self.unknown_share(),
             self.unknown,
             self.tokens,
@@ -896,7 +896,11 @@ mod tests {
             Err(EncoderError::InvalidSetting(_))
         ));
 
-        let texts = ["I am still waiting on my card?", "How do I top up with Apple Pay?", "hi"];
+        let texts = [
+            "I am still waiting on my card?",
+            "How do I top up with Apple Pay?",
+            "hi",
+        ];
         let a = english.encode_batch(&texts).unwrap();
         let b = second.encode_batch(&texts).unwrap();
         let both = joined.encode_batch(&texts).unwrap();

@@ -98,13 +98,12 @@ impl ModelSettings {
     /// companion keys, with `threads`.
     pub fn from_config(config: &Config, threads: usize) -> Self {
         let inference = &config.inference;
-        let companion = (!inference.companion_model.as_os_str().is_empty()).then(|| {
-            CompanionSettings {
+        let companion =
+            (!inference.companion_model.as_os_str().is_empty()).then(|| CompanionSettings {
                 model: inference.companion_model.clone(),
                 tokenizer: inference.companion_tokenizer.clone(),
                 text_prefix: inference.companion_text_prefix.clone(),
-            }
-        });
+            });
         ModelSettings {
             model: inference.model.clone(),
             tokenizer: inference.tokenizer.clone(),

@@ -130,7 +130,10 @@ mod tests {
     #[test]
     fn no_estimate_before_two_percent_and_an_empty_import_is_done() {
         let mut progress = ImportProgress::new(1000, true);
-        assert!(progress.update(10, ms(500)).unwrap().ends_with("estimating"));
+        assert!(progress
+            .update(10, ms(500))
+            .unwrap()
+            .ends_with("estimating"));
         let mut empty = ImportProgress::new(0, false);
         assert!(empty.update(0, ms(1)).unwrap().ends_with("done"));
         assert_eq!(empty.update(0, ms(2)), None);

@@ -95,8 +95,8 @@ pub fn prepare_with_progress(
     let started = Instant::now();
     let texts = kb::question_texts(&entries);
     let total = texts.len();
-    let embeddings =
-        encoder.encode_many_with_progress(&texts, IMPORT_BATCH, &mut |done| progress(done, total))?;
+    let embeddings = encoder
+        .encode_many_with_progress(&texts, IMPORT_BATCH, &mut |done| progress(done, total))?;
     let embed_time = started.elapsed();
 
     let started = Instant::now();
