@@ -9,7 +9,12 @@ knowledge base (for choosing) and on the hold-out (for reporting):
   - multinomial logistic regression (L-BFGS from zero, the same algorithm as
     src/engine/classifier.rs) for several L2 penalties;
   - blends  w * head + (1 - w) * weighted vote.
-Usage: scripts/intent_experiments.py [--folds 5]
+With --issue11, the methods tried for issue 11 (beyond the frozen en model) instead:
+  - the en model with multilingual-e5-small as companion: vectors joined (what
+    `[inference] companion_model` does in the engine), or one blend per model averaged;
+  - on the en vectors alone: PCA whitening, an MLP head, a learned residual linear adapter with
+    class proxies (normalised softmax, Adam), pseudo-relevance feedback on the query.
+Usage: scripts/intent_experiments.py [--folds 5] [--issue11]
 """
 
 import argparse
@@ -27,16 +32,45 @@ import py_baseline  # noqa: E402
 REPO = py_baseline.REPO
 
 
-def embeddings(split, models):
+# (model file, tokenizer file, text prefix) of the two profiles (models/README.md).
+PROFILES = {
+    "en": ("model.onnx", "tokenizer.json", ""),
+    "multilingual": ("multilingual-e5-small.onnx", "multilingual-e5-small.tokenizer.json", "query: "),
+}
+
+
+class ProfileEncoder(py_baseline.Encoder):
+    """py_baseline.Encoder for either profile (model and tokenizer file names, text prefix)."""
+
+    def __init__(self, directory, profile, threads=1, max_seq=256):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        model, tokenizer, self.prefix = PROFILES[profile]
+        self.tokenizer = Tokenizer.from_file(os.path.join(directory, tokenizer))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(max_seq)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(os.path.join(directory, model), options, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def encode(self, texts):
+        return super().encode([self.prefix + t for t in texts])
+
+
+def embeddings(split, models, profile="en"):
     path = os.path.join(REPO, "tests", "data", "banking77", f"{split}.csv")
     rows = py_baseline.read_csv(path)
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    cache = os.path.join(models, f".embeddings-{split}-{digest}.npz")
+    tag = "" if profile == "en" else f"{profile}-"
+    cache = os.path.join(models, f".embeddings-{tag}{split}-{digest}.npz")
     if os.path.exists(cache):
         data = np.load(cache)
         return data["vectors"], [c for _, c in rows]
-    encoder = py_baseline.Encoder(models, threads=1)
+    encoder = py_baseline.Encoder(models, threads=1) if profile == "en" else ProfileEncoder(models, profile)
     start = time.perf_counter()
     vectors = encoder.encode_many([t for t, _ in rows]).astype(np.float32)
     print(f"embedded {split} ({len(rows)}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -152,13 +186,142 @@ def methods(kb, labels, queries, classes):
     return out
 
 
+def normalised(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def softmax_rows(z):
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+class Adam:
+    def __init__(self, params, lr):
+        self.params, self.lr, self.t = params, lr, 0
+        self.m = [np.zeros_like(p) for p in params]
+        self.v = [np.zeros_like(p) for p in params]
+
+    def step(self, grads):
+        self.t += 1
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            m *= 0.9
+            m += 0.1 * g
+            v *= 0.999
+            v += 0.001 * g * g
+            p -= self.lr * (m / (1 - 0.9**self.t)) / (np.sqrt(v / (1 - 0.999**self.t)) + 1e-8)
+
+
+def train_mlp(x, y, classes, hidden=512, epochs=30, lr=1e-3, wd=1e-4, batch=64, seed=0):
+    """One ReLU hidden layer, softmax output, Adam on minibatches; returns a scoring function."""
+    rng = np.random.default_rng(seed)
+    d = x.shape[1]
+    w1 = (rng.standard_normal((d, hidden)) * np.sqrt(2 / d)).astype(np.float32)
+    b1 = np.zeros(hidden, np.float32)
+    w2 = np.zeros((hidden, classes), np.float32)
+    b2 = np.zeros(classes, np.float32)
+    opt = Adam([w1, b1, w2, b2], lr)
+    onehot = np.eye(classes, dtype=np.float32)[y]
+    for _ in range(epochs):
+        perm = rng.permutation(len(x))
+        for i in range(0, len(x), batch):
+            idx = perm[i : i + batch]
+            xb = x[idx]
+            a = xb @ w1 + b1
+            h = np.maximum(a, 0)
+            g = (softmax_rows(h @ w2 + b2) - onehot[idx]) / len(idx)
+            da = (g @ w2.T) * (a > 0)
+            opt.step([xb.T @ da + wd * w1, da.sum(0), h.T @ g + wd * w2, g.sum(0)])
+    return lambda q: softmax_rows(np.maximum(q @ w1 + b1, 0) @ w2 + b2)
+
+
+def train_adapter(x, y, classes, scale=20.0, epochs=20, lr=1e-3, batch=64, seed=0):
+    """z = normalise(x + x A), A from zero, trained with a normalised softmax over class proxies
+    (initialised at the class centroids); returns (projection, proxy-softmax head)."""
+    rng = np.random.default_rng(seed)
+    d = x.shape[1]
+    adapter = np.zeros((d, d), np.float32)
+    proxies = normalised(np.stack([x[y == c].mean(0) for c in range(classes)])).astype(np.float32)
+    opt = Adam([adapter, proxies], lr)
+    onehot = np.eye(classes, dtype=np.float32)[y]
+    for _ in range(epochs):
+        perm = rng.permutation(len(x))
+        for i in range(0, len(x), batch):
+            idx = perm[i : i + batch]
+            xb = x[idx]
+            u = xb + xb @ adapter
+            n = np.linalg.norm(u, axis=1, keepdims=True)
+            z = u / n
+            pnorm = np.linalg.norm(proxies, axis=1, keepdims=True)
+            pn = proxies / pnorm
+            g = (softmax_rows(scale * z @ pn.T) - onehot[idx]) / len(idx)
+            dz, dpn = scale * g @ pn, scale * g.T @ z
+            du = (dz - z * (dz * z).sum(1, keepdims=True)) / n
+            opt.step([xb.T @ du, (dpn - pn * (dpn * pn).sum(1, keepdims=True)) / pnorm])
+    project = lambda q: normalised(q + q @ adapter)  # noqa: E731
+    pn = normalised(proxies)
+    return project, (lambda q: softmax_rows(scale * project(q) @ pn.T))
+
+
+def blend_parts(kb, labels, queries, classes, temperature=0.05):
+    w, b = train_softmax(kb, labels, classes, 1e-5)
+    return softmax_scores(queries, w, b), vote(queries, kb, labels, classes, 10, temperature)
+
+
+def issue11_methods(kbs, labels, queries, classes):
+    """kbs / queries: [en vectors, multilingual vectors]."""
+    (kb, ml_kb), (q, ml_q) = kbs, queries
+    head, weighted = blend_parts(kb, labels, q, classes)
+    out = {"shipped: blend 0.5 head + 0.5 kNN (en)": 0.5 * head + 0.5 * weighted}
+    ml_head, ml_vote = blend_parts(ml_kb, labels, ml_q, classes)
+    out["same, multilingual model"] = 0.5 * ml_head + 0.5 * ml_vote
+    for share in (0.5, 0.6):
+        out[f"one blend per model, averaged ({share} en)"] = share * out["shipped: blend 0.5 head + 0.5 kNN (en)"] + (
+            1 - share
+        ) * out["same, multilingual model"]
+    joined_kb, joined_q = np.hstack(kbs) / np.sqrt(2), np.hstack(queries) / np.sqrt(2)
+    joined_head, joined_vote = blend_parts(joined_kb, labels, joined_q, classes)
+    out["vectors joined (companion), blend, T=0.05 (engine)"] = 0.5 * joined_head + 0.5 * joined_vote
+    out["vectors joined (companion), blend, T=0.03"] = 0.5 * joined_head + 0.5 * vote(
+        joined_q, joined_kb, labels, classes, 10, 0.03
+    )
+    mean = kb.mean(0)
+    centred = kb - mean
+    values, vectors = np.linalg.eigh(centred.T @ centred / len(kb))
+    whiten = vectors @ np.diag(1 / np.sqrt(values + 0.3 * values.mean())) @ vectors.T
+    white_kb, white_q = normalised(centred @ whiten), normalised((q - mean) @ whiten)
+    white_head, white_vote = blend_parts(white_kb, labels, white_q, classes, temperature=0.1)
+    out["en, PCA-whitened (eps 0.3), blend, T=0.1"] = 0.5 * white_head + 0.5 * white_vote
+    mlp = train_mlp(kb, labels, classes)(q)
+    out["en, MLP head (512 ReLU) + kNN"] = 0.5 * mlp + 0.5 * weighted
+    project, proxy_head = train_adapter(kb, labels, classes)
+    adapted_vote = vote(project(q), project(kb), labels, classes, 10, 0.1)
+    out["en, linear adapter + proxies: kNN in adapted space, T=0.1"] = adapted_vote
+    out["en, linear adapter: proxy head + adapted kNN"] = 0.5 * proxy_head(q) + 0.5 * adapted_vote
+    sims = q @ kb.T
+    nearest = np.argpartition(-sims, 5, axis=1)[:, :5]
+    expanded = normalised(q + 0.5 * kb[nearest].mean(1))
+    w, b = train_softmax(kb, labels, classes, 1e-5)
+    out["en, query + 0.5 x mean of its 5 nearest questions, blend"] = 0.5 * softmax_scores(
+        expanded, w, b
+    ) + 0.5 * vote(expanded, kb, labels, classes, 10, 0.05)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=py_baseline.models_dir())
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--issue11", action="store_true", help="the issue-11 methods (needs both profiles)")
     args = parser.parse_args()
     kb, kb_intents = embeddings("kb", args.models)
     holdout, holdout_intents = embeddings("holdout", args.models)
+    if args.issue11:
+        kb = [kb, embeddings("kb", args.models, "multilingual")[0]]
+        holdout = [holdout, embeddings("holdout", args.models, "multilingual")[0]]
+        evaluate = issue11_methods
+    else:
+        evaluate = methods
     names = sorted(set(kb_intents))
     index = {n: i for i, n in enumerate(names)}
     labels = np.array([index[c] for c in kb_intents])
@@ -166,15 +329,17 @@ def main():
     classes = len(names)
 
     # Folds: row i goes to fold (position of i in a fixed permutation) mod folds.
-    folds = np.empty(len(kb), int)
-    folds[np.random.default_rng(1).permutation(len(kb))] = np.arange(len(kb)) % args.folds
+    rows = len(labels)
+    folds = np.empty(rows, int)
+    folds[np.random.default_rng(1).permutation(rows)] = np.arange(rows) % args.folds
     cv = {}
     for f in range(args.folds):
         train, test = folds != f, folds == f
-        for name, scores in methods(kb[train], labels[train], kb[test], classes).items():
+        pick = (lambda x, rows: [v[rows] for v in x]) if args.issue11 else (lambda x, rows: x[rows])
+        for name, scores in evaluate(pick(kb, train), labels[train], pick(kb, test), classes).items():
             cv.setdefault(name, []).append(float((scores.argmax(1) == labels[test]).mean()))
-    held = methods(kb, labels, holdout, classes)
-    print(f"{'method':<58} {args.folds}-fold CV (kb)  hold-out ({len(holdout)})")
+    held = evaluate(kb, labels, holdout, classes)
+    print(f"{'method':<58} {args.folds}-fold CV (kb)  hold-out ({len(truth)})")
     for name, scores in held.items():
         accuracy = float((scores.argmax(1) == truth).mean())
         print(f"{name:<58} {100 * np.mean(cv[name]):6.2f}%          {100 * accuracy:6.2f}%")

@@ -404,6 +404,11 @@ pub struct InferenceConfig {
     pub max_sequence_length: usize,
     /// Prepended to every text before tokenizing (multilingual-e5 wants `"query: "`).
     pub text_prefix: String,
+    /// A second encoder whose vectors are appended to the first's; empty = none. Set together
+    /// with `companion_tokenizer`.
+    pub companion_model: PathBuf,
+    pub companion_tokenizer: PathBuf,
+    pub companion_text_prefix: String,
 }
 
 /// `[bot]`
@@ -947,6 +952,9 @@ impl InferenceConfig {
             "max_wait" => self.max_wait = f.duration_in(ms(1), mins(1))?,
             "max_sequence_length" => self.max_sequence_length = f.integer_in(8, 8192)?,
             "text_prefix" => self.text_prefix = f.text(0, 64)?.to_string(),
+            "companion_model" => self.companion_model = f.optional_path()?,
+            "companion_tokenizer" => self.companion_tokenizer = f.optional_path()?,
+            "companion_text_prefix" => self.companion_text_prefix = f.text(0, 64)?.to_string(),
             _ => return Ok(false),
         }
         Ok(true)
@@ -1140,6 +1148,9 @@ impl Config {
         w.duration("max_wait", inf.max_wait);
         w.display("max_sequence_length", inf.max_sequence_length);
         w.string("text_prefix", &inf.text_prefix);
+        w.path("companion_model", &inf.companion_model);
+        w.path("companion_tokenizer", &inf.companion_tokenizer);
+        w.string("companion_text_prefix", &inf.companion_text_prefix);
 
         w.section("bot");
         w.float("confidence_threshold", bot.confidence_threshold);
@@ -1305,6 +1316,9 @@ impl Config {
                 max_wait: Duration::ZERO,
                 max_sequence_length: 0,
                 text_prefix: String::new(),
+                companion_model: PathBuf::new(),
+                companion_tokenizer: PathBuf::new(),
+                companion_text_prefix: String::new(),
             },
             bot: BotConfig {
                 confidence_threshold: 0.0,
@@ -1832,6 +1846,20 @@ impl Builder {
                     ));
                 }
             }
+        }
+        let companion = &c.inference;
+        if companion.companion_model.as_os_str().is_empty()
+            != companion.companion_tokenizer.as_os_str().is_empty()
+        {
+            let key = if companion.companion_model.as_os_str().is_empty() {
+                "inference.companion_model"
+            } else {
+                "inference.companion_tokenizer"
+            };
+            return Err(self.origins.error_at(
+                key,
+                "companion_model and companion_tokenizer are set together (both \"\" for none)",
+            ));
         }
         self.ordered(
             ("websocket.ping_interval", d(c.websocket.ping_interval)),

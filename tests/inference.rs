@@ -41,6 +41,7 @@ fn model() -> ModelSettings {
         ort_library: dir.join("libonnxruntime.so"),
         max_sequence_length: 128,
         text_prefix: String::new(),
+        companion: None,
         threads: 1,
     }
 }

@@ -287,3 +287,54 @@ fn a_knowledge_base_the_tokenizer_cannot_read_is_warned_about_with_figures() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!stderr.contains("warning"), "{stderr}");
 }
+
+/// `kb import` draws a progress bar on stderr (one line per tenth when stderr is not a
+/// terminal), and `[inference] companion_model` joins a second model's vectors to the first's:
+/// the import reports both models and twice the width, and `kb eval` answers through both.
+#[test]
+fn an_import_shows_its_progress_and_a_companion_model_joins_the_vectors() {
+    let site = Site::new();
+    let csv = site.write("small.csv", SMALL_CSV);
+    let output = site.kb(&["import", csv.to_str().unwrap()]);
+    assert!(output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("embedding [##############################] 9/9 100%"),
+        "{stderr}"
+    );
+    assert!(stderr.trim_end().ends_with("done"), "{stderr}");
+
+    // Half a companion is a configuration error (exit 2), naming the missing key.
+    let models = models_dir();
+    let base = std::fs::read_to_string(&site.config).unwrap();
+    let half = format!(
+        "{base}companion_model = {:?}\n",
+        models.join("multilingual-e5-small.onnx")
+    );
+    std::fs::write(&site.config, &half).unwrap();
+    let output = site.kb(&["import", csv.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("inference.companion_tokenizer"), "{stderr}");
+
+    let full = format!(
+        "{half}companion_tokenizer = {:?}\ncompanion_text_prefix = \"query: \"\n",
+        models.join("multilingual-e5-small.tokenizer.json")
+    );
+    std::fs::write(&site.config, full).unwrap();
+    let import = site.kb_ok(&["import", csv.to_str().unwrap()]);
+    assert!(import.contains("(768 dimensions"), "{import}");
+    assert!(
+        import.contains(" + multilingual-e5-small.onnx sha256:"),
+        "{import}"
+    );
+    let queries = site.write(
+        "queries.csv",
+        "text,category\nmy card has not arrived yet,card_arrival\nhow can I change my pin,change_pin\n",
+    );
+    let report = site.kb_ok(&["eval", queries.to_str().unwrap()]);
+    assert!(
+        report.contains("top-1 before thresholds: 100.00%"),
+        "{report}"
+    );
+}

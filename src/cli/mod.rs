@@ -15,7 +15,7 @@
 //! [`run_with_registry`]: the same commands, with its handlers available to `[bot] handlers`
 //! (checked when the configuration is loaded, like the built-ins).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,6 +28,7 @@ use crate::auth::{self, manage, rbac::Role, Authority};
 use crate::bot::Registry;
 use crate::config::{self, Config};
 use crate::engine::eval::{self, EvalMode};
+use crate::engine::progress::ImportProgress;
 use crate::engine::{update, EngineSettings, IntentEngine, ModelSettings};
 use crate::kb::{self, ImportError, KbReplica};
 use crate::metrics::Metrics;
@@ -641,7 +642,22 @@ fn kb_import(config_path: Option<&Path>, file: &Path) -> Result<(), Failure> {
     if let Some(warning) = coverage.warning(&config.inference.tokenizer) {
         eprintln!("warning: {warning}");
     }
-    let prepared = update::prepare(entries, &mut encoder).map_err(Failure::runtime)?;
+    let terminal = std::io::stderr().is_terminal();
+    let mut bar = ImportProgress::new(kb::question_count(&entries), terminal);
+    let embed_started = Instant::now();
+    let prepared = update::prepare_with_progress(entries, &mut encoder, &mut |done, _| {
+        if let Some(line) = bar.update(done, embed_started.elapsed()) {
+            if terminal {
+                eprint!("\r{line}");
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    });
+    if terminal {
+        eprintln!();
+    }
+    let prepared = prepared.map_err(Failure::runtime)?;
     drop(encoder);
     println!(
         "embedded {} questions in {} ({} dimensions, {threads} threads)",
@@ -823,7 +839,6 @@ fn open_accounts(path: Option<&Path>) -> Result<(Config, auth::accounts::Account
 
 /// The password from a prompt (twice, no echo) or, when stdin is not a terminal, its first line.
 fn read_password(name: &str) -> Result<String, Failure> {
-    use std::io::IsTerminal;
     if std::io::stdin().is_terminal() {
         let first = rpassword::prompt_password(format!("password for {name}: "))
             .map_err(|err| Failure::runtime(format_args!("cannot read the password: {err}")))?;

@@ -37,7 +37,7 @@
 //! BANKING77 hold-out.
 
 use std::cell::{Cell, RefCell};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -81,32 +81,71 @@ pub struct ModelSettings {
     pub text_prefix: String,
     /// Intra-op threads of the session (1 for a worker next to a shard).
     pub threads: usize,
+    /// A second model whose vectors are appended to the first's (`[inference] companion_*`).
+    pub companion: Option<CompanionSettings>,
+}
+
+/// The companion encoder of [`ModelSettings`] (see [`Encoder::with_companion`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CompanionSettings {
+    pub model: PathBuf,
+    pub tokenizer: PathBuf,
+    pub text_prefix: String,
 }
 
 impl ModelSettings {
-    /// `[inference]` model, tokenizer, ort_library, max_sequence_length and text_prefix, with
-    /// `threads`.
+    /// `[inference]` model, tokenizer, ort_library, max_sequence_length, text_prefix and the
+    /// companion keys, with `threads`.
     pub fn from_config(config: &Config, threads: usize) -> Self {
+        let inference = &config.inference;
+        let companion =
+            (!inference.companion_model.as_os_str().is_empty()).then(|| CompanionSettings {
+                model: inference.companion_model.clone(),
+                tokenizer: inference.companion_tokenizer.clone(),
+                text_prefix: inference.companion_text_prefix.clone(),
+            });
         ModelSettings {
-            model: config.inference.model.clone(),
-            tokenizer: config.inference.tokenizer.clone(),
-            ort_library: config.inference.ort_library.clone(),
-            max_sequence_length: config.inference.max_sequence_length,
-            text_prefix: config.inference.text_prefix.clone(),
+            model: inference.model.clone(),
+            tokenizer: inference.tokenizer.clone(),
+            ort_library: inference.ort_library.clone(),
+            max_sequence_length: inference.max_sequence_length,
+            text_prefix: inference.text_prefix.clone(),
             threads,
+            companion,
         }
     }
 
-    /// Loads the encoder these settings describe.
+    /// Loads the encoder these settings describe; with a companion, both models load at once
+    /// (on two threads), so a cold start costs the slower of the two, not their sum.
     pub fn load(&self) -> Result<Encoder, EncoderError> {
-        Encoder::load(
-            &self.model,
-            &self.tokenizer,
-            &self.ort_library,
-            self.threads,
-            self.max_sequence_length,
-        )
-        .map(|encoder| encoder.with_text_prefix(&self.text_prefix))
+        let load = |model: &Path, tokenizer: &Path, prefix: &str| {
+            Encoder::load(
+                model,
+                tokenizer,
+                &self.ort_library,
+                self.threads,
+                self.max_sequence_length,
+            )
+            .map(|encoder| encoder.with_text_prefix(prefix))
+        };
+        let Some(companion) = &self.companion else {
+            return load(&self.model, &self.tokenizer, &self.text_prefix);
+        };
+        let (main, second) = std::thread::scope(|scope| {
+            let second = scope.spawn(|| {
+                load(
+                    &companion.model,
+                    &companion.tokenizer,
+                    &companion.text_prefix,
+                )
+            });
+            let main = load(&self.model, &self.tokenizer, &self.text_prefix);
+            let second = second
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            (main, second)
+        });
+        main?.with_companion(second?)
     }
 }
 

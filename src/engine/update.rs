@@ -82,9 +82,21 @@ impl PreparedUpdate {
 
 /// Embeds every question of `entries` with `encoder` and trains the classifier head.
 pub fn prepare(entries: Vec<Entry>, encoder: &mut Encoder) -> Result<PreparedUpdate, UpdateError> {
+    prepare_with_progress(entries, encoder, &mut |_, _| {})
+}
+
+/// [`prepare`], calling `progress(embedded, total)` as the questions are embedded (after each
+/// batch of [`IMPORT_BATCH`]), e.g. to draw [`ImportProgress`](super::progress::ImportProgress).
+pub fn prepare_with_progress(
+    entries: Vec<Entry>,
+    encoder: &mut Encoder,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PreparedUpdate, UpdateError> {
     let started = Instant::now();
     let texts = kb::question_texts(&entries);
-    let embeddings = encoder.encode_many(&texts, IMPORT_BATCH)?;
+    let total = texts.len();
+    let embeddings = encoder
+        .encode_many_with_progress(&texts, IMPORT_BATCH, &mut |done| progress(done, total))?;
     let embed_time = started.elapsed();
 
     let started = Instant::now();
