@@ -281,6 +281,11 @@ pub struct LimitsConfig {
     /// Message-level shedding: a visitor message whose predicted wait (owner's event-loop lag
     /// plus its commit backlog) exceeds this is refused with `overloaded`; zero disables.
     pub admit_latency_budget: Duration,
+    /// Rated capacity: visitor chat messages per second one shard admits through its
+    /// connections; over it a message is refused with `overloaded`. Zero: unlimited.
+    pub shard_messages_per_second: f64,
+    /// Burst of `shard_messages_per_second`.
+    pub shard_message_burst: u32,
     /// `None`: no blocklist.
     pub blocklist_file: Option<PathBuf>,
     pub blocklist_poll: Duration,
@@ -861,6 +866,8 @@ impl LimitsConfig {
             "admit_latency_budget" => {
                 self.admit_latency_budget = f.duration_in(Duration::ZERO, mins(1))?
             }
+            "shard_messages_per_second" => self.shard_messages_per_second = f.float_in(0.0, 1e7)?,
+            "shard_message_burst" => self.shard_message_burst = f.integer_in(1, 10_000_000)?,
             "blocklist_file" => {
                 let text = f.text(0, 4096)?;
                 self.blocklist_file = (!text.is_empty()).then(|| PathBuf::from(text));
@@ -1223,6 +1230,11 @@ impl Config {
         w.display("refuse_queue", limits.refuse_queue);
         w.duration("recover_after", limits.recover_after);
         w.duration("admit_latency_budget", limits.admit_latency_budget);
+        w.display(
+            "shard_messages_per_second",
+            limits.shard_messages_per_second,
+        );
+        w.display("shard_message_burst", limits.shard_message_burst);
         w.path(
             "blocklist_file",
             limits.blocklist_file.as_deref().unwrap_or(Path::new("")),
@@ -1364,6 +1376,8 @@ impl Config {
                 refuse_queue: 0,
                 recover_after: Duration::ZERO,
                 admit_latency_budget: Duration::ZERO,
+                shard_messages_per_second: 0.0,
+                shard_message_burst: 0,
                 blocklist_file: None,
                 blocklist_poll: Duration::ZERO,
                 log_lines_per_second: 0,

@@ -652,3 +652,46 @@ fn an_overloaded_shard_answers_messages_with_overloaded_and_retry_after_instead_
     assert_eq!(ack["seq"].as_u64().unwrap(), last_seq + 1, "{ack}");
     assert!(metric(&server, "messages_overloaded") >= refused.len() as u64);
 }
+
+#[test]
+fn a_shard_over_its_rated_capacity_refuses_with_overloaded_whoever_sends() {
+    // Capacity 1 message/s with a burst of 3, shared by every visitor of the shard: two
+    // visitors who are each far below their own rate still meet the shard's cap.
+    let server = Server::start(&format!(
+        "{ONE_SHARD}[limits]\nvisitor_messages_per_second = 0\nadmit_latency_budget = \"0s\"\n\
+         shard_messages_per_second = 1.0\nshard_message_burst = 3\n"
+    ));
+    let mut alice = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut alice, "hello", |v| v["type"] == "hello");
+    let mut bob = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut bob, "hello", |v| v["type"] == "hello");
+    for k in 1..=2 {
+        alice.send_json(&json!({"type": "message", "id": format!("a{k}"), "text": "hi"}));
+        let ack = until(&mut alice, "ack", |v| v["type"] == "ack");
+        assert_eq!(ack["id"], format!("a{k}"));
+    }
+    // Bob's first message takes the last token; his next ones are refused at once.
+    bob.send_json(&json!({"type": "message", "id": "b1", "text": "hi"}));
+    let ack = until(&mut bob, "ack of b1", |v| v["type"] == "ack");
+    assert_eq!(ack["id"], "b1");
+    bob.send_json(&json!({"type": "message", "id": "b2", "text": "hi"}));
+    let refusal = until(&mut bob, "refusal of b2", |v| v["type"] == "error");
+    assert_eq!(refusal["code"], "overloaded", "{refusal}");
+    assert_eq!(refusal["id"], "b2", "{refusal}");
+    let retry = refusal["retry_after"].as_u64().expect("retry_after in ms");
+    assert!((50..=1000).contains(&retry), "{refusal}");
+    alice.send_json(&json!({"type": "message", "id": "a3", "text": "hi"}));
+    let refusal = until(&mut alice, "refusal of a3", |v| v["type"] == "error");
+    assert_eq!(refusal["code"], "overloaded", "{refusal}");
+    // After the wait the refused message is stored right behind b1: it never was before.
+    std::thread::sleep(Duration::from_millis(retry + 100));
+    bob.send_json(&json!({"type": "message", "id": "b2", "text": "hi"}));
+    let again = until(&mut bob, "ack of b2", |v| v["type"] == "ack");
+    assert_eq!(again["id"], "b2");
+    assert_eq!(
+        again["seq"].as_u64().unwrap(),
+        ack["seq"].as_u64().unwrap() + 1,
+        "{again}"
+    );
+    assert!(metric(&server, "messages_overloaded") >= 2);
+}

@@ -17,13 +17,13 @@ use glommio::net::TcpStream;
 
 use super::Shard;
 use crate::admission::{
-    blocklist, degrade::Controller, AcceptDecision, AcceptGate, Blocklist, Level, LogGate, Sample,
-    SessionRates, Thresholds,
+    blocklist, degrade::Controller, shed, AcceptDecision, AcceptGate, Blocklist, Level, LogGate,
+    Sample, SessionRates, Thresholds,
 };
 use crate::audit::AuditEvent;
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
-use crate::ratelimit::RetryAfter;
+use crate::ratelimit::{Rate, RetryAfter, TokenBucket};
 
 /// How often the sampler measures the event-loop lag and the queues.
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
@@ -40,6 +40,10 @@ pub struct Admission {
     pub agent_rates: SessionRates,
     blocklist_path: Option<PathBuf>,
     blocklist_mtime: Cell<Option<SystemTime>>,
+    /// The shard's rated capacity for visitor chat messages (`[limits]
+    /// shard_messages_per_second`), shared by all its connections.
+    message_capacity: Rate,
+    message_bucket: RefCell<TokenBucket>,
     started: Instant,
 }
 
@@ -59,7 +63,13 @@ impl Admission {
             None => Blocklist::default(),
         };
         let abuse_limit = config.conversations.abuse_limit;
+        let message_capacity = Rate::new(
+            limits.shard_messages_per_second,
+            f64::from(limits.shard_message_burst.max(1)),
+        );
         Admission {
+            message_capacity,
+            message_bucket: RefCell::new(TokenBucket::full(message_capacity, 0)),
             gate: RefCell::new(AcceptGate::new(limits, list)),
             log: RefCell::new(LogGate::new(limits.log_lines_per_second, 0)),
             visitor_rates: SessionRates::visitor(limits, abuse_limit),
@@ -68,6 +78,18 @@ impl Admission {
             blocklist_mtime: Cell::new(mtime),
             started: Instant::now(),
         }
+    }
+
+    /// Takes one visitor chat message from the shard's rated capacity, or says when to
+    /// re-send it (at least [`shed::MIN_RETRY_MS`], so refused clients do not spin).
+    pub fn take_message_capacity(&self) -> Result<(), RetryAfter> {
+        let now = self.now_ms();
+        self.message_bucket
+            .borrow_mut()
+            .try_take(self.message_capacity, now, 1.0)
+            .map_err(|retry| RetryAfter {
+                ms: retry.ms.max(shed::MIN_RETRY_MS),
+            })
     }
 
     /// Milliseconds on the shard's monotonic clock (the limiters' time base).

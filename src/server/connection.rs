@@ -593,7 +593,13 @@ impl Session {
                         return;
                     }
                     if let VisitorFrame::Message { id, .. } = &frame {
-                        if let MessageVerdict::Overloaded(retry) = self.shed_message(owner) {
+                        // The shard's rated capacity first: past it, refusing is cheaper
+                        // than any queue (see `[limits] shard_messages_per_second`).
+                        let verdict = match self.shard.admission.take_message_capacity() {
+                            Err(retry) => MessageVerdict::Overloaded(retry),
+                            Ok(()) => self.shed_message(owner),
+                        };
+                        if let MessageVerdict::Overloaded(retry) = verdict {
                             // Not stored and not counted as abuse: the client re-sends it later
                             // with the same id.
                             ShardMetrics::add(&self.shard.counters().messages_overloaded, 1);
