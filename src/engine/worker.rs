@@ -428,9 +428,10 @@ impl InferenceHandle {
     /// Blocks the calling thread until loading has ended or `timeout` passed; returns whether
     /// it ended. For the command line and tests, never a shard.
     pub fn wait_loaded(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        // `None`: too far away to represent, i.e. no deadline.
+        let deadline = Instant::now().checked_add(timeout);
         while !self.loading_done() {
-            if Instant::now() >= deadline {
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
                 return false;
             }
             std::thread::sleep(Duration::from_millis(2));
