@@ -394,7 +394,10 @@ fn the_cascade_runs_the_companion_only_below_the_threshold() {
         assert!(engine.model_fingerprint().unwrap().contains(" + "));
         for (text, intent) in questions {
             let result = recognise(&engine, text);
-            assert_eq!(result.intent, intent, "{text:?} with companion_below {below}");
+            assert_eq!(
+                result.intent, intent,
+                "{text:?} with companion_below {below}"
+            );
             assert!(!result.degraded);
         }
         escalated.push(engine.stats().escalated);
@@ -421,7 +424,10 @@ fn questions_asked_while_the_models_load_are_answered() {
         first.degraded || worker.primary().is_some(),
         "a model answer before the model was loaded: {first:?}"
     );
-    assert!(worker.wait_loaded(Duration::from_secs(60)), "the model loads");
+    assert!(
+        worker.wait_loaded(Duration::from_secs(60)),
+        "the model loads"
+    );
     assert_eq!(worker.load_error(), None);
     let later = recognise(&engine, "How do I reset my PIN?");
     assert!(!later.degraded, "{later:?}");

@@ -802,7 +802,12 @@ fn kb_eval(config_path: Option<&Path>, file: &Path, lexical: bool) -> Result<(),
     let escalated_before = engine.stats().escalated;
     let report = eval::evaluate(&engine, &config.bot, &queries, mode);
     print!("{report}");
-    if !lexical && settings.model.as_ref().is_some_and(|m| m.companion.is_some()) {
+    if !lexical
+        && settings
+            .model
+            .as_ref()
+            .is_some_and(|m| m.companion.is_some())
+    {
         let escalated = engine.stats().escalated - escalated_before;
         println!(
             "companion cascade: {escalated} of {} queries ({:.1}%) also ran the companion model \

@@ -181,7 +181,10 @@ impl SoftmaxRegression {
     /// What a knowledge-base version stores: `full`'s record, followed by `primary`'s when
     /// given (the head over the primary model's part of the vectors; see the module
     /// documentation).
-    pub fn heads_to_bytes(full: &SoftmaxRegression, primary: Option<&SoftmaxRegression>) -> Vec<u8> {
+    pub fn heads_to_bytes(
+        full: &SoftmaxRegression,
+        primary: Option<&SoftmaxRegression>,
+    ) -> Vec<u8> {
         let Some(primary) = primary else {
             return full.to_bytes();
         };
@@ -242,8 +245,8 @@ impl SoftmaxRegression {
         let field =
             |i: usize| u32::from_le_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes"));
         let (version, dim, classes) = (field(0), field(1) as usize, field(2) as usize);
-        let known = version == FORMAT_VERSION
-            || (followed && version == FORMAT_VERSION_WITH_PRIMARY);
+        let known =
+            version == FORMAT_VERSION || (followed && version == FORMAT_VERSION_WITH_PRIMARY);
         if !known {
             return Err(bad(format!(
                 "format version {version}, expected {FORMAT_VERSION}"
@@ -925,7 +928,10 @@ mod tests {
         let (vectors, labels) = clusters(10);
         let (full, _) =
             SoftmaxRegression::train(&vectors, 8, &labels, 3, &TrainOptions::default()).unwrap();
-        let narrow: Vec<f32> = vectors.chunks_exact(8).flat_map(|r| r[..4].to_vec()).collect();
+        let narrow: Vec<f32> = vectors
+            .chunks_exact(8)
+            .flat_map(|r| r[..4].to_vec())
+            .collect();
         let (primary, _) =
             SoftmaxRegression::train(&narrow, 4, &labels, 3, &TrainOptions::default()).unwrap();
         let pair = SoftmaxRegression::heads_to_bytes(&full, Some(&primary));

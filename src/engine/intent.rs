@@ -181,9 +181,10 @@ impl ModelSettings {
             self.tokenizer.clone(),
             self.text_prefix.clone(),
         );
-        let companion = self.companion.as_ref().map(|c| {
-            loader(c.model.clone(), c.tokenizer.clone(), c.text_prefix.clone())
-        });
+        let companion = self
+            .companion
+            .as_ref()
+            .map(|c| loader(c.model.clone(), c.tokenizer.clone(), c.text_prefix.clone()));
         (primary, companion)
     }
 
@@ -815,8 +816,11 @@ impl IntentEngine {
                 primary_dim,
                 companion,
             } if vector.len() == primary_dim => {
-                let first =
-                    kb.classify_primary(&vector, self.min_similarity, &mut self.scratch.borrow_mut());
+                let first = kb.classify_primary(
+                    &vector,
+                    self.min_similarity,
+                    &mut self.scratch.borrow_mut(),
+                );
                 let escalate = companion
                     && (!kb.has_primary_head
                         || first.is_none_or(|found| found.raw_score < self.companion_below));
@@ -827,8 +831,12 @@ impl IntentEngine {
                             let half = std::f32::consts::FRAC_1_SQRT_2;
                             let joined: Vec<f32> =
                                 vector.iter().chain(&second).map(|x| x * half).collect();
-                            kb.classify(&joined, self.min_similarity, &mut self.scratch.borrow_mut())
-                                .or(first)
+                            kb.classify(
+                                &joined,
+                                self.min_similarity,
+                                &mut self.scratch.borrow_mut(),
+                            )
+                            .or(first)
                         }
                         Err(error) => {
                             tracing::debug!(shard = self.shard, %error, "the companion could not embed: the primary model answers alone");
@@ -839,7 +847,9 @@ impl IntentEngine {
                     first
                 }
             }
-            Fit::Primary => kb.classify(&vector, self.min_similarity, &mut self.scratch.borrow_mut()),
+            Fit::Primary => {
+                kb.classify(&vector, self.min_similarity, &mut self.scratch.borrow_mut())
+            }
             _ => None,
         };
         let Some(found) = classified else {

@@ -197,7 +197,13 @@ impl InferenceWorker {
     ) -> std::io::Result<InferenceHandle> {
         let companion = encoder.take_companion();
         let companion = companion.map(|c| Box::new(move || Ok(c)) as ModelLoader);
-        Self::start_loading(shard, core, Box::new(move || Ok(encoder)), companion, options)
+        Self::start_loading(
+            shard,
+            core,
+            Box::new(move || Ok(encoder)),
+            companion,
+            options,
+        )
     }
 
     /// Starts a thread named `switchboard-infer-<shard>`, pinned to `core` (a warning is
@@ -347,7 +353,11 @@ impl InferenceHandle {
     }
 
     /// [`embed`](Self::embed) with one [`Part`] of the encoder.
-    pub fn embed_part(&self, text: &str, part: Part) -> impl Future<Output = EmbedResult> + 'static {
+    pub fn embed_part(
+        &self,
+        text: &str,
+        part: Part,
+    ) -> impl Future<Output = EmbedResult> + 'static {
         let submitted = self.submit(text, part);
         async move {
             match submitted {
@@ -478,9 +488,9 @@ fn run(
             let delivered = match loading.try_recv() {
                 Ok(result) => Some(result),
                 Err(channel::TryRecvError::Empty) => None,
-                Err(channel::TryRecvError::Disconnected) => {
-                    Some(Err(EncoderError::InvalidSetting("its loading thread ended".into())))
-                }
+                Err(channel::TryRecvError::Disconnected) => Some(Err(
+                    EncoderError::InvalidSetting("its loading thread ended".into()),
+                )),
             };
             if let Some(result) = delivered {
                 companion = None;
@@ -488,7 +498,11 @@ fn run(
                 stats.loading_done.store(true, Ordering::Release);
             }
         }
-        let wait = if companion.is_some() { COMPANION_POLL } else { IDLE };
+        let wait = if companion.is_some() {
+            COMPANION_POLL
+        } else {
+            IDLE
+        };
         let first = match receiver.recv_timeout(wait) {
             Ok(request) => request,
             Err(RecvTimeoutError::Timeout) => {
@@ -512,7 +526,9 @@ fn run(
         if batch.iter().any(|request| request.part == Part::Joined) {
             if let Some(loading) = companion.take() {
                 let result = loading.recv().unwrap_or_else(|_| {
-                    Err(EncoderError::InvalidSetting("its loading thread ended".into()))
+                    Err(EncoderError::InvalidSetting(
+                        "its loading thread ended".into(),
+                    ))
                 });
                 attach_companion(&mut encoder, result, stats);
                 stats.loading_done.store(true, Ordering::Release);
@@ -608,7 +624,9 @@ fn run_batch(
             Err(error) => {
                 let message = error.to_string();
                 tracing::warn!(error = %message, texts = group.len(), "inference failed");
-                stats.failed.fetch_add(group.len() as u64, Ordering::Relaxed);
+                stats
+                    .failed
+                    .fetch_add(group.len() as u64, Ordering::Relaxed);
                 for request in group {
                     answer(request, Err(EmbedError::Failed(message.clone())));
                 }
