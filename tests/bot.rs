@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -291,7 +292,7 @@ margin_threshold = 0.0
     write_config(dir.path(), config);
     import(dir.path(), &small_kb(CARD_ARRIVAL));
     let started = Instant::now();
-    let server = Server::start_in(dir, config);
+    let server = Server::start_listening(Command::new(BIN), dir, config);
     let mut tab = visitor(&server, "early");
     let accepted = started.elapsed();
     let first = ask(&mut tab, "e1", "How long does a card take to arrive?");

@@ -23,8 +23,8 @@
 //!   waits never mixes versions. The old version's LMDB read transaction ends when the last
 //!   recognition using it does.
 //! - The hot-query cache only holds model (not degraded) results of the current version: it is
-//!   emptied when a new version is loaded, and a result computed against a version that was
-//!   replaced meanwhile is not stored. The embedding cache survives reloads (the vectors depend
+//!   emptied when a new version is loaded and when the companion becomes ready, and a result
+//!   computed against a version that was replaced meanwhile is not stored. The embedding cache survives reloads (the vectors depend
 //!   only on the model).
 //! - Vectors from another model are never scored: a version whose model fingerprint or
 //!   dimension differs from the engine's encoder is answered lexically (degraded) only.
@@ -585,6 +585,9 @@ pub struct IntentEngine {
     kb: RefCell<Option<Rc<LoadedKb>>>,
     companion_below: f32,
     escalated: Cell<u64>,
+    /// The companion was seen ready (the hot cache was emptied then: its answers came from the
+    /// primary model alone).
+    companion_seen: Cell<bool>,
     reload_interval: Duration,
     min_similarity: f32,
     next_poll: Cell<Instant>,
@@ -658,6 +661,7 @@ impl IntentEngine {
             worker,
             companion_below: settings.companion_below,
             escalated: Cell::new(0),
+            companion_seen: Cell::new(false),
             kb: RefCell::new(loaded.map(Rc::new)),
             reload_interval: settings.reload_interval,
             min_similarity: settings.min_similarity,
@@ -778,6 +782,10 @@ impl IntentEngine {
     /// inference; see the module documentation for the order of the caches.
     pub async fn recognise(&self, text: &str) -> Option<IntentResult> {
         self.maybe_reload();
+        let companion_ready = self.worker.as_ref().and_then(InferenceHandle::companion);
+        if companion_ready.is_some() && !self.companion_seen.replace(true) {
+            self.hot.borrow_mut().clear();
+        }
         let kb = self.kb.borrow().clone()?;
         let text = collapse_whitespace(text);
         let hot_key = text.to_lowercase();
