@@ -443,8 +443,19 @@ impl LoadedKb {
             .strip_prefix(primary.fingerprint.as_str())
             .and_then(|rest| rest.strip_prefix(" + "));
         if let Some(rest) = rest.filter(|_| dim > primary.dim) {
+            let loaded = companion;
             let companion =
-                companion.is_some_and(|c| c.fingerprint == rest && primary.dim + c.dim == dim);
+                loaded.is_some_and(|c| c.fingerprint == rest && primary.dim + c.dim == dim);
+            if let Some(loaded) = loaded.filter(|_| !companion) {
+                if !self.warned.replace(true) {
+                    tracing::warn!(
+                        version = self.version(),
+                        stored = rest,
+                        loaded = %loaded.fingerprint,
+                        "the knowledge base was embedded with another companion model: the primary model answers alone until it is imported again"
+                    );
+                }
+            }
             return Fit::Joined {
                 primary_dim: primary.dim,
                 companion,
