@@ -14,7 +14,10 @@ With --issue11, the methods tried for issue 11 (beyond the frozen en model) inst
     `[inference] companion_model` does in the engine), or one blend per model averaged;
   - on the en vectors alone: PCA whitening, an MLP head, a learned residual linear adapter with
     class proxies (normalised softmax, Adam), pseudo-relevance feedback on the query.
-Usage: scripts/intent_experiments.py [--folds 5] [--issue11]
+With --cascade, the companion cascade (what `[inference] companion_below` does): the en blend
+first, the joined vectors' blend only for queries whose en score is below a threshold; accuracy
+and share of queries escalated per threshold, in cross-validation and on the hold-out.
+Usage: scripts/intent_experiments.py [--folds 5] [--issue11 | --cascade]
 """
 
 import argparse
@@ -308,15 +311,53 @@ def issue11_methods(kbs, labels, queries, classes):
     return out
 
 
+CASCADE_THRESHOLDS = [round(0.3 + 0.025 * i, 3) for i in range(17)] + [0.8, 0.9, 1.01]
+
+
+def cascade_parts(kbs, labels, queries, classes):
+    """The en blend and the joined vectors' blend (kbs / queries: [en, multilingual])."""
+    head, weighted = blend_parts(kbs[0], labels, queries[0], classes)
+    joined_kb, joined_q = np.hstack(kbs) / np.sqrt(2), np.hstack(queries) / np.sqrt(2)
+    joined_head, joined_vote = blend_parts(joined_kb, labels, joined_q, classes)
+    return 0.5 * head + 0.5 * weighted, 0.5 * joined_head + 0.5 * joined_vote
+
+
+def cascade(primary, joined, truth, threshold):
+    """(right answers, share escalated) when scores below `threshold` escalate."""
+    escalate = primary.max(1) < threshold
+    predicted = np.where(escalate, joined.argmax(1), primary.argmax(1))
+    return int((predicted == truth).sum()), float(escalate.mean())
+
+
+def main_cascade(kb, holdout, labels, truth, classes, folds, count):
+    per_fold = []
+    for f in range(count):
+        train, test = folds != f, folds == f
+        parts = cascade_parts([v[train] for v in kb], labels[train], [v[test] for v in kb], classes)
+        per_fold.append(parts + (labels[test],))
+    held = cascade_parts(kb, labels, holdout, classes)
+    print(f"{'companion_below':<16} {count}-fold CV (kb): right, escalated   hold-out ({len(truth)}): top-1, escalated")
+    for threshold in CASCADE_THRESHOLDS:
+        cv = [cascade(p, j, t, threshold) for p, j, t in per_fold]
+        right = sum(r for r, _ in cv)
+        escalated = np.mean([e for _, e in cv])
+        h_right, h_escalated = cascade(held[0], held[1], truth, threshold)
+        print(
+            f"{threshold:<16} {100 * right / len(labels):6.2f}% ({right}) {100 * escalated:5.1f}%"
+            f"             {100 * h_right / len(truth):6.2f}% {100 * h_escalated:5.1f}%"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=py_baseline.models_dir())
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--issue11", action="store_true", help="the issue-11 methods (needs both profiles)")
+    parser.add_argument("--cascade", action="store_true", help="the companion cascade per threshold (needs both profiles)")
     args = parser.parse_args()
     kb, kb_intents = embeddings("kb", args.models)
     holdout, holdout_intents = embeddings("holdout", args.models)
-    if args.issue11:
+    if args.issue11 or args.cascade:
         kb = [kb, embeddings("kb", args.models, "multilingual")[0]]
         holdout = [holdout, embeddings("holdout", args.models, "multilingual")[0]]
         evaluate = issue11_methods
@@ -332,6 +373,9 @@ def main():
     rows = len(labels)
     folds = np.empty(rows, int)
     folds[np.random.default_rng(1).permutation(rows)] = np.arange(rows) % args.folds
+    if args.cascade:
+        main_cascade(kb, holdout, labels, truth, classes, folds, args.folds)
+        return
     cv = {}
     for f in range(args.folds):
         train, test = folds != f, folds == f

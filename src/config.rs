@@ -414,6 +414,9 @@ pub struct InferenceConfig {
     pub companion_model: PathBuf,
     pub companion_tokenizer: PathBuf,
     pub companion_text_prefix: String,
+    /// The cascade: the companion embeds a query only when the primary model's best score
+    /// is below this (1: every query).
+    pub companion_below: f64,
 }
 
 /// `[bot]`
@@ -962,6 +965,7 @@ impl InferenceConfig {
             "companion_model" => self.companion_model = f.optional_path()?,
             "companion_tokenizer" => self.companion_tokenizer = f.optional_path()?,
             "companion_text_prefix" => self.companion_text_prefix = f.text(0, 64)?.to_string(),
+            "companion_below" => self.companion_below = f.float_in(0.0, 1.0)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -1158,6 +1162,7 @@ impl Config {
         w.path("companion_model", &inf.companion_model);
         w.path("companion_tokenizer", &inf.companion_tokenizer);
         w.string("companion_text_prefix", &inf.companion_text_prefix);
+        w.float("companion_below", inf.companion_below);
 
         w.section("bot");
         w.float("confidence_threshold", bot.confidence_threshold);
@@ -1331,6 +1336,7 @@ impl Config {
                 companion_model: PathBuf::new(),
                 companion_tokenizer: PathBuf::new(),
                 companion_text_prefix: String::new(),
+                companion_below: 0.0,
             },
             bot: BotConfig {
                 confidence_threshold: 0.0,

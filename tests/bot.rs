@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -268,4 +269,60 @@ fn over_the_sites_bot_query_rate_the_bot_answers_lexically() {
     let second = ask(&mut tab, "q2", "when will my card arrive in the mail?");
     assert_eq!(second["from"], "bot", "{second}");
     assert_eq!(metric(&server, "bot_rate_limited"), 1);
+}
+
+/// The models load on the inference worker's threads after the server is listening: a
+/// question asked at once is answered by the bot (lexically while the models load, marked
+/// degraded), never lost or refused, and once the models are ready (logged with timings)
+/// the model answers. With a companion, so loading takes longest.
+#[test]
+fn a_question_asked_right_after_start_is_answered_while_the_models_load() {
+    let config = r#"
+[inference]
+enabled = true
+companion_model = "models/cache/multilingual-e5-small.onnx"
+companion_tokenizer = "models/cache/multilingual-e5-small.tokenizer.json"
+companion_text_prefix = "query: "
+
+[bot]
+confidence_threshold = 0.45
+margin_threshold = 0.0
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), config);
+    import(dir.path(), &small_kb(CARD_ARRIVAL));
+    let started = Instant::now();
+    let server = Server::start_listening(Command::new(BIN), dir, config);
+    let mut tab = visitor(&server, "early");
+    let accepted = started.elapsed();
+    let first = ask(&mut tab, "e1", "How long does a card take to arrive?");
+    let answered = started.elapsed();
+    assert_eq!(first["type"], "message", "{first}");
+    assert_eq!(first["from"], "bot", "{first}");
+    let logs = server.logs();
+    eprintln!(
+        "accepted after {accepted:?}, first answer after {answered:?}: {first}\n\
+         models loaded before the first answer: primary {}, companion {}",
+        logs.contains("primary model ready"),
+        logs.contains("companion model ready")
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !server.logs().contains("companion model ready") {
+        assert!(
+            Instant::now() < deadline,
+            "the models never became ready:\n{}",
+            server.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let logs = server.logs();
+    assert!(logs.contains("primary model ready"), "{logs}");
+    assert!(logs.contains("load_ms"), "{logs}");
+    let later = ask(
+        &mut tab,
+        "e2",
+        "my new card still hasn't come in the mail, where is it?",
+    );
+    assert_eq!(later["text"], CARD_ARRIVAL, "{later}");
 }

@@ -61,6 +61,8 @@ fn settings(storage: &Path) -> EngineSettings {
         embedding_cache_entries: 64,
         min_similarity: 0.5,
         reload_interval: Duration::ZERO,
+        companion_below: 0.4,
+        wait_for_models: true,
     }
 }
 
@@ -349,4 +351,95 @@ fn measure_worker_throughput() {
         texts.len(),
         batched / single
     );
+}
+
+fn with_companion() -> ModelSettings {
+    let dir = models_dir();
+    ModelSettings {
+        companion: Some(switchboard::engine::intent::CompanionSettings {
+            model: dir.join("multilingual-e5-small.onnx"),
+            tokenizer: dir.join("multilingual-e5-small.tokenizer.json"),
+            text_prefix: "query: ".into(),
+        }),
+        ..model()
+    }
+}
+
+/// With a companion, the primary model answers alone when it is sure enough
+/// (`companion_below`), and both models decide otherwise; the knowledge base stores the head
+/// of each step.
+#[test]
+fn the_cascade_runs_the_companion_only_below_the_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut encoder = with_companion().load().expect("load both models");
+    let prepared = update::prepare(knowledge_base("Cards arrive soon."), &mut encoder).unwrap();
+    assert_eq!(prepared.dim, 768);
+    let (full, primary) =
+        switchboard::engine::classifier::SoftmaxRegression::heads_from_bytes(&prepared.head)
+            .unwrap();
+    assert_eq!((full.dim(), primary.map(|h| h.dim())), (768, Some(384)));
+    import(dir.path(), &prepared);
+    let questions = [
+        ("my card has still not come", "card_arrival"),
+        ("I want a new PIN", "change_pin"),
+        ("what rate do you use for dollars", "exchange_rate"),
+    ];
+    let mut escalated = Vec::new();
+    for below in [0.0f32, 1.01] {
+        let mut settings = settings(dir.path());
+        settings.model = Some(with_companion());
+        settings.companion_below = below;
+        settings.hot_cache_entries = 0;
+        let engine = IntentEngine::open(&settings, 0, 0).unwrap();
+        assert!(engine.model_fingerprint().unwrap().contains(" + "));
+        for (text, intent) in questions {
+            let result = recognise(&engine, text);
+            assert_eq!(
+                result.intent, intent,
+                "{text:?} with companion_below {below}"
+            );
+            assert!(!result.degraded);
+        }
+        escalated.push(engine.stats().escalated);
+    }
+    assert_eq!(escalated, vec![0, questions.len() as u64]);
+}
+
+/// A server opens its engine without waiting for the model: a question asked meanwhile is
+/// answered lexically (degraded), never lost, and the model answers once it is loaded.
+#[test]
+fn questions_asked_while_the_models_load_are_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    import(dir.path(), &prepare(knowledge_base("Cards arrive soon.")));
+    let mut settings = settings(dir.path());
+    settings.wait_for_models = false;
+    settings.hot_cache_entries = 0;
+    let opened = Instant::now();
+    let engine = IntentEngine::open(&settings, 0, 0).unwrap();
+    let open_time = opened.elapsed();
+    let first = recognise(&engine, "How do I reset my PIN?");
+    assert_eq!(first.intent, "change_pin");
+    let worker = engine.worker().unwrap();
+    assert!(
+        first.degraded || worker.primary().is_some(),
+        "a model answer before the model was loaded: {first:?}"
+    );
+    assert!(
+        worker.wait_loaded(Duration::from_secs(60)),
+        "the model loads"
+    );
+    assert_eq!(worker.load_error(), None);
+    let later = recognise(&engine, "How do I reset my PIN?");
+    assert!(!later.degraded, "{later:?}");
+    assert_eq!(later.intent, "change_pin");
+    eprintln!(
+        "open {open_time:?}, primary ready after {:?}",
+        worker.primary().unwrap().load_time
+    );
+    // A missing model file is still an error at open.
+    settings.model = Some(ModelSettings {
+        model: dir.path().join("missing.onnx"),
+        ..model()
+    });
+    assert!(IntentEngine::open(&settings, 0, 0).is_err());
 }

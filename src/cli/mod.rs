@@ -760,6 +760,7 @@ fn kb_eval(config_path: Option<&Path>, file: &Path, lexical: bool) -> Result<(),
     // Every query must reach the model: a cache hit would not measure it.
     settings.hot_cache_entries = 0;
     settings.embedding_cache_entries = 0;
+    settings.wait_for_models = true;
     let (engine, timings) =
         IntentEngine::open_timed(&settings, 0, cores[0]).map_err(Failure::runtime)?;
     let Some(version) = engine.version() else {
@@ -771,7 +772,9 @@ fn kb_eval(config_path: Option<&Path>, file: &Path, lexical: bool) -> Result<(),
     println!(
         "knowledge base: version {version}, {} entries; model: {}",
         engine.entry_count(),
-        engine.model_fingerprint().unwrap_or("none (lexical)")
+        engine
+            .model_fingerprint()
+            .unwrap_or_else(|| "none (lexical)".into())
     );
     let mode = if lexical {
         EvalMode::Lexical
@@ -796,8 +799,24 @@ fn kb_eval(config_path: Option<&Path>, file: &Path, lexical: bool) -> Result<(),
             settings.worker.batch_window
         );
     }
+    let escalated_before = engine.stats().escalated;
     let report = eval::evaluate(&engine, &config.bot, &queries, mode);
     print!("{report}");
+    if !lexical
+        && settings
+            .model
+            .as_ref()
+            .is_some_and(|m| m.companion.is_some())
+    {
+        let escalated = engine.stats().escalated - escalated_before;
+        println!(
+            "companion cascade: {escalated} of {} queries ({:.1}%) also ran the companion model \
+             ([inference] companion_below = {})",
+            queries.len(),
+            100.0 * escalated as f64 / queries.len().max(1) as f64,
+            config.inference.companion_below
+        );
+    }
     Ok(())
 }
 

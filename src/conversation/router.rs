@@ -154,9 +154,13 @@ impl Bot {
                 .map_err(|err| RouterError::Bot(err.to_string()))?;
             let load_ms = started.elapsed().as_secs_f64() * 1000.0;
             match engine.version() {
-                Some(kb_version) => {
-                    tracing::info!(shard, core, load_ms, kb_version, "intent engine ready")
-                }
+                Some(kb_version) => tracing::info!(
+                    shard,
+                    core,
+                    load_ms,
+                    kb_version,
+                    "intent engine ready (the models load in the background; lexical answers until then)"
+                ),
                 None => tracing::warn!(
                     shard,
                     core,

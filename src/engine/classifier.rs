@@ -27,6 +27,11 @@
 //! - The head's byte form ([`SoftmaxRegression::to_bytes`]) is a 16-byte header (`b"SBSR"`,
 //!   format version, dim, classes as little-endian u32) followed by the weights (`classes × dim`,
 //!   row per class) and the biases as little-endian f32; it can be stored as an LMDB value.
+//! - What a knowledge-base version stores ([`SoftmaxRegression::heads_to_bytes`]) is one such
+//!   record (format version 1), or, for an encoder with a companion, a record with format
+//!   version 2 followed by a version-1 record: the head over the primary model's part of the
+//!   vectors, which the cascade's first step uses (see `engine::intent`). A reader that only
+//!   knows version 1 rejects the pair with a clear error (and uses the vote alone).
 
 use std::collections::VecDeque;
 
@@ -106,6 +111,8 @@ pub struct SoftmaxRegression {
 
 const MAGIC: &[u8; 4] = b"SBSR";
 const FORMAT_VERSION: u32 = 1;
+/// Format version of a record followed by the primary model's head.
+const FORMAT_VERSION_WITH_PRIMARY: u32 = 2;
 const HEADER_BYTES: usize = 16;
 
 impl SoftmaxRegression {
@@ -171,6 +178,41 @@ impl SoftmaxRegression {
         Ok(best_two(&probabilities))
     }
 
+    /// What a knowledge-base version stores: `full`'s record, followed by `primary`'s when
+    /// given (the head over the primary model's part of the vectors; see the module
+    /// documentation).
+    pub fn heads_to_bytes(
+        full: &SoftmaxRegression,
+        primary: Option<&SoftmaxRegression>,
+    ) -> Vec<u8> {
+        let Some(primary) = primary else {
+            return full.to_bytes();
+        };
+        let mut bytes = full.to_bytes();
+        bytes[4..8].copy_from_slice(&FORMAT_VERSION_WITH_PRIMARY.to_le_bytes());
+        bytes.extend_from_slice(&primary.to_bytes());
+        bytes
+    }
+
+    /// Decodes [`heads_to_bytes`](Self::heads_to_bytes) output: the full head and, when
+    /// stored, the primary model's head.
+    pub fn heads_from_bytes(
+        bytes: &[u8],
+    ) -> Result<(SoftmaxRegression, Option<SoftmaxRegression>), ClassifierError> {
+        let (full, version, used) = Self::record_from_bytes(bytes, true)?;
+        if version == FORMAT_VERSION {
+            return Ok((full, None));
+        }
+        let primary = Self::from_bytes(&bytes[used..])?;
+        if primary.classes != full.classes || primary.dim >= full.dim {
+            return Err(ClassifierError::InvalidBytes(format!(
+                "primary head ({} intents × {}) does not fit the full head ({} × {})",
+                primary.classes, primary.dim, full.classes, full.dim
+            )));
+        }
+        Ok((full, Some(primary)))
+    }
+
     /// The byte form described in the module documentation.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes =
@@ -187,6 +229,15 @@ impl SoftmaxRegression {
 
     /// Decodes [`to_bytes`](Self::to_bytes) output (any alignment).
     pub fn from_bytes(bytes: &[u8]) -> Result<SoftmaxRegression, ClassifierError> {
+        Self::record_from_bytes(bytes, false).map(|(head, _, _)| head)
+    }
+
+    /// One record at the start of `bytes`: the head, its format version and its length. With
+    /// `followed`, the record may carry version 2 and more bytes may follow it.
+    fn record_from_bytes(
+        bytes: &[u8],
+        followed: bool,
+    ) -> Result<(SoftmaxRegression, u32, usize), ClassifierError> {
         let bad = |why: String| ClassifierError::InvalidBytes(why);
         if bytes.len() < HEADER_BYTES || &bytes[..4] != MAGIC {
             return Err(bad("missing SBSR header".into()));
@@ -194,7 +245,9 @@ impl SoftmaxRegression {
         let field =
             |i: usize| u32::from_le_bytes(bytes[4 + 4 * i..8 + 4 * i].try_into().expect("4 bytes"));
         let (version, dim, classes) = (field(0), field(1) as usize, field(2) as usize);
-        if version != FORMAT_VERSION {
+        let known =
+            version == FORMAT_VERSION || (followed && version == FORMAT_VERSION_WITH_PRIMARY);
+        if !known {
             return Err(bad(format!(
                 "format version {version}, expected {FORMAT_VERSION}"
             )));
@@ -208,7 +261,24 @@ impl SoftmaxRegression {
             .checked_mul(dim)
             .and_then(|w| w.checked_add(classes))
             .ok_or_else(|| bad("size overflows".into()))?;
-        let body = &bytes[HEADER_BYTES..];
+        let record_end = floats
+            .checked_mul(4)
+            .and_then(|b| b.checked_add(HEADER_BYTES))
+            .ok_or_else(|| bad("size overflows".into()))?;
+        let exact = version == FORMAT_VERSION;
+        let fits = if exact {
+            bytes.len() == record_end
+        } else {
+            bytes.len() > record_end
+        };
+        if !fits {
+            return Err(bad(format!(
+                "expected {} bytes of weights, found {}",
+                floats * 4,
+                bytes.len() - HEADER_BYTES
+            )));
+        }
+        let body = &bytes[HEADER_BYTES..record_end];
         if body.len() != floats * 4 {
             return Err(bad(format!(
                 "expected {} bytes of weights, found {}",
@@ -224,12 +294,13 @@ impl SoftmaxRegression {
             return Err(bad("non-finite weight".into()));
         }
         let bias = values.split_off(classes * dim);
-        Ok(SoftmaxRegression {
+        let head = SoftmaxRegression {
             dim,
             classes,
             weights: values,
             bias,
-        })
+        };
+        Ok((head, version, record_end))
     }
 }
 
@@ -685,6 +756,19 @@ impl IntentClassifier {
         questions: QuestionVectors<'_>,
         scratch: &mut PredictScratch,
     ) -> Result<Option<IntentMatch>, ClassifierError> {
+        self.predict_split(query, query, questions, scratch)
+    }
+
+    /// [`predict`](Self::predict) with the head applied to `head_query` instead of `query`
+    /// (the cascade's first step votes with the primary part of joined vectors and applies the
+    /// primary model's head to the primary vector).
+    pub fn predict_split(
+        &self,
+        query: &[f32],
+        head_query: &[f32],
+        questions: QuestionVectors<'_>,
+        scratch: &mut PredictScratch,
+    ) -> Result<Option<IntentMatch>, ClassifierError> {
         if query.len() != questions.dim {
             return Err(ClassifierError::DimensionMismatch {
                 expected: questions.dim,
@@ -732,7 +816,7 @@ impl IntentClassifier {
         let head_weight = match &self.head {
             Some(head) if self.params.head_weight > 0.0 => {
                 scratch.head.resize(self.classes, 0.0);
-                head.probabilities_into(query, &mut scratch.head)?;
+                head.probabilities_into(head_query, &mut scratch.head)?;
                 self.params.head_weight
             }
             _ => 0.0,
@@ -835,6 +919,41 @@ mod tests {
         let mut shifted = vec![0u8];
         shifted.extend_from_slice(&bytes);
         assert_eq!(SoftmaxRegression::from_bytes(&shifted[1..]).unwrap(), a);
+    }
+
+    /// The stored pair (full head, then the primary model's head) round-trips, a lone head is
+    /// still read as before, and a reader of single heads rejects the pair by its version.
+    #[test]
+    fn a_primary_head_is_stored_after_the_full_one() {
+        let (vectors, labels) = clusters(10);
+        let (full, _) =
+            SoftmaxRegression::train(&vectors, 8, &labels, 3, &TrainOptions::default()).unwrap();
+        let narrow: Vec<f32> = vectors
+            .chunks_exact(8)
+            .flat_map(|r| r[..4].to_vec())
+            .collect();
+        let (primary, _) =
+            SoftmaxRegression::train(&narrow, 4, &labels, 3, &TrainOptions::default()).unwrap();
+        let pair = SoftmaxRegression::heads_to_bytes(&full, Some(&primary));
+        assert_eq!(
+            SoftmaxRegression::heads_from_bytes(&pair).unwrap(),
+            (full.clone(), Some(primary.clone()))
+        );
+        let single = SoftmaxRegression::heads_to_bytes(&full, None);
+        assert_eq!(single, full.to_bytes());
+        assert_eq!(
+            SoftmaxRegression::heads_from_bytes(&single).unwrap(),
+            (full.clone(), None)
+        );
+        assert!(matches!(
+            SoftmaxRegression::from_bytes(&pair),
+            Err(ClassifierError::InvalidBytes(why)) if why.contains("format version 2")
+        ));
+        // Truncated pairs, and a "primary" head as wide as the full one, are rejected.
+        assert!(SoftmaxRegression::heads_from_bytes(&pair[..pair.len() - 4]).is_err());
+        assert!(SoftmaxRegression::heads_from_bytes(&pair[..single.len()]).is_err());
+        let same_width = SoftmaxRegression::heads_to_bytes(&full, Some(&full));
+        assert!(SoftmaxRegression::heads_from_bytes(&same_width).is_err());
     }
 
     #[test]

@@ -217,6 +217,20 @@ pub struct Encoder {
     type_ids: Vec<i64>,
     /// A second model whose vectors are appended to this one's (see the module documentation).
     companion: Option<Box<Encoder>>,
+    /// This model's own fingerprint (without the companion's).
+    own_fingerprint: String,
+}
+
+/// Which part of an encoder with a companion embeds a text (see [`Encoder::encode_part`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Part {
+    /// Both models, vectors joined (the encoder's [`dim`](Encoder::dim)); the primary alone
+    /// when there is no companion.
+    Joined,
+    /// The primary model alone ([`primary_dim`](Encoder::primary_dim), unit length).
+    Primary,
+    /// The companion alone (unit length); an error without a companion.
+    Companion,
 }
 
 impl Encoder {
@@ -361,6 +375,7 @@ impl Encoder {
         };
         Ok(Encoder {
             session,
+            own_fingerprint: fingerprint.clone(),
             fingerprint,
             tokenizer,
             output_index,
@@ -384,14 +399,63 @@ impl Encoder {
                 "an encoder takes at most one companion".into(),
             ));
         }
-        self.fingerprint = format!("{} + {}", self.fingerprint, companion.fingerprint);
+        self.fingerprint = format!("{} + {}", self.own_fingerprint, companion.fingerprint);
         self.companion = Some(Box::new(companion));
         Ok(self)
+    }
+
+    /// [`with_companion`](Self::with_companion) in place.
+    pub fn attach_companion(&mut self, companion: Encoder) -> Result<(), EncoderError> {
+        if companion.companion.is_some() || self.companion.is_some() {
+            return Err(EncoderError::InvalidSetting(
+                "an encoder takes at most one companion".into(),
+            ));
+        }
+        self.fingerprint = format!("{} + {}", self.own_fingerprint, companion.fingerprint);
+        self.companion = Some(Box::new(companion));
+        Ok(())
     }
 
     /// The companion encoder, if any.
     pub fn companion(&self) -> Option<&Encoder> {
         self.companion.as_deref()
+    }
+
+    /// Removes and returns the companion (the fingerprint goes back to this model's own).
+    pub fn take_companion(&mut self) -> Option<Encoder> {
+        let companion = self.companion.take()?;
+        self.fingerprint = self.own_fingerprint.clone();
+        Some(*companion)
+    }
+
+    /// The fingerprint of this model alone (with its prefix), without the companion's.
+    pub fn primary_fingerprint(&self) -> &str {
+        &self.own_fingerprint
+    }
+
+    /// Width of this model's own vectors (without the companion's), if known.
+    pub fn primary_dim(&self) -> Option<usize> {
+        self.dim
+    }
+
+    /// Embeds `texts` with the given [`Part`] and appends the vectors to `out`; returns their
+    /// width.
+    pub fn encode_part_into(
+        &mut self,
+        texts: &[&str],
+        part: Part,
+        out: &mut Vec<f32>,
+    ) -> Result<usize, EncoderError> {
+        match part {
+            Part::Joined => self.encode_batch_into(texts, out),
+            Part::Primary => self.encode_own_into(texts, out),
+            Part::Companion => match self.companion.as_deref_mut() {
+                Some(companion) => companion.encode_own_into(texts, out),
+                None => Err(EncoderError::InvalidSetting(
+                    "no companion model is loaded".into(),
+                )),
+            },
+        }
     }
 
     /// Prepends `prefix` to every text before it is tokenized: models trained with an
@@ -401,6 +465,7 @@ impl Encoder {
     pub fn with_text_prefix(mut self, prefix: &str) -> Self {
         if !prefix.is_empty() {
             self.fingerprint = format!("{} prefix:{prefix:?}", self.fingerprint);
+            self.own_fingerprint = format!("{} prefix:{prefix:?}", self.own_fingerprint);
         }
         self.text_prefix = prefix.to_string();
         self

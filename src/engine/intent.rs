@@ -23,12 +23,30 @@
 //!   waits never mixes versions. The old version's LMDB read transaction ends when the last
 //!   recognition using it does.
 //! - The hot-query cache only holds model (not degraded) results of the current version: it is
-//!   emptied when a new version is loaded, and a result computed against a version that was
-//!   replaced meanwhile is not stored. The embedding cache survives reloads (the vectors depend
+//!   emptied when a new version is loaded and when the companion becomes ready, and a result
+//!   computed against a version that was replaced meanwhile is not stored. The embedding cache survives reloads (the vectors depend
 //!   only on the model).
 //! - Vectors from another model are never scored: a version whose model fingerprint or
 //!   dimension differs from the engine's encoder is answered lexically (degraded) only.
 //! - Shard-local (`Rc`, `RefCell`, not `Send`); no borrow is held across an `await`.
+//!
+//! # The companion cascade
+//! With `[inference] companion_model`, the knowledge base stores the two models' vectors
+//! joined (each unit vector scaled by 1/√2) and, next to the head over the joined vectors, a
+//! head over the primary model's part. A query is first embedded by the primary model alone
+//! and classified against the primary part of the stored vectors (a query `[√2·q, 0]` scores
+//! exactly the primary model's cosines against joined rows) with the primary head; only when
+//! the best score is below `[inference] companion_below` does the companion embed it too, and
+//! the joined vector decides. Chosen on 5-fold cross-validation inside BANKING77
+//! (models/README.md): escalating a few percent of the queries keeps the accuracy of always
+//! running both models at a fraction of the cost.
+//!
+//! # Loading
+//! The models load on the worker's threads ([`InferenceWorker::start_loading`]) while the
+//! shard already serves: until the primary model is ready every recognition is lexical
+//! (degraded); until the companion is ready the primary model answers alone (the cascade
+//! never escalates). `EngineSettings::wait_for_models` makes [`IntentEngine::open`] wait
+//! instead (the command line).
 //!
 //! Lexical scores are put on the model's 0..1 scale as a softmax over every entry's BM25
 //! score with temperature [`LEXICAL_TEMPERATURE`] (an entry sharing no word scores 0 and still
@@ -42,9 +60,13 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use super::cache::{CacheCounters, LfuCache};
-use super::classifier::{BlendParams, IntentClassifier, PredictScratch, QuestionVectors};
-use super::encoder::{Encoder, EncoderError};
-use super::worker::{InferenceHandle, InferenceWorker, WorkerOptions, WorkerSnapshot};
+use super::classifier::{
+    BlendParams, IntentClassifier, PredictScratch, QuestionVectors, SoftmaxRegression,
+};
+use super::encoder::{Encoder, EncoderError, Part};
+use super::worker::{
+    InferenceHandle, InferenceWorker, ModelInfo, ModelLoader, WorkerOptions, WorkerSnapshot,
+};
 use crate::bot::IntentMatch;
 use crate::config::Config;
 use crate::kb::{self, KbError, KbIndex, KbReplica, ReplicaReader};
@@ -68,6 +90,8 @@ pub enum EngineError {
     Encoder(#[from] EncoderError),
     #[error("cannot start the inference worker thread: {0}")]
     Spawn(#[source] std::io::Error),
+    #[error("cannot load the model: {0}")]
+    Load(String),
 }
 
 /// Where the model files are and how they run.
@@ -113,6 +137,55 @@ impl ModelSettings {
             threads,
             companion,
         }
+    }
+
+    /// Checks that the model files exist (cheap; before a background load, so a wrong path
+    /// is still an error at start).
+    pub fn check_files(&self) -> Result<(), EncoderError> {
+        let mut files = vec![
+            ("model", &self.model),
+            ("tokenizer", &self.tokenizer),
+            ("ONNX Runtime library", &self.ort_library),
+        ];
+        if let Some(companion) = &self.companion {
+            files.push(("companion model", &companion.model));
+            files.push(("companion tokenizer", &companion.tokenizer));
+        }
+        for (what, path) in files {
+            if !path.is_file() {
+                return Err(EncoderError::MissingFile {
+                    what,
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The loaders of the primary model and of the companion (if any), for
+    /// [`InferenceWorker::start_loading`].
+    pub fn loaders(&self) -> (ModelLoader, Option<ModelLoader>) {
+        let loader = |model: PathBuf, tokenizer: PathBuf, prefix: String| -> ModelLoader {
+            let (library, threads, length) = (
+                self.ort_library.clone(),
+                self.threads,
+                self.max_sequence_length,
+            );
+            Box::new(move || {
+                Encoder::load(&model, &tokenizer, &library, threads, length)
+                    .map(|encoder| encoder.with_text_prefix(&prefix))
+            })
+        };
+        let primary = loader(
+            self.model.clone(),
+            self.tokenizer.clone(),
+            self.text_prefix.clone(),
+        );
+        let companion = self
+            .companion
+            .as_ref()
+            .map(|c| loader(c.model.clone(), c.tokenizer.clone(), c.text_prefix.clone()));
+        (primary, companion)
     }
 
     /// Loads the encoder these settings describe; with a companion, both models load at once
@@ -168,6 +241,12 @@ pub struct EngineSettings {
     pub min_similarity: f32,
     /// How often [`IntentEngine::maybe_reload`] looks for a new version.
     pub reload_interval: Duration,
+    /// `[inference] companion_below`: with a companion, a query whose best score from the
+    /// primary model alone is below this is embedded by the companion too (1: every query).
+    pub companion_below: f32,
+    /// [`IntentEngine::open`] waits until the models are loaded (or failed) instead of
+    /// returning while they load (the command line; a server answers lexically meanwhile).
+    pub wait_for_models: bool,
 }
 
 impl EngineSettings {
@@ -184,6 +263,8 @@ impl EngineSettings {
             embedding_cache_entries: config.bot.embedding_cache_entries,
             min_similarity: config.bot.min_similarity as f32,
             reload_interval: Duration::from_secs(1),
+            companion_below: config.inference.companion_below as f32,
+            wait_for_models: false,
         }
     }
 }
@@ -244,6 +325,8 @@ pub struct EngineStats {
     pub degraded: u64,
     /// Versions loaded after the first.
     pub reloads: u64,
+    /// Recognitions the cascade sent to the companion model too.
+    pub escalated: u64,
     /// The inference worker's counters (`None` without a model).
     pub worker: Option<WorkerSnapshot>,
 }
@@ -259,6 +342,8 @@ struct HotAnswer {
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Found {
     entry: usize,
+    /// The classifier's score before `min_similarity` (what the cascade looks at).
+    raw_score: f32,
     score: f32,
     second_score: f32,
     similarity: Option<f32>,
@@ -268,10 +353,28 @@ struct Found {
 struct LoadedKb {
     index: KbIndex,
     classifier: IntentClassifier,
+    /// With joined vectors: the classifier of the cascade's first step (the primary model's
+    /// head, when stored, blended with the vote over the primary part).
+    primary_classifier: IntentClassifier,
+    /// Whether `primary_classifier` has its head (knowledge bases imported before the cascade
+    /// have none: every query then goes to both models).
+    has_primary_head: bool,
     /// Entry index of every question row.
     labels: Vec<u32>,
-    /// The vectors came from the engine's model: queries may be scored against them.
-    model_matches: bool,
+    /// A model mismatch was logged for this version.
+    warned: Cell<bool>,
+}
+
+/// How the stored vectors relate to the engine's models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fit {
+    /// Embedded with the primary model alone.
+    Primary,
+    /// The primary and a companion's vectors joined; `companion` when that companion is the
+    /// loaded one (else only the primary part can be used).
+    Joined { primary_dim: usize, companion: bool },
+    /// Another model: lexical only.
+    Other,
 }
 
 /// The entry index of every question row, given each entry's number of questions in order.
@@ -286,19 +389,18 @@ pub fn row_labels(question_counts: impl IntoIterator<Item = usize>) -> Vec<u32> 
 impl LoadedKb {
     /// The replica's current version, `None` before the first import. `encoder` is the
     /// engine's model (fingerprint, dimension), if any.
-    fn load(
-        reader: &ReplicaReader,
-        encoder: Option<(&str, Option<usize>)>,
-    ) -> Result<Option<LoadedKb>, KbError> {
+    fn load(reader: &ReplicaReader) -> Result<Option<LoadedKb>, KbError> {
         let Some(index) = KbIndex::load(reader)? else {
             return Ok(None);
         };
         let labels = row_labels((0..index.entry_count()).map(|entry| index.rows_of(entry).len()));
         let classes = index.entry_count();
-        let head = index.classifier().and_then(|bytes| {
-            match super::classifier::SoftmaxRegression::from_bytes(bytes) {
-                Ok(head) if head.classes() == classes && head.dim() == index.dim() => Some(head),
-                Ok(head) => {
+        let heads = index.classifier().and_then(|bytes| {
+            match SoftmaxRegression::heads_from_bytes(bytes) {
+                Ok((head, primary)) if head.classes() == classes && head.dim() == index.dim() => {
+                    Some((head, primary))
+                }
+                Ok((head, _)) => {
                     tracing::warn!(
                         version = index.version(),
                         head_classes = head.classes(),
@@ -313,30 +415,61 @@ impl LoadedKb {
                 }
             }
         });
+        let (head, primary_head) = heads.map_or((None, None), |(h, p)| (Some(h), p));
+        let has_primary_head = primary_head.is_some();
         let classifier = IntentClassifier::new(classes, head, BlendParams::default())
             .expect("a stored version has entries and the default blend is valid");
-        let model_matches = match encoder {
-            Some((fingerprint, dim)) => {
-                let matches = index.model_fingerprint() == fingerprint
-                    && dim.is_none_or(|dim| dim == index.dim());
-                if !matches {
-                    tracing::warn!(
-                        version = index.version(),
-                        stored = index.model_fingerprint(),
-                        loaded = fingerprint,
-                        "the knowledge base was embedded with another model: answering lexically until it is imported again"
-                    );
-                }
-                matches
-            }
-            None => false,
-        };
+        let primary_classifier =
+            IntentClassifier::new(classes, primary_head, BlendParams::default())
+                .expect("a stored version has entries and the default blend is valid");
         Ok(Some(LoadedKb {
             index,
             classifier,
+            primary_classifier,
+            has_primary_head,
             labels,
-            model_matches,
+            warned: Cell::new(false),
         }))
+    }
+
+    /// How the stored vectors relate to the worker's loaded models (`primary` is loaded).
+    fn fit(&self, primary: &ModelInfo, companion: Option<&ModelInfo>) -> Fit {
+        let stored = self.index.model_fingerprint();
+        let dim = self.index.dim();
+        if stored == primary.fingerprint && dim == primary.dim {
+            return Fit::Primary;
+        }
+        let rest = stored
+            .strip_prefix(primary.fingerprint.as_str())
+            .and_then(|rest| rest.strip_prefix(" + "));
+        if let Some(rest) = rest.filter(|_| dim > primary.dim) {
+            let loaded = companion;
+            let companion =
+                loaded.is_some_and(|c| c.fingerprint == rest && primary.dim + c.dim == dim);
+            if let Some(loaded) = loaded.filter(|_| !companion) {
+                if !self.warned.replace(true) {
+                    tracing::warn!(
+                        version = self.version(),
+                        stored = rest,
+                        loaded = %loaded.fingerprint,
+                        "the knowledge base was embedded with another companion model: the primary model answers alone until it is imported again"
+                    );
+                }
+            }
+            return Fit::Joined {
+                primary_dim: primary.dim,
+                companion,
+            };
+        }
+        if !self.warned.replace(true) {
+            tracing::warn!(
+                version = self.version(),
+                stored,
+                loaded = %primary.fingerprint,
+                "the knowledge base was embedded with another model: answering lexically until it is imported again"
+            );
+        }
+        Fit::Other
     }
 
     fn version(&self) -> u64 {
@@ -351,17 +484,50 @@ impl LoadedKb {
         min_similarity: f32,
         scratch: &mut PredictScratch,
     ) -> Option<Found> {
+        self.classify_with(&self.classifier, vector, vector, min_similarity, scratch)
+    }
+
+    /// The cascade's first step: `primary` (the primary model's vector) against the primary
+    /// part of joined rows, with the primary head.
+    fn classify_primary(
+        &self,
+        primary: &[f32],
+        min_similarity: f32,
+        scratch: &mut PredictScratch,
+    ) -> Option<Found> {
+        let mut padded = vec![0.0f32; self.index.dim()];
+        for (slot, x) in padded.iter_mut().zip(primary) {
+            *slot = x * std::f32::consts::SQRT_2;
+        }
+        self.classify_with(
+            &self.primary_classifier,
+            &padded,
+            primary,
+            min_similarity,
+            scratch,
+        )
+    }
+
+    fn classify_with(
+        &self,
+        classifier: &IntentClassifier,
+        vector: &[f32],
+        head_vector: &[f32],
+        min_similarity: f32,
+        scratch: &mut PredictScratch,
+    ) -> Option<Found> {
         let questions = QuestionVectors {
             dim: self.index.dim(),
             vectors: self.index.question_vectors(),
             labels: &self.labels,
         };
-        match self.classifier.predict(vector, questions, scratch) {
+        match classifier.predict_split(vector, head_vector, questions, scratch) {
             Ok(found) => found.map(|m| {
                 let p = m.prediction;
                 let related = m.nearest.score >= min_similarity;
                 Found {
                     entry: p.intent as usize,
+                    raw_score: p.score,
                     score: if related { p.score } else { 0.0 },
                     second_score: if related { p.second_score } else { 0.0 },
                     similarity: Some(m.nearest.score),
@@ -398,6 +564,7 @@ impl LoadedKb {
         };
         Some(Found {
             entry: best,
+            raw_score: 1.0 / total,
             score: 1.0 / total,
             second_score: second_share / total,
             similarity: None,
@@ -426,9 +593,12 @@ pub struct IntentEngine {
     shard: usize,
     reader: ReplicaReader,
     worker: Option<InferenceHandle>,
-    /// The model's fingerprint and dimension, when there is a model.
-    model: Option<(String, Option<usize>)>,
     kb: RefCell<Option<Rc<LoadedKb>>>,
+    companion_below: f32,
+    escalated: Cell<u64>,
+    /// The companion was seen ready (the hot cache was emptied then: its answers came from the
+    /// primary model alone).
+    companion_seen: Cell<bool>,
     reload_interval: Duration,
     min_similarity: f32,
     next_poll: Cell<Instant>,
@@ -442,7 +612,8 @@ pub struct IntentEngine {
 /// How long [`IntentEngine::open`] took, by part.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct OpenTimings {
-    /// Loading ONNX Runtime (first time in the process), the model and the tokenizer.
+    /// Loading ONNX Runtime (first time in the process), the model(s) and the tokenizer(s):
+    /// until they are ready with `wait_for_models`, else starting the worker.
     pub model: Duration,
     /// Opening the replica and loading its current version.
     pub knowledge_base: Duration,
@@ -468,26 +639,40 @@ impl IntentEngine {
         core: usize,
     ) -> Result<(IntentEngine, OpenTimings), EngineError> {
         let started = Instant::now();
-        let (worker, model) = match &settings.model {
+        let worker = match &settings.model {
             Some(model_settings) => {
-                let encoder = model_settings.load()?;
-                let model = (encoder.fingerprint().to_owned(), encoder.dim());
-                let worker = InferenceWorker::start(shard, core, encoder, settings.worker.clone())
-                    .map_err(EngineError::Spawn)?;
-                (Some(worker), Some(model))
+                model_settings.check_files()?;
+                let (primary, companion) = model_settings.loaders();
+                let worker = InferenceWorker::start_loading(
+                    shard,
+                    core,
+                    primary,
+                    companion,
+                    settings.worker.clone(),
+                )
+                .map_err(EngineError::Spawn)?;
+                if settings.wait_for_models {
+                    worker.wait_loaded(Duration::MAX);
+                    if let Some(error) = worker.load_error() {
+                        return Err(EngineError::Load(error.to_owned()));
+                    }
+                }
+                Some(worker)
             }
-            None => (None, None),
+            None => None,
         };
         let model_time = started.elapsed();
         let kb_started = Instant::now();
         let reader =
             KbReplica::open_shared(&settings.storage_dir, shard, settings.kb_map_size)?.reader();
-        let loaded = LoadedKb::load(&reader, model.as_ref().map(|(f, d)| (f.as_str(), *d)))?;
+        let loaded = LoadedKb::load(&reader)?;
         let engine = IntentEngine {
             shard,
             reader,
             worker,
-            model,
+            companion_below: settings.companion_below,
+            escalated: Cell::new(0),
+            companion_seen: Cell::new(false),
             kb: RefCell::new(loaded.map(Rc::new)),
             reload_interval: settings.reload_interval,
             min_similarity: settings.min_similarity,
@@ -540,11 +725,15 @@ impl IntentEngine {
             .collect()
     }
 
-    /// The encoder's fingerprint, `None` without a model.
-    pub fn model_fingerprint(&self) -> Option<&str> {
-        self.model
-            .as_ref()
-            .map(|(fingerprint, _)| fingerprint.as_str())
+    /// The loaded encoder's fingerprint (the primary model's, then ` + ` the companion's once
+    /// it is loaded); `None` without a model or before the primary is loaded.
+    pub fn model_fingerprint(&self) -> Option<String> {
+        let worker = self.worker.as_ref()?;
+        let primary = worker.primary()?;
+        Some(match worker.companion() {
+            Some(companion) => format!("{} + {}", primary.fingerprint, companion.fingerprint),
+            None => primary.fingerprint.clone(),
+        })
     }
 
     /// The inference worker, `None` without a model.
@@ -559,6 +748,7 @@ impl IntentEngine {
             embedding_cache: self.embeddings.borrow().counters(),
             degraded: self.degraded.get(),
             reloads: self.reloads.get(),
+            escalated: self.escalated.get(),
             worker: self.worker.as_ref().map(InferenceHandle::stats),
         }
     }
@@ -589,8 +779,7 @@ impl IntentEngine {
         if current == self.version() {
             return Ok(false);
         }
-        let model = self.model.as_ref().map(|(f, d)| (f.as_str(), *d));
-        let loaded = LoadedKb::load(&self.reader, model)?;
+        let loaded = LoadedKb::load(&self.reader)?;
         let version = loaded.as_ref().map(LoadedKb::version);
         *self.kb.borrow_mut() = loaded.map(Rc::new);
         self.hot.borrow_mut().clear();
@@ -604,6 +793,10 @@ impl IntentEngine {
     /// inference; see the module documentation for the order of the caches.
     pub async fn recognise(&self, text: &str) -> Option<IntentResult> {
         self.maybe_reload();
+        let companion_ready = self.worker.as_ref().and_then(InferenceHandle::companion);
+        if companion_ready.is_some() && !self.companion_seen.replace(true) {
+            self.hot.borrow_mut().clear();
+        }
         let kb = self.kb.borrow().clone()?;
         let text = collapse_whitespace(text);
         let hot_key = text.to_lowercase();
@@ -611,14 +804,21 @@ impl IntentEngine {
         if let Some(hot) = hot.filter(|hot| hot.version == kb.version()) {
             return Some(kb.result(hot.found, false, CacheOutcome::HotHit));
         }
-        let worker = match &self.worker {
-            Some(worker) if kb.model_matches && worker.is_running() => worker,
-            _ => return self.lexical(&kb, &text),
+        let Some(worker) = self.worker.as_ref().filter(|worker| worker.is_running()) else {
+            return self.lexical(&kb, &text);
         };
+        // Before the primary model is loaded: lexical (degraded).
+        let Some(primary) = worker.primary() else {
+            return self.lexical(&kb, &text);
+        };
+        let fit = kb.fit(primary, worker.companion());
+        if fit == Fit::Other {
+            return self.lexical(&kb, &text);
+        }
         let cached = self.embeddings.borrow_mut().get(&text).cloned();
         let (vector, cache) = match cached {
             Some(vector) => (vector, CacheOutcome::EmbeddingHit),
-            None => match worker.embed(&text).await {
+            None => match worker.embed_part(&text, Part::Primary).await {
                 Ok(vector) => {
                     let vector: Rc<[f32]> = vector.into();
                     self.embeddings.borrow_mut().insert(&text, vector.clone());
@@ -630,7 +830,47 @@ impl IntentEngine {
                 }
             },
         };
-        let classified = kb.classify(&vector, self.min_similarity, &mut self.scratch.borrow_mut());
+        let classified = match fit {
+            Fit::Joined {
+                primary_dim,
+                companion,
+            } if vector.len() == primary_dim => {
+                let first = kb.classify_primary(
+                    &vector,
+                    self.min_similarity,
+                    &mut self.scratch.borrow_mut(),
+                );
+                let escalate = companion
+                    && (!kb.has_primary_head
+                        || first.is_none_or(|found| found.raw_score < self.companion_below));
+                if escalate {
+                    self.escalated.set(self.escalated.get() + 1);
+                    match worker.embed_part(&text, Part::Companion).await {
+                        Ok(second) => {
+                            let half = std::f32::consts::FRAC_1_SQRT_2;
+                            let joined: Vec<f32> =
+                                vector.iter().chain(&second).map(|x| x * half).collect();
+                            kb.classify(
+                                &joined,
+                                self.min_similarity,
+                                &mut self.scratch.borrow_mut(),
+                            )
+                            .or(first)
+                        }
+                        Err(error) => {
+                            tracing::debug!(shard = self.shard, %error, "the companion could not embed: the primary model answers alone");
+                            first
+                        }
+                    }
+                } else {
+                    first
+                }
+            }
+            Fit::Primary => {
+                kb.classify(&vector, self.min_similarity, &mut self.scratch.borrow_mut())
+            }
+            _ => None,
+        };
         let Some(found) = classified else {
             return self.lexical(&kb, &text);
         };

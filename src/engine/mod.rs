@@ -27,7 +27,9 @@
 //! | engine cold start (`IntentEngine::open`: runtime, model, tokenizer, fingerprint, worker, index) | `kb eval` prints it | 350-440 ms, of which the index 8 ms; first query 14-20 ms |
 //! | worker throughput, one text at a time vs 16 submitted together | `cargo test --release --test inference -- --ignored --nocapture` | 102 vs 171 texts/s (1.68×) |
 //! | `kb import` of kb.csv (2 intra-op threads) | `switchboard kb import --config C kb.csv` | 33 s: model 0.4 s, embedding 30.4 s, head 2.1 s, 2 replicas 0.14 s |
-//! | with `[inference] companion_model` (multilingual-e5-small next to the `en` model) | the same, see models/README.md | top-1 94.22% (93.62% without), answered right 92.22% (92.62%), p99 27-33 ms (11 ms), engine open 1.9-2.8 s, import of 10,003 questions 96 s (31 s) |
+//! | with `[inference] companion_model` (multilingual-e5-small next to the `en` model), every query through both (`companion_below = 1`) | the same, see models/README.md | top-1 94.22% (93.62% without), answered right 92.22% (92.62%), p99 27-36 ms (11-13 ms), models loaded 1.9-4.3 s, import of 10,003 questions 96 s (31 s) |
+//! | the cascade, `companion_below = 0.4` (shipped; 1.9% of the queries run the companion) | the same, `batch_window = "0s"` | top-1 93.92%, answered right 92.82%, p50 6.9 ms, p99 15.5 ms (`en` alone in the same run: 6.4 / 13.0 ms) |
+//! | `serve` to the first accepted WebSocket (models load in the background) / to the first model answer | `scripts/cold_start.py` | `en` 0.08 / 0.32 s, `en` + companion 0.03 / 1.44 s, `multilingual` 0.03 / 0.85 s (before: accept after loading, 0.28 / 1.27 / 0.79 s) |
 
 pub mod cache;
 pub mod classifier;

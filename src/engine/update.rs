@@ -16,7 +16,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::classifier::{
-    BlendParams, ClassifierError, IntentClassifier, QuestionVectors, TrainOptions, TrainReport,
+    BlendParams, ClassifierError, IntentClassifier, QuestionVectors, SoftmaxRegression,
+    TrainOptions, TrainReport,
 };
 use super::encoder::{Encoder, EncoderError};
 use super::intent::row_labels;
@@ -67,7 +68,8 @@ pub struct PreparedUpdate {
     pub vectors: Vec<f32>,
     pub dim: usize,
     pub model_fingerprint: String,
-    /// The head's byte form (`SoftmaxRegression::to_bytes`).
+    /// The heads' byte form (`SoftmaxRegression::heads_to_bytes`: with a companion, the
+    /// primary model's head follows the full one).
     pub head: Vec<u8>,
     pub train_report: TrainReport,
     pub embed_time: Duration,
@@ -112,10 +114,29 @@ pub fn prepare_with_progress(
         &TrainOptions::default(),
         BlendParams::default(),
     )?;
-    let head = classifier
-        .head()
-        .expect("a trained classifier has a head")
-        .to_bytes();
+    let full_head = classifier.head().expect("a trained classifier has a head");
+    // With a companion, also the head over the primary model's part of the vectors (each part
+    // is a unit vector scaled by 1/√2): the cascade's first step (`engine::intent`).
+    let primary_head = match (encoder.companion(), encoder.primary_dim()) {
+        (Some(_), Some(primary_dim)) if primary_dim < embeddings.dim => {
+            let scale = std::f32::consts::SQRT_2;
+            let primary: Vec<f32> = embeddings
+                .data
+                .chunks_exact(embeddings.dim)
+                .flat_map(|row| row[..primary_dim].iter().map(move |x| x * scale))
+                .collect();
+            let (head, _) = SoftmaxRegression::train(
+                &primary,
+                primary_dim,
+                &labels,
+                entries.len(),
+                &TrainOptions::default(),
+            )?;
+            Some(head)
+        }
+        _ => None,
+    };
+    let head = SoftmaxRegression::heads_to_bytes(full_head, primary_head.as_ref());
     Ok(PreparedUpdate {
         dim: embeddings.dim,
         vectors: embeddings.data,

@@ -23,17 +23,24 @@
 //!   wait of a new request is `pending × service time per text` (a moving average).
 //! - The thread ends when the [`InferenceHandle`] is dropped (the drop waits for the batch in
 //!   progress). After a second without requests the worker releases its token buffers.
+//!
+//! Loading: [`InferenceWorker::start_loading`] returns at once; the worker thread loads the
+//! primary model itself while a helper thread loads the companion (if any), so a shard can
+//! accept connections before any model is ready. [`InferenceHandle::primary`] and
+//! [`InferenceHandle::companion`] say what is ready (set once, never unset); requests queued
+//! before the primary is ready wait for it, and a [`Part::Companion`] request before the
+//! companion is attached is answered [`EmbedError::Failed`]. Readiness is logged with timings.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TrySendError};
 use futures_channel::oneshot;
 
-use super::encoder::Encoder;
+use super::encoder::{Encoder, EncoderError, Part};
 use crate::config::InferenceConfig;
 
 /// Why a text was not embedded.
@@ -89,7 +96,25 @@ pub struct WorkerStats {
     overloaded: AtomicU64,
     busy_ns: AtomicU64,
     running: AtomicBool,
+    primary: OnceLock<ModelInfo>,
+    companion: OnceLock<ModelInfo>,
+    /// Set when loading ends: both models loaded, or one failed.
+    loading_done: AtomicBool,
+    load_error: OnceLock<String>,
 }
+
+/// A loaded model as the worker publishes it: its fingerprint and vector width.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// [`Encoder::primary_fingerprint`] of the model (with its text prefix).
+    pub fingerprint: String,
+    pub dim: usize,
+    /// From the worker's start to the model answering its warm-up text.
+    pub load_time: Duration,
+}
+
+/// Loads one model (on the worker thread or the companion's helper thread).
+pub type ModelLoader = Box<dyn FnOnce() -> Result<Encoder, EncoderError> + Send>;
 
 /// A copy of a worker's counters.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -153,6 +178,7 @@ pub type EmbedResult = Result<Vec<f32>, EmbedError>;
 
 struct Request {
     text: String,
+    part: Part,
     sent: Instant,
     reply: oneshot::Sender<EmbedResult>,
 }
@@ -161,13 +187,35 @@ struct Request {
 pub struct InferenceWorker;
 
 impl InferenceWorker {
-    /// Moves `encoder` to a new thread named `switchboard-infer-<shard>`, pinned to `core`
-    /// (a warning is logged and the thread runs unpinned if the core cannot be used), and
-    /// returns the handle the shard submits texts through.
+    /// Moves an already loaded `encoder` (and its companion, if any) to a new worker thread;
+    /// see [`start_loading`](Self::start_loading).
     pub fn start(
         shard: usize,
         core: usize,
-        encoder: Encoder,
+        mut encoder: Encoder,
+        options: WorkerOptions,
+    ) -> std::io::Result<InferenceHandle> {
+        let companion = encoder.take_companion();
+        let companion = companion.map(|c| Box::new(move || Ok(c)) as ModelLoader);
+        Self::start_loading(
+            shard,
+            core,
+            Box::new(move || Ok(encoder)),
+            companion,
+            options,
+        )
+    }
+
+    /// Starts a thread named `switchboard-infer-<shard>`, pinned to `core` (a warning is
+    /// logged and the thread runs unpinned if the core cannot be used), that loads the primary
+    /// model with `primary` while `companion` (if any) loads on a helper thread, and returns at
+    /// once the handle the shard submits texts through. A model that fails to load is logged;
+    /// without a primary the thread ends ([`InferenceHandle::is_running`] turns false).
+    pub fn start_loading(
+        shard: usize,
+        core: usize,
+        primary: ModelLoader,
+        companion: Option<ModelLoader>,
         options: WorkerOptions,
     ) -> std::io::Result<InferenceHandle> {
         let options = WorkerOptions {
@@ -183,6 +231,7 @@ impl InferenceWorker {
         let thread = std::thread::Builder::new()
             .name(format!("switchboard-infer-{shard}"))
             .spawn(move || {
+                let started = Instant::now();
                 // core_affinity does not check the id (an id past the CPU set panics in
                 // libc's CPU_SET), so only a core the process may use is asked for.
                 let pinned = core_affinity::get_core_ids()
@@ -193,7 +242,24 @@ impl InferenceWorker {
                 if !pinned {
                     tracing::warn!(shard, core, "cannot pin the inference worker to its core");
                 }
-                run(encoder, receiver, &thread_options, &thread_stats);
+                let companion = companion.map(|load| load_companion(shard, started, load));
+                match load_primary(shard, started, primary, &thread_stats) {
+                    Some(encoder) => {
+                        if companion.is_none() {
+                            thread_stats.loading_done.store(true, Ordering::Release);
+                        }
+                        run(encoder, receiver, companion, &thread_options, &thread_stats);
+                    }
+                    None => {
+                        thread_stats.loading_done.store(true, Ordering::Release);
+                        // Answer what was queued meanwhile: the caller degrades.
+                        thread_stats.running.store(false, Ordering::Relaxed);
+                        for request in receiver.try_iter() {
+                            thread_stats.pending.fetch_sub(1, Ordering::Relaxed);
+                            let _ = request.reply.send(Err(EmbedError::Stopped));
+                        }
+                    }
+                }
                 thread_stats.running.store(false, Ordering::Relaxed);
             })?;
         Ok(InferenceHandle {
@@ -203,6 +269,69 @@ impl InferenceWorker {
             thread: Some(thread),
         })
     }
+}
+
+/// Loads the primary model and embeds a warm-up text (which also tells its width); publishes
+/// it in `stats`. `None` (logged) when it cannot be loaded.
+fn load_primary(
+    shard: usize,
+    started: Instant,
+    load: ModelLoader,
+    stats: &WorkerStats,
+) -> Option<Encoder> {
+    let warmed = load().and_then(|mut encoder| {
+        let dim = encoder.encode_part_into(&["hello"], Part::Primary, &mut Vec::new())?;
+        Ok((encoder, dim))
+    });
+    match warmed {
+        Ok((encoder, dim)) => {
+            let info = ModelInfo {
+                fingerprint: encoder.primary_fingerprint().to_owned(),
+                dim,
+                load_time: started.elapsed(),
+            };
+            tracing::info!(
+                shard,
+                load_ms = millis(info.load_time),
+                model = %info.fingerprint,
+                "primary model ready"
+            );
+            let _ = stats.primary.set(info);
+            Some(encoder)
+        }
+        Err(error) => {
+            tracing::error!(shard, %error, "cannot load the model: answering lexically (degraded)");
+            let _ = stats.load_error.set(error.to_string());
+            None
+        }
+    }
+}
+
+/// The companion loading on its own thread (warm-up included); the worker attaches it
+/// between batches.
+fn load_companion(
+    shard: usize,
+    started: Instant,
+    load: ModelLoader,
+) -> Receiver<Result<(Encoder, Duration), EncoderError>> {
+    let (sender, receiver) = channel::bounded(1);
+    let spawned = std::thread::Builder::new()
+        .name(format!("switchboard-load-{shard}"))
+        .spawn(move || {
+            let loaded = load().and_then(|mut encoder| {
+                encoder.encode_part_into(&["hello"], Part::Primary, &mut Vec::new())?;
+                Ok((encoder, started.elapsed()))
+            });
+            let _ = sender.send(loaded);
+        });
+    if let Err(error) = spawned {
+        tracing::error!(shard, %error, "cannot start the companion model's loading thread");
+    }
+    receiver
+}
+
+fn millis(duration: Duration) -> f64 {
+    (duration.as_secs_f64() * 1e4).round() / 10.0
 }
 
 /// The shard's side of an inference worker. Dropping it stops the worker.
@@ -220,7 +349,16 @@ impl InferenceHandle {
     /// ([`EmbedError::Overloaded`], [`EmbedError::Stopped`]) is decided before this returns
     /// and the future resolves to it at once.
     pub fn embed(&self, text: &str) -> impl Future<Output = EmbedResult> + 'static {
-        let submitted = self.submit(text);
+        self.embed_part(text, Part::Joined)
+    }
+
+    /// [`embed`](Self::embed) with one [`Part`] of the encoder.
+    pub fn embed_part(
+        &self,
+        text: &str,
+        part: Part,
+    ) -> impl Future<Output = EmbedResult> + 'static {
+        let submitted = self.submit(text, part);
         async move {
             match submitted {
                 Ok(answer) => answer.await.unwrap_or(Err(EmbedError::Stopped)),
@@ -229,7 +367,7 @@ impl InferenceHandle {
         }
     }
 
-    fn submit(&self, text: &str) -> Result<oneshot::Receiver<EmbedResult>, EmbedError> {
+    fn submit(&self, text: &str, part: Part) -> Result<oneshot::Receiver<EmbedResult>, EmbedError> {
         let Some(sender) = &self.sender else {
             return Err(EmbedError::Stopped);
         };
@@ -241,6 +379,7 @@ impl InferenceHandle {
         self.stats.pending.fetch_add(1, Ordering::Relaxed);
         let request = Request {
             text: text.to_owned(),
+            part,
             sent: Instant::now(),
             reply,
         };
@@ -276,6 +415,40 @@ impl InferenceHandle {
         self.stats.running.load(Ordering::Relaxed)
     }
 
+    /// The primary model, once it is loaded.
+    pub fn primary(&self) -> Option<&ModelInfo> {
+        self.stats.primary.get()
+    }
+
+    /// The companion model, once it is loaded and attached.
+    pub fn companion(&self) -> Option<&ModelInfo> {
+        self.stats.companion.get()
+    }
+
+    /// Whether loading has ended (every model loaded, or one failed).
+    pub fn loading_done(&self) -> bool {
+        self.stats.loading_done.load(Ordering::Acquire)
+    }
+
+    /// Why a model could not be loaded, if one could not.
+    pub fn load_error(&self) -> Option<&str> {
+        self.stats.load_error.get().map(String::as_str)
+    }
+
+    /// Blocks the calling thread until loading has ended or `timeout` passed; returns whether
+    /// it ended. For the command line and tests, never a shard.
+    pub fn wait_loaded(&self, timeout: Duration) -> bool {
+        // `None`: too far away to represent, i.e. no deadline.
+        let deadline = Instant::now().checked_add(timeout);
+        while !self.loading_done() {
+            if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
     pub fn options(&self) -> &WorkerOptions {
         &self.options
     }
@@ -295,21 +468,45 @@ impl Drop for InferenceHandle {
     }
 }
 
-/// The worker loop: batch, embed, answer; returns when the channel is closed.
+/// The worker loop: batch, embed, answer; returns when the channel is closed. Attaches the
+/// companion between batches once its loading thread delivers it.
 fn run(
     mut encoder: Encoder,
     receiver: Receiver<Request>,
+    mut companion: Option<Receiver<Result<(Encoder, Duration), EncoderError>>>,
     options: &WorkerOptions,
     stats: &WorkerStats,
 ) {
     const IDLE: Duration = Duration::from_secs(1);
+    /// How often a worker waiting for its companion looks for it.
+    const COMPANION_POLL: Duration = Duration::from_millis(10);
     let mut batch: Vec<Request> = Vec::with_capacity(options.max_batch);
     let mut holding_buffers = false;
+    let mut idle_since = Instant::now();
     loop {
-        let first = match receiver.recv_timeout(IDLE) {
+        if let Some(loading) = &companion {
+            let delivered = match loading.try_recv() {
+                Ok(result) => Some(result),
+                Err(channel::TryRecvError::Empty) => None,
+                Err(channel::TryRecvError::Disconnected) => Some(Err(
+                    EncoderError::InvalidSetting("its loading thread ended".into()),
+                )),
+            };
+            if let Some(result) = delivered {
+                companion = None;
+                attach_companion(&mut encoder, result, stats);
+                stats.loading_done.store(true, Ordering::Release);
+            }
+        }
+        let wait = if companion.is_some() {
+            COMPANION_POLL
+        } else {
+            IDLE
+        };
+        let first = match receiver.recv_timeout(wait) {
             Ok(request) => request,
             Err(RecvTimeoutError::Timeout) => {
-                if holding_buffers {
+                if holding_buffers && idle_since.elapsed() >= IDLE {
                     encoder.release_buffers();
                     holding_buffers = false;
                 }
@@ -325,8 +522,55 @@ fn run(
                 Err(_) => break,
             }
         }
+        // Joined vectors need both models: wait for a companion still loading.
+        if batch.iter().any(|request| request.part == Part::Joined) {
+            if let Some(loading) = companion.take() {
+                let result = loading.recv().unwrap_or_else(|_| {
+                    Err(EncoderError::InvalidSetting(
+                        "its loading thread ended".into(),
+                    ))
+                });
+                attach_companion(&mut encoder, result, stats);
+                stats.loading_done.store(true, Ordering::Release);
+            }
+        }
         run_batch(&mut encoder, &mut batch, options.max_wait, stats);
         holding_buffers = true;
+        idle_since = Instant::now();
+    }
+}
+
+fn attach_companion(
+    encoder: &mut Encoder,
+    loaded: Result<(Encoder, Duration), EncoderError>,
+    stats: &WorkerStats,
+) {
+    match loaded {
+        Ok((companion, load_time)) => {
+            let info = ModelInfo {
+                fingerprint: companion.primary_fingerprint().to_owned(),
+                dim: companion.primary_dim().unwrap_or(0),
+                load_time,
+            };
+            match encoder.attach_companion(companion) {
+                Ok(()) => {
+                    tracing::info!(
+                        load_ms = millis(info.load_time),
+                        model = %info.fingerprint,
+                        "companion model ready"
+                    );
+                    let _ = stats.companion.set(info);
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot use the companion model");
+                    let _ = stats.load_error.set(error.to_string());
+                }
+            }
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot load the companion model: the primary model answers alone");
+            let _ = stats.load_error.set(error.to_string());
+        }
     }
 }
 
@@ -356,28 +600,40 @@ fn run_batch(
     if live.is_empty() {
         return;
     }
-    let texts: Vec<&str> = live.iter().map(|request| request.text.as_str()).collect();
-    let result = encoder.encode_batch(&texts);
-    stats.record_batch(live.len(), started.elapsed());
-    match result {
-        Ok(embeddings) => {
-            stats
-                .embedded
-                .fetch_add(live.len() as u64, Ordering::Relaxed);
-            for (i, request) in live.into_iter().enumerate() {
-                let vector = embeddings.row(i).to_vec();
-                answer(request, Ok(vector));
-            }
+    let count = live.len();
+    // One model call per part asked for (almost always a single part).
+    for part in [Part::Primary, Part::Joined, Part::Companion] {
+        let (group, rest): (Vec<Request>, Vec<Request>) =
+            live.into_iter().partition(|request| request.part == part);
+        live = rest;
+        if group.is_empty() {
+            continue;
         }
-        Err(error) => {
-            let message = error.to_string();
-            tracing::warn!(error = %message, texts = live.len(), "inference failed");
-            stats.failed.fetch_add(live.len() as u64, Ordering::Relaxed);
-            for request in live {
-                answer(request, Err(EmbedError::Failed(message.clone())));
+        let texts: Vec<&str> = group.iter().map(|request| request.text.as_str()).collect();
+        let mut data = Vec::new();
+        let result = encoder.encode_part_into(&texts, part, &mut data);
+        match result {
+            Ok(dim) => {
+                stats
+                    .embedded
+                    .fetch_add(group.len() as u64, Ordering::Relaxed);
+                for (request, vector) in group.into_iter().zip(data.chunks_exact(dim)) {
+                    answer(request, Ok(vector.to_vec()));
+                }
+            }
+            Err(error) => {
+                let message = error.to_string();
+                tracing::warn!(error = %message, texts = group.len(), "inference failed");
+                stats
+                    .failed
+                    .fetch_add(group.len() as u64, Ordering::Relaxed);
+                for request in group {
+                    answer(request, Err(EmbedError::Failed(message.clone())));
+                }
             }
         }
     }
+    stats.record_batch(count, started.elapsed());
 }
 
 #[cfg(test)]

@@ -40,7 +40,35 @@ impl Server {
     /// Like [`Server::start_in`] with another program that runs the switchboard command line
     /// (a sample built on `switchboard::cli`), given as a `Command` so a test can set its
     /// environment.
-    pub fn start_program(mut program: Command, dir: tempfile::TempDir, overlay: &str) -> Server {
+    pub fn start_program(program: Command, dir: tempfile::TempDir, overlay: &str) -> Server {
+        let server = Self::start_listening(program, dir, overlay);
+        server.wait_for_models();
+        server
+    }
+
+    /// Waits (at most a minute) until every shard's primary model is loaded: the models load
+    /// in the background after the server listens, and tests that check the model's answers
+    /// need it (a server without a model returns at once; a companion may still be loading).
+    pub fn wait_for_models(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let logs = self.logs();
+            let engines = logs.matches("intent engine ready").count();
+            let primaries = logs.matches("primary model ready").count();
+            if primaries >= engines || logs.contains("cannot load the model") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the models did not load within a minute; logs:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Like [`Server::start_program`] but returns as soon as the server listens, while its
+    /// models may still be loading.
+    pub fn start_listening(mut program: Command, dir: tempfile::TempDir, overlay: &str) -> Server {
         let config_path = write_config(dir.path(), overlay);
         let mut child = program
             .args(["serve", "--config"])
