@@ -2667,6 +2667,10 @@ mod tests {
                 "low-latency.toml",
                 include_str!("../tuning/low-latency.toml"),
             ),
+            (
+                "multilingual.toml",
+                include_str!("../tuning/multilingual.toml"),
+            ),
         ] {
             let config = load_str(name, text).unwrap_or_else(|e| panic!("{e}"));
             let effective = flatten(&config.to_toml());

@@ -77,7 +77,7 @@ fn missing_config_file_is_a_clear_error() {
 #[test]
 fn shipped_profiles_check_ok_and_print_round_trips() {
     let root = env!("CARGO_MANIFEST_DIR");
-    for profile in ["default", "high-density", "low-latency"] {
+    for profile in ["default", "high-density", "low-latency", "multilingual"] {
         let output = Command::new(BIN)
             .args(["config", "check", &format!("{root}/tuning/{profile}.toml")])
             .output()
