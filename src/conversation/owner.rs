@@ -1218,12 +1218,14 @@ impl Owner {
             to: session,
             frame: assigned_to_agent(live),
         });
-        let after = live.meta.agent_read;
-        if after < live.meta.last_seq {
+        // The whole history, so an agent who takes the conversation over (a transfer, a
+        // re-queue) or reopens the console sees what came before; `assigned` carries the read
+        // mark so the console counts only the messages after it as unread.
+        if live.meta.last_seq > 0 {
             out.push(OwnerAction::Replay {
                 to: vec![session],
                 conversation,
-                after,
+                after: 0,
                 up_to: live.meta.last_seq,
             });
         }
@@ -1992,6 +1994,7 @@ fn assigned_to_agent(live: &Live) -> Arc<str> {
         "site": &*live.key.site,
         "visitor": &*live.key.visitor,
         "seq": live.meta.last_seq,
+        "read": live.meta.agent_read,
     }))
 }
 
