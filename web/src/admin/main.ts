@@ -148,7 +148,7 @@ function start(me: Session) {
   const charts = {
     sessions: chart("Sessions open", ""),
     messages: chart("Messages/s", "/s"),
-    latency: chart("Latency p99", " ms"),
+    latency: chart("Message latency p99 (to commit)", " ms"),
     cache: chart("Bot cache hit ratio", "%"),
   };
   const metrics = panel(
@@ -205,19 +205,13 @@ function start(me: Session) {
 }
 
 /**
- * p99 latency in ms from a latency histogram when the server exports one; otherwise
- * (no histogram today) the mean group-commit time, labelled as such.
+ * p99 in ms of `switchboard_commit_latency_seconds`: how long a message (or any stored
+ * change) waits from reaching its shard to being committed, i.e. the server's part of the
+ * time before it is acked and relayed. Older servers without the histogram show n/a.
  */
 function latencyP99(samples: Sample[]): { label: string; ms: number | null } {
-  const histogram = samples.find((s) => /latency.*_bucket$|_seconds_bucket$/.test(s.name));
-  if (histogram) {
-    const base = histogram.name.replace(/_bucket$/, "");
-    const p99 = histogramQuantile(samples, base, 0.99);
-    return { label: "Latency p99", ms: p99 === null ? null : base.endsWith("_seconds") ? p99 * 1000 : p99 };
-  }
-  const commits = total(samples, "switchboard_store_commits");
-  const micros = total(samples, "switchboard_store_commit_micros");
-  return { label: "Commit latency (mean; no p99 histogram)", ms: commits ? (micros ?? 0) / commits / 1000 : null };
+  const p99 = histogramQuantile(samples, "switchboard_commit_latency_seconds", 0.99);
+  return { label: "Message latency p99 (to commit)", ms: p99 === null ? null : p99 * 1000 };
 }
 
 function roleSelect(value: string): HTMLSelectElement {

@@ -13,6 +13,9 @@ interface Conversation {
   visitor: string;
   log: HTMLElement;
   unread: number;
+  /** Up to this seq an agent has read the conversation (from `assigned`): the history the
+   * server replays up to here is not unread. */
+  readMark: number;
   lastSeq: number;
   closed: boolean;
   typing: boolean;
@@ -130,6 +133,7 @@ function start(me: Session) {
         visitor,
         log: h("div", { class: "chat-log", role: "log", "aria-label": `Conversation ${id}`, tabindex: "0" }),
         unread: 0,
+        readMark: 0,
         lastSeq: 0,
         closed: false,
         typing: false,
@@ -254,6 +258,7 @@ function start(me: Session) {
         const isNew = !conversations.has(frame.conversation) || conversations.get(frame.conversation)!.closed;
         const conv = conversation(frame.conversation, frame.site, frame.visitor);
         conv.closed = false;
+        conv.readMark = Math.max(conv.readMark, frame.read ?? 0);
         if (isNew) alertNew(`New conversation #${conv.id}`);
         if (active === null) select(conv.id);
         renderLists();
@@ -272,7 +277,7 @@ function start(me: Session) {
         if (conv.id === active && !document.hidden) {
           markRead(conv);
           typingLine.hidden = true;
-        } else if (frame.from !== "agent") conv.unread++;
+        } else if (frame.from !== "agent" && frame.seq > conv.readMark) conv.unread++;
         renderLists();
         break;
       }

@@ -4,7 +4,7 @@
 export type AgentServerFrame =
   | { type: "hello"; agent: string; id: string; conversations: number[]; queue: number[]; status: string }
   | { type: "queue"; conversations: number[] }
-  | { type: "assigned"; conversation: number; site?: string; visitor?: string; seq?: number }
+  | { type: "assigned"; conversation: number; site?: string; visitor?: string; seq?: number; read?: number }
   | { type: "transferred"; conversation: number; to: string }
   | { type: "requeued"; conversation: number }
   | {
