@@ -910,11 +910,16 @@ impl Router {
                         );
                     }
                 }
-                DispatchAction::QueueSnapshot { sessions, queue } => {
+                DispatchAction::QueueSnapshot {
+                    sessions,
+                    queue,
+                    waited_ms,
+                } => {
                     let frame: Arc<str> = Arc::from(
                         serde_json::json!({
                             "type": "queue",
                             "conversations": queue.iter().map(|c| c.0).collect::<Vec<_>>(),
+                            "waited_ms": waited_ms,
                         })
                         .to_string(),
                     );
@@ -970,6 +975,7 @@ impl Router {
                     session,
                     conversations,
                     queue,
+                    waited_ms,
                     status,
                 } => {
                     let session = SessionRef::from_dispatch(session);
@@ -980,6 +986,7 @@ impl Router {
                         "id": &agent,
                         "conversations": conversations.iter().map(|c| c.0).collect::<Vec<_>>(),
                         "queue": queue.iter().map(|c| c.0).collect::<Vec<_>>(),
+                        "queue_waited_ms": waited_ms,
                         "status": match status {
                             dispatch::AgentStatus::Online => "online",
                             dispatch::AgentStatus::Away => "away",
