@@ -319,6 +319,7 @@ test("a visitor waiting behind a full agent sees the queue position, and it move
   const next = await visitorAsksForHuman("Which exchange rate do you use?", ANSWERS.exchange_rate);
   const nextAt = await position(next);
   const last = await visitorAsksForHuman("I lost my card, what do I do?", ANSWERS.lost_or_stolen_card);
+  const lastQueuedAt = Date.now();
   await widget(last).locator(".status.info").filter({ hasText: `number ${nextAt + 1} in the queue` }).waitFor();
   // No "nobody online" invitation: an agent is online, only busy.
   assert.equal(await widget(last).locator(".status.leave").count(), 0);
@@ -329,12 +330,22 @@ test("a visitor waiting behind a full agent sees the queue position, and it move
   // Carol closes the first: the next visitor is assigned, the last moves up one.
   await carol.getByRole("button", { name: "Close" }).click();
   await widget(served).locator(".m.sys").filter({ hasText: "ended" }).waitFor();
-  if (nextAt === 1) {
-    await widget(next).locator(".m.sys").filter({ hasText: "Carol joined" }).waitFor();
-    await widget(last).locator(".status.info").filter({ hasText: "number 1 in the queue" }).waitFor();
-  } else {
-    await widget(last).locator(".status.info").filter({ hasText: `number ${nextAt} in the queue` }).waitFor();
-  }
+  // Earlier tests closed their conversations: these two are the whole queue.
+  assert.equal(nextAt, 1);
+  await widget(next).locator(".m.sys").filter({ hasText: "Carol joined" }).waitFor();
+  await widget(last).locator(".status.info").filter({ hasText: "number 1 in the queue" }).waitFor();
+
+  // A reloaded console shows how long the visitor has really waited (the server's time, not
+  // since the page saw it) and the whole history of the conversation it holds.
+  await carol.waitForTimeout(Math.max(0, 2500 - (Date.now() - lastQueuedAt)));
+  await carol.reload();
+  await carol.locator(".conn.ok").waitFor();
+  const wait = await carol.locator(".queue li[data-conversation] .wait").first().textContent();
+  const [, minutes, seconds] = /waiting (\d+):(\d\d)/.exec(wait);
+  assert.ok(Number(minutes) * 60 + Number(seconds) >= 2, `waited since the visitor asked: ${wait}`);
+  await carol.locator(".chat-log .msg.visitor").filter({ hasText: "Which exchange rate" }).waitFor();
+  await carol.locator(".chat-log .msg.bot").filter({ hasText: ANSWERS.exchange_rate }).waitFor();
+  assert.equal(await carol.locator(".mine .unread").count(), 0, "history read before the reload is not unread");
   for (const page of [carol, served, next, last]) await page.context().close();
 });
 

@@ -23,10 +23,7 @@ interface Conversation {
 }
 
 const app = $("#app");
-let session: Session | null = restore();
-
-if (session) start(session);
-else showLogin();
+let session: Session | null = null;
 
 function showLogin(problem = "") {
   app.replaceChildren(
@@ -178,6 +175,17 @@ function start(me: Session) {
     if (!mine.length) mineList.append(h("li", { class: "empty" }, "No open conversations."));
   }
 
+  /** Waiting times come from the server (since entering the queue, not since this page saw
+   * it); a server that does not send them leaves the time this page first saw each. */
+  function noteWaits(ids: number[], waitedMs: number[] | undefined) {
+    const now = Date.now();
+    ids.forEach((id, i) => {
+      const waited = waitedMs?.[i];
+      if (typeof waited === "number") queueSince.set(id, now - waited);
+      else if (!queueSince.has(id)) queueSince.set(id, now);
+    });
+  }
+
   function tickWaits() {
     for (const node of queueList.querySelectorAll<HTMLElement>(".wait"))
       node.textContent = "waiting " + clock(Date.now() - Number(node.dataset.since));
@@ -240,14 +248,14 @@ function start(me: Session) {
         connection.className = "conn ok";
         if (presence !== frame.status) send({ type: "status", status: presence });
         queue = frame.queue;
-        for (const id of queue) if (!queueSince.has(id)) queueSince.set(id, Date.now());
+        noteWaits(queue, frame.queue_waited_ms);
         for (const id of frame.conversations) conversation(id);
         for (const { frame: again } of pending.values()) send(again);
         renderLists();
         break;
       case "queue": {
         const fresh = frame.conversations.filter((id) => !queueSince.has(id));
-        for (const id of fresh) queueSince.set(id, Date.now());
+        noteWaits(frame.conversations, frame.waited_ms);
         for (const id of queueSince.keys()) if (!frame.conversations.includes(id)) queueSince.delete(id);
         queue = frame.conversations;
         if (fresh.length) alertNew(`A visitor is waiting (#${fresh[0]})`);
@@ -548,3 +556,9 @@ function beep() {
     // No audio device: stay silent.
   }
 }
+
+// Last, once every module-level constant above is initialised (a session restored from
+// an earlier visit starts the console at once, and it reads the canned replies).
+session = restore();
+if (session) start(session);
+else showLogin();
