@@ -7,12 +7,12 @@ use super::Asset;
 pub static ASSETS: &[Asset] = &[
     Asset {
         name: "widget.js",
-        file: "widget-36837f0cee7917ac.js",
+        file: "widget-45c11dd9ce067f87.js",
         content_type: "text/javascript; charset=utf-8",
-        etag: "\"36837f0cee7917ac\"",
-        identity: include_bytes!("../../web/dist/widget-36837f0cee7917ac.js"),
-        gzip: Some(include_bytes!("../../web/dist/widget-36837f0cee7917ac.js.gz")),
-        brotli: Some(include_bytes!("../../web/dist/widget-36837f0cee7917ac.js.br")),
+        etag: "\"45c11dd9ce067f87\"",
+        identity: include_bytes!("../../web/dist/widget-45c11dd9ce067f87.js"),
+        gzip: Some(include_bytes!("../../web/dist/widget-45c11dd9ce067f87.js.gz")),
+        brotli: Some(include_bytes!("../../web/dist/widget-45c11dd9ce067f87.js.br")),
     },
     Asset {
         name: "console.js",

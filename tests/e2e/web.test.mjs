@@ -102,6 +102,18 @@ test("a visitor asks a knowledge-base question on the sample bank page and sees 
   // The visitor's own message is acked.
   await widget(page).locator(".m.me[data-state=sent], .m.me[data-state=read]").first().waitFor();
   await page.screenshot({ path: join(ARTIFACTS, "widget-desktop-en.png") });
+
+  // The host's next page (here: a reload) keeps the visitor (localStorage) and shows the
+  // conversation so far again, each message once.
+  const visitor = await page.evaluate(() => JSON.parse(localStorage.getItem("switchboard.visitor.demo-bank") ?? "{}"));
+  await page.reload();
+  await openWidget(page);
+  await widget(page).locator(".m.bot .b", { hasText: ANSWERS.card_arrival }).waitFor();
+  assert.equal(await widget(page).locator(".m.me .b", { hasText: "still waiting on my card" }).count(), 1);
+  assert.equal(await widget(page).locator(".m.bot .b").count(), 1);
+  const after = await page.evaluate(() => JSON.parse(localStorage.getItem("switchboard.visitor.demo-bank") ?? "{}"));
+  assert.ok(visitor.visitor && visitor.secret, "visitor id and secret in localStorage");
+  assert.equal(after.visitor, visitor.visitor);
   await page.context().close();
 });
 

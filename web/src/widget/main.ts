@@ -4,8 +4,9 @@
 //
 // Delivery (docs/protocol.md): every sent message stays in `stored.pending`
 // (persisted) until its ack; after a reconnect the widget resumes from the
-// highest seq it has seen and re-sends the pending ones with their ids, so the
-// server stores each once.
+// highest seq it shows and re-sends the pending ones with their ids, so the
+// server stores each once. A fresh page shows nothing yet, so it resumes from 0
+// and the open conversation's history appears again.
 
 import { fill, strings } from "./i18n";
 import { STYLE } from "./style";
@@ -249,7 +250,7 @@ function mount(script: HTMLScriptElement): void {
   }
 
   function connect() {
-    const ws = new WebSocket(socketUrl(base, site, stored));
+    const ws = new WebSocket(socketUrl(base, site, stored, Math.max(0, ...bySeq.keys())));
     socket = ws;
     ws.onmessage = (event) => {
       try {
