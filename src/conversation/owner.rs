@@ -2561,6 +2561,20 @@ mod tests {
             typing_to(&owner.handle(OwnerEvent::Tick, 25_000), agent_tab),
             vec![false]
         );
+        // Typing again right after an "off" was forwarded: held, then delivered by a tick.
+        let on = owner.handle(
+            OwnerEvent::Visitor {
+                key: key("typist"),
+                session: visitor_tab,
+                frame: VisitorFrame::Typing { on: true },
+            },
+            25_300,
+        );
+        assert!(typing_to(&on, agent_tab).is_empty());
+        assert_eq!(
+            typing_to(&owner.handle(OwnerEvent::Tick, 26_000), agent_tab),
+            vec![true]
+        );
     }
 
     #[test]
