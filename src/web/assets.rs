@@ -7,12 +7,12 @@ use super::Asset;
 pub static ASSETS: &[Asset] = &[
     Asset {
         name: "widget.js",
-        file: "widget-45c11dd9ce067f87.js",
+        file: "widget-444c9e6b1f10c7a4.js",
         content_type: "text/javascript; charset=utf-8",
-        etag: "\"45c11dd9ce067f87\"",
-        identity: include_bytes!("../../web/dist/widget-45c11dd9ce067f87.js"),
-        gzip: Some(include_bytes!("../../web/dist/widget-45c11dd9ce067f87.js.gz")),
-        brotli: Some(include_bytes!("../../web/dist/widget-45c11dd9ce067f87.js.br")),
+        etag: "\"444c9e6b1f10c7a4\"",
+        identity: include_bytes!("../../web/dist/widget-444c9e6b1f10c7a4.js"),
+        gzip: Some(include_bytes!("../../web/dist/widget-444c9e6b1f10c7a4.js.gz")),
+        brotli: Some(include_bytes!("../../web/dist/widget-444c9e6b1f10c7a4.js.br")),
     },
     Asset {
         name: "console.js",

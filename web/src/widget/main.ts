@@ -83,6 +83,8 @@ function mount(script: HTMLScriptElement): void {
   let typingTimer = 0;
   let typingSentAt = 0;
   let stopTypingTimer = 0;
+  /** `typing on` was sent and no `off` since: the agent sees "typing" until we say stop. */
+  let typingOn = false;
   /** The server said no agent is online: the visitor is invited to leave a message until an
    * agent takes the conversation (a later queue position does not hide the invitation). */
   let nobodyOnline = false;
@@ -285,6 +287,11 @@ function mount(script: HTMLScriptElement): void {
     send({ type: "message", id, text });
     clearTimeout(stopTypingTimer);
     typingSentAt = 0;
+    // Sent: no longer typing (else the next keystroke's `on` is no change to relay).
+    if (typingOn) {
+      typingOn = false;
+      send({ type: "typing", on: false });
+    }
   }
 
   function open(focus = true) {
@@ -326,11 +333,12 @@ function mount(script: HTMLScriptElement): void {
     const now = Date.now();
     if (now - typingSentAt > 1000) {
       typingSentAt = now;
-      send({ type: "typing", on: true });
+      typingOn = send({ type: "typing", on: true }) || typingOn;
     }
     clearTimeout(stopTypingTimer);
     stopTypingTimer = window.setTimeout(() => {
       typingSentAt = 0;
+      typingOn = false;
       send({ type: "typing", on: false });
     }, 3000);
   });
