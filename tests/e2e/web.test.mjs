@@ -506,6 +506,12 @@ test("screenshots: phone and desktop, English and Chinese; keyboard only", async
 });
 
 test("the admin pages: agents and roles, knowledge base search, try and import, live charts, audit log", async () => {
+  // Some traffic for the charts (stored messages, a bot answer), also when run alone.
+  const visitor = await visitorPage();
+  await openWidget(visitor);
+  await widgetSend(visitor, "How do I unblock my PIN?");
+  await widget(visitor).locator(".m.bot .b", { hasText: ANSWERS.pin_blocked }).waitFor({ timeout: 20000 });
+
   const page = await (await browser.newContext({ viewport: { width: 1280, height: 1000 } })).newPage();
   await adminLogin(page, server.base);
 
@@ -523,6 +529,7 @@ test("the admin pages: agents and roles, knowledge base search, try and import, 
   await page.getByRole("button", { name: "Add agent" }).click();
   const dave = rows.filter({ hasText: "dave" });
   await dave.waitFor();
+  assert.equal(await page.getByLabel("New agent password").inputValue(), "", "the form is cleared");
   assert.equal(await dave.locator("select").inputValue(), "supervisor");
   await dave.locator("select").selectOption("agent");
   await page.waitForFunction(async () => {
@@ -555,7 +562,7 @@ test("the admin pages: agents and roles, knowledge base search, try and import, 
   await page.getByLabel("Knowledge base file").setInputFiles({ name: "kb.csv", mimeType: "text/csv", buffer: Buffer.from(smallKb()) });
   await page.getByRole("button", { name: "Import" }).click();
   await page.locator("#kb .import-result").filter({ hasText: "Imported" }).waitFor({ timeout: 60000 });
-  assert.match(await page.locator("#kb .import-result").textContent(), /"version":\d+/);
+  assert.match(await page.locator("#kb .import-result").textContent(), /^Imported version \d+: 5 entries, 60 questions/);
   assert.equal(await page.locator("#kb .error").textContent(), "");
 
   // Live charts: the four series from /metrics all have a value after a few polls.
@@ -574,12 +581,16 @@ test("the admin pages: agents and roles, knowledge base search, try and import, 
   assert.ok(Number.parseFloat(charts[2].value) > 0, "latency p99 from the histogram");
   assert.equal(await page.locator("#metrics .error").textContent(), "");
 
-  // The audit log: logins, the account made above, the role change, the import.
-  await page.reload();
-  await page.locator("#audit .audit-list li").first().waitFor();
+  await page.screenshot({ path: join(ARTIFACTS, "admin.png"), fullPage: true });
+
+  // The audit log, refreshed after each change: logins, the account made above, the role
+  // change, the import.
+  await page.locator("#audit .audit-list li").filter({ hasText: "kb_imported" }).nth(1).waitFor();
   const audit = await page.locator("#audit .audit-list").textContent();
   for (const kind of ["login", "account_created", "role_changed", "kb_imported"]) assert.match(audit, new RegExp(kind), kind);
   assert.match(audit, /dave/);
-  await page.screenshot({ path: join(ARTIFACTS, "admin.png"), fullPage: true });
+  await page.locator("#audit .audit-list li").last().scrollIntoViewIfNeeded();
+  await page.screenshot({ path: join(ARTIFACTS, "admin-audit.png"), fullPage: true });
   await page.context().close();
+  await visitor.context().close();
 });
