@@ -507,6 +507,16 @@ impl Owner {
                         "position": position,
                     }));
                     self.send_visitors(&live.key, None, &queued, &mut out);
+                } else {
+                    // Evicted while its visitor waits (the usual case after a tick): load it
+                    // to learn whose it is, then tell them; the next tick evicts it again.
+                    out.push(OwnerAction::Load {
+                        conversation,
+                        event: Box::new(OwnerEvent::QueuePosition {
+                            conversation,
+                            position,
+                        }),
+                    });
                 }
             }
             OwnerEvent::NoAgents { conversations } => self.no_agents(&conversations, &mut out),
@@ -2454,6 +2464,49 @@ mod tests {
             0,
         );
         assert!(tell(&mut owner).is_empty());
+    }
+
+    #[test]
+    fn a_new_queue_position_reaches_a_visitor_whose_conversation_was_evicted() {
+        let conversation = ConversationId::from_parts(0, 9);
+        let mut owner = owner();
+        let mut queued = meta(conversation, "waiter", 1);
+        queued.state = ConversationState::Queued;
+        owner.insert_loaded(queued.clone());
+        let tab = session(1);
+        attach(
+            &mut owner,
+            "waiter",
+            tab,
+            None,
+            credentials(None, true, "fresh-1"),
+            StoredVisitor {
+                secret_hash: Some([1; 32]),
+                conversation: Some(conversation),
+            },
+        );
+        owner.handle(OwnerEvent::Tick, 0);
+        assert!(!owner.is_live(conversation));
+        let position = OwnerEvent::QueuePosition {
+            conversation,
+            position: 1,
+        };
+        let actions = owner.handle(position, 0);
+        let Some(OwnerAction::Load { event, .. }) = actions
+            .into_iter()
+            .find(|a| matches!(a, OwnerAction::Load { .. }))
+        else {
+            panic!("an evicted conversation is loaded to tell its visitor");
+        };
+        // The driver loads it and hands the event back.
+        owner.insert_loaded(queued);
+        let actions = owner.handle(*event, 0);
+        assert_eq!(
+            frames_to(&actions, tab),
+            vec![
+                serde_json::json!({"type": "queued", "conversation": conversation.0, "position": 1})
+            ]
+        );
     }
 
     /// Every typing frame forwarded to `to`, as `on` values.
