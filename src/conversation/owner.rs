@@ -1169,6 +1169,18 @@ impl Owner {
                 up_to: live.meta.last_seq,
             });
         }
+        // The visitor's indicator is throttled per conversation, on what its followers were
+        // last shown: a session that arrives while that is "on" (forwarded before it followed)
+        // is shown the same now, else a later "on" is no change and it never hears it. A held
+        // "off" still reaches it with the next tick.
+        if live.visitor_typing.shown {
+            out.push(OwnerAction::Send {
+                to: session,
+                frame: frame(serde_json::json!({
+                    "type": "typing", "conversation": conversation.0, "from": "visitor", "on": true,
+                })),
+            });
+        }
         out.push(OwnerAction::Audit(
             AuditEvent::new("conversation_watched", &agent)
                 .target(conversation.0.to_string())
@@ -1237,6 +1249,18 @@ impl Owner {
                 conversation,
                 after: 0,
                 up_to: live.meta.last_seq,
+            });
+        }
+        // The visitor's indicator is throttled per conversation, on what its followers were
+        // last shown: a session that arrives while that is "on" (forwarded before it followed)
+        // is shown the same now, else a later "on" is no change and it never hears it. A held
+        // "off" still reaches it with the next tick.
+        if live.visitor_typing.shown {
+            out.push(OwnerAction::Send {
+                to: session,
+                frame: frame(serde_json::json!({
+                    "type": "typing", "conversation": conversation.0, "from": "visitor", "on": true,
+                })),
             });
         }
     }
@@ -2522,6 +2546,60 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn an_agent_who_joins_while_the_visitor_is_shown_typing_is_shown_it_too() {
+        let conversation = ConversationId::from_parts(0, 5);
+        let (visitor_tab, agent_tab) = (session(1), session(2));
+        let mut owner = owner();
+        let mut assigned = meta(conversation, "typist", 1);
+        assigned.state = ConversationState::Assigned {
+            agent: "alice".into(),
+        };
+        owner.insert_loaded(assigned);
+        attach(
+            &mut owner,
+            "typist",
+            visitor_tab,
+            None,
+            credentials(None, true, "fresh-1"),
+            StoredVisitor {
+                secret_hash: Some([1; 32]),
+                conversation: Some(conversation),
+            },
+        );
+        let typing = |owner: &mut Owner, on: bool, now: u64| {
+            owner.handle(
+                OwnerEvent::Visitor {
+                    key: key("typist"),
+                    session: visitor_tab,
+                    frame: VisitorFrame::Typing { on },
+                },
+                now,
+            )
+        };
+        // "On" forwarded to nobody yet, then "off" held by the throttle.
+        typing(&mut owner, true, 10_000);
+        typing(&mut owner, false, 10_050);
+        let joined = owner.handle(
+            OwnerEvent::AgentSubscribe {
+                conversation,
+                agent: "alice".into(),
+                session: agent_tab,
+            },
+            10_100,
+        );
+        assert_eq!(typing_to(&joined, agent_tab), vec![true]);
+        // Typing again inside the interval cancels the held "off": no change to send, and
+        // the agent already shows "typing".
+        assert!(typing_to(&typing(&mut owner, true, 10_200), agent_tab).is_empty());
+        assert!(typing_to(&owner.handle(OwnerEvent::Tick, 11_100), agent_tab).is_empty());
+        // Stopping reaches the agent.
+        assert_eq!(
+            typing_to(&typing(&mut owner, false, 12_000), agent_tab),
+            vec![false]
+        );
     }
 
     #[test]
