@@ -7,6 +7,13 @@
 //! its socket while the `commit_pending` gauge of its conversation's shard is
 //! above `[limits] max_pending_commits` (a relaxed read; a stale value only
 //! delays the pause or the resume by a moment).
+//!
+//! Besides the counters, each shard keeps one [`LatencyHistogram`]: how long each
+//! storage operation (a message append, a state change) waited from being queued
+//! to its group commit finishing, which is the server's part of the time before a
+//! message is acked and relayed. It is exported as the Prometheus histogram
+//! `switchboard_commit_latency_seconds` (fixed buckets, cumulative), from which
+//! the admin pages chart the p99.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -117,10 +124,40 @@ impl ShardMetrics {
     }
 }
 
+/// Upper bounds of the [`LatencyHistogram`] buckets, in microseconds (+Inf is implied).
+pub const LATENCY_BUCKETS_MICROS: [u64; 14] = [
+    250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000, 500_000, 1_000_000,
+    2_000_000, 5_000_000,
+];
+
+/// One shard's latency histogram: a count per bucket (not cumulative; the
+/// rendering accumulates), the observation count and the sum in microseconds.
+/// Written only by its shard, with relaxed adds like the counters.
+#[derive(Default, Debug)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_MICROS.len() + 1],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    /// Records one observation of `micros`.
+    pub fn observe(&self, micros: u64) {
+        let index = LATENCY_BUCKETS_MICROS
+            .iter()
+            .position(|&bound| micros <= bound)
+            .unwrap_or(LATENCY_BUCKETS_MICROS.len());
+        self.buckets[index].fetch_add(1, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+}
+
 /// All shards' counters, shared read-only between shards.
 #[derive(Clone, Debug)]
 pub struct Metrics {
     shards: Arc<[ShardMetrics]>,
+    commit_latency: Arc<[LatencyHistogram]>,
     process: Arc<ProcessMetrics>,
 }
 
@@ -138,6 +175,9 @@ impl Metrics {
     pub fn new(shard_count: usize) -> Self {
         Self {
             shards: (0..shard_count).map(|_| ShardMetrics::default()).collect(),
+            commit_latency: (0..shard_count)
+                .map(|_| LatencyHistogram::default())
+                .collect(),
             process: Arc::default(),
         }
     }
@@ -145,6 +185,11 @@ impl Metrics {
     /// The counters of shard `index`.
     pub fn shard(&self, index: usize) -> &ShardMetrics {
         &self.shards[index]
+    }
+
+    /// Shard `index`'s histogram of storage operations' queued-to-committed time.
+    pub fn commit_latency(&self, index: usize) -> &LatencyHistogram {
+        &self.commit_latency[index]
     }
 
     /// The process-wide counters.
@@ -166,6 +211,32 @@ impl Metrics {
                 let value = metrics.fields().nth(position).map_or(0, |f| f.3);
                 let _ = writeln!(text, "switchboard_{name}{{shard=\"{shard}\"}} {value}");
             }
+        }
+        let name = "commit_latency_seconds";
+        let _ = writeln!(
+            text,
+            "# HELP switchboard_{name} Time a storage operation (message append, state change) waited from queued to its group commit done, fsync included."
+        );
+        let _ = writeln!(text, "# TYPE switchboard_{name} histogram");
+        for (shard, histogram) in self.commit_latency.iter().enumerate() {
+            let mut cumulative = 0;
+            for (index, bucket) in histogram.buckets.iter().enumerate() {
+                cumulative += bucket.load(Ordering::Relaxed);
+                let le = LATENCY_BUCKETS_MICROS
+                    .get(index)
+                    .map_or_else(|| "+Inf".to_string(), |&micros| seconds(micros));
+                let _ = writeln!(
+                    text,
+                    "switchboard_{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let sum = seconds(histogram.sum_micros.load(Ordering::Relaxed));
+            let count = histogram.count.load(Ordering::Relaxed);
+            let _ = writeln!(text, "switchboard_{name}_sum{{shard=\"{shard}\"}} {sum}");
+            let _ = writeln!(
+                text,
+                "switchboard_{name}_count{{shard=\"{shard}\"}} {count}"
+            );
         }
         for (name, doc, counter) in [
             (
@@ -196,6 +267,17 @@ impl Metrics {
     }
 }
 
+/// Microseconds as decimal seconds, exactly (`1500` → `0.0015`).
+fn seconds(micros: u64) -> String {
+    let fraction = format!("{:06}", micros % 1_000_000);
+    let fraction = fraction.trim_end_matches('0');
+    if fraction.is_empty() {
+        format!("{}", micros / 1_000_000)
+    } else {
+        format!("{}.{fraction}", micros / 1_000_000)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +291,28 @@ mod tests {
         assert!(text.contains("switchboard_connections_accepted{shard=\"0\"} 0"));
         assert!(text.contains("# TYPE switchboard_sessions_open gauge"));
         assert!(text.contains("switchboard_resident_bytes 42"));
+    }
+
+    #[test]
+    fn commit_latency_renders_as_a_cumulative_histogram() {
+        let metrics = Metrics::new(2);
+        let histogram = metrics.commit_latency(1);
+        for micros in [100, 250, 251, 1_500, 9_000_000] {
+            histogram.observe(micros);
+        }
+        let text = metrics.render(&[]);
+        assert!(text.contains("# TYPE switchboard_commit_latency_seconds histogram"));
+        for line in [
+            r#"switchboard_commit_latency_seconds_bucket{shard="1",le="0.00025"} 2"#,
+            r#"switchboard_commit_latency_seconds_bucket{shard="1",le="0.0005"} 3"#,
+            r#"switchboard_commit_latency_seconds_bucket{shard="1",le="0.002"} 4"#,
+            r#"switchboard_commit_latency_seconds_bucket{shard="1",le="5"} 4"#,
+            r#"switchboard_commit_latency_seconds_bucket{shard="1",le="+Inf"} 5"#,
+            r#"switchboard_commit_latency_seconds_count{shard="1"} 5"#,
+            r#"switchboard_commit_latency_seconds_sum{shard="1"} 9.002101"#,
+            r#"switchboard_commit_latency_seconds_bucket{shard="0",le="+Inf"} 0"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 }

@@ -191,6 +191,8 @@ pub enum DispatchAction {
     QueueSnapshot {
         sessions: Vec<SessionRef>,
         queue: Vec<ConversationId>,
+        /// How long each of `queue` has waited, in ms (same order).
+        waited_ms: Vec<u64>,
     },
     /// `sessions` are the new agent's, `from_sessions` the previous agent's.
     Transferred {
@@ -220,6 +222,8 @@ pub enum DispatchAction {
         session: SessionRef,
         conversations: Vec<ConversationId>,
         queue: Vec<ConversationId>,
+        /// How long each of `queue` has waited, in ms (same order).
+        waited_ms: Vec<u64>,
         status: AgentStatus,
     },
 }
@@ -316,14 +320,18 @@ struct Waiting {
     owner: usize,
     /// The last position sent to the visitor; 0 until one is sent.
     reported_position: usize,
+    /// When it entered the queue (the event's `now_ms`; again when re-queued, and the
+    /// restore time for a conversation restored as queued after a restart).
+    since_ms: u64,
 }
 
 impl Waiting {
-    fn new(conversation: ConversationId, owner: usize) -> Self {
+    fn new(conversation: ConversationId, owner: usize, since_ms: u64) -> Self {
         Self {
             conversation,
             owner,
             reported_position: 0,
+            since_ms,
         }
     }
 }
@@ -346,6 +354,8 @@ pub struct Dispatcher {
     queue: VecDeque<Waiting>,
     next_arrival: u64,
     assignments: u64,
+    /// `now_ms` of the event being handled (queue entry times come from it).
+    now_ms: u64,
     /// Agents that are present (Online with a session).
     present_agents: usize,
     // Per-event bookkeeping, reset at the end of `handle`:
@@ -371,6 +381,7 @@ impl Dispatcher {
             conversations: HashMap::new(),
             queue: VecDeque::new(),
             next_arrival: 0,
+            now_ms: 0,
             assignments: 0,
             present_agents: 0,
             positions_dirty_from: None,
@@ -384,6 +395,7 @@ impl Dispatcher {
     /// Applies one event and returns what the driver must do, in order.
     pub fn handle(&mut self, event: DispatchEvent, now_ms: u64) -> Vec<DispatchAction> {
         let mut out = Vec::new();
+        self.now_ms = now_ms;
         match event {
             DispatchEvent::AgentAttached {
                 agent,
@@ -437,6 +449,13 @@ impl Dispatcher {
     /// Waiting conversations, head first.
     pub fn queue(&self) -> impl Iterator<Item = ConversationId> + '_ {
         self.queue.iter().map(|w| w.conversation)
+    }
+
+    /// How long each waiting conversation has waited at the current event, in ms, head first.
+    pub fn queue_waits(&self) -> impl Iterator<Item = u64> + '_ {
+        self.queue
+            .iter()
+            .map(|w| self.now_ms.saturating_sub(w.since_ms))
     }
 
     pub fn is_queued(&self, conversation: ConversationId) -> bool {
@@ -525,6 +544,7 @@ impl Dispatcher {
             session,
             conversations: entry.open.clone(),
             queue: self.queue().collect(),
+            waited_ms: self.queue_waits().collect(),
             status: entry.status,
         });
     }
@@ -915,13 +935,15 @@ impl Dispatcher {
 
     fn queue_push_back(&mut self, conversation: ConversationId, owner: usize) {
         self.mark_moved_from(self.queue.len());
-        self.queue.push_back(Waiting::new(conversation, owner));
+        self.queue
+            .push_back(Waiting::new(conversation, owner, self.now_ms));
         self.pushed_this_event.push(conversation);
     }
 
     fn queue_push_front(&mut self, conversation: ConversationId, owner: usize) {
         self.mark_moved_from(0);
-        self.queue.push_front(Waiting::new(conversation, owner));
+        self.queue
+            .push_front(Waiting::new(conversation, owner, self.now_ms));
         self.pushed_this_event.push(conversation);
     }
 
@@ -978,6 +1000,7 @@ impl Dispatcher {
                 out.push(DispatchAction::QueueSnapshot {
                     sessions,
                     queue: self.queue().collect(),
+                    waited_ms: self.queue_waits().collect(),
                 });
             }
         }
@@ -1390,6 +1413,34 @@ mod tests {
     }
 
     #[test]
+    fn hello_and_snapshots_say_how_long_each_queued_conversation_has_waited() {
+        let mut d = Dispatcher::new(DispatcherConfig {
+            agent_grace_ms: GRACE,
+            auto_assign: false,
+        });
+        enqueue(&mut d, 1, 1_000);
+        enqueue(&mut d, 2, 4_000);
+        // Enqueued again (the visitor reconnected): still waiting since the first time.
+        enqueue(&mut d, 1, 7_000);
+        let s = sess(0, 1);
+        let out = attach(&mut d, "a", 3, s, 10_000);
+        assert!(out.iter().any(|a| matches!(a,
+            DispatchAction::AgentHello { queue, waited_ms, .. }
+                if queue == &[cid(1), cid(2)] && waited_ms == &[9_000, 6_000])));
+        let out = d.handle(
+            DispatchEvent::Accept {
+                agent: "a".into(),
+                session: s,
+                conversation: cid(1),
+            },
+            12_000,
+        );
+        assert!(out.iter().any(|a| matches!(a,
+            DispatchAction::QueueSnapshot { queue, waited_ms, .. }
+                if queue == &[cid(2)] && waited_ms == &[8_000])));
+    }
+
+    #[test]
     fn queue_snapshot_goes_to_every_session_only_when_the_queue_changed() {
         let mut d = dispatcher();
         attach(&mut d, "b", 1, sess(1, 1), 0);
@@ -1403,9 +1454,9 @@ mod tests {
         enqueue(&mut d, 2, 0);
         let out = enqueue(&mut d, 3, 0);
         let snapshot = out.iter().find_map(|a| match a {
-            DispatchAction::QueueSnapshot { sessions, queue } => {
-                Some((sessions.clone(), queue.clone()))
-            }
+            DispatchAction::QueueSnapshot {
+                sessions, queue, ..
+            } => Some((sessions.clone(), queue.clone())),
             _ => None,
         });
         // Sessions in agent-id order, then attach order.
@@ -2194,7 +2245,9 @@ mod tests {
                             assert_ne!(old, Some(p), "{ctx}: unchanged position reported");
                         }
                     }
-                    DispatchAction::QueueSnapshot { sessions, queue: q } => {
+                    DispatchAction::QueueSnapshot {
+                        sessions, queue: q, ..
+                    } => {
                         let expected: Vec<SessionRef> =
                             m.sessions.iter().flatten().copied().collect();
                         let mut got = sessions.clone();

@@ -507,6 +507,16 @@ impl Owner {
                         "position": position,
                     }));
                     self.send_visitors(&live.key, None, &queued, &mut out);
+                } else {
+                    // Evicted while its visitor waits (the usual case after a tick): load it
+                    // to learn whose it is, then tell them; the next tick evicts it again.
+                    out.push(OwnerAction::Load {
+                        conversation,
+                        event: Box::new(OwnerEvent::QueuePosition {
+                            conversation,
+                            position,
+                        }),
+                    });
                 }
             }
             OwnerEvent::NoAgents { conversations } => self.no_agents(&conversations, &mut out),
@@ -1159,6 +1169,18 @@ impl Owner {
                 up_to: live.meta.last_seq,
             });
         }
+        // The visitor's indicator is throttled per conversation, on what its followers were
+        // last shown: a session that arrives while that is "on" (forwarded before it followed)
+        // is shown the same now, else a later "on" is no change and it never hears it. A held
+        // "off" still reaches it with the next tick.
+        if live.visitor_typing.shown {
+            out.push(OwnerAction::Send {
+                to: session,
+                frame: frame(serde_json::json!({
+                    "type": "typing", "conversation": conversation.0, "from": "visitor", "on": true,
+                })),
+            });
+        }
         out.push(OwnerAction::Audit(
             AuditEvent::new("conversation_watched", &agent)
                 .target(conversation.0.to_string())
@@ -1218,13 +1240,27 @@ impl Owner {
             to: session,
             frame: assigned_to_agent(live),
         });
-        let after = live.meta.agent_read;
-        if after < live.meta.last_seq {
+        // The whole history, so an agent who takes the conversation over (a transfer, a
+        // re-queue) or reopens the console sees what came before; `assigned` carries the read
+        // mark so the console counts only the messages after it as unread.
+        if live.meta.last_seq > 0 {
             out.push(OwnerAction::Replay {
                 to: vec![session],
                 conversation,
-                after,
+                after: 0,
                 up_to: live.meta.last_seq,
+            });
+        }
+        // The visitor's indicator is throttled per conversation, on what its followers were
+        // last shown: a session that arrives while that is "on" (forwarded before it followed)
+        // is shown the same now, else a later "on" is no change and it never hears it. A held
+        // "off" still reaches it with the next tick.
+        if live.visitor_typing.shown {
+            out.push(OwnerAction::Send {
+                to: session,
+                frame: frame(serde_json::json!({
+                    "type": "typing", "conversation": conversation.0, "from": "visitor", "on": true,
+                })),
             });
         }
     }
@@ -1992,6 +2028,7 @@ fn assigned_to_agent(live: &Live) -> Arc<str> {
         "site": &*live.key.site,
         "visitor": &*live.key.visitor,
         "seq": live.meta.last_seq,
+        "read": live.meta.agent_read,
     }))
 }
 
@@ -2453,6 +2490,49 @@ mod tests {
         assert!(tell(&mut owner).is_empty());
     }
 
+    #[test]
+    fn a_new_queue_position_reaches_a_visitor_whose_conversation_was_evicted() {
+        let conversation = ConversationId::from_parts(0, 9);
+        let mut owner = owner();
+        let mut queued = meta(conversation, "waiter", 1);
+        queued.state = ConversationState::Queued;
+        owner.insert_loaded(queued.clone());
+        let tab = session(1);
+        attach(
+            &mut owner,
+            "waiter",
+            tab,
+            None,
+            credentials(None, true, "fresh-1"),
+            StoredVisitor {
+                secret_hash: Some([1; 32]),
+                conversation: Some(conversation),
+            },
+        );
+        owner.handle(OwnerEvent::Tick, 0);
+        assert!(!owner.is_live(conversation));
+        let position = OwnerEvent::QueuePosition {
+            conversation,
+            position: 1,
+        };
+        let actions = owner.handle(position, 0);
+        let Some(OwnerAction::Load { event, .. }) = actions
+            .into_iter()
+            .find(|a| matches!(a, OwnerAction::Load { .. }))
+        else {
+            panic!("an evicted conversation is loaded to tell its visitor");
+        };
+        // The driver loads it and hands the event back.
+        owner.insert_loaded(queued);
+        let actions = owner.handle(*event, 0);
+        assert_eq!(
+            frames_to(&actions, tab),
+            vec![
+                serde_json::json!({"type": "queued", "conversation": conversation.0, "position": 1})
+            ]
+        );
+    }
+
     /// Every typing frame forwarded to `to`, as `on` values.
     fn typing_to(actions: &[OwnerAction], to: SessionRef) -> Vec<bool> {
         actions
@@ -2466,6 +2546,60 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn an_agent_who_joins_while_the_visitor_is_shown_typing_is_shown_it_too() {
+        let conversation = ConversationId::from_parts(0, 5);
+        let (visitor_tab, agent_tab) = (session(1), session(2));
+        let mut owner = owner();
+        let mut assigned = meta(conversation, "typist", 1);
+        assigned.state = ConversationState::Assigned {
+            agent: "alice".into(),
+        };
+        owner.insert_loaded(assigned);
+        attach(
+            &mut owner,
+            "typist",
+            visitor_tab,
+            None,
+            credentials(None, true, "fresh-1"),
+            StoredVisitor {
+                secret_hash: Some([1; 32]),
+                conversation: Some(conversation),
+            },
+        );
+        let typing = |owner: &mut Owner, on: bool, now: u64| {
+            owner.handle(
+                OwnerEvent::Visitor {
+                    key: key("typist"),
+                    session: visitor_tab,
+                    frame: VisitorFrame::Typing { on },
+                },
+                now,
+            )
+        };
+        // "On" forwarded to nobody yet, then "off" held by the throttle.
+        typing(&mut owner, true, 10_000);
+        typing(&mut owner, false, 10_050);
+        let joined = owner.handle(
+            OwnerEvent::AgentSubscribe {
+                conversation,
+                agent: "alice".into(),
+                session: agent_tab,
+            },
+            10_100,
+        );
+        assert_eq!(typing_to(&joined, agent_tab), vec![true]);
+        // Typing again inside the interval cancels the held "off": no change to send, and
+        // the agent already shows "typing".
+        assert!(typing_to(&typing(&mut owner, true, 10_200), agent_tab).is_empty());
+        assert!(typing_to(&owner.handle(OwnerEvent::Tick, 11_100), agent_tab).is_empty());
+        // Stopping reaches the agent.
+        assert_eq!(
+            typing_to(&typing(&mut owner, false, 12_000), agent_tab),
+            vec![false]
+        );
     }
 
     #[test]
@@ -2557,6 +2691,20 @@ mod tests {
         assert_eq!(
             typing_to(&owner.handle(OwnerEvent::Tick, 25_000), agent_tab),
             vec![false]
+        );
+        // Typing again right after an "off" was forwarded: held, then delivered by a tick.
+        let on = owner.handle(
+            OwnerEvent::Visitor {
+                key: key("typist"),
+                session: visitor_tab,
+                frame: VisitorFrame::Typing { on: true },
+            },
+            25_300,
+        );
+        assert!(typing_to(&on, agent_tab).is_empty());
+        assert_eq!(
+            typing_to(&owner.handle(OwnerEvent::Tick, 26_000), agent_tab),
+            vec![true]
         );
     }
 

@@ -100,7 +100,7 @@ pub struct Router {
     dispatcher: Option<RefCell<Dispatcher>>,
     reader: StoreReader,
     store: RefCell<Option<ShardStore>>,
-    pending: RefCell<Vec<(Op, Completion)>>,
+    pending: RefCell<Vec<(Op, Completion, std::time::Instant)>>,
     doorbell: LocalSender<()>,
     doorbell_rx: RefCell<Option<LocalReceiver<()>>>,
     outgoing: Vec<RefCell<VecDeque<ShardMessage>>>,
@@ -914,11 +914,16 @@ impl Router {
                         );
                     }
                 }
-                DispatchAction::QueueSnapshot { sessions, queue } => {
+                DispatchAction::QueueSnapshot {
+                    sessions,
+                    queue,
+                    waited_ms,
+                } => {
                     let frame: Arc<str> = Arc::from(
                         serde_json::json!({
                             "type": "queue",
                             "conversations": queue.iter().map(|c| c.0).collect::<Vec<_>>(),
+                            "waited_ms": waited_ms,
                         })
                         .to_string(),
                     );
@@ -974,6 +979,7 @@ impl Router {
                     session,
                     conversations,
                     queue,
+                    waited_ms,
                     status,
                 } => {
                     let session = SessionRef::from_dispatch(session);
@@ -984,6 +990,7 @@ impl Router {
                         "id": &agent,
                         "conversations": conversations.iter().map(|c| c.0).collect::<Vec<_>>(),
                         "queue": queue.iter().map(|c| c.0).collect::<Vec<_>>(),
+                        "queue_waited_ms": waited_ms,
                         "status": match status {
                             dispatch::AgentStatus::Online => "online",
                             dispatch::AgentStatus::Away => "away",
@@ -1008,7 +1015,7 @@ impl Router {
 
     fn queue_op(&self, op: Op, completion: Completion) {
         let mut pending = self.pending.borrow_mut();
-        pending.push((op, completion));
+        pending.push((op, completion, std::time::Instant::now()));
         ShardMetrics::set(&self.metrics().commit_pending, pending.len() as u64);
         if pending.len() == 1 && !self.committing.get() {
             let _ = self.doorbell.try_send(());
@@ -1035,14 +1042,21 @@ impl Router {
                 if first && self.pending.borrow().len() < max_batch && !window.is_zero() {
                     glommio::timer::sleep(window).await;
                 }
-                let batch: Vec<(Op, Completion)> = {
+                let batch: Vec<(Op, Completion, std::time::Instant)> = {
                     let mut pending = self.pending.borrow_mut();
                     let take = pending.len().min(max_batch);
                     let batch = pending.drain(..take).collect();
                     ShardMetrics::set(&self.metrics().commit_pending, pending.len() as u64);
                     batch
                 };
-                let (ops, completions): (Vec<Op>, Vec<Completion>) = batch.into_iter().unzip();
+                let mut queued_at = Vec::with_capacity(batch.len());
+                let (ops, completions): (Vec<Op>, Vec<Completion>) = batch
+                    .into_iter()
+                    .map(|(op, completion, at)| {
+                        queued_at.push(at);
+                        (op, completion)
+                    })
+                    .unzip();
                 let store = self
                     .store
                     .borrow_mut()
@@ -1063,6 +1077,10 @@ impl Router {
                     &counters.store_commit_micros,
                     started.elapsed().as_micros() as u64,
                 );
+                let latency = self.metrics.commit_latency(self.shard);
+                for at in queued_at {
+                    latency.observe(at.elapsed().as_micros() as u64);
+                }
                 let mut cost = self.commit_cost.get();
                 let cycle_micros = cycle.elapsed().as_micros() as u64;
                 ShardMetrics::set(&counters.commit_recent_micros, cost.record(cycle_micros));

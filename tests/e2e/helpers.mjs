@@ -36,13 +36,15 @@ export function binary() {
 export const AGENTS = {
   alice: { name: "alice", display: "Alice", role: "admin", password: "alice-password-0123" },
   bob: { name: "bob", display: "Bob", role: "agent", password: "bob-password-0123" },
+  // One conversation at most, so a second visitor waits in the queue with a position.
+  carol: { name: "carol", display: "Carol", role: "agent", password: "carol-password-0123", maxOpen: 1 },
 };
 
 function addAgents(config) {
   for (const agent of Object.values(AGENTS)) {
     execFileSync(
       binary(),
-      ["agent", "add", agent.name, "--role", agent.role, "--display", agent.display, "--max-open", "5", "--config", config],
+      ["agent", "add", agent.name, "--role", agent.role, "--display", agent.display, "--max-open", String(agent.maxOpen ?? 5), "--config", config],
       { cwd: ROOT, input: `${agent.password}\n`, stdio: ["pipe", "pipe", "pipe"] },
     );
   }
@@ -134,7 +136,7 @@ export const ANSWERS = {
 };
 
 /** Twelve questions per intent from the committed BANKING77 split, with the answers above. */
-function smallKb() {
+export function smallKb() {
   const rows = readFileSync(join(ROOT, "tests", "data", "banking77", "kb.csv"), "utf8").split("\n").slice(1);
   const quote = (s) => `"${s.replaceAll('"', '""')}"`;
   let csv = "text,category,answer\n";

@@ -48,6 +48,11 @@ function start(me: Session) {
     h("table", {}, h("thead", {}, h("tr", {}, h("th", {}, "Name"), h("th", {}, "Role"), h("th", {}, ""))), agentRows),
     h("form", { class: "row" }, newName, newPassword, newRole, addAgent),
   );
+  /** After a change: the list again, and the audit log that recorded it. */
+  function changed() {
+    void loadAgents();
+    void loadAudit();
+  }
   async function loadAgents() {
     try {
       const list = await client.agents();
@@ -55,12 +60,12 @@ function start(me: Session) {
         ...list.map((agent) => {
           const select = roleSelect(agent.role);
           select.addEventListener("change", () =>
-            client.setRole(agent.name, select.value).then(loadAgents, (e) => (agents.error.textContent = errorText(e))),
+            client.setRole(agent.name, select.value).then(changed, (e) => (agents.error.textContent = errorText(e))),
           );
           const disable = h("button", { type: "button", class: "danger" }, agent.disabled ? "Disabled" : "Disable");
           disable.toggleAttribute("disabled", !!agent.disabled);
           disable.addEventListener("click", () =>
-            client.disable(agent.name).then(loadAgents, (e) => (agents.error.textContent = errorText(e))),
+            client.disable(agent.name).then(changed, (e) => (agents.error.textContent = errorText(e))),
           );
           return h("tr", {}, h("td", {}, agent.display || agent.name), h("td", {}, select), h("td", {}, disable));
         }),
@@ -71,9 +76,15 @@ function start(me: Session) {
   }
   addAgent.parentElement!.addEventListener("submit", (event) => {
     event.preventDefault();
-    client
-      .addAgent({ name: newName.value.trim(), password: newPassword.value, role: newRole.value })
-      .then(loadAgents, (e) => (agents.error.textContent = errorText(e)));
+    agents.error.textContent = "";
+    client.addAgent({ name: newName.value.trim(), password: newPassword.value, role: newRole.value }).then(
+      () => {
+        newName.value = "";
+        newPassword.value = "";
+        changed();
+      },
+      (e) => (agents.error.textContent = errorText(e)),
+    );
   });
 
   // Knowledge base.
@@ -137,8 +148,14 @@ function start(me: Session) {
     try {
       const body = await file.text();
       const type = file.name.endsWith(".json") ? "application/json" : "text/csv";
-      const r = await client.kbImport(body, type);
-      importResult.textContent = "Imported: " + (typeof r === "string" ? r : JSON.stringify(r));
+      const r = (await client.kbImport(body, type)) as Record<string, unknown> | string;
+      importResult.textContent =
+        typeof r === "string"
+          ? "Imported: " + r
+          : `Imported version ${r.version}: ${r.entries} entries, ${r.questions} questions` +
+            (typeof r.total_ms === "number" ? ` in ${(r.total_ms / 1000).toFixed(1)} s` : "") +
+            (Array.isArray(r.warnings) && r.warnings.length ? `; warnings: ${r.warnings.join("; ")}` : "");
+      void loadAudit();
     } catch (err) {
       kb.error.textContent = errorText(err);
     }
@@ -148,7 +165,7 @@ function start(me: Session) {
   const charts = {
     sessions: chart("Sessions open", ""),
     messages: chart("Messages/s", "/s"),
-    latency: chart("Latency p99", " ms"),
+    latency: chart("Message latency p99 (to commit)", " ms"),
     cache: chart("Bot cache hit ratio", "%"),
   };
   const metrics = panel(
@@ -182,6 +199,7 @@ function start(me: Session) {
   const audit = panel("Audit log", "audit", auditList);
   async function loadAudit() {
     try {
+      audit.error.textContent = "";
       const records = await client.audit(100);
       auditList.replaceChildren(
         ...records.map((r) =>
@@ -202,22 +220,17 @@ function start(me: Session) {
   void loadAudit();
   void pollMetrics();
   setInterval(pollMetrics, 2000);
+  setInterval(loadAudit, 10000);
 }
 
 /**
- * p99 latency in ms from a latency histogram when the server exports one; otherwise
- * (no histogram today) the mean group-commit time, labelled as such.
+ * p99 in ms of `switchboard_commit_latency_seconds`: how long a message (or any stored
+ * change) waits from reaching its shard to being committed, i.e. the server's part of the
+ * time before it is acked and relayed. Older servers without the histogram show n/a.
  */
 function latencyP99(samples: Sample[]): { label: string; ms: number | null } {
-  const histogram = samples.find((s) => /latency.*_bucket$|_seconds_bucket$/.test(s.name));
-  if (histogram) {
-    const base = histogram.name.replace(/_bucket$/, "");
-    const p99 = histogramQuantile(samples, base, 0.99);
-    return { label: "Latency p99", ms: p99 === null ? null : base.endsWith("_seconds") ? p99 * 1000 : p99 };
-  }
-  const commits = total(samples, "switchboard_store_commits");
-  const micros = total(samples, "switchboard_store_commit_micros");
-  return { label: "Commit latency (mean; no p99 histogram)", ms: commits ? (micros ?? 0) / commits / 1000 : null };
+  const p99 = histogramQuantile(samples, "switchboard_commit_latency_seconds", 0.99);
+  return { label: "Message latency p99 (to commit)", ms: p99 === null ? null : p99 * 1000 };
 }
 
 function roleSelect(value: string): HTMLSelectElement {

@@ -13,6 +13,9 @@ interface Conversation {
   visitor: string;
   log: HTMLElement;
   unread: number;
+  /** Up to this seq an agent has read the conversation (from `assigned`): the history the
+   * server replays up to here is not unread. */
+  readMark: number;
   lastSeq: number;
   closed: boolean;
   typing: boolean;
@@ -20,10 +23,7 @@ interface Conversation {
 }
 
 const app = $("#app");
-let session: Session | null = restore();
-
-if (session) start(session);
-else showLogin();
+let session: Session | null = null;
 
 function showLogin(problem = "") {
   app.replaceChildren(
@@ -130,6 +130,7 @@ function start(me: Session) {
         visitor,
         log: h("div", { class: "chat-log", role: "log", "aria-label": `Conversation ${id}`, tabindex: "0" }),
         unread: 0,
+        readMark: 0,
         lastSeq: 0,
         closed: false,
         typing: false,
@@ -172,6 +173,17 @@ function start(me: Session) {
       ),
     );
     if (!mine.length) mineList.append(h("li", { class: "empty" }, "No open conversations."));
+  }
+
+  /** Waiting times come from the server (since entering the queue, not since this page saw
+   * it); a server that does not send them leaves the time this page first saw each. */
+  function noteWaits(ids: number[], waitedMs: number[] | undefined) {
+    const now = Date.now();
+    ids.forEach((id, i) => {
+      const waited = waitedMs?.[i];
+      if (typeof waited === "number") queueSince.set(id, now - waited);
+      else if (!queueSince.has(id)) queueSince.set(id, now);
+    });
   }
 
   function tickWaits() {
@@ -236,14 +248,14 @@ function start(me: Session) {
         connection.className = "conn ok";
         if (presence !== frame.status) send({ type: "status", status: presence });
         queue = frame.queue;
-        for (const id of queue) if (!queueSince.has(id)) queueSince.set(id, Date.now());
+        noteWaits(queue, frame.queue_waited_ms);
         for (const id of frame.conversations) conversation(id);
         for (const { frame: again } of pending.values()) send(again);
         renderLists();
         break;
       case "queue": {
         const fresh = frame.conversations.filter((id) => !queueSince.has(id));
-        for (const id of fresh) queueSince.set(id, Date.now());
+        noteWaits(frame.conversations, frame.waited_ms);
         for (const id of queueSince.keys()) if (!frame.conversations.includes(id)) queueSince.delete(id);
         queue = frame.conversations;
         if (fresh.length) alertNew(`A visitor is waiting (#${fresh[0]})`);
@@ -254,6 +266,7 @@ function start(me: Session) {
         const isNew = !conversations.has(frame.conversation) || conversations.get(frame.conversation)!.closed;
         const conv = conversation(frame.conversation, frame.site, frame.visitor);
         conv.closed = false;
+        conv.readMark = Math.max(conv.readMark, frame.read ?? 0);
         if (isNew) alertNew(`New conversation #${conv.id}`);
         if (active === null) select(conv.id);
         renderLists();
@@ -272,7 +285,7 @@ function start(me: Session) {
         if (conv.id === active && !document.hidden) {
           markRead(conv);
           typingLine.hidden = true;
-        } else if (frame.from !== "agent") conv.unread++;
+        } else if (frame.from !== "agent" && frame.seq > conv.readMark) conv.unread++;
         renderLists();
         break;
       }
@@ -543,3 +556,9 @@ function beep() {
     // No audio device: stay silent.
   }
 }
+
+// Last, once every module-level constant above is initialised (a session restored from
+// an earlier visit starts the console at once, and it reads the canned replies).
+session = restore();
+if (session) start(session);
+else showLogin();

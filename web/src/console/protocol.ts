@@ -2,9 +2,18 @@
 // socket URL, in one module so names can follow the server.
 
 export type AgentServerFrame =
-  | { type: "hello"; agent: string; id: string; conversations: number[]; queue: number[]; status: string }
-  | { type: "queue"; conversations: number[] }
-  | { type: "assigned"; conversation: number; site?: string; visitor?: string; seq?: number }
+  | {
+      type: "hello";
+      agent: string;
+      id: string;
+      conversations: number[];
+      queue: number[];
+      /** How long each of `queue` has waited, in ms (older servers: absent). */
+      queue_waited_ms?: number[];
+      status: string;
+    }
+  | { type: "queue"; conversations: number[]; waited_ms?: number[] }
+  | { type: "assigned"; conversation: number; site?: string; visitor?: string; seq?: number; read?: number }
   | { type: "transferred"; conversation: number; to: string }
   | { type: "requeued"; conversation: number }
   | {

@@ -38,7 +38,7 @@ const zh: Strings = {
   typing: "{name} 正在输入…",
   agent: "客服",
   bot: "智能助手",
-  queued: "您前面还有 {n} 位，正在排队。",
+  queued: "您正在排队，当前排第 {n} 位。",
   assigned: "{name} 已加入对话。",
   closed: "对话已结束。再次发送消息即可开始新的对话。",
   offline: "正在重新连接…",

@@ -4,8 +4,9 @@
 //
 // Delivery (docs/protocol.md): every sent message stays in `stored.pending`
 // (persisted) until its ack; after a reconnect the widget resumes from the
-// highest seq it has seen and re-sends the pending ones with their ids, so the
-// server stores each once.
+// highest seq it shows and re-sends the pending ones with their ids, so the
+// server stores each once. A fresh page shows nothing yet, so it resumes from 0
+// and the open conversation's history appears again.
 
 import { fill, strings } from "./i18n";
 import { STYLE } from "./style";
@@ -82,6 +83,8 @@ function mount(script: HTMLScriptElement): void {
   let typingTimer = 0;
   let typingSentAt = 0;
   let stopTypingTimer = 0;
+  /** `typing on` was sent and no `off` since: the agent sees "typing" until we say stop. */
+  let typingOn = false;
   /** The server said no agent is online: the visitor is invited to leave a message until an
    * agent takes the conversation (a later queue position does not hide the invitation). */
   let nobodyOnline = false;
@@ -249,7 +252,7 @@ function mount(script: HTMLScriptElement): void {
   }
 
   function connect() {
-    const ws = new WebSocket(socketUrl(base, site, stored));
+    const ws = new WebSocket(socketUrl(base, site, stored, Math.max(0, ...bySeq.keys())));
     socket = ws;
     ws.onmessage = (event) => {
       try {
@@ -284,6 +287,11 @@ function mount(script: HTMLScriptElement): void {
     send({ type: "message", id, text });
     clearTimeout(stopTypingTimer);
     typingSentAt = 0;
+    // Sent: no longer typing (else the next keystroke's `on` is no change to relay).
+    if (typingOn) {
+      typingOn = false;
+      send({ type: "typing", on: false });
+    }
   }
 
   function open(focus = true) {
@@ -325,11 +333,12 @@ function mount(script: HTMLScriptElement): void {
     const now = Date.now();
     if (now - typingSentAt > 1000) {
       typingSentAt = now;
-      send({ type: "typing", on: true });
+      typingOn = send({ type: "typing", on: true }) || typingOn;
     }
     clearTimeout(stopTypingTimer);
     stopTypingTimer = window.setTimeout(() => {
       typingSentAt = 0;
+      typingOn = false;
       send({ type: "typing", on: false });
     }, 3000);
   });

@@ -63,15 +63,20 @@ export function save(site: string, stored: Stored): void {
   }
 }
 
-/** The visitor socket's URL: `base` is the origin the widget script came from. */
-export function socketUrl(base: string, site: string, stored: Stored): string {
+/**
+ * The visitor socket's URL: `base` is the origin the widget script came from; the server
+ * replays the stored messages after `resume` (the highest seq this page shows: 0 on a fresh
+ * page, so the conversation's history appears again after a reload or on the host's next page).
+ */
+export function socketUrl(base: string, site: string, stored: Stored, resume: number): string {
   const url = new URL("/ws/visitor", base);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
   url.searchParams.set("site", site);
   if (stored.visitor) {
     url.searchParams.set("visitor", stored.visitor);
     if (stored.secret) url.searchParams.set("secret", stored.secret);
-    if (stored.seq > 0) url.searchParams.set("resume", String(stored.seq));
+    if (stored.conversation !== null && stored.conversation !== undefined)
+      url.searchParams.set("resume", String(resume));
   }
   return url.toString();
 }
