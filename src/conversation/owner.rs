@@ -2548,8 +2548,9 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn an_agent_who_joins_while_the_visitor_is_shown_typing_is_shown_it_too() {
+    /// An owner holding conversation 5 of visitor "typist", assigned to alice, with the
+    /// visitor's tab (session 1) attached; also returns the agent's tab (session 2).
+    fn typist_assigned_to_alice() -> (Owner, ConversationId, SessionRef, SessionRef) {
         let conversation = ConversationId::from_parts(0, 5);
         let (visitor_tab, agent_tab) = (session(1), session(2));
         let mut owner = owner();
@@ -2569,6 +2570,12 @@ mod tests {
                 conversation: Some(conversation),
             },
         );
+        (owner, conversation, visitor_tab, agent_tab)
+    }
+
+    #[test]
+    fn an_agent_who_joins_while_the_visitor_is_shown_typing_is_shown_it_too() {
+        let (mut owner, conversation, visitor_tab, agent_tab) = typist_assigned_to_alice();
         let typing = |owner: &mut Owner, on: bool, now: u64| {
             owner.handle(
                 OwnerEvent::Visitor {
@@ -2604,25 +2611,7 @@ mod tests {
 
     #[test]
     fn alternating_typing_on_and_off_is_throttled_and_ends_in_the_final_state() {
-        let conversation = ConversationId::from_parts(0, 5);
-        let (visitor_tab, agent_tab) = (session(1), session(2));
-        let mut owner = owner();
-        let mut assigned = meta(conversation, "typist", 1);
-        assigned.state = ConversationState::Assigned {
-            agent: "alice".into(),
-        };
-        owner.insert_loaded(assigned);
-        attach(
-            &mut owner,
-            "typist",
-            visitor_tab,
-            None,
-            credentials(None, true, "fresh-1"),
-            StoredVisitor {
-                secret_hash: Some([1; 32]),
-                conversation: Some(conversation),
-            },
-        );
+        let (mut owner, conversation, visitor_tab, agent_tab) = typist_assigned_to_alice();
         owner.handle(
             OwnerEvent::AgentSubscribe {
                 conversation,
