@@ -593,11 +593,17 @@ impl Session {
                         return;
                     }
                     if let VisitorFrame::Message { id, .. } = &frame {
-                        // The shard's rated capacity first: past it, refusing is cheaper
-                        // than any queue (see `[limits] shard_messages_per_second`).
-                        let verdict = match self.shard.admission.take_message_capacity() {
-                            Err(retry) => MessageVerdict::Overloaded(retry),
-                            Ok(()) => self.shed_message(owner),
+                        // Past the owner's latency budget, or past this shard's rated
+                        // capacity (`[limits] shard_messages_per_second`; only admitted
+                        // messages spend it), refusing is cheaper than any queue.
+                        let verdict = match self.shed_message(owner) {
+                            MessageVerdict::Admit => {
+                                match self.shard.admission.take_message_capacity() {
+                                    Err(retry) => MessageVerdict::Overloaded(retry),
+                                    Ok(()) => MessageVerdict::Admit,
+                                }
+                            }
+                            refused => refused,
                         };
                         if let MessageVerdict::Overloaded(retry) = verdict {
                             // Not stored and not counted as abuse: the client re-sends it later
