@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 const IDENTITY_KEY: &str = "storage-full-test-identity-key-0123456789";
 
