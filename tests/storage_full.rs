@@ -282,7 +282,11 @@ fn a_full_disk_refuses_with_storage_full_and_recovers_when_space_returns() {
         }
     }
     assert!(!refused.is_empty(), "the disk never filled up");
-    assert!(server.logs().contains("storage full: refusing writes"));
+    let logs = server.logs();
+    for line in logs.lines().filter(|line| line.contains("storage full")) {
+        eprintln!("{line}");
+    }
+    assert!(logs.contains("storage full: refusing writes"));
     // Reads go on while the disk is full.
     verify(&server, "disk", &acked);
 
