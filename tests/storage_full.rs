@@ -180,8 +180,19 @@ fn a_map_at_its_ceiling_refuses_with_storage_full_keeps_serving_reads_and_a_high
     assert!(!refused.is_empty(), "1 MiB never filled up");
     assert!(acked.len() > 100);
     // Refused at once while full, not hanging: the session stays usable and is told again.
-    let again = send_window(&mut client, &refused[..1], 3000);
-    assert_eq!(again.errors, vec!["storage_full".to_owned()]);
+    // (A single message may still fit the last free pages of the map; then it is acked.)
+    let mut told_again = false;
+    for _ in 0..50 {
+        let again = send_window(&mut client, &refused[..1], 3000);
+        if let Some(code) = again.errors.first() {
+            assert_eq!(code, "storage_full");
+            told_again = true;
+            break;
+        }
+        refused.remove(0);
+        acked.extend(again.acked);
+    }
+    assert!(told_again, "a full map kept accepting messages");
     assert!(server.logs().contains("storage full: refusing writes"));
     // Reads go on: the resume replay holds everything acked.
     verify(&server, "ceiling", &acked);
