@@ -53,7 +53,10 @@ pub const MAX_DBS: u32 = 10;
 const SCRATCH_KEEP_BYTES: usize = 64 * 1024;
 /// How long a resize waits for open read views to end (they are microseconds long; one
 /// held this long is a bug, and the batch fails instead of the writer hanging).
+#[cfg(not(test))]
 const RESIZE_PATIENCE: Duration = Duration::from_secs(5);
+#[cfg(test)]
+const RESIZE_PATIENCE: Duration = Duration::from_millis(300);
 
 const INFO_FORMAT: &[u8] = b"format_version";
 const INFO_SHARD: &[u8] = b"shard";
