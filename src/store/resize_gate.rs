@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 const RESIZING: usize = 1 << (usize::BITS - 1);
 const WANT: usize = 1 << (usize::BITS - 2);
+#[cfg(test)]
 const COUNT: usize = WANT - 1;
 
 /// How long a new view holds back for a writer that wants to resize. Only reached when a
