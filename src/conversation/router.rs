@@ -9,6 +9,10 @@
 //!   an fsync never stalls the event loop. While a commit is in flight the
 //!   next batch accumulates. Reads (replay, metadata) use a [`StoreReader`]
 //!   on the shard's thread; LMDB readers never wait for the writer.
+//!   A full map grows inside the commit (the store retries the batch). When the
+//!   store is out of space (map at `max_map_size`, disk full) the batch's senders
+//!   get `storage_full`, and later batches are refused at once until a retry
+//!   after a growing delay commits ([`WriteBackoff`]); reads go on meanwhile.
 //! - Mesh: everything for another shard goes through a per-destination FIFO
 //!   drained by one task, so messages are never dropped when a channel is
 //!   full and arrive in the order they were produced.
