@@ -66,6 +66,35 @@ impl Server {
         }
     }
 
+    /// Waits (at most 20 s) until every shard has started: the server logs that it listens
+    /// (its sockets are bound) before the shards run, so a test that changes a file a shard
+    /// reads at start must wait for them first.
+    pub fn wait_for_shards(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let logs = self.logs();
+            let shards: usize = logs
+                .split("listening on ")
+                .nth(1)
+                .and_then(|rest| rest.split("shards=").nth(1))
+                .and_then(|rest| {
+                    rest.split(|c: char| !c.is_ascii_digit())
+                        .next()?
+                        .parse()
+                        .ok()
+                })
+                .expect("the listening line names the shard count");
+            if logs.matches("shard started").count() >= shards {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not every shard started within 20 s; logs:\n{logs}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Like [`Server::start_program`] but returns as soon as the server listens, while its
     /// models may still be loading.
     pub fn start_listening(mut program: Command, dir: tempfile::TempDir, overlay: &str) -> Server {
