@@ -736,10 +736,15 @@ mod tests {
         );
     }
 
-    /// About 50 tokens: one model call on it takes milliseconds.
+    /// About 120 tokens (close to the 128 the test encoder keeps): one model call on it takes
+    /// several milliseconds even on a quiet fast machine (with 50 tokens a call sometimes took
+    /// under the 1 ms the test below needs it to exceed).
     const LONG: &str = "I ordered a new card three weeks ago and it still has not arrived, the \
         tracking page says nothing and I am travelling next week, so I really need to know where \
-        it is and whether I should cancel it and order another one before I leave";
+        it is and whether I should cancel it and order another one before I leave. My partner \
+        ordered one on the same day and got hers after four days, we live at the same address, \
+        and the app still shows my old card as active although I reported it lost last month, \
+        so please tell me what to do now";
 
     #[test]
     fn requests_that_would_wait_longer_than_max_wait_expire_or_are_refused() {
