@@ -15,7 +15,6 @@ pub mod api;
 pub mod arena;
 pub mod audit;
 pub mod auth;
-pub mod blocking;
 pub mod bot;
 pub mod buffers;
 pub mod cli;
