@@ -71,15 +71,6 @@ pub struct FreshVisitor {
     pub secret_hash: [u8; 32],
 }
 
-/// Why a group commit stored nothing (the `Err` of [`OwnerEvent::Committed`]): the
-/// `error` frame code the sender gets (`storage_error`, or `storage_full` while the store
-/// has no space) and the message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CommitFailure {
-    pub code: &'static str,
-    pub message: String,
-}
-
 /// What storage knows about a visitor id (the answer to [`OwnerAction::LoadVisitor`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoredVisitor {
@@ -175,7 +166,7 @@ pub enum OwnerEvent {
     Committed {
         completion: Completion,
         op: Op,
-        outcome: Result<OpOutcome, CommitFailure>,
+        outcome: Result<OpOutcome, String>,
     },
     /// Internal: greet sessions once a just-opened conversation is loaded.
     Greet {
@@ -1414,7 +1405,7 @@ impl Owner {
         &mut self,
         completion: Completion,
         op: Op,
-        outcome: Result<OpOutcome, CommitFailure>,
+        outcome: Result<OpOutcome, String>,
         out: &mut Vec<OwnerAction>,
     ) {
         if let Some(live) = op_conversation(&op).and_then(|c| self.live.get_mut(&c)) {
@@ -1542,7 +1533,7 @@ impl Owner {
         &mut self,
         conversation: ConversationId,
         op: Op,
-        outcome: Result<OpOutcome, CommitFailure>,
+        outcome: Result<OpOutcome, String>,
         out: &mut Vec<OwnerAction>,
     ) {
         if !matches!(
@@ -1590,7 +1581,7 @@ impl Owner {
         conversation: ConversationId,
         session: SessionRef,
         op: Op,
-        outcome: Result<OpOutcome, CommitFailure>,
+        outcome: Result<OpOutcome, String>,
         ack: impl Fn(u64) -> Arc<str>,
         visitor_key: Option<&VisitorKey>,
         out: &mut Vec<OwnerAction>,
@@ -1621,7 +1612,7 @@ impl Owner {
             Err(err) => {
                 out.push(OwnerAction::Send {
                     to: session,
-                    frame: error(err.code, &err.message),
+                    frame: error("storage_error", &err),
                 });
                 return;
             }
@@ -1719,7 +1710,7 @@ impl Owner {
         &mut self,
         conversation: ConversationId,
         op: Op,
-        outcome: Result<OpOutcome, CommitFailure>,
+        outcome: Result<OpOutcome, String>,
         out: &mut Vec<OwnerAction>,
     ) {
         let Ok(OpOutcome::Stored { seq, ts_ms }) = outcome else {
@@ -1781,7 +1772,7 @@ impl Owner {
     fn opened(
         &mut self,
         key: VisitorKey,
-        outcome: Result<OpOutcome, CommitFailure>,
+        outcome: Result<OpOutcome, String>,
         out: &mut Vec<OwnerAction>,
     ) {
         let Some(entry) = self.visitors.get_mut(&key) else {
@@ -1791,16 +1782,12 @@ impl Owner {
         let conversation = match outcome {
             Ok(OpOutcome::Opened { conversation, .. }) => conversation,
             other => {
-                let code = match &other {
-                    Err(failure) => failure.code,
-                    Ok(_) => "storage_error",
-                };
                 let message = format!("cannot open the conversation: {other:?}");
                 for (session, _) in entry.awaiting_hello.drain(..) {
                     // In place of the hello, so it is not held back.
                     out.push(OwnerAction::Hello {
                         to: session,
-                        frame: error(code, &message),
+                        frame: error("storage_error", &message),
                     });
                 }
                 entry.pending.clear();
