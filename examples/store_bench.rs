@@ -85,6 +85,7 @@ fn append_case(
 ) {
     let options = StoreOptions {
         map_size: 8 << 30,
+        max_map_size: 8 << 30,
         durability,
     };
     let mut store = ShardStore::open(dir, 0, options).unwrap();
@@ -162,6 +163,7 @@ fn replay_case(dir: &std::path::Path) {
     const ROUNDS: u32 = 50;
     let options = StoreOptions {
         map_size: 1 << 30,
+        max_map_size: 1 << 30,
         durability: Durability::None,
     };
     let mut store = ShardStore::open(dir, 0, options).unwrap();

@@ -216,6 +216,8 @@ pub struct StorageConfig {
     pub sync_interval: Duration,
     /// Bytes; a multiple of 4096.
     pub map_size: u64,
+    /// Bytes; a multiple of 4096, at least `map_size`: the map doubles up to this when full.
+    pub max_map_size: u64,
 }
 
 /// `storage.durability`: when a message is acknowledged relative to reaching the disk.
@@ -803,6 +805,18 @@ impl LogConfig {
     }
 }
 
+/// A map size: 1MiB..=1TiB and a multiple of 4KiB.
+fn map_size(f: &Field<'_>) -> Result<u64, ConfigError> {
+    let bytes: u64 = f.size_in(MIB, TIB)?;
+    if !bytes.is_multiple_of(MAP_SIZE_GRANULE) {
+        return Err(f.error(format_args!(
+            "must be a multiple of 4KiB (4096 bytes), got {}",
+            f.written()
+        )));
+    }
+    Ok(bytes)
+}
+
 impl StorageConfig {
     fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
         match key {
@@ -811,16 +825,8 @@ impl StorageConfig {
             "commit_window" => self.commit_window = f.duration_in(Duration::ZERO, secs(1))?,
             "max_batch" => self.max_batch = f.integer_in(1, 100_000)?,
             "sync_interval" => self.sync_interval = f.duration_in(ms(1), mins(1))?,
-            "map_size" => {
-                let bytes: u64 = f.size_in(MIB, TIB)?;
-                if !bytes.is_multiple_of(MAP_SIZE_GRANULE) {
-                    return Err(f.error(format_args!(
-                        "must be a multiple of 4KiB (4096 bytes), got {}",
-                        f.written()
-                    )));
-                }
-                self.map_size = bytes;
-            }
+            "map_size" => self.map_size = map_size(f)?,
+            "max_map_size" => self.max_map_size = map_size(f)?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -1110,6 +1116,7 @@ impl Config {
         w.display("max_batch", storage.max_batch);
         w.duration("sync_interval", storage.sync_interval);
         w.size("map_size", storage.map_size);
+        w.size("max_map_size", storage.max_map_size);
 
         w.section("conversations");
         w.size("max_text_bytes", conv.max_text_bytes as u64);
@@ -1296,6 +1303,7 @@ impl Config {
                 max_batch: 0,
                 sync_interval: Duration::ZERO,
                 map_size: 0,
+                max_map_size: 0,
             },
             conversations: ConversationsConfig {
                 max_text_bytes: 0,
@@ -1898,6 +1906,12 @@ impl Builder {
             ),
             c.conversations.typing_interval < c.conversations.typing_expiry,
             Strictness::Strict,
+        )?;
+        self.ordered(
+            ("storage.map_size", format_size(c.storage.map_size)),
+            ("storage.max_map_size", format_size(c.storage.max_map_size)),
+            c.storage.map_size <= c.storage.max_map_size,
+            Strictness::OrEqual,
         )?;
         self.ordered(
             ("inference.batch_window", d(c.inference.batch_window)),
@@ -2804,6 +2818,24 @@ mod tests {
         );
         let e = err("[storage]\nmap_size = 1048577\n");
         assert_invalid(&e, 2, "storage.map_size", "multiple of 4KiB");
+        let e = err("[storage]\nmax_map_size = \"1MiB\"\n");
+        assert_invalid(
+            &e,
+            2,
+            "storage.max_map_size",
+            "at least storage.map_size (1GiB)",
+        );
+        let e = err("[storage]\nmax_map_size = 1048577\n");
+        assert_invalid(&e, 2, "storage.max_map_size", "multiple of 4KiB");
+        let c = load_str(
+            "ok.toml",
+            "[storage]\nmap_size = \"4MiB\"\nmax_map_size = \"4MiB\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.storage.map_size, c.storage.max_map_size),
+            (4 * MIB, 4 * MIB)
+        );
     }
 
     #[test]

@@ -71,6 +71,15 @@ pub struct FreshVisitor {
     pub secret_hash: [u8; 32],
 }
 
+/// Why a group commit stored nothing (the `Err` of [`OwnerEvent::Committed`]): the
+/// `error` frame code the sender gets (`storage_error`, or `storage_full` while the store
+/// has no space) and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitFailure {
+    pub code: &'static str,
+    pub message: String,
+}
+
 /// What storage knows about a visitor id (the answer to [`OwnerAction::LoadVisitor`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoredVisitor {
@@ -166,7 +175,7 @@ pub enum OwnerEvent {
     Committed {
         completion: Completion,
         op: Op,
-        outcome: Result<OpOutcome, String>,
+        outcome: Result<OpOutcome, CommitFailure>,
     },
     /// Internal: greet sessions once a just-opened conversation is loaded.
     Greet {
@@ -1405,7 +1414,7 @@ impl Owner {
         &mut self,
         completion: Completion,
         op: Op,
-        outcome: Result<OpOutcome, String>,
+        outcome: Result<OpOutcome, CommitFailure>,
         out: &mut Vec<OwnerAction>,
     ) {
         if let Some(live) = op_conversation(&op).and_then(|c| self.live.get_mut(&c)) {
@@ -1533,7 +1542,7 @@ impl Owner {
         &mut self,
         conversation: ConversationId,
         op: Op,
-        outcome: Result<OpOutcome, String>,
+        outcome: Result<OpOutcome, CommitFailure>,
         out: &mut Vec<OwnerAction>,
     ) {
         if !matches!(
@@ -1581,7 +1590,7 @@ impl Owner {
         conversation: ConversationId,
         session: SessionRef,
         op: Op,
-        outcome: Result<OpOutcome, String>,
+        outcome: Result<OpOutcome, CommitFailure>,
         ack: impl Fn(u64) -> Arc<str>,
         visitor_key: Option<&VisitorKey>,
         out: &mut Vec<OwnerAction>,
@@ -1612,7 +1621,7 @@ impl Owner {
             Err(err) => {
                 out.push(OwnerAction::Send {
                     to: session,
-                    frame: error("storage_error", &err),
+                    frame: error(err.code, &err.message),
                 });
                 return;
             }
@@ -1710,7 +1719,7 @@ impl Owner {
         &mut self,
         conversation: ConversationId,
         op: Op,
-        outcome: Result<OpOutcome, String>,
+        outcome: Result<OpOutcome, CommitFailure>,
         out: &mut Vec<OwnerAction>,
     ) {
         let Ok(OpOutcome::Stored { seq, ts_ms }) = outcome else {
@@ -1772,7 +1781,7 @@ impl Owner {
     fn opened(
         &mut self,
         key: VisitorKey,
-        outcome: Result<OpOutcome, String>,
+        outcome: Result<OpOutcome, CommitFailure>,
         out: &mut Vec<OwnerAction>,
     ) {
         let Some(entry) = self.visitors.get_mut(&key) else {
@@ -1782,12 +1791,16 @@ impl Owner {
         let conversation = match outcome {
             Ok(OpOutcome::Opened { conversation, .. }) => conversation,
             other => {
+                let code = match &other {
+                    Err(failure) => failure.code,
+                    Ok(_) => "storage_error",
+                };
                 let message = format!("cannot open the conversation: {other:?}");
                 for (session, _) in entry.awaiting_hello.drain(..) {
                     // In place of the hello, so it is not held back.
                     out.push(OwnerAction::Hello {
                         to: session,
-                        frame: error("storage_error", &message),
+                        frame: error(code, &message),
                     });
                 }
                 entry.pending.clear();

@@ -9,6 +9,10 @@
 //!   an fsync never stalls the event loop. While a commit is in flight the
 //!   next batch accumulates. Reads (replay, metadata) use a [`StoreReader`]
 //!   on the shard's thread; LMDB readers never wait for the writer.
+//!   A full map grows inside the commit (the store retries the batch). When the
+//!   store is out of space (map at `max_map_size`, disk full) the batch's senders
+//!   get `storage_full`, and later batches are refused at once until a retry
+//!   after a growing delay commits ([`WriteBackoff`]); reads go on meanwhile.
 //! - Mesh: everything for another shard goes through a per-destination FIFO
 //!   drained by one task, so messages are never dropped when a channel is
 //!   full and arrive in the order they were produced.
@@ -27,8 +31,8 @@ use shards::{Mesh, ShardId};
 
 use super::dispatch::{self, DispatchAction, DispatchEvent, Dispatcher, DispatcherConfig};
 use super::owner::{
-    message_frame, BotOutcome, Completion, Owner, OwnerAction, OwnerConfig, OwnerEvent,
-    StoredVisitor, VisitorKey,
+    message_frame, BotOutcome, CommitFailure, Completion, Owner, OwnerAction, OwnerConfig,
+    OwnerEvent, StoredVisitor, VisitorKey,
 };
 use super::protocol::{self, now_ms, VisitorFrame};
 use super::SessionRef;
@@ -40,7 +44,9 @@ use crate::config::Config;
 use crate::engine::intent::{CacheOutcome, EngineSettings, IntentEngine};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::ratelimit::KeyedBuckets;
-use crate::store::{ConversationId, Durability, Op, ShardStore, StoreOptions, StoreReader};
+use crate::store::{
+    ConversationId, Durability, Op, ShardStore, StoreOptions, StoreReader, WriteBackoff,
+};
 
 /// What a delivered frame is to the session's queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +115,9 @@ pub struct Router {
     /// Whether each outgoing queue's drain task has been rung and not yet run.
     outgoing_rung: Vec<Cell<bool>>,
     committing: Cell<bool>,
+    /// Whether the store is full (map at its ceiling, disk full): batches are refused with
+    /// `storage_full` without touching the store until the next retry.
+    full: RefCell<WriteBackoff>,
     /// Mean cost of recent group commits (published for message shedding).
     commit_cost: Cell<crate::admission::shed::CommitCost>,
     bot: Option<Bot>,
@@ -208,6 +217,7 @@ impl Router {
             shard,
             StoreOptions {
                 map_size: config.storage.map_size as usize,
+                max_map_size: config.storage.max_map_size as usize,
                 durability,
             },
         )
@@ -275,6 +285,7 @@ impl Router {
             outgoing_rx: RefCell::new(outgoing_rx),
             outgoing_rung: (0..shard_count).map(|_| Cell::new(false)).collect(),
             committing: Cell::new(false),
+            full: RefCell::default(),
             commit_cost: Cell::default(),
             bot,
             metrics,
@@ -1057,6 +1068,23 @@ impl Router {
                         (op, completion)
                     })
                     .unzip();
+                if self.full.borrow().refuse(std::time::Instant::now()) {
+                    // Refused at once, not queued: the sender learns now and re-sends later.
+                    let failure = CommitFailure {
+                        code: "storage_full",
+                        message: "storage is full; re-send later with the same id".into(),
+                    };
+                    for (op, completion) in ops.into_iter().zip(completions) {
+                        self.on_owner(OwnerEvent::Committed {
+                            completion,
+                            op,
+                            outcome: Err(failure.clone()),
+                        });
+                    }
+                    first = false;
+                    glommio::yield_if_needed().await;
+                    continue;
+                }
                 let store = self
                     .store
                     .borrow_mut()
@@ -1089,6 +1117,9 @@ impl Router {
                 first = false;
                 match result {
                     Ok(outcomes) => {
+                        if self.full.borrow_mut().committed() {
+                            tracing::warn!(shard = self.shard, "storage writable again");
+                        }
                         for ((op, completion), outcome) in
                             ops.into_iter().zip(completions).zip(outcomes)
                         {
@@ -1100,13 +1131,25 @@ impl Router {
                         }
                     }
                     Err(err) => {
-                        tracing::error!(shard = self.shard, error = %err, "group commit failed");
-                        let message = err.to_string();
+                        let failure = CommitFailure {
+                            code: if err.is_full() {
+                                "storage_full"
+                            } else {
+                                "storage_error"
+                            },
+                            message: err.to_string(),
+                        };
+                        if err.is_full() {
+                            let retry_in = self.full.borrow_mut().full(std::time::Instant::now());
+                            tracing::error!(shard = self.shard, error = %err, retry_in_ms = retry_in.as_millis() as u64, "storage full: refusing writes until a retry succeeds");
+                        } else {
+                            tracing::error!(shard = self.shard, error = %err, "group commit failed");
+                        }
                         for (op, completion) in ops.into_iter().zip(completions) {
                             self.on_owner(OwnerEvent::Committed {
                                 completion,
                                 op,
-                                outcome: Err(message.clone()),
+                                outcome: Err(failure.clone()),
                             });
                         }
                     }

@@ -40,6 +40,7 @@ fn crash_child_appender() {
     let resend: u64 = std::env::var(ENV_RESEND).unwrap().parse().unwrap();
     let options = StoreOptions {
         map_size: 256 << 20,
+        max_map_size: 256 << 20,
         durability: Durability::Fsync,
     };
     let mut store = ShardStore::open(Path::new(&dir), SHARD, options).unwrap();
@@ -239,6 +240,7 @@ fn crash_kill9_keeps_every_acked_message() {
         SHARD,
         StoreOptions {
             map_size: 256 << 20,
+            max_map_size: 256 << 20,
             durability: Durability::Fsync,
         },
     )

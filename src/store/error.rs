@@ -4,8 +4,9 @@
 //! - [`Rejection`]: one operation of a batch was refused because of its input (unknown or
 //!   closed conversation, oversize id ...). It is reported in that operation's outcome; the
 //!   operation wrote nothing and the rest of the batch still commits.
-//! - [`StoreError`]: the whole call failed (LMDB, I/O, full map, corrupt data); the write
-//!   transaction was aborted and nothing of the batch is stored.
+//! - [`StoreError`]: the whole call failed (LMDB, I/O, full map, full disk, corrupt data);
+//!   the write transaction was aborted and nothing of the batch is stored.
+//!   [`StoreError::is_full`] tells the failures that end once space is freed.
 
 use std::path::PathBuf;
 
@@ -61,10 +62,17 @@ pub enum StoreError {
     )]
     UnsupportedFormat { found: u64, supported: u64 },
     #[error(
-        "the LMDB map is full ({map_size} bytes): raise [storage] map_size \
-         (or call set_map_size); the batch was not stored"
+        "the LMDB map is full at its ceiling ({map_size} bytes): raise [storage] \
+         max_map_size and restart, or free space; the batch was not stored"
     )]
     MapFull { map_size: usize },
+    #[error("the disk holding the store is full: {0}; the batch was not stored")]
+    DiskFull(#[source] std::io::Error),
+    #[error(
+        "cannot grow the LMDB map: read views stayed open for {waited_ms} ms; \
+         the batch was not stored"
+    )]
+    ResizeBlocked { waited_ms: u64 },
     #[error("too many concurrent read views (LMDB reader table is full)")]
     ReadersFull,
     #[error("corrupt {table} record at key {key:02x?}: {detail}")]
@@ -84,12 +92,26 @@ pub enum StoreError {
     Lmdb(#[source] heed::Error),
 }
 
+impl StoreError {
+    /// Whether the store refused the write for lack of space (a full map at its ceiling, a
+    /// full disk): writes may succeed again once space is freed, so the driver refuses new
+    /// writes for a while instead of retrying at once (see [`super::WriteBackoff`]).
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::MapFull { .. } | StoreError::DiskFull(_))
+    }
+}
+
 impl From<heed::Error> for StoreError {
     fn from(error: heed::Error) -> Self {
         match error {
             // The size is filled in by the store, which knows it (see `ShardStore::lmdb`).
             heed::Error::Mdb(heed::MdbError::MapFull) => StoreError::MapFull { map_size: 0 },
             heed::Error::Mdb(heed::MdbError::ReadersFull) => StoreError::ReadersFull,
+            heed::Error::Io(io)
+                if matches!(io.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)) =>
+            {
+                StoreError::DiskFull(io)
+            }
             other => StoreError::Lmdb(other),
         }
     }

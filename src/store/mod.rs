@@ -65,9 +65,15 @@
 //! and never hold one across an `await`: a live view pins old pages and the file grows.
 //!
 //! # Sizing
-//! `map_size` is the largest the data file may grow to (address space, not memory). A full
-//! map is [`StoreError::MapFull`]: the batch is not stored and the store stays usable;
-//! [`ShardStore::set_map_size`] grows it. Reader slots: [`MAX_READERS`]; tables: [`MAX_DBS`].
+//! `map_size` is the size the memory map starts at (address space, not memory). A batch
+//! that does not fit is aborted, the map doubles (up to `max_map_size`) and the batch runs
+//! again, so a full map is transparent below the ceiling. The writer is the only one that
+//! resizes, between transactions, behind a gate every read view holds (`resize_gate`):
+//! LMDB forbids a remap while any transaction of the env is live in the process. At the
+//! ceiling the batch fails with [`StoreError::MapFull`]; a full disk fails it with
+//! [`StoreError::DiskFull`]. Either way nothing of it is stored, the store stays usable
+//! (reads go on), and the driver refuses writes for a while ([`WriteBackoff`]) before
+//! trying again. Reader slots: [`MAX_READERS`]; tables: [`MAX_DBS`].
 
 mod batch;
 mod error;
@@ -78,10 +84,14 @@ mod options;
 mod read;
 pub mod recent_ids;
 mod records;
+mod resize_gate;
 mod shard_store;
+mod write_backoff;
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod full_tests;
 #[cfg(test)]
 mod tests;
 
@@ -97,3 +107,4 @@ pub use records::{
     MessageRecord, MAX_SHARDS,
 };
 pub use shard_store::{ShardStore, StoreReader, FORMAT_VERSION, MAX_DBS, MAX_READERS};
+pub use write_backoff::WriteBackoff;

@@ -1,4 +1,4 @@
-//! How a shard store is opened: map size and durability mode.
+//! How a shard store is opened: map size, its growth ceiling and durability mode.
 //!
 //! Invariant: the durability mode decides the LMDB flags at open time only; it cannot be
 //! changed on an open store. See the module documentation of [`crate::store`] for the
@@ -66,6 +66,9 @@ pub struct StoreOptions {
     /// Size of the LMDB memory map in bytes: the most the shard's data file can grow to.
     /// It is address space, not memory, so it can be generous (rounded up to 4 KiB).
     pub map_size: usize,
+    /// The ceiling the map grows to when a batch does not fit: the store doubles the map
+    /// (capped here) and retries the batch. At most `map_size` means the map never grows.
+    pub max_map_size: usize,
     pub durability: Durability,
 }
 
@@ -73,6 +76,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             map_size: DEFAULT_MAP_SIZE,
+            max_map_size: DEFAULT_MAP_SIZE,
             durability: Durability::Fsync,
         }
     }

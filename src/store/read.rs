@@ -17,17 +17,26 @@ use rkyv::rancor;
 use super::error::StoreError;
 use super::keys::{self, MAX_SITE_BYTES, MAX_VISITOR_BYTES};
 use super::records::{ArchivedConversation, ArchivedMessageRecord, Conversation, ConversationId};
+use super::resize_gate::ReadPass;
 use super::shard_store::{corrupt, Tables};
 
 /// A consistent read-only snapshot of a shard store.
 pub struct ReadView<'s> {
     txn: RoTxn<'s, WithoutTls>,
     tables: &'s Tables,
+    /// Keeps the map from being remapped while `txn` lives; declared after `txn` so it is
+    /// released after the transaction ends (see `resize_gate`).
+    _pass: ReadPass<'s>,
 }
 
 impl<'s> ReadView<'s> {
-    pub(crate) fn new(txn: RoTxn<'s, WithoutTls>, tables: &'s Tables) -> Self {
-        ReadView { txn, tables }
+    /// `pass` must have been taken before `txn` began.
+    pub(crate) fn new(pass: ReadPass<'s>, txn: RoTxn<'s, WithoutTls>, tables: &'s Tables) -> Self {
+        ReadView {
+            txn,
+            tables,
+            _pass: pass,
+        }
     }
 
     /// The metadata of a conversation.

@@ -12,10 +12,16 @@
 //!   [`WINDOW`] messages) is answered with the original seq and not stored again; the
 //!   answer comes from the stored records themselves ([`RecentIds`]), so it cannot
 //!   disagree with them after a crash.
+//! - A batch that does not fit the map (`MDB_MAP_FULL`) is aborted, the map is doubled (up
+//!   to [`StoreOptions::max_map_size`]) and the SAME batch runs again; only its final
+//!   attempt's outcomes are returned, so nothing is acked before it commits. The map is
+//!   only resized by the writer, between transactions, behind the [`ResizeGate`] that
+//!   every read view of every handle holds (LMDB forbids live transactions during a remap).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use heed::types::Bytes;
 use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RwTxn, WithoutTls};
@@ -32,6 +38,7 @@ use super::records::{
     ArchivedMessageRecord, Conversation, ConversationId, ConversationState, MessageRecord,
     MAX_LOCAL_CONVERSATION, MAX_SHARDS,
 };
+use super::resize_gate::ResizeGate;
 
 /// Version of the on-disk layout written into the `info` table.
 pub const FORMAT_VERSION: u64 = 1;
@@ -44,6 +51,12 @@ pub const MAX_DBS: u32 = 10;
 
 /// The scratch serialisation buffer is dropped after a batch that grew it past this.
 const SCRATCH_KEEP_BYTES: usize = 64 * 1024;
+/// How long a resize waits for open read views to end (they are microseconds long; one
+/// held this long is a bug, and the batch fails instead of the writer hanging).
+#[cfg(not(test))]
+const RESIZE_PATIENCE: Duration = Duration::from_secs(5);
+#[cfg(test)]
+const RESIZE_PATIENCE: Duration = Duration::from_millis(300);
 
 const INFO_FORMAT: &[u8] = b"format_version";
 const INFO_SHARD: &[u8] = b"shard";
@@ -76,6 +89,10 @@ pub(crate) struct Tables {
 pub struct ShardStore {
     env: Env<WithoutTls>,
     tables: Tables,
+    /// Shared with every [`StoreReader`]: a resize waits for their views.
+    gate: Arc<ResizeGate>,
+    /// The map grows up to this when a batch does not fit.
+    max_map_size: usize,
     shard: usize,
     durability: Durability,
     path: PathBuf,
@@ -185,6 +202,8 @@ impl ShardStore {
                 info,
                 visitor_secrets,
             },
+            gate: Arc::default(),
+            max_map_size: round_up_to_page(options.max_map_size.max(options.map_size)),
             shard,
             durability: options.durability,
             path,
@@ -219,15 +238,7 @@ impl ShardStore {
     /// corrupt record); a refused op shows up as [`OpOutcome::Rejected`] instead and does
     /// not stop the others.
     pub fn apply(&mut self, ops: &[Op]) -> Result<Vec<OpOutcome>, StoreError> {
-        let result = self.apply_in_txn(ops);
-        self.staged.clear();
-        if result.is_err() {
-            self.recent.clear();
-        }
-        if self.scratch.capacity() > SCRATCH_KEEP_BYTES {
-            self.scratch = Vec::new();
-        }
-        result.map_err(|error| self.with_map_size(error))
+        self.growing(|store| store.apply_in_txn(ops))
     }
 
     /// Appends `batch` in one transaction (group commit). Outcome `i` is message `i`'s:
@@ -235,15 +246,54 @@ impl ShardStore {
     /// earlier in the same batch), or `Rejected`.
     pub fn append_batch(&mut self, batch: &[NewMessage]) -> Result<Vec<AppendOutcome>, StoreError> {
         // Same transaction logic as `apply`, without cloning the messages into `Op`s.
-        let result = self.append_in_txn(batch);
-        self.staged.clear();
-        if result.is_err() {
-            self.recent.clear();
+        self.growing(|store| store.append_in_txn(batch))
+    }
+
+    /// The ceiling the map grows to ([`StoreOptions::max_map_size`], rounded to 4 KiB).
+    pub fn max_map_size(&self) -> usize {
+        self.max_map_size
+    }
+
+    /// Runs one batch transaction; when it does not fit the map, grows the map and runs it
+    /// again, until it commits, fails otherwise, or the map is at its ceiling.
+    fn growing<T>(
+        &mut self,
+        mut attempt: impl FnMut(&mut Self) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        loop {
+            let result = attempt(self);
+            self.staged.clear();
+            if result.is_err() {
+                self.recent.clear();
+            }
+            if self.scratch.capacity() > SCRATCH_KEEP_BYTES {
+                self.scratch = Vec::new();
+            }
+            match result {
+                // The write transaction is gone (aborted when the attempt returned).
+                Err(StoreError::MapFull { .. }) if self.map_size() < self.max_map_size => {
+                    self.grow()?;
+                }
+                other => return other.map_err(|error| self.classify(error)),
+            }
         }
-        if self.scratch.capacity() > SCRATCH_KEEP_BYTES {
-            self.scratch = Vec::new();
-        }
-        result.map_err(|error| self.with_map_size(error))
+    }
+
+    /// Doubles the map, capped at the ceiling, and logs it.
+    fn grow(&mut self) -> Result<(), StoreError> {
+        let from = self.map_size();
+        let to = from.saturating_mul(2).min(self.max_map_size);
+        let started = Instant::now();
+        self.set_map_size(to)?;
+        tracing::warn!(
+            shard = self.shard,
+            from,
+            to = self.map_size(),
+            ceiling = self.max_map_size,
+            micros = started.elapsed().as_micros() as u64,
+            "LMDB map full: grew the map, retrying the batch"
+        );
+        Ok(())
     }
 
     /// Forces every commit so far to stable storage (`mdb_env_sync(force)`).
@@ -264,10 +314,20 @@ impl ShardStore {
     /// Grows (or shrinks) the memory map, e.g. after [`StoreError::MapFull`].
     ///
     /// Rounded up to 4 KiB; LMDB raises a size below the data already stored to that size.
+    /// Waits (at most a few seconds) for the read views open on other threads through
+    /// [`StoreReader`]s to end, and keeps new ones out while it remaps.
     pub fn set_map_size(&mut self, bytes: usize) -> Result<(), StoreError> {
-        // SAFETY: LMDB requires that no transaction is live in this process. Every
-        // transaction of this env is created and ended inside a `&self`/`&mut self` method
-        // or held by a `ReadView` borrowing `&self`, so `&mut self` proves none is live.
+        let Some(_pass) = self.gate.resize(RESIZE_PATIENCE) else {
+            return Err(StoreError::ResizeBlocked {
+                waited_ms: RESIZE_PATIENCE.as_millis() as u64,
+            });
+        };
+        // SAFETY: LMDB requires that no transaction of this env is live in this process.
+        // Write transactions are created and ended inside `&mut self` methods, so `&mut
+        // self` proves none is live. Every read transaction (through this store or any
+        // `StoreReader` clone, on any thread) is a `ReadView` holding a `ReadPass` of
+        // `self.gate` from before it begins until after it ends, and `_pass` is only
+        // granted while no `ReadPass` exists and keeps new ones from being granted.
         unsafe { self.env.resize(round_up_to_page(bytes)) }.map_err(StoreError::from)
     }
 
@@ -277,6 +337,7 @@ impl ShardStore {
         StoreReader {
             env: self.env.clone(),
             tables: self.tables,
+            gate: self.gate.clone(),
         }
     }
 
@@ -285,7 +346,8 @@ impl ShardStore {
     /// Keep it short: a live view pins old pages, so the file grows while it is held.
     /// Never hold one across an `await`.
     pub fn read(&self) -> Result<ReadView<'_>, StoreError> {
-        Ok(ReadView::new(self.env.read_txn()?, &self.tables))
+        let pass = self.gate.read();
+        Ok(ReadView::new(pass, self.env.read_txn()?, &self.tables))
     }
 
     /// The metadata of a conversation.
@@ -393,12 +455,20 @@ impl ShardStore {
         Ok(outcomes)
     }
 
-    /// Fills in the map size of a `MapFull` error.
-    fn with_map_size(&self, error: StoreError) -> StoreError {
+    /// Fills in the map size of a `MapFull` error, and tells a full disk from other I/O
+    /// errors: LMDB reports a short write (the file system ran out of space mid-write) as
+    /// `EIO`, so an `EIO` while the file system has (almost) no space left is `DiskFull`.
+    fn classify(&self, error: StoreError) -> StoreError {
         match error {
             StoreError::MapFull { .. } => StoreError::MapFull {
                 map_size: self.map_size(),
             },
+            StoreError::Lmdb(heed::Error::Io(io))
+                if io.raw_os_error() == Some(libc::EIO)
+                    && free_bytes(&self.path).is_some_and(|free| free < DISK_FULL_BYTES) =>
+            {
+                StoreError::DiskFull(io)
+            }
             other => other,
         }
     }
@@ -863,6 +933,21 @@ pub(crate) fn corrupt(table: &'static str, key: &[u8], detail: &str) -> StoreErr
     }
 }
 
+/// Below this much free space an `EIO` from a write is taken for a full disk.
+const DISK_FULL_BYTES: u64 = 1 << 20;
+
+/// Bytes available to this process on the file system holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string and `stat` a valid, writable statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return None;
+    }
+    Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+}
+
 fn round_up_to_page(bytes: usize) -> usize {
     const PAGE: usize = 4096;
     bytes.max(PAGE).div_ceil(PAGE) * PAGE
@@ -901,11 +986,14 @@ impl ShardStore {
 pub struct StoreReader {
     env: Env<WithoutTls>,
     tables: Tables,
+    gate: Arc<ResizeGate>,
 }
 
 impl StoreReader {
-    /// Opens a consistent read-only view (an LMDB read transaction).
+    /// Opens a consistent read-only view (an LMDB read transaction). Waits for the few
+    /// microseconds of a map resize if the writer is doing one.
     pub fn read(&self) -> Result<ReadView<'_>, StoreError> {
-        Ok(ReadView::new(self.env.read_txn()?, &self.tables))
+        let pass = self.gate.read();
+        Ok(ReadView::new(pass, self.env.read_txn()?, &self.tables))
     }
 }
