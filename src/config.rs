@@ -185,6 +185,9 @@ pub struct WebSocketConfig {
 pub struct DiagnosticsConfig {
     /// Serve `/ws/echo`.
     pub echo: bool,
+    /// Serve `POST /debug/panic?shard=N` to loopback peers: makes shard N panic (to test that
+    /// a shard panic stops the process for a restart). Never in production.
+    pub panic_endpoint: bool,
 }
 
 /// `[log]`
@@ -784,6 +787,7 @@ impl DiagnosticsConfig {
     fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
         match key {
             "echo" => self.echo = f.boolean()?,
+            "panic_endpoint" => self.panic_endpoint = f.boolean()?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -1104,6 +1108,7 @@ impl Config {
 
         w.section("diagnostics");
         w.display("echo", diagnostics.echo);
+        w.display("panic_endpoint", diagnostics.panic_endpoint);
 
         w.section("log");
         w.string("format", log.format.as_str());
@@ -1291,7 +1296,10 @@ impl Config {
                 pool_max_idle_buffers: 0,
                 write_timeout: Duration::ZERO,
             },
-            diagnostics: DiagnosticsConfig { echo: false },
+            diagnostics: DiagnosticsConfig {
+                echo: false,
+                panic_endpoint: false,
+            },
             log: LogConfig {
                 format: LogFormat::Auto,
                 level: String::new(),
@@ -2562,6 +2570,7 @@ mod tests {
             ]
         );
         assert!(!c.diagnostics.echo);
+        assert!(!c.diagnostics.panic_endpoint);
         assert_eq!(c, Config::default());
     }
 

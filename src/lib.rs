@@ -21,6 +21,7 @@ pub mod cli;
 pub mod config;
 pub mod conversation;
 pub mod engine;
+pub mod fault;
 pub mod http;
 pub mod kb;
 pub mod logging;

@@ -21,7 +21,7 @@ mod runtime;
 
 pub use listener::{bind_reuseport, ListenerError};
 pub use mesh::{Mesh, MeshError};
-pub use runtime::{Runtime, RuntimeConfig, RuntimeError, ShardContext, Shutdown};
+pub use runtime::{current_shard, Runtime, RuntimeConfig, RuntimeError, ShardContext, Shutdown};
 
 /// Index of a shard, dense in `0..shard_count`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

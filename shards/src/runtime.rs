@@ -25,6 +25,17 @@ use crate::listener::{bind_reuseport, ListenerError};
 use crate::mesh::{Inbox, Mesh};
 use crate::ShardId;
 
+thread_local! {
+    /// The shard whose executor runs on this thread, set when the shard starts.
+    static CURRENT_SHARD: std::cell::Cell<Option<ShardId>> = const { std::cell::Cell::new(None) };
+}
+
+/// The shard running on the calling thread, or `None` off the shard threads (for a panic
+/// hook, which runs on the panicking thread, to name the shard).
+pub fn current_shard() -> Option<ShardId> {
+    CURRENT_SHARD.with(|shard| shard.get())
+}
+
 /// How to start the runtime.
 #[derive(Clone, Debug)]
 pub struct RuntimeConfig {
@@ -227,6 +238,7 @@ impl Runtime {
                     let (to_self, from_self) =
                         glommio::channels::local_channel::new_bounded(mesh_capacity);
                     let id = ShardId(index);
+                    CURRENT_SHARD.with(|shard| shard.set(Some(id)));
                     // SAFETY: sched_getcpu has no preconditions.
                     let running_on = unsafe { libc::sched_getcpu() };
                     tracing::info!(
@@ -347,6 +359,7 @@ mod tests {
                 while got.get() < expected {
                     glommio::timer::sleep(Duration::from_millis(1)).await;
                 }
+                assert_eq!(crate::current_shard(), Some(ctx.id));
             }
         })
         .unwrap();

@@ -420,6 +420,10 @@ fn serve(config: Config, registry: Registry, exec_started: Instant) -> ExitCode 
             }
         },
     };
+    // From here a panic on any thread is fatal (see `crate::fault`): logged, 503 on the health
+    // probes, exit 70 for a restart.
+    let fatal_audit = audit.clone();
+    crate::fault::install_panic_hook(move || fatal_audit.flush());
     let config = Arc::new(config);
     let metrics = Metrics::new(cores.len());
     let runtime_config = shards::RuntimeConfig {
@@ -482,6 +486,8 @@ fn serve(config: Config, registry: Registry, exec_started: Instant) -> ExitCode 
     }
 
     let result = runtime.join();
+    // A shard that panicked ends the process through the panic hook (exit 70), not here.
+    crate::fault::await_fatal_exit();
     audit.flush();
     match result {
         Ok(()) => {

@@ -80,6 +80,9 @@ pub enum ShardMessage {
         session: SessionId,
         conversation: ConversationId,
     },
+    /// Diagnostics only (`POST /debug/panic`, `[diagnostics] panic_endpoint`): the receiving
+    /// shard panics, to exercise the fatal-panic path (see `crate::fault`).
+    InjectPanic,
 }
 
 /// Why the conversation layer could not start.
@@ -526,6 +529,12 @@ impl Router {
                         record.follows.push(conversation.0);
                     }
                 }
+            }
+            ShardMessage::InjectPanic => {
+                panic!(
+                    "injected panic on shard {} (POST /debug/panic, [diagnostics] panic_endpoint)",
+                    self.shard
+                )
             }
         }
     }

@@ -155,11 +155,18 @@ async fn handshake<S: SessionStream>(
             return None;
         }
         Route::Health => {
-            respond(&shard, &mut stream, 200, b"ok\n", &[]).await;
+            let (status, body): (u16, &[u8]) = if crate::fault::has_failed() {
+                (503, b"failed: a shard panicked; the process is exiting\n")
+            } else {
+                (200, b"ok\n")
+            };
+            respond(&shard, &mut stream, status, body, &[]).await;
             return None;
         }
         Route::Ready => {
-            let (status, body): (u16, &[u8]) = if shard.is_shutting_down() {
+            let (status, body): (u16, &[u8]) = if crate::fault::has_failed() {
+                (503, b"failed: a shard panicked; the process is exiting\n")
+            } else if shard.is_shutting_down() {
                 (503, b"draining\n")
             } else {
                 (200, b"ready\n")
@@ -174,6 +181,25 @@ async fn handshake<S: SessionStream>(
                 crate::system::resident_bytes().unwrap_or(0),
             )]);
             respond(&shard, &mut stream, 200, body.as_bytes(), &[]).await;
+            return None;
+        }
+        Route::DebugPanic { shard: target } => {
+            // A diagnostic: loopback peers only; to anyone else it does not exist.
+            if !peer.is_some_and(|peer| peer.ip().is_loopback()) {
+                respond(&shard, &mut stream, 404, b"no such endpoint", &[]).await;
+            } else if target >= shard.shard_count {
+                respond(&shard, &mut stream, 400, b"no such shard", &[]).await;
+            } else {
+                tracing::warn!(
+                    shard = shard.id.0,
+                    target,
+                    "POST /debug/panic: asking shard {target} to panic"
+                );
+                respond(&shard, &mut stream, 202, b"panicking\n", &[]).await;
+                shard
+                    .router
+                    .send(target, crate::server::ShardMessage::InjectPanic);
+            }
             return None;
         }
         Route::Reject(status, message) => {

@@ -20,6 +20,9 @@ pub enum Route {
     Ready,
     /// `GET /metrics`: Prometheus counters.
     Metrics,
+    /// `POST /debug/panic?shard=N` (`[diagnostics] panic_endpoint`): make shard N panic.
+    /// The driver serves it to loopback peers only.
+    DebugPanic { shard: usize },
     /// A WebSocket endpoint.
     Upgrade(Endpoint),
     /// The JSON API under `/api/` (method and path are the API's to check).
@@ -84,6 +87,15 @@ pub fn route(head: &RequestHead, config: &Config, authority: &Authority, now: u6
         return match head.method.as_str() {
             "GET" => Route::Asset(asset),
             _ => Route::Reject(405, "only GET is served here"),
+        };
+    }
+    if path == "/debug/panic" && config.diagnostics.panic_endpoint {
+        if head.method != "POST" {
+            return Route::Reject(405, "only POST is served here");
+        }
+        return match query_param(query, "shard").map(|shard| shard.parse::<usize>()) {
+            Some(Ok(shard)) => Route::DebugPanic { shard },
+            _ => Route::Reject(400, "the shard parameter must be a shard number"),
         };
     }
     let known = matches!(path, "/healthz" | "/readyz" | "/metrics")
@@ -267,6 +279,36 @@ mod tests {
         scratch.storage.dir = dir.path().to_path_buf();
         let (authority, _) = Authority::open(&scratch).unwrap();
         route(&head, config, &authority, 0)
+    }
+
+    fn plain_route(request: &str, config: &Config) -> Route {
+        let limits = HttpLimits {
+            max_header_bytes: 8192,
+            max_headers: 32,
+        };
+        let (head, _) = parse_request(request.as_bytes(), &limits).unwrap().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut scratch = config.clone();
+        scratch.storage.dir = dir.path().to_path_buf();
+        let (authority, _) = Authority::open(&scratch).unwrap();
+        route(&head, config, &authority, 0)
+    }
+
+    #[test]
+    fn the_panic_endpoint_exists_only_when_switched_on() {
+        let request = "POST /debug/panic?shard=1 HTTP/1.1\r\nHost: x\r\n\r\n";
+        let off = config("");
+        assert!(matches!(plain_route(request, &off), Route::Reject(404, _)));
+        let on = config("[diagnostics]\npanic_endpoint = true\n");
+        assert_eq!(plain_route(request, &on), Route::DebugPanic { shard: 1 });
+        assert!(matches!(
+            plain_route("GET /debug/panic?shard=1 HTTP/1.1\r\nHost: x\r\n\r\n", &on),
+            Route::Reject(405, _)
+        ));
+        assert!(matches!(
+            plain_route("POST /debug/panic HTTP/1.1\r\nHost: x\r\n\r\n", &on),
+            Route::Reject(400, _)
+        ));
     }
 
     #[test]
