@@ -392,7 +392,9 @@ impl Dispatcher {
         }
     }
 
-    /// Applies one event and returns what the driver must do, in order.
+    /// Applies one event and returns what the driver must do, in order. `now_ms` is on a
+    /// monotonic clock (the driver passes [`super::clock::monotonic_ms`]): grace deadlines and
+    /// queue waits are durations, which a wall-clock step must not move.
     pub fn handle(&mut self, event: DispatchEvent, now_ms: u64) -> Vec<DispatchAction> {
         let mut out = Vec::new();
         self.now_ms = now_ms;

@@ -1,6 +1,7 @@
 //! Conversations: visitor↔agent routing across shards.
 //!
 //! - [`protocol`]: the JSON frames (parse and render), pure.
+//! - [`clock`]: the monotonic time base of the state machines' timers.
 //! - [`owner`]: the state of the conversations a shard owns — ordering,
 //!   storage, fan-out, typing, read watermarks — as a pure state machine.
 //! - [`dispatch`]: the global queue and agent directory (one shard runs it),
@@ -16,6 +17,7 @@
 //! always finds their conversation on one shard. Sessions live on whatever
 //! shard accepted their socket; they reach owners only through mesh messages.
 
+pub mod clock;
 pub mod dispatch;
 pub mod identity;
 pub mod owner;

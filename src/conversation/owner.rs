@@ -447,7 +447,9 @@ impl Owner {
         });
     }
 
-    /// Handles one event at time `now_ms`.
+    /// Handles one event at time `now_ms`, on a monotonic clock (the driver passes
+    /// [`super::clock::monotonic_ms`]; typing intervals and expiry are durations). Stored
+    /// timestamps come from the store, not from here.
     pub fn handle(&mut self, event: OwnerEvent, now_ms: u64) -> Vec<OwnerAction> {
         let mut out = Vec::new();
         match event {

@@ -268,7 +268,8 @@ pub fn rfc3339(unix_ms: u64) -> String {
     format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z")
 }
 
-/// Current unix time in milliseconds.
+/// Current unix time in milliseconds: the wall clock, for data (stored or shown timestamps).
+/// Timers and durations use [`super::clock::monotonic_ms`], which a clock step does not move.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -29,6 +29,7 @@ use std::time::Duration;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use shards::{Mesh, ShardId};
 
+use super::clock::monotonic_ms;
 use super::dispatch::{self, DispatchAction, DispatchEvent, Dispatcher, DispatcherConfig};
 use super::owner::{
     message_frame, BotOutcome, CommitFailure, Completion, Owner, OwnerAction, OwnerConfig,
@@ -323,7 +324,7 @@ impl Router {
                     ticker.expire_empty_conversations(ttl);
                 }
                 if let Some(bot) = &ticker.bot {
-                    let now = now_ms();
+                    let now = monotonic_ms();
                     bot.guards.borrow_mut().prune(now);
                     bot.answers.borrow_mut().prune(now);
                     if let Some(engine) = &bot.engine {
@@ -333,7 +334,7 @@ impl Router {
                 if let Some(dispatcher) = &ticker.dispatcher {
                     let actions = dispatcher
                         .borrow_mut()
-                        .handle(DispatchEvent::Tick, now_ms());
+                        .handle(DispatchEvent::Tick, monotonic_ms());
                     ticker.run_dispatch(actions, None);
                 }
             }
@@ -346,6 +347,7 @@ impl Router {
     /// holds and that were idle for `ttl`, and lets the owner delete them (it skips
     /// those someone is connected to).
     fn expire_empty_conversations(&self, ttl: Duration) {
+        // `updated_ms` is stored wall-clock data: compare it with the wall clock.
         let cutoff = now_ms().saturating_sub(ttl.as_millis() as u64);
         let Some(open) = self.open_conversations() else {
             return;
@@ -507,7 +509,7 @@ impl Router {
                     }
                     _ => None,
                 };
-                let actions = dispatcher.borrow_mut().handle(event, now_ms());
+                let actions = dispatcher.borrow_mut().handle(event, monotonic_ms());
                 if let Some(event) = audited {
                     for record in dispatch_audit(&event, held_by.as_deref(), &actions) {
                         self::record(record);
@@ -593,7 +595,7 @@ impl Router {
 
     /// Runs one owner event and everything it leads to.
     pub fn on_owner(&self, event: OwnerEvent) {
-        let actions = self.owner.borrow_mut().handle(event, now_ms());
+        let actions = self.owner.borrow_mut().handle(event, monotonic_ms());
         self.run_owner(actions);
     }
 
@@ -647,7 +649,7 @@ impl Router {
                     match loaded {
                         Ok(Some(meta)) => {
                             self.owner.borrow_mut().insert_loaded(meta);
-                            let more = self.owner.borrow_mut().handle(*event, now_ms());
+                            let more = self.owner.borrow_mut().handle(*event, monotonic_ms());
                             queue.extend(more);
                         }
                         Ok(None) => {
@@ -677,7 +679,7 @@ impl Router {
                     match (stored, &mut event) {
                         (Ok(found), OwnerEvent::VisitorAttach { stored, .. }) => {
                             *stored = Some(Box::new(found));
-                            let more = self.owner.borrow_mut().handle(event, now_ms());
+                            let more = self.owner.borrow_mut().handle(event, monotonic_ms());
                             queue.extend(more);
                         }
                         (Err(err), OwnerEvent::VisitorAttach { session, .. }) => {
@@ -709,7 +711,7 @@ impl Router {
             return Some(text);
         }
         let mut ctx = BotContext::new(0, &key.site, &key.visitor, text);
-        ctx.now_ms = now_ms();
+        ctx.now_ms = monotonic_ms();
         match guards.run(&mut ctx, 0).0 {
             Verdict::Block { code, message } => {
                 ShardMetrics::add(&self.metrics().bot_blocked, 1);
@@ -764,7 +766,7 @@ impl Router {
         let counters = self.metrics();
         let mut ctx = BotContext::new(conversation.0, site, visitor, text);
         ctx.failed_turns = failed_turns;
-        ctx.now_ms = now_ms();
+        ctx.now_ms = monotonic_ms();
         let (mut verdict, mut next) = bot.answers.borrow_mut().run(&mut ctx, 0);
         if verdict == Verdict::NeedIntent {
             if let Some(engine) = &bot.engine {
@@ -775,7 +777,7 @@ impl Router {
                 } else if self
                     .bot_queries
                     .borrow_mut()
-                    .try_take(&Arc::<str>::from(site), now_ms(), 1.0)
+                    .try_take(&Arc::<str>::from(site), monotonic_ms(), 1.0)
                     .is_err()
                 {
                     ShardMetrics::add(&counters.bot_rate_limited, 1);
