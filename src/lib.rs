@@ -15,6 +15,7 @@ pub mod api;
 pub mod arena;
 pub mod audit;
 pub mod auth;
+pub mod blocking;
 pub mod bot;
 pub mod buffers;
 pub mod cli;

@@ -1,7 +1,8 @@
 //! Faults through the real binary: a shard that panics under load ends the process (logged
 //! with its shard and a backtrace, health probes failing meanwhile, exit code 70) and a
 //! restart on the same data directory still has every acknowledged message; the diagnostic
-//! panic trigger does not exist unless `[diagnostics] panic_endpoint` switches it on.
+//! panic trigger does not exist unless `[diagnostics] panic_endpoint` switches it on; SIGTERM
+//! while blocking-pool jobs run waits for them and exits 0.
 
 mod common;
 
@@ -247,4 +248,40 @@ fn the_panic_endpoint_is_404_unless_switched_on() {
         assert_eq!(http_get(server.addr, "/healthz"), (200, "ok\n".into()));
     }
     assert!(!server.logs().contains("PANIC"), "{}", server.logs());
+}
+
+/// SIGTERM while logins are being hashed on the blocking pool (argon2 takes a while): a shard
+/// with no session to drain stops at once while the other one drains a session that ignores
+/// the close, so before the fix the first shard's pool thread outlived its executor and
+/// panicked ("failed to send response"). Now each shard waits for its jobs; the exit is 0.
+#[test]
+fn sigterm_while_logins_hash_on_the_blocking_pool_exits_0() {
+    use std::io::Write;
+    let mut server = Server::start(&overlay(false));
+    // A session that never answers the close: its shard drains it for the whole grace.
+    let stubborn = RawClient::connect(server.addr, "/ws/echo").expect("echo session");
+    let body = r#"{"name":"nobody","password":"a password that takes a while to hash"}"#;
+    let request = format!(
+        "POST /api/login HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    // Spread over both shards by the kernel: some land on the shard without the session.
+    let logins: Vec<_> = (0..8)
+        .map(|_| {
+            let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
+            stream.write_all(request.as_bytes()).unwrap();
+            stream
+        })
+        .collect();
+    // The requests are read and their hashing jobs started; then stop.
+    std::thread::sleep(Duration::from_millis(30));
+    let exit = server.terminate(Duration::from_secs(15));
+    drop((logins, stubborn));
+    let logs = server.logs();
+    let exit = exit.unwrap_or_else(|| panic!("no exit within 15 s of SIGTERM:\n{logs}"));
+    assert!(
+        !logs.contains("failed to send response") && !logs.contains("PANIC"),
+        "a blocking job outlived its executor:\n{logs}"
+    );
+    assert_eq!(exit.code(), Some(0), "logs:\n{logs}");
 }

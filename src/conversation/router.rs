@@ -122,6 +122,9 @@ pub struct Router {
     /// Whether the store is full (map at its ceiling, disk full): batches are refused with
     /// `storage_full` without touching the store until the next retry.
     full: RefCell<WriteBackoff>,
+    /// This shard's jobs on glommio's blocking pool (group commits here, API requests in the
+    /// server): shutdown waits for them before the executor ends.
+    jobs: Rc<crate::blocking::BlockingJobs>,
     /// Mean cost of recent group commits (published for message shedding).
     commit_cost: Cell<crate::admission::shed::CommitCost>,
     bot: Option<Bot>,
@@ -290,6 +293,7 @@ impl Router {
             outgoing_rung: (0..shard_count).map(|_| Cell::new(false)).collect(),
             committing: Cell::new(false),
             full: RefCell::default(),
+            jobs: Rc::default(),
             commit_cost: Cell::default(),
             bot,
             metrics,
@@ -1035,6 +1039,34 @@ impl Router {
         }
     }
 
+    /// This shard's blocking-pool jobs (see [`crate::blocking`]).
+    pub fn blocking_jobs(&self) -> &Rc<crate::blocking::BlockingJobs> {
+        &self.jobs
+    }
+
+    /// For shutdown: waits (up to `limit`) until the operations queued for the group commit
+    /// are committed, then stops the committer and every new blocking job of this shard, and
+    /// waits for the job in flight. After this no blocking job of the shard runs, so its
+    /// executor may end.
+    pub async fn finish_commits(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while (self.committing.get() || !self.pending.borrow().is_empty())
+            && std::time::Instant::now() < deadline
+        {
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+        let left = self.pending.borrow().len();
+        if left > 0 {
+            tracing::warn!(
+                shard = self.shard,
+                left,
+                "stopping with operations not committed (none was acked)"
+            );
+        }
+        self.jobs.close();
+        self.jobs.drained().await;
+    }
+
     fn queue_op(&self, op: Op, completion: Completion) {
         let mut pending = self.pending.borrow_mut();
         pending.push((op, completion, std::time::Instant::now()));
@@ -1096,19 +1128,28 @@ impl Router {
                     glommio::yield_if_needed().await;
                     continue;
                 }
+                if self.jobs.is_closed() {
+                    // The shard is stopping (see `finish_commits`): these ops were never
+                    // acked; their clients resend them after the restart.
+                    self.committing.set(false);
+                    return;
+                }
                 let store = self
                     .store
                     .borrow_mut()
                     .take()
                     .expect("only the committer takes the store");
                 let started = std::time::Instant::now();
-                let (store, ops, result) = glommio::executor()
-                    .spawn_blocking(move || {
+                // No await since the `is_closed` check: the job set cannot refuse.
+                let (store, ops, result) = self
+                    .jobs
+                    .run(move || {
                         let mut store = store;
                         let result = store.apply(&ops);
                         (store, ops, result)
                     })
-                    .await;
+                    .await
+                    .expect("the job set was open just before, with no await in between");
                 let counters = self.metrics();
                 ShardMetrics::add(&counters.store_commits, 1);
                 ShardMetrics::add(&counters.store_commit_ops, ops.len() as u64);

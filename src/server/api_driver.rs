@@ -7,7 +7,8 @@
 //! body buffer is allocated for the announced length only after that check.
 //!
 //! Password hashing and account commits run on the shard's blocking thread
-//! (`spawn_blocking`), never on the event loop. Generic over the stream type, so plain TCP
+//! (through [`crate::blocking::BlockingJobs`], so shutdown waits for them), never on the
+//! event loop; a request arriving while the shard stops gets 503 `shutting_down`. Generic over the stream type, so plain TCP
 //! and TLS connections share it.
 //!
 //! Admin plans ([`api::admin`]): the audit file and the replica's entries are read on the
@@ -138,9 +139,12 @@ async fn answer<S: AsyncRead + Unpin>(
     }
     let authority = shard.authority.clone();
     let default_max_open = shard.config.agents.default_max_open;
-    glommio::executor()
-        .spawn_blocking(move || api::execute(plan, &authority, peer, now, default_max_open))
+    shard
+        .router
+        .blocking_jobs()
+        .run(move || api::execute(plan, &authority, peer, now, default_max_open))
         .await
+        .unwrap_or_else(|_| stopping())
 }
 
 /// Carries out an admin plan with this shard's resources.
@@ -153,16 +157,21 @@ async fn answer_admin(
     match plan {
         AdminPlan::Audit { limit } => {
             let path = shard.config.audit_path();
-            glommio::executor()
-                .spawn_blocking(move || admin::audit(&path, limit))
+            shard
+                .router
+                .blocking_jobs()
+                .run(move || admin::audit(&path, limit))
                 .await
+                .unwrap_or_else(|_| stopping())
         }
         AdminPlan::KbEntries { query, limit } => {
             let engine_reader = shard.router.engine().map(|e| e.replica().clone());
             let dir = shard.config.storage.dir.clone();
             let id = shard.id.0;
-            glommio::executor()
-                .spawn_blocking(move || {
+            shard
+                .router
+                .blocking_jobs()
+                .run(move || {
                     let listed = || -> Result<ApiResponse, crate::kb::KbError> {
                         // Without an engine (no bot on this shard) the replica is opened here.
                         let reader = match engine_reader {
@@ -185,6 +194,7 @@ async fn answer_admin(
                     })
                 })
                 .await
+                .unwrap_or_else(|_| stopping())
         }
         AdminPlan::KbTry { text } => {
             let Some(engine) = shard.router.engine() else {
@@ -225,4 +235,13 @@ async fn answer_admin(
             })
         }
     }
+}
+
+/// The answer to an API request that arrives while the shard stops (no new blocking job).
+fn stopping() -> ApiResponse {
+    ApiResponse::error(
+        503,
+        "shutting_down",
+        "the server is shutting down; retry shortly",
+    )
 }

@@ -5,7 +5,8 @@
 //! once a second to schedule pings and close sessions that went silent, so no
 //! session carries a timer of its own. On shutdown the shard stops accepting,
 //! asks every session to close with 1001 and waits for them up to
-//! `shutdown_grace`.
+//! `shutdown_grace`, then lets the committer finish what is queued and waits for every
+//! blocking-pool job of the shard before it returns (the executor must outlive them).
 //!
 //! Invariants: everything here lives on the shard's thread (`Rc`, `RefCell`);
 //! the only things shared with other shards are the mesh and the metrics.
@@ -203,7 +204,13 @@ pub async fn shard_main(
             "sessions still open after the shutdown grace; dropping them"
         );
     }
+    // Last: no blocking job (group commit, API request) may outlive this executor, or glommio's
+    // pool thread panics sending it its result (see `crate::blocking`).
+    shard.router.finish_commits(COMMIT_DRAIN).await;
 }
+
+/// How long a stopping shard waits for the operations already queued for its group commit.
+const COMMIT_DRAIN: Duration = Duration::from_secs(2);
 
 /// Accepts on the TLS listener: each connection's TLS handshake (bounded by
 /// `[http] handshake_timeout`) runs in its own task, then the same driver as plain connections.
