@@ -600,7 +600,6 @@ fn run_batch(
     if live.is_empty() {
         return;
     }
-    let count = live.len();
     // One model call per part asked for (almost always a single part).
     for part in [Part::Primary, Part::Joined, Part::Companion] {
         let (group, rest): (Vec<Request>, Vec<Request>) =
@@ -611,7 +610,11 @@ fn run_batch(
         }
         let texts: Vec<&str> = group.iter().map(|request| request.text.as_str()).collect();
         let mut data = Vec::new();
+        let encode_started = Instant::now();
         let result = encoder.encode_part_into(&texts, part, &mut data);
+        // Recorded before anyone is answered, so a caller that has its answer sees the
+        // service time that includes it.
+        stats.record_batch(group.len(), encode_started.elapsed());
         match result {
             Ok(dim) => {
                 stats
@@ -633,7 +636,6 @@ fn run_batch(
             }
         }
     }
-    stats.record_batch(count, started.elapsed());
 }
 
 #[cfg(test)]
