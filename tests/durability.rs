@@ -69,27 +69,7 @@ fn absorb(ledger: &mut Ledger, value: &Value) {
 /// ledger: every acked id present once with its seq, seqs dense, no duplicates.
 fn verify(server: &Server, visitor: &str, ledger: &Ledger) {
     let mut client = connect(server.addr, visitor, 0).expect("reconnect for verification");
-    let mut by_seq: BTreeMap<u64, String> = BTreeMap::new();
-    let mut hello_seq = None;
-    while let Some(frame) = client.read_message() {
-        let value = frame.json();
-        match value["type"].as_str() {
-            Some("hello") => hello_seq = value["seq"].as_u64(),
-            Some("message") => {
-                let seq = value["seq"].as_u64().unwrap();
-                let text = value["text"].as_str().unwrap().to_string();
-                assert!(
-                    by_seq.insert(seq, text).is_none(),
-                    "seq {seq} replayed twice"
-                );
-            }
-            _ => {}
-        }
-        if hello_seq.is_some_and(|last| by_seq.len() as u64 == last) {
-            break;
-        }
-    }
-    let last = hello_seq.expect("hello");
+    let (last, by_seq) = read_replay(&mut client);
     assert_eq!(
         by_seq.len() as u64,
         last,

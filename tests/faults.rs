@@ -58,27 +58,7 @@ fn absorb(ledger: &mut Ledger, value: &Value) {
 /// with the seqs dense.
 fn verify(addr: SocketAddr, visitor: &str, ledger: &Ledger) {
     let mut client = connect(addr, visitor, 0).expect("reconnect for verification");
-    let mut by_seq: BTreeMap<u64, String> = BTreeMap::new();
-    let mut last = None;
-    while let Some(frame) = client.read_message() {
-        let value = frame.json();
-        match value["type"].as_str() {
-            Some("hello") => last = value["seq"].as_u64(),
-            Some("message") => {
-                let seq = value["seq"].as_u64().unwrap();
-                let text = value["text"].as_str().unwrap().to_string();
-                assert!(
-                    by_seq.insert(seq, text).is_none(),
-                    "seq {seq} replayed twice"
-                );
-            }
-            _ => {}
-        }
-        if last.is_some_and(|last| by_seq.len() as u64 == last) {
-            break;
-        }
-    }
-    let last = last.expect("hello");
+    let (last, by_seq) = read_replay(&mut client);
     assert_eq!(
         by_seq.keys().copied().collect::<Vec<_>>(),
         (1..=last).collect::<Vec<_>>(),

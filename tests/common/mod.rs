@@ -583,3 +583,30 @@ pub fn masked_text_frame(payload: &[u8]) -> Vec<u8> {
     frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
     frame
 }
+
+/// Reads a conversation replayed from seq 0 on `client` (connected with `resume=0`): the seq
+/// its `hello` announces and every message text by seq, until all of them arrived (or the
+/// connection ends). A seq replayed twice fails the test.
+pub fn read_replay(client: &mut RawClient) -> (u64, std::collections::BTreeMap<u64, String>) {
+    let mut by_seq = std::collections::BTreeMap::new();
+    let mut hello_seq = None;
+    while let Some(frame) = client.read_message() {
+        let value = frame.json();
+        match value["type"].as_str() {
+            Some("hello") => hello_seq = value["seq"].as_u64(),
+            Some("message") => {
+                let seq = value["seq"].as_u64().unwrap();
+                let text = value["text"].as_str().unwrap().to_string();
+                assert!(
+                    by_seq.insert(seq, text).is_none(),
+                    "seq {seq} replayed twice"
+                );
+            }
+            _ => {}
+        }
+        if hello_seq.is_some_and(|last| by_seq.len() as u64 == last) {
+            break;
+        }
+    }
+    (hello_seq.expect("hello"), by_seq)
+}
