@@ -146,7 +146,7 @@ fn order_questions_are_answered_from_the_local_order_service() {
     let other = visitor.ask("m4", "hello there");
     assert!(other.contains("rephrase"), "{other}");
     assert!(
-        server.logs().contains("order service at http://127.0.0.1:"),
+        server.has_logged("order service at http://127.0.0.1:"),
         "{}",
         server.logs()
     );

@@ -145,6 +145,22 @@ impl Server {
     }
 
     /// Everything the server logged so far.
+    /// Waits (at most 10 s) until the logs hold `needle`. The logs reach the test through a
+    /// reader thread, so a line the server wrote just before the frame a test received may not
+    /// be in [`Server::logs`] yet.
+    pub fn has_logged(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.logs().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn logs(&self) -> String {
         self.logs.lock().unwrap().join("\n")
     }
