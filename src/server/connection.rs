@@ -214,6 +214,29 @@ async fn handshake<S: SessionStream>(
             }
             return None;
         }
+        Route::DebugStall {
+            shard: target,
+            millis,
+        } => {
+            // A diagnostic like /debug/panic: loopback peers only.
+            if !peer.is_some_and(|peer| peer.ip().is_loopback()) {
+                respond(&shard, &mut stream, 404, b"no such endpoint", &[]).await;
+            } else if target >= shard.shard_count {
+                respond(&shard, &mut stream, 400, b"no such shard", &[]).await;
+            } else {
+                tracing::warn!(
+                    shard = shard.id.0,
+                    target,
+                    millis,
+                    "POST /debug/stall: asking shard {target} to block for {millis} ms"
+                );
+                respond(&shard, &mut stream, 202, b"stalling\n", &[]).await;
+                shard
+                    .router
+                    .send(target, crate::server::ShardMessage::InjectStall { millis });
+            }
+            return None;
+        }
         Route::Reject(status, message) => {
             ShardMetrics::add(&shard.counters().http_errors, 1);
             if head.path.starts_with("/ws/") {
