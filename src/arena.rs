@@ -51,6 +51,17 @@ pub enum SessionKind {
     Echo,
 }
 
+impl SessionKind {
+    /// A dense index (0, 1, 2) for per-kind tables.
+    fn index(self) -> usize {
+        match self {
+            SessionKind::Visitor => 0,
+            SessionKind::Agent => 1,
+            SessionKind::Echo => 2,
+        }
+    }
+}
+
 /// A frame waiting to be written to a session.
 #[derive(Clone, Debug)]
 pub enum Outbound {
@@ -171,6 +182,8 @@ pub struct Arena {
     slots: Vec<Slot>,
     first_free: u32,
     len: usize,
+    /// Open sessions by [`SessionKind`] (indexed by [`SessionKind::index`]).
+    by_kind: [usize; 3],
 }
 
 impl Default for Arena {
@@ -185,6 +198,7 @@ impl Arena {
             slots: Vec::new(),
             first_free: NO_FREE_SLOT,
             len: 0,
+            by_kind: [0; 3],
         }
     }
 
@@ -195,6 +209,11 @@ impl Arena {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Number of open sessions of one kind.
+    pub fn len_of(&self, kind: SessionKind) -> usize {
+        self.by_kind[kind.index()]
     }
 
     /// Creates a session record.
@@ -217,6 +236,7 @@ impl Arena {
             waker: None,
         };
         self.len += 1;
+        self.by_kind[kind.index()] += 1;
         if self.first_free != NO_FREE_SLOT {
             let index = self.first_free;
             let slot = &mut self.slots[index as usize];
@@ -242,9 +262,10 @@ impl Arena {
 
     /// Removes a session; a stale id is ignored.
     pub fn remove(&mut self, id: SessionId) {
-        if self.get(id).is_none() {
+        let Some(kind) = self.get(id).map(|record| record.kind) else {
             return;
-        }
+        };
+        self.by_kind[kind.index()] -= 1;
         self.slots[id.index as usize] = Slot::Free {
             generation: id.generation.wrapping_add(1),
             next_free: self.first_free,
@@ -362,8 +383,18 @@ mod tests {
             "stale id does not reach the new session"
         );
         assert_eq!(arena.get(c).unwrap().kind, SessionKind::Agent);
+        assert_eq!(
+            (
+                arena.len_of(SessionKind::Echo),
+                arena.len_of(SessionKind::Agent)
+            ),
+            (1, 1),
+            "sessions are counted by kind"
+        );
         arena.remove(a);
         assert_eq!(arena.len(), 2, "removing a stale id changes nothing");
+        assert_eq!(arena.len_of(SessionKind::Echo), 1, "nor the count by kind");
+        assert_eq!(arena.len_of(SessionKind::Visitor), 0);
         assert!(arena.push(a, Outbound::Text("x".into())).is_none());
         assert_eq!(arena.push(b, Outbound::Text("x".into())), Some(1));
     }

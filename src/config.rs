@@ -188,6 +188,9 @@ pub struct DiagnosticsConfig {
     /// Serve `POST /debug/panic?shard=N` to loopback peers: makes shard N panic (to test that
     /// a shard panic stops the process for a restart). Never in production.
     pub panic_endpoint: bool,
+    /// Serve `POST /debug/stall?shard=N&ms=M` to loopback peers: blocks shard N's thread for M
+    /// ms (to test that a stuck shard stops the systemd watchdog pings). Never in production.
+    pub stall_endpoint: bool,
 }
 
 /// `[log]`
@@ -788,6 +791,7 @@ impl DiagnosticsConfig {
         match key {
             "echo" => self.echo = f.boolean()?,
             "panic_endpoint" => self.panic_endpoint = f.boolean()?,
+            "stall_endpoint" => self.stall_endpoint = f.boolean()?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -1109,6 +1113,7 @@ impl Config {
         w.section("diagnostics");
         w.display("echo", diagnostics.echo);
         w.display("panic_endpoint", diagnostics.panic_endpoint);
+        w.display("stall_endpoint", diagnostics.stall_endpoint);
 
         w.section("log");
         w.string("format", log.format.as_str());
@@ -1299,6 +1304,7 @@ impl Config {
             diagnostics: DiagnosticsConfig {
                 echo: false,
                 panic_endpoint: false,
+                stall_endpoint: false,
             },
             log: LogConfig {
                 format: LogFormat::Auto,
@@ -2571,6 +2577,7 @@ mod tests {
         );
         assert!(!c.diagnostics.echo);
         assert!(!c.diagnostics.panic_endpoint);
+        assert!(!c.diagnostics.stall_endpoint);
         assert_eq!(c, Config::default());
     }
 

@@ -46,6 +46,10 @@ counters! {
     handshake_timeouts: "counter",
     /// WebSocket sessions open now.
     sessions_open: "gauge",
+    /// Visitor sessions (`/ws/visitor`) open now.
+    visitor_sessions_open: "gauge",
+    /// Agent console sessions (`/ws/agent`) open now.
+    agent_sessions_open: "gauge",
     /// WebSocket data messages received.
     messages_received: "counter",
     /// WebSocket data messages sent.

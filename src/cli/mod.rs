@@ -31,8 +31,10 @@ use crate::engine::eval::{self, EvalMode};
 use crate::engine::progress::ImportProgress;
 use crate::engine::{update, EngineSettings, IntentEngine, ModelSettings};
 use crate::kb::{self, ImportError, KbReplica};
+use crate::liveness::Liveness;
 use crate::metrics::Metrics;
 use crate::server::{self, ShardMessage};
+use crate::service_manager::ServiceManager;
 use crate::{logging, system};
 use clap::{Parser, Subcommand};
 
@@ -426,6 +428,14 @@ fn serve(config: Config, registry: Registry, exec_started: Instant) -> ExitCode 
     crate::fault::install_panic_hook(move || fatal_audit.flush());
     let config = Arc::new(config);
     let metrics = Metrics::new(cores.len());
+    // systemd's notify socket (Type=notify) and watchdog; `None` when not started by systemd.
+    let service_manager = ServiceManager::from_env();
+    let liveness = Arc::new(Liveness::new(
+        cores.len(),
+        service_manager
+            .as_ref()
+            .map_or(Duration::from_secs(1), ServiceManager::beat_interval),
+    ));
     let runtime_config = shards::RuntimeConfig {
         cores: cores.clone(),
         io_memory: config.shards.io_memory,
@@ -436,21 +446,18 @@ fn serve(config: Config, registry: Registry, exec_started: Instant) -> ExitCode 
         mesh_capacity: config.shards.mesh_capacity,
         thread_name: "switchboard-shard".into(),
     };
-    let shard_config = config.clone();
-    let shard_audit = audit.clone();
-    let shard_metrics = metrics.clone();
-    let shard_tls = tls.clone();
+    let shared = server::ShardShared {
+        config: config.clone(),
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+        authority,
+        tls: tls.clone(),
+        handlers: registry,
+        liveness: liveness.clone(),
+    };
     let runtime =
         match shards::Runtime::start::<ShardMessage, _, _>(runtime_config, move |context| {
-            server::shard_main(
-                context,
-                shard_config.clone(),
-                shard_metrics.clone(),
-                shard_audit.clone(),
-                authority.clone(),
-                shard_tls.clone(),
-                registry.clone(),
-            )
+            server::shard_main(context, shared.clone())
         }) {
             Ok(runtime) => runtime,
             Err(err) => {
@@ -463,6 +470,12 @@ fn serve(config: Config, registry: Registry, exec_started: Instant) -> ExitCode 
     if let Err(err) = install_signal_handlers(shutdown) {
         tracing::error!(error = %err, "cannot install signal handlers");
         return ExitCode::FAILURE;
+    }
+    if let Some(service_manager) = service_manager {
+        if let Err(err) = service_manager.spawn(liveness, metrics.clone(), runtime.shutdown()) {
+            tracing::error!(error = %err, "systemd notification");
+            return ExitCode::FAILURE;
+        }
     }
     let addr = runtime.local_addr().expect("serve always binds a listener");
     tracing::info!(
@@ -521,7 +534,8 @@ fn core_ids() -> Vec<usize> {
     ids
 }
 
-/// SIGTERM and SIGINT start a graceful shutdown; a second one exits at once.
+/// SIGTERM and SIGINT start a graceful shutdown (and tell systemd STOPPING=1); a second one
+/// exits at once.
 fn install_signal_handlers(shutdown: shards::Shutdown) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
@@ -537,6 +551,7 @@ fn install_signal_handlers(shutdown: shards::Shutdown) -> std::io::Result<()> {
                 }
                 tracing::info!(signal, "signal received: stopping");
                 shutdown.trigger();
+                crate::service_manager::notify_stopping();
             }
         })?;
     Ok(())

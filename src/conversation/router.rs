@@ -84,6 +84,10 @@ pub enum ShardMessage {
     /// Diagnostics only (`POST /debug/panic`, `[diagnostics] panic_endpoint`): the receiving
     /// shard panics, to exercise the fatal-panic path (see `crate::fault`).
     InjectPanic,
+    /// Diagnostics only (`POST /debug/stall`, `[diagnostics] stall_endpoint`): the receiving
+    /// shard blocks its thread for this many milliseconds, to exercise the systemd watchdog
+    /// (see `crate::service_manager`).
+    InjectStall { millis: u64 },
 }
 
 /// Why the conversation layer could not start.
@@ -541,6 +545,18 @@ impl Router {
                     "injected panic on shard {} (POST /debug/panic, [diagnostics] panic_endpoint)",
                     self.shard
                 )
+            }
+            ShardMessage::InjectStall { millis } => {
+                tracing::warn!(
+                    shard = self.shard,
+                    millis,
+                    "injected stall: shard {} blocks its thread for {millis} ms (POST \
+                     /debug/stall, [diagnostics] stall_endpoint)",
+                    self.shard
+                );
+                // Blocking the shard's thread on purpose: that is the fault being rehearsed.
+                std::thread::sleep(std::time::Duration::from_millis(millis));
+                tracing::warn!(shard = self.shard, millis, "injected stall over");
             }
         }
     }

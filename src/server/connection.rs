@@ -33,7 +33,7 @@ use super::stream::SessionStream;
 use super::Shard;
 use crate::admission::shed::{self, MessageVerdict, OwnerLoad};
 use crate::admission::{self, AbuseVerdict, FrameClass, Level, SessionLimits, SessionRates};
-use crate::arena::{CloseRequest, Outbound, SessionId};
+use crate::arena::{CloseRequest, Outbound, SessionId, SessionKind};
 use crate::auth::rbac::{self, Role as AgentRole};
 use crate::conversation::dispatch::{self, AgentStatus, DispatchEvent};
 use crate::conversation::identity;
@@ -74,11 +74,23 @@ async fn session_task<S: SessionStream>(shard: Rc<Shard>, upgraded: Upgraded<S>)
         out,
     } = upgraded;
     run_session(&shard, &mut stream, ws, session, buffer, leftover, out).await;
-    ShardMetrics::set(
-        &shard.counters().sessions_open,
-        shard.arena.borrow().len() as u64,
-    );
+    publish_session_gauges(&shard);
     let _ = stream.close().await;
+}
+
+/// Sets the shard's open-session gauges from its arena (after a session opened or closed).
+fn publish_session_gauges(shard: &Shard) {
+    let arena = shard.arena.borrow();
+    let counters = shard.counters();
+    ShardMetrics::set(&counters.sessions_open, arena.len() as u64);
+    ShardMetrics::set(
+        &counters.visitor_sessions_open,
+        arena.len_of(SessionKind::Visitor) as u64,
+    );
+    ShardMetrics::set(
+        &counters.agent_sessions_open,
+        arena.len_of(SessionKind::Agent) as u64,
+    );
 }
 
 /// A connection whose WebSocket handshake succeeded.
@@ -202,6 +214,29 @@ async fn handshake<S: SessionStream>(
             }
             return None;
         }
+        Route::DebugStall {
+            shard: target,
+            millis,
+        } => {
+            // A diagnostic like /debug/panic: loopback peers only.
+            if !peer.is_some_and(|peer| peer.ip().is_loopback()) {
+                respond(&shard, &mut stream, 404, b"no such endpoint", &[]).await;
+            } else if target >= shard.shard_count {
+                respond(&shard, &mut stream, 400, b"no such shard", &[]).await;
+            } else {
+                tracing::warn!(
+                    shard = shard.id.0,
+                    target,
+                    millis,
+                    "POST /debug/stall: asking shard {target} to block for {millis} ms"
+                );
+                respond(&shard, &mut stream, 202, b"stalling\n", &[]).await;
+                shard
+                    .router
+                    .send(target, crate::server::ShardMessage::InjectStall { millis });
+            }
+            return None;
+        }
         Route::Reject(status, message) => {
             ShardMetrics::add(&shard.counters().http_errors, 1);
             if head.path.starts_with("/ws/") {
@@ -286,10 +321,7 @@ async fn handshake<S: SessionStream>(
     }
     let session = Session::open(&shard, endpoint, peer);
     ShardMetrics::add(&shard.counters().handshakes_completed, 1);
-    ShardMetrics::set(
-        &shard.counters().sessions_open,
-        shard.arena.borrow().len() as u64,
-    );
+    publish_session_gauges(&shard);
 
     Some(Upgraded {
         stream,

@@ -7,13 +7,18 @@
 //! asks every session to close with 1001 and waits for them up to
 //! `shutdown_grace`, then lets the committer finish what is queued and waits for every
 //! blocking-pool job of the shard before it returns (the executor must outlive them).
+//! A [`heartbeat`] task beats in the shard's [`Liveness`] slot from start to return, for the
+//! systemd watchdog ([`crate::service_manager`]); the shard marks the slot listening once its
+//! acceptors run.
 //!
 //! Invariants: everything here lives on the shard's thread (`Rc`, `RefCell`);
-//! the only things shared with other shards are the mesh and the metrics.
+//! the only things shared with other shards are the mesh, the metrics and the liveness slots
+//! (each shard writes only its own).
 
 mod admission;
 mod api_driver;
 pub mod connection;
+mod heartbeat;
 mod routes;
 pub mod stream;
 
@@ -29,6 +34,7 @@ use crate::audit::AuditLog;
 use crate::auth::{Authority, LoginLimiter};
 use crate::buffers::BufferPool;
 use crate::config::Config;
+use crate::liveness::Liveness;
 use crate::metrics::{Metrics, ShardMetrics};
 
 use crate::conversation::router::Router;
@@ -72,17 +78,32 @@ impl Shard {
     }
 }
 
-/// Runs one shard until shutdown. `handlers` is the bot registry the shard's chains are built
-/// from (`Registry::default()` for the built-ins).
-pub async fn shard_main(
-    context: ShardContext<ShardMessage>,
-    config: Arc<Config>,
-    metrics: Metrics,
-    audit: AuditLog,
-    authority: Arc<Authority>,
-    tls: Option<Arc<crate::tls::Certificates>>,
-    handlers: crate::bot::Registry,
-) {
+/// What every shard shares with the rest of the process, handed to [`shard_main`].
+#[derive(Clone)]
+pub struct ShardShared {
+    pub config: Arc<Config>,
+    pub metrics: Metrics,
+    pub audit: AuditLog,
+    pub authority: Arc<Authority>,
+    pub tls: Option<Arc<crate::tls::Certificates>>,
+    /// The bot registry the shard's chains are built from (`Registry::default()` for the
+    /// built-ins).
+    pub handlers: crate::bot::Registry,
+    /// Every shard's heartbeat and start-up slot; this shard writes its own.
+    pub liveness: Arc<Liveness>,
+}
+
+/// Runs one shard until shutdown.
+pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared) {
+    let ShardShared {
+        config,
+        metrics,
+        audit,
+        authority,
+        tls,
+        handlers,
+        liveness,
+    } = shared;
     let arena = Rc::new(RefCell::new(Arena::new()));
     let router = match Router::open(
         context.id.0,
@@ -124,6 +145,7 @@ pub async fn shard_main(
     let mesh_router = router.clone();
     context.serve_mesh(move |from, message: ShardMessage| mesh_router.on_mesh(from, message));
     router.start();
+    let beating = glommio::spawn_local(heartbeat::run(shard.clone(), liveness.clone())).detach();
 
     let listener = context
         .take_listener()
@@ -158,6 +180,7 @@ pub async fn shard_main(
         .map(|(certificates, listener)| {
             glommio::spawn_local(accept_tls(shard.clone(), listener, certificates)).detach()
         });
+    liveness.set_listening(shard.id.0);
 
     let sweeper_shard = shard.clone();
     let sweeper = glommio::spawn_local(async move {
@@ -207,6 +230,8 @@ pub async fn shard_main(
     // Last: no blocking job (group commit, API request) may outlive this executor, or glommio's
     // pool thread panics sending it its result (see `crate::blocking`).
     shard.router.finish_commits(COMMIT_DRAIN).await;
+    beating.cancel();
+    liveness.set_finished(shard.id.0);
 }
 
 /// How long a stopping shard waits for the operations already queued for its group commit.

@@ -23,6 +23,9 @@ pub enum Route {
     /// `POST /debug/panic?shard=N` (`[diagnostics] panic_endpoint`): make shard N panic.
     /// The driver serves it to loopback peers only.
     DebugPanic { shard: usize },
+    /// `POST /debug/stall?shard=N&ms=M` (`[diagnostics] stall_endpoint`): block shard N's
+    /// thread for M milliseconds. The driver serves it to loopback peers only.
+    DebugStall { shard: usize, millis: u64 },
     /// A WebSocket endpoint.
     Upgrade(Endpoint),
     /// The JSON API under `/api/` (method and path are the API's to check).
@@ -74,6 +77,8 @@ const MAX_ID_BYTES: usize = 128;
 const MAX_SECRET_BYTES: usize = 128;
 /// Longest echo delay accepted (a diagnostic, not a feature).
 const MAX_ECHO_DELAY_MS: u32 = 10_000;
+/// Longest injected stall accepted: past any sensible `WatchdogSec=`.
+pub const MAX_STALL_MS: u64 = 300_000;
 
 /// Decides what to do with a request; `now` (Unix seconds) is for token expiry.
 pub fn route(head: &RequestHead, config: &Config, authority: &Authority, now: u64) -> Route {
@@ -96,6 +101,21 @@ pub fn route(head: &RequestHead, config: &Config, authority: &Authority, now: u6
         return match query_param(query, "shard").map(|shard| shard.parse::<usize>()) {
             Some(Ok(shard)) => Route::DebugPanic { shard },
             _ => Route::Reject(400, "the shard parameter must be a shard number"),
+        };
+    }
+    if path == "/debug/stall" && config.diagnostics.stall_endpoint {
+        if head.method != "POST" {
+            return Route::Reject(405, "only POST is served here");
+        }
+        let Some(Ok(shard)) = query_param(query, "shard").map(|shard| shard.parse::<usize>())
+        else {
+            return Route::Reject(400, "the shard parameter must be a shard number");
+        };
+        return match query_param(query, "ms").map(|ms| ms.parse::<u64>()) {
+            Some(Ok(millis)) if (1..=MAX_STALL_MS).contains(&millis) => {
+                Route::DebugStall { shard, millis }
+            }
+            _ => Route::Reject(400, "ms must be an integer from 1 to 300000"),
         };
     }
     let known = matches!(path, "/healthz" | "/readyz" | "/metrics")
@@ -309,6 +329,35 @@ mod tests {
             plain_route("POST /debug/panic HTTP/1.1\r\nHost: x\r\n\r\n", &on),
             Route::Reject(400, _)
         ));
+    }
+
+    #[test]
+    fn the_stall_endpoint_exists_only_when_switched_on() {
+        let request = "POST /debug/stall?shard=1&ms=2500 HTTP/1.1\r\nHost: x\r\n\r\n";
+        let off = config("[diagnostics]\npanic_endpoint = true\n");
+        assert!(matches!(plain_route(request, &off), Route::Reject(404, _)));
+        let on = config("[diagnostics]\nstall_endpoint = true\n");
+        assert_eq!(
+            plain_route(request, &on),
+            Route::DebugStall {
+                shard: 1,
+                millis: 2500
+            }
+        );
+        for (request, status) in [
+            ("GET /debug/stall?shard=1&ms=5", 405),
+            ("POST /debug/stall?ms=5", 400),
+            ("POST /debug/stall?shard=1", 400),
+            ("POST /debug/stall?shard=1&ms=0", 400),
+            ("POST /debug/stall?shard=1&ms=300001", 400),
+            ("POST /debug/stall?shard=x&ms=5", 400),
+        ] {
+            let request = format!("{request} HTTP/1.1\r\nHost: x\r\n\r\n");
+            assert!(
+                matches!(plain_route(&request, &on), Route::Reject(s, _) if s == status),
+                "{request}"
+            );
+        }
     }
 
     #[test]
