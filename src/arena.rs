@@ -51,6 +51,24 @@ pub enum SessionKind {
     Echo,
 }
 
+impl SessionKind {
+    /// Every kind, in the order of [`Arena::len_by_kind`].
+    pub const ALL: [SessionKind; 3] = [SessionKind::Visitor, SessionKind::Agent, SessionKind::Echo];
+
+    /// The kind's name as `/metrics` labels it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionKind::Visitor => "visitor",
+            SessionKind::Agent => "agent",
+            SessionKind::Echo => "echo",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// A frame waiting to be written to a session.
 #[derive(Clone, Debug)]
 pub enum Outbound {
@@ -171,6 +189,8 @@ pub struct Arena {
     slots: Vec<Slot>,
     first_free: u32,
     len: usize,
+    /// Open sessions per [`SessionKind`] (indexed like [`SessionKind::ALL`]); they add up to `len`.
+    by_kind: [usize; 3],
 }
 
 impl Default for Arena {
@@ -185,6 +205,7 @@ impl Arena {
             slots: Vec::new(),
             first_free: NO_FREE_SLOT,
             len: 0,
+            by_kind: [0; 3],
         }
     }
 
@@ -195,6 +216,11 @@ impl Arena {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Number of open sessions of each kind, in the order of [`SessionKind::ALL`].
+    pub fn len_by_kind(&self) -> [usize; 3] {
+        self.by_kind
     }
 
     /// Creates a session record.
@@ -217,6 +243,7 @@ impl Arena {
             waker: None,
         };
         self.len += 1;
+        self.by_kind[kind.index()] += 1;
         if self.first_free != NO_FREE_SLOT {
             let index = self.first_free;
             let slot = &mut self.slots[index as usize];
@@ -242,9 +269,10 @@ impl Arena {
 
     /// Removes a session; a stale id is ignored.
     pub fn remove(&mut self, id: SessionId) {
-        if self.get(id).is_none() {
+        let Some(kind) = self.get(id).map(|record| record.kind) else {
             return;
-        }
+        };
+        self.by_kind[kind.index()] -= 1;
         self.slots[id.index as usize] = Slot::Free {
             generation: id.generation.wrapping_add(1),
             next_free: self.first_free,

@@ -127,6 +127,7 @@ pub struct Config {
     pub visitors: VisitorsConfig,
     pub limits: LimitsConfig,
     pub tls: TlsConfig,
+    pub metrics: MetricsConfig,
     /// Where each key was last set; used to point errors found after loading at the right line.
     origins: Origins,
 }
@@ -482,6 +483,15 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// How often the certificate and key files are checked for changes.
     pub watch_interval: Duration,
+}
+
+/// `[metrics]`
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsConfig {
+    /// `None` (written `""`): `/metrics` is served on the public listeners to supervisors and
+    /// admins (bearer token). An address: a separate plain-HTTP listener serves `/metrics`
+    /// there without a token, and the public listeners answer 404 for it.
+    pub listen: Option<SocketAddr>,
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1048,6 +1058,22 @@ impl TlsConfig {
     }
 }
 
+impl MetricsConfig {
+    fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
+        match key {
+            "listen" => {
+                self.listen = if f.string()?.is_empty() {
+                    None
+                } else {
+                    Some(f.socket_addr()?)
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Writing: the one list of keys. Order here is the order `config print` shows.
 // ---------------------------------------------------------------------------------------------------
@@ -1073,6 +1099,7 @@ impl Config {
             visitors,
             limits,
             tls,
+            metrics,
             origins: _,
         } = self;
 
@@ -1267,6 +1294,14 @@ impl Config {
         w.path("cert", &tls.cert);
         w.path("key", &tls.key);
         w.duration("watch_interval", tls.watch_interval);
+        w.section("metrics");
+        w.string(
+            "listen",
+            &metrics
+                .listen
+                .map(|addr| addr.to_string())
+                .unwrap_or_default(),
+        );
     }
 
     /// Placeholder values the embedded default overwrites entirely (it must set every key).
@@ -1411,6 +1446,7 @@ impl Config {
                 key: PathBuf::new(),
                 watch_interval: Duration::ZERO,
             },
+            metrics: MetricsConfig { listen: None },
             origins: Origins::default(),
         }
     }
@@ -1710,6 +1746,7 @@ impl Builder {
             "visitors" => c.visitors.set(key, f),
             "limits" => c.limits.set(key, f),
             "tls" => c.tls.set(key, f),
+            "metrics" => c.metrics.set(key, f),
             _ => Ok(false),
         }
     }
