@@ -376,6 +376,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sessions_are_counted_by_kind() {
+        let mut arena = Arena::new();
+        let visitor = arena.insert(SessionKind::Visitor, 0);
+        let agent = arena.insert(SessionKind::Agent, 0);
+        arena.insert(SessionKind::Visitor, 0);
+        arena.insert(SessionKind::Echo, 0);
+        assert_eq!(arena.len_by_kind(), [2, 1, 1]);
+        arena.remove(visitor);
+        arena.remove(visitor); // stale: ignored
+        arena.remove(agent);
+        assert_eq!(arena.len_by_kind(), [1, 0, 1]);
+        assert_eq!(arena.len_by_kind().iter().sum::<usize>(), arena.len());
+        assert_eq!(
+            SessionKind::ALL.map(SessionKind::as_str),
+            ["visitor", "agent", "echo"]
+        );
+    }
+
+    #[test]
     fn slots_are_reused_and_stale_ids_ignored() {
         let mut arena = Arena::new();
         let a = arena.insert(SessionKind::Echo, 0);
