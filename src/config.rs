@@ -1920,6 +1920,16 @@ impl Builder {
                 }
             }
         }
+        if let Some(metrics) = c.metrics.listen {
+            let public = [Some(c.server.listen), c.tls.listen];
+            if metrics.port() != 0 && public.contains(&Some(metrics)) {
+                return Err(self.origins.error_at(
+                    "metrics.listen",
+                    "must differ from server.listen and tls.listen: the metrics listener is a \
+                     separate socket, served without a token",
+                ));
+            }
+        }
         let companion = &c.inference;
         if companion.companion_model.as_os_str().is_empty()
             != companion.companion_tokenizer.as_os_str().is_empty()
@@ -2574,6 +2584,28 @@ mod tests {
         assert!(
             error.to_string().contains(needle),
             "{error:?} lacks {needle:?}"
+        );
+    }
+
+    #[test]
+    fn metrics_listen_is_off_by_default_and_must_be_its_own_address() {
+        assert_eq!(load_str("t.toml", "").unwrap().metrics.listen, None);
+        let c = load_str("t.toml", "[metrics]\nlisten = \"127.0.0.1:9100\"\n").unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(load_str("t.toml", &c.to_toml()).unwrap(), c);
+        let same =
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"127.0.0.1:8080\"\n";
+        assert_invalid(
+            &err(same),
+            4,
+            "metrics.listen",
+            "must differ from server.listen",
+        );
+        assert_invalid(
+            &err("[metrics]\nlisten = \"localhost:9100\"\n"),
+            2,
+            "metrics.listen",
+            "host names are not resolved",
         );
     }
 
