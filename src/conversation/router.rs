@@ -16,6 +16,9 @@
 //! - Mesh: everything for another shard goes through a per-destination FIFO
 //!   drained by one task, so messages are never dropped when a channel is
 //!   full and arrive in the order they were produced.
+//! - Metrics: the router records the shard's relay, bot and commit histograms (no lock: the
+//!   recorders live here, on the shard's thread) and its one-second tick publishes them with
+//!   the storage size and the inference queue depth (see [`crate::metrics`]).
 //!
 //! Invariant: the owner state machine sees commit results in commit order, and
 //! a replay never reaches past what the owner has fanned out (see `owner`).

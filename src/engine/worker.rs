@@ -21,6 +21,9 @@
 //!   gone resolves to [`EmbedError::Stopped`].
 //! - [`WorkerStats::pending`] counts requests accepted and not yet answered; the expected
 //!   wait of a new request is `pending × service time per text` (a moving average).
+//! - With [`WorkerOptions::metrics`] the worker thread owns the shard's inference histograms
+//!   (queue wait per request, texts per model call) and publishes them after a batch at most
+//!   once a second and whenever it has been idle for a second (see [`crate::metrics::histogram`]).
 //! - The thread ends when the [`InferenceHandle`] is dropped (the drop waits for the batch in
 //!   progress). After a second without requests the worker releases its token buffers.
 //!
