@@ -52,13 +52,21 @@ pub enum SessionKind {
 }
 
 impl SessionKind {
-    /// A dense index (0, 1, 2) for per-kind tables.
-    fn index(self) -> usize {
+    /// Every kind, in the order of [`Arena::len_by_kind`].
+    pub const ALL: [SessionKind; 3] = [SessionKind::Visitor, SessionKind::Agent, SessionKind::Echo];
+
+    /// The kind's name as `/metrics` labels it.
+    pub fn as_str(self) -> &'static str {
         match self {
-            SessionKind::Visitor => 0,
-            SessionKind::Agent => 1,
-            SessionKind::Echo => 2,
+            SessionKind::Visitor => "visitor",
+            SessionKind::Agent => "agent",
+            SessionKind::Echo => "echo",
         }
+    }
+
+    /// The kind's position in [`SessionKind::ALL`] (and in per-kind tables).
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 
@@ -182,7 +190,7 @@ pub struct Arena {
     slots: Vec<Slot>,
     first_free: u32,
     len: usize,
-    /// Open sessions by [`SessionKind`] (indexed by [`SessionKind::index`]).
+    /// Open sessions per [`SessionKind`] (indexed like [`SessionKind::ALL`]); they add up to `len`.
     by_kind: [usize; 3],
 }
 
@@ -211,9 +219,9 @@ impl Arena {
         self.len == 0
     }
 
-    /// Number of open sessions of one kind.
-    pub fn len_of(&self, kind: SessionKind) -> usize {
-        self.by_kind[kind.index()]
+    /// Number of open sessions of each kind, in the order of [`SessionKind::ALL`].
+    pub fn len_by_kind(&self) -> [usize; 3] {
+        self.by_kind
     }
 
     /// Creates a session record.
@@ -369,6 +377,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sessions_are_counted_by_kind() {
+        let mut arena = Arena::new();
+        let visitor = arena.insert(SessionKind::Visitor, 0);
+        let agent = arena.insert(SessionKind::Agent, 0);
+        arena.insert(SessionKind::Visitor, 0);
+        arena.insert(SessionKind::Echo, 0);
+        assert_eq!(arena.len_by_kind(), [2, 1, 1]);
+        arena.remove(visitor);
+        arena.remove(visitor); // stale: ignored
+        arena.remove(agent);
+        assert_eq!(arena.len_by_kind(), [1, 0, 1]);
+        assert_eq!(arena.len_by_kind().iter().sum::<usize>(), arena.len());
+        assert_eq!(
+            SessionKind::ALL.map(SessionKind::as_str),
+            ["visitor", "agent", "echo"]
+        );
+    }
+
+    #[test]
     fn slots_are_reused_and_stale_ids_ignored() {
         let mut arena = Arena::new();
         let a = arena.insert(SessionKind::Echo, 0);
@@ -383,18 +410,8 @@ mod tests {
             "stale id does not reach the new session"
         );
         assert_eq!(arena.get(c).unwrap().kind, SessionKind::Agent);
-        assert_eq!(
-            (
-                arena.len_of(SessionKind::Echo),
-                arena.len_of(SessionKind::Agent)
-            ),
-            (1, 1),
-            "sessions are counted by kind"
-        );
         arena.remove(a);
         assert_eq!(arena.len(), 2, "removing a stale id changes nothing");
-        assert_eq!(arena.len_of(SessionKind::Echo), 1, "nor the count by kind");
-        assert_eq!(arena.len_of(SessionKind::Visitor), 0);
         assert!(arena.push(a, Outbound::Text("x".into())).is_none());
         assert_eq!(arena.push(b, Outbound::Text("x".into())), Some(1));
     }

@@ -127,6 +127,7 @@ pub struct Config {
     pub visitors: VisitorsConfig,
     pub limits: LimitsConfig,
     pub tls: TlsConfig,
+    pub metrics: MetricsConfig,
     /// Where each key was last set; used to point errors found after loading at the right line.
     origins: Origins,
 }
@@ -485,6 +486,15 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// How often the certificate and key files are checked for changes.
     pub watch_interval: Duration,
+}
+
+/// `[metrics]`
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsConfig {
+    /// `None` (written `""`): `/metrics` is served on the public listeners to supervisors and
+    /// admins (bearer token). An address: a separate plain-HTTP listener serves `/metrics`
+    /// there without a token, and the public listeners answer 404 for it.
+    pub listen: Option<SocketAddr>,
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1052,6 +1062,22 @@ impl TlsConfig {
     }
 }
 
+impl MetricsConfig {
+    fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
+        match key {
+            "listen" => {
+                self.listen = if f.string()?.is_empty() {
+                    None
+                } else {
+                    Some(f.socket_addr()?)
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Writing: the one list of keys. Order here is the order `config print` shows.
 // ---------------------------------------------------------------------------------------------------
@@ -1077,6 +1103,7 @@ impl Config {
             visitors,
             limits,
             tls,
+            metrics,
             origins: _,
         } = self;
 
@@ -1272,6 +1299,14 @@ impl Config {
         w.path("cert", &tls.cert);
         w.path("key", &tls.key);
         w.duration("watch_interval", tls.watch_interval);
+        w.section("metrics");
+        w.string(
+            "listen",
+            &metrics
+                .listen
+                .map(|addr| addr.to_string())
+                .unwrap_or_default(),
+        );
     }
 
     /// Placeholder values the embedded default overwrites entirely (it must set every key).
@@ -1417,6 +1452,7 @@ impl Config {
                 key: PathBuf::new(),
                 watch_interval: Duration::ZERO,
             },
+            metrics: MetricsConfig { listen: None },
             origins: Origins::default(),
         }
     }
@@ -1716,6 +1752,7 @@ impl Builder {
             "visitors" => c.visitors.set(key, f),
             "limits" => c.limits.set(key, f),
             "tls" => c.tls.set(key, f),
+            "metrics" => c.metrics.set(key, f),
             _ => Ok(false),
         }
     }
@@ -1887,6 +1924,16 @@ impl Builder {
                         "required when tls.listen is set (`switchboard tls self-signed` writes a pair)",
                     ));
                 }
+            }
+        }
+        if let Some(metrics) = c.metrics.listen {
+            let public = [Some(c.server.listen), c.tls.listen];
+            if metrics.port() != 0 && public.contains(&Some(metrics)) {
+                return Err(self.origins.error_at(
+                    "metrics.listen",
+                    "must differ from server.listen and tls.listen: the metrics listener is a \
+                     separate socket, served without a token",
+                ));
             }
         }
         let companion = &c.inference;
@@ -2543,6 +2590,28 @@ mod tests {
         assert!(
             error.to_string().contains(needle),
             "{error:?} lacks {needle:?}"
+        );
+    }
+
+    #[test]
+    fn metrics_listen_is_off_by_default_and_must_be_its_own_address() {
+        assert_eq!(load_str("t.toml", "").unwrap().metrics.listen, None);
+        let c = load_str("t.toml", "[metrics]\nlisten = \"127.0.0.1:9100\"\n").unwrap();
+        assert_eq!(c.metrics.listen, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(load_str("t.toml", &c.to_toml()).unwrap(), c);
+        let same =
+            "[server]\nlisten = \"127.0.0.1:8080\"\n[metrics]\nlisten = \"127.0.0.1:8080\"\n";
+        assert_invalid(
+            &err(same),
+            4,
+            "metrics.listen",
+            "must differ from server.listen",
+        );
+        assert_invalid(
+            &err("[metrics]\nlisten = \"localhost:9100\"\n"),
+            2,
+            "metrics.listen",
+            "host names are not resolved",
         );
     }
 

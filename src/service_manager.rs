@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
+use crate::arena::SessionKind;
 use crate::liveness::{all_started, stale_shards, Liveness, ModelState, ShardLiveness};
 use crate::metrics::Metrics;
 
@@ -181,8 +182,10 @@ impl Sessions {
         (0..shards)
             .map(|shard| metrics.shard(shard))
             .fold(Sessions::default(), |sum, shard| Sessions {
-                visitors: sum.visitors + shard.visitor_sessions_open.load(Relaxed),
-                agents: sum.agents + shard.agent_sessions_open.load(Relaxed),
+                visitors: sum.visitors
+                    + shard.sessions_by_kind[SessionKind::Visitor.index()].load(Relaxed),
+                agents: sum.agents
+                    + shard.sessions_by_kind[SessionKind::Agent.index()].load(Relaxed),
             })
     }
 }

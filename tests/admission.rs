@@ -524,15 +524,6 @@ fn protocol_error_closes_are_logged_with_the_peer_address() {
     );
 }
 
-/// The sum over shards of a `/metrics` value.
-fn metric(server: &Server, name: &str) -> u64 {
-    let (_, body) = http_get(server.addr, "/metrics");
-    body.lines()
-        .filter(|line| line.starts_with(&format!("switchboard_{name}{{")))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 #[test]
 fn an_overloaded_shard_refuses_new_sessions_keeps_old_ones_and_recovers() {
     // Thresholds of one queued item: the commit queue a flood of `read` frames keeps busy
@@ -566,7 +557,7 @@ fn an_overloaded_shard_refuses_new_sessions_keeps_old_ones_and_recovers() {
         }
     });
     let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(&server, "degrade_level") != 2 {
+    while server.metric("degrade_level") != 2 {
         assert!(Instant::now() < deadline, "never reached the refuse level");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -587,13 +578,13 @@ fn an_overloaded_shard_refuses_new_sessions_keeps_old_ones_and_recovers() {
     // The flood's session was not dropped by the refuse level.
     assert!(flooder.is_alive());
     let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(&server, "degrade_level") != 0 {
+    while server.metric("degrade_level") != 0 {
         assert!(Instant::now() < deadline, "never recovered");
         std::thread::sleep(Duration::from_millis(50));
     }
     let mut again = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
     until(&mut again, "hello after recovery", |v| v["type"] == "hello");
-    assert!(metric(&server, "degrade_transitions") >= 2);
+    assert!(server.metric("degrade_transitions") >= 2);
     let logs = server.logs();
     assert!(
         logs.contains("load level raised") && logs.contains("load level lowered"),
@@ -657,7 +648,7 @@ fn an_overloaded_shard_answers_messages_with_overloaded_and_retry_after_instead_
     assert_eq!(ack["type"], "ack", "{ack}");
     assert_eq!(ack["id"], id);
     assert_eq!(ack["seq"].as_u64().unwrap(), last_seq + 1, "{ack}");
-    assert!(metric(&server, "messages_overloaded") >= refused.len() as u64);
+    assert!(server.metric("messages_overloaded") >= refused.len() as u64);
 }
 
 #[test]
@@ -700,5 +691,5 @@ fn a_shard_over_its_rated_capacity_refuses_with_overloaded_whoever_sends() {
         ack["seq"].as_u64().unwrap() + 1,
         "{again}"
     );
-    assert!(metric(&server, "messages_overloaded") >= 2);
+    assert!(server.metric("messages_overloaded") >= 2);
 }

@@ -239,15 +239,6 @@ fn knowledge_base_update_mid_run_is_atomic() {
     assert_eq!(ask(&mut tab, "after", question)["text"], CARD_ARRIVAL_V2);
 }
 
-/// The sum over shards of a `/metrics` counter.
-fn metric(server: &Server, name: &str) -> u64 {
-    let (_, body) = http_get(server.addr, "/metrics");
-    body.lines()
-        .filter(|line| line.starts_with(&format!("switchboard_{name}{{")))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 #[test]
 fn over_the_sites_bot_query_rate_the_bot_answers_lexically() {
     // One model query per site, then the rate (one per ~17 minutes) is spent.
@@ -263,12 +254,12 @@ fn over_the_sites_bot_query_rate_the_bot_answers_lexically() {
         "my new card still hasn't come in the mail, where is it?",
     );
     assert_eq!(first["text"], CARD_ARRIVAL, "{first}");
-    assert_eq!(metric(&server, "bot_rate_limited"), 0);
+    assert_eq!(server.metric("bot_rate_limited"), 0);
     // Over the limit: still answered by the bot, from the lexical match (its answer, or the
     // fallback when the lexical score is below the thresholds); the model is not asked.
     let second = ask(&mut tab, "q2", "when will my card arrive in the mail?");
     assert_eq!(second["from"], "bot", "{second}");
-    assert_eq!(metric(&server, "bot_rate_limited"), 1);
+    assert_eq!(server.metric("bot_rate_limited"), 1);
 }
 
 /// The models load on the inference worker's threads after the server is listening: a

@@ -56,6 +56,7 @@ fn settings(storage: &Path) -> EngineSettings {
             batch_window: Duration::from_millis(2),
             max_wait: Duration::from_secs(10),
             queue_capacity: 256,
+            metrics: None,
         },
         hot_cache_entries: 64,
         embedding_cache_entries: 64,
@@ -255,6 +256,7 @@ fn an_overloaded_worker_degrades_to_the_lexical_match() {
         batch_window: Duration::ZERO,
         max_wait: Duration::from_secs(10),
         queue_capacity: 1,
+        metrics: None,
     };
     settings.hot_cache_entries = 0;
     settings.embedding_cache_entries = 0;
@@ -324,6 +326,7 @@ fn measure_worker_throughput() {
             batch_window: Duration::from_millis(2),
             max_wait: Duration::from_secs(60),
             queue_capacity: 1024,
+            metrics: None,
         },
     )
     .unwrap();

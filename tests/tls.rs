@@ -106,14 +106,6 @@ fn healthz(mut stream: TlsClient) -> String {
     response
 }
 
-fn metric(server: &Server, name: &str) -> u64 {
-    let (_, body) = http_get(server.addr, "/metrics");
-    body.lines()
-        .filter(|line| line.starts_with(&format!("switchboard_{name}")))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !done() {
@@ -160,7 +152,7 @@ fn tls13_and_tls12_serve_healthz_and_websocket_beside_the_plain_listener() {
         assert_eq!(echo.read().unwrap().into_text().unwrap().as_str(), big);
         echo.close(None).unwrap();
     }
-    assert!(metric(&server, "tls_handshakes_completed") >= 6);
+    assert!(server.metric("tls_handshakes_completed") >= 6);
 }
 
 /// A TLS 1.1 ClientHello (legacy version 3.2, no supported_versions extension).
@@ -202,7 +194,7 @@ fn tls11_and_a_foreign_alpn_are_refused() {
     let no_alpn = client_config(&cert, &[&rustls::version::TLS13], &[]);
     assert!(healthz(connect(addr, no_alpn, "localhost").unwrap()).starts_with("HTTP/1.1 200"));
     wait_for("failures counted", Duration::from_secs(5), || {
-        metric(&server, "tls_handshake_failures") >= 2
+        server.metric("tls_handshake_failures") >= 2
     });
 }
 
@@ -244,7 +236,7 @@ fn reload_swaps_the_certificate_keeps_sessions_and_refuses_a_bad_pair() {
     let expected = CertificateDer::from_pem_file(&new_cert).unwrap();
     assert_eq!(presented.conn.peer_certificates().unwrap()[0], expected);
     assert!(connect(addr, old.clone(), "localhost").is_err());
-    assert!(metric(&server, "tls_reloads") >= 1);
+    assert!(server.metric("tls_reloads") >= 1);
 
     // The session opened before the reload is still up.
     session.send(tungstenite::Message::text("after")).unwrap();
@@ -254,11 +246,11 @@ fn reload_swaps_the_certificate_keeps_sessions_and_refuses_a_bad_pair() {
     );
 
     // A bad pair (a certificate that does not match the key) is refused; the current one stays.
-    let failures = metric(&server, "tls_reload_failures");
+    let failures = server.metric("tls_reload_failures");
     let (other_cert, _) = self_signed(certs.path(), "other", "other.test");
     replace(&cert, &std::fs::read(&other_cert).unwrap());
     wait_for("the refused reload", Duration::from_secs(10), || {
-        metric(&server, "tls_reload_failures") > failures
+        server.metric("tls_reload_failures") > failures
     });
     assert!(server.has_logged("keeping the previous certificate"));
     // Both reloads are in the audit chain (written by its own thread, so wait for it).
@@ -279,11 +271,11 @@ fn reload_swaps_the_certificate_keeps_sessions_and_refuses_a_bad_pair() {
     );
 
     // SIGHUP reloads too (and, with the pair still bad, is refused and counted again).
-    let failures = metric(&server, "tls_reload_failures");
+    let failures = server.metric("tls_reload_failures");
     // SAFETY: kill(2) with a pid we own.
     unsafe { libc::kill(server.pid() as i32, libc::SIGHUP) };
     wait_for("the SIGHUP reload", Duration::from_secs(10), || {
-        metric(&server, "tls_reload_failures") > failures
+        server.metric("tls_reload_failures") > failures
     });
     assert!(connect(addr, new, "reloaded.test").is_ok());
     session.send(tungstenite::Message::text("still")).unwrap();

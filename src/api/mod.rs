@@ -243,6 +243,27 @@ fn authorize(
     Ok(account)
 }
 
+/// `GET /metrics` on the public listeners (no `[metrics] listen`): the bearer token's account,
+/// if its role may read the metrics (`ViewMetrics`: supervisors and admins). The refusals are
+/// the API's: 401 without a valid token, 403 for an agent, in the one error shape.
+pub fn authorize_metrics(
+    authorization: Option<&str>,
+    peer: Option<IpAddr>,
+    authority: &Authority,
+    now: u64,
+) -> Result<Account, ApiResponse> {
+    let request = ApiRequest {
+        method: "GET",
+        path: "/metrics",
+        query: None,
+        authorization,
+        content_type: None,
+        body: &[],
+        peer,
+    };
+    authorize(&request, authority, Action::ViewMetrics, now)
+}
+
 /// The HTTP answer to a refused token.
 pub fn token_refusal_response(refusal: &TokenRefusal) -> ApiResponse {
     match refusal {

@@ -32,6 +32,7 @@ use crate::engine::progress::ImportProgress;
 use crate::engine::{update, EngineSettings, IntentEngine, ModelSettings};
 use crate::kb::{self, ImportError, KbReplica};
 use crate::liveness::Liveness;
+use crate::metrics::listener::MetricsListener;
 use crate::metrics::Metrics;
 use crate::server::{self, ShardMessage};
 use crate::service_manager::ServiceManager;
@@ -426,6 +427,14 @@ fn serve(config: Config, registry: Registry, exec_started: Instant) -> ExitCode 
     // probes, exit 70 for a restart.
     let fatal_audit = audit.clone();
     crate::fault::install_panic_hook(move || fatal_audit.flush());
+    // Bound before the shards start, so a taken port stops the start like a bad setting.
+    let metrics_listener = match config.metrics.listen.map(MetricsListener::bind).transpose() {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("switchboard: cannot start: {err}");
+            return ExitCode::from(2);
+        }
+    };
     let config = Arc::new(config);
     let metrics = Metrics::new(cores.len());
     // systemd's notify socket (Type=notify) and watchdog; `None` when not started by systemd.
@@ -484,6 +493,19 @@ fn serve(config: Config, registry: Registry, exec_started: Instant) -> ExitCode 
         startup_ms = exec_started.elapsed().as_secs_f64() * 1000.0,
         "switchboard listening on {addr}"
     );
+    if let Some(listener) = metrics_listener {
+        if let Ok(metrics_addr) = listener.local_addr() {
+            tracing::info!("metrics endpoint on http://{metrics_addr}/metrics (no token)");
+        }
+        let limits = crate::http::HttpLimits {
+            max_header_bytes: config.http.max_header_bytes,
+            max_headers: config.http.max_headers,
+        };
+        if let Err(err) = listener.spawn(metrics.clone(), limits) {
+            tracing::error!(error = %err, "cannot serve [metrics] listen");
+            return ExitCode::FAILURE;
+        }
+    }
     if let (Some(certificates), Some(tls_addr)) = (tls, runtime.local_addrs().get(1)) {
         tracing::info!("switchboard TLS listening on {tls_addr}");
         if let Err(err) = crate::tls::spawn_watcher(

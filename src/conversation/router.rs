@@ -16,6 +16,9 @@
 //! - Mesh: everything for another shard goes through a per-destination FIFO
 //!   drained by one task, so messages are never dropped when a channel is
 //!   full and arrive in the order they were produced.
+//! - Metrics: the router records the shard's relay, bot and commit histograms (no lock: the
+//!   recorders live here, on the shard's thread) and its one-second tick publishes them with
+//!   the storage size and the inference queue depth (see [`crate::metrics`]).
 //!
 //! Invariant: the owner state machine sees commit results in commit order, and
 //! a replay never reaches past what the owner has fanned out (see `owner`).
@@ -43,6 +46,8 @@ use crate::audit::AuditEvent;
 use crate::bot::{BotContext, Chain, HandlerSpec, Registry, Verdict};
 use crate::config::Config;
 use crate::engine::intent::{CacheOutcome, EngineSettings, IntentEngine};
+use crate::engine::WorkerMetrics;
+use crate::metrics::histogram::{Family, Recorder};
 use crate::metrics::{Metrics, ShardMetrics};
 use crate::ratelimit::KeyedBuckets;
 use crate::store::{
@@ -133,12 +138,41 @@ pub struct Router {
     commit_cost: Cell<crate::admission::shed::CommitCost>,
     bot: Option<Bot>,
     metrics: Metrics,
+    /// This shard's histograms (recorded here, published by the one-second tick).
+    histograms: RefCell<RouterHistograms>,
     /// The shard's load level (set by the degradation sampler in `server`).
     level: Cell<Level>,
     /// Bot queries per site on this shard (`[limits] bot_queries_per_site`).
     bot_queries: RefCell<KeyedBuckets<Arc<str>>>,
     /// This router itself, for tasks it spawns.
     me: RefCell<std::rc::Weak<Router>>,
+}
+
+/// The histograms the router records: written only on this shard, published by its tick.
+struct RouterHistograms {
+    relay_latency: Recorder,
+    bot_latency: Recorder,
+    commit_latency: Recorder,
+    commit_batch_size: Recorder,
+}
+
+impl RouterHistograms {
+    fn new(metrics: &Metrics, shard: usize) -> RouterHistograms {
+        let histograms = metrics.histograms(shard);
+        RouterHistograms {
+            relay_latency: histograms.recorder(Family::RelayLatency),
+            bot_latency: histograms.recorder(Family::BotLatency),
+            commit_latency: histograms.recorder(Family::CommitLatency),
+            commit_batch_size: histograms.recorder(Family::CommitBatchSize),
+        }
+    }
+
+    fn publish(&mut self) {
+        self.relay_latency.publish();
+        self.bot_latency.publish();
+        self.commit_latency.publish();
+        self.commit_batch_size.publish();
+    }
 }
 
 /// The shard's bot: the guard handlers (risk control: masking, blocking,
@@ -157,6 +191,7 @@ impl Bot {
         shard: usize,
         core: usize,
         registry: &Registry,
+        metrics: &Metrics,
     ) -> Result<Option<Bot>, RouterError> {
         let names: Vec<&str> = config.bot.handlers.iter().map(|h| h.as_str()).collect();
         let (guard_names, answer_names): (Vec<&str>, Vec<&str>) =
@@ -170,7 +205,9 @@ impl Bot {
         let answers = build(&answer_names)?;
         let engine = if config.inference.enabled && !answers.is_empty() {
             let started = std::time::Instant::now();
-            let engine = IntentEngine::open(&EngineSettings::from_config(config), shard, core)
+            let mut settings = EngineSettings::from_config(config);
+            settings.worker.metrics = Some(WorkerMetrics::new(metrics.clone(), shard));
+            let engine = IntentEngine::open(&settings, shard, core)
                 .map_err(|err| RouterError::Bot(err.to_string()))?;
             let load_ms = started.elapsed().as_secs_f64() * 1000.0;
             match engine.version() {
@@ -241,7 +278,8 @@ impl Router {
             start_flusher(&store, config.storage.sync_interval, shard);
         }
         let reader = store.reader();
-        let bot = Bot::open(&config, shard, core, handlers)?;
+        let bot = Bot::open(&config, shard, core, handlers, &metrics)?;
+        let histograms = RefCell::new(RouterHistograms::new(&metrics, shard));
         let owner = Owner::new(OwnerConfig {
             shard,
             bot_enabled: bot.as_ref().is_some_and(|bot| bot.engine.is_some()),
@@ -301,6 +339,7 @@ impl Router {
             commit_cost: Cell::default(),
             bot,
             metrics,
+            histograms,
             level: Cell::new(Level::Normal),
             bot_queries: RefCell::new(bot_queries),
             me: RefCell::new(std::rc::Weak::new()),
@@ -327,6 +366,7 @@ impl Router {
             loop {
                 glommio::timer::sleep(Duration::from_secs(1)).await;
                 ticker.on_owner(OwnerEvent::Tick);
+                ticker.publish_metrics();
                 seconds += 1;
                 if seconds.is_multiple_of(sweep_every) {
                     ticker.expire_empty_conversations(ttl);
@@ -349,6 +389,20 @@ impl Router {
         })
         .detach();
         self.restore();
+    }
+
+    /// Publishes what the scrape reads but the hot path does not count: the histograms (see
+    /// [`crate::metrics::histogram`]), the storage size and the inference queue depth.
+    fn publish_metrics(&self) {
+        self.histograms.borrow_mut().publish();
+        let counters = self.metrics();
+        let size = self.reader.size();
+        ShardMetrics::set(&counters.storage_used_bytes, size.used_bytes);
+        ShardMetrics::set(&counters.storage_map_bytes, size.map_bytes);
+        ShardMetrics::set(
+            &counters.inference_queue_depth,
+            self.inference_queue() as u64,
+        );
     }
 
     /// Finds the open conversations in which no message was ever stored, that no agent
@@ -761,9 +815,15 @@ impl Router {
             return;
         };
         glommio::spawn_local(async move {
+            let started = std::time::Instant::now();
             let verdict = router
                 .decide(conversation, &site, &visitor, text, failed_turns)
                 .await;
+            router
+                .histograms
+                .borrow_mut()
+                .bot_latency
+                .record_duration(started.elapsed());
             router.on_owner(OwnerEvent::BotVerdict {
                 conversation,
                 verdict,
@@ -1173,9 +1233,12 @@ impl Router {
                     &counters.store_commit_micros,
                     started.elapsed().as_micros() as u64,
                 );
-                let latency = self.metrics.commit_latency(self.shard);
-                for at in queued_at {
-                    latency.observe(at.elapsed().as_micros() as u64);
+                {
+                    let mut histograms = self.histograms.borrow_mut();
+                    histograms.commit_batch_size.record(ops.len() as u64);
+                    for at in &queued_at {
+                        histograms.commit_latency.record_duration(at.elapsed());
+                    }
                 }
                 let mut cost = self.commit_cost.get();
                 let cycle_micros = cycle.elapsed().as_micros() as u64;
@@ -1188,14 +1251,28 @@ impl Router {
                         if self.full.borrow_mut().committed() {
                             tracing::warn!(shard = self.shard, "storage writable again");
                         }
-                        for ((op, completion), outcome) in
-                            ops.into_iter().zip(completions).zip(outcomes)
+                        for (((op, completion), outcome), at) in ops
+                            .into_iter()
+                            .zip(completions)
+                            .zip(outcomes)
+                            .zip(queued_at)
                         {
+                            let relayed = matches!(
+                                completion,
+                                Completion::VisitorMessage { .. } | Completion::AgentMessage { .. }
+                            );
                             self.on_owner(OwnerEvent::Committed {
                                 completion,
                                 op,
                                 outcome: Ok(outcome),
                             });
+                            // The owner has now queued the ack and the relay frames.
+                            if relayed {
+                                self.histograms
+                                    .borrow_mut()
+                                    .relay_latency
+                                    .record_duration(at.elapsed());
+                            }
                         }
                     }
                     Err(err) => {

@@ -44,7 +44,9 @@ pub use intent::{
     CacheOutcome, EngineError, EngineSettings, EngineStats, IntentEngine, IntentResult,
     ModelSettings, OpenTimings,
 };
-pub use worker::{EmbedError, InferenceHandle, InferenceWorker, WorkerOptions, WorkerSnapshot};
+pub use worker::{
+    EmbedError, InferenceHandle, InferenceWorker, WorkerMetrics, WorkerOptions, WorkerSnapshot,
+};
 
 /// Model files for tests: `models/fetch` provisions them (or point SWITCHBOARD_MODELS_DIR at a
 /// directory holding libonnxruntime.so, model.onnx and tokenizer.json). Tests that need them

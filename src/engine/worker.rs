@@ -21,6 +21,9 @@
 //!   gone resolves to [`EmbedError::Stopped`].
 //! - [`WorkerStats::pending`] counts requests accepted and not yet answered; the expected
 //!   wait of a new request is `pending × service time per text` (a moving average).
+//! - With [`WorkerOptions::metrics`] the worker thread owns the shard's inference histograms
+//!   (queue wait per request, texts per model call) and publishes them after a batch at most
+//!   once a second and whenever it has been idle for a second (see [`crate::metrics::histogram`]).
 //! - The thread ends when the [`InferenceHandle`] is dropped (the drop waits for the batch in
 //!   progress). After a second without requests the worker releases its token buffers.
 //!
@@ -42,6 +45,8 @@ use futures_channel::oneshot;
 
 use super::encoder::{Encoder, EncoderError, Part};
 use crate::config::InferenceConfig;
+use crate::metrics::histogram::{Family, Recorder, PUBLISH_INTERVAL};
+use crate::metrics::Metrics;
 
 /// Why a text was not embedded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,6 +72,60 @@ pub struct WorkerOptions {
     pub max_wait: Duration,
     /// Requests the channel holds (at least 1).
     pub queue_capacity: usize,
+    /// Where the worker publishes its queue-wait and batch-size histograms (`None`: nowhere,
+    /// as for the command line and the tests).
+    pub metrics: Option<WorkerMetrics>,
+}
+
+/// A shard's histograms an inference worker records into (its thread owns the recorders).
+#[derive(Clone, Debug)]
+pub struct WorkerMetrics {
+    metrics: Metrics,
+    shard: usize,
+}
+
+impl WorkerMetrics {
+    pub fn new(metrics: Metrics, shard: usize) -> WorkerMetrics {
+        WorkerMetrics { metrics, shard }
+    }
+
+    fn recorders(&self) -> WorkerRecorders {
+        let histograms = self.metrics.histograms(self.shard);
+        WorkerRecorders {
+            queue_wait: histograms.recorder(Family::InferenceQueueWait),
+            batch_size: histograms.recorder(Family::InferenceBatchSize),
+            published: Instant::now(),
+        }
+    }
+}
+
+/// Options compare by their settings; where metrics go is not one.
+impl PartialEq for WorkerMetrics {
+    fn eq(&self, other: &Self) -> bool {
+        self.shard == other.shard
+    }
+}
+
+/// The worker thread's recorders, published at most every [`PUBLISH_INTERVAL`] after a batch
+/// and when the worker goes idle.
+struct WorkerRecorders {
+    queue_wait: Recorder,
+    batch_size: Recorder,
+    published: Instant,
+}
+
+impl WorkerRecorders {
+    fn publish(&mut self) {
+        self.queue_wait.publish();
+        self.batch_size.publish();
+        self.published = Instant::now();
+    }
+
+    fn publish_if_due(&mut self) {
+        if self.published.elapsed() >= PUBLISH_INTERVAL {
+            self.publish();
+        }
+    }
 }
 
 impl WorkerOptions {
@@ -79,6 +138,7 @@ impl WorkerOptions {
             batch_window: inference.batch_window,
             max_wait: inference.max_wait,
             queue_capacity: (inference.max_batch * 16).clamp(64, 16_384),
+            metrics: None,
         }
     }
 }
@@ -248,7 +308,18 @@ impl InferenceWorker {
                         if companion.is_none() {
                             thread_stats.loading_done.store(true, Ordering::Release);
                         }
-                        run(encoder, receiver, companion, &thread_options, &thread_stats);
+                        let recorders = thread_options
+                            .metrics
+                            .as_ref()
+                            .map(WorkerMetrics::recorders);
+                        run(
+                            encoder,
+                            receiver,
+                            companion,
+                            &thread_options,
+                            &thread_stats,
+                            recorders,
+                        );
                     }
                     None => {
                         thread_stats.loading_done.store(true, Ordering::Release);
@@ -476,6 +547,7 @@ fn run(
     mut companion: Option<Receiver<Result<(Encoder, Duration), EncoderError>>>,
     options: &WorkerOptions,
     stats: &WorkerStats,
+    mut recorders: Option<WorkerRecorders>,
 ) {
     const IDLE: Duration = Duration::from_secs(1);
     /// How often a worker waiting for its companion looks for it.
@@ -506,6 +578,9 @@ fn run(
         let first = match receiver.recv_timeout(wait) {
             Ok(request) => request,
             Err(RecvTimeoutError::Timeout) => {
+                if let Some(recorders) = &mut recorders {
+                    recorders.publish();
+                }
                 if holding_buffers && idle_since.elapsed() >= IDLE {
                     encoder.release_buffers();
                     holding_buffers = false;
@@ -534,7 +609,16 @@ fn run(
                 stats.loading_done.store(true, Ordering::Release);
             }
         }
-        run_batch(&mut encoder, &mut batch, options.max_wait, stats);
+        run_batch(
+            &mut encoder,
+            &mut batch,
+            options.max_wait,
+            stats,
+            recorders.as_mut(),
+        );
+        if let Some(recorders) = &mut recorders {
+            recorders.publish_if_due();
+        }
         holding_buffers = true;
         idle_since = Instant::now();
     }
@@ -580,6 +664,7 @@ fn run_batch(
     batch: &mut Vec<Request>,
     max_wait: Duration,
     stats: &WorkerStats,
+    mut recorders: Option<&mut WorkerRecorders>,
 ) {
     let started = Instant::now();
     let answer = |request: Request, result: EmbedResult| {
@@ -590,6 +675,9 @@ fn run_batch(
     let mut live = Vec::with_capacity(batch.len());
     for request in batch.drain(..) {
         let waited = started.saturating_duration_since(request.sent);
+        if let Some(recorders) = recorders.as_deref_mut() {
+            recorders.queue_wait.record_duration(waited);
+        }
         if waited > max_wait || request.reply.is_canceled() {
             stats.expired.fetch_add(1, Ordering::Relaxed);
             answer(request, Err(EmbedError::Expired { waited }));
@@ -609,6 +697,9 @@ fn run_batch(
             continue;
         }
         let texts: Vec<&str> = group.iter().map(|request| request.text.as_str()).collect();
+        if let Some(recorders) = recorders.as_deref_mut() {
+            recorders.batch_size.record(texts.len() as u64);
+        }
         let mut data = Vec::new();
         let encode_started = Instant::now();
         let result = encoder.encode_part_into(&texts, part, &mut data);
@@ -656,6 +747,7 @@ mod tests {
             batch_window,
             max_wait,
             queue_capacity: 64,
+            metrics: None,
         }
     }
 

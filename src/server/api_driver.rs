@@ -134,6 +134,7 @@ async fn answer<S: AsyncRead + Unpin>(
         let now_ms = shard.started.elapsed().as_millis() as u64;
         if let Err(retry) = shard.login_limiter.borrow_mut().check(peer, name, now_ms) {
             events::login_rate_limited(name, peer, retry.ms);
+            ShardMetrics::add(&shard.counters().login_rate_limited, 1);
             return ApiResponse::rate_limited(retry.secs());
         }
     }

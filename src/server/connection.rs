@@ -33,7 +33,7 @@ use super::stream::SessionStream;
 use super::Shard;
 use crate::admission::shed::{self, MessageVerdict, OwnerLoad};
 use crate::admission::{self, AbuseVerdict, FrameClass, Level, SessionLimits, SessionRates};
-use crate::arena::{CloseRequest, Outbound, SessionId, SessionKind};
+use crate::arena::{CloseRequest, Outbound, SessionId};
 use crate::auth::rbac::{self, Role as AgentRole};
 use crate::conversation::dispatch::{self, AgentStatus, DispatchEvent};
 use crate::conversation::identity;
@@ -74,23 +74,8 @@ async fn session_task<S: SessionStream>(shard: Rc<Shard>, upgraded: Upgraded<S>)
         out,
     } = upgraded;
     run_session(&shard, &mut stream, ws, session, buffer, leftover, out).await;
-    publish_session_gauges(&shard);
+    shard.publish_session_counts();
     let _ = stream.close().await;
-}
-
-/// Sets the shard's open-session gauges from its arena (after a session opened or closed).
-fn publish_session_gauges(shard: &Shard) {
-    let arena = shard.arena.borrow();
-    let counters = shard.counters();
-    ShardMetrics::set(&counters.sessions_open, arena.len() as u64);
-    ShardMetrics::set(
-        &counters.visitor_sessions_open,
-        arena.len_of(SessionKind::Visitor) as u64,
-    );
-    ShardMetrics::set(
-        &counters.agent_sessions_open,
-        arena.len_of(SessionKind::Agent) as u64,
-    );
 }
 
 /// A connection whose WebSocket handshake succeeded.
@@ -187,12 +172,28 @@ async fn handshake<S: SessionStream>(
             return None;
         }
         Route::Metrics => {
-            let body = shard.metrics.render(&[(
-                "resident_bytes",
-                "Resident set size of the process in bytes.",
-                crate::system::resident_bytes().unwrap_or(0),
-            )]);
-            respond(&shard, &mut stream, 200, body.as_bytes(), &[]).await;
+            let authorized = crate::api::authorize_metrics(
+                head.header_str("authorization"),
+                peer.map(|peer| peer.ip()),
+                &shard.authority,
+                crate::auth::clock::unix_now(),
+            );
+            let (status, content_type, body) = match authorized {
+                Ok(_) => (
+                    200,
+                    crate::metrics::CONTENT_TYPE,
+                    shard.metrics.render(crate::system::resident_bytes()),
+                ),
+                Err(refusal) => {
+                    ShardMetrics::add(&shard.counters().http_errors, 1);
+                    (refusal.status, "application/json", refusal.body)
+                }
+            };
+            // Not a pooled buffer: a scrape's text is larger than the pool's buffers, and rare.
+            let mut out = Vec::with_capacity(body.len() + 256);
+            http::write_response(&mut out, status, content_type, body.as_bytes(), &[]);
+            let _ = stream.write_all(&out).await;
+            let _ = stream.close().await;
             return None;
         }
         Route::DebugPanic { shard: target } => {
@@ -321,7 +322,7 @@ async fn handshake<S: SessionStream>(
     }
     let session = Session::open(&shard, endpoint, peer);
     ShardMetrics::add(&shard.counters().handshakes_completed, 1);
-    publish_session_gauges(&shard);
+    shard.publish_session_counts();
 
     Some(Upgraded {
         stream,

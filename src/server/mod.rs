@@ -72,6 +72,16 @@ impl Shard {
         self.metrics.shard(self.id.0)
     }
 
+    /// Publishes the number of open sessions, in total and by kind (after one opened or closed).
+    pub fn publish_session_counts(&self) {
+        let arena = self.arena.borrow();
+        let counters = self.counters();
+        ShardMetrics::set(&counters.sessions_open, arena.len() as u64);
+        for (gauge, count) in counters.sessions_by_kind.iter().zip(arena.len_by_kind()) {
+            ShardMetrics::set(gauge, count as u64);
+        }
+    }
+
     /// Whether the shard is draining for shutdown.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.get()

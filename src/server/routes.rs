@@ -18,7 +18,8 @@ pub enum Route {
     Health,
     /// `GET /readyz`: the shard accepts sessions (not draining).
     Ready,
-    /// `GET /metrics`: Prometheus counters.
+    /// `GET /metrics`: Prometheus text format, for a supervisor's or admin's bearer token; not
+    /// routed when `[metrics] listen` serves it on its own listener.
     Metrics,
     /// `POST /debug/panic?shard=N` (`[diagnostics] panic_endpoint`): make shard N panic.
     /// The driver serves it to loopback peers only.
@@ -118,7 +119,9 @@ pub fn route(head: &RequestHead, config: &Config, authority: &Authority, now: u6
             _ => Route::Reject(400, "ms must be an integer from 1 to 300000"),
         };
     }
-    let known = matches!(path, "/healthz" | "/readyz" | "/metrics")
+    // With `[metrics] listen` the metrics are served on that listener only.
+    let known = matches!(path, "/healthz" | "/readyz")
+        || (path == "/metrics" && config.metrics.listen.is_none())
         || matches!(path, "/ws/visitor" | "/ws/agent")
         || (path == "/ws/echo" && config.diagnostics.echo);
     if !known {
@@ -358,6 +361,21 @@ mod tests {
                 "{request}"
             );
         }
+    }
+
+    #[test]
+    fn metrics_leave_the_public_listener_when_they_have_their_own() {
+        let request = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(plain_route(request, &config("")), Route::Metrics);
+        let own = config("[metrics]\nlisten = \"127.0.0.1:9100\"\n");
+        assert!(matches!(plain_route(request, &own), Route::Reject(404, _)));
+        assert!(matches!(
+            plain_route(
+                "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                &config("")
+            ),
+            Route::Reject(405, _)
+        ));
     }
 
     #[test]

@@ -106,5 +106,5 @@ pub use records::{
     ArchivedAuthor, ArchivedMessageRecord, Author, Conversation, ConversationId, ConversationState,
     MessageRecord, MAX_SHARDS,
 };
-pub use shard_store::{ShardStore, StoreReader, FORMAT_VERSION, MAX_DBS, MAX_READERS};
+pub use shard_store::{ShardStore, StoreReader, StoreSize, FORMAT_VERSION, MAX_DBS, MAX_READERS};
 pub use write_backoff::WriteBackoff;

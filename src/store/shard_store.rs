@@ -989,7 +989,26 @@ pub struct StoreReader {
     gate: Arc<ResizeGate>,
 }
 
+/// How big a shard's environment is (for `/metrics`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreSize {
+    /// Pages up to the last one written, in bytes: the part of the data file in use.
+    pub used_bytes: u64,
+    /// The memory map's size in bytes: how far the data file may grow before a resize.
+    pub map_bytes: u64,
+}
+
 impl StoreReader {
+    /// The environment's size now, from LMDB's environment info (no transaction).
+    pub fn size(&self) -> StoreSize {
+        let info = self.env.info();
+        let page_size = self.env.unnamed_database_stat().page_size as u64;
+        StoreSize {
+            used_bytes: (info.last_page_number as u64 + 1) * page_size,
+            map_bytes: info.map_size as u64,
+        }
+    }
+
     /// Opens a consistent read-only view (an LMDB read transaction). Waits for the few
     /// microseconds of a map resize if the writer is doing one.
     pub fn read(&self) -> Result<ReadView<'_>, StoreError> {

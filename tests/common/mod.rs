@@ -144,6 +144,44 @@ impl Server {
         }
     }
 
+    /// The address of the `[metrics] listen` endpoint (the base overlay sets one; an overlay
+    /// with its own `[metrics]` section may not): waits (at most 10 s) for its log line.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        const MARK: &str = "metrics endpoint on http://";
+        assert!(
+            self.has_logged(MARK),
+            "no metrics endpoint logged:\n{}",
+            self.logs()
+        );
+        let logs = self.logs();
+        let rest = logs.split(MARK).nth(1).expect("the line was logged");
+        rest.split('/')
+            .next()
+            .and_then(|addr| addr.parse().ok())
+            .expect("an address after the mark")
+    }
+
+    /// `GET /metrics` on the metrics listener; panics unless it answers 200.
+    pub fn scrape(&self) -> String {
+        let (status, body) = http_get(self.metrics_addr(), "/metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// The value of `switchboard_NAME` summed over shards (its `shard="all"` series) or, for a
+    /// process-wide value, its one series without labels; 0 when absent.
+    pub fn metric(&self, name: &str) -> u64 {
+        let summed = format!("switchboard_{name}{{shard=\"all\"}} ");
+        let single = format!("switchboard_{name} ");
+        self.scrape()
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(&summed)
+                    .or_else(|| line.strip_prefix(&single))
+            })
+            .map_or(0, |value| value.trim().parse().expect("an integer value"))
+    }
+
     /// Everything the server logged so far.
     /// Waits (at most 10 s) until the logs hold `needle`. The logs reach the test through a
     /// reader thread, so a line the server wrote just before the frame a test received may not
@@ -214,6 +252,8 @@ pub fn write_config(dir: &std::path::Path, overlay: &str) -> std::path::PathBuf 
         ("[inference]", "enabled = false".to_string()),
         ("[storage]", format!("dir = {storage:?}")),
         ("[log]", "format = \"text\"\nlevel = \"info\"".to_string()),
+        // Metrics on their own listener (no token); see `Server::scrape`.
+        ("[metrics]", "listen = \"127.0.0.1:0\"".to_string()),
     ];
     let mut text = String::new();
     for (section, body) in base {

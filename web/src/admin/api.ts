@@ -39,6 +39,7 @@ export const adminApi = (token: string) => ({
     api<unknown>("/api/kb/import", token, { method: "POST", body, headers: { "Content-Type": type } }),
   audit: (limit: number) =>
     api<{ records: Record<string, unknown>[] }>(`/api/audit?limit=${limit}`, token).then((r) => r.records),
+  /** `/metrics` needs a supervisor's or admin's token; it answers 404 when `[metrics] listen` serves it elsewhere. */
   metrics: () => api<string>("/metrics", token),
 });
 
@@ -63,17 +64,27 @@ export function parseMetrics(text: string): Sample[] {
   return samples;
 }
 
-/** Sum of a metric over all label sets (all shards). */
-export function total(samples: Sample[], name: string): number | null {
+/**
+ * The samples of `name` summed over shards: the server's `shard="all"` series when it has
+ * them, else (older servers) the shard series themselves.
+ */
+function summed(samples: Sample[], name: string): Sample[] {
   const found = samples.filter((s) => s.name === name);
+  const all = found.filter((s) => s.labels.shard === "all");
+  return all.length ? all : found;
+}
+
+/** A metric summed over all shards (and over its other labels). */
+export function total(samples: Sample[], name: string): number | null {
+  const found = summed(samples, name);
   return found.length ? found.reduce((sum, s) => sum + s.value, 0) : null;
 }
 
 /** p99 from a Prometheus histogram's cumulative `_bucket` series (summed over shards). */
 export function histogramQuantile(samples: Sample[], name: string, q: number): number | null {
   const buckets = new Map<number, number>();
-  for (const s of samples) {
-    if (s.name !== name + "_bucket" || s.labels.le === undefined) continue;
+  for (const s of summed(samples, name + "_bucket")) {
+    if (s.labels.le === undefined) continue;
     const le = s.labels.le === "+Inf" ? Infinity : Number(s.labels.le);
     buckets.set(le, (buckets.get(le) || 0) + s.value);
   }

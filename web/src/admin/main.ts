@@ -190,6 +190,13 @@ function start(me: Session) {
       const misses = total(samples, "switchboard_bot_cache_misses") ?? 0;
       charts.cache.push(hits + misses ? (100 * hits) / (hits + misses) : null);
     } catch (err) {
+      if (err instanceof ApiError && err.status === 404) {
+        // `[metrics] listen` serves them on a separate address, for Prometheus; stop asking.
+        clearInterval(metricsTimer);
+        metrics.error.textContent =
+          "Metrics are served on the separate [metrics] listen address (for Prometheus), not on this one.";
+        return;
+      }
       metrics.error.textContent = errorText(err);
     }
   }
@@ -218,8 +225,8 @@ function start(me: Session) {
   );
   void loadAgents();
   void loadAudit();
+  const metricsTimer = setInterval(pollMetrics, 2000);
   void pollMetrics();
-  setInterval(pollMetrics, 2000);
   setInterval(loadAudit, 10000);
 }
 
