@@ -1046,13 +1046,7 @@ impl AuditConfig {
 impl TlsConfig {
     fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
         match key {
-            "listen" => {
-                self.listen = if f.string()?.is_empty() {
-                    None
-                } else {
-                    Some(f.socket_addr()?)
-                }
-            }
+            "listen" => self.listen = f.optional_socket_addr()?,
             "cert" => self.cert = f.optional_path()?,
             "key" => self.key = f.optional_path()?,
             "watch_interval" => self.watch_interval = f.duration_in(ms(100), hours(1))?,
@@ -1065,13 +1059,7 @@ impl TlsConfig {
 impl MetricsConfig {
     fn set(&mut self, key: &str, f: &Field<'_>) -> Result<bool, ConfigError> {
         match key {
-            "listen" => {
-                self.listen = if f.string()?.is_empty() {
-                    None
-                } else {
-                    Some(f.socket_addr()?)
-                }
-            }
+            "listen" => self.listen = f.optional_socket_addr()?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -2280,6 +2268,15 @@ impl<'a> Field<'a> {
                     self.written()
                 )))
             }
+        }
+    }
+
+    /// An address, or `None` for an empty string (a listener that is switched off).
+    fn optional_socket_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.string()?.is_empty() {
+            Ok(None)
+        } else {
+            self.socket_addr().map(Some)
         }
     }
 

@@ -7,11 +7,9 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{Server, BIN};
+use common::{agent_add, Server};
 use serde_json::{json, Value};
 
 const PASSWORD: &str = "a good long password";
@@ -24,29 +22,6 @@ enabled = true
 confidence_threshold = 0.45
 margin_threshold = 0.0
 "#;
-
-fn agent_add(config: &Path, name: &str, role: &str) {
-    let mut child = Command::new(BIN)
-        .args(["agent", "add", name, "--role", role, "--config"])
-        .arg(config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run switchboard agent add");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{PASSWORD}\n").as_bytes())
-        .unwrap();
-    let out: Output = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "agent add {name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// One HTTP request; returns the status and the JSON body (`Null` when not JSON).
 fn request(
@@ -151,9 +126,9 @@ fn small_kb() -> String {
 fn admin_imports_searches_tries_and_reads_the_audit_log() {
     let server = Server::start(CONFIG);
     let config = server.dir.path().join("test.toml");
-    agent_add(&config, "root", "admin");
-    agent_add(&config, "al", "agent");
-    agent_add(&config, "sue", "supervisor");
+    agent_add(&config, "root", "admin", PASSWORD);
+    agent_add(&config, "al", "agent", PASSWORD);
+    agent_add(&config, "sue", "supervisor", PASSWORD);
     let addr = server.addr;
     let admin = token_of(addr, "root");
     let agent = token_of(addr, "al");

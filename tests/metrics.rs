@@ -13,8 +13,6 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -72,7 +70,7 @@ fn a_scrape_after_real_traffic_parses_and_adds_up() {
     let kb = dir.path().join("kb.csv");
     std::fs::write(&kb, knowledge_base()).unwrap();
     kb_import(&config, &kb);
-    agent_add(&config, "ada", "agent");
+    agent_add(&config, "ada", "agent", PASSWORD);
     let server = Server::start_in(dir, BOT_CONFIG);
     // Both shards' models, so the question below goes through the inference worker.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -175,9 +173,9 @@ fn without_a_metrics_listener_the_public_scrape_needs_a_supervisor_or_admin_toke
     let overlay = "[metrics]\nlisten = \"\"\n";
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), overlay);
-    agent_add(&config, "root", "admin");
-    agent_add(&config, "sam", "supervisor");
-    agent_add(&config, "ada", "agent");
+    agent_add(&config, "root", "admin", PASSWORD);
+    agent_add(&config, "sam", "supervisor", PASSWORD);
+    agent_add(&config, "ada", "agent", PASSWORD);
     let server = Server::start_in(dir, overlay);
     assert!(!server.logs().contains("metrics endpoint on"));
 
@@ -420,25 +418,6 @@ fn knowledge_base() -> String {
         }
     }
     csv
-}
-
-fn agent_add(config: &Path, name: &str, role: &str) {
-    let mut child = Command::new(BIN)
-        .args(["agent", "add", name, "--role", role, "--config"])
-        .arg(config)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run switchboard agent add");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{PASSWORD}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "agent add {name}: {out:?}");
 }
 
 /// `POST /api/login`; the token, or `None` when refused.

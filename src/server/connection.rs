@@ -78,6 +78,28 @@ async fn session_task<S: SessionStream>(shard: Rc<Shard>, upgraded: Upgraded<S>)
     let _ = stream.close().await;
 }
 
+/// A fault drill (`/debug/panic`, `/debug/stall`): only loopback peers may ask (to anyone else
+/// the endpoint does not exist); the drill goes to shard `target` as a mesh message.
+async fn fault_drill<S: SessionStream>(
+    shard: &Shard,
+    stream: &mut S,
+    peer: Option<SocketAddr>,
+    target: usize,
+    drill: crate::server::ShardMessage,
+    what: &str,
+    accepted: &[u8],
+) {
+    if !peer.is_some_and(|peer| peer.ip().is_loopback()) {
+        respond(shard, stream, 404, b"no such endpoint", &[]).await;
+    } else if target >= shard.shard_count {
+        respond(shard, stream, 400, b"no such shard", &[]).await;
+    } else {
+        tracing::warn!(shard = shard.id.0, target, "{what}");
+        respond(shard, stream, 202, accepted, &[]).await;
+        shard.router.send(target, drill);
+    }
+}
+
 /// A connection whose WebSocket handshake succeeded.
 struct Upgraded<S> {
     stream: S,
@@ -197,45 +219,36 @@ async fn handshake<S: SessionStream>(
             return None;
         }
         Route::DebugPanic { shard: target } => {
-            // A diagnostic: loopback peers only; to anyone else it does not exist.
-            if !peer.is_some_and(|peer| peer.ip().is_loopback()) {
-                respond(&shard, &mut stream, 404, b"no such endpoint", &[]).await;
-            } else if target >= shard.shard_count {
-                respond(&shard, &mut stream, 400, b"no such shard", &[]).await;
-            } else {
-                tracing::warn!(
-                    shard = shard.id.0,
-                    target,
-                    "POST /debug/panic: asking shard {target} to panic"
-                );
-                respond(&shard, &mut stream, 202, b"panicking\n", &[]).await;
-                shard
-                    .router
-                    .send(target, crate::server::ShardMessage::InjectPanic);
-            }
+            let drill = crate::server::ShardMessage::InjectPanic;
+            let what = format!("POST /debug/panic: asking shard {target} to panic");
+            fault_drill(
+                &shard,
+                &mut stream,
+                peer,
+                target,
+                drill,
+                &what,
+                b"panicking\n",
+            )
+            .await;
             return None;
         }
         Route::DebugStall {
             shard: target,
             millis,
         } => {
-            // A diagnostic like /debug/panic: loopback peers only.
-            if !peer.is_some_and(|peer| peer.ip().is_loopback()) {
-                respond(&shard, &mut stream, 404, b"no such endpoint", &[]).await;
-            } else if target >= shard.shard_count {
-                respond(&shard, &mut stream, 400, b"no such shard", &[]).await;
-            } else {
-                tracing::warn!(
-                    shard = shard.id.0,
-                    target,
-                    millis,
-                    "POST /debug/stall: asking shard {target} to block for {millis} ms"
-                );
-                respond(&shard, &mut stream, 202, b"stalling\n", &[]).await;
-                shard
-                    .router
-                    .send(target, crate::server::ShardMessage::InjectStall { millis });
-            }
+            let drill = crate::server::ShardMessage::InjectStall { millis };
+            let what = format!("POST /debug/stall: asking shard {target} to block for {millis} ms");
+            fault_drill(
+                &shard,
+                &mut stream,
+                peer,
+                target,
+                drill,
+                &what,
+                b"stalling\n",
+            )
+            .await;
             return None;
         }
         Route::Reject(status, message) => {

@@ -274,6 +274,30 @@ impl Drop for Server {
     }
 }
 
+/// `switchboard agent add NAME --role ROLE` on a server's config, the password on stdin.
+pub fn agent_add(config: &std::path::Path, name: &str, role: &str, password: &str) {
+    let mut child = Command::new(BIN)
+        .args(["agent", "add", name, "--role", role, "--config"])
+        .arg(config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run switchboard agent add");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "agent add {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `switchboard kb import --config CONFIG FILE`, as an operator would; panics with
 /// its stderr if the import fails.
 pub fn kb_import(config: &std::path::Path, file: &std::path::Path) {
