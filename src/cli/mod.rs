@@ -406,13 +406,20 @@ fn serve(config: Config, registry: Registry, exec_started: Instant) -> ExitCode 
              create accounts with `switchboard agent add`"
         );
     }
-    if let Some(path) = &config.limits.blocklist_file {
-        // Each shard loads (and later reloads) the list itself; a bad file stops the start here.
-        if let Err(err) = crate::admission::Blocklist::load(path) {
-            eprintln!("switchboard: invalid configuration: limits.blocklist_file: {err}");
-            return ExitCode::from(2);
+    // Each shard loads (and later reloads) the list itself; a bad file stops the start here. The
+    // file's time, read before its content, is every shard's starting point: a change made
+    // after this check is then seen (and audited by shard 0) however late a shard starts.
+    let blocklist_mtime = match &config.limits.blocklist_file {
+        Some(path) => {
+            let mtime = crate::admission::blocklist::modified(path);
+            if let Err(err) = crate::admission::Blocklist::load(path) {
+                eprintln!("switchboard: invalid configuration: limits.blocklist_file: {err}");
+                return ExitCode::from(2);
+            }
+            mtime
         }
-    }
+        None => None,
+    };
     let tls = match config.tls.listen {
         None => None,
         Some(_) => match crate::tls::load_server_config(&config.tls.cert, &config.tls.key) {
@@ -463,6 +470,7 @@ fn serve(config: Config, registry: Registry, exec_started: Instant) -> ExitCode 
         tls: tls.clone(),
         handlers: registry,
         liveness: liveness.clone(),
+        blocklist_mtime,
     };
     let runtime =
         match shards::Runtime::start::<ShardMessage, _, _>(runtime_config, move |context| {

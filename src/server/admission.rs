@@ -49,11 +49,13 @@ pub struct Admission {
 
 impl Admission {
     /// Loads the blocklist; an unreadable or bad file here (main checked it before the shards
-    /// started) is logged and leaves the list empty.
-    pub fn new(config: &Config, shard: usize) -> Admission {
+    /// started) is logged and leaves the list empty. `checked_mtime` is the file's time when main
+    /// checked it: the poller compares with that, not with the time of this (later) load, so a
+    /// change made while the shards were starting is reloaded and audited like any other.
+    pub fn new(config: &Config, shard: usize, checked_mtime: Option<SystemTime>) -> Admission {
         let limits = &config.limits;
         let path = limits.blocklist_file.clone();
-        let mtime = path.as_deref().and_then(blocklist::modified);
+        let mtime = checked_mtime;
         let list = match path.as_deref().map(Blocklist::load) {
             Some(Ok(list)) => list,
             Some(Err(err)) => {

@@ -101,6 +101,9 @@ pub struct ShardShared {
     pub handlers: crate::bot::Registry,
     /// Every shard's heartbeat and start-up slot; this shard writes its own.
     pub liveness: Arc<Liveness>,
+    /// The blocklist file's modification time when main checked it: the shards' starting point
+    /// for noticing a change (see `admission::Admission::new`).
+    pub blocklist_mtime: Option<std::time::SystemTime>,
 }
 
 /// Runs one shard until shutdown.
@@ -113,6 +116,7 @@ pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared
         tls,
         handlers,
         liveness,
+        blocklist_mtime,
     } = shared;
     let arena = Rc::new(RefCell::new(Arena::new()));
     let router = match Router::open(
@@ -133,7 +137,7 @@ pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared
             std::process::exit(1);
         }
     };
-    let shard_admission = admission::Admission::new(&config, context.id.0);
+    let shard_admission = admission::Admission::new(&config, context.id.0, blocklist_mtime);
     let shard = Rc::new(Shard {
         id: context.id,
         shard_count: context.shard_count,
