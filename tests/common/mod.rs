@@ -114,16 +114,19 @@ impl Server {
             let mut addr_tx = Some(addr_tx);
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.split("listening on ").nth(1) {
-                    let addr: String = rest
-                        .chars()
+                let addr = line.split("listening on ").nth(1).map(|rest| {
+                    rest.chars()
                         .take_while(|c| !c.is_whitespace() && *c != '"')
-                        .collect();
-                    if let (Some(tx), Ok(addr)) = (addr_tx.take(), addr.parse::<SocketAddr>()) {
+                        .collect::<String>()
+                });
+                // The line is in the logs before the test learns the address, so a test that
+                // reads the listening line (shard count, cores) right after start finds it.
+                sink.lock().unwrap().push(line);
+                if let Some(addr) = addr.and_then(|addr| addr.parse::<SocketAddr>().ok()) {
+                    if let Some(tx) = addr_tx.take() {
                         let _ = tx.send(addr);
                     }
                 }
-                sink.lock().unwrap().push(line);
             }
         });
         let addr = match addr_rx.recv_timeout(Duration::from_secs(20)) {
@@ -261,7 +264,22 @@ pub fn write_config(dir: &std::path::Path, overlay: &str) -> std::path::PathBuf 
             text.push_str(&format!("{section}\n{body}\n\n"));
         }
     }
-    text.push_str(overlay);
+    // An overlay with its own [storage] section still stores under the test's directory (not in
+    // ./data of the checkout, where `scripts/install-and-run` would find it) unless it names a dir.
+    let overlay = match overlay.split_once("[storage]\n") {
+        Some((before, section))
+            if !section
+                .split("\n[")
+                .next()
+                .unwrap_or("")
+                .lines()
+                .any(|line| line.trim_start().starts_with("dir ")) =>
+        {
+            format!("{before}[storage]\ndir = {storage:?}\n{section}")
+        }
+        _ => overlay.to_string(),
+    };
+    text.push_str(&overlay);
     text.push('\n');
     std::fs::write(&config_path, text).expect("write test config");
     config_path
