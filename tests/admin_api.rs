@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{agent_add, Server};
+use common::{agent_add, banking77_kb, Server};
 use serde_json::{json, Value};
 
 const PASSWORD: &str = "a good long password";
@@ -80,48 +80,6 @@ fn token_of(addr: SocketAddr, name: &str) -> String {
     reply["token"].as_str().unwrap().to_owned()
 }
 
-/// Twelve BANKING77 questions for each of four intents, with answers.
-fn small_kb() -> String {
-    let source = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/banking77/kb.csv"
-    ))
-    .unwrap();
-    let wanted = [
-        ("card_arrival", "Cards arrive within 3 working days."),
-        (
-            "lost_or_stolen_card",
-            "Freeze your card in the app right away.",
-        ),
-        (
-            "exchange_rate",
-            "We use the interbank rate plus a small margin.",
-        ),
-        ("age_limit", "You must be 18 or older to open an account."),
-    ];
-    let mut csv = String::from("text,category,answer\n");
-    for (intent, answer) in wanted {
-        let rows: Vec<&str> = source
-            .lines()
-            .skip(1)
-            .filter_map(|line| {
-                let (text, category) = line.rsplit_once(',')?;
-                (category == intent).then_some(text)
-            })
-            .take(12)
-            .collect();
-        assert_eq!(rows.len(), 12, "{intent}");
-        for text in rows {
-            let text = text.trim_matches('"').replace("\"\"", "\"");
-            csv.push_str(&format!(
-                "\"{}\",{intent},\"{answer}\"\n",
-                text.replace('"', "\"\"")
-            ));
-        }
-    }
-    csv
-}
-
 #[test]
 fn admin_imports_searches_tries_and_reads_the_audit_log() {
     let server = Server::start(CONFIG);
@@ -149,7 +107,18 @@ fn admin_imports_searches_tries_and_reads_the_audit_log() {
     assert_eq!(reply["error"]["code"], "invalid_knowledge_base");
 
     // The import.
-    let csv = small_kb();
+    let csv = banking77_kb(&[
+        ("card_arrival", "Cards arrive within 3 working days."),
+        (
+            "lost_or_stolen_card",
+            "Freeze your card in the app right away.",
+        ),
+        (
+            "exchange_rate",
+            "We use the interbank rate plus a small margin.",
+        ),
+        ("age_limit", "You must be 18 or older to open an account."),
+    ]);
     let (status, reply) = request(
         addr,
         "POST",

@@ -68,7 +68,14 @@ fn a_scrape_after_real_traffic_parses_and_adds_up() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), BOT_CONFIG);
     let kb = dir.path().join("kb.csv");
-    std::fs::write(&kb, knowledge_base()).unwrap();
+    std::fs::write(
+        &kb,
+        banking77_kb(&[
+            ("card_arrival", ANSWER),
+            ("age_limit", "You must be 18 or older to open an account."),
+        ]),
+    )
+    .unwrap();
     kb_import(&config, &kb);
     agent_add(&config, "ada", "agent", PASSWORD);
     let server = Server::start_in(dir, BOT_CONFIG);
@@ -386,38 +393,6 @@ fn single(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// `_count` of histogram `name` for `shard`.
 fn histogram_count(scrape: &Scrape, name: &str, shard: &str) -> u64 {
     single(scrape, &format!("{name}_count"), &[("shard", shard)]) as u64
-}
-
-/// Two intents of the committed BANKING77 split, twelve questions each, with answers.
-fn knowledge_base() -> String {
-    let source = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/banking77/kb.csv"
-    ))
-    .expect("the committed BANKING77 split");
-    let mut csv = String::from("text,category,answer\n");
-    for (intent, answer) in [
-        ("card_arrival", ANSWER),
-        ("age_limit", "You must be 18 or older to open an account."),
-    ] {
-        let questions: Vec<&str> = source
-            .lines()
-            .skip(1)
-            .filter_map(|line| line.rsplit_once(','))
-            .filter(|(_, category)| *category == intent)
-            .map(|(text, _)| text)
-            .take(12)
-            .collect();
-        assert_eq!(questions.len(), 12, "{intent} in the split");
-        for text in questions {
-            let text = text.trim_matches('"').replace("\"\"", "\"");
-            csv.push_str(&format!(
-                "\"{}\",{intent},\"{answer}\"\n",
-                text.replace('"', "\"\"")
-            ));
-        }
-    }
-    csv
 }
 
 /// `POST /api/login`; the token, or `None` when refused.

@@ -292,6 +292,36 @@ impl Drop for Server {
     }
 }
 
+/// A knowledge-base CSV (`text,category,answer`): the first twelve questions of each intent in
+/// the committed BANKING77 split, with the given answers.
+pub fn banking77_kb(intents: &[(&str, &str)]) -> String {
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/banking77/kb.csv"
+    ))
+    .expect("the committed BANKING77 split");
+    let mut csv = String::from("text,category,answer\n");
+    for (intent, answer) in intents {
+        let questions: Vec<&str> = source
+            .lines()
+            .skip(1)
+            .filter_map(|line| line.rsplit_once(','))
+            .filter(|(_, category)| category == intent)
+            .map(|(text, _)| text)
+            .take(12)
+            .collect();
+        assert_eq!(questions.len(), 12, "{intent} in the split");
+        for text in questions {
+            let text = text.trim_matches('"').replace("\"\"", "\"");
+            csv.push_str(&format!(
+                "\"{}\",{intent},\"{answer}\"\n",
+                text.replace('"', "\"\"")
+            ));
+        }
+    }
+    csv
+}
+
 /// `switchboard agent add NAME --role ROLE` on a server's config, the password on stdin.
 pub fn agent_add(config: &std::path::Path, name: &str, role: &str, password: &str) {
     let mut child = Command::new(BIN)
