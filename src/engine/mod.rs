@@ -35,6 +35,7 @@ pub mod cache;
 pub mod classifier;
 pub mod encoder;
 pub mod eval;
+pub mod finetune;
 pub mod intent;
 pub mod progress;
 pub mod update;
