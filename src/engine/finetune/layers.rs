@@ -19,8 +19,8 @@ const MAX_WIDTH: usize = 1 << 16;
 const MAX_LAYERS: usize = 1 << 10;
 
 /// The weights of `count` consecutive post-LayerNorm BERT layers, in `f32`: per layer one flat
-/// vector laid out as [`Layout`] describes (query/key/value fused into one `[3h, h]` matrix,
-/// Linear weights `[out, in]` as in PyTorch).
+/// vector laid out as [`Layout`] describes (dense weights `[in, out]`, the transpose of the
+/// PyTorch tensors; query/key/value fused into one `[h, 3h]` matrix).
 #[derive(Clone, Debug, PartialEq)]
 pub struct TopLayers {
     pub(crate) first_layer: usize,
@@ -131,27 +131,34 @@ impl TopLayers {
         let mut params = Vec::with_capacity(count * layout.len());
         for layer in first_layer..first_layer + count {
             let key = |part: &str, what: &str| format!("encoder.layer.{layer}.{part}.{what}");
-            let mut get = |part: &str, what: &str, shape: &[usize]| -> Result<(), FineTuneError> {
-                let (values, _) = tensor(&key(part, what), Some(shape))?;
-                params.extend_from_slice(&values);
-                Ok(())
-            };
-            for part in &KEY_PARTS[5..] {
-                get(part, "weight", &[h, h])?;
+            let get =
+                |part: &str, what: &str, shape: &[usize]| -> Result<Vec<f32>, FineTuneError> {
+                    Ok(tensor(&key(part, what), Some(shape))?.0)
+                };
+            // Query, key and value: [out, in] each, stored fused and transposed as [h, 3h].
+            let qkv = [
+                get(KEY_PARTS[5], "weight", &[h, h])?,
+                get(KEY_PARTS[6], "weight", &[h, h])?,
+                get(KEY_PARTS[7], "weight", &[h, h])?,
+            ];
+            for k in 0..h {
+                for w in &qkv {
+                    params.extend((0..h).map(|o| w[o * h + k]));
+                }
             }
             for part in &KEY_PARTS[5..] {
-                get(part, "bias", &[h])?;
+                params.extend(get(part, "bias", &[h])?);
             }
-            get(KEY_PARTS[0], "weight", &[h, h])?;
-            get(KEY_PARTS[0], "bias", &[h])?;
-            get(KEY_PARTS[1], "weight", &[h])?;
-            get(KEY_PARTS[1], "bias", &[h])?;
-            get(KEY_PARTS[2], "weight", &[i, h])?;
-            get(KEY_PARTS[2], "bias", &[i])?;
-            get(KEY_PARTS[3], "weight", &[h, i])?;
-            get(KEY_PARTS[3], "bias", &[h])?;
-            get(KEY_PARTS[4], "weight", &[h])?;
-            get(KEY_PARTS[4], "bias", &[h])?;
+            push_transposed(&mut params, &get(KEY_PARTS[0], "weight", &[h, h])?, h, h);
+            params.extend(get(KEY_PARTS[0], "bias", &[h])?);
+            params.extend(get(KEY_PARTS[1], "weight", &[h])?);
+            params.extend(get(KEY_PARTS[1], "bias", &[h])?);
+            push_transposed(&mut params, &get(KEY_PARTS[2], "weight", &[i, h])?, i, h);
+            params.extend(get(KEY_PARTS[2], "bias", &[i])?);
+            push_transposed(&mut params, &get(KEY_PARTS[3], "weight", &[h, i])?, h, i);
+            params.extend(get(KEY_PARTS[3], "bias", &[h])?);
+            params.extend(get(KEY_PARTS[4], "weight", &[h])?);
+            params.extend(get(KEY_PARTS[4], "bias", &[h])?);
         }
         debug_assert_eq!(params.len(), count * layout.len());
         Ok(TopLayers {
@@ -194,7 +201,8 @@ impl TopLayers {
     }
 
     /// Magic `SBTOPLYR`, then little-endian u32 format version, first layer, count, hidden,
-    /// intermediate, heads, then every layer's `f32` parameters in [`Layout`] order.
+    /// intermediate, heads, then every layer's `f32` parameters in [`Layout`] order (dense
+    /// weights `[in, out]`).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + 4 * self.params.len());
         out.extend_from_slice(MAGIC);
@@ -336,6 +344,13 @@ pub(crate) fn mean_unit(rows: &[f32], tokens: usize, out: &mut [f32]) -> f32 {
         *o *= k;
     }
     norm
+}
+
+/// Appends the `[out, in]` matrix `w` transposed, i.e. as `[in, out]`.
+fn push_transposed(params: &mut Vec<f32>, w: &[f32], out: usize, inp: usize) {
+    for k in 0..inp {
+        params.extend((0..out).map(|o| w[o * inp + k]));
+    }
 }
 
 fn check_heads(hidden: usize, heads: usize) -> Result<(), FineTuneError> {

@@ -10,8 +10,11 @@ use std::ops::Range;
 /// LayerNorm epsilon of BERT (`layer_norm_eps` of all-MiniLM-L6-v2).
 pub(crate) const LAYER_NORM_EPS: f32 = 1e-12;
 
-/// Where each parameter of one layer lives in its flat `f32` vector. Query, key and value are
-/// stored as one `[3·hidden, hidden]` matrix (query rows first) so one product computes all three.
+/// Where each parameter of one layer lives in its flat `f32` vector. Dense weights are stored
+/// `[in, out]` row-major (the transpose of PyTorch's `[out, in]`: `matrixmultiply` packs a
+/// row-major right operand much faster, which is most of the cost for short sequences). Query,
+/// key and value are fused into one `[hidden, 3·hidden]` matrix (query columns first) so one
+/// product computes all three.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Layout {
     pub hidden: usize,
@@ -39,7 +42,7 @@ impl Layout {
     /// The sizes of the parameter kinds, in the order of [`PARAMETER_KINDS`].
     pub fn sizes(&self) -> [usize; 12] {
         let (h, i) = (self.hidden, self.intermediate);
-        [3 * h * h, 3 * h, h * h, h, h, h, i * h, i, h * i, h, h, h]
+        [h * 3 * h, 3 * h, h * h, h, h, h, h * i, i, i * h, h, h, h]
     }
 
     /// Number of `f32` parameters in one layer.
@@ -203,14 +206,14 @@ pub(crate) fn gemm(
     }
 }
 
-/// `y[t, :] = x[t, :] · Wᵀ + bias` for a `[out, in]` weight `w`; `y` is `[tokens, out]`.
+/// `y[t, :] = x[t, :] · W + bias` for an `[in, out]` weight `w`; `y` is `[tokens, out]`.
 pub(crate) fn linear(x: &[f32], tokens: usize, w: &[f32], bias: &[f32], y: &mut [f32]) {
     let out = bias.len();
     let inp = w.len() / out;
     for row in y[..tokens * out].chunks_exact_mut(out) {
         row.copy_from_slice(bias);
     }
-    gemm(tokens, inp, out, 1.0, x, (inp, 1), w, (1, inp), 1.0, y, out);
+    gemm(tokens, inp, out, 1.0, x, (inp, 1), w, (out, 1), 1.0, y, out);
 }
 
 /// In place over each row of `x` (`[rows, width]`): `x ← LayerNorm(x)`; keeps the normalised
@@ -448,20 +451,20 @@ pub(crate) fn backward_layer(
         g.ln2_b,
         d_b,
     );
-    // Output dense: b = act·W_outᵀ + b_out + x1.
+    // Output dense: b = act·W_out + b_out + x1 (W_out is [inter, h]).
     add_column_sums(d_b, g.out_b);
     gemm(
-        h,
-        t,
         inter,
+        t,
+        h,
         1.0,
-        d_b,
-        (1, h),
         act,
-        (inter, 1),
+        (1, inter),
+        d_b,
+        (h, 1),
         1.0,
         g.out_w,
-        inter,
+        h,
     );
     let d_pre = sized(&mut buffers.d_pre, t * inter);
     gemm(
@@ -472,7 +475,7 @@ pub(crate) fn backward_layer(
         d_b,
         (h, 1),
         p.out_w,
-        (inter, 1),
+        (1, h),
         0.0,
         d_pre,
         inter,
@@ -480,22 +483,22 @@ pub(crate) fn backward_layer(
     for (dp, &x) in d_pre.iter_mut().zip(pre) {
         *dp *= gelu_derivative(x);
     }
-    // Intermediate dense: pre = x1·W_iᵀ + b_i; x1 also feeds the residual.
+    // Intermediate dense: pre = x1·W_i + b_i; x1 also feeds the residual.
     let d_x1 = sized(&mut buffers.d_x1, t * h);
     d_x1.copy_from_slice(d_b);
     add_column_sums(d_pre, g.i_b);
     gemm(
-        inter,
-        t,
         h,
+        t,
+        inter,
         1.0,
-        d_pre,
-        (1, inter),
         x1,
-        (h, 1),
+        (1, h),
+        d_pre,
+        (inter, 1),
         1.0,
         g.i_w,
-        h,
+        inter,
     );
     gemm(
         t,
@@ -505,7 +508,7 @@ pub(crate) fn backward_layer(
         d_pre,
         (inter, 1),
         p.i_w,
-        (h, 1),
+        (1, inter),
         1.0,
         d_x1,
         h,
@@ -521,11 +524,11 @@ pub(crate) fn backward_layer(
         g.ln1_b,
         d_a,
     );
-    // Attention output dense: a = ctx·W_oᵀ + b_o + input.
+    // Attention output dense: a = ctx·W_o + b_o + input.
     add_column_sums(d_a, g.o_b);
-    gemm(h, t, h, 1.0, d_a, (1, h), ctx, (h, 1), 1.0, g.o_w, h);
+    gemm(h, t, h, 1.0, ctx, (1, h), d_a, (h, 1), 1.0, g.o_w, h);
     let d_ctx = sized(&mut buffers.d_ctx, t * h);
-    gemm(t, h, h, 1.0, d_a, (h, 1), p.o_w, (h, 1), 0.0, d_ctx, h);
+    gemm(t, h, h, 1.0, d_a, (h, 1), p.o_w, (1, h), 0.0, d_ctx, h);
 
     // Attention, per sequence and head.
     let d_qkv = sized(&mut buffers.d_qkv, t * 3 * h);
@@ -601,20 +604,20 @@ pub(crate) fn backward_layer(
             );
         }
     }
-    // qkv = input·W_qkvᵀ + b_qkv.
+    // qkv = input·W_qkv + b_qkv.
     add_column_sums(d_qkv, g.qkv_b);
     gemm(
-        3 * h,
-        t,
         h,
+        t,
+        3 * h,
         1.0,
-        d_qkv,
-        (1, 3 * h),
         input,
-        (h, 1),
+        (1, h),
+        d_qkv,
+        (3 * h, 1),
         1.0,
         g.qkv_w,
-        h,
+        3 * h,
     );
     if let Some(d_input) = d_input {
         let d_input = &mut d_input[..t * h];
@@ -627,7 +630,7 @@ pub(crate) fn backward_layer(
             d_qkv,
             (3 * h, 1),
             p.qkv_w,
-            (h, 1),
+            (1, 3 * h),
             1.0,
             d_input,
             h,

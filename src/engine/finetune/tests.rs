@@ -67,6 +67,7 @@ fn random_sequences(lengths: &[usize], hidden: usize, seed: u64) -> Vec<Vec<f32>
 mod reference {
     use super::Layout;
 
+    /// `x · W + b` with `W` stored `[in, out]`.
     fn linear(x: &[f64], n: usize, w: &[f64], b: &[f64]) -> Vec<f64> {
         let out = b.len();
         let inp = w.len() / out;
@@ -75,7 +76,7 @@ mod reference {
             for o in 0..out {
                 let mut s = b[o];
                 for i in 0..inp {
-                    s += x[t * inp + i] * w[o * inp + i];
+                    s += x[t * inp + i] * w[i * out + o];
                 }
                 y[t * out + o] = s;
             }
@@ -101,13 +102,14 @@ mod reference {
     pub fn layer(p: &[f64], layout: Layout, heads: usize, x: &[f64], n: usize) -> Vec<f64> {
         let (h, inter) = (layout.hidden, layout.intermediate);
         let r = |k: usize| &p[layout.range(k)];
-        let wq = &r(0)[..h * h];
-        let wk = &r(0)[h * h..2 * h * h];
-        let wv = &r(0)[2 * h * h..];
-        let (bq, bk, bv) = (&r(1)[..h], &r(1)[h..2 * h], &r(1)[2 * h..]);
-        let q = linear(x, n, wq, bq);
-        let k = linear(x, n, wk, bk);
-        let v = linear(x, n, wv, bv);
+        let qkv = linear(x, n, r(0), r(1));
+        let q: Vec<f64> = (0..n * h).map(|j| qkv[(j / h) * 3 * h + j % h]).collect();
+        let k: Vec<f64> = (0..n * h)
+            .map(|j| qkv[(j / h) * 3 * h + h + j % h])
+            .collect();
+        let v: Vec<f64> = (0..n * h)
+            .map(|j| qkv[(j / h) * 3 * h + 2 * h + j % h])
+            .collect();
         let d = h / heads;
         let mut ctx = vec![0.0; n * h];
         for hd in 0..heads {
