@@ -28,7 +28,7 @@
 //! - [`TopLayers::from_bytes`] turns every malformed input into a [`FineTuneError`].
 //!
 //! # Measured
-//! 2-core AVX2/AVX-512 machine shared with another compilation (load average 3-5), this crate
+//! 2-core AVX2/AVX-512 machine shared with another compilation (load average 1-5), this crate
 //! at opt-level 3 without debug assertions, its dependencies at the workspace's opt-level 2:
 //! `CARGO_PROFILE_TEST_OPT_LEVEL=3 CARGO_PROFILE_TEST_DEBUG_ASSERTIONS=false
 //! CARGO_PROFILE_TEST_OVERFLOW_CHECKS=false CARGO_PROFILE_TEST_DEBUG=0 cargo test --lib
@@ -37,8 +37,8 @@
 //!
 //! | what | result |
 //! | --- | --- |
-//! | `fine_tune`, 1 epoch, 2 threads | 30-34 s: 8-9 s for the untuned pass that starts the proxies, 22-25 s for the epoch's 282 steps |
-//! | `embed_sequence`, one thread, 1 / 16 / 64 tokens | 2.6-4.1 / 2.9-3.3 / 8.4-8.8 ms |
+//! | `fine_tune`, 1 epoch, 2 threads | 34 s: 9 s for the untuned pass that starts the proxies, 25-26 s for the epoch's 282 steps (22-23 s with the earlier `[out, in]` weights) |
+//! | `embed_sequence`, one thread, 1 / 16 / 64 tokens | 2.6-4.1 / 2.9-3.4 / 8.4-8.8 ms |
 //! | untuned fp32 layers 4-5 vs the shipped model's vectors (6 questions of tests/data/finetune) | lowest cosine 0.99977 |
 //! | the experiment's real layer-3 states of kb.csv (9,000 questions, 146,087 tokens), defaults (2 epochs, 2 threads), test `real_knowledge_base_trains_like_the_experiment` | epoch losses 0.4488, 0.3223 (JAX: 0.4487, 0.3227); 62 s in all: 9 s proxy pass, 26 + 27 s for the epochs |
 //!
@@ -46,8 +46,8 @@
 //! more than 1 ms even at this core's peak. Profile of `embed_sequence` (`perf record`): 53% in
 //! `matrixmultiply`'s AVX-512 kernel (about 70 GFLOP/s at 16 tokens; it computes whole 16-row
 //! tiles, so 1 token costs as much as 16), 22% packing the weight matrices (done on every call;
-//! storing the weights `[in, out]` instead of PyTorch's `[out, in]` cut it from 4.1 to 3.3 ms
-//! at 16 tokens), 9% softmax/LayerNorm/GELU loops, 7% `erff`.
+//! storing the weights `[in, out]` instead of PyTorch's `[out, in]` cut 16 tokens from 3.7-4.1
+//! to 2.9-3.4 ms), 9% softmax/LayerNorm/GELU loops, 7% `erff`.
 
 mod layers;
 mod math;
