@@ -426,6 +426,13 @@ pub struct InferenceConfig {
     /// The cascade: the companion embeds a query only when the primary model's best score
     /// is below this (1: every query).
     pub companion_below: f64,
+    /// `kb import` fine-tunes the model's top layers on the knowledge base (when the model has
+    /// an inner output and the knowledge base has at least `fine_tune_min_questions`).
+    pub fine_tune: bool,
+    /// The fp32 weights the tuned layers start from (safetensors).
+    pub fine_tune_weights: PathBuf,
+    pub fine_tune_epochs: usize,
+    pub fine_tune_min_questions: usize,
 }
 
 /// `[bot]`
@@ -990,6 +997,12 @@ impl InferenceConfig {
             "companion_tokenizer" => self.companion_tokenizer = f.optional_path()?,
             "companion_text_prefix" => self.companion_text_prefix = f.text(0, 64)?.to_string(),
             "companion_below" => self.companion_below = f.float_in(0.0, 1.0)?,
+            "fine_tune" => self.fine_tune = f.boolean()?,
+            "fine_tune_weights" => self.fine_tune_weights = f.optional_path()?,
+            "fine_tune_epochs" => self.fine_tune_epochs = f.integer_in(1, 20)?,
+            "fine_tune_min_questions" => {
+                self.fine_tune_min_questions = f.integer_in(1, 10_000_000)?
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -1195,6 +1208,10 @@ impl Config {
         w.path("companion_tokenizer", &inf.companion_tokenizer);
         w.string("companion_text_prefix", &inf.companion_text_prefix);
         w.float("companion_below", inf.companion_below);
+        w.display("fine_tune", inf.fine_tune);
+        w.path("fine_tune_weights", &inf.fine_tune_weights);
+        w.display("fine_tune_epochs", inf.fine_tune_epochs);
+        w.display("fine_tune_min_questions", inf.fine_tune_min_questions);
 
         w.section("bot");
         w.float("confidence_threshold", bot.confidence_threshold);
@@ -1382,6 +1399,10 @@ impl Config {
                 companion_tokenizer: PathBuf::new(),
                 companion_text_prefix: String::new(),
                 companion_below: 0.0,
+                fine_tune: false,
+                fine_tune_weights: PathBuf::new(),
+                fine_tune_epochs: 0,
+                fine_tune_min_questions: 0,
             },
             bot: BotConfig {
                 confidence_threshold: 0.0,

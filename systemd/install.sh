@@ -180,7 +180,7 @@ install_models() {
     fi
     if ((!DRY_RUN)); then
         local file missing=()
-        for file in model.onnx tokenizer.json libonnxruntime.so; do
+        for file in model.split.onnx model.fp32.safetensors tokenizer.json libonnxruntime.so; do
             [[ -f "$DESTDIR$MODELS_DIR/$file" ]] || missing+=("$file")
         done
         if ((${#missing[@]})); then

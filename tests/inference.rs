@@ -115,7 +115,8 @@ fn knowledge_base(card_answer: &str) -> Vec<Entry> {
 /// Embeds and trains once, with the shipped model.
 fn prepare(entries: Vec<Entry>) -> PreparedUpdate {
     let mut encoder = model().load().expect("load the model (run models/fetch)");
-    update::prepare(entries, &mut encoder).expect("prepare the update")
+    update::prepare(entries, &mut encoder, &update::FineTuneSettings::off())
+        .expect("prepare the update")
 }
 
 /// Stores `prepared` in shard 0's replica, in this process (no engine may have it open).
@@ -375,7 +376,12 @@ fn with_companion() -> ModelSettings {
 fn the_cascade_runs_the_companion_only_below_the_threshold() {
     let dir = tempfile::tempdir().unwrap();
     let mut encoder = with_companion().load().expect("load both models");
-    let prepared = update::prepare(knowledge_base("Cards arrive soon."), &mut encoder).unwrap();
+    let prepared = update::prepare(
+        knowledge_base("Cards arrive soon."),
+        &mut encoder,
+        &update::FineTuneSettings::off(),
+    )
+    .unwrap();
     assert_eq!(prepared.dim, 768);
     let (full, primary) =
         switchboard::engine::classifier::SoftmaxRegression::heads_from_bytes(&prepared.head)

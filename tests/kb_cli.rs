@@ -338,3 +338,115 @@ fn an_import_shows_its_progress_and_a_companion_model_joins_the_vectors() {
         "{report}"
     );
 }
+
+/// The BANKING77 hold-out rows of `intents` as a `kb eval` CSV.
+fn holdout_of(intents: &[&str]) -> String {
+    let source = std::fs::read_to_string(data("holdout.csv")).expect("the committed hold-out");
+    let mut csv = String::from("text,category\n");
+    for line in source.lines().skip(1) {
+        if let Some((_, category)) = line.rsplit_once(',') {
+            if intents.contains(&category) {
+                csv.push_str(line);
+                csv.push('\n');
+            }
+        }
+    }
+    csv
+}
+
+/// `[inference] fine_tune` with the split model: the import runs the frozen layers, trains the
+/// top two on the knowledge base (progress bars for both), stores the tuned layers with the
+/// version and names them in the fingerprint; `kb eval` then embeds queries with the same
+/// layers (no lexical fallback) and answers the hold-out. With `fine_tune = false`, or below
+/// `fine_tune_min_questions`, or with the plain model, the import says why it did not tune.
+#[test]
+fn fine_tuning_trains_the_top_layers_at_import_and_queries_use_them() {
+    const INTENTS: [&str; 6] = [
+        "card_arrival",
+        "change_pin",
+        "exchange_rate",
+        "lost_or_stolen_card",
+        "top_up_failed",
+        "declined_transfer",
+    ];
+    let site = Site::with_model(&models_dir().join("model.split.onnx"));
+    let base = std::fs::read_to_string(&site.config).unwrap();
+    let tuned_config = format!(
+        "{base}fine_tune = true\nfine_tune_weights = {:?}\nfine_tune_min_questions = 50\n",
+        models_dir().join("model.fp32.safetensors")
+    );
+    std::fs::write(&site.config, &tuned_config).unwrap();
+    let answers: Vec<(&str, &str)> = INTENTS
+        .iter()
+        .map(|i| (*i, "See our help pages."))
+        .collect();
+    let kb = site.write("six.csv", &common::banking77_kb(&answers));
+    let output = site.kb(&["import", kb.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("fine-tuned the top layer on the knowledge base"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("vectors embedded by model.split.onnx sha256:")
+            && stdout.contains(" tuned:"),
+        "the fingerprint names the tuned layers:\n{stdout}"
+    );
+    for bar in ["frozen layers [", "fine-tuning [", "steps/s"] {
+        assert!(stderr.contains(bar), "{bar:?} missing:\n{stderr}");
+    }
+
+    let queries = site.write("queries.csv", &holdout_of(&INTENTS));
+    let report = site.kb_ok(&["eval", queries.to_str().unwrap()]);
+    assert!(
+        report.contains("degraded (lexical) recognitions: 0"),
+        "queries must be embedded with the tuned layers:\n{report}"
+    );
+    let top1: f64 = report
+        .lines()
+        .find_map(|line| line.strip_prefix("top-1 before thresholds: "))
+        .and_then(|rest| rest.split('%').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no top-1 line in:\n{report}"));
+    assert!(top1 >= 90.0, "top-1 {top1}% on six intents:\n{report}");
+
+    // Not tuned, and the import says why.
+    std::fs::write(
+        &site.config,
+        tuned_config.replace("fine_tune = true", "fine_tune = false"),
+    )
+    .unwrap();
+    let import = site.kb_ok(&["import", kb.to_str().unwrap()]);
+    assert!(
+        import.contains("not fine-tuned: [inference] fine_tune is false"),
+        "{import}"
+    );
+    assert!(!import.contains("vectors embedded by"), "{import}");
+    std::fs::write(
+        &site.config,
+        tuned_config.replace(
+            "fine_tune_min_questions = 50",
+            "fine_tune_min_questions = 1000",
+        ),
+    )
+    .unwrap();
+    let import = site.kb_ok(&["import", kb.to_str().unwrap()]);
+    assert!(
+        import.contains("not fine-tuned: the knowledge base has 72 questions, fewer than"),
+        "{import}"
+    );
+    let plain = Site::new();
+    let plain_base = std::fs::read_to_string(&plain.config).unwrap();
+    std::fs::write(
+        &plain.config,
+        format!("{plain_base}fine_tune = true\nfine_tune_min_questions = 50\n"),
+    )
+    .unwrap();
+    let import = plain.kb_ok(&["import", kb.to_str().unwrap()]);
+    assert!(
+        import.contains("not fine-tuned: the model has no `layer_norm_10` output"),
+        "{import}"
+    );
+}

@@ -310,7 +310,8 @@ pub fn import(
     ) {
         warnings.extend(coverage.warning(&config.inference.tokenizer));
     }
-    let prepared = match update::prepare(entries, &mut encoder) {
+    let fine_tune = update::FineTuneSettings::from_config(config, threads);
+    let prepared = match update::prepare(entries, &mut encoder, &fine_tune) {
         Ok(prepared) => prepared,
         Err(err) => return ApiResponse::error(500, "import_failed", err),
     };
@@ -350,6 +351,7 @@ pub fn import(
             "shards": shards,
             "embed_ms": prepared.embed_time.as_millis() as u64,
             "train_ms": prepared.train_time.as_millis() as u64,
+            "fine_tuned": matches!(prepared.fine_tune, update::FineTuneOutcome::Tuned { .. }),
             "total_ms": started.elapsed().as_millis() as u64,
             "warnings": warnings,
         }),

@@ -693,29 +693,72 @@ fn kb_import(config_path: Option<&Path>, file: &Path) -> Result<(), Failure> {
     if let Some(warning) = coverage.warning(&config.inference.tokenizer) {
         eprintln!("warning: {warning}");
     }
+    let fine_tune = update::FineTuneSettings::from_config(&config, threads);
     let terminal = std::io::stderr().is_terminal();
-    let mut bar = ImportProgress::new(kb::question_count(&entries), terminal);
-    let embed_started = Instant::now();
-    let prepared = update::prepare_with_progress(entries, &mut encoder, &mut |done, _| {
-        if let Some(line) = bar.update(done, embed_started.elapsed()) {
-            if terminal {
-                eprint!("\r{line}");
-            } else {
-                eprintln!("{line}");
+    // One bar per stage (see `ImportStage`), each started when its stage starts.
+    let mut stage: Option<(update::ImportStage, ImportProgress, Instant)> = None;
+    let prepared = update::prepare_with_progress(
+        entries,
+        &mut encoder,
+        &fine_tune,
+        &mut |current, done, total| {
+            if stage.as_ref().is_none_or(|(shown, _, _)| *shown != current) {
+                if terminal && stage.is_some() {
+                    eprintln!();
+                }
+                let (label, unit) = match current {
+                    update::ImportStage::LowerLayers => ("frozen layers", "questions"),
+                    update::ImportStage::FineTuning => ("fine-tuning", "steps"),
+                    update::ImportStage::Embedding => ("embedding", "questions"),
+                };
+                let bar = ImportProgress::new(total, terminal).labelled(label, unit);
+                stage = Some((current, bar, Instant::now()));
             }
-        }
-    });
+            let (_, bar, started) = stage.as_mut().expect("set above");
+            if let Some(line) = bar.update(done, started.elapsed()) {
+                if terminal {
+                    eprint!("\r{line}");
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        },
+    );
     if terminal {
         eprintln!();
     }
     let prepared = prepared.map_err(Failure::runtime)?;
     drop(encoder);
+    match &prepared.fine_tune {
+        update::FineTuneOutcome::Tuned {
+            report,
+            lower_layers_time,
+        } => println!(
+            "fine-tuned the top {} on the knowledge base: frozen layers {}, {} epochs ({} steps) in {}, loss {:.3} -> {:.3}",
+            match update::TUNED_LAYER_COUNT {
+                1 => "layer".to_string(),
+                n => format!("{n} layers"),
+            },
+            seconds(*lower_layers_time),
+            report.epochs,
+            report.steps,
+            seconds(report.elapsed),
+            report.first_epoch_loss,
+            report.last_epoch_loss
+        ),
+        update::FineTuneOutcome::Skipped(reason) => {
+            println!("not fine-tuned: {reason}")
+        }
+    }
     println!(
         "embedded {} questions in {} ({} dimensions, {threads} threads)",
         prepared.question_count(),
         seconds(prepared.embed_time),
         prepared.dim
     );
+    if matches!(prepared.fine_tune, update::FineTuneOutcome::Tuned { .. }) {
+        println!("vectors embedded by {}", prepared.model_fingerprint);
+    }
     println!(
         "trained the classifier head in {} ({} iterations, loss {:.4})",
         seconds(prepared.train_time),

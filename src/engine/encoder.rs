@@ -23,6 +23,13 @@
 //! - ONNX Runtime is loaded dynamically from the library path given at load time. The library
 //!   and its environment are process-wide: every encoder in a process must name the same file.
 //!
+//! A model may also expose the hidden states of an inner layer as a second output (models/fetch
+//! builds `model.split.onnx`, the `en` model with layer 4's output added). Such an encoder can
+//! embed with *tuned top layers* ([`Encoder::encode_tuned_into`]): ONNX Runtime runs the frozen
+//! lower layers only (it prunes the rest), and [`TopLayers`] (fine-tuned at import time,
+//! `engine::finetune`) runs the top ones and pools. Without tuned layers such a model embeds
+//! exactly as the original file does (a run asks for `last_hidden_state` alone).
+//!
 //! An encoder may carry a *companion* ([`Encoder::with_companion`]): a second model whose
 //! embedding of the same text is appended to this one's, each half scaled by 1/√2. The result
 //! is still one unit-length vector (width = the sum of the two widths), and the cosine of two
@@ -36,9 +43,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};
 
 use ort::session::builder::GraphOptimizationLevel;
-use ort::session::{Session, SessionInputValue};
+use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue};
 use ort::value::{TensorElementType, TensorRef, ValueType};
 use tokenizers::{Tokenizer, TruncationParams};
+
+use super::finetune::{Scratch as TunedScratch, TopLayers};
 
 /// Why an encoder could not be loaded or could not encode.
 #[derive(Debug, thiserror::Error)]
@@ -219,6 +228,26 @@ pub struct Encoder {
     companion: Option<Box<Encoder>>,
     /// This model's own fingerprint (without the companion's).
     own_fingerprint: String,
+    /// The inner-layer output, when the model has one (see the module documentation).
+    split: Option<SplitOutput>,
+    /// Buffers of the tuned top layers (empty until used, released with the token buffers).
+    tuned_scratch: TunedScratch,
+}
+
+/// A model's second, inner-layer output and the run options that ask for one output only.
+struct SplitOutput {
+    name: String,
+    /// Asks for `last_hidden_state` alone (the whole model runs).
+    full_run: RunOptions<HasSelectedOutputs>,
+    /// Asks for the inner output alone (ONNX Runtime skips the layers above it).
+    split_run: RunOptions<HasSelectedOutputs>,
+}
+
+/// Which output a model call reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Last,
+    Split,
 }
 
 /// Which part of an encoder with a companion embeds a text (see [`Encoder::encode_part`]).
@@ -361,6 +390,32 @@ impl Encoder {
             .ok_or_else(|| {
                 unsupported("no `last_hidden_state` output and no single float [batch, sequence, dim] output".into())
             })?;
+        // A second float [batch, sequence, hidden] output next to `last_hidden_state`: the
+        // inner layer tuned top layers start from.
+        let split_name = (outputs[output_index].name() == "last_hidden_state")
+            .then(|| {
+                outputs
+                    .iter()
+                    .enumerate()
+                    .find(|(i, o)| *i != output_index && rank3_float(o.dtype()))
+                    .map(|(_, o)| o.name().to_owned())
+            })
+            .flatten();
+        let split = match split_name {
+            Some(name) => {
+                let options =
+                    |output: &str| -> Result<RunOptions<HasSelectedOutputs>, EncoderError> {
+                        Ok(RunOptions::new()?
+                            .with_outputs(OutputSelector::no_default().with(output)))
+                    };
+                Some(SplitOutput {
+                    full_run: options("last_hidden_state")?,
+                    split_run: options(&name)?,
+                    name,
+                })
+            }
+            None => None,
+        };
         let dim = match outputs[output_index].dtype() {
             ValueType::Tensor {
                 ty: TensorElementType::Float32,
@@ -387,7 +442,14 @@ impl Encoder {
             mask: Vec::new(),
             type_ids: Vec::new(),
             companion: None,
+            split,
+            tuned_scratch: TunedScratch::default(),
         })
+    }
+
+    /// The name of the inner-layer output tuned top layers start from, if the model has one.
+    pub fn split_output(&self) -> Option<&str> {
+        self.split.as_ref().map(|split| split.name.as_str())
     }
 
     /// Appends `companion`'s embedding of every text to this encoder's (each half scaled by
@@ -583,6 +645,96 @@ impl Encoder {
                 EncoderError::InvalidSetting("empty first batch: dimension unknown".into())
             });
         }
+        let base = out.len();
+        let mut dim = 0;
+        self.run_grouped(texts, Output::Last, |row, states, tokens, width| {
+            dim = width;
+            let needed = base + (row + 1) * width;
+            if out.len() < needed {
+                out.resize(needed, 0.0);
+            }
+            mean_pool(states, tokens, width, &mut out[base + row * width..needed]);
+        })?;
+        debug_assert_eq!(Some(dim), self.dim);
+        Ok(self.dim.expect("set by run_model"))
+    }
+
+    /// Embeds `texts` with `tuned` top layers over this model's inner-layer output (own model
+    /// only, no companion) and appends the vectors to `out`; returns their width. An error if
+    /// the model has no inner output or its width is not the layers'.
+    pub fn encode_tuned_into(
+        &mut self,
+        texts: &[&str],
+        tuned: &TopLayers,
+        out: &mut Vec<f32>,
+    ) -> Result<usize, EncoderError> {
+        let width = tuned.hidden();
+        let base = out.len();
+        out.resize(base + texts.len() * width, 0.0);
+        let mut scratch = std::mem::take(&mut self.tuned_scratch);
+        let mut mismatch = None;
+        let result = self.run_grouped(texts, Output::Split, |row, states, tokens, hidden| {
+            if hidden != width {
+                mismatch = Some(hidden);
+                return;
+            }
+            let vector = &mut out[base + row * width..base + (row + 1) * width];
+            tuned.embed_sequence(&states[..tokens * width], tokens, &mut scratch, vector);
+        });
+        self.tuned_scratch = scratch;
+        result?;
+        if let Some(hidden) = mismatch {
+            out.truncate(base);
+            return Err(EncoderError::BadOutput(format!(
+                "the inner output is {hidden} wide but the tuned layers take {width}"
+            )));
+        }
+        Ok(width)
+    }
+
+    /// The inner-layer hidden states of every text (`[tokens, hidden]` row-major, unpadded),
+    /// in the order of `texts`, computed in batches of `batch_size` texts of similar length;
+    /// `progress` gets the number of texts done after each batch. What fine-tuning trains on.
+    pub fn inner_states_many(
+        &mut self,
+        texts: &[&str],
+        batch_size: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>, EncoderError> {
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| (texts[i].len(), i));
+        let mut states: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        let mut chunk: Vec<&str> = Vec::with_capacity(batch_size.max(1));
+        let mut done = 0;
+        for group in order.chunks(batch_size.max(1)) {
+            chunk.clear();
+            chunk.extend(group.iter().map(|&i| texts[i]));
+            self.run_grouped(&chunk, Output::Split, |row, hidden, tokens, width| {
+                states[group[row]] = hidden[..tokens * width].to_vec();
+            })?;
+            done += group.len();
+            progress(done);
+        }
+        Ok(states)
+    }
+
+    /// Tokenizes `texts`, sorts them by token count and runs them in as few model calls as
+    /// possible such that no call pads more than [`MAX_PADDING`] of its cells (a batch of 16
+    /// typical questions padded to its longest member would be about half padding, measured
+    /// on BANKING77, and padding costs as much as real tokens). Calls `each(text index,
+    /// states, tokens, width)` with the text's rows of `output` (its `tokens` real positions
+    /// first; `width` values per position).
+    fn run_grouped(
+        &mut self,
+        texts: &[&str],
+        output: Output,
+        mut each: impl FnMut(usize, &[f32], usize, usize),
+    ) -> Result<(), EncoderError> {
+        if output == Output::Split && self.split.is_none() {
+            return Err(EncoderError::InvalidSetting(
+                "the model has no inner-layer output (use models/fetch's model.split.onnx)".into(),
+            ));
+        }
         let mut encodings = Vec::with_capacity(texts.len());
         for (index, text) in texts.iter().enumerate() {
             let encoded = if self.text_prefix.is_empty() {
@@ -599,7 +751,6 @@ impl Encoder {
         }
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_by_key(|&i| (encodings[i].get_ids().len(), i));
-        let base = out.len();
         let mut group_start = 0;
         while group_start < order.len() {
             // Extend the group (ascending lengths, so the last is the longest) while padding
@@ -617,22 +768,21 @@ impl Encoder {
                 group_end += 1;
             }
             let rows = &order[group_start..group_end];
-            let dim = self.run_group(&encodings, rows, out, base)?;
-            debug_assert_eq!(Some(dim), self.dim);
+            self.run_model(&encodings, rows, output, &mut each)?;
             group_start = group_end;
         }
-        Ok(self.dim.expect("set by run_group"))
+        Ok(())
     }
 
-    /// Runs the model on `encodings[rows]` padded to the longest of them and writes each
-    /// pooled vector to `out` at row `base / dim + rows[j]` (growing `out` as needed).
-    fn run_group(
+    /// Runs the model on `encodings[rows]` padded to the longest of them and calls `each` for
+    /// every row (see [`run_grouped`](Self::run_grouped)).
+    fn run_model(
         &mut self,
         encodings: &[tokenizers::Encoding],
         rows: &[usize],
-        out: &mut Vec<f32>,
-        base: usize,
-    ) -> Result<usize, EncoderError> {
+        output: Output,
+        each: &mut impl FnMut(usize, &[f32], usize, usize),
+    ) -> Result<(), EncoderError> {
         let batch = rows.len();
         let seq = rows
             .iter()
@@ -682,8 +832,21 @@ impl Encoder {
                 TensorRef::from_array_view((shape, self.type_ids.as_slice()))?.into(),
             ));
         }
-        let outputs = self.session.run(inputs)?;
-        let (out_shape, hidden) = outputs[self.output_index].try_extract_tensor::<f32>()?;
+        let outputs = match (&self.split, output) {
+            (None, _) => self.session.run(inputs)?,
+            (Some(split), Output::Last) => {
+                self.session.run_with_options(inputs, &split.full_run)?
+            }
+            (Some(split), Output::Split) => {
+                self.session.run_with_options(inputs, &split.split_run)?
+            }
+        };
+        let value = match (&self.split, output) {
+            (Some(split), Output::Split) => &outputs[split.name.as_str()],
+            (Some(_), Output::Last) => &outputs["last_hidden_state"],
+            (None, _) => &outputs[self.output_index],
+        };
+        let (out_shape, hidden) = value.try_extract_tensor::<f32>()?;
         if out_shape.len() != 3
             || out_shape[0] != batch as i64
             || out_shape[1] != seq as i64
@@ -693,41 +856,23 @@ impl Encoder {
                 "expected shape [{batch}, {seq}, dim], got {out_shape}"
             )));
         }
-        let dim = out_shape[2] as usize;
-        match self.dim {
-            Some(known) if known != dim => {
-                return Err(EncoderError::BadOutput(format!(
-                    "dimension changed from {known} to {dim}"
-                )))
+        let width = out_shape[2] as usize;
+        if output == Output::Last {
+            match self.dim {
+                Some(known) if known != width => {
+                    return Err(EncoderError::BadOutput(format!(
+                        "dimension changed from {known} to {width}"
+                    )))
+                }
+                _ => self.dim = Some(width),
             }
-            _ => self.dim = Some(dim),
-        }
-        let needed = base + (rows.iter().max().copied().unwrap_or(0) + 1) * dim;
-        if out.len() < needed {
-            out.resize(needed, 0.0);
         }
         for (slot, &r) in rows.iter().enumerate() {
-            let pooled = &mut out[base + r * dim..base + (r + 1) * dim];
-            pooled.fill(0.0);
-            let mask = &self.mask[slot * seq..(slot + 1) * seq];
-            let mut tokens = 0usize;
-            for (t, &m) in mask.iter().enumerate() {
-                if m != 0 {
-                    tokens += 1;
-                    let state = &hidden[(slot * seq + t) * dim..(slot * seq + t + 1) * dim];
-                    for (acc, &x) in pooled.iter_mut().zip(state) {
-                        *acc += x;
-                    }
-                }
-            }
-            // Mean then L2-normalise: the 1/tokens factor cancels in the normalisation, but it
-            // is kept so the intermediate matches the reference pooling numerically.
-            let inv_tokens = 1.0 / tokens.max(1) as f32;
-            pooled.iter_mut().for_each(|x| *x *= inv_tokens);
-            let norm = pooled.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-            pooled.iter_mut().for_each(|x| *x /= norm);
+            let tokens = encodings[r].get_ids().len();
+            let states = &hidden[slot * seq * width..(slot + 1) * seq * width];
+            each(r, states, tokens, width);
         }
-        Ok(dim)
+        Ok(())
     }
 
     /// Embeds any number of texts in batches of `batch_size`, grouping texts of similar length
@@ -770,6 +915,7 @@ impl Encoder {
 
     /// Frees the token buffers (they regrow on the next batch). Call when the worker goes idle.
     pub fn release_buffers(&mut self) {
+        self.tuned_scratch = TunedScratch::default();
         self.ids = Vec::new();
         self.mask = Vec::new();
         self.type_ids = Vec::new();
@@ -777,6 +923,22 @@ impl Encoder {
             companion.release_buffers();
         }
     }
+}
+
+/// Writes the mean of the first `tokens` rows of `states` (`width` values each), scaled to unit
+/// length, into `pooled`. The 1/tokens factor cancels in the normalisation, but it is kept so
+/// the intermediate matches the reference pooling numerically.
+fn mean_pool(states: &[f32], tokens: usize, width: usize, pooled: &mut [f32]) {
+    pooled.fill(0.0);
+    for state in states.chunks_exact(width).take(tokens) {
+        for (acc, &x) in pooled.iter_mut().zip(state) {
+            *acc += x;
+        }
+    }
+    let inv_tokens = 1.0 / tokens.max(1) as f32;
+    pooled.iter_mut().for_each(|x| *x *= inv_tokens);
+    let norm = pooled.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    pooled.iter_mut().for_each(|x| *x /= norm);
 }
 
 /// See [`Encoder::fingerprint`].
@@ -999,6 +1161,67 @@ mod tests {
 
     fn dot(a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
+    }
+
+    /// The split model (model.onnx plus layer 4's output, built by models/fetch) embeds exactly
+    /// as model.onnx when no tuned layers are given; its inner states, run through the untuned
+    /// fp32 top layers, reproduce the int8 model's vectors; tuned layers change the vectors.
+    #[test]
+    fn the_split_model_embeds_as_the_original_and_feeds_tuned_layers() {
+        let texts = [
+            "I am still waiting on my card?",
+            "How do I top up with Apple Pay?",
+            "what is the exchange rate for a card payment abroad",
+            "hi",
+        ];
+        let mut original = load(128);
+        let mut split = Encoder::load(
+            &model_file("model.split.onnx"),
+            &model_file("tokenizer.json"),
+            &model_file("libonnxruntime.so"),
+            1,
+            128,
+        )
+        .unwrap();
+        assert!(original.split_output().is_none());
+        assert_eq!(split.split_output(), Some("layer_norm_10"));
+        let a = original.encode_batch(&texts).unwrap();
+        let b = split.encode_batch(&texts).unwrap();
+        assert_eq!(b.dim, 384);
+        assert!(max_abs_difference(&a.data, &b.data) < 1e-5);
+        assert_ne!(original.fingerprint(), split.fingerprint());
+
+        let mut progress = Vec::new();
+        let states = split
+            .inner_states_many(&texts, 3, &mut |done| progress.push(done))
+            .unwrap();
+        assert_eq!(progress, vec![3, 4]);
+        for (text, state) in texts.iter().zip(&states) {
+            let tokens = split
+                .tokenizer()
+                .encode(*text, true)
+                .unwrap()
+                .get_ids()
+                .len();
+            assert_eq!(state.len(), tokens * 384, "{text}");
+        }
+        let layers =
+            TopLayers::from_safetensors(&model_file("model.fp32.safetensors"), 5, 1, 12).unwrap();
+        let mut tuned = Vec::new();
+        assert_eq!(
+            split
+                .encode_tuned_into(&texts, &layers, &mut tuned)
+                .unwrap(),
+            384
+        );
+        for i in 0..texts.len() {
+            let cosine = dot(&tuned[i * 384..(i + 1) * 384], a.row(i));
+            assert!(cosine > 0.999, "{}: cosine {cosine}", texts[i]);
+        }
+        assert!(matches!(
+            original.encode_tuned_into(&texts, &layers, &mut Vec::new()),
+            Err(EncoderError::InvalidSetting(_))
+        ));
     }
 
     #[test]

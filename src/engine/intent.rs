@@ -24,7 +24,10 @@
 //!   recognition using it does.
 //! - The hot-query cache only holds model (not degraded) results of the current version: it is
 //!   emptied when a new version is loaded and when the companion becomes ready, and a result
-//!   computed against a version that was replaced meanwhile is not stored. The embedding cache survives reloads (the vectors depend
+//!   computed against a version that was replaced meanwhile is not stored. A version imported with
+//!   fine-tuned top layers (`engine::finetune`) embeds its queries with those layers: its
+//!   embeddings are cached under the version number, so they never serve another version.
+//!   Otherwise the embedding cache survives reloads (the vectors depend
 //!   only on the model).
 //! - Vectors from another model are never scored: a version whose model fingerprint or
 //!   dimension differs from the engine's encoder is answered lexically (degraded) only.
@@ -57,6 +60,7 @@
 use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::cache::{CacheCounters, LfuCache};
@@ -64,6 +68,8 @@ use super::classifier::{
     BlendParams, IntentClassifier, PredictScratch, QuestionVectors, SoftmaxRegression,
 };
 use super::encoder::{Encoder, EncoderError, Part};
+use super::finetune::TopLayers;
+use super::trained;
 use super::worker::{
     InferenceHandle, InferenceWorker, ModelInfo, ModelLoader, WorkerOptions, WorkerSnapshot,
 };
@@ -361,6 +367,11 @@ struct LoadedKb {
     has_primary_head: bool,
     /// Entry index of every question row.
     labels: Vec<u32>,
+    /// The top layers this version's questions were embedded with, when the import
+    /// fine-tuned them: queries must be embedded with the same ones.
+    tuned: Option<Arc<TopLayers>>,
+    /// Their digest (computed once: it hashes the 14 MB of weights).
+    tuned_digest: String,
     /// A model mismatch was logged for this version.
     warned: Cell<bool>,
 }
@@ -370,6 +381,8 @@ struct LoadedKb {
 enum Fit {
     /// Embedded with the primary model alone.
     Primary,
+    /// Embedded with the primary model's lower layers and this version's tuned top layers.
+    Tuned,
     /// The primary and a companion's vectors joined; `companion` when that companion is the
     /// loaded one (else only the primary part can be used).
     Joined { primary_dim: usize, companion: bool },
@@ -395,7 +408,15 @@ impl LoadedKb {
         };
         let labels = row_labels((0..index.entry_count()).map(|entry| index.rows_of(entry).len()));
         let classes = index.entry_count();
-        let heads = index.classifier().and_then(|bytes| {
+        let (head_bytes, tuned) = match index.classifier().map(trained::decode) {
+            None => (None, None),
+            Some(Ok((heads, tuned))) => (Some(heads), tuned.map(Arc::new)),
+            Some(Err(error)) => {
+                tracing::warn!(version = index.version(), %error, "unusable trained record: answering lexically until the knowledge base is imported again");
+                (None, None)
+            }
+        };
+        let heads = head_bytes.and_then(|bytes| {
             match SoftmaxRegression::heads_from_bytes(bytes) {
                 Ok((head, primary)) if head.classes() == classes && head.dim() == index.dim() => {
                     Some((head, primary))
@@ -428,6 +449,8 @@ impl LoadedKb {
             primary_classifier,
             has_primary_head,
             labels,
+            tuned_digest: tuned.as_ref().map(|t| t.digest()).unwrap_or_default(),
+            tuned,
             warned: Cell::new(false),
         }))
     }
@@ -436,6 +459,23 @@ impl LoadedKb {
     fn fit(&self, primary: &ModelInfo, companion: Option<&ModelInfo>) -> Fit {
         let stored = self.index.model_fingerprint();
         let dim = self.index.dim();
+        if let Some(tuned) = &self.tuned {
+            let fits =
+                trained::is_tuned_fingerprint(stored, &primary.fingerprint, &self.tuned_digest);
+            if fits && primary.tunable && dim == tuned.hidden() {
+                return Fit::Tuned;
+            }
+            if !self.warned.replace(true) {
+                tracing::warn!(
+                    version = self.version(),
+                    stored,
+                    loaded = %primary.fingerprint,
+                    tunable = primary.tunable,
+                    "the knowledge base was fine-tuned on another model, or the loaded model has no inner output (use model.split.onnx): answering lexically until it is imported again"
+                );
+            }
+            return Fit::Other;
+        }
         if stored == primary.fingerprint && dim == primary.dim {
             return Fit::Primary;
         }
@@ -815,13 +855,27 @@ impl IntentEngine {
         if fit == Fit::Other {
             return self.lexical(&kb, &text);
         }
-        let cached = self.embeddings.borrow_mut().get(&text).cloned();
+        let tuned = match fit {
+            Fit::Tuned => kb.tuned.clone(),
+            _ => None,
+        };
+        // Tuned vectors belong to their version (see the module documentation).
+        let cache_key = match &tuned {
+            Some(_) => format!("{}\u{1f}{text}", kb.version()),
+            None => text.clone(),
+        };
+        let cached = self.embeddings.borrow_mut().get(&cache_key).cloned();
         let (vector, cache) = match cached {
             Some(vector) => (vector, CacheOutcome::EmbeddingHit),
-            None => match worker.embed_part(&text, Part::Primary).await {
+            None => match match tuned {
+                Some(layers) => worker.embed_tuned(&text, layers).await,
+                None => worker.embed_part(&text, Part::Primary).await,
+            } {
                 Ok(vector) => {
                     let vector: Rc<[f32]> = vector.into();
-                    self.embeddings.borrow_mut().insert(&text, vector.clone());
+                    self.embeddings
+                        .borrow_mut()
+                        .insert(&cache_key, vector.clone());
                     (vector, CacheOutcome::Miss)
                 }
                 Err(error) => {
@@ -866,7 +920,7 @@ impl IntentEngine {
                     first
                 }
             }
-            Fit::Primary => {
+            Fit::Primary | Fit::Tuned => {
                 kb.classify(&vector, self.min_similarity, &mut self.scratch.borrow_mut())
             }
             _ => None,

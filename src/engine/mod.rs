@@ -11,6 +11,8 @@
 //! - [`intent`]: [`IntentEngine`], one per shard: caches → worker → classifier, lexical
 //!   fallback when degraded, reload on a new knowledge-base version;
 //! - [`update`]: `kb import`'s embed-once, train-once, apply-to-every-replica;
+//! - [`finetune`]: the encoder's top layer trained on the knowledge base at import (Rust, CPU);
+//! - [`trained`]: what an import trains (heads, tuned layer) as the one record a version stores;
 //! - [`progress`]: the progress bar `kb import` shows while it embeds;
 //! - [`eval`]: `kb eval`.
 //!
@@ -29,6 +31,7 @@
 //! | `kb import` of kb.csv (2 intra-op threads) | `switchboard kb import --config C kb.csv` | 33 s: model 0.4 s, embedding 30.4 s, head 2.1 s, 2 replicas 0.14 s |
 //! | with `[inference] companion_model` (multilingual-e5-small next to the `en` model), every query through both (`companion_below = 1`) | the same, see models/README.md | top-1 94.22% (93.62% without), answered right 92.22% (92.62%), p99 27-36 ms (11-13 ms), models loaded 1.9-4.3 s, import of 10,003 questions 96 s (31 s) |
 //! | the cascade, `companion_below = 0.4` (shipped; 1.9% of the queries run the companion) | the same, `batch_window = "0s"` | top-1 93.92%, answered right 92.82%, p50 6.9 ms, p99 15.5 ms (`en` alone in the same run: 6.4 / 13.0 ms) |
+//! | `[inference] fine_tune` (default): layer 5 tuned on the knowledge base at import, run in Rust per query | the same, `model.split.onnx`, interleaved with `model.onnx` (models/README.md, "Fine-tuning at import") | top-1 93.72% (93.62%), answered right 93.32% (92.62%), p50 / p99 8.2-8.6 / 19.8-20.5 ms (6.3-6.6 / 15.4-16.4 ms) with `batch_window = "0s"`, import 69 s (33 s) |
 //! | `serve` to the first accepted WebSocket (models load in the background) / to the first model answer | `scripts/cold_start.py` | `en` 0.08 / 0.32 s, `en` + companion 0.03 / 1.44 s, `multilingual` 0.03 / 0.85 s (before: accept after loading, 0.28 / 1.27 / 0.79 s) |
 
 pub mod cache;
@@ -38,6 +41,7 @@ pub mod eval;
 pub mod finetune;
 pub mod intent;
 pub mod progress;
+pub mod trained;
 pub mod update;
 pub mod worker;
 

@@ -1,4 +1,6 @@
-//! The progress bar `kb import` shows while it embeds the knowledge base's questions.
+//! The progress bar `kb import` shows while it embeds the knowledge base's questions (and,
+//! when it fine-tunes the encoder, one bar per stage: the frozen layers, the training steps,
+//! the embedding with the tuned layers).
 //!
 //! Sans-IO: [`ImportProgress::update`] takes how many questions are done and how long it has
 //! been, and returns the line to show now, or `None` when nothing changed enough to redraw; the
@@ -28,6 +30,9 @@ pub struct ImportProgress {
     last_drawn: Option<Duration>,
     /// Tenths already reported (line mode).
     last_tenth: usize,
+    /// What the bar counts: the stage's name and its unit.
+    label: &'static str,
+    unit: &'static str,
 }
 
 impl ImportProgress {
@@ -38,7 +43,16 @@ impl ImportProgress {
             terminal,
             last_drawn: None,
             last_tenth: 0,
+            label: "embedding",
+            unit: "questions",
         }
+    }
+
+    /// The same bar for another stage: `label` starts the line, `unit` names what is counted.
+    pub fn labelled(mut self, label: &'static str, unit: &'static str) -> Self {
+        self.label = label;
+        self.unit = unit;
+        self
     }
 
     /// The line to show now that `done` of the questions are embedded after `elapsed`.
@@ -85,9 +99,11 @@ impl ImportProgress {
             "estimating".to_string()
         };
         format!(
-            "embedding [{bar}] {done}/{} {:>3.0}%  {seconds:.0} s, {rate:.0} questions/s, {left}",
+            "{} [{bar}] {done}/{} {:>3.0}%  {seconds:.0} s, {rate:.0} {}/s, {left}",
+            self.label,
             self.total,
-            100.0 * share
+            100.0 * share,
+            self.unit
         )
     }
 }
@@ -125,6 +141,14 @@ mod tests {
         assert!(line.contains("3/100   3%"), "{line}");
         assert!(line.contains("questions/s"), "{line}");
         assert!(progress.update(100, ms(260)).unwrap().ends_with("done"));
+    }
+
+    #[test]
+    fn a_stage_bar_names_its_stage_and_unit() {
+        let mut progress = ImportProgress::new(10, false).labelled("fine-tuning", "steps");
+        let line = progress.update(5, ms(1000)).unwrap();
+        assert!(line.starts_with("fine-tuning ["), "{line}");
+        assert!(line.contains("5/10  50%  1 s, 5 steps/s"), "{line}");
     }
 
     #[test]

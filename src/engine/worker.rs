@@ -44,6 +44,7 @@ use crossbeam::channel::{self, Receiver, RecvTimeoutError, Sender, TrySendError}
 use futures_channel::oneshot;
 
 use super::encoder::{Encoder, EncoderError, Part};
+use super::finetune::TopLayers;
 use crate::config::InferenceConfig;
 use crate::metrics::histogram::{Family, Recorder, PUBLISH_INTERVAL};
 use crate::metrics::Metrics;
@@ -169,6 +170,9 @@ pub struct ModelInfo {
     /// [`Encoder::primary_fingerprint`] of the model (with its text prefix).
     pub fingerprint: String,
     pub dim: usize,
+    /// The model exposes an inner-layer output, so it can embed with tuned top layers
+    /// ([`InferenceHandle::embed_tuned`]).
+    pub tunable: bool,
     /// From the worker's start to the model answering its warm-up text.
     pub load_time: Duration,
 }
@@ -239,6 +243,9 @@ pub type EmbedResult = Result<Vec<f32>, EmbedError>;
 struct Request {
     text: String,
     part: Part,
+    /// Top layers tuned for the knowledge base: run over the model's inner output instead of
+    /// its own top layers (`part` is then [`Part::Primary`]).
+    tuned: Option<Arc<TopLayers>>,
     sent: Instant,
     reply: oneshot::Sender<EmbedResult>,
 }
@@ -359,6 +366,7 @@ fn load_primary(
             let info = ModelInfo {
                 fingerprint: encoder.primary_fingerprint().to_owned(),
                 dim,
+                tunable: encoder.split_output().is_some(),
                 load_time: started.elapsed(),
             };
             tracing::info!(
@@ -429,7 +437,7 @@ impl InferenceHandle {
         text: &str,
         part: Part,
     ) -> impl Future<Output = EmbedResult> + 'static {
-        let submitted = self.submit(text, part);
+        let submitted = self.submit(text, part, None);
         async move {
             match submitted {
                 Ok(answer) => answer.await.unwrap_or(Err(EmbedError::Stopped)),
@@ -438,7 +446,29 @@ impl InferenceHandle {
         }
     }
 
-    fn submit(&self, text: &str, part: Part) -> Result<oneshot::Receiver<EmbedResult>, EmbedError> {
+    /// [`embed`](Self::embed) with the primary model's lower layers and `tuned` top layers
+    /// (the knowledge base's fine-tuned ones; see `engine::finetune`). Fails for a model
+    /// without an inner output ([`ModelInfo::tunable`]).
+    pub fn embed_tuned(
+        &self,
+        text: &str,
+        tuned: Arc<TopLayers>,
+    ) -> impl Future<Output = EmbedResult> + 'static {
+        let submitted = self.submit(text, Part::Primary, Some(tuned));
+        async move {
+            match submitted {
+                Ok(answer) => answer.await.unwrap_or(Err(EmbedError::Stopped)),
+                Err(error) => Err(error),
+            }
+        }
+    }
+
+    fn submit(
+        &self,
+        text: &str,
+        part: Part,
+        tuned: Option<Arc<TopLayers>>,
+    ) -> Result<oneshot::Receiver<EmbedResult>, EmbedError> {
         let Some(sender) = &self.sender else {
             return Err(EmbedError::Stopped);
         };
@@ -451,6 +481,7 @@ impl InferenceHandle {
         let request = Request {
             text: text.to_owned(),
             part,
+            tuned,
             sent: Instant::now(),
             reply,
         };
@@ -634,6 +665,7 @@ fn attach_companion(
             let info = ModelInfo {
                 fingerprint: companion.primary_fingerprint().to_owned(),
                 dim: companion.primary_dim().unwrap_or(0),
+                tunable: false,
                 load_time,
             };
             match encoder.attach_companion(companion) {
@@ -688,21 +720,30 @@ fn run_batch(
     if live.is_empty() {
         return;
     }
-    // One model call per part asked for (almost always a single part).
-    for part in [Part::Primary, Part::Joined, Part::Companion] {
-        let (group, rest): (Vec<Request>, Vec<Request>) =
-            live.into_iter().partition(|request| request.part == part);
+    // One model call per part (and set of tuned layers) asked for: almost always one.
+    while let Some(first) = live.first() {
+        let part = first.part;
+        let tuned = first.tuned.clone();
+        let same = |request: &Request| {
+            request.part == part
+                && match (&request.tuned, &tuned) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                }
+        };
+        let (group, rest): (Vec<Request>, Vec<Request>) = live.into_iter().partition(same);
         live = rest;
-        if group.is_empty() {
-            continue;
-        }
         let texts: Vec<&str> = group.iter().map(|request| request.text.as_str()).collect();
         if let Some(recorders) = recorders.as_deref_mut() {
             recorders.batch_size.record(texts.len() as u64);
         }
         let mut data = Vec::new();
         let encode_started = Instant::now();
-        let result = encoder.encode_part_into(&texts, part, &mut data);
+        let result = match &tuned {
+            Some(layers) => encoder.encode_tuned_into(&texts, layers, &mut data),
+            None => encoder.encode_part_into(&texts, part, &mut data),
+        };
         // Recorded before anyone is answered, so a caller that has its answer sees the
         // service time that includes it.
         stats.record_batch(group.len(), encode_started.elapsed());

@@ -2,10 +2,12 @@
 //! questions, at import time, in pure Rust on the CPU.
 //!
 //! The encoder (all-MiniLM-L6-v2: BERT, hidden 384, 12 heads, intermediate 1536, post-LayerNorm,
-//! exact erf GELU, LayerNorm eps 1e-12) is split in two: layers 0-3 stay frozen and run in ONNX
-//! Runtime elsewhere; this module gets, per question, the layer-3 output states (`[tokens, 384]`
-//! row-major, unpadded, [CLS] and [SEP] included) and trains the top layers ([`TopLayers`], 4
-//! and 5 from the fp32 `model.safetensors`). It reproduces `scripts/finetune_experiment.py`:
+//! exact erf GELU, LayerNorm eps 1e-12) is split in two: the lower layers stay frozen and run in
+//! ONNX Runtime elsewhere; this module gets, per question, the output states of the last frozen
+//! layer (`[tokens, 384]` row-major, unpadded, [CLS] and [SEP] included) and trains the top
+//! layers ([`TopLayers`], any consecutive ones of the fp32 `model.safetensors`; the product
+//! tunes layer 5 alone, see `engine::update`, and the tests and figures below use layers 4-5).
+//! It reproduces `scripts/finetune_experiment.py`:
 //!
 //! - sentence vector: the last layer's output averaged over the tokens, divided by its L2 norm;
 //! - loss: one proxy per class (started at the sum of the class's untuned sentence vectors),
