@@ -413,6 +413,14 @@ fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1e4).round() / 10.0
 }
 
+/// The future of a submission's answer (a refusal resolves at once).
+async fn answer_of(submitted: Result<oneshot::Receiver<EmbedResult>, EmbedError>) -> EmbedResult {
+    match submitted {
+        Ok(answer) => answer.await.unwrap_or(Err(EmbedError::Stopped)),
+        Err(error) => Err(error),
+    }
+}
+
 /// The shard's side of an inference worker. Dropping it stops the worker.
 pub struct InferenceHandle {
     sender: Option<Sender<Request>>,
@@ -437,13 +445,7 @@ impl InferenceHandle {
         text: &str,
         part: Part,
     ) -> impl Future<Output = EmbedResult> + 'static {
-        let submitted = self.submit(text, part, None);
-        async move {
-            match submitted {
-                Ok(answer) => answer.await.unwrap_or(Err(EmbedError::Stopped)),
-                Err(error) => Err(error),
-            }
-        }
+        answer_of(self.submit(text, part, None))
     }
 
     /// [`embed`](Self::embed) with the primary model's lower layers and `tuned` top layers
@@ -454,13 +456,7 @@ impl InferenceHandle {
         text: &str,
         tuned: Arc<TopLayers>,
     ) -> impl Future<Output = EmbedResult> + 'static {
-        let submitted = self.submit(text, Part::Primary, Some(tuned));
-        async move {
-            match submitted {
-                Ok(answer) => answer.await.unwrap_or(Err(EmbedError::Stopped)),
-                Err(error) => Err(error),
-            }
-        }
+        answer_of(self.submit(text, Part::Primary, Some(tuned)))
     }
 
     fn submit(

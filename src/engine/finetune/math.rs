@@ -76,66 +76,49 @@ pub(crate) struct LayerParams<'a, T> {
     _life: std::marker::PhantomData<&'a ()>,
 }
 
+/// Cuts one layer's parameters into its twelve tensors, with `split_at` (shared) or
+/// `split_at_mut` (exclusive): one body for [`split`] and [`split_mut`].
+macro_rules! split_layer {
+    ($layer:expr, $layout:expr, $split_at:ident) => {{
+        let layer = $layer;
+        let layout: Layout = $layout;
+        assert_eq!(layer.len(), layout.len());
+        let s = layout.sizes();
+        let (qkv_w, r) = layer.$split_at(s[0]);
+        let (qkv_b, r) = r.$split_at(s[1]);
+        let (o_w, r) = r.$split_at(s[2]);
+        let (o_b, r) = r.$split_at(s[3]);
+        let (ln1_g, r) = r.$split_at(s[4]);
+        let (ln1_b, r) = r.$split_at(s[5]);
+        let (i_w, r) = r.$split_at(s[6]);
+        let (i_b, r) = r.$split_at(s[7]);
+        let (out_w, r) = r.$split_at(s[8]);
+        let (out_b, r) = r.$split_at(s[9]);
+        let (ln2_g, ln2_b) = r.$split_at(s[10]);
+        LayerParams {
+            qkv_w,
+            qkv_b,
+            o_w,
+            o_b,
+            ln1_g,
+            ln1_b,
+            i_w,
+            i_b,
+            out_w,
+            out_b,
+            ln2_g,
+            ln2_b,
+            _life: std::marker::PhantomData,
+        }
+    }};
+}
+
 pub(crate) fn split(layer: &[f32], layout: Layout) -> LayerParams<'_, &[f32]> {
-    assert_eq!(layer.len(), layout.len());
-    let s = layout.sizes();
-    let (qkv_w, r) = layer.split_at(s[0]);
-    let (qkv_b, r) = r.split_at(s[1]);
-    let (o_w, r) = r.split_at(s[2]);
-    let (o_b, r) = r.split_at(s[3]);
-    let (ln1_g, r) = r.split_at(s[4]);
-    let (ln1_b, r) = r.split_at(s[5]);
-    let (i_w, r) = r.split_at(s[6]);
-    let (i_b, r) = r.split_at(s[7]);
-    let (out_w, r) = r.split_at(s[8]);
-    let (out_b, r) = r.split_at(s[9]);
-    let (ln2_g, ln2_b) = r.split_at(s[10]);
-    LayerParams {
-        qkv_w,
-        qkv_b,
-        o_w,
-        o_b,
-        ln1_g,
-        ln1_b,
-        i_w,
-        i_b,
-        out_w,
-        out_b,
-        ln2_g,
-        ln2_b,
-        _life: std::marker::PhantomData,
-    }
+    split_layer!(layer, layout, split_at)
 }
 
 pub(crate) fn split_mut(layer: &mut [f32], layout: Layout) -> LayerParams<'_, &mut [f32]> {
-    assert_eq!(layer.len(), layout.len());
-    let s = layout.sizes();
-    let (qkv_w, r) = layer.split_at_mut(s[0]);
-    let (qkv_b, r) = r.split_at_mut(s[1]);
-    let (o_w, r) = r.split_at_mut(s[2]);
-    let (o_b, r) = r.split_at_mut(s[3]);
-    let (ln1_g, r) = r.split_at_mut(s[4]);
-    let (ln1_b, r) = r.split_at_mut(s[5]);
-    let (i_w, r) = r.split_at_mut(s[6]);
-    let (i_b, r) = r.split_at_mut(s[7]);
-    let (out_w, r) = r.split_at_mut(s[8]);
-    let (out_b, r) = r.split_at_mut(s[9]);
-    let (ln2_g, ln2_b) = r.split_at_mut(s[10]);
-    LayerParams {
-        qkv_w,
-        qkv_b,
-        o_w,
-        o_b,
-        ln1_g,
-        ln1_b,
-        i_w,
-        i_b,
-        out_w,
-        out_b,
-        ln2_g,
-        ln2_b,
-        _life: std::marker::PhantomData,
-    }
+    split_layer!(layer, layout, split_at_mut)
 }
 
 /// One sequence inside a block: its first token and token count.
