@@ -104,6 +104,10 @@ pub struct SessionRecord {
     /// Set by the sweeper when the close handshake took too long: drop the
     /// connection.
     pub abort: bool,
+    /// The backlog passed the arena's bound: it was dropped and a 1013 close requested. The
+    /// session task logs it once and clears it; a write blocked on a client that does not read
+    /// is abandoned while it is set (see `server::connection`).
+    pub overflowed: bool,
     /// Refusals (error frames for something this session sent) queued by other parts of the
     /// shard since the session task last looked; they count toward its abuse limit.
     pub refusals: u16,
@@ -113,10 +117,15 @@ pub struct SessionRecord {
     /// so a client always sees `hello` first even when other frames come
     /// from another shard faster than the hello does.
     awaiting_hello: bool,
+    /// Resume replays streaming to the session (between [`Arena::begin_replay`] and
+    /// [`Arena::end_replay`]): live frames are held back meanwhile, so the session sees the
+    /// replayed history first and each seq in order.
+    replaying: u16,
     /// Frames of a resume replay queued and not yet written: the outbox may exceed its
     /// usual bound by this many (a replay is as long as the conversation, and a client
     /// that reads slowly is told apart from one catching up).
     replay_frames: u32,
+    /// Frames held back until `hello` (or the end of a replay); released into the outbox.
     held: Vec<Outbound>,
     outbox: VecDeque<Outbound>,
     waker: Option<Waker>,
@@ -158,12 +167,19 @@ impl SessionRecord {
     /// storage) and gives back the queue's memory.
     pub fn discard_outbox(&mut self) {
         self.outbox = VecDeque::new();
+        self.held = Vec::new();
         self.replay_frames = 0;
     }
 
-    /// Number of frames waiting.
+    /// Number of frames waiting to be written.
     pub fn outbox_len(&self) -> usize {
         self.outbox.len()
+    }
+
+    /// Number of frames waiting for this session: queued for writing plus held back until
+    /// its `hello` or the end of a resume replay. `[limits] max_outbox_frames` bounds it.
+    pub fn backlog(&self) -> usize {
+        self.outbox.len() + self.held.len()
     }
 
     /// Frames of a resume replay among those waiting (see `push_replay`).
@@ -192,6 +208,9 @@ pub struct Arena {
     len: usize,
     /// Open sessions per [`SessionKind`] (indexed like [`SessionKind::ALL`]); they add up to `len`.
     by_kind: [usize; 3],
+    /// Most frames a session may have waiting (outbox plus held, replay frames aside):
+    /// `[limits] max_outbox_frames`.
+    max_backlog: usize,
 }
 
 impl Default for Arena {
@@ -207,6 +226,16 @@ impl Arena {
             first_free: NO_FREE_SLOT,
             len: 0,
             by_kind: [0; 3],
+            max_backlog: usize::MAX,
+        }
+    }
+
+    /// An arena whose sessions are closed with 1013 once more than `max_backlog` frames wait
+    /// for them (frames of a resume replay aside).
+    pub fn with_backlog_bound(max_backlog: usize) -> Self {
+        Self {
+            max_backlog,
+            ..Self::new()
         }
     }
 
@@ -235,9 +264,11 @@ impl Arena {
             close: None,
             closing_since: None,
             abort: false,
+            overflowed: false,
             refusals: 0,
             follows: Vec::new(),
             awaiting_hello: kind != SessionKind::Echo,
+            replaying: 0,
             replay_frames: 0,
             held: Vec::new(),
             outbox: VecDeque::new(),
@@ -300,8 +331,43 @@ impl Arena {
 
     /// Queues a frame for a session and wakes it. Returns the outbox length
     /// afterwards, or `None` if the session is gone.
+    ///
+    /// A session whose backlog passes the arena's bound (its client stopped reading) has the
+    /// backlog dropped and a 1013 close requested: every message is stored, so the client
+    /// resumes from storage when it reconnects, and the shard's memory stays bounded.
     pub fn push(&mut self, id: SessionId, frame: Outbound) -> Option<usize> {
+        let max_backlog = self.max_backlog;
         let record = self.get_mut(id)?;
+        let hold = record.awaiting_hello || record.replaying > 0;
+        if hold {
+            record.held.push(frame);
+        } else {
+            record.outbox.push_back(frame);
+        }
+        if record.backlog() > max_backlog.saturating_add(record.replay_frames as usize) {
+            record.discard_outbox();
+            if record.close.is_none() {
+                record.close = Some(CloseRequest {
+                    code: 1013,
+                    reason: "client is not reading; reconnect and resume",
+                });
+            }
+            record.overflowed = true;
+            record.wake();
+            return Some(0);
+        }
+        if !hold {
+            record.wake();
+        }
+        Some(record.outbox.len())
+    }
+
+    /// Like [`Arena::push`], for a frame of a resume replay: it does not count towards the
+    /// bound on a session's backlog that closes clients which stop reading, and it is not
+    /// held back by a replay in progress (it is that replay).
+    pub fn push_replay(&mut self, id: SessionId, frame: Outbound) -> Option<usize> {
+        let record = self.get_mut(id)?;
+        record.replay_frames = record.replay_frames.saturating_add(1);
         if record.awaiting_hello {
             record.held.push(frame);
             return Some(record.outbox.len());
@@ -311,12 +377,26 @@ impl Arena {
         Some(record.outbox.len())
     }
 
-    /// Like [`Arena::push`], for a frame of a resume replay: it does not count towards the
-    /// bound on a session's backlog that closes clients which stop reading.
-    pub fn push_replay(&mut self, id: SessionId, frame: Outbound) -> Option<usize> {
-        let record = self.get_mut(id)?;
-        record.replay_frames = record.replay_frames.saturating_add(1);
-        self.push(id, frame)
+    /// A resume replay longer than one chunk starts streaming to the session: until the
+    /// matching [`Arena::end_replay`], live frames are held back behind it.
+    pub fn begin_replay(&mut self, id: SessionId) {
+        if let Some(record) = self.get_mut(id) {
+            record.replaying = record.replaying.saturating_add(1);
+        }
+    }
+
+    /// A streamed resume replay ended: once none is left (and `hello` went out), the live
+    /// frames held meanwhile follow it, in the order they came.
+    pub fn end_replay(&mut self, id: SessionId) {
+        let Some(record) = self.get_mut(id) else {
+            return;
+        };
+        record.replaying = record.replaying.saturating_sub(1);
+        if record.replaying == 0 && !record.awaiting_hello && !record.held.is_empty() {
+            let held = std::mem::take(&mut record.held);
+            record.outbox.extend(held);
+            record.wake();
+        }
     }
 
     /// Like [`Arena::push`], for an `error` frame refusing something the session sent: the
@@ -338,8 +418,10 @@ impl Arena {
         record.outbox.push_back(hello);
         if record.awaiting_hello {
             record.awaiting_hello = false;
-            let held = std::mem::take(&mut record.held);
-            record.outbox.extend(held);
+            if record.replaying == 0 {
+                let held = std::mem::take(&mut record.held);
+                record.outbox.extend(held);
+            }
         }
         record.wake();
         Some(record.outbox.len())
@@ -442,6 +524,83 @@ mod tests {
             arena.get(echo).unwrap().has_work(),
             "echo sessions have no hello"
         );
+    }
+
+    fn drain_texts(arena: &mut Arena, id: SessionId) -> Vec<String> {
+        let mut order = Vec::new();
+        arena
+            .get_mut(id)
+            .unwrap()
+            .drain_outbox(|frame| match frame {
+                Outbound::Text(text) => order.push(text.to_string()),
+                Outbound::Binary(_) => unreachable!(),
+            });
+        order
+    }
+
+    #[test]
+    fn live_frames_wait_behind_a_streamed_replay() {
+        let mut arena = Arena::new();
+        let id = arena.insert(SessionKind::Visitor, 0);
+        arena.push_hello(id, Outbound::Text("hello".into()));
+        arena.push_replay(id, Outbound::Text("seq 1".into()));
+        arena.begin_replay(id);
+        arena.push(id, Outbound::Text("seq 3 live".into()));
+        assert_eq!(drain_texts(&mut arena, id), ["hello", "seq 1"]);
+        arena.push_replay(id, Outbound::Text("seq 2".into()));
+        arena.push(id, Outbound::Text("seq 4 live".into()));
+        assert_eq!(arena.get(id).unwrap().backlog(), 3, "held frames count");
+        assert_eq!(drain_texts(&mut arena, id), ["seq 2"]);
+        arena.end_replay(id);
+        assert_eq!(drain_texts(&mut arena, id), ["seq 3 live", "seq 4 live"]);
+        arena.push(id, Outbound::Text("seq 5".into()));
+        assert_eq!(drain_texts(&mut arena, id), ["seq 5"]);
+        // A replay that starts before the hello: everything waits for the hello, and live
+        // frames also for the replay's end.
+        let late = arena.insert(SessionKind::Agent, 0);
+        arena.begin_replay(late);
+        arena.push_replay(late, Outbound::Text("old".into()));
+        arena.push(late, Outbound::Text("live".into()));
+        arena.push_hello(late, Outbound::Text("hello".into()));
+        assert_eq!(drain_texts(&mut arena, late), ["hello"]);
+        arena.end_replay(late);
+        assert_eq!(drain_texts(&mut arena, late), ["old", "live"]);
+        // Ending a replay of a gone session is harmless.
+        arena.remove(late);
+        arena.end_replay(late);
+    }
+
+    #[test]
+    fn a_backlog_past_the_bound_is_dropped_and_the_session_closed_with_1013() {
+        let mut arena = Arena::with_backlog_bound(4);
+        let id = arena.insert(SessionKind::Agent, 0);
+        arena.push_hello(id, Outbound::Text("hello".into()));
+        for n in 0..3 {
+            arena.push(id, Outbound::Text(format!("live {n}").into()));
+            assert!(arena.get(id).unwrap().close.is_none(), "within the bound");
+        }
+        let record = arena.get(id).unwrap();
+        assert_eq!(record.backlog(), 4, "hello and three frames wait");
+        arena.push(id, Outbound::Text("live 3".into()));
+        let record = arena.get(id).unwrap();
+        assert_eq!(record.backlog(), 0, "the backlog is dropped");
+        assert!(record.overflowed);
+        assert_eq!(record.close.map(|close| close.code), Some(1013));
+        // Replay frames do not count towards the bound, held frames do.
+        let replayed = arena.insert(SessionKind::Visitor, 0);
+        arena.push_hello(replayed, Outbound::Text("hello".into()));
+        for _ in 0..10 {
+            arena.push_replay(replayed, Outbound::Text("old".into()));
+        }
+        arena.begin_replay(replayed);
+        arena.push(replayed, Outbound::Text("held".into()));
+        assert!(arena.get(replayed).unwrap().close.is_none());
+        assert_eq!(arena.get(replayed).unwrap().backlog(), 12);
+        let waiting = arena.insert(SessionKind::Visitor, 0);
+        for _ in 0..5 {
+            arena.push(waiting, Outbound::Text("before hello".into()));
+        }
+        assert!(arena.get(waiting).unwrap().overflowed, "held frames count");
     }
 
     #[test]

@@ -278,6 +278,13 @@ pub struct LimitsConfig {
     pub max_queued_per_shard: usize,
     /// Storage operations waiting for a commit past which sessions stop reading.
     pub max_pending_commits: usize,
+    /// Frames waiting for one session (outbox plus held back) past which it is closed with 1013.
+    pub max_outbox_frames: usize,
+    /// Messages a resume replay reads and sends at a time.
+    pub replay_chunk: usize,
+    /// Frames of one visitor waiting while its conversation is being opened, past which its
+    /// further frames are refused with `overloaded`.
+    pub max_opening_frames: usize,
     /// Event-loop lag that sheds non-core work; 0 disables.
     pub shed_lag: Duration,
     /// Event-loop lag that refuses new sessions; 0 disables.
@@ -892,6 +899,9 @@ impl LimitsConfig {
             "abuse_window" => self.abuse_window = f.duration_in(secs(1), hours(1))?,
             "max_queued_per_shard" => self.max_queued_per_shard = f.integer_in(16, 10_000_000)?,
             "max_pending_commits" => self.max_pending_commits = f.integer_in(16, 10_000_000)?,
+            "max_outbox_frames" => self.max_outbox_frames = f.integer_in(16, 10_000_000)?,
+            "replay_chunk" => self.replay_chunk = f.integer_in(1, 1_000_000)?,
+            "max_opening_frames" => self.max_opening_frames = f.integer_in(1, 1_000_000)?,
             "shed_lag" => self.shed_lag = f.duration_in(Duration::ZERO, mins(1))?,
             "refuse_lag" => self.refuse_lag = f.duration_in(Duration::ZERO, mins(1))?,
             "shed_queue" => self.shed_queue = f.integer_in(0, 100_000_000)?,
@@ -1278,6 +1288,9 @@ impl Config {
         w.duration("abuse_window", limits.abuse_window);
         w.display("max_queued_per_shard", limits.max_queued_per_shard);
         w.display("max_pending_commits", limits.max_pending_commits);
+        w.display("max_outbox_frames", limits.max_outbox_frames);
+        w.display("replay_chunk", limits.replay_chunk);
+        w.display("max_opening_frames", limits.max_opening_frames);
         w.duration("shed_lag", limits.shed_lag);
         w.duration("refuse_lag", limits.refuse_lag);
         w.display("shed_queue", limits.shed_queue);
@@ -1442,6 +1455,9 @@ impl Config {
                 abuse_window: Duration::ZERO,
                 max_queued_per_shard: 0,
                 max_pending_commits: 0,
+                max_outbox_frames: 0,
+                replay_chunk: 0,
+                max_opening_frames: 0,
                 shed_lag: Duration::ZERO,
                 refuse_lag: Duration::ZERO,
                 shed_queue: 0,

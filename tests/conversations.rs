@@ -532,7 +532,7 @@ fn resume_replays_a_conversation_longer_than_the_backlog_bound() {
     let server = Server::start(&overlay(
         "[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n\
          [limits]\nvisitor_messages_per_second = 0\nvisitor_frames_per_second = 0\n\
-         admit_latency_budget = \"0s\"\n",
+         admit_latency_budget = \"0s\"\nmax_opening_frames = 1000\n",
     ));
     // Bursts of 500 outrun the commits on purpose; shedding (tested in tests/admission.rs) is
     // off so every message is stored.
@@ -616,4 +616,131 @@ fn a_visitor_returning_while_its_last_message_commits_gets_each_seq_once() {
             "trial {trial}: seq {seq} delivered {deliveries} times: {frames:#?}"
         );
     }
+}
+
+#[test]
+fn an_agent_that_stops_reading_is_closed_and_gets_everything_on_reconnect() {
+    // An agent console on a bad network: its socket stops being read. Once the kernel's buffers
+    // are full the frames for it wait on the shard; past `max_outbox_frames` they are dropped and
+    // the session closed (1013, or cut mid-write), so the shard's memory stays bounded and the
+    // visitor's messages keep being stored and acked. Reconnecting, the agent gets the whole
+    // conversation again from storage, each seq once and in order.
+    const MESSAGES: u64 = 2_000;
+    let server = Server::start(&overlay(
+        "[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n\
+         [limits]\nvisitor_messages_per_second = 0\nvisitor_frames_per_second = 0\n\
+         admit_latency_budget = \"0s\"\nmax_outbox_frames = 64\n\
+         [conversations]\nagent_grace = \"10m\"\n",
+    ));
+    let (mut alice, _) = agent(&server, "alice-token-0123456789");
+    let (mut tab, _) = visitor(&server, "acme", "bad-network", None);
+    let (conversation, _) = say_in(&mut tab, "m0", "hello");
+    wait_for(&mut alice, "assigned", of_type("assigned"));
+    // From here on alice reads nothing; a small receive buffer makes the kernel hold little.
+    {
+        use std::os::fd::AsRawFd;
+        let socket = alice.stream_clone();
+        let size: libc::c_int = 4096;
+        // SAFETY: a valid socket and a c_int option value of the size given.
+        let set = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "SO_RCVBUF");
+    }
+    let text = "x".repeat(3_000);
+    // In batches of 20: the visitor's own tab reads between them, so it stays within the bound.
+    for batch in 0..MESSAGES / 20 {
+        for i in 1..=20 {
+            let n = batch * 20 + i;
+            tab.send_json(&json!({"type": "message", "id": format!("m{n}"), "text": text}));
+        }
+        let want = format!("m{}", batch * 20 + 20);
+        let (ack, _) = wait_for(&mut tab, "ack", |v| v["type"] == "ack" && v["id"] == want);
+        assert_eq!(ack["seq"], batch * 20 + 21);
+        tab.backlog.clear();
+    }
+    // Other sessions were served meanwhile: the visitor's acks came, and a new visitor is greeted.
+    visitor(&server, "acme", "bystander", None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.metric("slow_consumer_closes") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent that stopped reading was never closed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(server.has_logged("client is not reading"));
+    // The old connection is not read to its end: through a 4 KiB window the kernel takes
+    // minutes to hand over the megabytes it had buffered before the server gave up on it.
+    drop(alice);
+
+    let (mut alice, hello) = agent(&server, "alice-token-0123456789");
+    assert_eq!(hello["conversations"], json!([conversation]));
+    let mut next = 1;
+    while next <= MESSAGES + 1 {
+        let (message, _) = wait_for(&mut alice, "replayed message", of_type("message"));
+        assert_eq!(message["conversation"], conversation);
+        assert_eq!(message["seq"], next, "each seq once and in order");
+        next += 1;
+    }
+    alice.backlog.clear();
+}
+
+#[test]
+fn live_messages_wait_behind_a_streamed_resume_replay() {
+    // With `replay_chunk = 1` a resume from seq 0 streams the history a message at a time (a
+    // yield between each) while the other tab keeps writing: the new messages must reach the
+    // resuming tab after the replayed ones, each seq once and in order.
+    const STORED: u64 = 3_000;
+    const LIVE: u64 = 100;
+    let server = Server::start(&overlay(
+        "[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n\
+         [limits]\nvisitor_messages_per_second = 0\nvisitor_frames_per_second = 0\n\
+         admit_latency_budget = \"0s\"\nreplay_chunk = 1\nmax_opening_frames = 1000\n",
+    ));
+    let (mut writer, _) = visitor(&server, "acme", "two-tabs", None);
+    for batch in 0..STORED / 250 {
+        for i in 1..=250 {
+            let n = batch * 250 + i;
+            writer.send_json(
+                &json!({"type": "message", "id": format!("m{n}"), "text": format!("t{n}")}),
+            );
+        }
+        let want = format!("m{}", batch * 250 + 250);
+        wait_for(&mut writer, "ack", |v| {
+            v["type"] == "ack" && v["id"] == want
+        });
+        writer.backlog.clear();
+    }
+    let live = std::thread::spawn(move || {
+        for n in STORED + 1..=STORED + LIVE {
+            writer.send_json(
+                &json!({"type": "message", "id": format!("m{n}"), "text": format!("t{n}")}),
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let want = format!("m{}", STORED + LIVE);
+        wait_for(&mut writer, "last ack", |v| {
+            v["type"] == "ack" && v["id"] == want
+        });
+    });
+    std::thread::sleep(Duration::from_millis(20));
+    let (mut reader, hello) = visitor(&server, "acme", "two-tabs", Some(0));
+    reader.set_read_timeout(Duration::from_secs(15));
+    let replayed_up_to = hello["seq"].as_u64().unwrap();
+    assert!(replayed_up_to >= STORED);
+    let mut next = 1;
+    while next <= STORED + LIVE {
+        let (message, _) = wait_for(&mut reader, "message", of_type("message"));
+        assert_eq!(message["seq"], next, "each seq once and in order");
+        assert_eq!(message["text"], format!("t{next}"));
+        next += 1;
+    }
+    live.join().unwrap();
 }

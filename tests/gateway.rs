@@ -327,3 +327,26 @@ fn shards_log_their_cores_and_the_file_limit() {
     assert!(logs.contains("pinned to core"), "{logs}");
     assert!(logs.contains("open-file limit"), "{logs}");
 }
+
+#[test]
+fn delayed_echoes_waiting_past_the_outbox_bound_close_with_1013() {
+    // Each delayed echo waits as a task until it is due; a client sending faster than its
+    // echoes come due is stopped at `max_outbox_frames` waiting, like a client that stops
+    // reading, instead of piling tasks up on the shard.
+    let server = Server::start("[limits]\nmax_outbox_frames = 16\n");
+    let mut client = RawClient::connect(server.addr, "/ws/echo?delay_ms=5000").unwrap();
+    for n in 0..16 {
+        client.send_text(&format!("echo {n}"));
+    }
+    client.send_text("one too many");
+    client.set_read_timeout(Duration::from_secs(4));
+    assert_eq!(client.expect_close(), 1013);
+    // Within the bound the echoes come back, late.
+    let mut client = RawClient::connect(server.addr, "/ws/echo?delay_ms=200").unwrap();
+    for n in 0..16 {
+        client.send_text(&format!("echo {n}"));
+    }
+    for n in 0..16 {
+        assert_eq!(client.read_message().unwrap().text(), format!("echo {n}"));
+    }
+}

@@ -36,8 +36,10 @@ use serde::Serialize;
 use super::dispatch::DispatchEvent;
 use super::protocol::{self, AgentFrame, VisitorFrame};
 use super::SessionRef;
+use crate::admission::shed;
 use crate::audit::AuditEvent;
 use crate::auth::rbac::{self, Action, Role};
+use crate::ratelimit::RetryAfter;
 use crate::store::{
     Author, Conversation, ConversationId, ConversationState, NewMessage, Op, OpOutcome, ReadSide,
 };
@@ -104,7 +106,14 @@ pub struct OwnerConfig {
     /// Display names of agent accounts by id (for conversations loaded from
     /// storage, which records only the id).
     pub agent_names: HashMap<String, String>,
+    /// Frames of one visitor that may wait while its conversation is being opened
+    /// (`[limits] max_opening_frames`); further ones are refused with `overloaded`.
+    pub max_opening_frames: usize,
 }
+
+/// How long a visitor refused for too many frames waiting on its conversation's opening is told
+/// to wait: about one group commit.
+const OPENING_RETRY_MS: u64 = 100;
 
 /// What happened.
 #[derive(Debug)]
@@ -852,6 +861,24 @@ impl Owner {
                 ) {
                     self.open_conversation(&key, session, frame_in, out);
                 }
+                return;
+            }
+            _ if entry.pending.len() >= self.config.max_opening_frames => {
+                // The conversation is still being stored and this visitor keeps sending: refuse
+                // rather than queue without bound. A message is re-sent with the same id.
+                let frame = match &frame_in {
+                    VisitorFrame::Message { id, .. } => Arc::from(shed::overloaded_frame(
+                        id,
+                        RetryAfter {
+                            ms: OPENING_RETRY_MS,
+                        },
+                    )),
+                    _ => error(
+                        "overloaded",
+                        "too many frames while the conversation opens; retry later",
+                    ),
+                };
+                out.push(OwnerAction::Send { to: session, frame });
                 return;
             }
             _ => {
@@ -2078,6 +2105,7 @@ mod tests {
             typing_interval_ms: 1000,
             typing_expiry_ms: 5000,
             agent_names: HashMap::new(),
+            max_opening_frames: 64,
         })
     }
 
@@ -2197,6 +2225,65 @@ mod tests {
                 _ => None,
             })
             .unwrap_or_else(|| panic!("no hello for {to:?} in {actions:#?}"))
+    }
+
+    #[test]
+    fn frames_waiting_on_an_opening_conversation_are_bounded_and_refused_past_it() {
+        let mut owner = Owner::new(OwnerConfig {
+            max_opening_frames: 3,
+            ..owner().config
+        });
+        let tab = session(1);
+        attach(
+            &mut owner,
+            "v1",
+            tab,
+            None,
+            credentials(None, false, "fresh-1"),
+            StoredVisitor::default(),
+        );
+        let send = |owner: &mut Owner, n: usize| {
+            owner.handle(
+                OwnerEvent::Visitor {
+                    key: key("v1"),
+                    session: tab,
+                    frame: VisitorFrame::Message {
+                        id: format!("m{n}"),
+                        text: "hi".into(),
+                    },
+                },
+                0,
+            )
+        };
+        // The first message opens the conversation; two more wait with it.
+        assert!(!stores(&send(&mut owner, 0)).is_empty());
+        for n in 1..3 {
+            let actions = send(&mut owner, n);
+            assert!(actions.is_empty(), "message {n} waits: {actions:#?}");
+        }
+        // The fourth is refused, with its id, and nothing is queued or stored for it.
+        let refused = send(&mut owner, 3);
+        let [OwnerAction::Send { to, frame }] = &refused[..] else {
+            panic!("{refused:#?}");
+        };
+        assert_eq!(*to, tab);
+        let frame: serde_json::Value = serde_json::from_str(frame).unwrap();
+        assert_eq!(frame["code"], "overloaded");
+        assert_eq!(frame["id"], "m3");
+        assert_eq!(frame["retry_after"], OPENING_RETRY_MS);
+        assert_eq!(owner.visitors[&key("v1")].pending.len(), 3);
+        let typing = owner.handle(
+            OwnerEvent::Visitor {
+                key: key("v1"),
+                session: tab,
+                frame: VisitorFrame::Typing { on: true },
+            },
+            0,
+        );
+        assert!(
+            matches!(&typing[..], [OwnerAction::Send { frame, .. }] if frame.contains("overloaded")),
+            "{typing:#?}"
+        );
     }
 
     #[test]

@@ -129,6 +129,9 @@ counters! {
     frames_rate_limited: Counter,
     /// Sessions closed with 1008 because their refused frames passed the abuse limit.
     abuse_closes: Counter,
+    /// Sessions closed with 1013 (or dropped mid-write) because their client stopped reading and
+    /// the frames waiting for them passed `[limits] max_outbox_frames`.
+    slow_consumer_closes: Counter,
     /// Times a session stopped reading its socket because the queues toward its owner were full.
     backpressure_pauses: Counter,
     /// Bot queries answered lexically because the site's bot-query rate was spent.

@@ -17,6 +17,7 @@
 //! - No per-session timer: the shard's sweeper sets `ping_due` or `close` in the
 //!   arena record and wakes the task.
 
+use std::cell::Cell;
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -46,11 +47,6 @@ use crate::server::ShardMessage;
 use crate::store::ConversationId;
 use crate::ws::connection::{Connection, Message, Role, Sender, State, WsLimits};
 use crate::ws::handshake;
-
-/// Sessions whose outbox grows past this many frames (plus the frames of a resume
-/// replay in it) are closed with 1013: the client is not reading, and every message
-/// stays stored for its resume.
-const MAX_OUTBOX_FRAMES: usize = 4096;
 
 /// Serves one accepted connection: answers it or upgrades it.
 ///
@@ -426,12 +422,12 @@ struct Session {
 enum SessionRole {
     Echo {
         delay_ms: u32,
+        /// Delayed echoes not yet queued (each is a sleeping task); bounded by
+        /// `[limits] max_outbox_frames` like the outbox they end up in.
+        in_flight: Rc<Cell<usize>>,
     },
     /// `owner` is the shard owning the visitor's conversation, computed once.
-    Visitor {
-        key: VisitorKey,
-        owner: usize,
-    },
+    Visitor { key: VisitorKey, owner: usize },
     Agent {
         id: Box<str>,
         name: Box<str>,
@@ -454,7 +450,10 @@ impl Session {
         };
         let router = &shard.router;
         let role = match endpoint {
-            Endpoint::Echo { delay_ms } => SessionRole::Echo { delay_ms },
+            Endpoint::Echo { delay_ms } => SessionRole::Echo {
+                delay_ms,
+                in_flight: Rc::default(),
+            },
             Endpoint::Visitor {
                 site,
                 visitor,
@@ -608,23 +607,43 @@ impl Session {
     /// Handles one complete data message.
     fn on_message(&mut self, message: Message<'_>, reply: &mut Sender<'_>) {
         let text = match (&self.role, message) {
-            (SessionRole::Echo { delay_ms: 0 }, Message::Text(text)) => {
+            (SessionRole::Echo { delay_ms: 0, .. }, Message::Text(text)) => {
                 reply.send_text(text);
                 return;
             }
-            (SessionRole::Echo { delay_ms: 0 }, Message::Binary(data)) => {
+            (SessionRole::Echo { delay_ms: 0, .. }, Message::Binary(data)) => {
                 reply.send_binary(data);
                 return;
             }
-            (SessionRole::Echo { delay_ms }, message) => {
+            (
+                SessionRole::Echo {
+                    delay_ms,
+                    in_flight,
+                },
+                message,
+            ) => {
+                if in_flight.get() >= self.shard.config.limits.max_outbox_frames {
+                    // The client sends faster than its echoes come due: stop it as a client
+                    // that does not read would be stopped, before the tasks pile up.
+                    self.shard.arena.borrow_mut().request_close(
+                        self.id,
+                        CloseRequest {
+                            code: 1013,
+                            reason: "too many echoes waiting; slow down",
+                        },
+                    );
+                    return;
+                }
                 let frame = match message {
                     Message::Text(text) => Outbound::Text(text.into()),
                     Message::Binary(data) => Outbound::Binary(data.into()),
                 };
                 let delay = Duration::from_millis(u64::from(*delay_ms));
-                let (shard, id) = (self.shard.clone(), self.id);
+                let (shard, id, in_flight) = (self.shard.clone(), self.id, in_flight.clone());
+                in_flight.set(in_flight.get() + 1);
                 glommio::spawn_local(async move {
                     glommio::timer::sleep(delay).await;
+                    in_flight.set(in_flight.get() - 1);
                     shard.arena.borrow_mut().push(id, frame);
                 })
                 .detach();
@@ -918,6 +937,24 @@ async fn wait<S: SessionStream>(shard: &Shard, id: SessionId, stream: &mut S, re
     .await
 }
 
+/// Resolves (to `None`) once the session's write should be abandoned: the session is gone, the
+/// sweeper gave up on its close handshake (`abort`), or its backlog passed its bound
+/// (`overflowed`) while the write was blocked.
+async fn abandoned(shard: &Shard, id: SessionId) -> Option<bool> {
+    poll_fn(|cx| {
+        let mut arena = shard.arena.borrow_mut();
+        match arena.get_mut(id) {
+            None => Poll::Ready(None),
+            Some(record) if record.abort || record.overflowed => Poll::Ready(None),
+            Some(record) => {
+                record.set_waker(cx.waker());
+                Poll::Pending
+            }
+        }
+    })
+    .await
+}
+
 async fn run_session<S: SessionStream>(
     shard: &Rc<Shard>,
     stream: &mut S,
@@ -941,8 +978,30 @@ async fn run_session<S: SessionStream>(
 
     loop {
         if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
-                break;
+            // A client that stops reading blocks this write once the socket buffers are full;
+            // meanwhile the arena bounds its backlog, and when that bound is passed (or the
+            // sweeper gives up on a close) the write is abandoned and the connection dropped:
+            // a frame may be cut, but the client resumes from storage.
+            let written = futures_lite::future::or(
+                async { Some(stream.write_all(&out).await.is_ok()) },
+                abandoned(shard, session.id),
+            )
+            .await;
+            match written {
+                Some(true) => {}
+                Some(false) => break,
+                None => {
+                    let overflowed = shard
+                        .arena
+                        .borrow_mut()
+                        .get_mut(session.id)
+                        .is_some_and(|record| std::mem::take(&mut record.overflowed));
+                    if overflowed {
+                        ShardMetrics::add(&counters.slow_consumer_closes, 1);
+                        hostile(shard, session.peer, "dropped", "client is not reading");
+                    }
+                    break;
+                }
             }
             out.clear();
         }
@@ -1015,6 +1074,12 @@ async fn run_session<S: SessionStream>(
                     // The peer did not finish the close handshake in time.
                     break;
                 }
+                if std::mem::take(&mut record.overflowed) {
+                    // The arena dropped the backlog past `[limits] max_outbox_frames` and asked
+                    // for the 1013 below; every message is stored and the client resumes.
+                    ShardMetrics::add(&counters.slow_consumer_closes, 1);
+                    hostile(shard, session.peer, "close 1013", "client is not reading");
+                }
                 if let Some(CloseRequest { code, reason }) = record.close.take() {
                     record.closing_since.get_or_insert(shard.now_secs());
                     drop(arena);
@@ -1026,20 +1091,6 @@ async fn run_session<S: SessionStream>(
                     record.ping_due = false;
                     record.ping_sent_at = Some(shard.now_secs());
                     ws.send_ping(b"", &mut out);
-                }
-                if record.outbox_len() > MAX_OUTBOX_FRAMES + record.replay_frames() {
-                    // Drop the backlog with the decision: left queued it kept `has_work`
-                    // true after the close frame went out, so this loop spun without ever
-                    // yielding and the whole shard stopped (seen at 20k msg/s in the relay
-                    // benchmark). Every message is stored; the client resumes.
-                    record.discard_outbox();
-                    record.close = Some(CloseRequest {
-                        code: 1013,
-                        reason: "client is not reading; reconnect and resume",
-                    });
-                    drop(arena);
-                    hostile(shard, session.peer, "close 1013", "client is not reading");
-                    continue;
                 }
                 let mut sent = 0u64;
                 record.drain_outbox(|frame| {

@@ -118,7 +118,9 @@ pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared
         liveness,
         blocklist_mtime,
     } = shared;
-    let arena = Rc::new(RefCell::new(Arena::new()));
+    let arena = Rc::new(RefCell::new(Arena::with_backlog_bound(
+        config.limits.max_outbox_frames,
+    )));
     let router = match Router::open(
         context.id.0,
         context.core,
