@@ -1,0 +1,223 @@
+//! Group commit: storage operations queue here and a committer task applies them in one LMDB
+//! transaction per batch on the shard's blocking thread; outcomes go back to the owner in commit
+//! order. Out of space, the batch's senders get `storage_full` and writes back off.
+//!
+//! Invariants: an operation is acked (through its completion) only after the transaction that
+//! stored it committed; at shutdown no blocking job outlives the shard's executor.
+
+use super::*;
+
+/// With `durability = "batch"`, a thread syncs the data file every
+/// `sync_interval`, off the shard and off the committer.
+pub(super) fn start_flusher(store: &ShardStore, interval: Duration, shard: usize) {
+    let flusher = match store.flusher() {
+        Ok(flusher) => flusher,
+        Err(err) => {
+            tracing::error!(shard, error = %err, "cannot start the batch flusher");
+            return;
+        }
+    };
+    let _ = std::thread::Builder::new()
+        .name(format!("switchboard-flush-{shard}"))
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            if let Err(err) = flusher.flush() {
+                tracing::error!(shard, error = %err, "batch flush failed");
+            }
+        });
+}
+
+impl Router {
+    /// This shard's blocking-pool jobs (see [`crate::blocking`]).
+    pub fn blocking_jobs(&self) -> &Rc<crate::blocking::BlockingJobs> {
+        &self.jobs
+    }
+
+    /// For shutdown: waits (up to `limit`) until the operations queued for the group commit
+    /// are committed, then stops the committer and every new blocking job of this shard, and
+    /// waits for the job in flight. After this no blocking job of the shard runs, so its
+    /// executor may end.
+    pub async fn finish_commits(&self, limit: Duration) {
+        let deadline = std::time::Instant::now() + limit;
+        while (self.committing.get() || !self.pending.borrow().is_empty())
+            && std::time::Instant::now() < deadline
+        {
+            glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+        let left = self.pending.borrow().len();
+        if left > 0 {
+            tracing::warn!(
+                shard = self.shard,
+                left,
+                "stopping with operations not committed (none was acked)"
+            );
+        }
+        self.jobs.close();
+        self.jobs.drained().await;
+    }
+
+    pub(super) fn queue_op(&self, op: Op, completion: Completion) {
+        let mut pending = self.pending.borrow_mut();
+        pending.push((op, completion, std::time::Instant::now()));
+        ShardMetrics::set(&self.metrics().commit_pending, pending.len() as u64);
+        if pending.len() == 1 && !self.committing.get() {
+            let _ = self.doorbell.try_send(());
+        }
+    }
+
+    pub(super) async fn commit_loop(&self) {
+        let Some(doorbell) = self.doorbell_rx.borrow_mut().take() else {
+            return;
+        };
+        let window = self.config.storage.commit_window;
+        let max_batch = self.config.storage.max_batch.max(1);
+        while doorbell.recv().await.is_some() {
+            // Only the first batch after an idle period waits for the window;
+            // operations that queued up during a commit have waited already.
+            let mut first = true;
+            loop {
+                if self.pending.borrow().is_empty() {
+                    break;
+                }
+                self.committing.set(true);
+                // The cost a queued message sees: the window (if waited) and the write.
+                let cycle = std::time::Instant::now();
+                if first && self.pending.borrow().len() < max_batch && !window.is_zero() {
+                    glommio::timer::sleep(window).await;
+                }
+                let batch: Vec<(Op, Completion, std::time::Instant)> = {
+                    let mut pending = self.pending.borrow_mut();
+                    let take = pending.len().min(max_batch);
+                    let batch = pending.drain(..take).collect();
+                    ShardMetrics::set(&self.metrics().commit_pending, pending.len() as u64);
+                    batch
+                };
+                let mut queued_at = Vec::with_capacity(batch.len());
+                let (ops, completions): (Vec<Op>, Vec<Completion>) = batch
+                    .into_iter()
+                    .map(|(op, completion, at)| {
+                        queued_at.push(at);
+                        (op, completion)
+                    })
+                    .unzip();
+                if self.full.borrow().refuse(std::time::Instant::now()) {
+                    // Refused at once, not queued: the sender learns now and re-sends later.
+                    let failure = CommitFailure {
+                        code: "storage_full",
+                        message: "storage is full; re-send later with the same id".into(),
+                    };
+                    for (op, completion) in ops.into_iter().zip(completions) {
+                        self.on_owner(OwnerEvent::Committed {
+                            completion,
+                            op,
+                            outcome: Err(failure.clone()),
+                        });
+                    }
+                    first = false;
+                    glommio::yield_if_needed().await;
+                    continue;
+                }
+                if self.jobs.is_closed() {
+                    // The shard is stopping (see `finish_commits`): these ops were never
+                    // acked; their clients resend them after the restart.
+                    self.committing.set(false);
+                    return;
+                }
+                let store = self
+                    .store
+                    .borrow_mut()
+                    .take()
+                    .expect("only the committer takes the store");
+                let started = std::time::Instant::now();
+                // No await since the `is_closed` check: the job set cannot refuse.
+                let (store, ops, result) = self
+                    .jobs
+                    .run(move || {
+                        let mut store = store;
+                        let result = store.apply(&ops);
+                        (store, ops, result)
+                    })
+                    .await
+                    .expect("the job set was open just before, with no await in between");
+                let counters = self.metrics();
+                ShardMetrics::add(&counters.store_commits, 1);
+                ShardMetrics::add(&counters.store_commit_ops, ops.len() as u64);
+                ShardMetrics::add(
+                    &counters.store_commit_micros,
+                    started.elapsed().as_micros() as u64,
+                );
+                {
+                    let mut histograms = self.histograms.borrow_mut();
+                    histograms.commit_batch_size.record(ops.len() as u64);
+                    for at in &queued_at {
+                        histograms.commit_latency.record_duration(at.elapsed());
+                    }
+                }
+                let mut cost = self.commit_cost.get();
+                let cycle_micros = cycle.elapsed().as_micros() as u64;
+                ShardMetrics::set(&counters.commit_recent_micros, cost.record(cycle_micros));
+                self.commit_cost.set(cost);
+                *self.store.borrow_mut() = Some(store);
+                first = false;
+                match result {
+                    Ok(outcomes) => {
+                        if self.full.borrow_mut().committed() {
+                            tracing::warn!(shard = self.shard, "storage writable again");
+                        }
+                        for (((op, completion), outcome), at) in ops
+                            .into_iter()
+                            .zip(completions)
+                            .zip(outcomes)
+                            .zip(queued_at)
+                        {
+                            let relayed = matches!(
+                                completion,
+                                Completion::VisitorMessage { .. } | Completion::AgentMessage { .. }
+                            );
+                            self.on_owner(OwnerEvent::Committed {
+                                completion,
+                                op,
+                                outcome: Ok(outcome),
+                            });
+                            // The owner has now queued the ack and the relay frames.
+                            if relayed {
+                                self.histograms
+                                    .borrow_mut()
+                                    .relay_latency
+                                    .record_duration(at.elapsed());
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        let failure = CommitFailure {
+                            code: if err.is_full() {
+                                "storage_full"
+                            } else {
+                                "storage_error"
+                            },
+                            message: err.to_string(),
+                        };
+                        if err.is_full() {
+                            let retry_in = self.full.borrow_mut().full(std::time::Instant::now());
+                            tracing::error!(shard = self.shard, error = %err, retry_in_ms = retry_in.as_millis() as u64, "storage full: refusing writes until a retry succeeds");
+                        } else {
+                            tracing::error!(shard = self.shard, error = %err, "group commit failed");
+                        }
+                        for (op, completion) in ops.into_iter().zip(completions) {
+                            self.on_owner(OwnerEvent::Committed {
+                                completion,
+                                op,
+                                outcome: Err(failure.clone()),
+                            });
+                        }
+                    }
+                }
+            }
+            self.committing.set(false);
+            // Ops queued while we were finishing rang nothing; loop again if any.
+            if !self.pending.borrow().is_empty() {
+                let _ = self.doorbell.try_send(());
+            }
+        }
+    }
+}
