@@ -99,6 +99,18 @@ impl StoreError {
     pub fn is_full(&self) -> bool {
         matches!(self, StoreError::MapFull { .. } | StoreError::DiskFull(_))
     }
+
+    /// Whether LMDB reported the environment unusable (`MDB_PANIC`: a meta page update failed or
+    /// the environment had a fatal error): every later transaction fails until it is reopened.
+    /// The driver then ends the process through the fatal-panic path (exit 70, see
+    /// [`crate::fault`]) so the service manager restarts it on a freshly opened store; the failed
+    /// batch was not acked, and every acked one is in the last committed meta page.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Lmdb(heed::Error::Mdb(heed::MdbError::Panic))
+        )
+    }
 }
 
 impl From<heed::Error> for StoreError {
@@ -114,5 +126,24 @@ impl From<heed::Error> for StoreError {
             }
             other => StoreError::Lmdb(other),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_lmdb_panic_is_fatal_and_only_a_full_map_or_disk_is_full() {
+        let panic = StoreError::from(heed::Error::Mdb(heed::MdbError::Panic));
+        assert!(panic.is_fatal() && !panic.is_full());
+        let full = StoreError::from(heed::Error::Mdb(heed::MdbError::MapFull));
+        assert!(full.is_full() && !full.is_fatal());
+        let disk = StoreError::from(heed::Error::Io(std::io::Error::from_raw_os_error(
+            libc::ENOSPC,
+        )));
+        assert!(disk.is_full() && !disk.is_fatal());
+        let readers = StoreError::from(heed::Error::Mdb(heed::MdbError::ReadersFull));
+        assert!(!readers.is_full() && !readers.is_fatal());
     }
 }

@@ -203,6 +203,12 @@ impl Router {
                         } else {
                             tracing::error!(shard = self.shard, error = %err, "group commit failed");
                         }
+                        if err.is_fatal() {
+                            // Every later commit would fail too: end the process through the
+                            // panic hook (503 on the health endpoints, exit 70, restart by the
+                            // service manager on a reopened store). Nothing of this batch was acked.
+                            panic!("shard {}: the LMDB environment failed: {err}", self.shard);
+                        }
                         for (op, completion) in ops.into_iter().zip(completions) {
                             self.on_owner(OwnerEvent::Committed {
                                 completion,
