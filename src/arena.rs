@@ -239,6 +239,12 @@ impl Arena {
         }
     }
 
+    /// A new bound on a session's backlog (a configuration reload); it applies from the next
+    /// frame queued.
+    pub fn set_backlog_bound(&mut self, max_backlog: usize) {
+        self.max_backlog = max_backlog;
+    }
+
     /// Number of open sessions.
     pub fn len(&self) -> usize {
         self.len

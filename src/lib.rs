@@ -29,6 +29,7 @@ pub mod liveness;
 pub mod logging;
 pub mod metrics;
 pub mod ratelimit;
+pub mod reload;
 pub mod server;
 pub mod service_manager;
 pub mod store;

@@ -267,17 +267,7 @@ fn a_bad_blocklist_stops_start_up_with_file_and_line() {
 
 /// Reads JSON frames until one satisfies `want` (panics on close or timeout).
 fn until(client: &mut RawClient, what: &str, want: impl Fn(&Value) -> bool) -> Value {
-    loop {
-        let frame = client.read_message().unwrap_or_else(|| panic!("no {what}"));
-        assert_eq!(
-            frame.opcode, 1,
-            "expected text while waiting for {what}: {frame:?}"
-        );
-        let value = frame.json();
-        if want(&value) {
-            return value;
-        }
-    }
+    client.read_until(what, want)
 }
 
 #[test]

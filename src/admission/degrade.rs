@@ -103,6 +103,11 @@ impl Controller {
         self.level
     }
 
+    /// New thresholds (a configuration reload); the level and the samples seen so far stay.
+    pub fn set_thresholds(&mut self, thresholds: Thresholds) {
+        self.thresholds = thresholds;
+    }
+
     /// The level one sample alone calls for.
     fn pressure(&self, sample: Sample) -> Level {
         let t = &self.thresholds;

@@ -75,6 +75,15 @@ impl AcceptGate {
         }
     }
 
+    /// Takes new per-IP connection limits (a configuration reload); every IP's bucket starts
+    /// full again, the blocklist stays.
+    pub fn set_limits(&mut self, limits: &LimitsConfig) {
+        self.per_ip = KeyedBuckets::new(
+            rate(limits.connections_per_ip, limits.connection_burst),
+            limits.tracked_keys,
+        );
+    }
+
     /// Replaces the blocklist (after a reload).
     pub fn set_blocklist(&mut self, blocklist: Blocklist) {
         self.blocklist = blocklist;

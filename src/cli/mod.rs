@@ -262,15 +262,18 @@ pub fn run_with_registry(registry: Registry) -> ExitCode {
     config::allow_plugin_handlers(registry.names());
     let load = config::load;
     match cli.command {
-        Command::Serve { config, listen } => {
-            let mut config = match load(config.as_deref()) {
+        Command::Serve {
+            config: path,
+            listen,
+        } => {
+            let mut config = match load(path.as_deref()) {
                 Ok(config) => config,
                 Err(err) => return config_error(&err),
             };
             if let Some(listen) = listen {
                 config.server.listen = listen;
             }
-            serve(config, registry, exec_started)
+            serve(config, registry, exec_started, path, listen)
         }
         Command::Config {
             command: ConfigCommand::Check { file },
@@ -327,7 +330,15 @@ fn config_error(err: &config::ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn serve(config: Config, registry: Registry, exec_started: Instant) -> ExitCode {
+/// `config_path` and `listen` are where the configuration came from (`--config`, `--listen`):
+/// a SIGHUP reads it again from there (see [`crate::reload`]).
+fn serve(
+    config: Config,
+    registry: Registry,
+    exec_started: Instant,
+    config_path: Option<PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+) -> ExitCode {
     logging::init(config.log.format, &config.log.level);
     match system::raise_open_file_limit() {
         Ok((before, after)) => {
@@ -462,6 +473,13 @@ fn serve(config: Config, registry: Registry, exec_started: Instant) -> ExitCode 
         mesh_capacity: config.shards.mesh_capacity,
         thread_name: "switchboard-shard".into(),
     };
+    // SIGHUP re-reads the configuration and applies what can change live (it no longer ends
+    // the process, as the signal's default action would).
+    let live = crate::reload::LiveConfig::new(config.clone());
+    if let Err(err) = crate::reload::spawn(config_path, listen, live.clone()) {
+        tracing::error!(error = %err, "cannot start the configuration reloader");
+        return ExitCode::FAILURE;
+    }
     let shared = server::ShardShared {
         config: config.clone(),
         metrics: metrics.clone(),
@@ -471,6 +489,7 @@ fn serve(config: Config, registry: Registry, exec_started: Instant) -> ExitCode 
         handlers: registry,
         liveness: liveness.clone(),
         blocklist_mtime,
+        live: live.clone(),
     };
     let runtime =
         match shards::Runtime::start::<ShardMessage, _, _>(runtime_config, move |context| {

@@ -417,6 +417,11 @@ impl Owner {
 
     /// The visitor a session's frames belong to: its claimed `key`, or the fresh
     /// visitor it was moved to when the claim was refused.
+    /// A new bound on frames waiting for an opening conversation (a configuration reload).
+    pub fn set_max_opening_frames(&mut self, max_opening_frames: usize) {
+        self.config.max_opening_frames = max_opening_frames;
+    }
+
     pub fn visitor_of(&self, key: &VisitorKey, session: SessionRef) -> VisitorKey {
         self.moved.get(&session).unwrap_or(key).clone()
     }

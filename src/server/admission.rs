@@ -10,6 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
@@ -36,13 +37,13 @@ const REFUSAL_LINGER: Duration = Duration::from_millis(500);
 pub struct Admission {
     gate: RefCell<AcceptGate>,
     log: RefCell<LogGate>,
-    pub visitor_rates: SessionRates,
-    pub agent_rates: SessionRates,
+    pub visitor_rates: Cell<SessionRates>,
+    pub agent_rates: Cell<SessionRates>,
     blocklist_path: Option<PathBuf>,
     blocklist_mtime: Cell<Option<SystemTime>>,
     /// The shard's rated capacity for visitor chat messages (`[limits]
     /// shard_messages_per_second`), shared by all its connections.
-    message_capacity: Rate,
+    message_capacity: Cell<Rate>,
     message_bucket: RefCell<TokenBucket>,
     started: Instant,
 }
@@ -70,12 +71,12 @@ impl Admission {
             f64::from(limits.shard_message_burst.max(1)),
         );
         Admission {
-            message_capacity,
+            message_capacity: Cell::new(message_capacity),
             message_bucket: RefCell::new(TokenBucket::full(message_capacity, 0)),
             gate: RefCell::new(AcceptGate::new(limits, list)),
             log: RefCell::new(LogGate::new(limits.log_lines_per_second, 0)),
-            visitor_rates: SessionRates::visitor(limits, abuse_limit),
-            agent_rates: SessionRates::agent(limits, abuse_limit),
+            visitor_rates: Cell::new(SessionRates::visitor(limits, abuse_limit)),
+            agent_rates: Cell::new(SessionRates::agent(limits, abuse_limit)),
             blocklist_path: path,
             blocklist_mtime: Cell::new(mtime),
             started: Instant::now(),
@@ -88,10 +89,30 @@ impl Admission {
         let now = self.now_ms();
         self.message_bucket
             .borrow_mut()
-            .try_take(self.message_capacity, now, 1.0)
+            .try_take(self.message_capacity.get(), now, 1.0)
             .map_err(|retry| RetryAfter {
                 ms: retry.ms.max(shed::MIN_RETRY_MS),
             })
+    }
+
+    /// Takes the `[limits]` of a reloaded configuration: session rates (open sessions too, from
+    /// their next frame), the shard's message capacity, the per-IP connection rate (its buckets
+    /// start full again; the blocklist stays) and the hostile-input log rate.
+    pub fn apply(&self, config: &Config) {
+        let limits = &config.limits;
+        let abuse_limit = config.conversations.abuse_limit;
+        self.visitor_rates
+            .set(SessionRates::visitor(limits, abuse_limit));
+        self.agent_rates
+            .set(SessionRates::agent(limits, abuse_limit));
+        let capacity = Rate::new(
+            limits.shard_messages_per_second,
+            f64::from(limits.shard_message_burst.max(1)),
+        );
+        self.message_capacity.set(capacity);
+        *self.message_bucket.borrow_mut() = TokenBucket::full(capacity, self.now_ms());
+        self.gate.borrow_mut().set_limits(limits);
+        *self.log.borrow_mut() = LogGate::new(limits.log_lines_per_second, self.now_ms());
     }
 
     /// Milliseconds on the shard's monotonic clock (the limiters' time base).
@@ -211,7 +232,7 @@ pub fn start(shard: &Rc<Shard>) -> Vec<glommio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     if let Some(path) = shard.admission.blocklist_path.clone() {
         let poller = shard.clone();
-        let every = shard.config.limits.blocklist_poll;
+        let every = shard.config().limits.blocklist_poll;
         tasks.push(
             glommio::spawn_local(async move {
                 loop {
@@ -285,16 +306,26 @@ fn poll_blocklist(shard: &Shard, path: &std::path::Path) {
 /// Measures the event-loop lag and the queues every [`SAMPLE_INTERVAL`] and runs the
 /// degradation controller; logs and counts every level change.
 async fn sample_load(shard: &Shard) {
-    let limits = &shard.config.limits;
-    let mut controller = Controller::new(Thresholds {
-        shed_lag_ms: limits.shed_lag.as_millis() as u64,
-        refuse_lag_ms: limits.refuse_lag.as_millis() as u64,
-        shed_queue: limits.shed_queue,
-        refuse_queue: limits.refuse_queue,
-        recover_after_ms: limits.recover_after.as_millis() as u64,
-    });
+    let thresholds = |config: &Config| {
+        let limits = &config.limits;
+        Thresholds {
+            shed_lag_ms: limits.shed_lag.as_millis() as u64,
+            refuse_lag_ms: limits.refuse_lag.as_millis() as u64,
+            shed_queue: limits.shed_queue,
+            refuse_queue: limits.refuse_queue,
+            recover_after_ms: limits.recover_after.as_millis() as u64,
+        }
+    };
+    let mut config = shard.config();
+    let mut controller = Controller::new(thresholds(&config));
     let counters = shard.counters();
     loop {
+        let now = shard.config();
+        if !Arc::ptr_eq(&now, &config) {
+            // A reload: the thresholds change, the level and its history stay.
+            controller.set_thresholds(thresholds(&now));
+            config = now;
+        }
         let asleep = Instant::now();
         glommio::timer::sleep(SAMPLE_INTERVAL).await;
         let lag = asleep.elapsed().saturating_sub(SAMPLE_INTERVAL);

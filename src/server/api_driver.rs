@@ -72,7 +72,7 @@ async fn answer<S: AsyncRead + Unpin>(
     leftover: Range<usize>,
     peer: Option<IpAddr>,
 ) -> ApiResponse {
-    let max = api::body_limit(&head.method, &head.path, &shard.config.api);
+    let max = api::body_limit(&head.method, &head.path, &shard.config().api);
     let length = match head.content_length {
         None if matches!(head.method.as_str(), "POST" | "PUT") => {
             shard.buffers.give(buffer);
@@ -106,7 +106,7 @@ async fn answer<S: AsyncRead + Unpin>(
             true
         };
         let complete = futures_lite::future::or(read_rest, async {
-            glommio::timer::sleep(shard.config.http.handshake_timeout).await;
+            glommio::timer::sleep(shard.config().http.handshake_timeout).await;
             false
         })
         .await;
@@ -139,7 +139,7 @@ async fn answer<S: AsyncRead + Unpin>(
         }
     }
     let authority = shard.authority.clone();
-    let default_max_open = shard.config.agents.default_max_open;
+    let default_max_open = shard.config().agents.default_max_open;
     shard
         .router
         .blocking_jobs()
@@ -157,7 +157,7 @@ async fn answer_admin(
 ) -> ApiResponse {
     match plan {
         AdminPlan::Audit { limit } => {
-            let path = shard.config.audit_path();
+            let path = shard.config().audit_path();
             shard
                 .router
                 .blocking_jobs()
@@ -167,7 +167,7 @@ async fn answer_admin(
         }
         AdminPlan::KbEntries { query, limit } => {
             let engine_reader = shard.router.engine().map(|e| e.replica().clone());
-            let dir = shard.config.storage.dir.clone();
+            let dir = shard.config().storage.dir.clone();
             let id = shard.id.0;
             shard
                 .router
@@ -210,14 +210,14 @@ async fn answer_admin(
                 tracing::warn!(error = %err, "knowledge-base reload for a try failed");
             }
             let found = engine.recognise(&text).await.map(Into::into);
-            admin::tried(&text, found, &shard.config.bot)
+            admin::tried(&text, found, &shard.config().bot)
         }
         AdminPlan::KbImport { by, format } => {
             let slot = match admin::ImportSlot::take() {
                 Ok(slot) => slot,
                 Err(busy) => return busy,
             };
-            let config = shard.config.clone();
+            let config = shard.config();
             let shards = shard.shard_count;
             let (done, result) = futures_channel::oneshot::channel();
             let spawned = std::thread::Builder::new()

@@ -116,7 +116,7 @@ async fn handshake<S: SessionStream>(
     mut stream: S,
     peer: Option<SocketAddr>,
 ) -> Option<Upgraded<S>> {
-    let config = &shard.config;
+    let config = shard.config();
     stream.set_write_timeout(Some(config.websocket.write_timeout));
     let limits = HttpLimits {
         max_header_bytes: config.http.max_header_bytes,
@@ -160,7 +160,7 @@ async fn handshake<S: SessionStream>(
 
     let endpoint = match route(
         &head,
-        config,
+        &config,
         &shard.authority,
         crate::auth::clock::unix_now(),
     ) {
@@ -502,7 +502,7 @@ impl Session {
                 }
             }
         };
-        let limits = SessionLimits::new(session_rates(shard, &role), shard.admission.now_ms());
+        let limits = SessionLimits::new(&session_rates(shard, &role), shard.admission.now_ms());
         Session {
             shard: shard.clone(),
             id,
@@ -512,7 +512,7 @@ impl Session {
         }
     }
 
-    fn rates(&self) -> &SessionRates {
+    fn rates(&self) -> SessionRates {
         session_rates(&self.shard, &self.role)
     }
 
@@ -520,7 +520,7 @@ impl Session {
     /// `rate_limited` error frame (and counts toward the abuse limit).
     fn admit(&mut self, class: FrameClass, reply: &mut Sender<'_>) -> bool {
         let now = self.shard.admission.now_ms();
-        let rates = *self.rates();
+        let rates = self.rates();
         match self.limits.admit(&rates, class, now) {
             Ok(()) => true,
             Err(retry) => {
@@ -540,7 +540,7 @@ impl Session {
     /// `false` once the session is closing.
     fn count_refusal(&mut self, reply: &mut Sender<'_>) -> bool {
         let now = self.shard.admission.now_ms();
-        let rates = *self.rates();
+        let rates = self.rates();
         match self.limits.refused(&rates, now) {
             AbuseVerdict::Tolerate => true,
             AbuseVerdict::Close => {
@@ -562,7 +562,8 @@ impl Session {
     /// session then stops reading its socket until they drain (TCP pushes back on the client).
     fn congested(&self) -> bool {
         let router = &self.shard.router;
-        let limits = &self.shard.config.limits;
+        let config = self.shard.config();
+        let limits = &config.limits;
         let over = |to: usize| {
             router.queued_to(to) >= limits.max_queued_per_shard
                 || self
@@ -585,7 +586,7 @@ impl Session {
     /// conversation owned by shard `owner` would wait past the latency budget. The owner's
     /// backlog counts the messages this shard still holds for it on the mesh.
     fn shed_message(&self, owner: usize) -> MessageVerdict {
-        let config = &self.shard.config;
+        let config = self.shard.config();
         let published = self.shard.metrics.shard(owner);
         let load = OwnerLoad {
             pending_commits: published.commit_pending.load(Ordering::Relaxed) as usize
@@ -622,7 +623,7 @@ impl Session {
                 },
                 message,
             ) => {
-                if in_flight.get() >= self.shard.config.limits.max_outbox_frames {
+                if in_flight.get() >= self.shard.config().limits.max_outbox_frames {
                     // The client sends faster than its echoes come due: stop it as a client
                     // that does not read would be stopped, before the tasks pile up.
                     self.shard.arena.borrow_mut().request_close(
@@ -663,7 +664,7 @@ impl Session {
         };
         let shard = self.shard.clone();
         let router = &shard.router;
-        let max_text = shard.config.conversations.max_text_bytes;
+        let max_text = shard.config().conversations.max_text_bytes;
         let me = self.me();
         match &self.role {
             SessionRole::Visitor { key, owner } => match protocol::parse_visitor(text, max_text) {
@@ -877,11 +878,12 @@ fn visitor_credentials(
     }
 }
 
-/// The rates a session of `role` gets.
-fn session_rates<'a>(shard: &'a Shard, role: &SessionRole) -> &'a SessionRates {
+/// The rates a session of `role` gets (read at every frame: a reload changes them for open
+/// sessions too).
+fn session_rates(shard: &Shard, role: &SessionRole) -> SessionRates {
     match role {
-        SessionRole::Agent { .. } => &shard.admission.agent_rates,
-        _ => &shard.admission.visitor_rates,
+        SessionRole::Agent { .. } => shard.admission.agent_rates.get(),
+        _ => shard.admission.visitor_rates.get(),
     }
 }
 
@@ -1106,7 +1108,7 @@ async fn run_session<S: SessionStream>(
                     // Frames the conversation's owner refused (e.g. the flood guard), counted
                     // after their error frames are written so the close comes behind them.
                     let now = shard.admission.now_ms();
-                    let rates = *session.rates();
+                    let rates = session.rates();
                     let spent = (0..refusals)
                         .any(|_| session.limits.refused(&rates, now) == AbuseVerdict::Close);
                     if spent && ws.close(1008, "too many refused frames", &mut out) {

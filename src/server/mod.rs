@@ -44,7 +44,8 @@ pub use crate::conversation::router::ShardMessage;
 pub struct Shard {
     pub id: ShardId,
     pub shard_count: usize,
-    pub config: Arc<Config>,
+    /// The configuration in force on this shard; a reload replaces it (see [`Shard::config`]).
+    config: RefCell<Arc<Config>>,
     pub arena: Rc<RefCell<Arena>>,
     pub router: Rc<Router>,
     pub buffers: BufferPool,
@@ -62,6 +63,23 @@ pub struct Shard {
 }
 
 impl Shard {
+    /// The configuration in force. Read it afresh for each decision: a reload
+    /// ([`crate::reload`]) replaces it between two events.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// Puts a reloaded configuration in force on this shard: the admission limits, the bound
+    /// on a session's backlog, and the router's (owner bounds, bot chains).
+    pub fn apply_config(&self, config: Arc<Config>) {
+        self.admission.apply(&config);
+        self.arena
+            .borrow_mut()
+            .set_backlog_bound(config.limits.max_outbox_frames);
+        self.router.apply_config(config.clone());
+        *self.config.borrow_mut() = config;
+    }
+
     /// Seconds since the shard started; the unit of session activity times.
     pub fn now_secs(&self) -> u32 {
         self.started.elapsed().as_secs() as u32
@@ -104,6 +122,8 @@ pub struct ShardShared {
     /// The blocklist file's modification time when main checked it: the shards' starting point
     /// for noticing a change (see `admission::Admission::new`).
     pub blocklist_mtime: Option<std::time::SystemTime>,
+    /// The configuration in force, replaced by a reload (see [`crate::reload`]).
+    pub live: Arc<crate::reload::LiveConfig>,
 }
 
 /// Runs one shard until shutdown.
@@ -117,6 +137,7 @@ pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared
         handlers,
         liveness,
         blocklist_mtime,
+        live,
     } = shared;
     let arena = Rc::new(RefCell::new(Arena::with_backlog_bound(
         config.limits.max_outbox_frames,
@@ -148,7 +169,7 @@ pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared
             config.websocket.pool_max_idle_buffers,
         ),
         login_limiter: RefCell::new(LoginLimiter::from_config(&config)),
-        config,
+        config: RefCell::new(config),
         arena,
         router: router.clone(),
         metrics,
@@ -162,6 +183,22 @@ pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared
     context.serve_mesh(move |from, message: ShardMessage| mesh_router.on_mesh(from, message));
     router.start();
     let beating = glommio::spawn_local(heartbeat::run(shard.clone(), liveness.clone())).detach();
+    let reloads = {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            let mut seen = live.generation();
+            loop {
+                glommio::timer::sleep(crate::reload::SHARD_POLL).await;
+                let generation = live.generation();
+                if generation != seen {
+                    seen = generation;
+                    shard.apply_config(live.current());
+                    tracing::debug!(shard = shard.id.0, generation, "configuration reloaded");
+                }
+            }
+        })
+        .detach()
+    };
 
     let listener = context
         .take_listener()
@@ -213,7 +250,7 @@ pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared
     if let Some(tls_acceptor) = tls_acceptor {
         tls_acceptor.cancel();
     }
-    let grace = shard.config.server.shutdown_grace;
+    let grace = shard.config().server.shutdown_grace;
     let open = shard.arena.borrow().len();
     tracing::info!(
         shard = shard.id.0,
@@ -247,6 +284,7 @@ pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared
     // pool thread panics sending it its result (see `crate::blocking`).
     shard.router.finish_commits(COMMIT_DRAIN).await;
     beating.cancel();
+    reloads.cancel();
     liveness.set_finished(shard.id.0);
 }
 
@@ -270,7 +308,7 @@ async fn accept_tls(
                 let shard = shard.clone();
                 let config = certificates.current();
                 glommio::spawn_local(async move {
-                    let timeout = shard.config.http.handshake_timeout;
+                    let timeout = shard.config().http.handshake_timeout;
                     let handshake = futures_lite::future::or(
                         async { Some(crate::tls::accept(stream, config).await) },
                         async {
@@ -311,8 +349,8 @@ const CLOSE_TIMEOUT_SECS: u32 = 5;
 /// and drops the ones that did not finish a close handshake in time.
 fn sweep(shard: &Shard) {
     let now = shard.now_secs();
-    let ping_after = shard.config.websocket.ping_interval.as_secs().max(1) as u32;
-    let idle_after = shard.config.websocket.idle_timeout.as_secs().max(1) as u32;
+    let ping_after = shard.config().websocket.ping_interval.as_secs().max(1) as u32;
+    let idle_after = shard.config().websocket.idle_timeout.as_secs().max(1) as u32;
     let mut timed_out = 0;
     shard.arena.borrow_mut().for_each_mut(|_, record| {
         let quiet = now.saturating_sub(record.last_activity);

@@ -552,6 +552,26 @@ impl RawClient {
         }
     }
 
+    /// Reads JSON text messages until one satisfies `want` and returns it; panics (naming
+    /// `what`) when the connection ends or the read times out first.
+    pub fn read_until(
+        &mut self,
+        what: &str,
+        want: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        loop {
+            let frame = self.read_message().unwrap_or_else(|| panic!("no {what}"));
+            assert_eq!(
+                frame.opcode, TEXT,
+                "expected text while waiting for {what}: {frame:?}"
+            );
+            let value = frame.json();
+            if want(&value) {
+                return value;
+            }
+        }
+    }
+
     /// Reads the next JSON text message.
     pub fn read_json(&mut self) -> serde_json::Value {
         let frame = self.read_message().expect("a message");

@@ -17,13 +17,11 @@ pub(super) struct Bot {
 }
 
 impl Bot {
-    pub(super) fn open(
+    /// The guard chain (risk control) and the answer chain `[bot] handlers` lists, in order.
+    pub(super) fn chains(
         config: &Config,
-        shard: usize,
-        core: usize,
         registry: &Registry,
-        metrics: &Metrics,
-    ) -> Result<Option<Bot>, RouterError> {
+    ) -> Result<(Chain, Chain), RouterError> {
         let names: Vec<&str> = config.bot.handlers.iter().map(|h| h.as_str()).collect();
         let (guard_names, answer_names): (Vec<&str>, Vec<&str>) =
             names.iter().partition(|name| **name == "risk_control");
@@ -32,8 +30,17 @@ impl Bot {
             Chain::from_specs(registry, &specs, &config.bot, &config.risk_control)
                 .map_err(|err| RouterError::Bot(err.to_string()))
         };
-        let guards = build(&guard_names)?;
-        let answers = build(&answer_names)?;
+        Ok((build(&guard_names)?, build(&answer_names)?))
+    }
+
+    pub(super) fn open(
+        config: &Config,
+        shard: usize,
+        core: usize,
+        registry: &Registry,
+        metrics: &Metrics,
+    ) -> Result<Option<Bot>, RouterError> {
+        let (guards, answers) = Bot::chains(config, registry)?;
         let engine = if config.inference.enabled && !answers.is_empty() {
             let started = std::time::Instant::now();
             let mut settings = EngineSettings::from_config(config);

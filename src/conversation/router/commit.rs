@@ -69,8 +69,8 @@ impl Router {
         let Some(doorbell) = self.doorbell_rx.borrow_mut().take() else {
             return;
         };
-        let window = self.config.storage.commit_window;
-        let max_batch = self.config.storage.max_batch.max(1);
+        let window = self.config().storage.commit_window;
+        let max_batch = self.config().storage.max_batch.max(1);
         while doorbell.recv().await.is_some() {
             // Only the first batch after an idle period waits for the window;
             // operations that queued up during a commit have waited already.

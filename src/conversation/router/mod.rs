@@ -133,7 +133,10 @@ pub enum RouterError {
 pub struct Router {
     shard: usize,
     shard_count: usize,
-    config: Arc<Config>,
+    /// The configuration in force (a reload replaces it: [`Router::apply_config`]).
+    config: RefCell<Arc<Config>>,
+    /// The handler registry the bot's chains are built from (again at a reload).
+    registry: Registry,
     mesh: Rc<Mesh<ShardMessage>>,
     arena: Rc<RefCell<Arena>>,
     owner: RefCell<Owner>,
@@ -248,7 +251,8 @@ impl Router {
         let router = Rc::new(Router {
             shard,
             shard_count,
-            config,
+            config: RefCell::new(config),
+            registry: handlers.clone(),
             mesh,
             arena,
             owner: RefCell::new(owner),
@@ -289,7 +293,7 @@ impl Router {
         }
         let ticker = self.clone();
         glommio::spawn_local(async move {
-            let ttl = ticker.config.visitors.empty_conversation_ttl;
+            let ttl = ticker.config().visitors.empty_conversation_ttl;
             let sweep_every = (ttl.as_secs() / 2).clamp(1, 60);
             let mut seconds = 0u64;
             loop {
@@ -321,6 +325,40 @@ impl Router {
     }
 
     /// This shard's index.
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+
+    /// Puts a reloaded configuration in force: the owner's bound on frames waiting for an
+    /// opening conversation, the per-site bot-query rate, and the bot's chains (handler order,
+    /// thresholds, risk control), rebuilt from the registry. Chains that do not build keep the
+    /// previous ones (logged). The intent engine stays as loaded: `crate::reload` leaves the keys
+    /// that would change it for a restart.
+    pub fn apply_config(&self, config: Arc<Config>) {
+        self.owner
+            .borrow_mut()
+            .set_max_opening_frames(config.limits.max_opening_frames);
+        *self.bot_queries.borrow_mut() = KeyedBuckets::new(
+            admission::rate(config.limits.bot_queries_per_site, config.limits.bot_burst),
+            config.limits.tracked_keys,
+        );
+        if let Some(bot) = &self.bot {
+            match Bot::chains(&config, &self.registry) {
+                Ok((guards, answers)) => {
+                    *bot.guards.borrow_mut() = guards;
+                    *bot.answers.borrow_mut() = answers;
+                }
+                Err(err) => tracing::error!(
+                    shard = self.shard,
+                    error = %err,
+                    "reloaded bot handlers do not build; the previous chains stay"
+                ),
+            }
+        }
+        *self.config.borrow_mut() = config;
+    }
+
     pub fn shard(&self) -> usize {
         self.shard
     }

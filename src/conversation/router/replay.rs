@@ -25,7 +25,7 @@ impl Router {
         after: u64,
         up_to: u64,
     ) {
-        let chunk = self.config.limits.replay_chunk;
+        let chunk = self.config().limits.replay_chunk;
         let Some(sent) = self.replay_chunk(to, conversation, after, up_to, chunk) else {
             return;
         };
@@ -128,7 +128,7 @@ impl Router {
     /// closed by its backlog bound or its idle timeout, not held here.
     pub(super) async fn wait_for_room(&self, to: &[SessionRef], chunk: usize) {
         let started = std::time::Instant::now();
-        let half_mesh = (self.config.limits.max_queued_per_shard / 2).max(1);
+        let half_mesh = (self.config().limits.max_queued_per_shard / 2).max(1);
         loop {
             let full = to.iter().any(|session| {
                 if session.shard == self.shard {
