@@ -515,15 +515,7 @@ mod tests {
         );
         arena.push_hello(id, Outbound::Text("hello".into()));
         arena.push(id, Outbound::Text("later".into()));
-        let mut order = Vec::new();
-        arena
-            .get_mut(id)
-            .unwrap()
-            .drain_outbox(|frame| match frame {
-                Outbound::Text(text) => order.push(text.to_string()),
-                Outbound::Binary(_) => unreachable!(),
-            });
-        assert_eq!(order, ["hello", "assigned", "later"]);
+        assert_eq!(drain_texts(&mut arena, id), ["hello", "assigned", "later"]);
         let echo = arena.insert(SessionKind::Echo, 0);
         arena.push(echo, Outbound::Text("x".into()));
         assert!(

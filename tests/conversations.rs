@@ -32,6 +32,12 @@ name = "Bob"
 max_open = 5
 "#;
 
+/// No flood guard, no rate limits, no shedding: for tests that send bursts on purpose and need
+/// every message stored (the `[limits]` section stays open for more keys).
+const UNLIMITED: &str = "[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n\
+     [limits]\nvisitor_messages_per_second = 0\nvisitor_frames_per_second = 0\n\
+     admit_latency_budget = \"0s\"\n";
+
 fn overlay(extra: &str) -> String {
     format!("{AGENTS}\n{extra}")
 }
@@ -529,11 +535,7 @@ fn resume_replays_a_conversation_longer_than_the_backlog_bound() {
     // A session whose backlog passes 4,096 frames is closed as a client that stopped
     // reading; a resume replay is as long as the conversation and must not count.
     const MESSAGES: u64 = 5_000;
-    let server = Server::start(&overlay(
-        "[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n\
-         [limits]\nvisitor_messages_per_second = 0\nvisitor_frames_per_second = 0\n\
-         admit_latency_budget = \"0s\"\nmax_opening_frames = 1000\n",
-    ));
+    let server = Server::start(&overlay(&format!("{UNLIMITED}max_opening_frames = 1000\n")));
     // Bursts of 500 outrun the commits on purpose; shedding (tested in tests/admission.rs) is
     // off so every message is stored.
     let (mut tab, _) = visitor(&server, "acme", "long-talker", None);
@@ -626,12 +628,9 @@ fn an_agent_that_stops_reading_is_closed_and_gets_everything_on_reconnect() {
     // visitor's messages keep being stored and acked. Reconnecting, the agent gets the whole
     // conversation again from storage, each seq once and in order.
     const MESSAGES: u64 = 2_000;
-    let server = Server::start(&overlay(
-        "[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n\
-         [limits]\nvisitor_messages_per_second = 0\nvisitor_frames_per_second = 0\n\
-         admit_latency_budget = \"0s\"\nmax_outbox_frames = 64\n\
-         [conversations]\nagent_grace = \"10m\"\n",
-    ));
+    let server = Server::start(&overlay(&format!(
+        "{UNLIMITED}max_outbox_frames = 64\n[conversations]\nagent_grace = \"10m\"\n"
+    )));
     let (mut alice, _) = agent(&server, "alice-token-0123456789");
     let (mut tab, _) = visitor(&server, "acme", "bad-network", None);
     let (conversation, _) = say_in(&mut tab, "m0", "hello");
@@ -699,11 +698,9 @@ fn live_messages_wait_behind_a_streamed_resume_replay() {
     // resuming tab after the replayed ones, each seq once and in order.
     const STORED: u64 = 3_000;
     const LIVE: u64 = 100;
-    let server = Server::start(&overlay(
-        "[risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n\
-         [limits]\nvisitor_messages_per_second = 0\nvisitor_frames_per_second = 0\n\
-         admit_latency_budget = \"0s\"\nreplay_chunk = 1\nmax_opening_frames = 1000\n",
-    ));
+    let server = Server::start(&overlay(&format!(
+        "{UNLIMITED}replay_chunk = 1\nmax_opening_frames = 1000\n"
+    )));
     let (mut writer, _) = visitor(&server, "acme", "two-tabs", None);
     for batch in 0..STORED / 250 {
         for i in 1..=250 {
