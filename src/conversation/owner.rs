@@ -704,7 +704,12 @@ impl Owner {
 
     /// Opens a conversation for the visitor (its first, or a new one after a
     /// close); `frame` runs once it is open. The visitor's secret is stored
-    /// first if it is not yet.
+    /// first if it is not yet, and the conversation is opened only once that
+    /// commit succeeded: queued together, the two ops may land in different
+    /// group commits (the first batch full at `max_batch`), and an open that
+    /// commits while the secret's batch failed leaves a conversation nobody
+    /// can reattach to (a stored conversation without a secret is refused to
+    /// every unverified connection, its own visitor's included).
     fn open_conversation(
         &mut self,
         key: &VisitorKey,
@@ -728,14 +733,10 @@ impl Owner {
                 },
                 completion: Completion::SecretStored { key: key.clone() },
             });
+            // The open follows once the secret is committed (see `committed`).
+            return;
         }
-        out.push(OwnerAction::Store {
-            op: Op::Open {
-                site: key.site.to_string(),
-                visitor: key.visitor.to_string(),
-            },
-            completion: Completion::Opened { key: key.clone() },
-        });
+        out.push(open_op(key));
     }
 
     /// Sends a session its hello, the messages it missed and the state.
@@ -1440,10 +1441,20 @@ impl Owner {
                 }));
             }
             Completion::SecretStored { key } => {
-                if !matches!(outcome, Ok(OpOutcome::Updated)) {
+                let Some(entry) = self.visitors.get_mut(&key) else {
+                    return;
+                };
+                let stored = matches!(outcome, Ok(OpOutcome::Updated));
+                if !stored {
                     // Tried again with the next conversation the visitor opens.
-                    if let Some(entry) = self.visitors.get_mut(&key) {
-                        entry.secret_stored = false;
+                    entry.secret_stored = false;
+                }
+                // The conversation waiting for this secret: opened now, or not at all.
+                if entry.opening {
+                    if stored {
+                        out.push(open_op(&key));
+                    } else {
+                        self.opened(key, outcome, out);
                     }
                 }
             }
@@ -2047,6 +2058,17 @@ fn assigned_to_agent(live: &Live) -> Arc<str> {
     }))
 }
 
+/// The store action that opens (or finds) the visitor's open conversation.
+fn open_op(key: &VisitorKey) -> OwnerAction {
+    OwnerAction::Store {
+        op: Op::Open {
+            site: key.site.to_string(),
+            visitor: key.visitor.to_string(),
+        },
+        completion: Completion::Opened { key: key.clone() },
+    }
+}
+
 /// The conversation an operation writes to (none for `Open`, which creates it).
 fn op_conversation(op: &Op) -> Option<ConversationId> {
     match op {
@@ -2261,11 +2283,70 @@ mod tests {
             },
             0,
         );
-        let ops: Vec<Op> = stores(&sent).into_iter().map(|(op, _)| op).collect();
+        let queued = stores(&sent);
+        let ops: Vec<&Op> = queued.iter().map(|(op, _)| op).collect();
         assert!(
-            matches!(&ops[..], [Op::SetVisitorSecret { visitor, secret_hash, .. }, Op::Open { .. }]
+            matches!(&ops[..], [Op::SetVisitorSecret { visitor, secret_hash, .. }]
                 if visitor == "v1" && *secret_hash == super::super::identity::hash_secret("secret-of-fresh-1")),
             "{ops:#?}"
+        );
+        // The conversation is opened once the secret is committed.
+        let opened = committed(&mut owner, queued[0].clone(), OpOutcome::Updated);
+        let ops: Vec<Op> = stores(&opened).into_iter().map(|(op, _)| op).collect();
+        assert!(
+            matches!(&ops[..], [Op::Open { visitor, .. }] if visitor == "v1"),
+            "{ops:#?}"
+        );
+    }
+
+    /// Found by the simulation (seed 1 with `max_batch` 1): the secret's commit failed, the
+    /// open's (queued with it, committed in the next batch) did not, and the visitor's next
+    /// connection, presenting its secret, was moved to a fresh visitor id: the stored
+    /// conversation had no secret to match. Now nothing is opened without the secret.
+    #[test]
+    fn a_failed_secret_commit_opens_no_conversation() {
+        let mut owner = owner();
+        let tab = session(1);
+        attach(
+            &mut owner,
+            "v1",
+            tab,
+            None,
+            credentials(None, false, "fresh-1"),
+            StoredVisitor::default(),
+        );
+        let message = |id: &str| OwnerEvent::Visitor {
+            key: key("v1"),
+            session: tab,
+            frame: VisitorFrame::Message {
+                id: id.into(),
+                text: "hi".into(),
+            },
+        };
+        let sent = owner.handle(message("m1"), 0);
+        let queued = stores(&sent);
+        assert!(
+            matches!(&queued[..], [(Op::SetVisitorSecret { .. }, _)]),
+            "{queued:#?}"
+        );
+        let (op, completion) = queued[0].clone();
+        let failed = owner.handle(
+            OwnerEvent::Committed {
+                completion,
+                op,
+                outcome: Err(CommitFailure {
+                    code: "storage_error",
+                    message: "disk on fire".into(),
+                }),
+            },
+            0,
+        );
+        assert!(stores(&failed).is_empty(), "nothing opened: {failed:#?}");
+        // The visitor is not left opening: its next message tries the secret again.
+        let again = owner.handle(message("m1"), 0);
+        assert!(
+            matches!(&stores(&again)[..], [(Op::SetVisitorSecret { .. }, _)]),
+            "{again:#?}"
         );
     }
 
@@ -2738,7 +2819,13 @@ mod tests {
             },
             0,
         );
-        let open = stores(&first_message)
+        // The secret is stored first, then the conversation is opened.
+        let secret = stores(&first_message)
+            .into_iter()
+            .next()
+            .expect("the first message stores the secret");
+        let opening = committed(&mut owner, secret, OpOutcome::Updated);
+        let open = stores(&opening)
             .into_iter()
             .find(|(op, _)| matches!(op, Op::Open { .. }))
             .expect("the first message opens the conversation");
