@@ -1541,6 +1541,17 @@ impl Owner {
                         AuditEvent::new("conversation_closed", &agent)
                             .target(conversation.0.to_string()),
                     ));
+                } else if outcome.is_err() {
+                    // Nothing was stored: the conversation is still open, and still this
+                    // agent's (a close is accepted only from its agent). Left `Closed` in
+                    // memory, the visitor's next message would open a new conversation,
+                    // which storage answers with this same open one, whose pending message
+                    // opens again, forever.
+                    if let Some(live) = self.live.get_mut(&conversation) {
+                        if live.meta.state == ConversationState::Closed {
+                            live.meta.state = ConversationState::Assigned { agent };
+                        }
+                    }
                 }
                 self.state_committed(conversation, op, outcome, out);
             }
@@ -2296,6 +2307,104 @@ mod tests {
         assert!(
             matches!(&ops[..], [Op::Open { visitor, .. }] if visitor == "v1"),
             "{ops:#?}"
+        );
+    }
+
+    /// Found by the simulation (seed 694): an agent's close whose commit failed left the
+    /// conversation `Closed` in memory but open in storage; the visitor's next message then
+    /// asked storage to open a conversation, got this one back, replayed the message into
+    /// it, found it closed and asked again: a commit per turn, forever.
+    #[test]
+    fn a_close_that_failed_to_commit_leaves_the_conversation_open() {
+        let conversation = ConversationId::from_parts(0, 5);
+        let mut owner = owner();
+        let mut assigned = meta(conversation, "v1", 2);
+        assigned.state = ConversationState::Assigned { agent: "a1".into() };
+        owner.insert_loaded(assigned);
+        let agent_frame = |frame: AgentFrame| OwnerEvent::Agent {
+            agent: "a1".into(),
+            name: "A1".into(),
+            role: Role::Agent,
+            session: session(7),
+            frame,
+        };
+        let closing = owner.handle(
+            agent_frame(AgentFrame::Close {
+                conversation: conversation.0,
+            }),
+            0,
+        );
+        let queued = stores(&closing);
+        assert!(
+            matches!(
+                &queued[..],
+                [(
+                    Op::SetState {
+                        state: ConversationState::Closed,
+                        ..
+                    },
+                    _
+                )]
+            ),
+            "{queued:#?}"
+        );
+        let (op, completion) = queued[0].clone();
+        let failed = owner.handle(
+            OwnerEvent::Committed {
+                completion,
+                op,
+                outcome: Err(CommitFailure {
+                    code: "storage_error",
+                    message: "disk on fire".into(),
+                }),
+            },
+            0,
+        );
+        assert!(
+            !failed
+                .iter()
+                .any(|a| matches!(a, OwnerAction::Send { frame, .. } if frame.contains("closed"))),
+            "{failed:#?}"
+        );
+        // Still the agent's and open: its reply is stored in it.
+        let reply = owner.handle(
+            agent_frame(AgentFrame::Message {
+                conversation: conversation.0,
+                id: "r1".into(),
+                text: "still here".into(),
+            }),
+            0,
+        );
+        assert!(
+            matches!(&stores(&reply)[..], [(Op::Append(m), _)] if m.conversation == conversation),
+            "{reply:#?}"
+        );
+        // And the visitor's message goes into it too, not into a new conversation.
+        attach(
+            &mut owner,
+            "v1",
+            session(1),
+            None,
+            credentials(Some("s"), true, "fresh-1"),
+            StoredVisitor {
+                secret_hash: Some(super::super::identity::hash_secret("s")),
+                conversation: Some(conversation),
+            },
+        );
+        let sent = owner.handle(
+            OwnerEvent::Visitor {
+                key: key("v1"),
+                session: session(1),
+                frame: VisitorFrame::Message {
+                    id: "m9".into(),
+                    text: "hello?".into(),
+                },
+            },
+            0,
+        );
+        assert!(
+            matches!(&stores(&sent)[..], [(Op::Append(m), _)] if m.conversation == conversation),
+            "{sent:#?}"
         );
     }
 
