@@ -82,6 +82,11 @@ impl Checker {
         }
     }
 
+    /// Everything stored in the run, as (conversation, [(client id, text)]).
+    pub fn stored(&self) -> &BTreeMap<u64, Vec<(Option<String>, String)>> {
+        &self.stored
+    }
+
     pub fn fail(&self, step: usize, what: &str) -> ! {
         panic!(
             "simulation invariant violated (seed {seed}, step {step}): {what}\n\

@@ -136,12 +136,11 @@ pub struct World {
     pub verbose: bool,
     /// Faults (drops, crashes, failed commits) are injected only while this is set.
     pub faults: bool,
-    pub crashes: usize,
     pub stats: Stats,
 }
 
 /// What a run exercised (summed over seeds by the many-seeds test).
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
     pub crashes: usize,
     pub failed_commits: usize,
@@ -199,7 +198,6 @@ impl World {
             checker: Checker::new(seed),
             verbose,
             faults: true,
-            crashes: 0,
             stats: Stats::default(),
             config,
             dir,
@@ -887,7 +885,6 @@ impl World {
 
     /// Crashes shard `shard` and restarts it from its store (see the module comment).
     pub fn crash(&mut self, shard: usize) {
-        self.crashes += 1;
         self.stats.crashes += 1;
         let n = self.n();
         let dispatcher = dispatcher_shard(n);
