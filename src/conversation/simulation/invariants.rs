@@ -4,7 +4,11 @@
 //! After every step (or as the frame concerned arrives):
 //! - Storage: in every conversation a commit touched, the stored seqs are exactly
 //!   `1..=last_seq` (dense), no client id is stored twice, and what was stored before is
-//!   still there unchanged (also right after a crash and reopen: nothing committed is lost).
+//!   still there unchanged (also right after a crash and reopen: nothing committed is lost);
+//!   read watermarks never pass `last_seq` and never go down.
+//! - Identity: a connection claiming a visitor id without its secret is given that id only
+//!   when nothing (secret, open conversation) is stored under it, and never hears of any
+//!   conversation (it sends nothing, so every frame naming a conversation is a leak).
 //! - Acks: an ack names a stored record carrying that client id at that seq; an id acked
 //!   again in the same conversation (a re-send) gets the same seq.
 //! - Delivery: a `message` frame is a stored record (same text); on one connection each seq
@@ -67,11 +71,16 @@ impl ConnectionView {
     }
 }
 
+/// A stored message as the checker remembers it: its client id and text.
+type StoredMessage = (Option<String>, String);
+
 /// The seed's bookkeeping of what storage must keep.
 pub struct Checker {
     seed: u64,
     /// Per conversation: the client id and text of each stored seq (index seq - 1).
-    stored: BTreeMap<u64, Vec<(Option<String>, String)>>,
+    stored: BTreeMap<u64, Vec<StoredMessage>>,
+    /// Per conversation: the stored read watermarks (visitor, agent).
+    watermarks: BTreeMap<u64, (u64, u64)>,
 }
 
 impl Checker {
@@ -79,11 +88,12 @@ impl Checker {
         Checker {
             seed,
             stored: BTreeMap::new(),
+            watermarks: BTreeMap::new(),
         }
     }
 
     /// Everything stored in the run, as (conversation, [(client id, text)]).
-    pub fn stored(&self) -> &BTreeMap<u64, Vec<(Option<String>, String)>> {
+    pub fn stored(&self) -> &BTreeMap<u64, Vec<StoredMessage>> {
         &self.stored
     }
 
@@ -98,11 +108,27 @@ impl Checker {
 
 /// Storage invariants for one conversation after a commit (or a reopen).
 pub fn check_stored(world: &mut World, shard: usize, conversation: ConversationId) {
-    let result = (|| -> Result<Vec<(Option<String>, String)>, String> {
+    let known_marks = world.checker.watermarks.get(&conversation.0).copied();
+    let result = (|| -> Result<(Vec<StoredMessage>, (u64, u64)), String> {
         let view = world.store(shard).read().map_err(|e| e.to_string())?;
         let Some(meta) = view.conversation(conversation).map_err(|e| e.to_string())? else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), (0, 0)));
         };
+        let marks = (meta.visitor_read, meta.agent_read);
+        if marks.0 > meta.last_seq || marks.1 > meta.last_seq {
+            return Err(format!(
+                "conversation {}: read watermarks {marks:?} above last_seq {}",
+                conversation.0, meta.last_seq
+            ));
+        }
+        if let Some(known) = known_marks {
+            if marks.0 < known.0 || marks.1 < known.1 {
+                return Err(format!(
+                    "conversation {}: read watermarks went down from {known:?} to {marks:?}",
+                    conversation.0
+                ));
+            }
+        }
         let mut records = Vec::new();
         let mut ids = BTreeSet::new();
         for (expected, record) in (1u64..).zip(
@@ -139,12 +165,13 @@ pub fn check_stored(world: &mut World, shard: usize, conversation: ConversationI
                 records.len()
             ));
         }
-        Ok(records)
+        Ok((records, marks))
     })();
-    let records = match result {
-        Ok(records) => records,
+    let (records, marks) = match result {
+        Ok(found) => found,
         Err(what) => world.fail(&what),
     };
+    world.checker.watermarks.insert(conversation.0, marks);
     let known = world
         .checker
         .stored
@@ -177,7 +204,7 @@ pub fn check_survived_crash(world: &mut World, shard: usize) {
 }
 
 /// The stored record `(conversation, seq)`: its client id and text.
-fn stored_record(world: &World, conversation: u64, seq: u64) -> Option<(Option<String>, String)> {
+fn stored_record(world: &World, conversation: u64, seq: u64) -> Option<StoredMessage> {
     let id = ConversationId(conversation);
     if id.shard() >= world.shards.len() {
         return None;

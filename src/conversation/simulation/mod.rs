@@ -8,7 +8,8 @@
 //! channel delivers its next message (FIFO per channel, reordered across channels), when a
 //! shard group-commits and how much, client actions (connect, send, re-send, handoff,
 //! typing, read, second tab, disconnect, reconnect with `resume`; agents attach, accept,
-//! reply, transfer, close, go away, detach), bot verdicts, ticks on a monotonic simulated
+//! reply, transfer, close, go away, detach; intruders claiming a visitor's id without its
+//! secret), bot verdicts, ticks on a monotonic simulated
 //! clock (typing throttle, agent grace), the empty-conversation sweep, and faults: dropped
 //! connections, failed group commits and shard crashes with a restart from what the store
 //! had committed. After the seed's steps it heals (no more faults, every client reconnects
@@ -38,8 +39,8 @@
 //! Not covered here: the router's own glue (the glommio tasks, the committer's timing,
 //! `send_loop`), sessions' back-pressure and admission, the bot's handlers and engine (the
 //! bot is a random verdict), guards, watchers (supervisor `watch`), storage-full back-off,
-//! visitors presenting a wrong secret, and a machine crash (the store is reopened after a
-//! process-style crash: nothing committed is lost by construction of LMDB).
+//! verified identities, and a machine crash (the store is reopened after a process-style
+//! crash: nothing committed is lost by construction of LMDB).
 
 mod clients;
 mod invariants;

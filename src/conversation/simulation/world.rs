@@ -89,6 +89,8 @@ impl SimConfig {
 pub enum ClientRef {
     Visitor(usize),
     Agent(usize),
+    /// A connection claiming another visitor's id without its secret.
+    Intruder,
 }
 
 /// One connection, as the shard's arena and the client see it.
@@ -101,6 +103,8 @@ pub struct Session {
     held: Vec<Arc<str>>,
     /// Conversations an agent session follows (`ShardMessage::Track`).
     follows: Vec<ConversationId>,
+    /// The visitor key a visitor or intruder connection claimed.
+    claimed: Option<VisitorKey>,
     /// What the invariants track for this connection.
     pub view: invariants::ConnectionView,
 }
@@ -152,6 +156,7 @@ pub struct Stats {
     pub resumes_with_replay: usize,
     pub assignments: usize,
     pub checked_at_rest: usize,
+    pub intruders_refused: usize,
 }
 
 impl std::ops::AddAssign for Stats {
@@ -166,6 +171,7 @@ impl std::ops::AddAssign for Stats {
         self.resumes_with_replay += o.resumes_with_replay;
         self.assignments += o.assignments;
         self.checked_at_rest += o.checked_at_rest;
+        self.intruders_refused += o.intruders_refused;
     }
 }
 
@@ -907,9 +913,10 @@ impl World {
             .filter(|(_, s)| {
                 s.shard == shard
                     || match s.client {
-                        ClientRef::Visitor(v) => {
-                            visitor_owner(SITE, &self.visitors[v].name, n) == shard
-                        }
+                        ClientRef::Visitor(_) | ClientRef::Intruder => s
+                            .claimed
+                            .as_ref()
+                            .is_some_and(|key| visitor_owner(SITE, &key.visitor, n) == shard),
                         ClientRef::Agent(_) => {
                             shard == dispatcher || s.follows.iter().any(|c| c.shard() == shard)
                         }
@@ -961,6 +968,7 @@ impl World {
                 awaiting_hello: true,
                 held: Vec::new(),
                 follows: Vec::new(),
+                claimed: None,
                 view: invariants::ConnectionView {
                     agent: matches!(client, ClientRef::Agent(_)),
                     ..Default::default()
@@ -1003,6 +1011,7 @@ impl World {
         match session.client {
             ClientRef::Visitor(v) => self.visitor_receives(v, id, &value),
             ClientRef::Agent(a) => self.agent_receives(a, id, &value),
+            ClientRef::Intruder => self.intruder_receives(id, &value),
         }
     }
 
@@ -1017,9 +1026,14 @@ impl World {
         };
         let n = self.n();
         match session.client {
-            ClientRef::Visitor(v) => {
-                self.visitors[v].tabs.retain(|t| *t != id);
-                let key = self.visitors[v].key();
+            ClientRef::Visitor(_) | ClientRef::Intruder => {
+                if let ClientRef::Visitor(v) = session.client {
+                    self.visitors[v].tabs.retain(|t| *t != id);
+                }
+                let key = session
+                    .claimed
+                    .clone()
+                    .expect("visitor sessions claim a key");
                 let owner = visitor_owner(SITE, &key.visitor, n);
                 self.send(
                     session.shard,
@@ -1055,6 +1069,11 @@ impl World {
     // ----- clients -----
 
     fn client_step(&mut self) {
+        if self.faults && self.rng.gen_range(0..100) < 3 {
+            let target = self.rng.gen_range(0..self.visitors.len());
+            self.connect_intruder(target);
+            return;
+        }
         let total = self.visitors.len() + self.agents.len();
         let pick = self.rng.gen_range(0..total);
         if pick < self.visitors.len() {
@@ -1071,6 +1090,7 @@ impl World {
         self.visitors[v].tabs.push(me.session.to_u64());
         if let Some(session) = self.sessions.get_mut(&me.session.to_u64()) {
             session.view.resume = resume;
+            session.claimed = Some(key.clone());
         }
         let n = self.n();
         let owner = visitor_owner(SITE, &key.visitor, n);
@@ -1106,6 +1126,84 @@ impl World {
         );
     }
 
+    /// Someone claims visitor `target`'s id with a wrong secret (or none), and `resume=0`.
+    fn connect_intruder(&mut self, target: usize) {
+        let key = self.visitors[target].key();
+        let me = self.new_session(ClientRef::Intruder);
+        let id = me.session.to_u64();
+        if let Some(session) = self.sessions.get_mut(&id) {
+            session.view.resume = Some(0);
+            session.claimed = Some(key.clone());
+        }
+        let owner = visitor_owner(SITE, &key.visitor, self.n());
+        let fresh_secret = format!("intruder-secret-{id}");
+        let credentials = Credentials {
+            secret_hash: self
+                .rng
+                .gen_bool(0.5)
+                .then(|| crate::conversation::identity::hash_secret("a guess")),
+            verified: false,
+            fresh: FreshVisitor {
+                visitor: format!("intruder-{id}").into(),
+                secret_hash: crate::conversation::identity::hash_secret(&fresh_secret),
+                secret: fresh_secret.into(),
+            },
+        };
+        self.trace(format_args!(
+            "intruder session {id} claims visitor {target} ({})",
+            key.visitor
+        ));
+        self.send(
+            me.shard,
+            owner,
+            ShardMessage::Owner(OwnerEvent::VisitorAttach {
+                key,
+                resume: Some(0),
+                session: me,
+                credentials: Box::new(credentials),
+                stored: None,
+            }),
+        );
+    }
+
+    /// An intruder learns nothing of the visitor it claimed: it is given the id only when
+    /// nothing is stored under it, and it never hears of a conversation.
+    fn intruder_receives(&mut self, id: u64, frame: &serde_json::Value) {
+        let claimed = self.sessions[&id]
+            .claimed
+            .clone()
+            .expect("intruders claim a key");
+        let kind = frame["type"].as_str().unwrap_or_default();
+        if kind == "hello" && frame["visitor"].as_str() != Some(&*claimed.visitor) {
+            self.stats.intruders_refused += 1;
+        }
+        if kind == "hello" && frame["visitor"].as_str() == Some(&*claimed.visitor) {
+            let owner = visitor_owner(SITE, &claimed.visitor, self.n());
+            let stored = self
+                .store(owner)
+                .read()
+                .and_then(|view| {
+                    Ok((
+                        view.visitor_secret(SITE, &claimed.visitor)?,
+                        view.conversation_of_visitor(SITE, &claimed.visitor)?,
+                    ))
+                })
+                .expect("read");
+            if stored != (None, None) {
+                self.fail(&format!(
+                    "intruder session {id} was given visitor {} which has {stored:?} stored",
+                    claimed.visitor
+                ));
+            }
+        }
+        if !frame["conversation"].is_null() {
+            self.fail(&format!(
+                "intruder session {id} claiming {} was sent {frame}",
+                claimed.visitor
+            ));
+        }
+    }
+
     /// A visitor id owned by `owner` that no client uses (for a refused claim).
     fn fresh_visitor_id(&self, v: usize, owner: usize) -> String {
         (0..)
@@ -1119,7 +1217,10 @@ impl World {
             return;
         };
         let from = session.shard;
-        let key = self.visitors[v].key();
+        let key = session
+            .claimed
+            .clone()
+            .expect("visitor sessions claim a key");
         let owner = visitor_owner(SITE, &key.visitor, self.n());
         self.trace(format_args!("visitor {v} tab {tab} sends {frame:?}"));
         self.send(
