@@ -26,12 +26,17 @@
 //!
 //! Running: `cargo test --lib simulation` runs [`SEEDS`] seeds (env `SIMULATION_SEEDS`
 //! overrides the count, `SIMULATION_FIRST_SEED` the start) on two threads. Measured on the
-//! 2-vCPU build machine (shared, load average about 3), debug build, 2026-12-02: the default
-//! 3,000 seeds (964,686 steps, 2,417 shard crashes, 1,560 failed commits, 32,013 dropped
-//! connections, 49,402 acks checked) in 18.8 s; 2,000 seeds in 12.4 s; 10,000 seeds in
-//! 91 s (`SIMULATION_SEEDS=10000 cargo test --lib simulation_runs_many_seeds -- --nocapture`
-//! prints the figures). 3,000 rather than 2,000: the subtlest mutation tried (evicting a
-//! conversation with a commit in flight) is first caught by seed 1,785.
+//! 2-vCPU build machine, debug build, 2026-12-02, which other builds share (the figure
+//! moves with their load): 2,000 seeds (about 640,000 steps, 1,600 shard crashes, 1,000
+//! failed commits, 21,000 dropped connections, 33,000 acks checked) in 12.4 s at load
+//! average ~3 and 50 s at load ~5 (two other builds running); 3,000 seeds in 18.8 s at
+//! load ~3 and 73 s at load ~5; 10,000 seeds in 91 s at load ~3
+//! (`SIMULATION_SEEDS=10000 cargo test --lib simulation_runs_many_seeds -- --nocapture`
+//! prints the figures). Every mutation tried was caught within the first 2,000 seeds: by
+//! seed 0 (store dedupe skipped), 1 (any stored secret accepted), 4 (resume replay off by
+//! one), 12 (auto-assignment from the queue's tail), 50 (a conversation evicted with a
+//! commit in flight), 93 and 508 (either owner fix of this branch taken out: secret before open, a
+//! failed close).
 //! A failing seed panics with its number, its step and the replay command:
 //! `SIMULATION_SEED=<n> cargo test --lib simulation_replays_one_seed -- --nocapture`
 //! prints the step trace of that seed and runs it again, identically.
@@ -47,7 +52,7 @@ mod invariants;
 mod world;
 
 /// Seeds run by `simulation_runs_many_seeds`.
-pub const SEEDS: u64 = 3_000;
+pub const SEEDS: u64 = 2_000;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -109,7 +114,9 @@ fn simulation_replays_one_seed() {
 /// messages stored under the same seqs in the same conversations.
 #[test]
 fn simulation_is_deterministic() {
-    for seed in [3, 17, 92, 694, 1785] {
+    // 93, 508 and 50 fail when the owner fixes of the secret and of the failed close, or the
+    // in-flight eviction guard, are taken out.
+    for seed in [3, 17, 50, 93, 508] {
         let mut a = world::World::new(seed, false);
         a.run();
         let mut b = world::World::new(seed, false);

@@ -57,6 +57,8 @@ pub const SITE: &str = "sim";
 const TYPING_INTERVAL_MS: u64 = 100;
 const TYPING_EXPIRY_MS: u64 = 300;
 const AGENT_GRACE_MS: u64 = 400;
+/// A seed's run has a few hundred messages at most; settling them takes far fewer steps.
+const QUIESCENCE_STEPS: usize = 20_000;
 
 /// The shape of one simulated run, drawn from the seed.
 #[derive(Debug, Clone)]
@@ -333,8 +335,10 @@ impl World {
         invariants::check_quiescent(self);
     }
 
+    /// Runs deliveries, commits and bot answers until none is left. A run that does not
+    /// settle within `QUIESCENCE_STEPS` is a livelock (a loop of commits or messages).
     fn quiesce(&mut self) {
-        for _ in 0..100_000 {
+        for _ in 0..QUIESCENCE_STEPS {
             self.step += 1;
             if self.deliver_one() {
                 self.check_all();
@@ -352,7 +356,10 @@ impl World {
             }
             return;
         }
-        self.fail("no quiescence after 100,000 steps");
+        self.fail(&format!(
+            "no quiescence after {QUIESCENCE_STEPS} steps (a livelock?): {}",
+            self.describe_state()
+        ));
     }
 
     fn check_all(&mut self) {
