@@ -23,6 +23,8 @@ pub mod identity;
 pub mod owner;
 pub mod protocol;
 pub mod router;
+#[cfg(test)]
+mod simulation;
 
 use crate::arena::SessionId;
 

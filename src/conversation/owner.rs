@@ -718,7 +718,12 @@ impl Owner {
 
     /// Opens a conversation for the visitor (its first, or a new one after a
     /// close); `frame` runs once it is open. The visitor's secret is stored
-    /// first if it is not yet.
+    /// first if it is not yet, and the conversation is opened only once that
+    /// commit succeeded: queued together, the two ops may land in different
+    /// group commits (the first batch full at `max_batch`), and an open that
+    /// commits while the secret's batch failed leaves a conversation nobody
+    /// can reattach to (a stored conversation without a secret is refused to
+    /// every unverified connection, its own visitor's included).
     fn open_conversation(
         &mut self,
         key: &VisitorKey,
@@ -742,14 +747,10 @@ impl Owner {
                 },
                 completion: Completion::SecretStored { key: key.clone() },
             });
+            // The open follows once the secret is committed (see `committed`).
+            return;
         }
-        out.push(OwnerAction::Store {
-            op: Op::Open {
-                site: key.site.to_string(),
-                visitor: key.visitor.to_string(),
-            },
-            completion: Completion::Opened { key: key.clone() },
-        });
+        out.push(open_op(key));
     }
 
     /// Sends a session its hello, the messages it missed and the state.
@@ -1472,10 +1473,20 @@ impl Owner {
                 }));
             }
             Completion::SecretStored { key } => {
-                if !matches!(outcome, Ok(OpOutcome::Updated)) {
+                let Some(entry) = self.visitors.get_mut(&key) else {
+                    return;
+                };
+                let stored = matches!(outcome, Ok(OpOutcome::Updated));
+                if !stored {
                     // Tried again with the next conversation the visitor opens.
-                    if let Some(entry) = self.visitors.get_mut(&key) {
-                        entry.secret_stored = false;
+                    entry.secret_stored = false;
+                }
+                // The conversation waiting for this secret: opened now, or not at all.
+                if entry.opening {
+                    if stored {
+                        out.push(open_op(&key));
+                    } else {
+                        self.opened(key, outcome, out);
                     }
                 }
             }
@@ -1562,6 +1573,17 @@ impl Owner {
                         AuditEvent::new("conversation_closed", &agent)
                             .target(conversation.0.to_string()),
                     ));
+                } else if outcome.is_err() {
+                    // Nothing was stored: the conversation is still open, and still this
+                    // agent's (a close is accepted only from its agent). Left `Closed` in
+                    // memory, the visitor's next message would open a new conversation,
+                    // which storage answers with this same open one, whose pending message
+                    // opens again, forever.
+                    if let Some(live) = self.live.get_mut(&conversation) {
+                        if live.meta.state == ConversationState::Closed {
+                            live.meta.state = ConversationState::Assigned { agent };
+                        }
+                    }
                 }
                 self.state_committed(conversation, op, outcome, out);
             }
@@ -2079,6 +2101,17 @@ fn assigned_to_agent(live: &Live) -> Arc<str> {
     }))
 }
 
+/// The store action that opens (or finds) the visitor's open conversation.
+fn open_op(key: &VisitorKey) -> OwnerAction {
+    OwnerAction::Store {
+        op: Op::Open {
+            site: key.site.to_string(),
+            visitor: key.visitor.to_string(),
+        },
+        completion: Completion::Opened { key: key.clone() },
+    }
+}
+
 /// The conversation an operation writes to (none for `Open`, which creates it).
 fn op_conversation(op: &Op) -> Option<ConversationId> {
     match op {
@@ -2353,11 +2386,168 @@ mod tests {
             },
             0,
         );
-        let ops: Vec<Op> = stores(&sent).into_iter().map(|(op, _)| op).collect();
+        let queued = stores(&sent);
+        let ops: Vec<&Op> = queued.iter().map(|(op, _)| op).collect();
         assert!(
-            matches!(&ops[..], [Op::SetVisitorSecret { visitor, secret_hash, .. }, Op::Open { .. }]
+            matches!(&ops[..], [Op::SetVisitorSecret { visitor, secret_hash, .. }]
                 if visitor == "v1" && *secret_hash == super::super::identity::hash_secret("secret-of-fresh-1")),
             "{ops:#?}"
+        );
+        // The conversation is opened once the secret is committed.
+        let opened = committed(&mut owner, queued[0].clone(), OpOutcome::Updated);
+        let ops: Vec<Op> = stores(&opened).into_iter().map(|(op, _)| op).collect();
+        assert!(
+            matches!(&ops[..], [Op::Open { visitor, .. }] if visitor == "v1"),
+            "{ops:#?}"
+        );
+    }
+
+    /// Found by the simulation (seed 694): an agent's close whose commit failed left the
+    /// conversation `Closed` in memory but open in storage; the visitor's next message then
+    /// asked storage to open a conversation, got this one back, replayed the message into
+    /// it, found it closed and asked again: a commit per turn, forever.
+    #[test]
+    fn a_close_that_failed_to_commit_leaves_the_conversation_open() {
+        let conversation = ConversationId::from_parts(0, 5);
+        let mut owner = owner();
+        let mut assigned = meta(conversation, "v1", 2);
+        assigned.state = ConversationState::Assigned { agent: "a1".into() };
+        owner.insert_loaded(assigned);
+        let agent_frame = |frame: AgentFrame| OwnerEvent::Agent {
+            agent: "a1".into(),
+            name: "A1".into(),
+            role: Role::Agent,
+            session: session(7),
+            frame,
+        };
+        let closing = owner.handle(
+            agent_frame(AgentFrame::Close {
+                conversation: conversation.0,
+            }),
+            0,
+        );
+        let queued = stores(&closing);
+        assert!(
+            matches!(
+                &queued[..],
+                [(
+                    Op::SetState {
+                        state: ConversationState::Closed,
+                        ..
+                    },
+                    _
+                )]
+            ),
+            "{queued:#?}"
+        );
+        let (op, completion) = queued[0].clone();
+        let failed = owner.handle(
+            OwnerEvent::Committed {
+                completion,
+                op,
+                outcome: Err(CommitFailure {
+                    code: "storage_error",
+                    message: "disk on fire".into(),
+                }),
+            },
+            0,
+        );
+        assert!(
+            !failed
+                .iter()
+                .any(|a| matches!(a, OwnerAction::Send { frame, .. } if frame.contains("closed"))),
+            "{failed:#?}"
+        );
+        // Still the agent's and open: its reply is stored in it.
+        let reply = owner.handle(
+            agent_frame(AgentFrame::Message {
+                conversation: conversation.0,
+                id: "r1".into(),
+                text: "still here".into(),
+            }),
+            0,
+        );
+        assert!(
+            matches!(&stores(&reply)[..], [(Op::Append(m), _)] if m.conversation == conversation),
+            "{reply:#?}"
+        );
+        // And the visitor's message goes into it too, not into a new conversation.
+        attach(
+            &mut owner,
+            "v1",
+            session(1),
+            None,
+            credentials(Some("s"), true, "fresh-1"),
+            StoredVisitor {
+                secret_hash: Some(super::super::identity::hash_secret("s")),
+                conversation: Some(conversation),
+            },
+        );
+        let sent = owner.handle(
+            OwnerEvent::Visitor {
+                key: key("v1"),
+                session: session(1),
+                frame: VisitorFrame::Message {
+                    id: "m9".into(),
+                    text: "hello?".into(),
+                },
+            },
+            0,
+        );
+        assert!(
+            matches!(&stores(&sent)[..], [(Op::Append(m), _)] if m.conversation == conversation),
+            "{sent:#?}"
+        );
+    }
+
+    /// Found by the simulation (seed 1 with `max_batch` 1): the secret's commit failed, the
+    /// open's (queued with it, committed in the next batch) did not, and the visitor's next
+    /// connection, presenting its secret, was moved to a fresh visitor id: the stored
+    /// conversation had no secret to match. Now nothing is opened without the secret.
+    #[test]
+    fn a_failed_secret_commit_opens_no_conversation() {
+        let mut owner = owner();
+        let tab = session(1);
+        attach(
+            &mut owner,
+            "v1",
+            tab,
+            None,
+            credentials(None, false, "fresh-1"),
+            StoredVisitor::default(),
+        );
+        let message = |id: &str| OwnerEvent::Visitor {
+            key: key("v1"),
+            session: tab,
+            frame: VisitorFrame::Message {
+                id: id.into(),
+                text: "hi".into(),
+            },
+        };
+        let sent = owner.handle(message("m1"), 0);
+        let queued = stores(&sent);
+        assert!(
+            matches!(&queued[..], [(Op::SetVisitorSecret { .. }, _)]),
+            "{queued:#?}"
+        );
+        let (op, completion) = queued[0].clone();
+        let failed = owner.handle(
+            OwnerEvent::Committed {
+                completion,
+                op,
+                outcome: Err(CommitFailure {
+                    code: "storage_error",
+                    message: "disk on fire".into(),
+                }),
+            },
+            0,
+        );
+        assert!(stores(&failed).is_empty(), "nothing opened: {failed:#?}");
+        // The visitor is not left opening: its next message tries the secret again.
+        let again = owner.handle(message("m1"), 0);
+        assert!(
+            matches!(&stores(&again)[..], [(Op::SetVisitorSecret { .. }, _)]),
+            "{again:#?}"
         );
     }
 
@@ -2830,7 +3020,13 @@ mod tests {
             },
             0,
         );
-        let open = stores(&first_message)
+        // The secret is stored first, then the conversation is opened.
+        let secret = stores(&first_message)
+            .into_iter()
+            .next()
+            .expect("the first message stores the secret");
+        let opening = committed(&mut owner, secret, OpOutcome::Updated);
+        let open = stores(&opening)
             .into_iter()
             .find(|(op, _)| matches!(op, Op::Open { .. }))
             .expect("the first message opens the conversation");
