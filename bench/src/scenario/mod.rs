@@ -9,7 +9,7 @@ pub mod soak;
 pub mod sweep;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use crate::net::SourceAddrs;
 use crate::protocol::{self, Endpoints, Protocol, ServerFrame};
 use crate::report::Report;
 use crate::runtime::available_cpus;
+use crate::stats::Arrivals;
 use crate::target::Target;
 use crate::wsclient::{self, Incoming, OpenError, WsReader, WsWriter};
 
@@ -174,6 +175,8 @@ pub struct Hello {
     pub seq: Option<u64>,
     /// The visitor secret the server issued on this connection, if it did.
     pub secret: Option<String>,
+    /// The visitor id of the session (a refused id is replaced by a new one).
+    pub visitor: Option<String>,
 }
 
 /// Reads frames until one whose `type` is in `kinds` arrives (others are skipped); errors on timeout,
@@ -194,6 +197,7 @@ pub async fn await_frame(
                     return Ok(Hello {
                         seq: f.seq,
                         secret: f.secret.map(|s| s.into_owned()),
+                        visitor: f.visitor.map(|v| v.into_owned()),
                     });
                 }
                 if f.kind == "error" {
@@ -236,6 +240,11 @@ pub struct AgentStats {
     pub foreign: u64,
     pub other_frames: u64,
     pub errors: Tally,
+    /// Visitor messages (conversation, seq) whose reply was acked: an agent that reconnects is sent
+    /// each conversation's whole history again and answers only the others. A reply's id is `r{seq}`
+    /// of the visitor message it answers, so answering one again (a reply in flight when the
+    /// connection or the server died) is recognised by the server as a re-send, not stored twice.
+    pub answered: HashMap<String, Arrivals>,
 }
 
 /// An agent: replies to every visitor message with the same text, until the session closes. With the relay
@@ -281,15 +290,39 @@ pub async fn agent_loop(
                             }
                         }
                         ("message", Some(conv), Some(text)) if from_visitor => {
-                            if !mine.contains(&conv.to_string()) {
+                            let key = conv.to_string();
+                            if !mine.contains(&key) {
                                 st.foreign += 1;
                                 return;
                             }
-                            next_id += 1;
-                            let reply = protocol::agent_message(conv, &format!("a{next_id}"), text);
+                            let id = match f.seq {
+                                Some(seq)
+                                    if st.answered.get(&key).is_some_and(|a| a.contains(seq)) =>
+                                {
+                                    return
+                                }
+                                Some(seq) => format!("r{seq}"),
+                                None => {
+                                    next_id += 1;
+                                    format!("a{next_id}")
+                                }
+                            };
+                            let reply = protocol::agent_message(conv, &id, text);
                             if sender.send_text(&reply) {
                                 st.replies += 1;
                             }
+                        }
+                        ("ack", Some(conv), _) => {
+                            let seq = match &f.id {
+                                Some(serde_json::Value::String(id)) => {
+                                    id.strip_prefix('r').and_then(|n| n.parse::<u64>().ok())
+                                }
+                                _ => None,
+                            };
+                            if let Some(seq) = seq {
+                                st.answered.entry(conv.to_string()).or_default().record(seq);
+                            }
+                            st.other_frames += 1;
                         }
                         ("message", _, _) if from_visitor => bump(
                             &mut st.errors,
