@@ -107,9 +107,12 @@ impl ServerProc {
                 ));
             }
             if Instant::now() > deadline {
+                let pid = self.pid.load(Ordering::Relaxed);
                 return Err(format!(
-                    "the server was not ready (GET /readyz on {}) within {:?}",
-                    self.addr, self.ready_timeout
+                    "the server (pid {pid}) was not ready (GET /readyz on {}) within {:?}; its threads: {}",
+                    self.addr,
+                    self.ready_timeout,
+                    thread_states(pid)
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -157,6 +160,29 @@ impl Drop for ServerProc {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Each thread of `pid` as `name (state, wchan)`, for a server that does not get ready.
+fn thread_states(pid: u32) -> String {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "gone".into();
+    };
+    let mut out = Vec::new();
+    for t in dir.flatten() {
+        let p = t.path();
+        let read = |f: &str| {
+            std::fs::read_to_string(p.join(f))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let state = read("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("State:").map(|s| s.trim().to_string()))
+            .unwrap_or_default();
+        out.push(format!("{} ({state}, {})", read("comm"), read("wchan")));
+    }
+    out.join("; ")
 }
 
 /// `GET /readyz` answers 200.

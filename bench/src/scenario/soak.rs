@@ -46,7 +46,7 @@ use crate::report::Report;
 use crate::runtime::{run_shards, with_timeout, Coordinator, Phase, Progress};
 use crate::scenario::{
     agent_loop, bump, close_all, close_conversations, handoff_until_assigned, merge_tally,
-    open_session, seed, AgentStats, Ctx, Hello, Tally,
+    open_session, seed, AckedReplies, AgentStats, Ctx, Hello, Tally,
 };
 use crate::stats::{Arrival, Arrivals, Latency};
 use crate::wsclient::{Incoming, WsReader, WsWriter};
@@ -72,6 +72,12 @@ struct Ledger {
     duplicate_deliveries: u64,
     /// Read-backs that were given another visitor id (the secret no longer opened the conversation).
     identity_lost: u64,
+    /// Acked messages whose echo (an agent's reply with the same text) is stored.
+    echoed: u64,
+    /// Agent replies acked in the conversations read back ...
+    agent_acked: u64,
+    /// ... and those not found at their seq as the echo of the message they answered.
+    agent_lost: u64,
     /// The first few lost or duplicated messages, described for the report's notes.
     examples: Vec<String>,
 }
@@ -90,6 +96,9 @@ impl Ledger {
         self.holes += o.holes;
         self.duplicate_deliveries += o.duplicate_deliveries;
         self.identity_lost += o.identity_lost;
+        self.echoed += o.echoed;
+        self.agent_acked += o.agent_acked;
+        self.agent_lost += o.agent_lost;
         for e in &o.examples {
             if self.examples.len() < EXAMPLES {
                 self.examples.push(e.clone());
@@ -108,6 +117,9 @@ struct SoakTotals {
     /// Connections the server side ended (a kill, a close 1008/1013, a reset).
     server_drops: u64,
     agent_reconnects: u64,
+    /// Visitor messages an agent session received in a conversation it had not been sent
+    /// `assigned` for (from this run's visitors or not): it does not answer them.
+    agent_unassigned_messages: u64,
     sent: u64,
     resent: u64,
     acks: u64,
@@ -143,6 +155,7 @@ impl SoakTotals {
         self.abrupt_disconnects += o.abrupt_disconnects;
         self.server_drops += o.server_drops;
         self.agent_reconnects += o.agent_reconnects;
+        self.agent_unassigned_messages += o.agent_unassigned_messages;
         self.sent += o.sent;
         self.resent += o.resent;
         self.acks += o.acks;
@@ -202,6 +215,8 @@ struct VisitorBook {
     secret: Option<String>,
     /// Reconnects on which the server issued a new secret although messages had been acked.
     resets: Vec<String>,
+    /// The conversation, from the acks.
+    conversation: Option<String>,
 }
 
 impl VisitorBook {
@@ -273,6 +288,7 @@ fn reconcile(
     history: &HashMap<u64, (bool, u64)>,
     base: u64,
     last: u64,
+    replies: &HashMap<u64, u64>,
 ) -> Ledger {
     let mut l = Ledger {
         visitors: 1,
@@ -301,6 +317,58 @@ fn reconcile(
                 }
             }
         }
+    }
+    // Agent replies acked in this conversation (by the time of the hello: seq <= last): at their
+    // seq, the echo of the message they answer.
+    for (reply_seq, answered) in replies.iter().filter(|(s, _)| **s <= last) {
+        l.agent_acked += 1;
+        let ok = match (history.get(reply_seq), history.get(answered)) {
+            (Some((false, reply)), Some((true, question))) => reply == question,
+            _ => false,
+        };
+        if !ok {
+            l.agent_lost += 1;
+            if l.examples.len() < EXAMPLES {
+                let there = match history.get(reply_seq) {
+                    None => "nothing",
+                    Some((true, _)) => "a visitor message",
+                    Some((false, _)) => "another reply",
+                };
+                l.examples.push(format!(
+                    "lost: agent reply acked at seq {reply_seq} (answering seq {answered}) in visitor {}'s conversation {}: {there} there",
+                    book.visitor,
+                    book.conversation.as_deref().unwrap_or("?"),
+                ));
+            }
+        }
+    }
+    let echoes: std::collections::HashSet<u64> = history
+        .values()
+        .filter(|(from_visitor, _)| !from_visitor)
+        .map(|(_, h)| *h)
+        .collect();
+    l.echoed = book
+        .acked
+        .keys()
+        .filter(|id| book.texts.get(*id).is_some_and(|h| echoes.contains(h)))
+        .count() as u64;
+    // Relay visitors wait for their replies before the read-back; bot visitors do not.
+    if book.probes_sent > 0 && l.echoed < l.acked && l.examples.len() < EXAMPLES {
+        let mut seqs: Vec<u64> = book
+            .acked
+            .iter()
+            .filter(|(id, _)| !book.texts.get(*id).is_some_and(|h| echoes.contains(h)))
+            .map(|(_, s)| *s)
+            .collect();
+        seqs.sort_unstable();
+        l.examples.push(format!(
+            "unanswered (not a contract figure): visitor {} conversation {}: {} of {} acked messages have no stored agent reply, seqs {:?}",
+            book.visitor,
+            book.conversation.as_deref().unwrap_or("?"),
+            l.acked - l.echoed,
+            l.acked,
+            &seqs[..seqs.len().min(8)]
+        ));
     }
     let mut sent_once: HashMap<u64, u32> = HashMap::new();
     for h in book.texts.values() {
@@ -409,10 +477,16 @@ pub fn run(args: &SoakArgs) -> Result<Report, String> {
         "flood_window": args.flood_window,
     });
     let coord = Coordinator::new(ctx.shards);
+    let replies = AckedReplies::default();
     let run_bar = bars.timed("soak", args.duration.as_secs_f64());
     let work = {
-        let (ctx, coord, args, queries) =
-            (ctx.clone(), coord.clone(), args.clone(), queries.clone());
+        let (ctx, coord, args, queries, replies) = (
+            ctx.clone(),
+            coord.clone(),
+            args.clone(),
+            queries.clone(),
+            replies.clone(),
+        );
         move |shard| {
             shard_main(
                 shard,
@@ -422,6 +496,7 @@ pub fn run(args: &SoakArgs) -> Result<Report, String> {
                 queries.clone(),
                 relay_visitors,
                 flooders,
+                replies.clone(),
             )
         }
     };
@@ -490,6 +565,10 @@ pub fn run(args: &SoakArgs) -> Result<Report, String> {
         (t.clean_disconnects + t.abrupt_disconnects + t.server_drops) as f64,
     );
     report.set("agent_reconnects", t.agent_reconnects as f64);
+    report.set(
+        "agent_unassigned_messages",
+        t.agent_unassigned_messages as f64,
+    );
     report.set("messages_sent", (t.sent + t.flood_sent) as f64);
     report.set("messages_resent", t.resent as f64);
     report.set("acks", t.acks as f64);
@@ -521,6 +600,9 @@ pub fn run(args: &SoakArgs) -> Result<Report, String> {
         report.set("ledger_lost", l.lost as f64);
         report.set("ledger_stored_twice", l.stored_twice as f64);
         report.set("ledger_holes", l.holes as f64);
+        report.set("ledger_echoed", l.echoed as f64);
+        report.set("ledger_agent_acked", l.agent_acked as f64);
+        report.set("ledger_agent_lost", l.agent_lost as f64);
         report.set("ledger_identity_lost", l.identity_lost as f64);
         let duplicated = l.stored_twice + t.duplicate_deliveries + l.duplicate_deliveries;
         report.set("ledger_duplicated", duplicated as f64);
@@ -608,6 +690,7 @@ pub fn verdict(report: &Report) -> Result<(), String> {
     let mut bad = Vec::new();
     for (figure, what) in [
         ("ledger_lost", "acked messages lost"),
+        ("ledger_agent_lost", "acked agent replies lost"),
         ("ledger_duplicated", "messages duplicated"),
         ("ack_conflicts", "re-sent ids acked with another seq"),
         ("ledger_unverified", "conversations not read back"),
@@ -671,6 +754,11 @@ pub fn print_ledger(report: &Report) {
         f("ledger_holes")
     );
     println!(
+        "   agent replies lost     {:>10}   of {} acked in the conversations read back",
+        f("ledger_agent_lost"),
+        f("ledger_agent_acked")
+    );
+    println!(
         "   duplicated             {:>10}   stored twice {}, delivered twice on one connection {}",
         f("ledger_duplicated"),
         f("ledger_stored_twice"),
@@ -710,6 +798,8 @@ pub fn slope_per_second(points: &[[f64; 2]]) -> Option<f64> {
 }
 
 struct ShardState {
+    /// Every shard's agents' acked replies.
+    replies: AckedReplies,
     totals: RefCell<SoakTotals>,
     closing: Rc<Cell<bool>>,
 }
@@ -729,12 +819,17 @@ async fn shard_main(
     queries: Arc<Vec<String>>,
     relay_visitors: u64,
     flooders: u64,
+    replies: AckedReplies,
 ) -> SoakTotals {
     let state = Rc::new(ShardState {
+        replies: replies.clone(),
         totals: RefCell::default(),
         closing: Rc::new(Cell::new(false)),
     });
-    let agent_stats = Rc::new(RefCell::new(AgentStats::default()));
+    let agent_stats = Rc::new(RefCell::new(AgentStats {
+        acked_replies: replies.clone(),
+        ..AgentStats::default()
+    }));
     let sources = Rc::new(RefCell::new(ctx.source_addrs(shard)));
     let mut slots = Vec::new();
     let mut agent_tasks = Vec::new();
@@ -859,6 +954,7 @@ async fn shard_main(
     close_all(&writers, agent_tasks, Duration::from_secs(5)).await;
     let mut totals = std::mem::take(&mut *state.totals.borrow_mut());
     merge_tally(&mut totals.errors, &agent_stats.borrow().errors);
+    totals.agent_unassigned_messages = agent_stats.borrow().foreign;
     totals
 }
 
@@ -882,10 +978,11 @@ async fn agent_life(
     let mut attempt = 0;
     loop {
         if let Some((reader, writer)) = session.take() {
-            *current.borrow_mut() = Some(writer);
+            *current.borrow_mut() = Some(writer.clone());
             agent_loop(
                 ctx.protocol,
                 reader,
+                writer,
                 stats.clone(),
                 state.closing.clone(),
                 ctx.endpoints.run_id.clone(),
@@ -1130,7 +1227,7 @@ async fn visitor_life(
         }
     }
     let ledger = if switchboard {
-        Some(read_back(ctx, &book, plan.shard, plan.v, sources).await)
+        Some(read_back(ctx, &book, plan.shard, plan.v, sources, &state.replies).await)
     } else {
         None
     };
@@ -1271,7 +1368,7 @@ async fn flooder_life(
         rounds += 1;
         drain_and_close(&book, false, &dead, &writer, receiver).await;
     }
-    let ledger = read_back(ctx, &book, shard, v, sources).await;
+    let ledger = read_back(ctx, &book, shard, v, sources, &state.replies).await;
     let b = book.borrow();
     let mut t = state.totals.borrow_mut();
     t.duplicate_deliveries += b.duplicate_deliveries + b.delivered.duplicates;
@@ -1288,6 +1385,7 @@ async fn read_back(
     shard: usize,
     v: u64,
     sources: &Rc<RefCell<crate::net::SourceAddrs>>,
+    replies: &AckedReplies,
 ) -> Ledger {
     let (secret, expected, base) = {
         let b = book.borrow();
@@ -1357,7 +1455,15 @@ async fn read_back(
             glommio::timer::sleep(Duration::from_millis(200)).await;
             continue;
         }
-        let mut l = reconcile(&book.borrow(), &history, base, last);
+        let conv_replies = {
+            let b = book.borrow();
+            let all = replies.lock().unwrap();
+            b.conversation
+                .as_ref()
+                .and_then(|c| all.get(c).cloned())
+                .unwrap_or_default()
+        };
+        let mut l = reconcile(&book.borrow(), &history, base, last, &conv_replies);
         l.duplicate_deliveries = delivered.duplicates;
         return l;
     }
@@ -1431,6 +1537,9 @@ async fn receive<F: Fn(u64) -> Instant>(mut reader: WsReader, r: Receiving<F>) {
                         Some(other) => other.to_string(),
                         None => String::new(),
                     };
+                    if let Some(c) = &f.conversation {
+                        b.conversation = Some(c.to_string());
+                    }
                     if let Some(seq) = f.seq {
                         if let Some(prev) = b.acked.insert(id.clone(), seq) {
                             if prev != seq {
@@ -1571,7 +1680,16 @@ mod tests {
             (3, (true, text_hash("two"))),
         ]
         .into();
-        let l = reconcile(&b, &history, 0, 3);
+        let l = reconcile(&b, &history, 0, 3, &[(2, 1)].into());
+        // An agent reply acked at seq 2 answering seq 1 must be its echo: "reply" is not "one".
+        assert_eq!((l.agent_acked, l.agent_lost), (1, 1));
+        let mut echoed = history.clone();
+        echoed.insert(2, (false, text_hash("one")));
+        let l = reconcile(&b, &echoed, 0, 3, &[(2, 1)].into());
+        assert_eq!((l.agent_acked, l.agent_lost, l.echoed), (1, 0, 1));
+        // A reply acked after the read-back's hello (seq > last) is not checked.
+        let l = reconcile(&b, &echoed, 0, 3, &[(7, 1)].into());
+        assert_eq!((l.agent_acked, l.agent_lost), (0, 0));
         assert_eq!(
             (l.acked, l.present, l.lost, l.stored_twice, l.holes),
             (2, 2, 0, 0, 0)
@@ -1598,7 +1716,7 @@ mod tests {
             (5, (true, text_hash("hi"))),
         ]
         .into();
-        let l = reconcile(&b, &history, 0, 5);
+        let l = reconcile(&b, &history, 0, 5, &HashMap::new());
         // c's seq 9 is not there at all.
         assert_eq!(l.lost, 2);
         assert_eq!(l.present, 1);
