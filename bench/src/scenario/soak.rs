@@ -613,6 +613,12 @@ pub fn run(args: &SoakArgs) -> Result<Report, String> {
         );
     }
     if let Some(c) = &chaos_log {
+        if args.chaos {
+            report.notes.push(format!(
+                "chaos: --seed {seed_value} --kill-every {:?}..{:?} --settle {:?}",
+                args.kill_every.min, args.kill_every.max, args.settle
+            ));
+        }
         report.set("kills", c.kills as f64);
         report.set("server_restarts", c.restarts as f64);
         report.set("server_unexpected_exits", c.unexpected_exits.len() as f64);
