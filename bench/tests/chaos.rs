@@ -79,7 +79,10 @@ fn chaos_soak_loses_and_duplicates_nothing_acked() {
         .args(["soak", "--target", &target, "--server-cmd", &server_cmd])
         .args(["--chaos", "--kill-every", "2s..4s", "--seed", "13"])
         .args(["--duration", "30s", "--settle", "6s"])
-        .args(["--visitors", "20", "--relay-visitors", "10", "--rate", "20"])
+        // 0.5 messages/s per visitor: half the flood guard's default 10 per 10 s, so a visitor's
+        // catch-up and re-sends after a kill stay under it even on a loaded machine (at 1/s, with
+        // a busy box shedding `overloaded`, their re-sends tripped it and the abuse close).
+        .args(["--visitors", "20", "--relay-visitors", "10", "--rate", "10"])
         .args(["--mean-session", "4s", "--agents", "2"])
         .args(["--agent-token", "switchboard-bench-agent-0"])
         .args(["--agent-token", "switchboard-bench-agent-1"])
@@ -114,10 +117,10 @@ fn chaos_soak_loses_and_duplicates_nothing_acked() {
     assert_eq!(f("ledger_duplicated"), 0.0, "{context}");
     assert_eq!(f("ledger_unverified"), 0.0, "{context}");
     assert_eq!(f("ack_conflicts"), 0.0, "{context}");
-    // The ledger covered real traffic: the 20 visitors' 600 scheduled messages, all acked in the
+    // The ledger covered real traffic: the 20 visitors' 300 scheduled messages, all acked in the
     // end (the flooder did not hold them up), and some of the flooder's.
     assert_eq!(f("ledger_visitors"), 21.0, "{context}");
-    assert!(f("ledger_acked") >= 600.0, "{context}");
+    assert!(f("ledger_acked") >= 300.0, "{context}");
     assert_eq!(f("ledger_present"), f("ledger_acked"), "{context}");
     assert_eq!(f("unacked_at_end"), 0.0, "{context}");
     assert!(f("flood_messages_sent") > 0.0, "{context}");
