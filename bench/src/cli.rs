@@ -29,7 +29,9 @@ pub enum Command {
     Sweep(SweepArgs),
     /// Visitor questions answered by the bot; cache hits and misses reported apart.
     Bot(BotArgs),
-    /// Mixed load (connects, disconnects, resumes, relay and bot) with server RSS sampled over time.
+    /// Mixed load (connects, disconnects, resumes, relay and bot) with server RSS sampled over time, and a
+    /// ledger of every acked message read back at the end; with --server-cmd --chaos the server is killed
+    /// (SIGKILL) and restarted at random meanwhile, and one client floods.
     Soak(SoakArgs),
     /// Tabulate and plot several JSON reports side by side, with ratios to the first.
     Compare(CompareArgs),
@@ -229,6 +231,44 @@ pub struct SoakArgs {
     pub queries: Option<PathBuf>,
     #[arg(long, default_value_t = 64)]
     pub size: usize,
+    /// Start the server with this command line (run as `sh -c 'exec CMD'`, so quote it as one argument)
+    /// and own it: wait until `GET /readyz` on --target answers 200 before the load, stop it (SIGTERM) at
+    /// the end. The server must listen on --target's fixed port (restarts reuse it). ws:// only.
+    #[arg(long, value_name = "CMD")]
+    pub server_cmd: Option<String>,
+    /// Chaos (needs --server-cmd): SIGKILL the server every --kill-every, restart it on the same data
+    /// and wait until it is ready, while the visitors keep going and --flooders clients flood. The ledger
+    /// at the end must show nothing acked lost and nothing duplicated.
+    #[arg(long, requires = "server_cmd")]
+    pub chaos: bool,
+    /// Time between two kills with --chaos, drawn uniformly from MIN..MAX (seeded by --seed).
+    #[arg(long, default_value = "2s..5s", value_parser = crate::chaos::parse_kill_range, value_name = "MIN..MAX")]
+    pub kill_every: crate::chaos::KillRange,
+    /// No kill falls in the last SETTLE of --duration: the final drain and the ledger run against a
+    /// stable server.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub settle: Duration,
+    /// Seed of the kill schedule (printed in the report; default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Visitors that send as fast as they can (at most --flood-window unacked), default 1 with --chaos,
+    /// else 0. Their refusals (rate_limited, flood, overloaded, close 1008/1013) are counted by kind:
+    /// they pause for retry_after and re-send with the same ids. Their acked messages are in the
+    /// ledger like everyone's.
+    #[arg(long)]
+    pub flooders: Option<u64>,
+    /// Most unacked messages a flooder holds (re-sends are recognised within a conversation's newest
+    /// 1,024 messages, docs/protocol.md, so keep it well below). With the default limits (a burst of
+    /// 20 messages, 10 per 10 s past the flood guard, the 10th refusal closes with 1008) a window of
+    /// 32 is closed before any ack comes back; 8 gets some acked between the refusals.
+    #[arg(long, default_value_t = 8)]
+    pub flood_window: usize,
+    /// Append the server's stdout and stderr (every start) to this file; default: discarded.
+    #[arg(long, value_name = "FILE")]
+    pub server_log: Option<PathBuf>,
+    /// Time a (re)started server has to answer `GET /readyz` with 200.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -293,5 +333,33 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn chaos_soak_arguments_parse() {
+        let cli = Cli::try_parse_from([
+            "switchboard-bench",
+            "soak",
+            "--server-cmd",
+            "switchboard serve --config x.toml",
+            "--chaos",
+            "--kill-every",
+            "1s..3s",
+            "--seed",
+            "42",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Soak(s) => {
+                assert!(s.chaos);
+                assert_eq!(s.kill_every.min, Duration::from_secs(1));
+                assert_eq!(s.kill_every.max, Duration::from_secs(3));
+                assert_eq!(s.seed, Some(42));
+                assert_eq!(s.flooders, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        // --chaos needs a server the bench owns.
+        assert!(Cli::try_parse_from(["switchboard-bench", "soak", "--chaos"]).is_err());
     }
 }

@@ -6,6 +6,7 @@ use mimalloc::MiMalloc;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
+mod chaos;
 mod cli;
 mod limits;
 mod net;
@@ -38,7 +39,18 @@ fn main() {
         Command::Relay(a) => finish(scenario::relay::run(a), &a.common),
         Command::Sweep(a) => finish(scenario::sweep::run(a), &a.common),
         Command::Bot(a) => finish(scenario::bot::run(a), &a.common),
-        Command::Soak(a) => finish(scenario::soak::run(a), &a.common),
+        Command::Soak(a) => scenario::soak::run(a).and_then(|report| {
+            let verdict = scenario::soak::verdict(&report);
+            let ledger = report.clone();
+            finish(Ok(report), &a.common)?;
+            scenario::soak::print_ledger(&ledger);
+            if let Err(e) = verdict {
+                // Exit 2: the run worked and the server broke the contract (1 is a harness error).
+                eprintln!("switchboard-bench: {e}");
+                std::process::exit(2);
+            }
+            Ok(())
+        }),
         Command::Compare(a) => scenario::compare::run(a),
         Command::Get(a) => {
             report::Report::read_json(&a.report).and_then(|r| match r.get(&a.figure) {

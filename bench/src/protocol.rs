@@ -117,6 +117,9 @@ pub struct ServerFrame<'a> {
     /// same visitor id passes it as `&secret=`, or the server makes it a new visitor.
     #[serde(default, borrow)]
     pub secret: Option<Cow<'a, str>>,
+    /// Milliseconds to wait before re-sending, on `rate_limited` and `overloaded` refusals.
+    #[serde(default)]
+    pub retry_after: Option<u64>,
 }
 
 impl<'a> ServerFrame<'a> {

@@ -332,6 +332,13 @@ impl WsReader {
         }
     }
 
+    /// Takes the events already decoded and not yet returned: [`WsReader::recv`] decodes every frame
+    /// of a read and returns one, so after it (e.g. waiting for `hello`) the frames that came in the
+    /// same read wait here; [`WsReader::read_with`] does not see them.
+    pub fn take_queued(&mut self) -> Vec<Incoming> {
+        self.queued.drain(..).collect()
+    }
+
     /// Like [`WsReader::recv`], bounded by `limit`; `Ok(None)` on timeout.
     pub async fn recv_timeout(&mut self, limit: Duration) -> Result<Option<Incoming>, WsError> {
         if let Some(m) = self.queued.pop_front() {

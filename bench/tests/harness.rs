@@ -7,55 +7,17 @@
 //! the same target directory as this test, unless `SWITCHBOARD_BIN` names one.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
 
-const BENCH: &str = env!("CARGO_BIN_EXE_switchboard-bench");
+mod common;
+use common::switchboard_bin;
 
-/// The switchboard binary, built on demand into this test's target directory.
-fn switchboard_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("SWITCHBOARD_BIN") {
-        return PathBuf::from(p);
-    }
-    // <target>/<profile>/deps/harness-HASH -> <target>/<profile>
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf();
-    let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf();
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args([
-        "build",
-        "--quiet",
-        "-p",
-        "switchboard",
-        "--bin",
-        "switchboard",
-    ])
-    .current_dir(&workspace)
-    .env("CARGO_TARGET_DIR", &target_dir);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let status = cmd
-        .status()
-        .expect("run cargo build for the switchboard binary");
-    assert!(status.success(), "building the switchboard binary failed");
-    let bin = profile_dir.join("switchboard");
-    assert!(bin.exists(), "{} missing after the build", bin.display());
-    bin
-}
+const BENCH: &str = env!("CARGO_BIN_EXE_switchboard-bench");
 
 /// A switchboard process with the echo diagnostic on, on an ephemeral loopback port; killed on drop.
 struct Server {

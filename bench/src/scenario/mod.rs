@@ -9,7 +9,7 @@ pub mod soak;
 pub mod sweep;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use crate::net::SourceAddrs;
 use crate::protocol::{self, Endpoints, Protocol, ServerFrame};
 use crate::report::Report;
 use crate::runtime::available_cpus;
+use crate::stats::Arrivals;
 use crate::target::Target;
 use crate::wsclient::{self, Incoming, OpenError, WsReader, WsWriter};
 
@@ -174,6 +175,8 @@ pub struct Hello {
     pub seq: Option<u64>,
     /// The visitor secret the server issued on this connection, if it did.
     pub secret: Option<String>,
+    /// The visitor id of the session (a refused id is replaced by a new one).
+    pub visitor: Option<String>,
 }
 
 /// Reads frames until one whose `type` is in `kinds` arrives (others are skipped); errors on timeout,
@@ -194,6 +197,7 @@ pub async fn await_frame(
                     return Ok(Hello {
                         seq: f.seq,
                         secret: f.secret.map(|s| s.into_owned()),
+                        visitor: f.visitor.map(|v| v.into_owned()),
                     });
                 }
                 if f.kind == "error" {
@@ -236,7 +240,18 @@ pub struct AgentStats {
     pub foreign: u64,
     pub other_frames: u64,
     pub errors: Tally,
+    /// Visitor messages (conversation, seq) whose reply was acked: an agent that reconnects is sent
+    /// each conversation's whole history again and answers only the others. A reply's id is `r{seq}`
+    /// of the visitor message it answers, so answering one again (a reply in flight when the
+    /// connection or the server died) is recognised by the server as a re-send, not stored twice.
+    pub answered: HashMap<String, Arrivals>,
+    /// Acked agent replies, shared by every shard's agents: conversation -> (reply seq -> seq of the
+    /// visitor message it answers). The soak's ledger checks them in the conversations it reads back.
+    pub acked_replies: AckedReplies,
 }
+
+/// See [`AgentStats::acked_replies`].
+pub type AckedReplies = std::sync::Arc<std::sync::Mutex<HashMap<String, HashMap<u64, u64>>>>;
 
 /// An agent: replies to every visitor message with the same text, until the session closes. With the relay
 /// protocol every text frame is a visitor message and is echoed unchanged; with switchboard, `message`
@@ -244,17 +259,34 @@ pub struct AgentStats {
 /// for a visitor of this run (`run_id`): agent accounts persist on the server, and a reconnecting agent is
 /// sent its older open conversations, which must not be answered. Replies are written from the codec
 /// callback, without a copy of the text for relay.
+#[allow(clippy::too_many_arguments)]
 pub async fn agent_loop(
     protocol: Protocol,
     mut reader: WsReader,
+    writer: WsWriter,
     stats: Rc<RefCell<AgentStats>>,
     closing: Rc<std::cell::Cell<bool>>,
     run_id: String,
     assigned: Rc<RefCell<Vec<serde_json::Value>>>,
 ) {
-    let mut next_id: u64 = 0;
-    let visitor_prefix = format!("{run_id}-");
-    let mut mine: HashSet<String> = HashSet::new();
+    let mut ctx = AgentSession {
+        next_id: 0,
+        visitor_prefix: format!("{run_id}-"),
+        mine: HashSet::new(),
+        assigned,
+    };
+    // Frames that came in the same read as `hello` (open_session queued them): with switchboard
+    // the `assigned` of the conversations the agent already holds follow the hello at once.
+    for m in reader.take_queued() {
+        if let (Protocol::Switchboard, Incoming::Text(t)) = (protocol, m) {
+            let reply = agent_frame(&t, &mut stats.borrow_mut(), &mut ctx);
+            if let Some(reply) = reply {
+                if writer.send_text(&reply).await.is_ok() {
+                    stats.borrow_mut().replies += 1;
+                }
+            }
+        }
+    }
     loop {
         let result = reader
             .read_with(|m, sender| match (protocol, m) {
@@ -265,41 +297,10 @@ pub async fn agent_loop(
                 }
                 (Protocol::Switchboard, Message::Text(t)) => {
                     let mut st = stats.borrow_mut();
-                    let f = match ServerFrame::parse(t) {
-                        Ok(f) => f,
-                        Err(_) => return bump(&mut st.errors, "agent: malformed json"),
-                    };
-                    let from_visitor = f.from.as_deref().unwrap_or("visitor") == "visitor";
-                    match (f.kind.as_ref(), &f.conversation, &f.text) {
-                        ("assigned", Some(conv), _) => {
-                            let ours = f
-                                .visitor
-                                .as_deref()
-                                .is_none_or(|v| v.starts_with(&visitor_prefix));
-                            if ours && mine.insert(conv.to_string()) {
-                                assigned.borrow_mut().push(conv.clone());
-                            }
+                    if let Some(reply) = agent_frame(t, &mut st, &mut ctx) {
+                        if sender.send_text(&reply) {
+                            st.replies += 1;
                         }
-                        ("message", Some(conv), Some(text)) if from_visitor => {
-                            if !mine.contains(&conv.to_string()) {
-                                st.foreign += 1;
-                                return;
-                            }
-                            next_id += 1;
-                            let reply = protocol::agent_message(conv, &format!("a{next_id}"), text);
-                            if sender.send_text(&reply) {
-                                st.replies += 1;
-                            }
-                        }
-                        ("message", _, _) if from_visitor => bump(
-                            &mut st.errors,
-                            "agent: message without conversation or text",
-                        ),
-                        ("error", _, _) => bump(
-                            &mut st.errors,
-                            format!("agent: server error {}", f.code.clone().unwrap_or_default()),
-                        ),
-                        _ => st.other_frames += 1,
                     }
                 }
                 _ => stats.borrow_mut().other_frames += 1,
@@ -319,6 +320,84 @@ pub async fn agent_loop(
             }
         }
     }
+}
+
+/// What an agent session knows of itself.
+struct AgentSession {
+    next_id: u64,
+    visitor_prefix: String,
+    /// Conversations this session was sent `assigned` for (a visitor of this run's).
+    mine: HashSet<String>,
+    assigned: Rc<RefCell<Vec<serde_json::Value>>>,
+}
+
+/// One switchboard frame to an agent: the reply to send, if any.
+fn agent_frame(t: &str, st: &mut AgentStats, ctx: &mut AgentSession) -> Option<String> {
+    let f = match ServerFrame::parse(t) {
+        Ok(f) => f,
+        Err(_) => {
+            bump(&mut st.errors, "agent: malformed json");
+            return None;
+        }
+    };
+    let from_visitor = f.from.as_deref().unwrap_or("visitor") == "visitor";
+    match (f.kind.as_ref(), &f.conversation, &f.text) {
+        ("assigned", Some(conv), _) => {
+            let ours = f
+                .visitor
+                .as_deref()
+                .is_none_or(|v| v.starts_with(&ctx.visitor_prefix));
+            if ours && ctx.mine.insert(conv.to_string()) {
+                ctx.assigned.borrow_mut().push(conv.clone());
+            }
+        }
+        ("message", Some(conv), Some(text)) if from_visitor => {
+            let key = conv.to_string();
+            if !ctx.mine.contains(&key) {
+                st.foreign += 1;
+                return None;
+            }
+            let id = match f.seq {
+                Some(seq) if st.answered.get(&key).is_some_and(|a| a.contains(seq)) => return None,
+                Some(seq) => format!("r{seq}"),
+                None => {
+                    ctx.next_id += 1;
+                    format!("a{}", ctx.next_id)
+                }
+            };
+            return Some(protocol::agent_message(conv, &id, text));
+        }
+        ("ack", Some(conv), _) => {
+            let seq = match &f.id {
+                Some(serde_json::Value::String(id)) => {
+                    id.strip_prefix('r').and_then(|n| n.parse::<u64>().ok())
+                }
+                _ => None,
+            };
+            if let Some(seq) = seq {
+                st.answered.entry(conv.to_string()).or_default().record(seq);
+                if let Some(reply_seq) = f.seq {
+                    st.acked_replies
+                        .lock()
+                        .unwrap()
+                        .entry(conv.to_string())
+                        .or_default()
+                        .insert(reply_seq, seq);
+                }
+            }
+            st.other_frames += 1;
+        }
+        ("message", _, _) if from_visitor => bump(
+            &mut st.errors,
+            "agent: message without conversation or text",
+        ),
+        ("error", _, _) => bump(
+            &mut st.errors,
+            format!("agent: server error {}", f.code.clone().unwrap_or_default()),
+        ),
+        _ => st.other_frames += 1,
+    }
+    None
 }
 
 /// Switchboard: each agent closes the conversations assigned to it in this run, so they do not pile up

@@ -326,10 +326,11 @@ async fn shard_main(
                     let _ = writer.send_text(&protocol::agent_online()).await;
                     let assigned = Rc::new(RefCell::new(Vec::new()));
                     sb_agents.push((writer.clone(), assigned.clone()));
-                    writers.push(writer);
+                    writers.push(writer.clone());
                     tasks.push(glommio::spawn_local(agent_loop(
                         ctx.protocol,
                         reader,
+                        writer,
                         agent_stats.clone(),
                         state.closing.clone(),
                         ctx.endpoints.run_id.clone(),
@@ -525,6 +526,7 @@ async fn set_up_conversation(
         let task = glommio::spawn_local(agent_loop(
             ctx.protocol,
             reader,
+            writer.clone(),
             agent_stats,
             closing,
             ctx.endpoints.run_id.clone(),
