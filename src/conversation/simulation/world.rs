@@ -227,6 +227,8 @@ impl World {
                 typing_interval_ms: TYPING_INTERVAL_MS,
                 typing_expiry_ms: TYPING_EXPIRY_MS,
                 agent_names: Default::default(),
+                // Small, so that the refusal past the bound (`overloaded`) happens in runs.
+                max_opening_frames: 3,
             }),
             dispatcher: (dispatcher_shard(self.config.shards) == shard).then(|| {
                 Dispatcher::new(DispatcherConfig {
