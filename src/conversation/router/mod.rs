@@ -62,6 +62,7 @@ mod audit;
 mod bot;
 mod commit;
 mod dispatching;
+pub use dispatching::{route_dispatch, Routed};
 mod housekeeping;
 mod replay;
 

@@ -49,7 +49,7 @@ use crate::conversation::owner::{
     OwnerAction, OwnerConfig, OwnerEvent, StoredVisitor, VisitorKey,
 };
 use crate::conversation::protocol::{AgentFrame, Presence, VisitorFrame};
-use crate::conversation::router::{Delivery, ShardMessage};
+use crate::conversation::router::{route_dispatch, Delivery, Routed, ShardMessage};
 use crate::conversation::{dispatcher_shard, visitor_owner, SessionRef};
 use crate::store::{ConversationId, ConversationState, Durability, Op, ShardStore, StoreOptions};
 
@@ -599,150 +599,23 @@ impl World {
         self.run_dispatch(shard, actions, attaching);
     }
 
+    /// Carries out dispatcher actions with the router's own routing ([`route_dispatch`]).
     fn run_dispatch(
         &mut self,
         shard: usize,
         actions: Vec<DispatchAction>,
         attaching: Option<(String, String)>,
     ) {
-        for action in actions {
-            match action {
-                DispatchAction::Assigned {
-                    conversation,
-                    owner,
-                    agent,
-                    agent_name,
-                    sessions,
-                } => {
-                    self.stats.assignments += 1;
-                    self.send(
-                        shard,
-                        owner,
-                        ShardMessage::Owner(OwnerEvent::Assigned {
-                            conversation: ConversationId(conversation.0),
-                            agent,
-                            agent_name,
-                            sessions: sessions
-                                .into_iter()
-                                .map(SessionRef::from_dispatch)
-                                .collect(),
-                        }),
-                    )
+        self.stats.assignments += actions
+            .iter()
+            .filter(|action| matches!(action, DispatchAction::Assigned { .. }))
+            .count();
+        for routed in route_dispatch(actions, attaching) {
+            match routed {
+                Routed::Owner { shard: to, event } => {
+                    self.send(shard, to, ShardMessage::Owner(event))
                 }
-                DispatchAction::Requeued {
-                    conversation,
-                    owner,
-                    ..
-                } => self.send(
-                    shard,
-                    owner,
-                    ShardMessage::Owner(OwnerEvent::Requeued {
-                        conversation: ConversationId(conversation.0),
-                    }),
-                ),
-                DispatchAction::QueuePositions { updates } => {
-                    for (conversation, owner, position) in updates {
-                        self.send(
-                            shard,
-                            owner,
-                            ShardMessage::Owner(OwnerEvent::QueuePosition {
-                                conversation: ConversationId(conversation.0),
-                                position,
-                            }),
-                        );
-                    }
-                }
-                DispatchAction::QueueSnapshot {
-                    sessions, queue, ..
-                } => {
-                    let frame: Arc<str> = Arc::from(
-                        serde_json::json!({
-                            "type": "queue",
-                            "conversations": queue.iter().map(|c| c.0).collect::<Vec<_>>(),
-                        })
-                        .to_string(),
-                    );
-                    for session in sessions {
-                        let to = SessionRef::from_dispatch(session);
-                        self.deliver(shard, to, frame.clone(), Delivery::Live);
-                    }
-                }
-                DispatchAction::Transferred {
-                    conversation,
-                    owner,
-                    to,
-                    to_name,
-                    sessions,
-                    ..
-                } => self.send(
-                    shard,
-                    owner,
-                    ShardMessage::Owner(OwnerEvent::Transferred {
-                        conversation: ConversationId(conversation.0),
-                        to,
-                        to_name,
-                        sessions: sessions
-                            .into_iter()
-                            .map(SessionRef::from_dispatch)
-                            .collect(),
-                    }),
-                ),
-                DispatchAction::NoAgents { conversations } => {
-                    let mut by_owner: Vec<(usize, Vec<ConversationId>)> = Vec::new();
-                    for (conversation, owner) in conversations {
-                        let conversation = ConversationId(conversation.0);
-                        match by_owner.iter_mut().find(|(o, _)| *o == owner) {
-                            Some((_, list)) => list.push(conversation),
-                            None => by_owner.push((owner, vec![conversation])),
-                        }
-                    }
-                    for (owner, conversations) in by_owner {
-                        self.send(
-                            shard,
-                            owner,
-                            ShardMessage::Owner(OwnerEvent::NoAgents { conversations }),
-                        );
-                    }
-                }
-                DispatchAction::Rejected { session, code, .. } => {
-                    let frame = crate::conversation::protocol::error_frame(code, "rejected");
-                    let to = SessionRef::from_dispatch(session);
-                    self.deliver(shard, to, Arc::from(frame), Delivery::Live);
-                }
-                DispatchAction::AgentHello {
-                    session,
-                    conversations,
-                    queue,
-                    ..
-                } => {
-                    let session = SessionRef::from_dispatch(session);
-                    let (agent, name) = attaching.clone().unwrap_or_default();
-                    let hello = serde_json::json!({
-                        "type": "hello",
-                        "agent": name,
-                        "id": &agent,
-                        "conversations": conversations.iter().map(|c| c.0).collect::<Vec<_>>(),
-                        "queue": queue.iter().map(|c| c.0).collect::<Vec<_>>(),
-                    });
-                    self.deliver(
-                        shard,
-                        session,
-                        Arc::from(hello.to_string()),
-                        Delivery::Hello,
-                    );
-                    for conversation in conversations {
-                        let conversation = ConversationId(conversation.0);
-                        self.send(
-                            shard,
-                            conversation.shard(),
-                            ShardMessage::Owner(OwnerEvent::AgentSubscribe {
-                                conversation,
-                                agent: agent.clone(),
-                                session,
-                            }),
-                        );
-                    }
-                }
+                Routed::Frame { to, frame, kind } => self.deliver(shard, to, frame, kind),
             }
         }
     }
