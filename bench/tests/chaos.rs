@@ -13,7 +13,7 @@ use std::process::Command;
 use serde_json::Value;
 
 mod common;
-use common::switchboard_bin;
+use common::{figure, switchboard_bin};
 
 const BENCH: &str = env!("CARGO_BIN_EXE_switchboard-bench");
 
@@ -23,17 +23,6 @@ fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .expect("bind an ephemeral port")
         .port()
-}
-
-fn figure(report: &Value, name: &str) -> f64 {
-    report["figures"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f[0] == name)
-        .unwrap_or_else(|| panic!("figure {name} missing in {report}"))[1]
-        .as_f64()
-        .unwrap()
 }
 
 /// Removes the test's directory when the test ends, passed or not.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 mod common;
-use common::switchboard_bin;
+use common::{figure, switchboard_bin};
 
 const BENCH: &str = env!("CARGO_BIN_EXE_switchboard-bench");
 
@@ -109,17 +109,6 @@ fn bench(args: &[&str], name: &str) -> Value {
     let report: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let _ = std::fs::remove_file(&json);
     report
-}
-
-fn figure(report: &Value, name: &str) -> f64 {
-    report["figures"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f[0] == name)
-        .unwrap_or_else(|| panic!("figure {name} missing in {report}"))[1]
-        .as_f64()
-        .unwrap()
 }
 
 #[test]

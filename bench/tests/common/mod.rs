@@ -1,4 +1,5 @@
-//! Shared by the harness's integration tests: the `switchboard` binary they run the harness against.
+//! Shared by the harness's integration tests: the `switchboard` binary they run the harness against,
+//! and reading a figure of a JSON report.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -42,4 +43,16 @@ pub fn switchboard_bin() -> PathBuf {
     let bin = profile_dir.join("switchboard");
     assert!(bin.exists(), "{} missing after the build", bin.display());
     bin
+}
+
+/// The value of figure `name` in a harness JSON report; panics if it is missing.
+pub fn figure(report: &serde_json::Value, name: &str) -> f64 {
+    report["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f[0] == name)
+        .unwrap_or_else(|| panic!("figure {name} missing in {report}"))[1]
+        .as_f64()
+        .unwrap()
 }
