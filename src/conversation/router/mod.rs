@@ -90,6 +90,18 @@ pub enum Delivery {
     Refusal,
 }
 
+/// What storage knows about a visitor id, for [`OwnerAction::LoadVisitor`]: its secret's hash and
+/// its open conversation.
+pub fn look_up_visitor(
+    view: &crate::store::ReadView<'_>,
+    key: &VisitorKey,
+) -> Result<StoredVisitor, crate::store::StoreError> {
+    Ok(StoredVisitor {
+        secret_hash: view.visitor_secret(&key.site, &key.visitor)?,
+        conversation: view.conversation_of_visitor(&key.site, &key.visitor)?,
+    })
+}
+
 /// Messages shards send each other.
 #[derive(Debug)]
 pub enum ShardMessage {
@@ -622,12 +634,10 @@ impl Router {
                     }
                 }
                 OwnerAction::LoadVisitor { key, event } => {
-                    let stored = self.reader.read().and_then(|view| {
-                        Ok(StoredVisitor {
-                            secret_hash: view.visitor_secret(&key.site, &key.visitor)?,
-                            conversation: view.conversation_of_visitor(&key.site, &key.visitor)?,
-                        })
-                    });
+                    let stored = self
+                        .reader
+                        .read()
+                        .and_then(|view| look_up_visitor(&view, &key));
                     let mut event = *event;
                     match (stored, &mut event) {
                         (Ok(found), OwnerEvent::VisitorAttach { stored, .. }) => {

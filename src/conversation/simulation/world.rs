@@ -46,10 +46,12 @@ use crate::conversation::dispatch::{
 };
 use crate::conversation::owner::{
     message_frame, BotOutcome, CommitFailure, Completion, Credentials, FreshVisitor, Owner,
-    OwnerAction, OwnerConfig, OwnerEvent, StoredVisitor, VisitorKey,
+    OwnerAction, OwnerConfig, OwnerEvent, VisitorKey,
 };
 use crate::conversation::protocol::{AgentFrame, Presence, VisitorFrame};
-use crate::conversation::router::{route_dispatch, Delivery, Routed, ShardMessage};
+use crate::conversation::router::{
+    look_up_visitor, route_dispatch, Delivery, Routed, ShardMessage,
+};
 use crate::conversation::{dispatcher_shard, visitor_owner, SessionRef};
 use crate::store::{ConversationId, ConversationState, Durability, Op, ShardStore, StoreOptions};
 
@@ -499,12 +501,10 @@ impl World {
                     }
                 }
                 OwnerAction::LoadVisitor { key, event } => {
-                    let stored = self.store(shard).read().and_then(|view| {
-                        Ok(StoredVisitor {
-                            secret_hash: view.visitor_secret(&key.site, &key.visitor)?,
-                            conversation: view.conversation_of_visitor(&key.site, &key.visitor)?,
-                        })
-                    });
+                    let stored = self
+                        .store(shard)
+                        .read()
+                        .and_then(|view| look_up_visitor(&view, &key));
                     let mut event = *event;
                     match (stored, &mut event) {
                         (Ok(found), OwnerEvent::VisitorAttach { stored, .. }) => {
