@@ -127,6 +127,9 @@ test("the visitor asks for a human; an agent accepts in the console and replies;
   await openWidget(visitor);
   await widgetSend(visitor, "Hello, something odd happened with my account");
   await widget(visitor).locator(".m.me[data-state=sent]").first().waitFor();
+  // The bot answers first (the agent's history shows that answer below); asking for a human
+  // before the answer arrived would drop it, and the test would race the model.
+  await widget(visitor).locator(".m.bot .b").first().waitFor({ timeout: 20000 });
   await widget(visitor).getByRole("button", { name: "Talk to a human" }).click();
   // The only agent is away: the server says nobody is online (`no_agents`) and the widget
   // invites the visitor to leave a message, which is stored and waits in the queue.
