@@ -14,8 +14,13 @@
 #                                              switchboard-bench-agent-0.., written into switchboard's config)
 #   SWITCHBOARD_PEERS=/path/to/peers           default: ../shared/peers beside the repository
 #   OUT=dir                                    results (default: target/bench-compare/<time>)
-#   ONLY="go tokio switchboard"                subset of systems to run
-# Peers listen on 127.0.0.1:9100 (go) and 127.0.0.1:9101 (tokio); switchboard on 127.0.0.1:9102.
+#   ONLY="go tokio switchboard"                systems to run, in this order
+#   SB_BEFORE=/path/to/switchboard             adds a column "switchboard-before": another switchboard
+#                                              binary (e.g. a release build of an older commit), run
+#                                              with the same config, to show a change before and after
+#                                              in the same run
+# Peers listen on 127.0.0.1:9100 (go) and 127.0.0.1:9101 (tokio); switchboard on 127.0.0.1:9102,
+# switchboard-before on 127.0.0.1:9104.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,7 +38,12 @@ REFINE="${REFINE:-3}"
 SETTLE="${SETTLE:-10}"
 SB_PROTOCOL="${SB_PROTOCOL:-auto}"
 AGENTS="${AGENTS:-4}"
+SB_BEFORE="${SB_BEFORE:-}"
 ONLY="${ONLY:-go tokio switchboard}"
+if [ -n "$SB_BEFORE" ]; then
+  [ -x "$SB_BEFORE" ] || { echo "compare.sh: SB_BEFORE=$SB_BEFORE is not an executable" >&2; exit 1; }
+  [[ " $ONLY " == *" before "* ]] || ONLY="$ONLY before"
+fi
 OUT="${OUT:-$REPO/target/bench-compare/$(date +%Y%m%d-%H%M%S)}"
 PEER_TARGET="${PEER_TARGET:-/tmp/peer-target}"
 GO_BIN="${GO_BIN:-/tmp/peer-go}"
@@ -86,17 +96,18 @@ start_server() { # name
   case "$1" in
     go) "$GO_BIN" -addr 127.0.0.1:9100 >"$OUT/go.log" 2>&1 & SERVER_PID=$!; PORT=9100 ;;
     tokio) "$PEER_TARGET/release/peer-tokio-ws" 127.0.0.1:9101 >"$OUT/tokio.log" 2>&1 & SERVER_PID=$!; PORT=9101 ;;
-    switchboard)
-      rm -rf "$OUT/switchboard-data"
-      cat >"$OUT/switchboard.toml" <<TOML
+    switchboard|before)
+      if [ "$1" = switchboard ]; then PORT=9102; binary="$SB"; else PORT=9104; binary="$SB_BEFORE"; fi
+      rm -rf "$OUT/$1-data"
+      cat >"$OUT/$1.toml" <<TOML
 [server]
-listen = "127.0.0.1:9102"
+listen = "127.0.0.1:$PORT"
 
 [diagnostics]
 echo = true
 
 [storage]
-dir = "$OUT/switchboard-data"
+dir = "$OUT/$1-data"
 
 [log]
 format = "text"
@@ -125,14 +136,17 @@ agent_frames_per_second = 0
 $(for i in $(seq 0 $((AGENTS - 1))); do printf '\n[agents.accounts.bench%s]\ntoken = "switchboard-bench-agent-%s"\nmax_open = 1000\n' "$i" "$i"; done)
 ${SWITCHBOARD_CONFIG_EXTRA:-}
 TOML
-      "$SB" serve --config "$OUT/switchboard.toml" >"$OUT/switchboard.log" 2>&1 & SERVER_PID=$!; PORT=9102 ;;
+      "$binary" serve --config "$OUT/$1.toml" >"$OUT/$1.log" 2>&1 & SERVER_PID=$! ;;
   esac
   wait_port "$PORT"
   sleep 0.5
 }
 
 label() {
-  case "$1" in go) echo "go-gorilla" ;; tokio) echo "tokio-ws" ;; switchboard) echo "switchboard" ;; esac
+  case "$1" in
+    go) echo "go-gorilla" ;; tokio) echo "tokio-ws" ;; switchboard) echo "switchboard" ;;
+    before) echo "switchboard-before" ;;
+  esac
 }
 
 AGENT_ARGS=(--agents "$AGENTS")
@@ -140,12 +154,12 @@ for i in $(seq 0 $((AGENTS - 1))); do AGENT_ARGS+=(--agent-token "switchboard-be
 
 echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); results in $OUT" >&2
 RELAY_NOTE=""
-for sys in go tokio switchboard; do
-  wants "$sys" || continue
+for sys in $ONLY; do  # in the order ONLY gives
+  case "$sys" in go|tokio|switchboard|before) ;; *) die "unknown system \"$sys\" in ONLY (go, tokio, switchboard, before)" ;; esac
   name="$(label "$sys")"
   start_server "$sys"
   target="ws://127.0.0.1:$PORT"
-  if [ "$sys" = switchboard ]; then
+  if [ "$sys" = switchboard ] || [ "$sys" = before ]; then
     density_proto=switchboard
     relay_proto="$SB_PROTOCOL"
     if [ "$relay_proto" = auto ]; then
@@ -187,7 +201,7 @@ for sys in go tokio switchboard; do
 done
 
 densities=(); sweeps=()
-for sys in go tokio switchboard; do
+for sys in go tokio switchboard before; do
   [ -f "$OUT/density-$sys.json" ] && densities+=("$OUT/density-$sys.json")
   [ -f "$OUT/sweep-$sys.json" ] && sweeps+=("$OUT/sweep-$sys.json")
 done
