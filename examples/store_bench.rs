@@ -1,6 +1,7 @@
 //! Measures the shard store on this machine's disk: appends/s and commit latency for
-//! batches of 1, 16 and 128 messages under each durability mode, then replay speed and
-//! the cost of bytecheck validation of a record.
+//! batches of 1, 16 and 128 messages under each durability mode (`fsync` with its
+//! write-ahead log, and `fsync` without one: LMDB syncing every commit), then replay speed
+//! and the cost of bytecheck validation of a record.
 //!
 //! `cargo run --release --example store_bench -- [--seconds S] [--dir PATH] [--batches 1,16,128]`
 //! PATH defaults to `./bench-data` (use a directory on the disk the service will use).
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use switchboard::store::{
     AppendOutcome, ArchivedMessageRecord, Author, ConversationId, Durability, MessageRecord,
-    NewMessage, Op, OpOutcome, ShardStore, StoreOptions,
+    NewMessage, Op, OpOutcome, ShardStore, StoreOptions, DEFAULT_LOG_BYTES,
 };
 
 const CONVERSATIONS: usize = 64;
@@ -65,12 +66,23 @@ fn main() {
     println!("| durability | batch | msgs/s | commits/s | commit p50 | commit p99 | commit max | flushes | flush p50 | flush p99 |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
 
-    for durability in [Durability::Fsync, Durability::Batch, Durability::None] {
+    let cases = [
+        (Durability::Fsync, DEFAULT_LOG_BYTES, "fsync (log)"),
+        (Durability::Fsync, 0, "fsync (no log)"),
+        (Durability::Batch, 0, "batch"),
+        (Durability::None, 0, "none"),
+    ];
+    for (durability, log_bytes, name) in cases {
         for &batch_size in &batches {
             let case_dir = dir
                 .path()
-                .join(format!("{}-{batch_size}", durability.as_str()));
-            append_case(&case_dir, durability, batch_size, run_for);
+                .join(format!("{}-{log_bytes}-{batch_size}", durability.as_str()));
+            append_case(
+                &case_dir,
+                (durability, log_bytes, name),
+                batch_size,
+                run_for,
+            );
         }
     }
     println!();
@@ -79,7 +91,7 @@ fn main() {
 
 fn append_case(
     dir: &std::path::Path,
-    durability: Durability,
+    (durability, log_bytes, name): (Durability, u64, &str),
     batch_size: usize,
     run_for: Duration,
 ) {
@@ -87,6 +99,7 @@ fn append_case(
         map_size: 8 << 30,
         max_map_size: 8 << 30,
         durability,
+        log_bytes,
     };
     let mut store = ShardStore::open(dir, 0, options).unwrap();
     let conversations = open_conversations(&mut store, CONVERSATIONS);
@@ -148,8 +161,7 @@ fn append_case(
         ("-".to_string(), "-".to_string(), "-".to_string())
     };
     println!(
-        "| {} | {batch_size} | {:.0} | {:.0} | {} | {} | {} | {flushes} | {flush_p50} | {flush_p99} |",
-        durability.as_str(),
+        "| {name} | {batch_size} | {:.0} | {:.0} | {} | {} | {} | {flushes} | {flush_p50} | {flush_p99} |",
         messages as f64 / elapsed,
         commit.len() as f64 / elapsed,
         micros(commit.value_at_quantile(0.5)),
@@ -165,6 +177,7 @@ fn replay_case(dir: &std::path::Path) {
         map_size: 1 << 30,
         max_map_size: 1 << 30,
         durability: Durability::None,
+        log_bytes: 0,
     };
     let mut store = ShardStore::open(dir, 0, options).unwrap();
     let conversation = open_conversations(&mut store, 1)[0];

@@ -262,7 +262,9 @@ impl Drop for SmallFs {
 fn a_full_disk_refuses_with_storage_full_and_recovers_when_space_returns() {
     let fs = SmallFs::mount("8m");
     let data = fs.path().join("data");
-    let storage = format!("dir = {data:?}\nmap_size = \"64MiB\"\nmax_map_size = \"64MiB\"");
+    let storage = format!(
+        "dir = {data:?}\nmap_size = \"64MiB\"\nmax_map_size = \"64MiB\"\nlog_bytes = \"1MiB\""
+    );
     let server = Server::start(&format!("[shards]\ncores = [0]\n\n{}", overlay(&storage)));
     let (mut client, _) = connect(&server, "disk", 0);
     let mut acked = BTreeMap::new();

@@ -242,6 +242,8 @@ config_section! {
         pub map_size: u64 = MapSize,
         /// Bytes; a multiple of 4096, at least `map_size`: the map doubles up to this when full.
         pub max_map_size: u64 = MapSize,
+        /// Size of each shard's write-ahead log file with `durability = "fsync"`; 0: no log.
+        pub log_bytes: u64 = Size(0, GIB),
     }
 }
 

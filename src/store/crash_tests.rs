@@ -42,6 +42,7 @@ fn crash_child_appender() {
         map_size: 256 << 20,
         max_map_size: 256 << 20,
         durability: Durability::Fsync,
+        log_bytes: 1 << 20,
     };
     let mut store = ShardStore::open(Path::new(&dir), SHARD, options).unwrap();
     let opens: Vec<_> = (0..CONVERSATIONS)
@@ -242,6 +243,7 @@ fn crash_kill9_keeps_every_acked_message() {
             map_size: 256 << 20,
             max_map_size: 256 << 20,
             durability: Durability::Fsync,
+            log_bytes: 1 << 20,
         },
     )
     .unwrap();

@@ -90,6 +90,12 @@ pub enum StoreError {
     Sync(#[source] std::io::Error),
     #[error("LMDB: {0}")]
     Lmdb(#[source] heed::Error),
+    /// The write-ahead log could not be written or synced; the batch was not stored.
+    #[error("{0}; the batch was not stored")]
+    Log(#[source] super::wal::WalError),
+    /// The write-ahead log holds a record that does not parse (its checksum held).
+    #[error("the write-ahead log at {path} holds a malformed record: {detail}")]
+    LogCorrupt { path: PathBuf, detail: String },
 }
 
 impl StoreError {

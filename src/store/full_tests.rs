@@ -57,6 +57,7 @@ fn a_full_map_grows_and_the_same_batch_is_retried_up_to_the_ceiling() {
             map_size: start,
             max_map_size: ceiling,
             durability: Durability::None,
+            log_bytes: 1 << 20,
         },
     )
     .unwrap();
@@ -112,6 +113,7 @@ fn a_full_map_grows_and_the_same_batch_is_retried_up_to_the_ceiling() {
             map_size: ceiling,
             max_map_size: 4 * ceiling,
             durability: Durability::None,
+            log_bytes: 1 << 20,
         },
     )
     .unwrap();
@@ -134,6 +136,7 @@ fn one_batch_larger_than_twice_the_map_grows_several_times_in_one_call() {
             map_size: 128 << 10,
             max_map_size: 64 << 20,
             durability: Durability::None,
+            log_bytes: 1 << 20,
         },
     )
     .unwrap();
@@ -166,6 +169,7 @@ fn the_map_grows_while_other_threads_read() {
             map_size: 64 << 10,
             max_map_size: 256 << 20,
             durability: Durability::None,
+            log_bytes: 1 << 20,
         },
     )
     .unwrap();
@@ -225,6 +229,7 @@ fn a_view_held_open_blocks_growth_and_fails_the_batch_instead_of_hanging() {
             map_size: 128 << 10,
             max_map_size: 8 << 20,
             durability: Durability::None,
+            log_bytes: 1 << 20,
         },
     )
     .unwrap();
@@ -308,6 +313,7 @@ fn a_full_disk_is_a_typed_error_that_loses_nothing_and_ends_when_space_returns()
             map_size: 64 << 20,
             max_map_size: 64 << 20,
             durability: Durability::Fsync,
+            log_bytes: 1 << 20,
         },
     )
     .unwrap();
@@ -385,6 +391,7 @@ fn a_full_disk_is_a_typed_error_that_loses_nothing_and_ends_when_space_returns()
             map_size: 64 << 20,
             max_map_size: 64 << 20,
             durability: Durability::Fsync,
+            log_bytes: 1 << 20,
         },
     )
     .unwrap();

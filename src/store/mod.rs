@@ -31,26 +31,29 @@
 //! # Durability (`[storage] durability`)
 //! | mode | LMDB flags | cost per commit | process crash (kill -9) | machine crash / power loss |
 //! |------|-----------|-----------------|--------------------------|----------------------------|
-//! | `fsync` | none | 2 fdatasyncs (data, then meta page) | nothing lost | nothing acked is lost |
+//! | `fsync` (log, the default) | `MDB_NOSYNC` | one append to the shard's write-ahead log and one fdatasync ([`wal`]); LMDB is synced at checkpoints | nothing lost | nothing acked is lost: replayed from the log at start-up |
+//! | `fsync` with `log_bytes = 0` | none | 2 fdatasyncs (data, then meta page) | nothing lost | nothing acked is lost |
 //! | `batch` | `MDB_NOSYNC` | none; a [`Flusher`] on a timer thread syncs every commit window | nothing lost | commits since the last flush may be lost; LMDB warns that without the sync ordering the file can even be damaged |
 //! | `none` | `MDB_NOSYNC`, `MDB_NOMETASYNC` | none; no periodic flush | nothing lost | whatever the kernel had not written back (up to ~30 s by default) may be lost or damaged |
 //!
 //! A process crash loses nothing committed in any mode, because a commit has written the
 //! pages into the OS page cache with `pwrite` before returning. Only `fsync` makes "ack
 //! after commit" hold across a power loss; group commit is what makes it affordable: the
-//! two fdatasyncs of a transaction are shared by every message in the batch.
+//! sync of a transaction is shared by every message in the batch.
 //!
-//! Measured on the reference machine (`cargo run --release --example store_bench -- --dir
-//! /tmp/sbench --seconds 2`, 2 vCPU VM, virtio disk, 64 conversations; 2026-11-25): an
-//! `fsync` commit of 1 / 16 / 128 messages takes 0.25 / 0.67 / 1.7 ms (p50), so
-//! ~3,900 / ~24,000 / ~75,000 messages/s; `batch` and `none` commit 128 messages in
-//! ~0.33 ms (~340,000-390,000 messages/s). What an `fsync` commit costs is mostly the
-//! number of scattered pages it dirties (~30 us each in fdatasync here, ~5 us when
-//! sequential): one B-tree leaf per conversation touched, which is why re-sends are
-//! recognised from the records instead of a dedup table ([`recent_ids`]). An `fsync`
-//! commit blocks its thread for those milliseconds: keep the store off the shard's
-//! reactor thread (it is `Send`), and let the messages that arrive during one commit
-//! form the next batch.
+//! Without the log, what an `fsync` commit costs is mostly the number of scattered pages it
+//! dirties (~30 us each in fdatasync on the reference disk, ~5 us when sequential): one
+//! B-tree leaf per conversation touched, which is why re-sends are recognised from the
+//! records instead of a dedup table ([`recent_ids`]). With the log, a commit syncs one
+//! sequential record instead, and LMDB's scattered pages are synced once per checkpoint
+//! (when the log is full), however many commits touched them. `examples/store_bench.rs`
+//! measures both. A commit blocks its thread for its sync: keep the store off the shard's
+//! reactor thread (it is `Send`), and let the messages that arrive during one commit form
+//! the next batch.
+//!
+//! Power-loss safety of the log depends on LMDB's last synced state surviving the loss
+//! (`power_loss_tests` take the data file back to it); LMDB documents that `MDB_NOSYNC`
+//! keeps its integrity when the file system preserves write order.
 //!
 //! A `batch` or `none` store syncs once more when dropped (clean shutdown).
 //!
@@ -86,12 +89,15 @@ pub mod recent_ids;
 mod records;
 mod resize_gate;
 mod shard_store;
+pub mod wal;
 mod write_backoff;
 
 #[cfg(test)]
 mod crash_tests;
 #[cfg(test)]
 mod full_tests;
+#[cfg(test)]
+mod power_loss_tests;
 #[cfg(test)]
 mod tests;
 
@@ -100,7 +106,7 @@ pub use error::{Rejection, StoreError};
 pub use flusher::Flusher;
 pub use keys::{MAX_CLIENT_ID_BYTES, MAX_SITE_BYTES, MAX_VISITOR_BYTES};
 pub use layout::{check_shard_layout, LayoutError};
-pub use options::{Durability, StoreOptions, DEFAULT_MAP_SIZE};
+pub use options::{Durability, StoreOptions, DEFAULT_LOG_BYTES, DEFAULT_MAP_SIZE};
 pub use read::{MessageIter, ReadView};
 pub use records::{
     ArchivedAuthor, ArchivedMessageRecord, Author, Conversation, ConversationId, ConversationState,

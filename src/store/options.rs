@@ -70,6 +70,9 @@ pub struct StoreOptions {
     /// (capped here) and retries the batch. At most `map_size` means the map never grows.
     pub max_map_size: usize,
     pub durability: Durability,
+    /// Size of the write-ahead log file with [`Durability::Fsync`] (see `store::wal`); 0
+    /// commits without a log, syncing LMDB at every commit.
+    pub log_bytes: u64,
 }
 
 impl Default for StoreOptions {
@@ -78,9 +81,13 @@ impl Default for StoreOptions {
             map_size: DEFAULT_MAP_SIZE,
             max_map_size: DEFAULT_MAP_SIZE,
             durability: Durability::Fsync,
+            log_bytes: DEFAULT_LOG_BYTES,
         }
     }
 }
+
+/// Default size of a shard's write-ahead log file: 64 MiB.
+pub const DEFAULT_LOG_BYTES: u64 = 64 << 20;
 
 /// Default map size per shard: 16 GiB of address space.
 pub const DEFAULT_MAP_SIZE: usize = 16 << 30;

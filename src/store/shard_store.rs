@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use heed::types::Bytes;
-use heed::{CommitOrAbort, Database, Env, EnvOpenOptions, RwTxn, WithoutTls};
+use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, RwTxn, WithoutTls};
 use rkyv::rancor;
 
 use super::batch::{AppendOutcome, NewMessage, Op, OpOutcome, ReadSide};
@@ -39,6 +39,10 @@ use super::records::{
     MAX_LOCAL_CONVERSATION, MAX_SHARDS,
 };
 use super::resize_gate::ResizeGate;
+use super::wal::{self, redo::RedoTable, FileDevice, LogDevice, Wal, WalError};
+
+/// The write-ahead log's file in the shard's directory.
+pub const LOG_FILE: &str = "wal.log";
 
 /// Version of the on-disk layout written into the `info` table.
 pub const FORMAT_VERSION: u64 = 1;
@@ -102,6 +106,10 @@ pub struct ShardStore {
     staged: StagedConversations,
     /// Client ids of the newest messages of recently written conversations.
     recent: RecentIds,
+    /// The write-ahead log (`Durability::Fsync` with `log_bytes > 0`).
+    log: Option<StoreLog>,
+    /// The current batch's redo list for the log (reused; released when a batch made it large).
+    redo: Vec<u8>,
 }
 
 const _: fn() = || {
@@ -112,6 +120,17 @@ const _: fn() = || {
 impl ShardStore {
     /// Opens (creating if needed) `dir/shard-<shard>/` as this shard's environment.
     pub fn open(dir: &Path, shard: usize, options: StoreOptions) -> Result<Self, StoreError> {
+        Self::open_with_log(dir, shard, options, None)
+    }
+
+    /// [`ShardStore::open`] with the log on `device` instead of `wal.log` in the store's
+    /// directory (tests: a simulated disk that can lose power).
+    pub(crate) fn open_with_log(
+        dir: &Path,
+        shard: usize,
+        options: StoreOptions,
+        device: Option<Box<dyn LogDevice>>,
+    ) -> Result<Self, StoreError> {
         if shard >= MAX_SHARDS {
             return Err(StoreError::ShardOutOfRange(shard));
         }
@@ -126,11 +145,19 @@ impl ShardStore {
             .map_size(round_up_to_page(options.map_size))
             .max_readers(MAX_READERS)
             .max_dbs(MAX_DBS);
+        let logged =
+            options.durability == Durability::Fsync && (options.log_bytes > 0 || device.is_some());
         // SAFETY: NO_SYNC / NO_META_SYNC are "unsafe" in heed because a machine crash may
         // then lose or (for NO_SYNC) corrupt recent commits. That is the documented
-        // contract of `Durability::Batch` and `Durability::None`; `Fsync` sets no flag.
+        // contract of `Durability::Batch` and `Durability::None`. `Fsync` with a log
+        // commits with NO_SYNC too: each batch is synced in the log before it commits and
+        // LMDB is synced at checkpoints (see `wal`); without a log it sets no flag.
         unsafe {
-            env_options.flags(options.durability.env_flags());
+            env_options.flags(if logged {
+                EnvFlags::NO_SYNC
+            } else {
+                options.durability.env_flags()
+            });
         }
         // SAFETY: the memory map is only unsound if the data file is changed behind LMDB's
         // back. The file lives in a directory owned by this shard, heed refuses a second
@@ -192,7 +219,7 @@ impl ShardStore {
             .unwrap_commit();
         let (messages, conversations, open, visitors, info, visitor_secrets) = tables;
 
-        Ok(ShardStore {
+        let mut store = ShardStore {
             env,
             tables: Tables {
                 messages,
@@ -210,6 +237,104 @@ impl ShardStore {
             scratch: Vec::new(),
             staged: StagedConversations::default(),
             recent: RecentIds::default(),
+            log: None,
+            redo: Vec::new(),
+        };
+        if logged {
+            let device = match device {
+                Some(device) => device,
+                None => {
+                    let file = store.path.join(LOG_FILE);
+                    Box::new(FileDevice::open(&file, options.log_bytes).map_err(|error| {
+                        StoreError::Log(WalError::Io(std::io::Error::new(
+                            error.kind(),
+                            format!("cannot open {}: {error}", file.display()),
+                        )))
+                    })?)
+                }
+            };
+            store.recover(device)?;
+        }
+        Ok(store)
+    }
+
+    /// Replays the log's records into LMDB, syncs LMDB and starts the log over.
+    fn recover(&mut self, device: Box<dyn LogDevice>) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let (wal, recovered) = Wal::open(device).map_err(StoreError::Log)?;
+        if recovered.cut_tail {
+            tracing::warn!(
+                shard = self.shard,
+                "write-ahead log: a torn or corrupt record after the last whole one was cut \
+                 (a crash during a write; that batch was never acked)"
+            );
+        }
+        let records = recovered.payloads.len();
+        let mut writes = 0;
+        for payload in &recovered.payloads {
+            writes += wal::redo::decode(payload)
+                .map_err(|error| StoreError::LogCorrupt {
+                    path: self.path.join(LOG_FILE),
+                    detail: error.to_string(),
+                })?
+                .len();
+        }
+        let payloads = recovered.payloads;
+        self.growing(|store| {
+            let mut txn = store.env.write_txn()?;
+            for payload in &payloads {
+                let list = wal::redo::decode(payload).expect("decoded above");
+                for entry in list {
+                    write(
+                        &mut txn,
+                        &store.tables,
+                        None,
+                        entry.table,
+                        entry.key,
+                        entry.value,
+                    )?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })?;
+        self.env.force_sync()?;
+        let mut log = StoreLog {
+            wal,
+            env: self.env.clone(),
+            checkpoints: 0,
+            checkpoints_for_large_batches: 0,
+            #[cfg(test)]
+            after_checkpoint: None,
+        };
+        log.wal.reset().map_err(StoreError::Log)?;
+        if records > 0 {
+            tracing::info!(
+                shard = self.shard,
+                records,
+                writes,
+                micros = started.elapsed().as_micros() as u64,
+                "write-ahead log replayed into LMDB"
+            );
+        }
+        self.log = Some(log);
+        Ok(())
+    }
+
+    /// The batch writer of a new write transaction.
+    fn writer(&mut self) -> Result<BatchWriter<'_>, StoreError> {
+        self.redo.clear();
+        Ok(BatchWriter {
+            txn: self.env.write_txn()?,
+            tables: self.tables,
+            shard: self.shard,
+            now_ms: now_ms(),
+            scratch: &mut self.scratch,
+            staged: &mut self.staged,
+            recent: &mut self.recent,
+            next_local: None,
+            redo: self.log.is_some().then_some(&mut self.redo),
+            log: self.log.as_mut(),
         })
     }
 
@@ -268,6 +393,9 @@ impl ShardStore {
             }
             if self.scratch.capacity() > SCRATCH_KEEP_BYTES {
                 self.scratch = Vec::new();
+            }
+            if self.redo.capacity() > SCRATCH_KEEP_BYTES * 16 {
+                self.redo = Vec::new();
             }
             match result {
                 // The write transaction is gone (aborted when the attempt returned).
@@ -395,16 +523,7 @@ impl ShardStore {
     }
 
     fn apply_in_txn(&mut self, ops: &[Op]) -> Result<Vec<OpOutcome>, StoreError> {
-        let mut writer = BatchWriter {
-            txn: self.env.write_txn()?,
-            tables: self.tables,
-            shard: self.shard,
-            now_ms: now_ms(),
-            scratch: &mut self.scratch,
-            staged: &mut self.staged,
-            recent: &mut self.recent,
-            next_local: None,
-        };
+        let mut writer = self.writer()?;
         let mut outcomes = Vec::with_capacity(ops.len());
         for op in ops {
             let outcome = match op {
@@ -437,16 +556,7 @@ impl ShardStore {
     }
 
     fn append_in_txn(&mut self, batch: &[NewMessage]) -> Result<Vec<AppendOutcome>, StoreError> {
-        let mut writer = BatchWriter {
-            txn: self.env.write_txn()?,
-            tables: self.tables,
-            shard: self.shard,
-            now_ms: now_ms(),
-            scratch: &mut self.scratch,
-            staged: &mut self.staged,
-            recent: &mut self.recent,
-            next_local: None,
-        };
+        let mut writer = self.writer()?;
         let mut outcomes = Vec::with_capacity(batch.len());
         for message in batch {
             outcomes.push(writer.append(message)?);
@@ -463,9 +573,10 @@ impl ShardStore {
             StoreError::MapFull { .. } => StoreError::MapFull {
                 map_size: self.map_size(),
             },
-            StoreError::Lmdb(heed::Error::Io(io))
-                if io.raw_os_error() == Some(libc::EIO)
-                    && free_bytes(&self.path).is_some_and(|free| free < DISK_FULL_BYTES) =>
+            StoreError::Lmdb(heed::Error::Io(io)) | StoreError::Log(WalError::Io(io))
+                if io.raw_os_error() == Some(libc::ENOSPC)
+                    || (io.raw_os_error() == Some(libc::EIO)
+                        && free_bytes(&self.path).is_some_and(|free| free < DISK_FULL_BYTES)) =>
             {
                 StoreError::DiskFull(io)
             }
@@ -478,7 +589,10 @@ impl Drop for ShardStore {
     fn drop(&mut self) {
         // A clean shutdown leaves nothing unsynced, whatever the mode. Errors cannot be
         // reported from drop; the data is still in the page cache.
-        if self.durability != Durability::Fsync {
+        if let Some(log) = &mut self.log {
+            // Checkpoint, so the next open has nothing to replay.
+            let _ = log.checkpoint();
+        } else if self.durability != Durability::Fsync {
             let _ = self.env.force_sync();
         }
     }
@@ -542,6 +656,76 @@ struct BatchWriter<'s> {
     recent: &'s mut RecentIds,
     /// The conversation counter, once an `Open` of this batch has read it.
     next_local: Option<u64>,
+    /// The batch's writes, for the log (`None` when the store has no log).
+    redo: Option<&'s mut Vec<u8>>,
+    log: Option<&'s mut StoreLog>,
+}
+
+/// One LMDB put (`value: Some`) or delete, appended to `redo` when given.
+fn write(
+    txn: &mut RwTxn<'_>,
+    tables: &Tables,
+    redo: Option<&mut Vec<u8>>,
+    table: RedoTable,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), StoreError> {
+    let database = tables.of(table);
+    match value {
+        Some(value) => {
+            database.put(txn, key, value)?;
+            if let Some(redo) = redo {
+                wal::redo::put(redo, table, key, value);
+            }
+        }
+        None => {
+            database.delete(txn, key)?;
+            if let Some(redo) = redo {
+                wal::redo::delete(redo, table, key);
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Tables {
+    fn of(&self, table: RedoTable) -> Table {
+        match table {
+            RedoTable::Messages => self.messages,
+            RedoTable::Conversations => self.conversations,
+            RedoTable::Open => self.open,
+            RedoTable::Visitors => self.visitors,
+            RedoTable::Info => self.info,
+            RedoTable::VisitorSecrets => self.visitor_secrets,
+        }
+    }
+}
+
+/// The write-ahead log of a store with `Durability::Fsync` (see [`wal`]), and the handle
+/// that syncs LMDB at a checkpoint.
+pub(crate) struct StoreLog {
+    wal: Wal,
+    env: Env<WithoutTls>,
+    /// Checkpoints made because the log was full.
+    checkpoints: u64,
+    /// Batches too large for the log, committed with an LMDB sync instead.
+    checkpoints_for_large_batches: u64,
+    #[cfg(test)]
+    after_checkpoint: Option<Box<dyn FnMut() + Send>>,
+}
+
+impl StoreLog {
+    /// Syncs LMDB, then starts the log over: everything it held is on disk in LMDB.
+    fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.env.force_sync()?;
+        #[cfg(test)]
+        if let Some(hook) = &mut self.after_checkpoint {
+            hook();
+        }
+        self.wal.reset().map_err(StoreError::Log)?;
+        self.checkpoints += 1;
+        Ok(())
+    }
 }
 
 impl BatchWriter<'_> {
@@ -584,10 +768,8 @@ impl BatchWriter<'_> {
         self.next_local = Some(local + 1);
         let id = ConversationId::from_parts(self.shard, local);
         let key = keys::conversation_key(id);
-        self.tables
-            .visitors
-            .put(&mut self.txn, visitor_key.as_bytes(), &key)?;
-        self.tables.open.put(&mut self.txn, &key, &[])?;
+        self.put(RedoTable::Visitors, visitor_key.as_bytes(), &key)?;
+        self.put(RedoTable::Open, &key, &[])?;
         self.staged.insert(
             Conversation {
                 id,
@@ -647,9 +829,14 @@ impl BatchWriter<'_> {
             record: "message",
             detail: error.to_string(),
         })?;
-        self.tables
-            .messages
-            .put(&mut self.txn, &keys::message_key(id, seq), bytes)?;
+        write(
+            &mut self.txn,
+            &self.tables,
+            self.redo.as_deref_mut(),
+            RedoTable::Messages,
+            &keys::message_key(id, seq),
+            Some(bytes),
+        )?;
 
         self.recent.record(id, seq, client_hash);
         let staged = &mut self.staged.entries[slot];
@@ -695,7 +882,7 @@ impl BatchWriter<'_> {
         visitor: &str,
     ) -> Result<(), StoreError> {
         let key = keys::conversation_key(id);
-        self.tables.open.delete(&mut self.txn, &key)?;
+        self.delete(RedoTable::Open, &key)?;
         let visitor_key = keys::visitor_key(site, visitor);
         let points_here = self
             .tables
@@ -703,9 +890,7 @@ impl BatchWriter<'_> {
             .get(&self.txn, visitor_key.as_bytes())?
             .is_some_and(|bytes| bytes == key);
         if points_here {
-            self.tables
-                .visitors
-                .delete(&mut self.txn, visitor_key.as_bytes())?;
+            self.delete(RedoTable::Visitors, visitor_key.as_bytes())?;
         }
         Ok(())
     }
@@ -769,9 +954,7 @@ impl BatchWriter<'_> {
         // Later ops of this batch see it as closed; commit does not write it back.
         staged.conversation.state = ConversationState::Closed;
         staged.dirty = false;
-        self.tables
-            .conversations
-            .delete(&mut self.txn, &keys::conversation_key(id))?;
+        self.delete(RedoTable::Conversations, &keys::conversation_key(id))?;
         self.forget_open(id, &site, &visitor)?;
         Ok(OpOutcome::Updated)
     }
@@ -794,9 +977,7 @@ impl BatchWriter<'_> {
             .get(&self.txn, key.as_bytes())?
             .is_none()
         {
-            self.tables
-                .visitor_secrets
-                .put(&mut self.txn, key.as_bytes(), secret_hash)?;
+            self.put(RedoTable::VisitorSecrets, key.as_bytes(), secret_hash)?;
         }
         Ok(OpOutcome::Updated)
     }
@@ -889,21 +1070,86 @@ impl BatchWriter<'_> {
                 record: "conversation",
                 detail: error.to_string(),
             })?;
-            self.tables.conversations.put(
+            write(
                 &mut self.txn,
+                &self.tables,
+                self.redo.as_deref_mut(),
+                RedoTable::Conversations,
                 &keys::conversation_key(staged.conversation.id),
-                bytes,
+                Some(bytes),
             )?;
         }
         if let Some(next) = self.next_local {
-            self.tables.info.put(
-                &mut self.txn,
+            self.put(
+                RedoTable::Info,
                 INFO_NEXT_CONVERSATION,
                 &keys::u64_value(next),
             )?;
         }
-        self.txn.commit()?;
+        let Some(log) = self.log else {
+            self.txn.commit()?;
+            return Ok(());
+        };
+        let redo: &[u8] = self.redo.as_deref().map_or(&[], |redo| redo.as_slice());
+        // The record first: once it is synced the batch survives a power loss, so the
+        // transaction may commit without syncing LMDB.
+        match log.wal.append(redo) {
+            Ok(()) => {}
+            Err(WalError::Full) => {
+                // Checkpoint: everything the log holds is in LMDB's page cache; once
+                // LMDB is synced the log can start over. This transaction has written
+                // nothing to the file yet, so the sync does not need it to end.
+                log.checkpoint()?;
+                log.wal.append(redo).map_err(StoreError::Log)?;
+            }
+            Err(WalError::TooLarge { .. }) => {
+                // Bigger than the whole log: commit and sync LMDB itself (a checkpoint),
+                // as without a log.
+                self.txn.commit()?;
+                log.checkpoint()?;
+                log.checkpoints_for_large_batches += 1;
+                return Ok(());
+            }
+            Err(error) => {
+                log.wal.forget_failed_append();
+                return Err(StoreError::Log(error));
+            }
+        }
+        if let Err(error) = self.txn.commit() {
+            // LMDB refused the batch: the log must not replay it after a crash.
+            if let Err(undo) = log.wal.undo_last() {
+                panic!(
+                    "the write-ahead log holds a batch LMDB refused ({error}) and cannot take \
+                     it back ({undo}): stopping before anything else is acked"
+                );
+            }
+            return Err(error.into());
+        }
         Ok(())
+    }
+
+    /// LMDB put, recorded in the redo list when the store has a log.
+    fn put(&mut self, table: RedoTable, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        write(
+            &mut self.txn,
+            &self.tables,
+            self.redo.as_deref_mut(),
+            table,
+            key,
+            Some(value),
+        )
+    }
+
+    /// LMDB delete, recorded in the redo list when the store has a log.
+    fn delete(&mut self, table: RedoTable, key: &[u8]) -> Result<(), StoreError> {
+        write(
+            &mut self.txn,
+            &self.tables,
+            self.redo.as_deref_mut(),
+            table,
+            key,
+            None,
+        )
     }
 }
 
@@ -961,6 +1207,21 @@ fn now_ms() -> u64 {
 
 #[cfg(test)]
 impl ShardStore {
+    /// Calls `hook` right after every checkpoint's LMDB sync (power-loss tests copy the data
+    /// file there: it is what survives a power loss until the next checkpoint).
+    pub(crate) fn set_checkpoint_hook(&mut self, hook: Box<dyn FnMut() + Send>) {
+        if let Some(log) = &mut self.log {
+            log.after_checkpoint = Some(hook);
+        }
+    }
+
+    /// Checkpoints so far (log full), and batches too large for the log.
+    pub(crate) fn checkpoints(&self) -> (u64, u64) {
+        self.log.as_ref().map_or((0, 0), |log| {
+            (log.checkpoints, log.checkpoints_for_large_batches)
+        })
+    }
+
     /// Writes raw bytes as a message record, bypassing every check (corruption tests).
     pub(crate) fn put_raw_message(
         &mut self,

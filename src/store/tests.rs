@@ -11,6 +11,7 @@ fn options(durability: Durability) -> StoreOptions {
         map_size: 64 << 20,
         max_map_size: 64 << 20,
         durability,
+        log_bytes: 1 << 20,
     }
 }
 
@@ -690,6 +691,7 @@ fn full_map_is_a_typed_error_that_stores_nothing_and_can_be_grown() {
         // No growth: this test is about the error at the ceiling.
         max_map_size: 256 << 10,
         durability: Durability::None,
+        log_bytes: 0,
     };
     let mut store = ShardStore::open(dir.path(), 0, small).unwrap();
     let c = open_conversation(&mut store, "s", "v");

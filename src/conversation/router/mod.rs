@@ -211,6 +211,7 @@ impl Router {
                 map_size: config.storage.map_size as usize,
                 max_map_size: config.storage.max_map_size as usize,
                 durability,
+                log_bytes: config.storage.log_bytes,
             },
         )
         .map_err(|source| RouterError::Store {

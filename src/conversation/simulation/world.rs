@@ -184,6 +184,7 @@ fn store_options() -> StoreOptions {
         map_size: 8 << 20,
         max_map_size: 64 << 20,
         durability: Durability::None,
+        log_bytes: 0,
     }
 }
 

@@ -1,0 +1,166 @@
+//! The byte format of the write-ahead log, sans-IO: encoding a record, and scanning a log
+//! file's bytes for the records that were written whole.
+//!
+//! A log file is a 4 KiB header block, then records back to back:
+//!
+//! ```text
+//! header (offset 0):  magic "SBWAL001" | generation u64 LE | crc32c of the 16 bytes before, u32 LE
+//! record:             payload length u32 LE | crc32c u32 LE | generation u64 LE | payload
+//!                     (the crc covers length, generation and payload)
+//! ```
+//!
+//! Invariants:
+//! - A record counts only if its generation is the file header's and its checksum holds.
+//!   The first record that fails either (a torn write, zeros, a record of an earlier use
+//!   of the file, flipped bits) ends the log: it and everything after it are never replayed.
+//! - Encoding then scanning gives back exactly the payloads encoded, in order.
+
+/// Bytes reserved for the file header; records start here.
+pub const HEADER_BYTES: u64 = 4096;
+/// Bytes of a record's header.
+pub const RECORD_HEADER_BYTES: usize = 16;
+const MAGIC: &[u8; 8] = b"SBWAL001";
+
+/// The header block of a log file with this generation.
+pub fn encode_header(generation: u64) -> Vec<u8> {
+    let mut block = vec![0u8; HEADER_BYTES as usize];
+    block[..8].copy_from_slice(MAGIC);
+    block[8..16].copy_from_slice(&generation.to_le_bytes());
+    let crc = crc32c::crc32c(&block[..16]);
+    block[16..20].copy_from_slice(&crc.to_le_bytes());
+    block
+}
+
+/// The generation in a header block, or `None` when the block is not a valid header.
+pub fn decode_header(block: &[u8]) -> Option<u64> {
+    if block.len() < 20 || &block[..8] != MAGIC {
+        return None;
+    }
+    let crc = u32::from_le_bytes(block[16..20].try_into().ok()?);
+    if crc32c::crc32c(&block[..16]) != crc {
+        return None;
+    }
+    Some(u64::from_le_bytes(block[8..16].try_into().ok()?))
+}
+
+/// Appends one record holding `payload` to `out`.
+pub fn encode_record(generation: u64, payload: &[u8], out: &mut Vec<u8>) {
+    let length = u32::try_from(payload.len()).expect("a log record is smaller than 4 GiB");
+    out.extend_from_slice(&length.to_le_bytes());
+    out.extend_from_slice(&checksum(length, generation, payload).to_le_bytes());
+    out.extend_from_slice(&generation.to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// The encoded size of a record with a payload of `payload_bytes`.
+pub fn record_bytes(payload_bytes: usize) -> u64 {
+    (RECORD_HEADER_BYTES + payload_bytes) as u64
+}
+
+fn checksum(length: u32, generation: u64, payload: &[u8]) -> u32 {
+    let crc = crc32c::crc32c(&length.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc, &generation.to_le_bytes());
+    crc32c::crc32c_append(crc, payload)
+}
+
+/// The whole records of `generation` in `records` (a log file's bytes from
+/// [`HEADER_BYTES`] on), and where the valid part ends (relative to `records`).
+pub fn scan(records: &[u8], generation: u64) -> (Vec<&[u8]>, usize) {
+    let mut found = Vec::new();
+    let mut at = 0usize;
+    while let Some(header) = records.get(at..at + RECORD_HEADER_BYTES) {
+        let length = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+        let crc = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes"));
+        let record_generation = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        if record_generation != generation {
+            break;
+        }
+        let start = at + RECORD_HEADER_BYTES;
+        let Some(payload) = start
+            .checked_add(length as usize)
+            .and_then(|end| records.get(start..end))
+        else {
+            break;
+        };
+        if checksum(length, generation, payload) != crc {
+            break;
+        }
+        found.push(payload);
+        at = start + payload.len();
+    }
+    (found, at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_of(generation: u64, payloads: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for payload in payloads {
+            encode_record(generation, payload, &mut out);
+        }
+        out
+    }
+
+    #[test]
+    fn records_round_trip_and_the_scan_stops_at_zeros() {
+        let mut bytes = log_of(7, &[b"first", b"", b"third record"]);
+        let end = bytes.len();
+        bytes.extend_from_slice(&[0u8; 100]);
+        let (records, valid) = scan(&bytes, 7);
+        assert_eq!(records, vec![&b"first"[..], b"", b"third record"]);
+        assert_eq!(valid, end);
+    }
+
+    #[test]
+    fn records_of_another_generation_are_not_replayed() {
+        let mut bytes = log_of(3, &[b"current"]);
+        bytes.extend_from_slice(&log_of(2, &[b"left over from the file's last use"]));
+        let (records, _) = scan(&bytes, 3);
+        assert_eq!(records, vec![&b"current"[..]]);
+        assert!(scan(&bytes, 4).0.is_empty());
+    }
+
+    /// Every cut of the last record, at every byte offset, loses that record and only it.
+    #[test]
+    fn a_torn_last_record_is_cut_at_every_offset() {
+        let whole = log_of(1, &[b"kept one", b"kept two", b"the last record, torn"]);
+        let last_starts = log_of(1, &[b"kept one", b"kept two"]).len();
+        for cut in last_starts..whole.len() {
+            let (records, valid) = scan(&whole[..cut], 1);
+            assert_eq!(records, vec![&b"kept one"[..], b"kept two"], "cut at {cut}");
+            assert_eq!(valid, last_starts, "cut at {cut}");
+        }
+        assert_eq!(scan(&whole, 1).0.len(), 3);
+    }
+
+    /// Flipping any bit of the last record (header or payload) makes the scan drop it.
+    #[test]
+    fn a_corrupt_last_record_is_dropped_at_every_byte() {
+        let whole = log_of(9, &[b"kept", b"last record"]);
+        let last_starts = log_of(9, &[b"kept"]).len();
+        for at in last_starts..whole.len() {
+            for bit in 0..8 {
+                let mut bytes = whole.clone();
+                bytes[at] ^= 1 << bit;
+                let (records, valid) = scan(&bytes, 9);
+                assert_eq!(records, vec![&b"kept"[..]], "byte {at} bit {bit}");
+                assert_eq!(valid, last_starts);
+            }
+        }
+    }
+
+    #[test]
+    fn headers_round_trip_and_reject_damage() {
+        let block = encode_header(42);
+        assert_eq!(block.len() as u64, HEADER_BYTES);
+        assert_eq!(decode_header(&block), Some(42));
+        for at in 0..20 {
+            let mut damaged = block.clone();
+            damaged[at] ^= 0x10;
+            assert_eq!(decode_header(&damaged), None, "byte {at}");
+        }
+        assert_eq!(decode_header(&[0u8; 4096]), None);
+    }
+}
