@@ -6,17 +6,20 @@
 //!   storage, fan-out, typing, read watermarks — as a pure state machine.
 //! - [`dispatch`]: the global queue and agent directory (one shard runs it),
 //!   pure.
+//! - [`bot_turn`]: one bot turn (answer chain, intent recognition, later answers, fallback)
+//!   as a pure state machine.
 //! - [`identity`]: visitor secrets and host-verified identities (hashing,
 //!   constant-time checks, HMAC), so a visitor id alone opens nothing.
-//! - [`router`]: the shard-local driver that runs the two state machines,
+//! - [`router`]: the shard-local driver that runs the state machines,
 //!   executes their actions (storage commits, mesh messages, frames to
-//!   sessions) and feeds results back.
+//!   sessions, bot turns) and feeds results back.
 //!
 //! Ownership: a conversation's id carries the shard that owns it; that shard
 //! is `owner_of(site, visitor)` when the conversation is created, so a visitor
 //! always finds their conversation on one shard. Sessions live on whatever
 //! shard accepted their socket; they reach owners only through mesh messages.
 
+pub mod bot_turn;
 pub mod clock;
 pub mod dispatch;
 pub mod identity;

@@ -2,9 +2,12 @@
 //! stored, and a bot turn asks the shard's bot chain (inference on the shard's worker thread) about
 //! a stored message and feeds the verdict back to the owner as [`OwnerEvent::BotVerdict`].
 //!
+//! The bot turn's policy is the pure [`BotTurn`] state machine; this file only does its I/O.
+//!
 //! Invariant: the shard thread never waits for inference; a verdict arrives as an event.
 
 use super::*;
+use crate::conversation::bot_turn::{Action, BotTurn, ShardConditions, TurnCounts};
 
 /// The shard's bot: the guard handlers (risk control: masking, blocking,
 /// flood) that run on every visitor message before it is stored, the answer
@@ -144,6 +147,9 @@ impl Router {
         .detach();
     }
 
+    /// Drives one [`BotTurn`]: does the I/O its actions ask for (a query token, inference, a
+    /// handler's later answer under a timer), feeds the results back and counts the metrics of
+    /// the outcome.
     pub(super) async fn decide(
         &self,
         conversation: ConversationId,
@@ -155,80 +161,73 @@ impl Router {
         let Some(bot) = &self.bot else {
             return BotOutcome::Silent;
         };
-        let counters = self.metrics();
-        let mut ctx = BotContext::new(conversation.0, site, visitor, text);
-        ctx.failed_turns = failed_turns;
-        ctx.now_ms = monotonic_ms();
-        let (mut verdict, mut next) = bot.answers.borrow_mut().run(&mut ctx, 0);
-        if verdict == Verdict::NeedIntent {
-            if let Some(engine) = &bot.engine {
-                // Over the site's query rate, or while the shard sheds load, the bot answers
-                // with the lexical match: the visitor is still served, the model is not used.
-                let lexical = if self.level.get() >= Level::Shed {
-                    true
-                } else if self
-                    .bot_queries
-                    .borrow_mut()
-                    .try_take(&Arc::<str>::from(site), monotonic_ms(), 1.0)
-                    .is_err()
-                {
-                    ShardMetrics::add(&counters.bot_rate_limited, 1);
-                    true
-                } else {
-                    false
-                };
-                let recognised = if lexical {
-                    engine.recognise_lexically(&ctx.text)
-                } else {
-                    engine.recognise(&ctx.text).await
-                };
-                if let Some(result) = recognised {
-                    match result.cache {
-                        CacheOutcome::HotHit => ShardMetrics::add(&counters.bot_hot_cache_hits, 1),
-                        CacheOutcome::EmbeddingHit => {
-                            ShardMetrics::add(&counters.bot_embedding_cache_hits, 1)
-                        }
-                        CacheOutcome::Miss => ShardMetrics::add(&counters.bot_cache_misses, 1),
-                    }
-                    ctx.intent = Some(result.into());
+        let mut message = BotContext::new(conversation.0, site, visitor, text);
+        message.failed_turns = failed_turns;
+        message.now_ms = monotonic_ms();
+        let shard = ShardConditions {
+            intent_engine: bot.engine.is_some(),
+            load: self.level.get(),
+        };
+        let mut turn = BotTurn::new(message, shard);
+        let mut action = turn.start(&mut bot.answers.borrow_mut());
+        loop {
+            action = match action {
+                Action::TakeQueryToken => {
+                    let taken = self.bot_queries.borrow_mut().try_take(
+                        &Arc::<str>::from(site),
+                        monotonic_ms(),
+                        1.0,
+                    );
+                    turn.on_query_token(taken.is_ok())
                 }
-            }
-            (verdict, next) = bot.answers.borrow_mut().run(&mut ctx, next);
-        }
-        let _ = next;
-        if let Verdict::Later(later) = verdict {
-            // A handler waits for something outside the process (docs/plugins.md): its answer
-            // comes from another thread, awaited here without blocking the shard.
-            let answer = async { Ok(later.answer().await) };
-            verdict = match glommio::timer::timeout(crate::bot::later::LATER_LIMIT, answer).await {
-                Ok(Some(Verdict::Later(_))) | Ok(None) | Err(_) => Verdict::Continue,
-                Ok(Some(answer)) => answer,
+                Action::Recognise { text, lexical } => {
+                    let recognised = match &bot.engine {
+                        Some(engine) if lexical => engine.recognise_lexically(&text),
+                        Some(engine) => engine.recognise(&text).await,
+                        None => None,
+                    };
+                    turn.on_intent(&mut bot.answers.borrow_mut(), monotonic_ms(), recognised)
+                }
+                Action::AwaitLater { later, deadline_ms } => {
+                    // Awaited here without blocking the shard (docs/plugins.md).
+                    let wait = Duration::from_millis(deadline_ms.saturating_sub(monotonic_ms()));
+                    let answer = async { Ok(later.answer().await) };
+                    match glommio::timer::timeout(wait, answer).await {
+                        Ok(answer) => turn.on_later(answer),
+                        Err(_) => turn.on_later_timeout(),
+                    }
+                }
+                Action::Done { outcome, counts } => {
+                    self.count_bot_turn(conversation, &counts);
+                    return outcome;
+                }
             };
         }
-        if matches!(
-            verdict,
-            Verdict::Continue | Verdict::NeedIntent | Verdict::Block { .. }
-        ) {
-            verdict = Verdict::fallback(&ctx);
+    }
+
+    /// The metrics of a finished bot turn.
+    fn count_bot_turn(&self, conversation: ConversationId, counts: &TurnCounts) {
+        let counters = self.metrics();
+        if counts.rate_limited {
+            ShardMetrics::add(&counters.bot_rate_limited, 1);
         }
-        let failed = verdict.next_failed_turns(failed_turns);
-        match verdict {
-            Verdict::Reply { text, degraded, .. } => {
-                ShardMetrics::add(&counters.bot_replies, 1);
-                if degraded {
-                    ShardMetrics::add(&counters.bot_degraded, 1);
-                }
-                BotOutcome::Reply {
-                    text,
-                    failed_turns: failed,
-                }
+        match counts.cache {
+            Some(CacheOutcome::HotHit) => ShardMetrics::add(&counters.bot_hot_cache_hits, 1),
+            Some(CacheOutcome::EmbeddingHit) => {
+                ShardMetrics::add(&counters.bot_embedding_cache_hits, 1)
             }
-            Verdict::Handoff { reason } => {
-                ShardMetrics::add(&counters.bot_handoffs, 1);
-                tracing::debug!(%conversation, reason = reason.as_str(), "bot hands off");
-                BotOutcome::Handoff
-            }
-            _ => BotOutcome::Silent,
+            Some(CacheOutcome::Miss) => ShardMetrics::add(&counters.bot_cache_misses, 1),
+            None => {}
+        }
+        if counts.replied {
+            ShardMetrics::add(&counters.bot_replies, 1);
+        }
+        if counts.degraded {
+            ShardMetrics::add(&counters.bot_degraded, 1);
+        }
+        if let Some(reason) = counts.handoff {
+            ShardMetrics::add(&counters.bot_handoffs, 1);
+            tracing::debug!(%conversation, reason = reason.as_str(), "bot hands off");
         }
     }
 }
