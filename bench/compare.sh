@@ -10,6 +10,8 @@
 #   SB_PROTOCOL=auto|switchboard|echo          how switchboard is relayed: auto uses the conversation
 #                                              protocol when a probe run passes, else /ws/echo (said in the table)
 #   SWITCHBOARD_CONFIG_EXTRA="..."             TOML appended to switchboard's config
+#   SB_LOG_BYTES=0                             [storage] log_bytes of the switchboard column only (0: no
+#                                              write-ahead log; e.g. to compare with a build that has none)
 #   AGENTS=4                                   agent accounts/sessions for --protocol switchboard (tokens
 #                                              switchboard-bench-agent-0.., written into switchboard's config)
 #   SWITCHBOARD_PEERS=/path/to/peers           default: ../shared/peers beside the repository
@@ -108,6 +110,7 @@ echo = true
 
 [storage]
 dir = "$OUT/$1-data"
+$([ "$1" = switchboard ] && [ -n "${SB_LOG_BYTES:-}" ] && printf 'log_bytes = %s\n' "$SB_LOG_BYTES")
 
 [log]
 format = "text"
