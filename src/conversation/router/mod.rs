@@ -127,7 +127,14 @@ pub enum ShardMessage {
     /// shard blocks its thread for this many milliseconds, to exercise the systemd watchdog
     /// (see `crate::service_manager`).
     InjectStall { millis: u64 },
+    /// Messages queued for the same shard during one turn, sent as one mesh message (at most
+    /// [`MESH_BATCH`]): one channel slot and at most one wake-up of the receiver instead of
+    /// one per message. Handled in order; never nested.
+    Batch(Vec<ShardMessage>),
 }
+
+/// The most messages one [`ShardMessage::Batch`] carries.
+pub const MESH_BATCH: usize = 256;
 
 /// Why the conversation layer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -422,7 +429,7 @@ impl Router {
     }
 
     /// Handles a message from the mesh.
-    pub fn on_mesh(&self, _from: ShardId, message: ShardMessage) {
+    pub fn on_mesh(&self, from: ShardId, message: ShardMessage) {
         match message {
             ShardMessage::Owner(OwnerEvent::Visitor {
                 key,
@@ -442,6 +449,11 @@ impl Router {
                 });
             }
             ShardMessage::Owner(event) => self.on_owner(event),
+            ShardMessage::Batch(messages) => {
+                for message in messages {
+                    self.on_mesh(from, message);
+                }
+            }
             ShardMessage::Dispatch(event) => {
                 let Some(dispatcher) = &self.dispatcher else {
                     tracing::error!(
@@ -525,8 +537,14 @@ impl Router {
         while bell.recv().await.is_some() {
             self.outgoing_rung[to].set(false);
             loop {
-                let next = self.outgoing[to].borrow_mut().pop_front();
-                let Some(message) = next else { break };
+                let message = {
+                    let mut queue = self.outgoing[to].borrow_mut();
+                    match queue.len() {
+                        0 => break,
+                        1 => queue.pop_front().expect("one message"),
+                        n => ShardMessage::Batch(queue.drain(..n.min(MESH_BATCH)).collect()),
+                    }
+                };
                 if let Err((err, _)) = self.mesh.send(ShardId(to), message).await {
                     tracing::error!(to, error = %err, "mesh send failed");
                 }
