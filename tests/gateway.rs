@@ -322,7 +322,14 @@ fn graceful_shutdown_closes_sessions_with_1001() {
 #[test]
 fn shards_log_their_cores_and_the_file_limit() {
     let server = Server::start("");
-    std::thread::sleep(Duration::from_millis(200));
+    // Each shard logs its core as it starts; under load the last one may come a little
+    // after the listener answers, so wait for the lines rather than a fixed time.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !(server.has_logged("pinned to core") && server.has_logged("open-file limit"))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let logs = server.logs();
     assert!(logs.contains("pinned to core"), "{logs}");
     assert!(logs.contains("open-file limit"), "{logs}");
