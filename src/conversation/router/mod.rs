@@ -429,7 +429,7 @@ impl Router {
     }
 
     /// Handles a message from the mesh.
-    pub fn on_mesh(&self, from: ShardId, message: ShardMessage) {
+    pub fn on_mesh(&self, _from: ShardId, message: ShardMessage) {
         match message {
             ShardMessage::Owner(OwnerEvent::Visitor {
                 key,
@@ -451,7 +451,7 @@ impl Router {
             ShardMessage::Owner(event) => self.on_owner(event),
             ShardMessage::Batch(messages) => {
                 for message in messages {
-                    self.on_mesh(from, message);
+                    self.on_mesh(_from, message);
                 }
             }
             ShardMessage::Dispatch(event) => {

@@ -423,6 +423,11 @@ impl World {
                     }
                 }
             }
+            ShardMessage::Batch(messages) => {
+                for message in messages {
+                    self.on_mesh(shard, message);
+                }
+            }
             ShardMessage::InjectPanic | ShardMessage::InjectStall { .. } => {}
         }
     }
@@ -1490,6 +1495,7 @@ fn describe(message: &ShardMessage) -> String {
             format!("deliver {kind:?} to session {}", session.to_u64())
         }
         ShardMessage::Track { .. } => "track".into(),
+        ShardMessage::Batch(messages) => format!("batch of {}", messages.len()),
         ShardMessage::InjectPanic | ShardMessage::InjectStall { .. } => "inject".into(),
     }
 }
