@@ -20,6 +20,12 @@
 //!
 //! `kb export` / `kb list` use [`ReplicaView::entries`] with [`export_json`] / [`list`].
 //!
+//! Delta sync between nodes (`kb sync`, `POST /api/kb/sync`): a version is serialised as a
+//! deterministic snapshot file ([`encode_snapshot_view`], [`decode_snapshot`],
+//! [`content_hash`]); the replica sends the [`signature`] of its file, the primary answers
+//! the [`delta`] of its own, and the replica [`rebuild`]s and verifies it, then stores the
+//! content like an import (`engine::update::apply_synced`).
+//!
 //! # Measured
 //! `cargo test --release -- --ignored --nocapture --test-threads=1 measure_` on the
 //! 2-vCPU AMD EPYC VM (AVX2), while other builds kept the load average at ~7: wall times
@@ -39,6 +45,7 @@
 //! An index holds ~0.2 MB of heap for BANKING77 (BM25 postings, row offsets); the
 //! 15 MB of vectors stay in the page cache of the replica's file.
 
+mod delta;
 mod entry;
 mod error;
 mod import;
@@ -47,10 +54,15 @@ mod lexical;
 mod replica;
 mod scoring;
 mod snapshot;
+mod snapshot_file;
 
 #[cfg(test)]
 mod tests;
 
+pub use delta::{
+    block_size_for, check_signature, delta, rebuild, signature, DeltaError, MAX_BLOCK, MIN_BLOCK,
+    STRONG_HASH_BYTES,
+};
 pub use entry::{
     question_count, question_texts, ArchivedEntry, Entry, EntryProblem, MAX_ANSWER_BYTES,
     MAX_ID_BYTES, MAX_INTENT_BYTES, MAX_QUESTIONS_PER_ENTRY, MAX_QUESTION_BYTES,
@@ -71,3 +83,8 @@ pub use replica::{
 pub use scoring::row_scores;
 pub(crate) use scoring::top_k_of;
 pub use snapshot::{describe, export_json, list, preview, write_export, PREVIEW_CHARS};
+pub use snapshot_file::{
+    content_hash, decode as decode_snapshot, encode as encode_snapshot,
+    encode_view as encode_snapshot_view, SnapshotContent, SnapshotFileError, SNAPSHOT_FORMAT,
+    SNAPSHOT_MAGIC,
+};

@@ -95,6 +95,9 @@ pub const MAX_DBS: u32 = 8;
 /// takes ~17 MB per version; an update needs room for two versions).
 pub const DEFAULT_MAP_SIZE: usize = 1 << 30;
 
+/// A row whose length is within this of 1 is stored as it is, not scaled again.
+const UNIT_LENGTH_TOLERANCE: f64 = 1e-6;
+
 /// The serialisation buffer is dropped after a snapshot that grew it past this.
 const SCRATCH_KEEP_BYTES: usize = 64 * 1024;
 
@@ -334,7 +337,9 @@ impl KbReplica {
     ///
     /// `question_vectors` is row-major, one row of `dim` floats per question in
     /// [`question_texts`] order. Rows are L2-normalised before they are stored, so the
-    /// scores of a [`KbIndex`](super::KbIndex) are cosine similarities; a row that is all
+    /// scores of a [`KbIndex`](super::KbIndex) are cosine similarities (a row already of
+    /// unit length within 1e-6 is stored bit for bit, so a stored version stored again, as
+    /// `kb sync` does, keeps its bytes and its snapshot file's hash); a row that is all
     /// zeros or not finite is refused. `classifier_weights` is stored as given.
     ///
     /// On `Err` nothing was written and the previous version is still current.
@@ -401,7 +406,14 @@ impl KbReplica {
             .put_reserved(&mut txn, &version_key, byte_len, |space| {
                 let mut normalised = vec![0f32; dim];
                 for row in question_vectors.chunks_exact(dim) {
-                    let scale = (1.0 / norm(row)) as f32;
+                    let length = norm(row);
+                    if (length - 1.0).abs() <= UNIT_LENGTH_TOLERANCE {
+                        // Already unit length (a stored version stored again, as sync
+                        // does): kept bit for bit, so its snapshot file does not change.
+                        space.write_all(bytemuck::cast_slice(row))?;
+                        continue;
+                    }
+                    let scale = (1.0 / length) as f32;
                     for (out, value) in normalised.iter_mut().zip(row) {
                         *out = value * scale;
                     }
