@@ -12,6 +12,10 @@
 //!   "fallback",...}`
 //! - `POST /api/kb/import` CSV or JSON body (`ManageKnowledgeBase`) → `{"version","entries",
 //!   "questions",...}`
+//! - `GET /api/kb/sync` (`ManageKnowledgeBase`) → `{"version","length","hash",...}` of the
+//!   current version's snapshot file; `POST /api/kb/sync` `{"signature"}` (base64 of a
+//!   replica's rsync signature) → the same plus `"delta"` (base64): see `kb::delta` and
+//!   docs/api.md
 //!
 //! Invariants:
 //! - [`audit`] and [`import`] block (file reads, the model, LMDB commits): the driver runs
@@ -67,6 +71,13 @@ pub enum AdminPlan {
     KbImport {
         by: String,
         format: Format,
+    },
+    /// The current version's snapshot file: its version, length and hash.
+    KbSyncState,
+    /// The delta from the replica's snapshot (its checked signature) to the current one.
+    KbSync {
+        by: String,
+        signature: fast_rsync::Signature,
     },
 }
 
@@ -356,6 +367,63 @@ pub fn import(
             "warnings": warnings,
         }),
     )
+}
+
+/// `POST /api/kb/sync` body: the replica's rsync signature of its snapshot file
+/// (`kb::signature`), base64 (standard alphabet, padded).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncBody {
+    pub signature: String,
+}
+
+/// The checked signature of a sync request, or a 400 `bad_signature` saying what is wrong.
+pub fn sync_signature(body: &SyncBody) -> Result<fast_rsync::Signature, ApiResponse> {
+    use base64::Engine as _;
+    let bad = |detail: String| ApiResponse::error(400, "bad_signature", detail);
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(body.signature.trim())
+        .map_err(|err| bad(format!("signature is not base64: {err}")))?;
+    kb::check_signature(bytes).map_err(|err| bad(err.to_string()))
+}
+
+/// `404 no_knowledge_base`: nothing to sync from.
+pub fn no_knowledge_base() -> ApiResponse {
+    ApiResponse::error(
+        404,
+        "no_knowledge_base",
+        "this server holds no knowledge base yet: import one first",
+    )
+}
+
+/// `GET /api/kb/sync` (`signature` `None`) or `POST /api/kb/sync`: the snapshot `file` of
+/// `version`, described (version, length, hash, counts) and, for a POST, its delta against
+/// the signature's base, base64. Blocking (hashing, the diff): run it off the event loop.
+pub fn sync_answer(
+    version: u64,
+    file: &[u8],
+    entries: u32,
+    questions: u32,
+    signature: Option<&fast_rsync::Signature>,
+) -> ApiResponse {
+    use base64::Engine as _;
+    let mut answer = json!({
+        "version": version,
+        "format": kb::SNAPSHOT_FORMAT,
+        "length": file.len(),
+        "hash": kb::content_hash(file),
+        "entries": entries,
+        "questions": questions,
+    });
+    if let Some(signature) = signature {
+        let delta = match kb::delta(signature, file) {
+            Ok(delta) => delta,
+            Err(err) => return ApiResponse::error(400, "bad_signature", err),
+        };
+        answer["delta_bytes"] = json!(delta.len());
+        answer["delta"] = json!(base64::engine::general_purpose::STANDARD.encode(&delta));
+    }
+    ApiResponse::json(200, answer)
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 //!   `POST /api/agents/NAME/enable`, `PUT /api/agents/NAME/role`, and
 //!   `PATCH /api/agents/NAME` `{"role"?, "disabled"?}` (admin: `ManageAgents`)
 //! - the admin endpoints of [`admin`]: `GET /api/audit`, `GET /api/kb/entries`,
-//!   `POST /api/kb/try`, `POST /api/kb/import`; [`plan`] parses and authorizes them into a
+//!   `POST /api/kb/try`, `POST /api/kb/import`, `GET|POST /api/kb/sync`; [`plan`] parses and authorizes them into a
 //!   [`Plan::Admin`] that the shard driver carries out with its shard's resources.
 //!
 //! Invariants:
@@ -428,14 +428,30 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 format,
             }))
         }
+        ["kb", "sync"] => match req.method {
+            "GET" => {
+                authorize(req, authority, Action::ManageKnowledgeBase, now)?;
+                Ok(Plan::Admin(AdminPlan::KbSyncState))
+            }
+            "POST" => {
+                let admin = authorize(req, authority, Action::ManageKnowledgeBase, now)?;
+                let body: admin::SyncBody = parse_body(req)?;
+                Ok(Plan::Admin(AdminPlan::KbSync {
+                    by: by(&admin),
+                    signature: admin::sync_signature(&body)?,
+                }))
+            }
+            _ => Err(method_not_allowed("GET or POST")),
+        },
         _ => Err(ApiResponse::error(404, "not_found", "no such endpoint")),
     }
 }
 
-/// The body limit for a request to `path`: `[api] max_import_bytes` for the import,
-/// `[api] max_body_bytes` for everything else.
+/// The body limit for a request to `path`: `[api] max_import_bytes` for the import and for a
+/// sync's signature (both grow with the knowledge base), `[api] max_body_bytes` for everything
+/// else.
 pub fn body_limit(method: &str, path: &str, api: &crate::config::ApiConfig) -> usize {
-    if method == "POST" && path == "/api/kb/import" {
+    if method == "POST" && matches!(path, "/api/kb/import" | "/api/kb/sync") {
         api.max_import_bytes
     } else {
         api.max_body_bytes

@@ -332,6 +332,56 @@ pub fn apply(
     map_size: usize,
     update: &PreparedUpdate,
 ) -> Result<u64, UpdateError> {
+    store_in_every_replica(dir, shards, map_size, 1, |replica, version| {
+        replica.apply_snapshot(
+            version,
+            &update.entries,
+            &update.vectors,
+            update.dim,
+            &update.model_fingerprint,
+            Some(&update.head),
+        )
+    })
+}
+
+/// Stores a version received from a primary by delta sync (`switchboard kb sync`) in the
+/// replicas of shards `0..shards`, exactly as [`apply`] stores an import (vectors already of
+/// unit length are kept bit for bit). Its number is the primary's `primary_version` when that
+/// is newer than every local replica's, else one more than the newest local one.
+pub fn apply_synced(
+    dir: &Path,
+    shards: usize,
+    map_size: usize,
+    content: &kb::SnapshotContent,
+    primary_version: u64,
+) -> Result<u64, UpdateError> {
+    store_in_every_replica(
+        dir,
+        shards,
+        map_size,
+        primary_version,
+        |replica, version| {
+            replica.apply_snapshot(
+                version,
+                &content.entries,
+                &content.vectors,
+                content.dim,
+                &content.model_fingerprint,
+                content.classifier.as_deref(),
+            )
+        },
+    )
+}
+
+/// Opens every shard's replica, picks the version (one more than the highest current one, at
+/// least `at_least`) and has `write` store it in each, shard by shard.
+fn store_in_every_replica(
+    dir: &Path,
+    shards: usize,
+    map_size: usize,
+    at_least: u64,
+    mut write: impl FnMut(&mut KbReplica, u64) -> Result<(), KbError>,
+) -> Result<u64, UpdateError> {
     let mut replicas = Vec::with_capacity(shards);
     let mut highest = 0u64;
     for shard in 0..shards {
@@ -343,23 +393,14 @@ pub fn apply(
         highest = highest.max(current.unwrap_or(0));
         replicas.push(replica);
     }
-    let version = highest + 1;
+    let version = (highest + 1).max(at_least);
     for (shard, replica) in replicas.iter_mut().enumerate() {
-        replica
-            .apply_snapshot(
-                version,
-                &update.entries,
-                &update.vectors,
-                update.dim,
-                &update.model_fingerprint,
-                Some(&update.head),
-            )
-            .map_err(|source| UpdateError::Apply {
-                shard,
-                version,
-                written: shard,
-                source,
-            })?;
+        write(replica, version).map_err(|source| UpdateError::Apply {
+            shard,
+            version,
+            written: shard,
+            source,
+        })?;
     }
     Ok(version)
 }

@@ -15,11 +15,14 @@
 //! blocking thread; a try-a-question goes through the shard's intent engine like a visitor's
 //! message (awaited on the loop, the model runs on the inference worker); an import runs on
 //! its own `kb-import` thread (it takes seconds to minutes and must not hold up logins on the
-//! blocking thread) and the request waits for it. `POST /api/kb/import` bodies are bounded
-//! by `[api] max_import_bytes`, every other body by `[api] max_body_bytes`.
+//! blocking thread) and the request waits for it; so does a sync (`GET|POST /api/kb/sync`:
+//! encoding, hashing and diffing the snapshot) on a `kb-sync` thread. The bodies of
+//! `POST /api/kb/import` and `POST /api/kb/sync` are bounded by `[api] max_import_bytes`,
+//! every other body by `[api] max_body_bytes`.
 
 use std::net::IpAddr;
 use std::ops::Range;
+use std::path::PathBuf;
 use std::rc::Rc;
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -29,6 +32,7 @@ use crate::api::admin::{self, AdminPlan};
 use crate::api::{self, ApiRequest, ApiResponse, Plan};
 use crate::auth::{clock, events};
 use crate::http::{self, RequestHead};
+use crate::kb::{self, KbError, KbReplica, ReplicaReader};
 use crate::metrics::ShardMetrics;
 
 /// Answers one API request on `stream` and closes it. `buffer[leftover]` are body bytes
@@ -166,24 +170,13 @@ async fn answer_admin(
                 .unwrap_or_else(|_| stopping())
         }
         AdminPlan::KbEntries { query, limit } => {
-            let engine_reader = shard.router.engine().map(|e| e.replica().clone());
-            let dir = shard.config().storage.dir.clone();
-            let id = shard.id.0;
+            let replica = ShardReplica::of(shard);
             shard
                 .router
                 .blocking_jobs()
                 .run(move || {
-                    let listed = || -> Result<ApiResponse, crate::kb::KbError> {
-                        // Without an engine (no bot on this shard) the replica is opened here.
-                        let reader = match engine_reader {
-                            Some(reader) => reader,
-                            None => crate::kb::KbReplica::open_shared(
-                                &dir,
-                                id,
-                                crate::kb::DEFAULT_MAP_SIZE,
-                            )?
-                            .reader(),
-                        };
+                    let listed = || -> Result<ApiResponse, KbError> {
+                        let reader = replica.reader()?;
                         let view = reader.read()?;
                         let version = view.version()?;
                         let entries = view.entries()?;
@@ -219,23 +212,104 @@ async fn answer_admin(
             };
             let config = shard.config();
             let shards = shard.shard_count;
-            let (done, result) = futures_channel::oneshot::channel();
-            let spawned = std::thread::Builder::new()
-                .name("kb-import".into())
-                .spawn(move || {
-                    let _slot = slot;
-                    let response = admin::import(&config, shards, &body, format, &by, peer);
-                    let _ = done.send(response);
-                });
-            if let Err(err) = spawned {
-                tracing::error!(error = %err, "cannot start the import thread");
-                return ApiResponse::error(500, "internal", "cannot start the import");
-            }
-            result.await.unwrap_or_else(|_| {
-                ApiResponse::error(500, "internal", "the import stopped without an answer")
+            on_own_thread("kb-import", move || {
+                let _slot = slot;
+                admin::import(&config, shards, &body, format, &by, peer)
             })
+            .await
+        }
+        AdminPlan::KbSyncState => {
+            let replica = ShardReplica::of(shard);
+            on_own_thread("kb-sync", move || sync_answer(&replica, None)).await
+        }
+        AdminPlan::KbSync { by, signature } => {
+            let replica = ShardReplica::of(shard);
+            on_own_thread("kb-sync", move || {
+                let response = sync_answer(&replica, Some(&signature));
+                tracing::info!(
+                    by = by.as_str(),
+                    status = response.status,
+                    answer_bytes = response.body.len(),
+                    "knowledge-base delta served"
+                );
+                response
+            })
+            .await
         }
     }
+}
+
+/// Runs `job` (seconds of work: an import, a snapshot's hash and diff) on a thread of its own
+/// named `name`, never on the event loop or the shard's blocking thread, and awaits its answer.
+async fn on_own_thread(
+    name: &str,
+    job: impl FnOnce() -> ApiResponse + Send + 'static,
+) -> ApiResponse {
+    let (done, result) = futures_channel::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let _ = done.send(job());
+        });
+    if let Err(err) = spawned {
+        tracing::error!(error = %err, thread = name, "cannot start a thread");
+        return ApiResponse::error(500, "internal", "cannot start the job");
+    }
+    result.await.unwrap_or_else(|_| {
+        ApiResponse::error(500, "internal", "the job stopped without an answer")
+    })
+}
+
+/// Where this shard's knowledge-base replica is: its engine's reader, or (no bot on this
+/// shard) the directory to open it from. `Send`, for the thread that reads it.
+struct ShardReplica {
+    engine_reader: Option<ReplicaReader>,
+    dir: PathBuf,
+    shard: usize,
+}
+
+impl ShardReplica {
+    fn of(shard: &Shard) -> ShardReplica {
+        ShardReplica {
+            engine_reader: shard.router.engine().map(|e| e.replica().clone()),
+            dir: shard.config().storage.dir.clone(),
+            shard: shard.id.0,
+        }
+    }
+
+    fn reader(&self) -> Result<ReplicaReader, KbError> {
+        match &self.engine_reader {
+            Some(reader) => Ok(reader.clone()),
+            None => {
+                Ok(KbReplica::open_shared(&self.dir, self.shard, kb::DEFAULT_MAP_SIZE)?.reader())
+            }
+        }
+    }
+}
+
+/// `GET|POST /api/kb/sync`: the current version's snapshot file, described, with its delta
+/// against `signature` for a POST.
+fn sync_answer(replica: &ShardReplica, signature: Option<&fast_rsync::Signature>) -> ApiResponse {
+    let described = || -> Result<ApiResponse, KbError> {
+        let reader = replica.reader()?;
+        let view = reader.read()?;
+        let Some(snapshot) = view.snapshot()? else {
+            return Ok(admin::no_knowledge_base());
+        };
+        let file = kb::encode_snapshot_view(&snapshot);
+        let info = &snapshot.info;
+        Ok(admin::sync_answer(
+            info.version,
+            &file,
+            info.entry_count,
+            info.question_count,
+            signature,
+        ))
+    };
+    described().unwrap_or_else(|err| {
+        tracing::error!(error = %err, "knowledge-base replica unreadable");
+        ApiResponse::error(500, "internal", "the knowledge base could not be read")
+    })
 }
 
 /// The answer to an API request that arrives while the shard stops (no new blocking job).
