@@ -6,36 +6,17 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{http_get, Server, BIN};
+use common::{http_get, self_signed, tls_addr, Server, BIN};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 type TlsClient = StreamOwned<ClientConnection, TcpStream>;
-
-/// Writes a self-signed pair for `host` with the binary and returns (cert, key).
-fn self_signed(dir: &Path, name: &str, host: &str) -> (PathBuf, PathBuf) {
-    let cert = dir.join(format!("{name}.pem"));
-    let key = dir.join(format!("{name}.key"));
-    let out = Command::new(BIN)
-        .args(["tls", "self-signed", "--host", host, "--cert"])
-        .arg(&cert)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .expect("run switchboard tls self-signed");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (cert, key)
-}
 
 fn tls_overlay(cert: &Path, key: &Path) -> String {
     format!(
@@ -43,23 +24,6 @@ fn tls_overlay(cert: &Path, key: &Path) -> String {
         cert.display().to_string(),
         key.display().to_string()
     )
-}
-
-/// The TLS listener's address, from the "TLS listening on" log line.
-fn tls_addr(server: &Server) -> SocketAddr {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let logs = server.logs();
-        if let Some(rest) = logs.split("TLS listening on ").nth(1) {
-            let addr: String = rest
-                .chars()
-                .take_while(|c| !c.is_whitespace() && *c != '"')
-                .collect();
-            return addr.parse().expect("TLS address");
-        }
-        assert!(Instant::now() < deadline, "no TLS listener logged:\n{logs}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn client_config(

@@ -1,5 +1,5 @@
 //! The `switchboard` command line: `serve`, `config check`, `config print`, the
-//! knowledge-base commands `kb import`, `kb export`, `kb list`, `kb eval`, the agent
+//! knowledge-base commands `kb import`, `kb export`, `kb list`, `kb eval`, `kb sync`, the agent
 //! account commands `agent add|list|disable|enable|passwd|role|unlock`, `audit verify|tail`
 //! and `tls self-signed`.
 //!
@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod audit_cli;
+mod kb_sync;
 
 use crate::auth::{self, manage, rbac::Role, Authority};
 use crate::bot::Registry;
@@ -196,6 +197,25 @@ FORMATS
   is examples/kb/starter.csv; `switchboard kb export` writes the current one as JSON.
 ";
 
+/// How delta sync works, shown by `switchboard kb sync --help`.
+const KB_SYNC_HELP: &str = "\
+PRIMARY AND REPLICA
+  There is no separate sync daemon: every `switchboard serve` answers `GET|POST /api/kb/sync`
+  on its listeners (docs/api.md), behind an admin's token. Serve the primary with `[tls]` and
+  run this command on each replica node, against the same `--config` as that node's `serve`:
+
+      switchboard kb sync --config /etc/switchboard/switchboard.toml \\
+          --from https://primary.example:8443 --token-file /etc/switchboard/primary.token \\
+          --ca-file /etc/switchboard/primary-cert.pem
+
+  The replica sends its snapshot's hash, then (when it differs) the rsync signature of its
+  snapshot; the primary answers copy and literal instructions; the replica rebuilds the
+  primary's snapshot, checks its length and BLAKE3 hash, and stores it in every shard's
+  replica as a new version. A running `serve` switches to it within a second (each shard
+  polls its replica's version).
+  A corrupted, truncated or mismatched delta changes nothing and exits 1.
+";
+
 #[derive(Subcommand)]
 enum KbCommand {
     /// Import a CSV (`text,category[,answer]`) or JSON file as a new version of every
@@ -219,6 +239,26 @@ enum KbCommand {
     List {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+    /// Bring this node's knowledge base up to date with a primary's by delta sync (the rsync
+    /// algorithm): only the changed parts of the snapshot cross the network, and the result
+    /// is verified (length, BLAKE3 hash) before it replaces the current version in every
+    /// shard's replica, while a `serve` on them goes on answering.
+    #[command(after_long_help = KB_SYNC_HELP)]
+    Sync {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The primary: any `switchboard serve` with `[tls]`, as https://HOST:PORT of its TLS
+        /// listener.
+        #[arg(long, value_name = "URL")]
+        from: String,
+        /// A file holding an admin's bearer token for the primary (from `POST /api/login`).
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+        /// PEM certificates to trust for the primary (e.g. its `tls self-signed` certificate);
+        /// default: the system's roots.
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
     },
     /// Accuracy, confusions, fallback rate and latency on a labelled CSV (`text,category`, or
     /// any file `kb import` takes), through the same engine and thresholds as the server.
@@ -639,6 +679,12 @@ fn kb_command(command: KbCommand) -> ExitCode {
         KbCommand::Import { config, file } => kb_import(config.as_deref(), &file),
         KbCommand::Export { config, output } => kb_export(config.as_deref(), output.as_deref()),
         KbCommand::List { config } => kb_list(config.as_deref()),
+        KbCommand::Sync {
+            config,
+            from,
+            token_file,
+            ca_file,
+        } => kb_sync::run(config.as_deref(), &from, &token_file, ca_file.as_deref()),
         KbCommand::Eval {
             config,
             lexical,

@@ -10,6 +10,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -360,6 +361,42 @@ pub fn kb_import(config: &std::path::Path, file: &std::path::Path) {
         "kb import failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Writes a self-signed pair for `host` with the binary and returns (cert, key).
+pub fn self_signed(dir: &Path, name: &str, host: &str) -> (PathBuf, PathBuf) {
+    let cert = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    let out = Command::new(BIN)
+        .args(["tls", "self-signed", "--host", host, "--cert"])
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .expect("run switchboard tls self-signed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// The TLS listener's address, from the "TLS listening on" log line.
+pub fn tls_addr(server: &Server) -> SocketAddr {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = server.logs();
+        if let Some(rest) = logs.split("TLS listening on ").nth(1) {
+            let addr: String = rest
+                .chars()
+                .take_while(|c| !c.is_whitespace() && *c != '"')
+                .collect();
+            return addr.parse().expect("TLS address");
+        }
+        assert!(Instant::now() < deadline, "no TLS listener logged:\n{logs}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Sends raw bytes as an HTTP request and returns the status and the body.
