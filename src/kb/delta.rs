@@ -271,6 +271,62 @@ mod tests {
         assert!(check_signature(good[..good.len() - 1].to_vec()).is_err());
     }
 
+    /// The issue's 1 GiB case: 1,000 edits at random offsets, each replacing, inserting or
+    /// deleting up to 1 KiB of random bytes. Prints the signature and delta sizes and times.
+    /// `cargo test --lib -- --ignored --nocapture measure_delta_on_a_1gib_snapshot`
+    #[test]
+    #[ignore = "measurement: 1 GiB in memory, tens of seconds"]
+    fn measure_delta_on_a_1gib_snapshot() {
+        use rand::{Rng, RngCore, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(14);
+        let len = 1usize << 30;
+        let mut base = vec![0u8; len];
+        rng.fill_bytes(&mut base);
+        let mut offsets: Vec<usize> = (0..1000).map(|_| rng.gen_range(0..len - 1024)).collect();
+        offsets.sort_unstable();
+        let mut target = Vec::with_capacity(len + (1 << 20));
+        let (mut at, mut edited) = (0, 0);
+        for offset in offsets {
+            let offset = offset.max(at);
+            target.extend_from_slice(&base[at..offset]);
+            let size = rng.gen_range(1..=1024);
+            let mut fresh = vec![0u8; size];
+            rng.fill_bytes(&mut fresh);
+            match rng.gen_range(0..3) {
+                0 => {
+                    target.extend_from_slice(&fresh);
+                    at = offset + size;
+                }
+                1 => {
+                    target.extend_from_slice(&fresh);
+                    at = offset;
+                }
+                _ => at = offset + size,
+            }
+            edited += size;
+        }
+        target.extend_from_slice(&base[at..]);
+        let started = std::time::Instant::now();
+        let signature_bytes = signature(&base);
+        let signed = started.elapsed();
+        let checked = check_signature(signature_bytes.clone()).unwrap();
+        let started = std::time::Instant::now();
+        let delta = delta(&checked, &target).unwrap();
+        let diffed = started.elapsed();
+        let hash = content_hash(&target);
+        let started = std::time::Instant::now();
+        let rebuilt = rebuild(&base, &delta, target.len() as u64, &hash).unwrap();
+        let applied = started.elapsed();
+        assert_eq!(rebuilt.len(), target.len());
+        println!(
+            "1 GiB base, {edited} bytes edited in 1,000 places; block {} bytes; signature {} bytes \
+             ({signed:.2?}), delta {} bytes ({diffed:.2?}), rebuild and BLAKE3 check {applied:.2?}",
+            block_size_for(len),
+            signature_bytes.len(),
+            delta.len()
+        );
+    }
+
     #[test]
     fn block_size_follows_the_square_root() {
         assert_eq!(block_size_for(0), MIN_BLOCK);
