@@ -208,12 +208,12 @@ PRIMARY AND REPLICA
           --from https://primary.example:8443 --token-file /etc/switchboard/primary.token \\
           --ca-file /etc/switchboard/primary-cert.pem
 
-  The replica sends its snapshot's hash, then (when it differs) the rsync signature of its
-  snapshot; the primary answers copy and literal instructions; the replica rebuilds the
-  primary's snapshot, checks its length and BLAKE3 hash, and stores it in every shard's
-  replica as a new version. A running `serve` switches to it within a second (each shard
-  polls its replica's version).
-  A corrupted, truncated or mismatched delta changes nothing and exits 1.
+  The replica asks for the primary's snapshot hash; when it differs from its own, it sends the
+  rsync signature of its snapshot, the primary answers copy and literal instructions, and the
+  replica rebuilds the primary's snapshot, checks its length and BLAKE3 hash, and stores it in
+  every shard's replica as a new version. A running `serve` switches to it within a second
+  (each shard polls its replica's version). A corrupted, truncated or mismatched delta
+  changes nothing and exits 1. The bytes sent and received are printed.
 ";
 
 #[derive(Subcommand)]
