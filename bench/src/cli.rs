@@ -48,6 +48,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (write e.g. 10s, 500ms, 2m)"))
 }
 
+/// A parsed `--cores` list: distinct core ids, ascending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoreList(pub Vec<usize>);
+
+pub fn parse_cores(s: &str) -> Result<CoreList, String> {
+    crate::cpu::parse_core_list(s)
+        .map(CoreList)
+        .map_err(|e| e.to_string())
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct Common {
     /// Server to load, ws://HOST:PORT, or wss://HOST:PORT over TLS (needs --tls-ca).
@@ -65,9 +75,20 @@ pub struct Common {
     /// Wire protocol: switchboard's own, the peers' plain relay, or switchboard's /ws/echo diagnostic.
     #[arg(long, value_enum, default_value = "switchboard")]
     pub protocol: Protocol,
-    /// Load-generator shards (pinned glommio executors); default: every available core.
+    /// Load-generator shards (pinned glommio executors); default: one per core of --cores, else one per
+    /// available core.
     #[arg(long)]
     pub shards: Option<usize>,
+    /// Cores the load generator runs on, as a CPU list (`1`, `0,1`, `0-3`): shard i is pinned to the
+    /// i-th of them (round-robin when --shards is larger). Leave the server the others. Default: every
+    /// available core, one shard each (unpinned when --shards is larger). Every report says which
+    /// cores the generator and the server (--pid) had.
+    #[arg(long, value_name = "LIST", value_parser = parse_cores)]
+    pub cores: Option<CoreList>,
+    /// A further process whose CPU time counts as the server's (e.g. mariadbd behind a database-backed
+    /// peer) in `server_cpu_us_per_round_trip`; repeat for several. The server itself is --pid.
+    #[arg(long = "cpu-pid", value_name = "PID")]
+    pub cpu_pids: Vec<u32>,
     /// Write every figure and the whole HDR histograms to this JSON file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -133,6 +154,10 @@ pub struct LoadShape {
     /// Agent connections with --protocol switchboard (each serves the conversations assigned to it).
     #[arg(long, default_value_t = 4)]
     pub agents: u64,
+    /// A shard's sender wakes at most once per TICK and sends every message due by then (never one
+    /// before its time). Latency is taken from each message's scheduled time, so the wait counts in it.
+    #[arg(long, default_value = "200us", value_parser = parse_duration)]
+    pub tick: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -176,6 +201,13 @@ pub struct SweepArgs {
     /// Upper bound on the number of steps.
     #[arg(long, default_value_t = 20)]
     pub max_steps: u32,
+    /// Before the sweep, run one step at this fixed rate (one that every system compared sustains) and
+    /// report its figures as `fixed_*`, among them the server's CPU time per round trip (needs --pid).
+    #[arg(long)]
+    pub fixed_rate: Option<f64>,
+    /// Measured duration of the fixed-rate step.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub fixed_duration: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

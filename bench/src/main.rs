@@ -8,6 +8,7 @@ static GLOBAL: MiMalloc = MiMalloc;
 
 mod chaos;
 mod cli;
+mod cpu;
 mod limits;
 mod net;
 mod payload;

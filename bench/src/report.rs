@@ -20,6 +20,12 @@ pub struct Report {
     pub protocol: String,
     pub started_unix: u64,
     pub shards: usize,
+    /// Cores the load generator's shards ran on (a CPU list such as `1` or `0-1`, or `unpinned`).
+    #[serde(default)]
+    pub generator_cores: Option<String>,
+    /// Cores the server (`--pid`) could run on, from /proc (`unknown` without a pid).
+    #[serde(default)]
+    pub server_cores: Option<String>,
     /// Load average before and after the run: the machine is shared, absolute figures drift.
     pub loadavg_before: Option<[f64; 3]>,
     pub loadavg_after: Option<[f64; 3]>,
@@ -97,6 +103,13 @@ impl Report {
             "== {} · {} · {} ({} protocol, {} shards)",
             self.scenario, self.label, self.target, self.protocol, self.shards
         );
+        if self.generator_cores.is_some() || self.server_cores.is_some() {
+            println!(
+                "   cores: generator {} · server {}",
+                self.generator_cores.as_deref().unwrap_or("unknown"),
+                self.server_cores.as_deref().unwrap_or("unknown")
+            );
+        }
         if let (Some(b), Some(a)) = (self.loadavg_before, self.loadavg_after) {
             println!(
                 "   load average before {:.2} / after {:.2} (1 min)",

@@ -113,23 +113,26 @@ pub fn available_cpus() -> Vec<usize> {
         .unwrap_or_default()
 }
 
-/// Runs `work(shard)` on `n` glommio executors, shard `i` pinned to the i-th available CPU (unpinned when
-/// there are more shards than CPUs). While they run, `monitor` is called on the calling thread every 100 ms
-/// (for progress bars) until all shards have finished. Returns the shard results in shard order.
-pub fn run_shards<T, F, Fut>(n: usize, work: F, mut monitor: impl FnMut()) -> Result<Vec<T>, String>
+/// Runs `work(shard)` on `n` glommio executors, shard `i` pinned to `cores[i % cores.len()]` (unpinned
+/// when `cores` is empty). While they run, `monitor` is called on the calling thread every 100 ms (for
+/// progress bars) until all shards have finished. Returns the shard results in shard order.
+pub fn run_shards<T, F, Fut>(
+    n: usize,
+    cores: &[usize],
+    work: F,
+    mut monitor: impl FnMut(),
+) -> Result<Vec<T>, String>
 where
     T: Send + 'static,
     F: Fn(usize) -> Fut + Send + Sync + Clone + 'static,
     Fut: Future<Output = T> + 'static,
 {
-    let cpus = available_cpus();
     let finished = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::with_capacity(n);
     for shard in 0..n {
-        let placement = if n <= cpus.len() {
-            Placement::Fixed(cpus[shard])
-        } else {
-            Placement::Unbound
+        let placement = match cores.len() {
+            0 => Placement::Unbound,
+            k => Placement::Fixed(cores[shard % k]),
         };
         let work = work.clone();
         let finished = finished.clone();

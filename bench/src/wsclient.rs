@@ -108,6 +108,9 @@ struct Shared {
     half: Option<WriteHalf<ClientStream>>,
     /// Set once a write failed; every later write fails too.
     broken: bool,
+    /// The buffer a flush writes from, kept between flushes: `out` and `spare` swap, so that frames
+    /// queued during a write go to the other one and no flush allocates.
+    spare: Vec<u8>,
 }
 
 /// Writing side of a session; cheap to clone.
@@ -199,6 +202,7 @@ async fn handshake(
         out: Vec::new(),
         half: Some(write_half),
         broken: false,
+        spare: Vec::new(),
     }));
     Ok((
         WsReader {
@@ -280,12 +284,13 @@ async fn flush(shared: &Rc<RefCell<Shared>>) -> Result<(), WsError> {
             }
         }
     };
-    let mut chunk = Vec::new();
+    let mut chunk = std::mem::take(&mut shared.borrow_mut().spare);
     loop {
         {
             let mut s = shared.borrow_mut();
             if s.out.is_empty() {
                 s.half = Some(half);
+                s.spare = chunk;
                 guard.finished = true;
                 return Ok(());
             }

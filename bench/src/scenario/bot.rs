@@ -169,7 +169,7 @@ pub fn run(args: &BotArgs) -> Result<Report, String> {
             ));
         }
     };
-    let results = run_shards(ctx.shards, work, monitor)?;
+    let results = run_shards(ctx.shards, &ctx.cores, work, monitor)?;
     let mut t = BotTotals::default();
     for r in results {
         t.visitors_up += r.visitors_up;

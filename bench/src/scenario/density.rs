@@ -113,7 +113,7 @@ pub fn run(args: &DensityArgs) -> Result<Report, String> {
             }
         }
     };
-    let results = run_shards(ctx.shards, work, monitor)?;
+    let results = run_shards(ctx.shards, &ctx.cores, work, monitor)?;
 
     let mut total = ShardResult::default();
     for r in results {

@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::cli::Common;
+use crate::cli::{Common, CoreList};
 use crate::codec::Message;
 use crate::limits;
 use crate::net::SourceAddrs;
@@ -32,6 +32,10 @@ pub struct Ctx {
     pub pid: Option<u32>,
     pub protocol: Protocol,
     pub shards: usize,
+    /// Cores the shards are pinned to (shard i on `cores[i % len]`); empty: unpinned.
+    pub cores: Vec<usize>,
+    /// The server's process and any helper whose CPU counts as the server's (`--pid`, `--cpu-pid`).
+    pub cpu_pids: Vec<u32>,
     pub label: String,
     pub endpoints: Endpoints,
     pub sources: u32,
@@ -56,7 +60,26 @@ impl Ctx {
             });
             target.tls = Some((crate::tls::client_config(ca)?, name));
         }
-        let shards = c.shards.unwrap_or_else(|| available_cpus().len().max(1));
+        let available = available_cpus();
+        let (shards, cores) = match &c.cores {
+            Some(CoreList(list)) => {
+                if !available.is_empty() {
+                    crate::cpu::check_available(list, &available)
+                        .map_err(|e| format!("--cores: {e}"))?;
+                }
+                (c.shards.unwrap_or(list.len()), list.clone())
+            }
+            None => {
+                // One shard per available core, unpinned when there are more shards than cores.
+                let shards = c.shards.unwrap_or(available.len().max(1));
+                let cores = if shards <= available.len() {
+                    available
+                } else {
+                    Vec::new()
+                };
+                (shards, cores)
+            }
+        };
         if shards == 0 {
             return Err("--shards must be at least 1".into());
         }
@@ -81,6 +104,12 @@ impl Ctx {
             pid: c.pid,
             protocol: c.protocol,
             shards,
+            cores,
+            cpu_pids: c
+                .pid
+                .into_iter()
+                .chain(c.cpu_pids.iter().copied())
+                .collect(),
             label,
             endpoints: Endpoints {
                 protocol: c.protocol,
@@ -111,6 +140,8 @@ impl Ctx {
             self.protocol.name(),
             self.shards,
         );
+        r.generator_cores = Some(self.generator_cores());
+        r.server_cores = Some(self.server_cores());
         r.notes.push(format!(
             "client source addresses: {} (127.0.0.0/8 spread; 0 = kernel default)",
             self.source_addrs(0).len()
@@ -122,6 +153,31 @@ impl Ctx {
             ));
         }
         r
+    }
+
+    /// The cores the generator's shards run on, as a CPU list, or `unpinned`.
+    pub fn generator_cores(&self) -> String {
+        if self.cores.is_empty() {
+            return "unpinned".into();
+        }
+        let used: Vec<usize> = (0..self.shards.min(self.cores.len()))
+            .map(|i| self.cores[i])
+            .collect();
+        crate::cpu::format_core_list(&used)
+    }
+
+    /// The cores the server (`--pid`) may run on, as a CPU list, or `unknown` without a pid.
+    pub fn server_cores(&self) -> String {
+        self.pid
+            .and_then(crate::cpu::process_cores)
+            .map(|c| crate::cpu::format_core_list(&c))
+            .unwrap_or_else(|| "unknown".into())
+    }
+
+    /// CPU seconds the server and its helpers have used so far; `None` without `--pid`.
+    pub fn server_cpu_seconds(&self) -> Option<f64> {
+        self.pid?;
+        crate::cpu::total_cpu_seconds(&self.cpu_pids)
     }
 
     pub fn source_addrs(&self, shard: usize) -> SourceAddrs {

@@ -1,6 +1,7 @@
 //! `relay`: conversations of one visitor and one agent (visitor only with `--protocol echo`). Visitors send
 //! probes open-loop: conversation c sends message k at `start + (c/C + k) * C/R`, whatever the server is
-//! doing, so all visitors together offer R messages/s, evenly spread. The agent replies with the same text;
+//! doing, so all visitors together offer R messages/s, evenly spread. One pacer per shard sends its
+//! visitors' messages in time order, waking at most once per `--tick` (never sending early). The agent replies with the same text;
 //! the visitor takes the latency as receive time minus the *scheduled* send time carried in the probe, so a
 //! slow server cannot hide its queueing behind a slowed-down sender (no coordinated omission).
 //!
@@ -37,6 +38,7 @@ pub struct RelayPlan {
     pub warmup: Duration,
     pub drain: Duration,
     pub agents: u64,
+    pub tick: Duration,
 }
 
 impl RelayPlan {
@@ -55,6 +57,7 @@ impl RelayPlan {
             warmup: shape.warmup,
             drain: shape.drain,
             agents: shape.agents.max(1),
+            tick: shape.tick,
         })
     }
 }
@@ -85,6 +88,16 @@ pub struct RelayTotals {
     pub send_lag: Latency,
     pub measure_start: Option<Instant>,
     pub last_measured_receive: Option<Instant>,
+    /// CPU the server (and its `--cpu-pid` helpers) used from the start of the schedule to the end of
+    /// the drain; `None` without `--pid`.
+    pub server_cpu: Option<ServerCpu>,
+}
+
+/// Server CPU time over a run's load (warm-up, measurement and drain).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServerCpu {
+    pub seconds: f64,
+    pub wall_seconds: f64,
 }
 
 impl RelayTotals {
@@ -112,6 +125,7 @@ impl RelayTotals {
         self.latency.merge(&o.latency);
         self.send_lag.merge(&o.send_lag);
         self.measure_start = self.measure_start.or(o.measure_start);
+        self.server_cpu = self.server_cpu.or(o.server_cpu);
         self.last_measured_receive = match (self.last_measured_receive, o.last_measured_receive) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -131,6 +145,14 @@ impl RelayTotals {
             }
             _ => 0.0,
         }
+    }
+
+    /// Server CPU microseconds per round trip (every first arrival of the load, warm-up included, as
+    /// the CPU window is), to 0.1 µs; `None` without `--pid` or without a reply.
+    pub fn server_cpu_us_per_round_trip(&self) -> Option<f64> {
+        let cpu = self.server_cpu?;
+        (self.received > 0)
+            .then(|| (cpu.seconds * 1e6 / self.received as f64 * 10.0).round() / 10.0)
     }
 
     /// Writes the figures into `report`.
@@ -166,6 +188,18 @@ impl RelayTotals {
         let lag = self.send_lag.summary();
         report.set("generator_lag_p99_ms", lag.p99_ms);
         report.set("generator_lag_max_ms", lag.max_ms);
+        if let Some(cpu) = self.server_cpu {
+            report.set("server_cpu_s", (cpu.seconds * 1000.0).round() / 1000.0);
+            if cpu.wall_seconds > 0.0 {
+                report.set(
+                    "server_cpu_percent",
+                    (cpu.seconds / cpu.wall_seconds * 1000.0).round() / 10.0,
+                );
+            }
+            if let Some(us) = self.server_cpu_us_per_round_trip() {
+                report.set("server_cpu_us_per_round_trip", us);
+            }
+        }
         if self.acks > 0 {
             report.set("acks", self.acks as f64);
         }
@@ -223,6 +257,7 @@ pub fn settings(ctx: &Ctx, plan: &RelayPlan) -> serde_json::Value {
         "size_bytes": plan.size, "warmup_s": plan.warmup.as_secs_f64(), "drain_s": plan.drain.as_secs_f64(),
         "agents": if ctx.protocol == Protocol::Switchboard { plan.agents } else { plan.conversations },
         "sources": ctx.sources, "echo_delay_ms": ctx.endpoints.echo_delay_ms,
+        "tick_us": plan.tick.as_micros() as u64,
     })
 }
 
@@ -242,6 +277,9 @@ pub fn execute(ctx: &Arc<Ctx>, plan: &RelayPlan, bars: &Bars) -> Result<RelayTot
         move |shard| shard_main(shard, ctx.clone(), coord.clone(), plan.clone())
     };
     let mut started: Option<Instant> = None;
+    // Server CPU seconds (and the instant) when the schedule starts and when the load is over.
+    let mut cpu_start: Option<(f64, Instant)> = None;
+    let mut cpu_end: Option<(f64, Instant)> = None;
     let monitor = || {
         let p = &coord.progress;
         if started.is_none() {
@@ -251,6 +289,7 @@ pub fn execute(ctx: &Arc<Ctx>, plan: &RelayPlan, bars: &Bars) -> Result<RelayTot
             setup_bar.finish();
             let at = Instant::now() + Duration::from_millis(50);
             started = Some(at);
+            cpu_start = ctx.server_cpu_seconds().map(|s| (s, Instant::now()));
             coord.release(Phase::SetUp, at);
         }
         if let Some(at) = started {
@@ -264,15 +303,24 @@ pub fn execute(ctx: &Arc<Ctx>, plan: &RelayPlan, bars: &Bars) -> Result<RelayTot
                 Progress::get(&p.sent),
                 Progress::get(&p.received)
             ));
-            if coord.all_arrived(Phase::Loaded) {
+            if coord.all_arrived(Phase::Loaded) && !coord.is_released(Phase::Loaded) {
+                // Sampled before the shards close their sessions: the closes are not round trips.
+                cpu_end = ctx.server_cpu_seconds().map(|s| (s, Instant::now()));
+                coord.release(Phase::Loaded, Instant::now());
                 run_bar.finish();
             }
         }
     };
-    let results = run_shards(ctx.shards, work, monitor)?;
+    let results = run_shards(ctx.shards, &ctx.cores, work, monitor)?;
     let mut totals = RelayTotals::default();
     for r in results {
         totals.merge(r);
+    }
+    if let (Some((a, t0)), Some((b, t1))) = (cpu_start, cpu_end) {
+        totals.server_cpu = Some(ServerCpu {
+            seconds: (b - a).max(0.0),
+            wall_seconds: t1.saturating_duration_since(t0).as_secs_f64(),
+        });
     }
     Ok(totals)
 }
@@ -421,7 +469,7 @@ async fn shard_main(
     state.totals.borrow_mut().measure_start = Some(measure_start);
 
     let interval = plan.conversations as f64 / plan.rate;
-    let mut senders = Vec::with_capacity(visitors.len());
+    let mut lanes = Vec::with_capacity(visitors.len());
     for v in visitors {
         writers.push(v.writer.clone());
         tasks.push(glommio::spawn_local(receiver(
@@ -434,25 +482,22 @@ async fn shard_main(
             measure_start,
             end,
         )));
-        let offset = interval * (v.conv as f64 / plan.conversations as f64);
-        senders.push(glommio::spawn_local(sender(
-            ctx.protocol,
-            v.writer,
-            v.conv,
-            v.local,
-            state.clone(),
-            coord.clone(),
-            start,
-            offset,
-            interval,
-            measure_start,
-            end,
-            plan.size,
-        )));
+        lanes.push(Lane {
+            writer: v.writer,
+            conv: v.conv,
+            local: v.local,
+            offset: interval * (v.conv as f64 / plan.conversations as f64),
+            open: true,
+        });
     }
-    for s in senders {
-        s.await;
-    }
+    let schedule = Schedule {
+        start,
+        interval,
+        measure_start,
+        end,
+        tick: plan.tick,
+    };
+    pacer(ctx.protocol, lanes, &state, &coord, &schedule, plan.size).await;
     // Drain: wait for outstanding replies, bounded.
     let drain_deadline = Instant::now().max(end) + plan.drain;
     loop {
@@ -466,6 +511,10 @@ async fn shard_main(
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
     coord.arrive(Phase::Loaded);
+    // The main thread samples the server's CPU time, then lets the shards close their sessions.
+    let _ = coord
+        .wait_release(Phase::Loaded, Duration::from_secs(10))
+        .await;
     state.closing.set(true);
     close_conversations(&sb_agents).await;
     let stuck = close_all(&writers, tasks, Duration::from_secs(5)).await;
@@ -547,61 +596,102 @@ async fn set_up_conversation(
     Ok(((reader, writer), agent))
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn sender(
-    protocol: Protocol,
+/// One visitor in the shard's send schedule: its conversation sends message k at
+/// `start + offset + k * interval`.
+struct Lane {
     writer: WsWriter,
     conv: u64,
     local: usize,
-    state: Rc<ShardState>,
-    coord: Arc<Coordinator>,
-    start: Instant,
     offset: f64,
+    /// False once a send failed: the lane sends no more.
+    open: bool,
+}
+
+/// The times of a relay run's schedule.
+struct Schedule {
+    start: Instant,
     interval: f64,
     measure_start: Instant,
     end: Instant,
+    tick: Duration,
+}
+
+/// The shard's one sender: walks the schedule of all its visitors in time order and sends each message
+/// when it is due. It sleeps on one timer, waking at most once per `tick` and then sending every
+/// message due by then, so the shard's executor wakes (and enters io_uring) a few thousand times a
+/// second instead of once per message. A message is never sent before its scheduled time, and its
+/// latency is taken from that time: the wait for the tick, and any lag of the generator, count in it.
+/// A send that blocks (a server that stopped reading) holds the later sends back; that lag is in the
+/// latency too, and in the generator lag figures.
+async fn pacer(
+    protocol: Protocol,
+    mut lanes: Vec<Lane>,
+    state: &ShardState,
+    coord: &Coordinator,
+    schedule: &Schedule,
     size: usize,
 ) {
+    if lanes.is_empty() {
+        return;
+    }
+    // Within one round (same k) the lanes go in offset order; offsets are below the interval, so
+    // (k, lane) in this order is time order.
+    lanes.sort_by(|a, b| a.offset.total_cmp(&b.offset));
+    let measure_from_us = coord.micros(schedule.measure_start);
     let mut text = String::with_capacity(size.max(32));
     let mut wrapped;
-    for k in 0u64.. {
-        let sched = start + Duration::from_secs_f64(offset + k as f64 * interval);
-        if sched >= end || state.closing.get() {
+    let mut last_wake = Instant::now();
+    let (mut k, mut i) = (0u64, 0usize);
+    while !state.closing.get() {
+        let lane = &mut lanes[i];
+        let sched =
+            schedule.start + Duration::from_secs_f64(lane.offset + k as f64 * schedule.interval);
+        if sched >= schedule.end {
             break;
         }
-        sleep_until(sched).await;
-        let probe = Probe {
-            stream: conv,
-            seq: k,
-            sched_us: coord.micros(sched),
-        };
-        probe.encode_into(size, &mut text);
-        let frame = if protocol == Protocol::Switchboard {
-            wrapped = protocol::visitor_message(&format!("{conv}-{k}"), &text);
-            &wrapped
-        } else {
-            &text
-        };
-        let measured = probe.sched_us >= coord.micros(measure_start);
-        {
-            let mut t = state.totals.borrow_mut();
-            t.sent += 1;
-            if measured {
-                t.sent_measured += 1;
-                t.send_lag
-                    .record(Instant::now().saturating_duration_since(sched));
+        if sched > Instant::now() {
+            sleep_until(sched.max(last_wake + schedule.tick)).await;
+            last_wake = Instant::now();
+            continue;
+        }
+        if lane.open {
+            let probe = Probe {
+                stream: lane.conv,
+                seq: k,
+                sched_us: coord.micros(sched),
+            };
+            probe.encode_into(size, &mut text);
+            let frame = if protocol == Protocol::Switchboard {
+                wrapped = protocol::visitor_message(&format!("{}-{k}", lane.conv), &text);
+                &wrapped
+            } else {
+                &text
+            };
+            {
+                let mut t = state.totals.borrow_mut();
+                t.sent += 1;
+                if probe.sched_us >= measure_from_us {
+                    t.sent_measured += 1;
+                    t.send_lag
+                        .record(Instant::now().saturating_duration_since(sched));
+                }
+            }
+            state.sent_per_conv[lane.local].set(k + 1);
+            Progress::add(&coord.progress.sent, 1);
+            if let Err(e) = lane.writer.send_text(frame).await {
+                lane.open = false;
+                if !state.closing.get() {
+                    bump(
+                        &mut state.totals.borrow_mut().errors,
+                        format!("send: {}", e.reason()),
+                    );
+                }
             }
         }
-        state.sent_per_conv[local].set(k + 1);
-        Progress::add(&coord.progress.sent, 1);
-        if let Err(e) = writer.send_text(frame).await {
-            if !state.closing.get() {
-                bump(
-                    &mut state.totals.borrow_mut().errors,
-                    format!("send: {}", e.reason()),
-                );
-            }
-            break;
+        i += 1;
+        if i == lanes.len() {
+            i = 0;
+            k += 1;
         }
     }
 }

@@ -544,7 +544,7 @@ pub fn run(args: &SoakArgs) -> Result<Report, String> {
             }
         }
     };
-    let results = run_shards(ctx.shards, work, monitor);
+    let results = run_shards(ctx.shards, &ctx.cores, work, monitor);
     let chaos_log: Option<ChaosLog> = owned.map(|o| o.chaos.finish());
     let results = results?;
     run_bar.finish();

@@ -50,6 +50,81 @@ pub fn verdict(t: &RelayTotals, plan: &RelayPlan, p99_limit: Duration) -> Option
     None
 }
 
+/// What the fixed-rate step adds to a sweep report.
+struct FixedStep {
+    /// `fixed_*` figures, in report order.
+    figures: Vec<(String, f64)>,
+    /// Why the step failed, if it did.
+    note: Option<String>,
+}
+
+/// The step at `--fixed-rate` before the sweep: its figures, named `fixed_*`, and a note if the step
+/// failed. The report lists them right after the highest rate, so that the server's CPU time per round
+/// trip at a rate every system sustains stands next to it.
+fn fixed_step(
+    ctx: &Ctx,
+    base: &RelayPlan,
+    rate: f64,
+    args: &SweepArgs,
+    bars: &Bars,
+) -> Result<FixedStep, String> {
+    let plan = RelayPlan {
+        rate,
+        duration: args.fixed_duration,
+        ..base.clone()
+    };
+    let fixed_ctx = Arc::new(ctx.with_new_run_id(0));
+    let totals = relay::execute(&fixed_ctx, &plan, bars)?;
+    let v = verdict(&totals, &plan, args.p99_limit);
+    let mut figures = Report::default();
+    totals.fill(&plan, &mut figures);
+    let mut fixed = vec![("fixed_rate_per_s".to_string(), rate)];
+    for name in [
+        "throughput_per_s",
+        "p50_ms",
+        "p99_ms",
+        "lost",
+        "server_cpu_us_per_round_trip",
+        "server_cpu_percent",
+    ] {
+        if let Some(value) = figures.get(name) {
+            fixed.push((format!("fixed_{name}"), value));
+        }
+    }
+    fixed.push(("fixed_passed".into(), if v.is_none() { 1.0 } else { 0.0 }));
+    let cpu = figures
+        .get("server_cpu_us_per_round_trip")
+        .map(|us| format!("  server CPU {us:.1} µs/round trip"))
+        .unwrap_or_default();
+    bars.println(&format!(
+        "fixed   : {:>9.0}/s  throughput {:>9.0}/s  p50 {:>8.2} ms  p99 {:>8.2} ms  lost {:>6}{cpu}  {}",
+        rate,
+        totals.throughput(&plan),
+        figures.get("p50_ms").unwrap_or(0.0),
+        figures.get("p99_ms").unwrap_or(0.0),
+        totals.lost,
+        v.as_deref()
+            .map(|r| format!("FAIL: {r}"))
+            .unwrap_or_else(|| "pass".into())
+    ));
+    let note = v.map(|reason| format!("the fixed rate {rate}/s was not sustained: {reason}"));
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(FixedStep {
+        figures: fixed,
+        note,
+    })
+}
+
+/// Writes the fixed-rate step's figures and note into the report.
+fn set_fixed(report: &mut Report, fixed: &Option<FixedStep>) {
+    if let Some(step) = fixed {
+        for (name, value) in &step.figures {
+            report.set(name, *value);
+        }
+        report.notes.extend(step.note.clone());
+    }
+}
+
 pub fn run(args: &SweepArgs) -> Result<Report, String> {
     let ctx = Arc::new(Ctx::new(&args.common)?);
     if args.factor <= 1.0 {
@@ -67,6 +142,11 @@ pub fn run(args: &SweepArgs) -> Result<Report, String> {
         m.insert("factor".into(), args.factor.into());
         m.insert("refine".into(), args.refine.into());
     }
+
+    let fixed = match args.fixed_rate {
+        Some(rate) => Some(fixed_step(&ctx, &base, rate, args, &bars)?),
+        None => None,
+    };
 
     let mut best: Option<(f64, RelayTotals)> = None;
     let mut steps = 0u32;
@@ -99,6 +179,9 @@ pub fn run(args: &SweepArgs) -> Result<Report, String> {
             "errors".to_string(),
             totals.errors.values().sum::<u64>() as f64,
         );
+        if let Some(us) = totals.server_cpu_us_per_round_trip() {
+            step.insert("server_cpu_us_per_round_trip".to_string(), us);
+        }
         step.insert("passed".to_string(), if v.is_none() { 1.0 } else { 0.0 });
         report.steps.push(step);
         bars.println(&format!(
@@ -162,6 +245,7 @@ pub fn run(args: &SweepArgs) -> Result<Report, String> {
     match &best {
         Some((rate, totals)) => {
             report.set("max_sustained_rate_per_s", *rate);
+            set_fixed(&mut report, &fixed);
             let plan = RelayPlan {
                 rate: *rate,
                 ..base.clone()
@@ -170,6 +254,7 @@ pub fn run(args: &SweepArgs) -> Result<Report, String> {
         }
         None => {
             report.set("max_sustained_rate_per_s", 0.0);
+            set_fixed(&mut report, &fixed);
             report.notes.push(format!(
                 "no step passed, down to {} msg/s",
                 lowest_fail.unwrap_or(args.start_rate)
