@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Side-by-side standing of switchboard against the two peers of ../shared/peers (Go gorilla, tokio-ws):
-# builds all three, starts each in turn on loopback, runs `density` and `sweep` with the same settings
-# against each, and prints ratio tables (switchboard-bench compare) plus a latency plot.
+# Side-by-side standing of switchboard against the peers of ../shared/peers (Go gorilla, tokio-ws, and
+# the durable Go gorilla + MariaDB): builds them, starts each in turn on loopback, runs `density` and
+# `sweep` with the same settings against each, and prints ratio tables (switchboard-bench compare) plus
+# a latency plot. Before each sweep, one step at FIXED_RATE (a rate every system sustains) measures the
+# server's CPU time per round trip (utime+stime from /proc/PID/stat; mariadbd's counted with its peer),
+# shown next to the sweep's highest rate.
 #
 # Usage: bench/compare.sh            (from anywhere; settings through the environment below)
 #   SESSIONS=10000 RAMP=2000 HOLD=5s          density settings
 #   CONVERSATIONS=100 START_RATE=5000 FACTOR=1.5 STEP=5s WARMUP=1s P99=50ms REFINE=3   sweep settings
+#   FIXED_RATE=1000 FIXED_DURATION=10s         the fixed-rate step before each sweep (server CPU per round
+#                                              trip); FIXED_RATE=0 skips it. 1,000/s: the MariaDB
+#                                              peer fell behind at 1,500/s on a busy 2-core machine
+#   MARIADB_START_RATE=1000                    first sweep rate of the MariaDB peer (it saturates near
+#                                              2,000/s; starting at START_RATE only bisects down)
+#   BENCH_CORES=LIST                           pin the load generator to these cores (switchboard-bench
+#                                              --cores; default: every core, one shard each)
 #   SETTLE=10                                  seconds between starting a fresh server and its sweep
 #   SB_PROTOCOL=auto|switchboard|echo          how switchboard is relayed: auto uses the conversation
 #                                              protocol when a probe run passes, else /ws/echo (said in the table)
@@ -16,13 +26,17 @@
 #                                              switchboard-bench-agent-0.., written into switchboard's config)
 #   SWITCHBOARD_PEERS=/path/to/peers           default: ../shared/peers beside the repository
 #   OUT=dir                                    results (default: target/bench-compare/<time>)
-#   ONLY="go tokio switchboard"                systems to run, in this order
+#   ONLY="go tokio switchboard"                systems to run, in this order (go, tokio, mariadb,
+#                                              switchboard, before); mariadb is the durable peer
+#                                              go-gorilla-mariadb, its MariaDB started (and stopped at the
+#                                              end, if this run started it) with its start-mariadb.sh
 #   SB_BEFORE=/path/to/switchboard             adds a column "switchboard-before": another switchboard
 #                                              binary (e.g. a release build of an older commit), run
 #                                              with the same config, to show a change before and after
 #                                              in the same run
-# Peers listen on 127.0.0.1:9100 (go) and 127.0.0.1:9101 (tokio); switchboard on 127.0.0.1:9102,
-# switchboard-before on 127.0.0.1:9104.
+# Peers listen on 127.0.0.1:9100 (go), 127.0.0.1:9101 (tokio) and 127.0.0.1:9103 (mariadb); switchboard
+# on 127.0.0.1:9102, switchboard-before on 127.0.0.1:9104. Every report says which cores the server and
+# the load generator had.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -38,6 +52,10 @@ WARMUP="${WARMUP:-1s}"
 P99="${P99:-50ms}"
 REFINE="${REFINE:-3}"
 SETTLE="${SETTLE:-10}"
+FIXED_RATE="${FIXED_RATE:-1000}"
+FIXED_DURATION="${FIXED_DURATION:-10s}"
+MARIADB_START_RATE="${MARIADB_START_RATE:-1000}"
+BENCH_CORES="${BENCH_CORES:-}"
 SB_PROTOCOL="${SB_PROTOCOL:-auto}"
 AGENTS="${AGENTS:-4}"
 SB_BEFORE="${SB_BEFORE:-}"
@@ -49,6 +67,7 @@ fi
 OUT="${OUT:-$REPO/target/bench-compare/$(date +%Y%m%d-%H%M%S)}"
 PEER_TARGET="${PEER_TARGET:-/tmp/peer-target}"
 GO_BIN="${GO_BIN:-/tmp/peer-go}"
+GO_MARIADB_BIN="${GO_MARIADB_BIN:-/tmp/peer-go-mariadb}"
 mkdir -p "$OUT"
 
 log() { printf '\n### %s\n' "$*" >&2; }
@@ -56,6 +75,23 @@ die() { printf 'compare.sh: %s\n' "$*" >&2; exit 1; }
 wants() { [[ " $ONLY " == *" $1 "* ]]; }
 
 [ -d "$PEERS" ] || die "peers not found at $PEERS (set SWITCHBOARD_PEERS)"
+
+SERVER_PID=""
+stop_server() {
+  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+  fi
+  SERVER_PID=""
+}
+MARIADB_STARTED=""
+cleanup() {
+  stop_server
+  if [ -n "$MARIADB_STARTED" ]; then
+    "$PEERS/go-gorilla-mariadb/start-mariadb.sh" stop >&2 || true
+  fi
+}
+trap cleanup EXIT
 
 log "building switchboard and switchboard-bench (release)"
 cargo build --release --quiet --manifest-path "$REPO/Cargo.toml" -p switchboard -p switchboard-bench
@@ -71,20 +107,28 @@ if wants go; then
   fi
   (cd "$PEERS" && GO111MODULE=off GOPATH=/usr/share/gocode go build -o "$GO_BIN" ./go-gorilla)
 fi
+if wants mariadb; then
+  log "building the Go + MariaDB peer"
+  if ! command -v go >/dev/null || [ ! -d /usr/share/gocode/src/github.com/gorilla/websocket ] \
+     || [ ! -d /usr/share/gocode/src/github.com/go-sql-driver/mysql ]; then
+    [ "$(id -u)" = 0 ] || die "install golang-go golang-github-gorilla-websocket-dev golang-github-go-sql-driver-mysql-dev"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go \
+      golang-github-gorilla-websocket-dev golang-github-go-sql-driver-mysql-dev >/dev/null
+  fi
+  (cd "$PEERS" && GO111MODULE=off GOPATH=/usr/share/gocode go build -o "$GO_MARIADB_BIN" ./go-gorilla-mariadb)
+  [ "$(id -u)" = 0 ] || die "the MariaDB peer's start-mariadb.sh runs as root"
+  log "starting MariaDB for the durable peer"
+  mariadb_out="$("$PEERS/go-gorilla-mariadb/start-mariadb.sh")" || die "start-mariadb.sh failed: $mariadb_out"
+  echo "$mariadb_out" >&2
+  # Stop it at the end only if this run started it.
+  case "$mariadb_out" in started:*) MARIADB_STARTED=1 ;; *) MARIADB_STARTED="" ;; esac
+  MARIADB_PID="$(cat "${PEER_MARIADB_DIR:-/tmp/peer-mariadb}/mariadbd.pid" 2>/dev/null || true)"
+  [ -n "$MARIADB_PID" ] && kill -0 "$MARIADB_PID" 2>/dev/null || die "cannot find mariadbd's pid (for its CPU time)"
+fi
 if wants tokio; then
   log "building the tokio peer"
   cargo build --release --quiet --manifest-path "$PEERS/tokio-ws/Cargo.toml" --target-dir "$PEER_TARGET"
 fi
-
-SERVER_PID=""
-stop_server() {
-  if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
-    kill "$SERVER_PID" 2>/dev/null || true
-    wait "$SERVER_PID" 2>/dev/null || true
-  fi
-  SERVER_PID=""
-}
-trap stop_server EXIT
 
 wait_port() {
   for _ in $(seq 1 100); do
@@ -98,6 +142,7 @@ start_server() { # name
   case "$1" in
     go) "$GO_BIN" -addr 127.0.0.1:9100 >"$OUT/go.log" 2>&1 & SERVER_PID=$!; PORT=9100 ;;
     tokio) "$PEER_TARGET/release/peer-tokio-ws" 127.0.0.1:9101 >"$OUT/tokio.log" 2>&1 & SERVER_PID=$!; PORT=9101 ;;
+    mariadb) "$GO_MARIADB_BIN" -addr 127.0.0.1:9103 >"$OUT/mariadb.log" 2>&1 & SERVER_PID=$!; PORT=9103 ;;
     switchboard|before)
       if [ "$1" = switchboard ]; then PORT=9102; binary="$SB"; else PORT=9104; binary="$SB_BEFORE"; fi
       rm -rf "$OUT/$1-data"
@@ -148,17 +193,20 @@ TOML
 label() {
   case "$1" in
     go) echo "go-gorilla" ;; tokio) echo "tokio-ws" ;; switchboard) echo "switchboard" ;;
+    mariadb) echo "go-gorilla-mariadb" ;;
     before) echo "switchboard-before" ;;
   esac
 }
 
+CORE_ARGS=()
+[ -n "$BENCH_CORES" ] && CORE_ARGS=(--cores "$BENCH_CORES")
 AGENT_ARGS=(--agents "$AGENTS")
 for i in $(seq 0 $((AGENTS - 1))); do AGENT_ARGS+=(--agent-token "switchboard-bench-agent-$i"); done
 
 echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); results in $OUT" >&2
 RELAY_NOTE=""
 for sys in $ONLY; do  # in the order ONLY gives
-  case "$sys" in go|tokio|switchboard|before) ;; *) die "unknown system \"$sys\" in ONLY (go, tokio, switchboard, before)" ;; esac
+  case "$sys" in go|tokio|mariadb|switchboard|before) ;; *) die "unknown system \"$sys\" in ONLY (go, tokio, mariadb, switchboard, before)" ;; esac
   name="$(label "$sys")"
   start_server "$sys"
   target="ws://127.0.0.1:$PORT"
@@ -187,7 +235,14 @@ for sys in $ONLY; do  # in the order ONLY gives
     name_relay="$name"
   fi
   log "$name: density, $SESSIONS idle sessions at $RAMP/s"
-  "$BENCH" density --target "$target" --protocol "$density_proto" --pid "$SERVER_PID" --label "$name" \
+  # mariadbd's CPU is the durable peer's too.
+  CPU_ARGS=()
+  [ "$sys" = mariadb ] && CPU_ARGS=(--cpu-pid "$MARIADB_PID")
+  start_rate="$START_RATE"
+  [ "$sys" = mariadb ] && start_rate="$MARIADB_START_RATE"
+  FIXED_ARGS=()
+  [ "$FIXED_RATE" != 0 ] && FIXED_ARGS=(--fixed-rate "$FIXED_RATE" --fixed-duration "$FIXED_DURATION")
+  "$BENCH" density --target "$target" --protocol "$density_proto" --pid "$SERVER_PID" --label "$name" "${CORE_ARGS[@]}" \
     --sessions "$SESSIONS" --ramp "$RAMP" --hold "$HOLD" --json "$OUT/density-$sys.json"
   # A fresh process for the sweep, so density leftovers do not weigh on it.
   stop_server; start_server "$sys"
@@ -197,14 +252,15 @@ for sys in $ONLY; do  # in the order ONLY gives
   sleep "$SETTLE"
   log "$name_relay: relay sweep, $CONVERSATIONS conversations, p99 <= $P99"
   "$BENCH" sweep --target "$target" --protocol "$relay_proto" "${AGENT_ARGS[@]}" --pid "$SERVER_PID" \
-    --label "$name_relay" --conversations "$CONVERSATIONS" --start-rate "$START_RATE" --factor "$FACTOR" \
+    "${CPU_ARGS[@]}" "${CORE_ARGS[@]}" "${FIXED_ARGS[@]}" \
+    --label "$name_relay" --conversations "$CONVERSATIONS" --start-rate "$start_rate" --factor "$FACTOR" \
     --step-duration "$STEP" --warmup "$WARMUP" --p99-limit "$P99" --refine "$REFINE" \
     --json "$OUT/sweep-$sys.json" --plot "$OUT/sweep-$sys.svg"
   stop_server
 done
 
 densities=(); sweeps=()
-for sys in go tokio switchboard before; do
+for sys in go tokio mariadb switchboard before; do
   [ -f "$OUT/density-$sys.json" ] && densities+=("$OUT/density-$sys.json")
   [ -f "$OUT/sweep-$sys.json" ] && sweeps+=("$OUT/sweep-$sys.json")
 done
@@ -218,6 +274,8 @@ echo
   --figure sessions_established --figure handshakes_failed --figure handshake_rate_per_s --figure handshake_p99_ms
 echo
 "$BENCH" compare "${sweeps[@]}" --figure max_sustained_rate_per_s --figure lowest_failing_rate_per_s \
-  --figure p50_ms --figure p99_ms --figure p999_ms --figure lost --plot "$OUT/relay-latency.svg"
+  --figure p50_ms --figure p99_ms --figure p999_ms --figure lost \
+  --figure fixed_rate_per_s --figure fixed_server_cpu_us_per_round_trip --figure fixed_server_cpu_percent \
+  --figure fixed_p50_ms --figure fixed_p99_ms --figure fixed_passed --plot "$OUT/relay-latency.svg"
 echo
 echo "full reports: $OUT/*.json; plots: $OUT/relay-latency.svg, $OUT/sweep-*.svg"
