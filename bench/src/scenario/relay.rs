@@ -596,6 +596,9 @@ async fn set_up_conversation(
     Ok(((reader, writer), agent))
 }
 
+/// Sends the pacer makes in a row before it lets the shard's other tasks run.
+const SENDS_PER_YIELD: usize = 8;
+
 /// One visitor in the shard's send schedule: its conversation sends message k at
 /// `start + offset + k * interval`.
 struct Lane {
@@ -642,6 +645,7 @@ async fn pacer(
     let mut wrapped;
     let mut last_wake = Instant::now();
     let (mut k, mut i) = (0u64, 0usize);
+    let mut sent_since_yield = 0;
     while !state.closing.get() {
         let lane = &mut lanes[i];
         let sched =
@@ -652,8 +656,16 @@ async fn pacer(
         if sched > Instant::now() {
             sleep_until(sched.max(last_wake + schedule.tick)).await;
             last_wake = Instant::now();
+            sent_since_yield = 0;
             continue;
         }
+        if sent_since_yield == SENDS_PER_YIELD {
+            // Behind schedule, every send completes at once: let the readers (agents echoing, visitors
+            // counting) run, or the server's queues towards them overflow while the pacer catches up.
+            futures_lite::future::yield_now().await;
+            sent_since_yield = 0;
+        }
+        sent_since_yield += 1;
         if lane.open {
             let probe = Probe {
                 stream: lane.conv,
