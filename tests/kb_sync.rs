@@ -79,7 +79,10 @@ struct Primary {
     token_file: PathBuf,
 }
 
-fn primary() -> Primary {
+/// A primary's directory before it serves: a TLS certificate, its overlay (written as its
+/// config) and `kb_after()` imported. Returns the directory, certificate, key, overlay and
+/// config path.
+fn primary_dir() -> (tempfile::TempDir, PathBuf, PathBuf, String, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key) = self_signed(dir.path(), "primary", "localhost");
     let overlay = format!(
@@ -89,6 +92,11 @@ fn primary() -> Primary {
     );
     let config = write_config(dir.path(), &overlay);
     import(&config, &kb_after());
+    (dir, cert, key, overlay, config)
+}
+
+fn primary() -> Primary {
+    let (dir, cert, key, overlay, config) = primary_dir();
     let server = Server::start_in(dir, &overlay);
     agent_add(&config, "root", "admin", PASSWORD);
     agent_add(&config, "al", "agent", PASSWORD);
@@ -301,6 +309,56 @@ fn a_replica_syncs_an_added_entry_and_answers_from_it_while_chatting() {
     assert!(number_before(&stdout, " bytes in ") < 16 * 1024, "{stdout}");
 }
 
+#[test]
+fn a_sync_only_primary_serves_the_sync_and_nothing_else() {
+    // The knowledge base imported, an admin added, then `kb serve-sync` on that directory.
+    let (dir, cert, _key, overlay, config) = primary_dir();
+    agent_add(&config, "root", "admin", PASSWORD);
+    let primary = Server::start_subcommand(Command::new(BIN), &["kb", "serve-sync"], dir, &overlay);
+    let logs = primary.logs();
+    assert!(
+        !logs.contains("primary model ready"),
+        "no model on a sync node:\n{logs}"
+    );
+    let token_file = primary.dir.path().join("root.token");
+    std::fs::write(&token_file, login(primary.addr, "root")).unwrap();
+    let tls = tls_addr(&primary);
+
+    // Chats, consoles and the rest of the API are not served.
+    for path in ["/ws/visitor?site=demo", "/api/agents", "/demo", "/admin"] {
+        let (status, body) = http_get(primary.addr, path);
+        assert_eq!(status, 404, "{path}: {body}");
+    }
+
+    // A replica syncs from it and answers from the added entry.
+    let replica = replica();
+    let out = sync(&replica, tls.port(), &token_file, &cert);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(export(&config_of(&replica)), export(&config));
+    let mut tab = visitor(&replica, "after-sync");
+    assert_eq!(ask(&mut tab, "q", AGE_QUESTION)["text"], AGE_LIMIT);
+
+    // Without a TLS listener it refuses to start.
+    let plain = tempfile::tempdir().unwrap();
+    let plain_config = write_config(plain.path(), CONFIG);
+    let out = Command::new(BIN)
+        .args(["kb", "serve-sync", "--config"])
+        .arg(&plain_config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("needs a [tls] listener"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// What the man in the middle does to one sync.
 #[derive(Clone, Copy, Debug)]
 enum Tamper {
@@ -308,6 +366,8 @@ enum Tamper {
     CorruptDelta,
     /// Cuts the delta to half its length.
     TruncateDelta,
+    /// Flips bytes in the middle of the coarse round's plan.
+    CorruptPlan,
     /// Swaps neighbouring blocks' entries in the replica's signature, so the primary's delta is
     /// computed for another base than the one the replica holds.
     MismatchedBase,
@@ -324,6 +384,7 @@ fn corrupted_truncated_and_mismatched_deltas_and_bad_tokens_change_nothing() {
     for tamper in [
         Tamper::CorruptDelta,
         Tamper::TruncateDelta,
+        Tamper::CorruptPlan,
         Tamper::MismatchedBase,
     ] {
         let proxy = TamperingProxy::start(&primary, tamper);
@@ -336,7 +397,9 @@ fn corrupted_truncated_and_mismatched_deltas_and_bad_tokens_change_nothing() {
             text(&out.stdout)
         );
         assert!(
-            stderr.contains("the delta does not apply") || stderr.contains("BLAKE3 hash"),
+            stderr.contains("the delta does not apply")
+                || stderr.contains("BLAKE3 hash")
+                || stderr.contains("rebuilt snapshot is"),
             "{tamper:?}: {stderr}"
         );
         proxy.finish();
@@ -396,6 +459,50 @@ fn corrupted_truncated_and_mismatched_deltas_and_bad_tokens_change_nothing() {
         text(&out.stderr)
     );
 
+    // The fine round straight to the API: a plan made against another file is refused with
+    // 409, regions past the file or a bad signature with 400.
+    let admin_token = std::fs::read_to_string(&primary.token_file).unwrap();
+    let post = |body: Value| {
+        let body = body.to_string();
+        let request = format!(
+            "POST /api/kb/sync HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            admin_token.trim(),
+            body.len()
+        );
+        let (status, reply) = http_raw(primary.server.addr, request.as_bytes());
+        (status, serde_json::from_str::<Value>(&reply).unwrap())
+    };
+    let engine = base64::engine::general_purpose::STANDARD;
+    let fine = engine.encode(switchboard::kb::fine_signature(b"some unused base bytes"));
+    let (status, reply) = post(json!({
+        "hash": "0".repeat(64), "fine_signature": fine, "regions": engine.encode([0u8, 10]),
+    }));
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (409, Some("kb_changed")),
+        "{reply}"
+    );
+    let request = format!(
+        "GET /api/kb/sync HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\r\n",
+        admin_token.trim()
+    );
+    let state: Value =
+        serde_json::from_str(&http_raw(primary.server.addr, request.as_bytes()).1).unwrap();
+    let hash = state["hash"].as_str().unwrap();
+    let past_the_end = engine.encode(switchboard::kb::encode_regions(&[(1 << 40, 10)]));
+    let (status, reply) =
+        post(json!({"hash": hash, "fine_signature": fine, "regions": past_the_end}));
+    assert_eq!(
+        (status, reply["error"]["code"].as_str()),
+        (400, Some("bad_signature")),
+        "{reply}"
+    );
+    let (status, reply) = post(json!({"hash": hash, "fine_signature": "%%", "regions": ""}));
+    assert_eq!(status, 400, "{reply}");
+    let (status, reply) = post(json!({"signature": fine, "hash": hash}));
+    assert_eq!(status, 400, "{reply}");
+
     // Nothing changed, and the old knowledge base keeps serving.
     assert_eq!(version_line(&config), before);
     assert_eq!(export(&config), exported);
@@ -411,10 +518,11 @@ fn corrupted_truncated_and_mismatched_deltas_and_bad_tokens_change_nothing() {
 
 /// A TLS server on loopback (the primary's certificate) that forwards each request to the
 /// primary's TLS listener and edits the request or the answer as its [`Tamper`] says. It
-/// serves the two requests of one sync, then stops.
+/// serves the requests of one sync (the state, the plan, the regions), then stops.
 struct TamperingProxy {
     port: u16,
-    thread: std::thread::JoinHandle<()>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
 }
 
 impl TamperingProxy {
@@ -445,9 +553,16 @@ impl TamperingProxy {
                 .with_no_client_auth(),
         );
         let upstream = primary.tls;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
-            for _ in 0..2 {
+            let mut served = 0;
+            loop {
                 let (tcp, _) = listener.accept().unwrap();
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    return served;
+                }
+                served += 1;
                 tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
                 let connection = rustls::ServerConnection::new(server_config.clone()).unwrap();
                 let mut downstream = rustls::StreamOwned::new(connection, tcp);
@@ -460,6 +575,7 @@ impl TamperingProxy {
                 let answer = match tamper {
                     Tamper::CorruptDelta => edit_body(&answer, corrupt_delta),
                     Tamper::TruncateDelta => edit_body(&answer, truncate_delta),
+                    Tamper::CorruptPlan => edit_body(&answer, corrupt_plan),
                     Tamper::MismatchedBase => answer,
                 };
                 downstream.write_all(&answer).unwrap();
@@ -467,11 +583,15 @@ impl TamperingProxy {
                 downstream.flush().unwrap();
             }
         });
-        TamperingProxy { port, thread }
+        TamperingProxy { port, stop, thread }
     }
 
+    /// Stops the proxy once the sync is over; it must have served the state and the plan.
     fn finish(self) {
-        self.thread.join().expect("the proxy served both requests");
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        let served = self.thread.join().expect("the proxy ran");
+        assert!(served >= 2, "the proxy served {served} requests");
     }
 }
 
@@ -551,6 +671,15 @@ fn corrupt_delta(answer: &mut Value) {
     edit_base64(answer, "delta", |delta| {
         let middle = delta.len() / 2;
         for byte in &mut delta[middle..middle + 8] {
+            *byte ^= 0x5a;
+        }
+    });
+}
+
+fn corrupt_plan(answer: &mut Value) {
+    edit_base64(answer, "plan", |plan| {
+        let (middle, end) = (plan.len() / 2, (plan.len() / 2 + 4).min(plan.len()));
+        for byte in &mut plan[middle..end] {
             *byte ^= 0x5a;
         }
     });

@@ -14,7 +14,8 @@
 //!   "questions",...}`
 //! - `GET /api/kb/sync` (`ManageKnowledgeBase`) → `{"version","length","hash",...}` of the
 //!   current version's snapshot file; `POST /api/kb/sync` `{"signature"}` (base64 of a
-//!   replica's rsync signature) → the same plus `"delta"` (base64): see `kb::delta` and
+//!   replica's rsync signature) → the same plus `"delta"` (base64), or the two-round sync's
+//!   plan and regions delta (see [`SyncBody`] and `kb::delta_plan`): see `kb::delta` and
 //!   docs/api.md
 //!
 //! Invariants:
@@ -74,10 +75,10 @@ pub enum AdminPlan {
     },
     /// The current version's snapshot file: its version, length and hash.
     KbSyncState,
-    /// The delta from the replica's snapshot (its checked signature) to the current one.
+    /// A delta, a plan or a regions delta for a replica (see [`SyncRequest`]).
     KbSync {
         by: String,
-        signature: fast_rsync::Signature,
+        request: SyncRequest,
     },
 }
 
@@ -369,22 +370,82 @@ pub fn import(
     )
 }
 
-/// `POST /api/kb/sync` body: the replica's rsync signature of its snapshot file
-/// (`kb::signature`), base64 (standard alphabet, padded).
+/// `POST /api/kb/sync` body, one of three (base64 fields: standard alphabet, padded):
+/// - `{"signature"}`: the replica's rsync signature of its snapshot file (`kb::signature`);
+///   the answer carries the one-round delta.
+/// - `{"signature","plan":true}`: the coarse round of the two-round sync (`kb::delta_plan`);
+///   the answer carries the plan.
+/// - `{"hash","fine_signature","regions"}`: the fine round, against the file of that hash.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SyncBody {
-    pub signature: String,
+    pub signature: Option<String>,
+    #[serde(default)]
+    pub plan: bool,
+    pub hash: Option<String>,
+    pub fine_signature: Option<String>,
+    pub regions: Option<String>,
 }
 
-/// The checked signature of a sync request, or a 400 `bad_signature` saying what is wrong.
-pub fn sync_signature(body: &SyncBody) -> Result<fast_rsync::Signature, ApiResponse> {
+/// A checked `POST /api/kb/sync` request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SyncRequest {
+    /// One round: the delta against the signature's base.
+    Delta(fast_rsync::Signature),
+    /// The coarse round: the plan against the signature's base.
+    Plan(fast_rsync::Signature),
+    /// The fine round: the delta of `regions` (encoded, checked against the file's length
+    /// when it is read) against the fine signature, if the file's hash is still `hash`.
+    Regions {
+        hash: String,
+        fine: fast_rsync::Signature,
+        regions: Vec<u8>,
+    },
+}
+
+/// Checks a sync request's fields, or a 400 `bad_signature` saying what is wrong.
+pub fn sync_request(body: SyncBody) -> Result<SyncRequest, ApiResponse> {
     use base64::Engine as _;
     let bad = |detail: String| ApiResponse::error(400, "bad_signature", detail);
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(body.signature.trim())
-        .map_err(|err| bad(format!("signature is not base64: {err}")))?;
-    kb::check_signature(bytes).map_err(|err| bad(err.to_string()))
+    let decode = |name: &str, text: &str| {
+        base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|err| bad(format!("{name} is not base64: {err}")))
+    };
+    match body {
+        SyncBody {
+            signature: Some(signature),
+            plan,
+            hash: None,
+            fine_signature: None,
+            regions: None,
+        } => {
+            let signature = kb::check_signature(decode("signature", &signature)?)
+                .map_err(|err| bad(err.to_string()))?;
+            Ok(if plan {
+                SyncRequest::Plan(signature)
+            } else {
+                SyncRequest::Delta(signature)
+            })
+        }
+        SyncBody {
+            signature: None,
+            plan: false,
+            hash: Some(hash),
+            fine_signature: Some(fine),
+            regions: Some(regions),
+        } => Ok(SyncRequest::Regions {
+            hash: hash.trim().to_ascii_lowercase(),
+            fine: kb::check_fine_signature(decode("fine_signature", &fine)?)
+                .map_err(|err| bad(err.to_string()))?,
+            regions: decode("regions", &regions)?,
+        }),
+        _ => Err(bad(
+            "send {\"signature\"} (one round), {\"signature\",\"plan\":true} (the coarse \
+             round) or {\"hash\",\"fine_signature\",\"regions\"} (the fine round)"
+                .into(),
+        )),
+    }
 }
 
 /// `404 no_knowledge_base`: nothing to sync from.
@@ -396,32 +457,67 @@ pub fn no_knowledge_base() -> ApiResponse {
     )
 }
 
-/// `GET /api/kb/sync` (`signature` `None`) or `POST /api/kb/sync`: the snapshot `file` of
-/// `version`, described (version, length, hash, counts) and, for a POST, its delta against
-/// the signature's base, base64. Blocking (hashing, the diff): run it off the event loop.
+/// `GET /api/kb/sync` (`request` `None`) or `POST /api/kb/sync`: the snapshot `file` of
+/// `version`, described (version, length, hash, counts) and, for a POST, what the request asks
+/// for, base64. Blocking (hashing, the diff): run it off the event loop.
 pub fn sync_answer(
     version: u64,
     file: &[u8],
     entries: u32,
     questions: u32,
-    signature: Option<&fast_rsync::Signature>,
+    request: Option<&SyncRequest>,
 ) -> ApiResponse {
     use base64::Engine as _;
+    let hash = kb::content_hash(file);
     let mut answer = json!({
         "version": version,
         "format": kb::SNAPSHOT_FORMAT,
         "length": file.len(),
-        "hash": kb::content_hash(file),
+        "hash": hash,
         "entries": entries,
         "questions": questions,
     });
-    if let Some(signature) = signature {
-        let delta = match kb::delta(signature, file) {
-            Ok(delta) => delta,
+    let base64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    match request {
+        None => {}
+        Some(SyncRequest::Delta(signature)) => match kb::delta(signature, file) {
+            Ok(delta) => {
+                answer["delta_bytes"] = json!(delta.len());
+                answer["delta"] = json!(base64(&delta));
+            }
             Err(err) => return ApiResponse::error(400, "bad_signature", err),
-        };
-        answer["delta_bytes"] = json!(delta.len());
-        answer["delta"] = json!(base64::engine::general_purpose::STANDARD.encode(&delta));
+        },
+        Some(SyncRequest::Plan(signature)) => match kb::Plan::build(signature, file) {
+            Ok(plan) => {
+                let bytes = plan.encode();
+                answer["plan_bytes"] = json!(bytes.len());
+                answer["fetch_bytes"] = json!(plan.fetched_bytes());
+                answer["plan"] = json!(base64(&bytes));
+            }
+            Err(err) => return ApiResponse::error(400, "bad_signature", err),
+        },
+        Some(SyncRequest::Regions {
+            hash: wanted,
+            fine,
+            regions,
+        }) => {
+            if *wanted != hash {
+                return ApiResponse::error(
+                    409,
+                    "kb_changed",
+                    "the knowledge base changed since the plan was made: sync again",
+                );
+            }
+            let delta = kb::decode_regions(regions, file.len() as u64)
+                .and_then(|regions| kb::regions_delta(fine, file, &regions));
+            match delta {
+                Ok(delta) => {
+                    answer["delta_bytes"] = json!(delta.len());
+                    answer["delta"] = json!(base64(&delta));
+                }
+                Err(err) => return ApiResponse::error(400, "bad_signature", err),
+            }
+        }
     }
     ApiResponse::json(200, answer)
 }

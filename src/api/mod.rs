@@ -438,7 +438,7 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 let body: admin::SyncBody = parse_body(req)?;
                 Ok(Plan::Admin(AdminPlan::KbSync {
                     by: by(&admin),
-                    signature: admin::sync_signature(&body)?,
+                    request: admin::sync_request(body)?,
                 }))
             }
             _ => Err(method_not_allowed("GET or POST")),

@@ -1,8 +1,9 @@
 //! `switchboard kb sync --from https://HOST:PORT`: the replica side of knowledge-base delta
 //! sync. It asks the primary (any `switchboard serve`, over its TLS listener, with an admin's
-//! bearer token) for its snapshot's hash; when that differs from the local one it sends the
-//! rsync signature of its own snapshot file, rebuilds the primary's file from the delta,
-//! verifies its length and BLAKE3 hash, and stores it in every shard's replica like an
+//! bearer token) for its snapshot's hash; when that differs from the local one it syncs in two
+//! rounds (`kb::delta_plan`): the coarse rsync signature of its own snapshot file gets a plan
+//! back, then a fine signature of the base blocks the plan leaves unused gets the delta of the
+//! stretches it still needs. It rebuilds the primary's file, verifies its length and BLAKE3 hash, and stores it in every shard's replica like an
 //! import, so a `serve` running on these replicas switches to it while chats go on.
 //!
 //! Invariants:
@@ -182,19 +183,18 @@ fn sync(primary: &Primary, dir: &Path, shards: usize) -> Result<Outcome, SyncErr
         });
     }
 
-    let signature = base64::engine::general_purpose::STANDARD.encode(kb::signature(&base));
-    let body = serde_json::json!({ "signature": signature }).to_string();
-    let answer = primary.exchange("POST /api/kb/sync", Some(body.as_bytes()))?;
-    let described = describe(&answer)?;
-    let delta = answer["delta"]
-        .as_str()
-        .ok_or_else(|| SyncError::BadAnswer("no \"delta\"".into()))
-        .and_then(|text| {
-            base64::engine::general_purpose::STANDARD
-                .decode(text)
-                .map_err(|err| SyncError::BadAnswer(format!("the delta is not base64: {err}")))
-        })?;
-    let file = kb::rebuild(&base, &delta, described.length, &described.hash)?;
+    // Two rounds (`kb::delta_plan`); a primary whose knowledge base changes between them
+    // answers 409 `kb_changed`, and the exchange starts again from its new file.
+    let mut attempts = 0;
+    let (file, described, delta_bytes) = loop {
+        attempts += 1;
+        match two_rounds(primary, &base) {
+            Err(SyncError::Refused { code, .. }) if code == "kb_changed" && attempts < 3 => {
+                continue
+            }
+            other => break other?,
+        }
+    };
     drop(base);
     let content = kb::decode_snapshot(&file)?;
     let stored_version = update::apply_synced(
@@ -208,9 +208,61 @@ fn sync(primary: &Primary, dir: &Path, shards: usize) -> Result<Outcome, SyncErr
         primary_version: described.version,
         stored_version,
         length: described.length,
-        delta_bytes: delta.len(),
+        delta_bytes,
         entries: content.entries.len(),
     })
+}
+
+/// The coarse round (a plan against `base`'s signature), then the fine round (the regions the
+/// plan fetches, against the fine signature of the base blocks it leaves unused). Returns the
+/// primary's file, as described, and the bytes of plan and regions delta.
+fn two_rounds(primary: &Primary, base: &[u8]) -> Result<(Vec<u8>, Described, usize), SyncError> {
+    let base64 = &base64::engine::general_purpose::STANDARD;
+    let decode = |answer: &serde_json::Value, field: &str| {
+        answer[field]
+            .as_str()
+            .ok_or_else(|| SyncError::BadAnswer(format!("no \"{field}\"")))
+            .and_then(|text| {
+                base64.decode(text).map_err(|err| {
+                    SyncError::BadAnswer(format!("the {field} is not base64: {err}"))
+                })
+            })
+    };
+    let body = serde_json::json!({ "signature": base64.encode(kb::signature(base)), "plan": true })
+        .to_string();
+    let answer = primary.exchange("POST /api/kb/sync", Some(body.as_bytes()))?;
+    let described = describe(&answer)?;
+    let plan_bytes = decode(&answer, "plan")?;
+    let plan = kb::Plan::decode(&plan_bytes, base.len() as u64, described.length)?;
+    let regions = plan.fetch_regions();
+    let unused = plan.unused_base(base, kb::block_size_for(base.len()));
+    let regions_delta = if regions.is_empty() {
+        Vec::new()
+    } else {
+        let body = serde_json::json!({
+            "hash": described.hash,
+            "fine_signature": base64.encode(kb::fine_signature(&unused)),
+            "regions": base64.encode(kb::encode_regions(&regions)),
+        })
+        .to_string();
+        let answer = primary.exchange("POST /api/kb/sync", Some(body.as_bytes()))?;
+        if describe(&answer)?.hash != described.hash {
+            return Err(SyncError::BadAnswer(
+                "the fine round answered for another file than the plan".into(),
+            ));
+        }
+        decode(&answer, "delta")?
+    };
+    let file = kb::rebuild_planned(
+        base,
+        &plan,
+        &unused,
+        &regions_delta,
+        described.length,
+        &described.hash,
+    )?;
+    let bytes = plan_bytes.len() + regions_delta.len();
+    Ok((file, described, bytes))
 }
 
 /// The snapshot file of shard 0's current version, empty before the first import. The

@@ -200,20 +200,24 @@ FORMATS
 /// How delta sync works, shown by `switchboard kb sync --help`.
 const KB_SYNC_HELP: &str = "\
 PRIMARY AND REPLICA
-  There is no separate sync daemon: every `switchboard serve` answers `GET|POST /api/kb/sync`
-  on its listeners (docs/api.md), behind an admin's token. Serve the primary with `[tls]` and
-  run this command on each replica node, against the same `--config` as that node's `serve`:
+  The primary is either a sync-only node, `switchboard kb serve-sync --config FILE` (its
+  `[tls]` listener serves sign-in and `/api/kb/sync` only, no chats and no model), or any full
+  `switchboard serve` with `[tls]`: both answer `GET|POST /api/kb/sync` (docs/api.md) behind an
+  admin's token. Run `kb sync` on each replica node, against the same `--config` as that
+  node's `serve`:
 
       switchboard kb sync --config /etc/switchboard/switchboard.toml \\
           --from https://primary.example:8443 --token-file /etc/switchboard/primary.token \\
           --ca-file /etc/switchboard/primary-cert.pem
 
-  The replica asks for the primary's snapshot hash; when it differs from its own, it sends the
-  rsync signature of its snapshot, the primary answers copy and literal instructions, and the
-  replica rebuilds the primary's snapshot, checks its length and BLAKE3 hash, and stores it in
-  every shard's replica as a new version. A running `serve` switches to it within a second
-  (each shard polls its replica's version). A corrupted, truncated or mismatched delta
-  changes nothing and exits 1. The bytes sent and received are printed.
+  The replica asks for the primary's snapshot hash; when it differs from its own, it syncs in
+  two rounds (the rsync algorithm, refined): the coarse signature of its snapshot gets a plan
+  of copies and stretches to fetch; a fine signature of only the base blocks the plan leaves
+  unused gets the delta of those stretches. The replica rebuilds the primary's snapshot,
+  checks its length and BLAKE3 hash, and stores it in every shard's replica as a new version.
+  A running `serve` switches to it within a second (each shard polls its replica's version).
+  A corrupted, truncated or mismatched plan or delta changes nothing and exits 1. The bytes
+  sent and received are printed.
 ";
 
 #[derive(Subcommand)]
@@ -259,6 +263,13 @@ enum KbCommand {
         /// default: the system's roots.
         #[arg(long, value_name = "FILE")]
         ca_file: Option<PathBuf>,
+    },
+    /// Serve this node's knowledge base to replicas (`kb sync --from`) on its `[tls]` listener,
+    /// and nothing else: no chats, no consoles, no model (`[server] role = "sync"`).
+    #[command(name = "serve-sync", after_long_help = KB_SYNC_HELP)]
+    ServeSync {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Accuracy, confusions, fallback rate and latency on a labelled CSV (`text,category`, or
     /// any file `kb import` takes), through the same engine and thresholds as the server.
@@ -333,6 +344,24 @@ pub fn run_with_registry(registry: Registry) -> ExitCode {
             }
             Err(err) => config_error(&err),
         },
+        Command::Kb {
+            command: KbCommand::ServeSync { config: path },
+        } => {
+            let mut config = match load(path.as_deref()) {
+                Ok(config) => config,
+                Err(err) => return config_error(&err),
+            };
+            if config.tls.listen.is_none() {
+                eprintln!(
+                    "switchboard: kb serve-sync needs a [tls] listener (listen, cert, key): \
+                     replicas sync over TLS only (`switchboard tls self-signed` makes a certificate)"
+                );
+                return ExitCode::from(2);
+            }
+            config.server.role = config::ServerRole::Sync;
+            config.inference.enabled = false;
+            serve(config, registry, exec_started, path, None)
+        }
         Command::Kb { command } => kb_command(command),
         Command::Audit { command } => audit_cli::run(command),
         Command::Agent { command } => agent_command(command),
@@ -685,6 +714,7 @@ fn kb_command(command: KbCommand) -> ExitCode {
             token_file,
             ca_file,
         } => kb_sync::run(config.as_deref(), &from, &token_file, ca_file.as_deref()),
+        KbCommand::ServeSync { .. } => unreachable!("run_with_registry serves it"),
         KbCommand::Eval {
             config,
             lexical,

@@ -149,6 +149,28 @@ config_section! {
         pub listen: SocketAddr = Address,
         pub backlog: u32 = Int(1, 65_535),
         pub shutdown_grace: Duration = Dur(Duration::ZERO, mins(10)),
+        /// What the listeners serve: everything, or only knowledge-base sync (`kb serve-sync`).
+        pub role: ServerRole = Choice(ServerRole::CHOICES),
+    }
+}
+
+/// `server.role`
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerRole {
+    /// Chats, the consoles, the API: a full node.
+    Chat,
+    /// A knowledge-base sync primary only: `/api/login`, `/api/refresh`, `/api/me`,
+    /// `/api/kb/sync`, the health and metrics endpoints; everything else is 404.
+    Sync,
+}
+
+impl ServerRole {
+    const CHOICES: &'static [(&'static str, ServerRole)] =
+        &[("chat", ServerRole::Chat), ("sync", ServerRole::Sync)];
+
+    /// The spelling used in TOML.
+    pub fn as_str(self) -> &'static str {
+        name_of(Self::CHOICES, self)
     }
 }
 

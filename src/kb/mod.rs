@@ -46,6 +46,7 @@
 //! 15 MB of vectors stay in the page cache of the replica's file.
 
 mod delta;
+mod delta_plan;
 mod entry;
 mod error;
 mod import;
@@ -62,6 +63,10 @@ mod tests;
 pub use delta::{
     block_size_for, check_signature, delta, rebuild, signature, DeltaError, MAX_BLOCK, MIN_BLOCK,
     STRONG_HASH_BYTES,
+};
+pub use delta_plan::{
+    check_fine_signature, decode_regions, encode_regions, fine_signature, rebuild_planned,
+    regions_delta, Plan, PlanStep,
 };
 pub use entry::{
     question_count, question_texts, ArchivedEntry, Entry, EntryProblem, MAX_ANSWER_BYTES,

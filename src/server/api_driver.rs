@@ -222,10 +222,10 @@ async fn answer_admin(
             let replica = ShardReplica::of(shard);
             on_own_thread("kb-sync", move || sync_answer(&replica, None)).await
         }
-        AdminPlan::KbSync { by, signature } => {
+        AdminPlan::KbSync { by, request } => {
             let replica = ShardReplica::of(shard);
             on_own_thread("kb-sync", move || {
-                let response = sync_answer(&replica, Some(&signature));
+                let response = sync_answer(&replica, Some(&request));
                 tracing::info!(
                     by = by.as_str(),
                     status = response.status,
@@ -287,9 +287,9 @@ impl ShardReplica {
     }
 }
 
-/// `GET|POST /api/kb/sync`: the current version's snapshot file, described, with its delta
-/// against `signature` for a POST.
-fn sync_answer(replica: &ShardReplica, signature: Option<&fast_rsync::Signature>) -> ApiResponse {
+/// `GET|POST /api/kb/sync`: the current version's snapshot file, described, with what a POST's
+/// `request` asks for.
+fn sync_answer(replica: &ShardReplica, request: Option<&admin::SyncRequest>) -> ApiResponse {
     let described = || -> Result<ApiResponse, KbError> {
         let reader = replica.reader()?;
         let view = reader.read()?;
@@ -303,7 +303,7 @@ fn sync_answer(replica: &ShardReplica, signature: Option<&fast_rsync::Signature>
             &file,
             info.entry_count,
             info.question_count,
-            signature,
+            request,
         ))
     };
     described().unwrap_or_else(|err| {

@@ -85,6 +85,12 @@ pub const MAX_STALL_MS: u64 = 300_000;
 pub fn route(head: &RequestHead, config: &Config, authority: &Authority, now: u64) -> Route {
     let query = head.query.as_deref().unwrap_or("");
     let path = head.path.as_str();
+    if config.server.role == crate::config::ServerRole::Sync && !serves_in_sync_role(path) {
+        return Route::Reject(
+            404,
+            "this node serves knowledge-base sync only ([server] role = \"sync\")",
+        );
+    }
     if path.starts_with(crate::http::API_PREFIX) {
         return Route::Api;
     }
@@ -262,6 +268,20 @@ pub fn route(head: &RequestHead, config: &Config, authority: &Authority, now: u6
     }
 }
 
+/// What a node with `[server] role = "sync"` serves: sign-in, sync, health and metrics.
+fn serves_in_sync_role(path: &str) -> bool {
+    matches!(
+        path,
+        "/api/login"
+            | "/api/refresh"
+            | "/api/me"
+            | "/api/kb/sync"
+            | "/healthz"
+            | "/readyz"
+            | "/metrics"
+    )
+}
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_BYTES
@@ -332,6 +352,34 @@ mod tests {
             plain_route("POST /debug/panic HTTP/1.1\r\nHost: x\r\n\r\n", &on),
             Route::Reject(400, _)
         ));
+    }
+
+    #[test]
+    fn a_sync_node_serves_sign_in_sync_and_health_only() {
+        let sync = config("[server]\nrole = \"sync\"\n[diagnostics]\necho = true\n");
+        let chat = config("[diagnostics]\necho = true\n");
+        let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        for path in ["/api/kb/sync", "/api/login", "/api/me"] {
+            assert_eq!(plain_route(&get(path), &sync), Route::Api, "{path}");
+        }
+        assert!(matches!(
+            plain_route(&get("/healthz"), &sync),
+            Route::Health
+        ));
+        for path in [
+            "/api/agents",
+            "/api/kb/import",
+            "/ws/echo",
+            "/ws/visitor?site=a",
+            "/",
+            "/admin",
+        ] {
+            assert!(
+                matches!(plain_route(&get(path), &sync), Route::Reject(404, _)),
+                "{path}"
+            );
+        }
+        assert_eq!(plain_route(&get("/api/agents"), &chat), Route::Api);
     }
 
     #[test]

@@ -98,10 +98,21 @@ impl Server {
 
     /// Like [`Server::start_program`] but returns as soon as the server listens, while its
     /// models may still be loading.
-    pub fn start_listening(mut program: Command, dir: tempfile::TempDir, overlay: &str) -> Server {
+    pub fn start_listening(program: Command, dir: tempfile::TempDir, overlay: &str) -> Server {
+        Self::start_subcommand(program, &["serve"], dir, overlay)
+    }
+
+    /// Like [`Server::start_listening`] with another serving subcommand (e.g. `kb serve-sync`).
+    pub fn start_subcommand(
+        mut program: Command,
+        subcommand: &[&str],
+        dir: tempfile::TempDir,
+        overlay: &str,
+    ) -> Server {
         let config_path = write_config(dir.path(), overlay);
         let mut child = program
-            .args(["serve", "--config"])
+            .args(subcommand)
+            .arg("--config")
             .arg(&config_path)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
