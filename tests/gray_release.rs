@@ -326,3 +326,61 @@ fn conversations_split_by_the_hash_stay_on_their_variant_through_a_reload_and_a_
     let fresh = new_visitor(&server, "after-restart".into());
     assert_eq!(fresh.variant, "control", "new conversations follow 100/0");
 }
+
+/// The figure for the notes: `GRAY_CONVERSATIONS` (default 10,000) real conversations over
+/// WebSocket, eight visitors at a time, on two shards at weights 90/10 (both variants echo, so
+/// the bot answers without the model's cost); prints the split `/metrics` counted and checks
+/// each share is within one percentage point of its weight. Ignored (a few minutes in a debug
+/// build): `cargo test --test gray_release -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn split_of_many_real_conversations() {
+    let total: usize = std::env::var("GRAY_CONVERSATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let config = CONFIG
+        .replace(
+            "name = \"control\"\nweight = 50",
+            "name = \"a\"\nweight = 90",
+        )
+        .replace(
+            "[\"human_transfer\", \"intent\", \"fallback\"]",
+            "[\"echo\"]",
+        )
+        .replace("name = \"echo\"\nweight = 50", "name = \"b\"\nweight = 10");
+    let server = Server::start(&config);
+    let started = Instant::now();
+    let threads = 8;
+    std::thread::scope(|scope| {
+        for thread in 0..threads {
+            let server = &server;
+            scope.spawn(move || {
+                for n in (thread..total).step_by(threads) {
+                    let id = format!("s{n}");
+                    let mut client =
+                        RawClient::connect(server.addr, &visitor_path(server, "gray", &id, None))
+                            .expect("visitor connects");
+                    client.set_read_timeout(Duration::from_secs(30));
+                    client.read_until("hello", |v| v["type"] == "hello");
+                    let text = format!("question {n}");
+                    let (_, variant) = ask(&mut client, "m1", &text);
+                    assert_eq!(variant, "echo");
+                }
+            });
+        }
+    });
+    let elapsed = started.elapsed();
+    let all = metrics_when(&server, &[]);
+    let count = |variant: &str| all[&("conversations".to_owned(), variant.to_owned())];
+    let (a, b) = (count("a"), count("b"));
+    assert_eq!(a + b, total as u64);
+    let share = |n: u64| 100.0 * n as f64 / total as f64;
+    println!(
+        "{total} conversations in {:.1} s at weights 90/10: a {a} ({:.2}%), b {b} ({:.2}%)",
+        elapsed.as_secs_f64(),
+        share(a),
+        share(b)
+    );
+    assert!((share(a) - 90.0).abs() <= 1.0 && (share(b) - 10.0).abs() <= 1.0);
+}
