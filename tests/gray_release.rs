@@ -181,6 +181,12 @@ fn conversations_split_by_the_hash_stay_on_their_variant_through_a_reload_and_a_
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    assert!(
+        server.has_logged("control (weight 50), echo (weight 50)"),
+        "{}",
+        server.logs()
+    );
+
     // A few hundred conversations, each served by the variant the hash picks for its id.
     let even = split(50.0, 50.0);
     let mut visitors: Vec<Visitor> = (0..FIRST)
@@ -243,6 +249,7 @@ fn conversations_split_by_the_hash_stay_on_their_variant_through_a_reload_and_a_
         "{}",
         server.logs()
     );
+    assert!(server.has_logged("control (weight 0), echo (weight 50)"));
     std::thread::sleep(Duration::from_millis(600));
 
     // Conversations already assigned keep their variant, control included.

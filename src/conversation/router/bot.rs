@@ -75,6 +75,25 @@ impl VariantChains {
     }
 }
 
+/// Logs the gray-release variants in force, once per process (shard 0 calls it at start and
+/// at each reload); nothing without `[[bot.variants]]`.
+pub(super) fn log_variants(shard: usize, config: &Config) {
+    if shard != 0 || config.bot.variants.is_empty() {
+        return;
+    }
+    let variants: Vec<String> = config
+        .bot
+        .effective_variants()
+        .iter()
+        .map(|variant| format!("{} (weight {})", variant.name, variant.weight))
+        .collect();
+    tracing::info!(
+        variants = %variants.join(", "),
+        "gray release: new conversations are split between these variants by weight; a \
+         conversation keeps the variant it has"
+    );
+}
+
 impl Bot {
     /// The guard chain (risk control, from `[bot] handlers`) and each variant's answer chain,
     /// in order, with its thresholds.
@@ -135,6 +154,7 @@ impl Bot {
         metrics: &Metrics,
     ) -> Result<Option<Bot>, RouterError> {
         let (guards, variants) = Bot::chains(config, registry, metrics)?;
+        log_variants(shard, config);
         let engine = if config.inference.enabled && !variants.is_empty() {
             let started = std::time::Instant::now();
             let mut settings = EngineSettings::from_config(config);

@@ -371,6 +371,7 @@ impl Router {
                 Ok((guards, variants)) => {
                     *bot.guards.borrow_mut() = guards;
                     *bot.variants.borrow_mut() = variants;
+                    bot::log_variants(self.shard, &config);
                 }
                 Err(err) => tracing::error!(
                     shard = self.shard,
