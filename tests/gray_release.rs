@@ -32,9 +32,16 @@ enabled = true
 [shards]
 cores = [0, 1]
 
+# Hundreds of visitors from one address, as fast as the test can go, on a machine that may be
+# busy: no per-IP or per-site rate, no load shedding (a refusal would not be the split's fault).
 [limits]
 connections_per_ip = 0
 bot_queries_per_site = 0
+admit_latency_budget = "0s"
+shed_lag = "0s"
+refuse_lag = "0s"
+shed_queue = 0
+refuse_queue = 0
 
 [bot]
 failed_turns_before_handoff = 10

@@ -105,7 +105,6 @@ impl Bot {
         let build = |names: &[&str], bot: &crate::config::BotConfig| {
             let specs: Vec<HandlerSpec<'_>> = names.iter().map(|n| HandlerSpec::new(n)).collect();
             Chain::from_specs(registry, &specs, bot, &config.risk_control)
-                .map_err(|err| RouterError::Bot(err.to_string()))
         };
         let guard_names: Vec<&str> = config
             .bot
@@ -114,17 +113,21 @@ impl Bot {
             .map(|h| h.as_str())
             .filter(|name| *name == "risk_control")
             .collect();
-        let guards = build(&guard_names, &config.bot)?;
+        let guards =
+            build(&guard_names, &config.bot).map_err(|err| RouterError::Bot(err.to_string()))?;
         let variants = config.bot.effective_variants();
         let mut chains = Vec::with_capacity(variants.len());
         let mut slots = Vec::with_capacity(variants.len());
         for variant in &variants {
             let names: Vec<&str> = variant.answer_handlers.iter().map(|h| h.as_str()).collect();
-            chains.push(
-                build(&names, &variant.bot).map_err(|err| {
-                    RouterError::Bot(format!("variant \"{}\": {err}", variant.name))
-                })?,
-            );
+            let chain = build(&names, &variant.bot).map_err(|err| {
+                RouterError::Bot(if config.bot.variants.is_empty() {
+                    err.to_string()
+                } else {
+                    format!("variant \"{}\": {err}", variant.name)
+                })
+            })?;
+            chains.push(chain);
             let slot = metrics.variant_slot(&variant.name);
             if slot.is_none() {
                 tracing::warn!(
