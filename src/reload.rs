@@ -5,7 +5,8 @@
 //! - An invalid file changes nothing: the error (`FILE:LINE: key ...`) is logged and the
 //!   configuration in force stays.
 //! - Changed keys that can change live ([`is_live_key`]: the `[limits]` rate limits, bounds and
-//!   blocklist, `[risk_control]`, the bot's thresholds and handler order) are applied together:
+//!   blocklist, `[risk_control]`, the bot's thresholds, handler order and gray-release variants
+//!   (weights, handlers, thresholds: `[[bot.variants]]`)) are applied together:
 //!   the new configuration is published in [`LiveConfig`] and every shard picks it up within
 //!   [`SHARD_POLL`], rebuilding what it derived from those keys (see `server::Shard::apply_config`).
 //! - Changed keys that need a restart are named in the log and not applied, so the configuration
@@ -26,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::{self, BotHandler, Config, ConfigError, LimitsConfig};
+use crate::config::{self, Config, ConfigError, LimitsConfig};
 
 /// How often each shard checks for a reloaded configuration.
 pub const SHARD_POLL: Duration = Duration::from_millis(200);
@@ -78,6 +79,7 @@ pub fn is_live_key(key: &str) -> bool {
                 | "bot.margin_threshold"
                 | "bot.failed_turns_before_handoff"
                 | "bot.handlers"
+                | "bot.variants"
         )
 }
 
@@ -91,8 +93,10 @@ pub struct ReloadPlan {
 }
 
 /// Compares `new` with `current`: live keys are taken from `new`, every other key stays as in
-/// `current`. `bot.handlers` is live only while the bot keeps (or keeps lacking) answer handlers,
-/// since the intent engine is loaded at start only when there are some.
+/// `current`. `bot.handlers` and `bot.variants` are live only while the bot keeps (or keeps
+/// lacking) answer handlers in some variant, since the intent engine is loaded at start only when
+/// there are some. A variant list change moves no conversation: each keeps the variant stored
+/// with it (`bot::gray`).
 pub fn plan(current: &Config, new: &Config) -> ReloadPlan {
     let before = flatten(&current.to_toml());
     let after = flatten(&new.to_toml());
@@ -109,17 +113,12 @@ pub fn plan(current: &Config, new: &Config) -> ReloadPlan {
     );
     changed.sort();
     changed.dedup();
-    let answers = |config: &Config| {
-        config
-            .bot
-            .handlers
-            .iter()
-            .any(|handler| *handler != BotHandler::RiskControl)
-    };
-    let handlers_live = answers(current) == answers(new);
-    let (applied, needs_restart): (Vec<String>, Vec<String>) = changed
-        .into_iter()
-        .partition(|key| is_live_key(key) && (key != "bot.handlers" || handlers_live));
+    let handlers_live = current.bot.has_answer_handlers() == new.bot.has_answer_handlers();
+    let (applied, needs_restart): (Vec<String>, Vec<String>) =
+        changed.into_iter().partition(|key| {
+            is_live_key(key)
+                && (!matches!(key.as_str(), "bot.handlers" | "bot.variants") || handlers_live)
+        });
     let mut config = current.clone();
     if applied.iter().any(|key| key.starts_with("limits.")) {
         config.limits = LimitsConfig {
@@ -141,6 +140,7 @@ pub fn plan(current: &Config, new: &Config) -> ReloadPlan {
                 config.bot.failed_turns_before_handoff = new.bot.failed_turns_before_handoff
             }
             "bot.handlers" => config.bot.handlers = new.bot.handlers.clone(),
+            "bot.variants" => config.bot.variants = new.bot.variants.clone(),
             _ => {}
         }
     }
@@ -316,6 +316,33 @@ mod tests {
         let plan = super::plan(&current, &guards_only);
         assert_eq!(plan.needs_restart, ["bot.handlers"]);
         assert_eq!(plan.config.bot.handlers, current.bot.handlers);
+    }
+
+    #[test]
+    fn gray_release_variants_change_live() {
+        let current = config("");
+        let split = config(
+            "[[bot.variants]]\nname = \"a\"\nweight = 90\n\
+             [[bot.variants]]\nname = \"b\"\nweight = 10\nhandlers = [\"echo\"]\n",
+        );
+        let plan = plan(&current, &split);
+        assert_eq!(plan.applied, ["bot.variants"]);
+        assert!(plan.needs_restart.is_empty());
+        assert_eq!(plan.config.bot.variants, split.bot.variants);
+        let reweighted = config(
+            "[[bot.variants]]\nname = \"a\"\nweight = 0\n\
+             [[bot.variants]]\nname = \"b\"\nweight = 10\nhandlers = [\"echo\"]\n",
+        );
+        let again = super::plan(&plan.config, &reweighted);
+        assert_eq!(again.applied, ["bot.variants"]);
+        assert_eq!(again.config.bot.variants[0].weight, 0.0);
+        // Variants whose chains have no answer handler would leave the engine unloaded.
+        let guards_only = config(
+            "[bot]\nhandlers = [\"risk_control\"]\n\
+             [[bot.variants]]\nname = \"a\"\nweight = 1\n",
+        );
+        let plan = super::plan(&current, &guards_only);
+        assert_eq!(plan.needs_restart, ["bot.handlers", "bot.variants"]);
     }
 
     #[test]

@@ -339,6 +339,54 @@ fn an_import_shows_its_progress_and_a_companion_model_joins_the_vectors() {
     );
 }
 
+/// With `[[bot.variants]]`, `kb eval` ends with a line per variant: its handlers and thresholds
+/// applied to the same recognitions, so a stricter margin answers less and an echo chain answers
+/// everything, never with the right intent.
+#[test]
+fn kb_eval_reports_every_gray_release_variant() {
+    let site = Site::new();
+    let csv = site.write("small.csv", SMALL_CSV);
+    site.kb_ok(&["import", csv.to_str().unwrap()]);
+    let queries = site.write(
+        "queries.csv",
+        "text,category\nmy card has not arrived yet,card_arrival\nhow can I change my pin,change_pin\n\
+         what's the weather like on mars tomorrow?,(none)\n",
+    );
+    let plain = site.kb_ok(&["eval", queries.to_str().unwrap()]);
+    assert!(!plain.contains("gray-release variants"), "{plain}");
+    let base = std::fs::read_to_string(&site.config).unwrap();
+    let variants = "\n[bot]\nconfidence_threshold = 0.4\n\
+        [[bot.variants]]\nname = \"control\"\nweight = 80\n\
+        [[bot.variants]]\nname = \"strict\"\nweight = 10\nmargin_threshold = 1.0\n\
+        [[bot.variants]]\nname = \"echo\"\nweight = 10\nhandlers = [\"echo\"]\n";
+    std::fs::write(&site.config, format!("{base}{variants}")).unwrap();
+    let report = site.kb_ok(&["eval", queries.to_str().unwrap()]);
+    let row = |name: &str| -> Vec<String> {
+        report
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{report}"))
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    };
+    // variant, share, answered, right of answered, accuracy, fallbacks, handoffs, off-topic
+    assert_eq!(
+        row("control")[1..6],
+        ["80.0%", "100.00%", "100.00%", "100.00%", "0"]
+    );
+    assert_eq!(
+        row("strict")[1..6],
+        ["10.0%", "0.00%", "0.00%", "0.00%", "2"]
+    );
+    assert_eq!(row("echo")[1..5], ["10.0%", "100.00%", "0.00%", "0.00%"]);
+    assert_eq!(
+        row("echo")[7..],
+        ["0", "of", "1"],
+        "echo answers off-topic too"
+    );
+}
+
 /// The BANKING77 hold-out rows of `intents` as a `kb eval` CSV.
 fn holdout_of(intents: &[&str]) -> String {
     let source = std::fs::read_to_string(data("holdout.csv")).expect("the committed hold-out");

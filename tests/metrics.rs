@@ -60,6 +60,10 @@ const REQUIRED: &[(&str, &str)] = &[
     ("switchboard_commit_latency_seconds", "histogram"),
     ("switchboard_commit_batch_size", "histogram"),
     ("switchboard_store_commits", "counter"),
+    ("switchboard_bot_variant_conversations", "counter"),
+    ("switchboard_bot_variant_answers", "counter"),
+    ("switchboard_bot_variant_fallbacks", "counter"),
+    ("switchboard_bot_variant_handoffs", "counter"),
     ("switchboard_resident_bytes", "gauge"),
 ];
 
@@ -143,6 +147,10 @@ fn a_scrape_after_real_traffic_parses_and_adds_up() {
     let value = |name: &str, labels: &[(&str, &str)]| single(&scrape, name, labels);
     assert!(value("switchboard_messages_received", &[("shard", "all")]) >= 7.0);
     assert!(value("switchboard_messages_sent", &[("shard", "all")]) >= 7.0);
+    // Without [[bot.variants]] every conversation the bot answers is the default variant's.
+    let default_variant = [("shard", "all"), ("variant", "default")];
+    assert!(value("switchboard_bot_variant_conversations", &default_variant) >= 1.0);
+    assert!(value("switchboard_bot_variant_answers", &default_variant) >= 1.0);
     for kind in ["visitor", "agent", "echo"] {
         let open = value(
             "switchboard_sessions_by_kind",
@@ -331,22 +339,37 @@ fn check_exposition(text: &str) -> Scrape {
                 {
                     continue; // process-wide: one series, no shard label
                 }
-                let (mut summed, mut all, mut shards) = (0.0, None, 0);
+                // Per value of the other labels (e.g. `variant`): (sum of shards, all, shards).
+                let mut series: BTreeMap<String, (f64, Option<f64>, usize)> = BTreeMap::new();
                 for sample in samples {
                     let Value::Counter(value) = sample.value else {
                         panic!("{family} parsed as {:?}", sample.value);
                     };
+                    let mut others: Vec<String> = sample
+                        .labels
+                        .iter()
+                        .filter(|(key, _)| key.as_str() != "shard")
+                        .map(|(key, value)| format!("{key}={value}"))
+                        .collect();
+                    others.sort();
+                    let entry = series.entry(others.join(",")).or_default();
                     match sample.labels.get("shard") {
-                        Some("all") => all = Some(value),
+                        Some("all") => entry.1 = Some(value),
                         Some(_) => {
-                            summed += value;
-                            shards += 1;
+                            entry.0 += value;
+                            entry.2 += 1;
                         }
                         None => panic!("{family}: a series without a shard label"),
                     }
                 }
-                assert_eq!(shards, 2, "{family}: one series per shard");
-                assert_eq!(all, Some(summed), "{family}: shard=\"all\" is the sum");
+                for (others, (summed, all, shards)) in series {
+                    assert_eq!(shards, 2, "{family} {others}: one series per shard");
+                    assert_eq!(
+                        all,
+                        Some(summed),
+                        "{family} {others}: shard=\"all\" is the sum"
+                    );
+                }
             }
             _ => {}
         }

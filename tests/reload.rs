@@ -33,14 +33,6 @@ fn refused_of_three(server: &Server) -> usize {
     refused
 }
 
-fn hangup(server: &Server) {
-    let status = std::process::Command::new("kill")
-        .args(["-HUP", &server.pid().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[test]
 fn sighup_applies_live_keys_names_restart_keys_and_refuses_a_bad_file() {
     let server = Server::start("[limits]\nvisitor_messages_per_second = 0\n");

@@ -26,13 +26,15 @@
 //! - while an agent has the conversation (`ctx.agent_assigned`), only guard handlers
 //!   ([`MessageHandler::is_guard`], e.g. risk control) run: the bot stays silent.
 //!
-//! Modules: [`chain`] (registry and chain), one module per built-in handler, [`words`] (whole-word
+//! Modules: [`chain`] (registry and chain), [`gray`] (which `[[bot.variants]]` variant answers
+//! a conversation), one module per built-in handler, [`words`] (whole-word
 //! matching) and [`cards`] (card-number masking). `docs/plugins.md` shows how to add a handler.
 
 pub mod cards;
 pub mod chain;
 pub mod echo;
 pub mod fallback;
+pub mod gray;
 pub mod human_transfer;
 pub mod intent;
 pub mod later;

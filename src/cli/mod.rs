@@ -362,7 +362,7 @@ pub fn run_with_registry(registry: Registry) -> ExitCode {
             config.inference.enabled = false;
             serve(config, registry, exec_started, path, None)
         }
-        Command::Kb { command } => kb_command(command),
+        Command::Kb { command } => kb_command(command, &registry),
         Command::Audit { command } => audit_cli::run(command),
         Command::Agent { command } => agent_command(command),
         Command::Tls {
@@ -703,7 +703,7 @@ impl Failure {
     }
 }
 
-fn kb_command(command: KbCommand) -> ExitCode {
+fn kb_command(command: KbCommand, registry: &Registry) -> ExitCode {
     let result = match command {
         KbCommand::Import { config, file } => kb_import(config.as_deref(), &file),
         KbCommand::Export { config, output } => kb_export(config.as_deref(), output.as_deref()),
@@ -719,7 +719,7 @@ fn kb_command(command: KbCommand) -> ExitCode {
             config,
             lexical,
             file,
-        } => kb_eval(config.as_deref(), &file, lexical),
+        } => kb_eval(config.as_deref(), &file, lexical, registry),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -934,7 +934,12 @@ fn kb_list(config_path: Option<&Path>) -> Result<(), Failure> {
     Ok(())
 }
 
-fn kb_eval(config_path: Option<&Path>, file: &Path, lexical: bool) -> Result<(), Failure> {
+fn kb_eval(
+    config_path: Option<&Path>,
+    file: &Path,
+    lexical: bool,
+    registry: &Registry,
+) -> Result<(), Failure> {
     let (config, cores) = kb_config(config_path)?;
     let queries = eval::read_labelled(file).map_err(import_failure)?;
     let mut settings = EngineSettings::from_config(&config);
@@ -991,6 +996,10 @@ fn kb_eval(config_path: Option<&Path>, file: &Path, lexical: bool) -> Result<(),
     let escalated_before = engine.stats().escalated;
     let report = eval::evaluate(&engine, &config.bot, &queries, mode);
     print!("{report}");
+    if !config.bot.variants.is_empty() {
+        let variants = eval::evaluate_variants(&report.recognitions, &queries, &config, registry);
+        print!("{}", eval::VariantTable(&variants));
+    }
     if !lexical
         && settings
             .model

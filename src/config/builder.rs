@@ -170,6 +170,7 @@ impl Builder {
         match (section, key) {
             ("agents", "accounts") => self.apply_accounts(f).map(|()| true),
             ("visitors", "sites") => self.apply_sites(f).map(|()| true),
+            ("bot", "variants") => self.apply_variants(f).map(|()| true),
             _ => self.config.set(section, key, f),
         }
     }
@@ -265,6 +266,100 @@ impl Builder {
                 self.origins.record(&field);
             }
         }
+        Ok(())
+    }
+
+    /// `[[bot.variants]]`: the whole list, replacing the one set by an earlier layer.
+    pub(super) fn apply_variants(&mut self, variants: &Field<'_>) -> Result<(), ConfigError> {
+        const KEYS: &str = "name, weight, handlers, confidence_threshold, margin_threshold";
+        let mut parsed: Vec<BotVariant> = Vec::new();
+        for variant in variants.array_tables("an array of tables ([[bot.variants]] sections)")? {
+            let entries = variant.table(&format!("a table with {KEYS}"))?;
+            self.origins.record(&variant);
+            let mut name: Option<String> = None;
+            let mut weight: Option<f64> = None;
+            let mut handlers = None;
+            let mut confidence_threshold = None;
+            let mut margin_threshold = None;
+            for (key, item) in entries.iter() {
+                let field = variant.child(entries, key, item);
+                match key {
+                    "name" => {
+                        let text = field.text(1, 64)?;
+                        if !text
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                        {
+                            return Err(field.error(format_args!(
+                                "invalid variant name \"{text}\": use 1 to 64 characters of \
+                                 A-Z a-z 0-9 _ -"
+                            )));
+                        }
+                        if parsed.iter().any(|other| other.name == text) {
+                            return Err(field.error(format_args!(
+                                "variant \"{text}\" is listed twice; every variant needs its own name"
+                            )));
+                        }
+                        name = Some(text.to_owned());
+                    }
+                    "weight" => weight = Some(field.float_in(0.0, 1e6)?),
+                    "handlers" => {
+                        let list = field.handlers()?;
+                        if list.contains(&BotHandler::RiskControl) {
+                            return Err(field.error(
+                                "\"risk_control\" cannot be a variant's handler: it guards every \
+                                 message before it is stored, whatever the variant; list it in \
+                                 [bot] handlers",
+                            ));
+                        }
+                        handlers = Some(list);
+                    }
+                    "confidence_threshold" => {
+                        confidence_threshold = Some(field.float_in(0.0, 1.0)?)
+                    }
+                    "margin_threshold" => margin_threshold = Some(field.float_in(0.0, 1.0)?),
+                    "model" => {
+                        return Err(field.error(
+                            "a variant's own model is not supported yet: every variant answers \
+                             with [inference] model (another model needs its own knowledge-base \
+                             vectors and inference engine); remove the key",
+                        ))
+                    }
+                    _ => {
+                        return Err(field.error(format_args!(
+                            "unknown key in a variant; valid keys are: {KEYS}"
+                        )))
+                    }
+                }
+                self.origins.record(&field);
+            }
+            let name =
+                name.ok_or_else(|| variant.error("every variant needs a name (name = \"...\")"))?;
+            let weight = weight.ok_or_else(|| {
+                variant.error(format_args!(
+                    "variant \"{name}\" needs a weight (its share of new conversations)"
+                ))
+            })?;
+            parsed.push(BotVariant {
+                name,
+                weight,
+                handlers,
+                confidence_threshold,
+                margin_threshold,
+            });
+        }
+        if parsed.len() > MAX_VARIANTS {
+            return Err(variants.error(format_args!(
+                "at most {MAX_VARIANTS} variants, got {}",
+                parsed.len()
+            )));
+        }
+        if !parsed.is_empty() && parsed.iter().all(|variant| variant.weight == 0.0) {
+            return Err(variants.error(
+                "at least one variant needs a weight above 0, or no conversation has a variant",
+            ));
+        }
+        self.config.bot.variants = parsed;
         Ok(())
     }
 

@@ -400,6 +400,121 @@ config_section! {
         pub hot_cache_entries: usize = Int(0, 10_000_000),
         pub embedding_cache_entries: usize = Int(0, 10_000_000),
     }
+    tables(write_variants) {
+        /// `[[bot.variants]]`, the arms of a gray release, in the order written (empty: one
+        /// implicit variant, see [`BotConfig::effective_variants`]). Read by
+        /// `Builder::apply_variants`; an overlay's array replaces the default's whole.
+        pub variants: Vec<BotVariant>,
+    }
+}
+
+/// The most `[[bot.variants]]` a configuration may list.
+pub const MAX_VARIANTS: usize = 16;
+
+/// The name of the one variant a configuration without `[[bot.variants]]` runs.
+pub const DEFAULT_VARIANT: &str = "default";
+
+/// `[[bot.variants]]`: one arm of a gray release, as written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BotVariant {
+    /// Unique, 1..=64 characters of A-Z a-z 0-9 _ - (it is a metric label and a log field).
+    pub name: String,
+    /// Share of new conversations, relative to the other variants' weights; 0 takes none.
+    pub weight: f64,
+    /// The variant's answer handlers; `None`: those of `[bot] handlers`. Never `risk_control`
+    /// (the guard runs on every message before it is stored, whatever the variant).
+    pub handlers: Option<Vec<BotHandler>>,
+    /// Overrides `[bot] confidence_threshold` for this variant.
+    pub confidence_threshold: Option<f64>,
+    /// Overrides `[bot] margin_threshold` for this variant.
+    pub margin_threshold: Option<f64>,
+}
+
+/// A variant as it runs: its name and weight, its answer handlers, and the `[bot]` settings its
+/// handlers are built from (its own thresholds in place).
+#[derive(Clone, Debug, PartialEq)]
+pub struct EffectiveVariant {
+    pub name: String,
+    pub weight: f64,
+    /// The answer chain, in order (no `risk_control`).
+    pub answer_handlers: Vec<BotHandler>,
+    /// `[bot]` with this variant's thresholds; its `variants` list is empty.
+    pub bot: BotConfig,
+}
+
+impl BotConfig {
+    /// The variants conversations are split between: `[[bot.variants]]` in order, or, when
+    /// there are none, the one variant [`DEFAULT_VARIANT`] made of `[bot]` itself (weight 1).
+    pub fn effective_variants(&self) -> Vec<EffectiveVariant> {
+        let base = BotConfig {
+            variants: Vec::new(),
+            ..self.clone()
+        };
+        let answers_of = |handlers: &[BotHandler]| -> Vec<BotHandler> {
+            handlers
+                .iter()
+                .copied()
+                .filter(|handler| *handler != BotHandler::RiskControl)
+                .collect()
+        };
+        if self.variants.is_empty() {
+            return vec![EffectiveVariant {
+                name: DEFAULT_VARIANT.to_owned(),
+                weight: 1.0,
+                answer_handlers: answers_of(&self.handlers),
+                bot: base,
+            }];
+        }
+        self.variants
+            .iter()
+            .map(|variant| {
+                let mut bot = base.clone();
+                if let Some(confidence) = variant.confidence_threshold {
+                    bot.confidence_threshold = confidence;
+                }
+                if let Some(margin) = variant.margin_threshold {
+                    bot.margin_threshold = margin;
+                }
+                EffectiveVariant {
+                    name: variant.name.clone(),
+                    weight: variant.weight,
+                    answer_handlers: answers_of(
+                        variant.handlers.as_deref().unwrap_or(&self.handlers),
+                    ),
+                    bot,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether some variant has answer handlers (the intent engine is loaded only then).
+    pub fn has_answer_handlers(&self) -> bool {
+        self.effective_variants()
+            .iter()
+            .any(|variant| !variant.answer_handlers.is_empty())
+    }
+
+    /// Prints `variants = []`, or one `[[bot.variants]]` table per variant.
+    fn write_variants(&self, w: &mut TomlWriter) {
+        if self.variants.is_empty() {
+            w.raw("variants", "[]");
+            return;
+        }
+        for variant in &self.variants {
+            w.array_table("bot.variants");
+            w.string("name", &variant.name);
+            w.float("weight", variant.weight);
+            if let Some(handlers) = &variant.handlers {
+                w.strings("handlers", handlers.iter().map(|h| h.as_str()));
+            }
+            if let Some(confidence) = variant.confidence_threshold {
+                w.float("confidence_threshold", confidence);
+            }
+            if let Some(margin) = variant.margin_threshold {
+                w.float("margin_threshold", margin);
+            }
+        }
+    }
 }
 
 /// An entry of `bot.handlers`.

@@ -64,6 +64,8 @@ pub(super) enum Node<'a> {
     Item(&'a Item),
     /// An element of an array.
     Element(&'a Value),
+    /// A table of an array of tables (`[[section.key]]`).
+    Table(&'a toml_edit::Table),
 }
 
 pub(super) struct Field<'a> {
@@ -127,7 +129,7 @@ impl<'a> Field<'a> {
     pub(super) fn describe(&self) -> String {
         let value = match self.node {
             Node::Item(Item::Value(value)) | Node::Element(value) => value,
-            Node::Item(Item::Table(_)) => return "a table".to_owned(),
+            Node::Item(Item::Table(_)) | Node::Table(_) => return "a table".to_owned(),
             Node::Item(Item::ArrayOfTables(_)) => return "an array of tables".to_owned(),
             Node::Item(Item::None) => return "nothing".to_owned(),
         };
@@ -155,6 +157,7 @@ impl<'a> Field<'a> {
         match self.node {
             Node::Item(item) => item.as_value(),
             Node::Element(value) => Some(value),
+            Node::Table(_) => None,
         }
     }
 
@@ -162,6 +165,7 @@ impl<'a> Field<'a> {
         let table = match self.node {
             Node::Item(item) => item.as_table_like(),
             Node::Element(value) => value.as_inline_table().map(|t| t as &dyn TableLike),
+            Node::Table(table) => Some(table as &dyn TableLike),
         };
         table.ok_or_else(|| self.wrong_type(expected))
     }
@@ -182,6 +186,36 @@ impl<'a> Field<'a> {
                     .map_or(self.line, |span| line_at(self.src.text, span.start)),
                 node: Node::Element(value),
                 element: Some(index),
+            })
+            .collect())
+    }
+
+    /// The tables of an array of tables (`[[key]]` sections, or an array of inline tables), each
+    /// named `key[N]` (1-based) in messages.
+    pub(super) fn array_tables(&self, expected: &str) -> Result<Vec<Field<'a>>, ConfigError> {
+        if let Node::Item(Item::ArrayOfTables(array)) = self.node {
+            return Ok(array
+                .iter()
+                .enumerate()
+                .map(|(index, table)| Field {
+                    src: self.src,
+                    key: format!("{}[{}]", self.key, index + 1),
+                    line: table
+                        .span()
+                        .map_or(self.line, |span| line_at(self.src.text, span.start)),
+                    node: Node::Table(table),
+                    element: None,
+                })
+                .collect());
+        }
+        Ok(self
+            .elements(expected)?
+            .into_iter()
+            .enumerate()
+            .map(|(index, mut element)| {
+                element.key = format!("{}[{}]", self.key, index + 1);
+                element.element = None;
+                element
             })
             .collect())
     }

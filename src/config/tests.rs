@@ -798,3 +798,128 @@ fn error_at_points_where_the_value_came_from() {
         + 1;
     assert_eq!(e.line(), Some(line));
 }
+
+#[test]
+fn bot_variants_load_print_back_and_default_to_one_variant() {
+    let none = load_str("t.toml", "").unwrap();
+    assert!(none.bot.variants.is_empty());
+    let implicit = none.bot.effective_variants();
+    assert_eq!(implicit.len(), 1);
+    assert_eq!(implicit[0].name, DEFAULT_VARIANT);
+    assert_eq!(
+        implicit[0].answer_handlers,
+        [
+            BotHandler::HumanTransfer,
+            BotHandler::Intent,
+            BotHandler::Fallback
+        ]
+    );
+    let text = "[bot]\nconfidence_threshold = 0.4\n\
+                [[bot.variants]]\nname = \"control\"\nweight = 90\n\
+                [[bot.variants]]\nname = \"strict\"\nweight = 10\nconfidence_threshold = 0.7\n\
+                margin_threshold = 0.1\nhandlers = [\"intent\", \"fallback\"]\n";
+    let c = load_str("t.toml", text).unwrap();
+    assert_eq!(c.bot.variants.len(), 2);
+    assert_eq!(load_str("t.toml", &c.to_toml()).unwrap(), c);
+    let variants = c.bot.effective_variants();
+    assert_eq!(variants[0].bot.confidence_threshold, 0.4);
+    assert_eq!(variants[0].answer_handlers.len(), 3);
+    assert_eq!(variants[1].bot.confidence_threshold, 0.7);
+    assert_eq!(variants[1].bot.margin_threshold, 0.1);
+    assert_eq!(
+        variants[1].answer_handlers,
+        [BotHandler::Intent, BotHandler::Fallback]
+    );
+    // Inline tables are the same list.
+    let inline = "[bot]\nvariants = [{ name = \"a\", weight = 1 }, { name = \"b\", weight = 2 }]\n";
+    let c = load_str("t.toml", inline).unwrap();
+    assert_eq!(c.bot.variants[1].name, "b");
+    assert_eq!(c.bot.variants[1].weight, 2.0);
+}
+
+#[test]
+fn bad_bot_variants_are_refused_with_their_line() {
+    let head = "[[bot.variants]]\nname = \"a\"\nweight = 1\n";
+    // (text after `head`, or the whole file when it starts with "!"; line, key, message)
+    let cases: &[(&str, usize, &str, &str)] = &[
+        (
+            "[[bot.variants]]\nname = \"a\"\nweight = 1\n",
+            5,
+            "bot.variants[2].name",
+            "listed twice",
+        ),
+        (
+            "!\n[[bot.variants]]\nname = \"a b\"\nweight = 1\n",
+            2,
+            "bot.variants[1].name",
+            "invalid variant name",
+        ),
+        (
+            "!\n[[bot.variants]]\nweight = 1\n",
+            1,
+            "bot.variants[1]",
+            "needs a name",
+        ),
+        (
+            "!\n[[bot.variants]]\nname = \"a\"\n",
+            1,
+            "bot.variants[1]",
+            "needs a weight",
+        ),
+        (
+            "!\n[[bot.variants]]\nname = \"a\"\nweight = -1\n",
+            3,
+            "bot.variants[1].weight",
+            "must be between",
+        ),
+        (
+            "handlers = [\"risk_control\", \"intent\"]\n",
+            4,
+            "bot.variants[1].handlers",
+            "cannot be a variant's handler",
+        ),
+        (
+            "handlers = [\"intent\", \"intent\"]\n",
+            4,
+            "bot.variants[1].handlers",
+            "listed twice",
+        ),
+        (
+            "handlers = [\"nope\"]\n",
+            4,
+            "bot.variants[1].handlers",
+            "must be one of",
+        ),
+        (
+            "model = \"models/cache/other.onnx\"\n",
+            4,
+            "bot.variants[1].model",
+            "not supported yet",
+        ),
+        (
+            "colour = \"blue\"\n",
+            4,
+            "bot.variants[1].colour",
+            "unknown key in a variant",
+        ),
+    ];
+    for (text, line, key, message) in cases {
+        let text = match text.strip_prefix("!\n") {
+            Some(whole) => whole.to_owned(),
+            None => format!("{head}{text}"),
+        };
+        assert_invalid(&err(&text), *line, key, message);
+    }
+    let zero =
+        "[[bot.variants]]\nname = \"a\"\nweight = 0\n[[bot.variants]]\nname = \"b\"\nweight = 0\n";
+    assert!(err(zero)
+        .to_string()
+        .contains("at least one variant needs a weight above 0"));
+    let many: String = (0..=MAX_VARIANTS)
+        .map(|n| format!("[[bot.variants]]\nname = \"v{n}\"\nweight = 1\n"))
+        .collect();
+    assert!(err(&many).to_string().contains("at most 16 variants"));
+    assert!(err("[bot]\nvariants = 3\n")
+        .to_string()
+        .contains("key 'bot.variants'"));
+}

@@ -24,6 +24,15 @@ impl TomlWriter {
         self.keys.push(name.to_owned());
     }
 
+    /// An element of an array of tables: `[[name]]`; the keys that follow belong to it.
+    pub(super) fn array_table(&mut self, name: &str) {
+        if !self.out.is_empty() {
+            self.out.push('\n');
+        }
+        let _ = writeln!(self.out, "[[{name}]]");
+        self.section = name.to_owned();
+    }
+
     /// `value` must already be a TOML literal.
     pub(super) fn raw(&mut self, key: &str, value: &str) {
         let _ = writeln!(self.out, "{key} = {value}");

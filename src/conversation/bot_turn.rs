@@ -74,6 +74,9 @@ pub struct TurnCounts {
     pub cache: Option<CacheOutcome>,
     /// `bot_replies`: the bot answered.
     pub replied: bool,
+    /// The answer was a failed turn (the fallback): `bot_variant_fallbacks` rather than
+    /// `bot_variant_answers`.
+    pub fallback: bool,
     /// `bot_degraded`: the answer came from a lexical match.
     pub degraded: bool,
     /// `bot_handoffs`, and why (for the log).
@@ -227,8 +230,14 @@ impl<'a> BotTurn<'a> {
         };
         let failed_turns = verdict.next_failed_turns(self.ctx.failed_turns);
         let outcome = match verdict {
-            Verdict::Reply { text, degraded, .. } => {
+            Verdict::Reply {
+                text,
+                degraded,
+                failed,
+                ..
+            } => {
                 self.counts.replied = true;
+                self.counts.fallback = failed;
                 self.counts.degraded = degraded;
                 BotOutcome::Reply { text, failed_turns }
             }
@@ -358,6 +367,10 @@ mod tests {
     }
 
     fn fallback(failed_turns: u32, counts: TurnCounts) -> Action {
+        let counts = TurnCounts {
+            fallback: true,
+            ..counts
+        };
         reply(FALLBACK_TEXT, failed_turns, counts)
     }
 

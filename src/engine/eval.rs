@@ -15,6 +15,9 @@
 //! - A row labelled [`NO_INTENT`] (`(none)`) is an off-topic question: it is counted apart
 //!   (`off_topic`, `off_topic_fell_back`; not in `queries`, accuracy or the threshold sweep) and
 //!   is right when the bot falls back.
+//! - Gray release ([`evaluate_variants`]): each `[[bot.variants]]` variant's whole answer chain
+//!   (its handlers, its thresholds) runs on the same recognitions, so variants differ only by
+//!   what their chains do with them; a reply is right when it names the row's intent.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -22,8 +25,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::intent::{IntentEngine, IntentResult};
-use crate::bot::{BotContext, IntentAnswer, MessageHandler, Verdict};
-use crate::config::BotConfig;
+use crate::bot::{BotContext, Chain, HandlerSpec, IntentAnswer, MessageHandler, Registry, Verdict};
+use crate::config::{BotConfig, Config};
 use crate::kb;
 
 /// One labelled query.
@@ -96,6 +99,8 @@ pub struct EvalReport {
     per_intent: BTreeMap<String, IntentTally>,
     /// Per query with a match: (score, second score, top-1 right), for the threshold sweep.
     matches: Vec<(f32, f32, bool)>,
+    /// Per query, in file order: what the engine recognised (for [`evaluate_variants`]).
+    pub recognitions: Vec<Option<IntentResult>>,
 }
 
 const FALLBACK: &str = "(fallback)";
@@ -128,6 +133,7 @@ pub fn evaluate(
         margin_threshold: bot.margin_threshold,
         per_intent: BTreeMap::new(),
         matches: Vec::with_capacity(queries.len()),
+        recognitions: Vec::with_capacity(queries.len()),
     };
     let mut handler = IntentAnswer::from_config(bot);
     for query in queries {
@@ -137,6 +143,7 @@ pub fn evaluate(
             EvalMode::Lexical => engine.recognise_lexically(&query.text),
         };
         report.latencies.push(started.elapsed());
+        report.recognitions.push(result.clone());
         let off_topic = query.category == NO_INTENT;
         if off_topic {
             let answered = result.is_some_and(|result| {
@@ -377,9 +384,220 @@ impl fmt::Display for EvalReport {
     }
 }
 
+/// One gray-release variant's results ([`evaluate_variants`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantEval {
+    pub name: String,
+    /// Its share of new conversations, in percent of all weights.
+    pub share: f64,
+    /// Rows with an intent (off-topic rows apart).
+    pub queries: usize,
+    /// Replies that were not the fallback.
+    pub answered: usize,
+    /// Replies naming the row's intent.
+    pub right: usize,
+    /// Fallback turns (a failed reply, or a chain that decided nothing).
+    pub fallbacks: usize,
+    /// Hand-offs to a human.
+    pub handoffs: usize,
+    pub off_topic: usize,
+    /// Off-topic rows that did not get an answer (the fallback or a hand-off), as they should.
+    pub off_topic_unanswered: usize,
+    /// Why the variant's chain could not be built (then nothing above was counted).
+    pub error: Option<String>,
+}
+
+/// Runs every configured variant's answer chain (`[[bot.variants]]`, or the one default
+/// variant) on `recognitions` (from [`evaluate`], in the order of `queries`). A handler that
+/// would answer later (waiting for an outside service) counts as a fallback: nothing outside
+/// is asked here.
+pub fn evaluate_variants(
+    recognitions: &[Option<IntentResult>],
+    queries: &[LabelledQuery],
+    config: &Config,
+    registry: &Registry,
+) -> Vec<VariantEval> {
+    let variants = config.bot.effective_variants();
+    let total: f64 = variants.iter().map(|v| v.weight).sum();
+    variants
+        .iter()
+        .map(|variant| {
+            let mut eval = VariantEval {
+                name: variant.name.clone(),
+                share: if total > 0.0 {
+                    100.0 * variant.weight / total
+                } else {
+                    0.0
+                },
+                queries: 0,
+                answered: 0,
+                right: 0,
+                fallbacks: 0,
+                handoffs: 0,
+                off_topic: 0,
+                off_topic_unanswered: 0,
+                error: None,
+            };
+            let names: Vec<&str> = variant.answer_handlers.iter().map(|h| h.as_str()).collect();
+            let specs: Vec<HandlerSpec<'_>> = names.iter().map(|n| HandlerSpec::new(n)).collect();
+            let mut chain =
+                match Chain::from_specs(registry, &specs, &variant.bot, &config.risk_control) {
+                    Ok(chain) => chain,
+                    Err(err) => {
+                        eval.error = Some(err.to_string());
+                        return eval;
+                    }
+                };
+            for (query, recognised) in queries.iter().zip(recognitions) {
+                let mut ctx = BotContext::new(0, "eval", "eval", query.text.clone());
+                ctx.intent = recognised.clone().map(Into::into);
+                let (verdict, _) = chain.run(&mut ctx, 0);
+                let (answered, intent, handoff) = match verdict {
+                    Verdict::Reply {
+                        failed: false,
+                        intent,
+                        ..
+                    } => (true, intent, false),
+                    Verdict::Handoff { .. } => (false, None, true),
+                    _ => (false, None, false),
+                };
+                if query.category == NO_INTENT {
+                    eval.off_topic += 1;
+                    eval.off_topic_unanswered += usize::from(!answered);
+                    continue;
+                }
+                eval.queries += 1;
+                eval.answered += usize::from(answered);
+                eval.right += usize::from(answered && intent.as_deref() == Some(&query.category));
+                eval.handoffs += usize::from(handoff);
+                eval.fallbacks += usize::from(!answered && !handoff);
+            }
+            eval
+        })
+        .collect()
+}
+
+/// The per-variant table `kb eval` prints.
+pub struct VariantTable<'a>(pub &'a [VariantEval]);
+
+impl fmt::Display for VariantTable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "gray-release variants (each variant's handlers and thresholds on the same recognitions):"
+        )?;
+        let width = self
+            .0
+            .iter()
+            .map(|v| v.name.chars().count())
+            .max()
+            .unwrap_or(0)
+            .max("variant".len());
+        writeln!(
+            f,
+            "  {:width$}  share    answered  right of answered  accuracy  fallbacks  handoffs  off-topic unanswered",
+            "variant"
+        )?;
+        for v in self.0 {
+            if let Some(error) = &v.error {
+                writeln!(
+                    f,
+                    "  {:width$}  {:>5.1}%  cannot run: {error}",
+                    v.name, v.share
+                )?;
+                continue;
+            }
+            let off_topic = if v.off_topic == 0 {
+                "-".to_owned()
+            } else {
+                format!("{} of {}", v.off_topic_unanswered, v.off_topic)
+            };
+            writeln!(
+                f,
+                "  {:width$}  {:>5.1}%  {:>7.2}%  {:>16.2}%  {:>7.2}%  {:>9}  {:>8}  {off_topic}",
+                v.name,
+                v.share,
+                percent(v.answered, v.queries),
+                percent(v.right, v.answered),
+                percent(v.right, v.queries),
+                v.fallbacks,
+                v.handoffs,
+            )?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::intent::CacheOutcome;
+
+    fn recognised(intent: &str, score: f32) -> Option<IntentResult> {
+        Some(IntentResult {
+            version: 1,
+            entry: 0,
+            entry_id: intent.into(),
+            intent: intent.into(),
+            answer: format!("about {intent}"),
+            score,
+            second_score: 0.0,
+            similarity: Some(score),
+            degraded: false,
+            cache: CacheOutcome::Miss,
+        })
+    }
+
+    #[test]
+    fn variants_differ_by_their_handlers_and_thresholds_on_the_same_recognitions() {
+        let config = crate::config::load_str(
+            "t.toml",
+            "[bot]\nconfidence_threshold = 0.4\nmargin_threshold = 0.0\n\
+             [[bot.variants]]\nname = \"control\"\nweight = 80\n\
+             [[bot.variants]]\nname = \"strict\"\nweight = 10\nconfidence_threshold = 0.7\n\
+             [[bot.variants]]\nname = \"echo\"\nweight = 10\nhandlers = [\"echo\"]\n",
+        )
+        .unwrap();
+        let query = |text: &str, category: &str| LabelledQuery {
+            text: text.into(),
+            category: category.into(),
+        };
+        let queries = [
+            query("where is my card", "card_arrival"),
+            query("card still not here", "card_arrival"),
+            query("how old must I be", "age_limit"),
+            query("weather on mars", NO_INTENT),
+        ];
+        let recognitions = [
+            recognised("card_arrival", 0.9),
+            recognised("card_arrival", 0.5),
+            recognised("card_arrival", 0.45),
+            recognised("age_limit", 0.2),
+        ];
+        let table = evaluate_variants(&recognitions, &queries, &config, &Registry::default());
+        let by_name = |name: &str| table.iter().find(|v| v.name == name).unwrap().clone();
+        let control = by_name("control");
+        assert_eq!(
+            (control.answered, control.right, control.fallbacks),
+            (3, 2, 0)
+        );
+        assert_eq!((control.off_topic, control.off_topic_unanswered), (1, 1));
+        assert_eq!(control.share, 80.0);
+        let strict = by_name("strict");
+        assert_eq!((strict.answered, strict.right, strict.fallbacks), (1, 1, 2));
+        let echo = by_name("echo");
+        assert_eq!(
+            (echo.answered, echo.right, echo.off_topic_unanswered),
+            (3, 0, 0)
+        );
+        let text = VariantTable(&table).to_string();
+        assert!(text.contains("strict"), "{text}");
+        // No variants: the one default variant of [bot].
+        let plain = crate::config::Config::default();
+        let table = evaluate_variants(&recognitions, &queries, &plain, &Registry::default());
+        assert_eq!(table.len(), 1);
+        assert_eq!(table[0].name, "default");
+    }
 
     #[test]
     fn labelled_queries_come_from_the_import_parser() {
@@ -419,6 +637,7 @@ mod tests {
             unrelated: 0,
             min_similarity: 0.5,
             latencies: [4, 1, 3, 2].map(Duration::from_millis).to_vec(),
+            recognitions: Vec::new(),
             confidence_threshold: 0.5,
             margin_threshold: 0.05,
             per_intent: BTreeMap::new(),

@@ -17,6 +17,10 @@
 //!   and histogram buckets, `_sum` and `_count`; the maximum for level gauges (a
 //!   [`Aggregate::Max`] field, e.g. `degrade_level`); for the cache hit ratios the ratio of
 //!   the summed counters. Sum over `shard!="all"` in queries, or read `shard="all"`;
+//! - the gray-release families (`bot_variant_*`) have one series per shard and variant,
+//!   labelled `shard="N",variant="NAME"`, then `shard="all"` per variant (the sum); every
+//!   variant configured since start keeps its series (a reload that drops one leaves its
+//!   counts). Slots are fixed ([`MAX_VARIANT_SERIES`]), so recording takes no lock;
 //! - process-wide values (RSS, TLS reloads) have no `shard` label;
 //! - histograms have cumulative `_bucket{le="..."}` series ending with `le="+Inf"` (equal to
 //!   `_count`), then `_sum` and `_count`; durations are in seconds.
@@ -26,7 +30,7 @@ pub mod listener;
 mod text;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use crate::arena::SessionKind;
 use histogram::{Family, ShardHistograms, Unit};
@@ -63,6 +67,8 @@ macro_rules! counters {
             $($(#[doc = $doc])* pub $name: AtomicU64,)*
             /// Sessions open now by kind, in the order of [`SessionKind::ALL`].
             pub sessions_by_kind: [AtomicU64; 3],
+            /// Per gray-release variant, by the slot [`Metrics::variant_slot`] gave its name.
+            pub variants: [VariantCounters; MAX_VARIANT_SERIES],
         }
 
         impl ShardMetrics {
@@ -168,6 +174,51 @@ counters! {
     storage_map_bytes: Sum,
 }
 
+/// How many variant names the `bot_variant_*` families can hold since start (configured now or
+/// before a reload); past it a new name is not counted (logged by the shard).
+pub const MAX_VARIANT_SERIES: usize = 32;
+
+/// One shard's counters of one gray-release variant.
+#[derive(Default, Debug)]
+pub struct VariantCounters {
+    /// Conversations given this variant (at their first bot turn).
+    pub conversations: AtomicU64,
+    /// Bot turns that answered (a reply that is not a fallback).
+    pub answers: AtomicU64,
+    /// Bot turns that ended in the fallback (a failed turn).
+    pub fallbacks: AtomicU64,
+    /// Bot turns that handed the conversation to the human queue.
+    pub handoffs: AtomicU64,
+}
+
+impl VariantCounters {
+    /// Name, help and counter of each family, in rendering order.
+    fn families(&self) -> [(&'static str, &'static str, &AtomicU64); 4] {
+        [
+            (
+                "bot_variant_conversations",
+                "Conversations given each gray-release variant ([[bot.variants]]), at their first bot turn.",
+                &self.conversations,
+            ),
+            (
+                "bot_variant_answers",
+                "Bot turns of each variant that answered (a reply that is not a fallback).",
+                &self.answers,
+            ),
+            (
+                "bot_variant_fallbacks",
+                "Bot turns of each variant that ended in the fallback (a failed turn).",
+                &self.fallbacks,
+            ),
+            (
+                "bot_variant_handoffs",
+                "Bot turns of each variant that handed the conversation to the human queue.",
+                &self.handoffs,
+            ),
+        ]
+    }
+}
+
 impl ShardMetrics {
     pub fn add(counter: &AtomicU64, value: u64) {
         counter.fetch_add(value, Ordering::Relaxed);
@@ -184,6 +235,9 @@ pub struct Metrics {
     shards: Arc<[ShardMetrics]>,
     histograms: Arc<[ShardHistograms]>,
     process: Arc<ProcessMetrics>,
+    /// The variant name of each slot of [`ShardMetrics::variants`], in the order first seen.
+    /// Written only when a shard builds its chains (start, reload); read by scrapes.
+    variant_names: Arc<RwLock<Vec<Arc<str>>>>,
 }
 
 /// Counters of work done outside the shards (by the TLS certificate watcher), written by one
@@ -212,7 +266,25 @@ impl Metrics {
                 .map(|_| ShardHistograms::default())
                 .collect(),
             process: Arc::default(),
+            variant_names: Arc::default(),
         }
+    }
+
+    /// The slot of variant `name` in [`ShardMetrics::variants`] (the same on every shard),
+    /// given one on first use; `None` once [`MAX_VARIANT_SERIES`] names have slots.
+    pub fn variant_slot(&self, name: &str) -> Option<usize> {
+        let mut names = self
+            .variant_names
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = names.iter().position(|n| &**n == name) {
+            return Some(slot);
+        }
+        if names.len() >= MAX_VARIANT_SERIES {
+            return None;
+        }
+        names.push(Arc::from(name));
+        Some(names.len() - 1)
     }
 
     /// The counters of shard `index`.
@@ -249,6 +321,7 @@ impl Metrics {
             out.sample(name, &[("shard", "all")], all);
         }
         self.render_sessions_by_kind(&mut out);
+        self.render_variants(&mut out);
         self.render_cache_ratios(&mut out, &values);
         for family in Family::ALL {
             self.render_histogram(&mut out, family);
@@ -295,6 +368,34 @@ impl Metrics {
                 );
             }
             out.sample(name, &[("shard", "all"), ("kind", kind.as_str())], all);
+        }
+    }
+
+    fn render_variants(&self, out: &mut Exposition) {
+        let names = self
+            .variant_names
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let families = VariantCounters::default()
+            .families()
+            .map(|(name, help, _)| (name, help));
+        for (position, (family, help)) in families.into_iter().enumerate() {
+            out.family(family, "counter", help);
+            for (slot, variant) in names.iter().enumerate() {
+                let mut all = 0;
+                for (shard, metrics) in self.shards.iter().enumerate() {
+                    let (_, _, counter) = metrics.variants[slot].families()[position];
+                    let value = counter.load(Ordering::Relaxed);
+                    all += value;
+                    out.sample(
+                        family,
+                        &[("shard", &shard.to_string()), ("variant", variant)],
+                        value,
+                    );
+                }
+                out.sample(family, &[("shard", "all"), ("variant", variant)], all);
+            }
         }
     }
 
@@ -435,6 +536,38 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
+    }
+
+    #[test]
+    fn variant_families_have_a_series_per_shard_and_variant_and_their_sum() {
+        let metrics = Metrics::new(2);
+        assert_eq!(metrics.variant_slot("control"), Some(0));
+        assert_eq!(metrics.variant_slot("strict"), Some(1));
+        assert_eq!(metrics.variant_slot("control"), Some(0));
+        ShardMetrics::add(&metrics.shard(0).variants[1].conversations, 2);
+        ShardMetrics::add(&metrics.shard(1).variants[1].conversations, 3);
+        ShardMetrics::add(&metrics.shard(1).variants[0].handoffs, 1);
+        let text = metrics.render(None);
+        assert_eq!(
+            text.matches("# TYPE switchboard_bot_variant_conversations counter")
+                .count(),
+            1
+        );
+        for line in [
+            r#"switchboard_bot_variant_conversations{shard="0",variant="strict"} 2"#,
+            r#"switchboard_bot_variant_conversations{shard="1",variant="strict"} 3"#,
+            r#"switchboard_bot_variant_conversations{shard="all",variant="strict"} 5"#,
+            r#"switchboard_bot_variant_conversations{shard="all",variant="control"} 0"#,
+            r#"switchboard_bot_variant_handoffs{shard="all",variant="control"} 1"#,
+            r#"switchboard_bot_variant_answers{shard="all",variant="strict"} 0"#,
+            r#"switchboard_bot_variant_fallbacks{shard="1",variant="control"} 0"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        for n in 2..MAX_VARIANT_SERIES {
+            assert_eq!(metrics.variant_slot(&format!("v{n}")), Some(n));
+        }
+        assert_eq!(metrics.variant_slot("one-too-many"), None);
     }
 
     #[test]

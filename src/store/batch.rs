@@ -60,6 +60,14 @@ pub enum Op {
         visitor: String,
         secret_hash: [u8; 32],
     },
+    /// Records the gray-release variant (`[[bot.variants]]` name) a conversation is served by,
+    /// unless one is stored already (the first stays: a conversation keeps its variant).
+    /// Outcome `Updated`; `Rejected` for an unknown or closed conversation or an empty or
+    /// over-long name.
+    SetVariant {
+        conversation: ConversationId,
+        variant: String,
+    },
     /// Records the number of consecutive failed bot turns.
     SetFailedBotTurns {
         conversation: ConversationId,
@@ -82,7 +90,7 @@ pub enum OpOutcome {
     Duplicate { seq: u64 },
     /// `MarkRead`: the watermark after the operation.
     ReadMarked { watermark: u64 },
-    /// `SetState`, `SetFailedBotTurns`, `SetVisitorSecret`: applied (possibly a no-op when nothing changed).
+    /// `SetState`, `SetFailedBotTurns`, `SetVisitorSecret`, `SetVariant`: applied (possibly a no-op when nothing changed).
     Updated,
     /// The operation was refused and wrote nothing.
     Rejected(Rejection),

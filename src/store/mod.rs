@@ -16,6 +16,9 @@
 //! - `visitor_secrets`: `(site, visitor id)` -> SHA-256 of the visitor's secret, written
 //!   with the visitor's first conversation; reconnecting to the id requires the secret
 //!   (see `conversation::identity`). Only the hash is stored.
+//! - `variants`: conversation -> the name of the gray-release variant (`[[bot.variants]]`)
+//!   that serves it, written at its first bot turn and never changed after
+//!   ([`Op::SetVariant`]; see `bot::gray`).
 //! - `info`: layout version, shard index, conversation id counter.
 //!
 //! Conversation ids carry their owning shard ([`ConversationId::shard`]); a store only
@@ -112,5 +115,7 @@ pub use records::{
     ArchivedAuthor, ArchivedMessageRecord, Author, Conversation, ConversationId, ConversationState,
     MessageRecord, MAX_SHARDS,
 };
-pub use shard_store::{ShardStore, StoreReader, StoreSize, FORMAT_VERSION, MAX_DBS, MAX_READERS};
+pub use shard_store::{
+    ShardStore, StoreReader, StoreSize, FORMAT_VERSION, MAX_DBS, MAX_READERS, MAX_VARIANT_BYTES,
+};
 pub use write_backoff::WriteBackoff;

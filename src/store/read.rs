@@ -95,6 +95,18 @@ impl<'s> ReadView<'s> {
         }
     }
 
+    /// The gray-release variant stored with a conversation (see
+    /// [`Op::SetVariant`](super::Op::SetVariant)), if any.
+    pub fn variant(&self, id: ConversationId) -> Result<Option<String>, StoreError> {
+        let key = keys::conversation_key(id);
+        match self.tables.variants.get(&self.txn, &key)? {
+            Some(bytes) => std::str::from_utf8(bytes)
+                .map(|name| Some(name.to_owned()))
+                .map_err(|_| corrupt("variants", &key, "not UTF-8")),
+            None => Ok(None),
+        }
+    }
+
     /// Every conversation that is not closed, in id order.
     pub fn open_conversations(&self) -> Result<Vec<Conversation>, StoreError> {
         let mut open = Vec::new();

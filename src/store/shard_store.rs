@@ -84,6 +84,9 @@ pub(crate) struct Tables {
     /// `(site, visitor)` -> SHA-256 of the visitor's secret (32 bytes). Added after
     /// format 1 shipped; created empty when a store from before is opened.
     pub visitor_secrets: Table,
+    /// conversation -> the name of its gray-release variant (UTF-8). Added after format 1
+    /// shipped; created empty when a store from before is opened.
+    pub variants: Table,
 }
 
 /// The durable store of the conversations one shard owns.
@@ -180,6 +183,7 @@ impl ShardStore {
                 let info = opener.create_database::<Bytes, Bytes>(wtxn, Some("info"))?;
                 let visitor_secrets =
                     opener.create_database::<Bytes, Bytes>(wtxn, Some("visitor_secrets"))?;
+                let variants = opener.create_database::<Bytes, Bytes>(wtxn, Some("variants"))?;
 
                 match info.get(wtxn, INFO_FORMAT)? {
                     None => {
@@ -214,10 +218,11 @@ impl ShardStore {
                     visitors,
                     info,
                     visitor_secrets,
+                    variants,
                 )))
             })?
             .unwrap_commit();
-        let (messages, conversations, open, visitors, info, visitor_secrets) = tables;
+        let (messages, conversations, open, visitors, info, visitor_secrets, variants) = tables;
 
         let mut store = ShardStore {
             env,
@@ -228,6 +233,7 @@ impl ShardStore {
                 visitors,
                 info,
                 visitor_secrets,
+                variants,
             },
             gate: Arc::default(),
             max_map_size: round_up_to_page(options.max_map_size.max(options.map_size)),
@@ -542,6 +548,10 @@ impl ShardStore {
                     conversation,
                     count,
                 } => writer.set_failed_bot_turns(*conversation, *count)?,
+                Op::SetVariant {
+                    conversation,
+                    variant,
+                } => writer.set_variant(*conversation, variant)?,
                 Op::SetVisitorSecret {
                     site,
                     visitor,
@@ -697,6 +707,7 @@ impl Tables {
             RedoTable::Visitors => self.visitors,
             RedoTable::Info => self.info,
             RedoTable::VisitorSecrets => self.visitor_secrets,
+            RedoTable::Variants => self.variants,
         }
     }
 }
@@ -938,6 +949,20 @@ impl BatchWriter<'_> {
         Ok(OpOutcome::Updated)
     }
 
+    fn set_variant(&mut self, id: ConversationId, variant: &str) -> Result<OpOutcome, StoreError> {
+        if let Err(reason) = check_text("variant", variant, MAX_VARIANT_BYTES) {
+            return Ok(OpOutcome::Rejected(reason));
+        }
+        if let Err(reason) = self.writable(id)? {
+            return Ok(OpOutcome::Rejected(reason));
+        }
+        let key = keys::conversation_key(id);
+        if self.tables.variants.get(&self.txn, &key)?.is_none() {
+            self.put(RedoTable::Variants, &key, variant.as_bytes())?;
+        }
+        Ok(OpOutcome::Updated)
+    }
+
     fn delete_empty(&mut self, id: ConversationId) -> Result<OpOutcome, StoreError> {
         let slot = match self.writable(id)? {
             Ok(slot) => slot,
@@ -955,6 +980,7 @@ impl BatchWriter<'_> {
         staged.conversation.state = ConversationState::Closed;
         staged.dirty = false;
         self.delete(RedoTable::Conversations, &keys::conversation_key(id))?;
+        self.delete(RedoTable::Variants, &keys::conversation_key(id))?;
         self.forget_open(id, &site, &visitor)?;
         Ok(OpOutcome::Updated)
     }
@@ -1152,6 +1178,10 @@ impl BatchWriter<'_> {
         )
     }
 }
+
+/// Longest gray-release variant name [`Op::SetVariant`] stores (the configuration allows 64
+/// characters of ASCII).
+pub const MAX_VARIANT_BYTES: usize = 64;
 
 fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), Rejection> {
     if value.is_empty() {

@@ -1009,3 +1009,64 @@ fn delete_empty_removes_only_conversations_without_messages_or_agent() {
     // The visitor's next Open creates a new conversation.
     assert_ne!(open_conversation(&mut store, "acme", "silent"), empty);
 }
+
+#[test]
+fn a_conversations_variant_is_stored_once_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kept, empty);
+    {
+        let mut store = open(dir.path());
+        kept = open_conversation(&mut store, "shop", "v");
+        empty = open_conversation(&mut store, "shop", "w");
+        assert_eq!(store.read().unwrap().variant(kept).unwrap(), None);
+        let set = |conversation, variant: &str| Op::SetVariant {
+            conversation,
+            variant: variant.into(),
+        };
+        let outcomes = store
+            .apply(&[
+                set(kept, "strict"),
+                set(kept, "control"),
+                set(empty, "control"),
+                set(kept, ""),
+                set(kept, &"x".repeat(MAX_VARIANT_BYTES + 1)),
+                set(ConversationId::from_parts(SHARD, 999), "a"),
+            ])
+            .unwrap();
+        assert_eq!(
+            outcomes[..3],
+            [OpOutcome::Updated, OpOutcome::Updated, OpOutcome::Updated]
+        );
+        assert!(
+            matches!(outcomes[3], OpOutcome::Rejected(Rejection::Empty { .. })),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(outcomes[4], OpOutcome::Rejected(Rejection::TooLong { .. })),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(
+                outcomes[5],
+                OpOutcome::Rejected(Rejection::UnknownConversation(_))
+            ),
+            "{outcomes:?}"
+        );
+        // The first variant stored stays.
+        let view = store.read().unwrap();
+        assert_eq!(view.variant(kept).unwrap().as_deref(), Some("strict"));
+        assert_eq!(view.variant(empty).unwrap().as_deref(), Some("control"));
+        drop(view);
+        // Deleting an empty conversation deletes its variant too.
+        let deleted = store
+            .apply(&[Op::DeleteEmpty {
+                conversation: empty,
+            }])
+            .unwrap();
+        assert_eq!(deleted, [OpOutcome::Updated]);
+        assert_eq!(store.read().unwrap().variant(empty).unwrap(), None);
+    }
+    let store = open(dir.path());
+    let view = store.read().unwrap();
+    assert_eq!(view.variant(kept).unwrap().as_deref(), Some("strict"));
+}

@@ -806,3 +806,12 @@ pub fn read_replay(client: &mut RawClient) -> (u64, std::collections::BTreeMap<u
     }
     (hello_seq.expect("hello"), by_seq)
 }
+
+/// Sends SIGHUP to the server (a configuration reload).
+pub fn hangup(server: &Server) {
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

@@ -11,7 +11,8 @@ pub(super) fn op_conversation(op: &Op) -> Option<ConversationId> {
         Op::SetState { conversation, .. }
         | Op::DeleteEmpty { conversation }
         | Op::MarkRead { conversation, .. }
-        | Op::SetFailedBotTurns { conversation, .. } => Some(*conversation),
+        | Op::SetFailedBotTurns { conversation, .. }
+        | Op::SetVariant { conversation, .. } => Some(*conversation),
     }
 }
 
@@ -283,12 +284,13 @@ impl Owner {
         }
     }
 
-    /// Applies the bot's verdict on a visitor message: store its answer, or
-    /// queue the conversation for a human.
+    /// Applies the bot's verdict on a visitor message: store the variant the turn assigned (if
+    /// it did), then its answer, or queue the conversation for a human.
     pub(super) fn bot_verdict(
         &mut self,
         conversation: ConversationId,
         verdict: BotOutcome,
+        variant: Option<String>,
         out: &mut Vec<OwnerAction>,
     ) {
         let Some(live) = self.live.get_mut(&conversation) else {
@@ -297,6 +299,17 @@ impl Owner {
             return;
         };
         live.in_flight = live.in_flight.saturating_sub(1);
+        if let Some(variant) = variant {
+            // Queued before the answer: a visitor who saw the bot's answer has its variant
+            // stored (the same commit or an earlier one).
+            out.push(OwnerAction::Store {
+                op: Op::SetVariant {
+                    conversation,
+                    variant,
+                },
+                completion: Completion::StateChanged { conversation },
+            });
+        }
         if live.meta.state != ConversationState::Bot {
             // A human took over (or the conversation closed) meanwhile: the bot stays silent.
             return;

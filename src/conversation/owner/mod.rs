@@ -213,6 +213,9 @@ pub enum OwnerEvent {
     BotVerdict {
         conversation: ConversationId,
         verdict: BotOutcome,
+        /// The gray-release variant this turn assigned the conversation (its first bot turn),
+        /// to store with it before the answer; `None` when it had one (`bot::gray`).
+        variant: Option<String>,
     },
     /// About once a second: expire typing indicators.
     Tick,
@@ -575,7 +578,8 @@ impl Owner {
             OwnerEvent::BotVerdict {
                 conversation,
                 verdict,
-            } => self.bot_verdict(conversation, verdict, &mut out),
+                variant,
+            } => self.bot_verdict(conversation, verdict, variant, &mut out),
             OwnerEvent::Tick => {
                 self.flush_typing(now_ms, &mut out);
                 self.evict_idle();

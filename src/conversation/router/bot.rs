@@ -3,37 +3,150 @@
 //! a stored message and feeds the verdict back to the owner as [`OwnerEvent::BotVerdict`].
 //!
 //! The bot turn's policy is the pure [`BotTurn`] state machine; this file only does its I/O.
+//! Which gray-release variant's answer chain runs is the pure [`VariantSplit::resolve`]: the
+//! driver reads the variant stored with the conversation and, at its first bot turn, hands the
+//! assigned one back with the verdict for the owner to store.
 //!
-//! Invariant: the shard thread never waits for inference; a verdict arrives as an event.
+//! Invariants: the shard thread never waits for inference; a verdict arrives as an event. A
+//! conversation's variant, once assigned on this shard, is the one every later turn uses: from
+//! [`Bot::unrecorded`] until its record is seen in storage, from storage after.
+
+use std::collections::HashMap;
 
 use super::*;
+use crate::bot::gray::VariantSplit;
 use crate::conversation::bot_turn::{Action, BotTurn, ShardConditions, TurnCounts};
+
+/// How long an assignment waits in [`Bot::unrecorded`] for its record to be stored (a commit
+/// refused for a full store never stores it; the next turn then assigns again).
+const UNRECORDED_FOR_MS: u64 = 60_000;
 
 /// The shard's bot: the guard handlers (risk control: masking, blocking,
 /// flood) that run on every visitor message before it is stored, the answer
-/// handlers that run on messages of conversations the bot still holds, and
-/// the shard's intent engine.
+/// chains of the gray-release variants that run on messages of conversations
+/// the bot still holds, and the shard's intent engine.
 pub(super) struct Bot {
     pub(super) guards: RefCell<Chain>,
-    pub(super) answers: RefCell<Chain>,
+    pub(super) variants: RefCell<VariantChains>,
     pub(super) engine: Option<Rc<IntentEngine>>,
+    /// Variants assigned by a bot turn of this shard whose record was not seen in storage yet
+    /// (it is stored with the turn's answer): the variant, and when it was assigned
+    /// (monotonic ms).
+    pub(super) unrecorded: RefCell<HashMap<ConversationId, (Arc<str>, u64)>>,
+}
+
+/// The answer chains of the gray-release variants (`[[bot.variants]]`, or the one `default`
+/// variant of `[bot]`) and the split between them.
+pub(super) struct VariantChains {
+    pub(super) split: VariantSplit,
+    /// One per variant, in the split's order.
+    chains: Vec<Chain>,
+    /// Each variant's slot in [`crate::metrics::ShardMetrics::variants`] (`None`: no slot left).
+    slots: Vec<Option<usize>>,
+}
+
+impl VariantChains {
+    /// Whether no variant has an answer handler.
+    pub(super) fn is_empty(&self) -> bool {
+        self.chains.iter().all(Chain::is_empty)
+    }
+
+    /// The chain of variant `name`, or, when it is not configured (any more), of the variant
+    /// the hash picks for `conversation`.
+    fn chain(&mut self, name: &str, conversation: ConversationId) -> &mut Chain {
+        let index = self
+            .split
+            .position(name)
+            .unwrap_or_else(|| self.split.pick(conversation));
+        &mut self.chains[index]
+    }
+
+    /// The metrics slot of variant `name`.
+    fn slot(&self, name: &str) -> Option<usize> {
+        self.split
+            .position(name)
+            .and_then(|index| self.slots[index])
+    }
+
+    pub(super) fn prune(&mut self, now_ms: u64) {
+        for chain in &mut self.chains {
+            chain.prune(now_ms);
+        }
+    }
+}
+
+/// Logs the gray-release variants in force, once per process (shard 0 calls it at start and
+/// at each reload); nothing without `[[bot.variants]]`.
+pub(super) fn log_variants(shard: usize, config: &Config) {
+    if shard != 0 || config.bot.variants.is_empty() {
+        return;
+    }
+    let variants: Vec<String> = config
+        .bot
+        .effective_variants()
+        .iter()
+        .map(|variant| format!("{} (weight {})", variant.name, variant.weight))
+        .collect();
+    tracing::info!(
+        variants = %variants.join(", "),
+        "gray release: new conversations are split between these variants by weight; a \
+         conversation keeps the variant it has"
+    );
 }
 
 impl Bot {
-    /// The guard chain (risk control) and the answer chain `[bot] handlers` lists, in order.
+    /// The guard chain (risk control, from `[bot] handlers`) and each variant's answer chain,
+    /// in order, with its thresholds.
     pub(super) fn chains(
         config: &Config,
         registry: &Registry,
-    ) -> Result<(Chain, Chain), RouterError> {
-        let names: Vec<&str> = config.bot.handlers.iter().map(|h| h.as_str()).collect();
-        let (guard_names, answer_names): (Vec<&str>, Vec<&str>) =
-            names.iter().partition(|name| **name == "risk_control");
-        let build = |names: &[&str]| {
+        metrics: &Metrics,
+    ) -> Result<(Chain, VariantChains), RouterError> {
+        let build = |names: &[&str], bot: &crate::config::BotConfig| {
             let specs: Vec<HandlerSpec<'_>> = names.iter().map(|n| HandlerSpec::new(n)).collect();
-            Chain::from_specs(registry, &specs, &config.bot, &config.risk_control)
-                .map_err(|err| RouterError::Bot(err.to_string()))
+            Chain::from_specs(registry, &specs, bot, &config.risk_control)
         };
-        Ok((build(&guard_names)?, build(&answer_names)?))
+        let guard_names: Vec<&str> = config
+            .bot
+            .handlers
+            .iter()
+            .map(|h| h.as_str())
+            .filter(|name| *name == "risk_control")
+            .collect();
+        let guards =
+            build(&guard_names, &config.bot).map_err(|err| RouterError::Bot(err.to_string()))?;
+        let variants = config.bot.effective_variants();
+        let mut chains = Vec::with_capacity(variants.len());
+        let mut slots = Vec::with_capacity(variants.len());
+        for variant in &variants {
+            let names: Vec<&str> = variant.answer_handlers.iter().map(|h| h.as_str()).collect();
+            let chain = build(&names, &variant.bot).map_err(|err| {
+                RouterError::Bot(if config.bot.variants.is_empty() {
+                    err.to_string()
+                } else {
+                    format!("variant \"{}\": {err}", variant.name)
+                })
+            })?;
+            chains.push(chain);
+            let slot = metrics.variant_slot(&variant.name);
+            if slot.is_none() {
+                tracing::warn!(
+                    variant = %variant.name,
+                    "no metrics slot left for this gray-release variant (restart to free the \
+                     slots of variants no longer configured); it is not counted"
+                );
+            }
+            slots.push(slot);
+        }
+        let split = VariantSplit::from_config(&config.bot);
+        Ok((
+            guards,
+            VariantChains {
+                split,
+                chains,
+                slots,
+            },
+        ))
     }
 
     pub(super) fn open(
@@ -43,8 +156,9 @@ impl Bot {
         registry: &Registry,
         metrics: &Metrics,
     ) -> Result<Option<Bot>, RouterError> {
-        let (guards, answers) = Bot::chains(config, registry)?;
-        let engine = if config.inference.enabled && !answers.is_empty() {
+        let (guards, variants) = Bot::chains(config, registry, metrics)?;
+        log_variants(shard, config);
+        let engine = if config.inference.enabled && !variants.is_empty() {
             let started = std::time::Instant::now();
             let mut settings = EngineSettings::from_config(config);
             settings.worker.metrics = Some(WorkerMetrics::new(metrics.clone(), shard));
@@ -76,8 +190,9 @@ impl Bot {
         }
         Ok(Some(Bot {
             guards: RefCell::new(guards),
-            answers: RefCell::new(answers),
+            variants: RefCell::new(variants),
             engine,
+            unrecorded: RefCell::default(),
         }))
     }
 }
@@ -131,7 +246,7 @@ impl Router {
         };
         glommio::spawn_local(async move {
             let started = std::time::Instant::now();
-            let verdict = router
+            let (verdict, variant) = router
                 .decide(conversation, &site, &visitor, text, failed_turns)
                 .await;
             router
@@ -142,14 +257,70 @@ impl Router {
             router.on_owner(OwnerEvent::BotVerdict {
                 conversation,
                 verdict,
+                variant,
             });
         })
         .detach();
     }
 
-    /// Drives one [`BotTurn`]: does the I/O its actions ask for (a query token, inference, a
-    /// handler's later answer under a timer), feeds the results back and counts the metrics of
-    /// the outcome.
+    /// The variant that serves `conversation` ([`VariantSplit::resolve`] on what this shard
+    /// assigned or storage holds), and whether this turn assigned it (then it is counted here
+    /// and stored with the verdict).
+    fn variant_of(&self, bot: &Bot, conversation: ConversationId) -> (Arc<str>, bool) {
+        let unrecorded = bot
+            .unrecorded
+            .borrow()
+            .get(&conversation)
+            .map(|(name, _)| name.clone());
+        let stored = match unrecorded {
+            Some(name) => Some(name),
+            None => match self
+                .reader
+                .read()
+                .and_then(|view| view.variant(conversation))
+            {
+                Ok(stored) => stored.map(Arc::from),
+                Err(err) => {
+                    // The record, if there is one, stays: `SetVariant` keeps the first.
+                    tracing::error!(shard = self.shard, %conversation, error = %err, "cannot read the conversation's variant");
+                    None
+                }
+            },
+        };
+        let variants = bot.variants.borrow();
+        let assignment = variants.split.resolve(conversation, stored.as_deref());
+        let name = variants.split.names()[assignment.index].clone();
+        if assignment.record {
+            bot.unrecorded
+                .borrow_mut()
+                .insert(conversation, (name.clone(), monotonic_ms()));
+            if let Some(slot) = variants.slot(&name) {
+                ShardMetrics::add(&self.metrics().variants[slot].conversations, 1);
+            }
+        }
+        (name, assignment.record)
+    }
+
+    /// Forgets the assignments whose record storage now holds, or that waited too long.
+    pub(super) fn prune_unrecorded(&self, bot: &Bot) {
+        let mut unrecorded = bot.unrecorded.borrow_mut();
+        if unrecorded.is_empty() {
+            return;
+        }
+        let now = monotonic_ms();
+        let Ok(view) = self.reader.read() else {
+            return;
+        };
+        unrecorded.retain(|conversation, (_, since)| {
+            now.saturating_sub(*since) < UNRECORDED_FOR_MS
+                && matches!(view.variant(*conversation), Ok(None))
+        });
+    }
+
+    /// Drives one [`BotTurn`] with the conversation's variant's chain: does the I/O its actions
+    /// ask for (a query token, inference, a handler's later answer under a timer), feeds the
+    /// results back and counts the metrics of the outcome. Returns the outcome and, at the
+    /// conversation's first bot turn, the variant to store.
     pub(super) async fn decide(
         &self,
         conversation: ConversationId,
@@ -157,10 +328,14 @@ impl Router {
         visitor: &str,
         text: String,
         failed_turns: u32,
-    ) -> BotOutcome {
+    ) -> (BotOutcome, Option<String>) {
         let Some(bot) = &self.bot else {
-            return BotOutcome::Silent;
+            return (BotOutcome::Silent, None);
         };
+        let (variant, assigned) = self.variant_of(bot, conversation);
+        let record = assigned.then(|| variant.to_string());
+        // The chain is looked up by name at every step: a reload between two steps may have
+        // rebuilt the chains (the turn then resumes in the rebuilt chain of its variant).
         let mut message = BotContext::new(conversation.0, site, visitor, text);
         message.failed_turns = failed_turns;
         message.now_ms = monotonic_ms();
@@ -169,7 +344,7 @@ impl Router {
             load: self.level.get(),
         };
         let mut turn = BotTurn::new(message, shard);
-        let mut action = turn.start(&mut bot.answers.borrow_mut());
+        let mut action = turn.start(bot.variants.borrow_mut().chain(&variant, conversation));
         loop {
             action = match action {
                 Action::TakeQueryToken => {
@@ -186,7 +361,11 @@ impl Router {
                         Some(engine) => engine.recognise(&text).await,
                         None => None,
                     };
-                    turn.on_intent(&mut bot.answers.borrow_mut(), monotonic_ms(), recognised)
+                    turn.on_intent(
+                        bot.variants.borrow_mut().chain(&variant, conversation),
+                        monotonic_ms(),
+                        recognised,
+                    )
                 }
                 Action::AwaitLater { later, deadline_ms } => {
                     // Awaited here without blocking the shard (docs/plugins.md).
@@ -199,7 +378,19 @@ impl Router {
                 }
                 Action::Done { outcome, counts } => {
                     self.count_bot_turn(conversation, &counts);
-                    return outcome;
+                    let slot = bot.variants.borrow().slot(&variant);
+                    if let Some(slot) = slot {
+                        let counters = &self.metrics().variants[slot];
+                        if counts.replied && counts.fallback {
+                            ShardMetrics::add(&counters.fallbacks, 1);
+                        } else if counts.replied {
+                            ShardMetrics::add(&counters.answers, 1);
+                        }
+                        if counts.handoff.is_some() {
+                            ShardMetrics::add(&counters.handoffs, 1);
+                        }
+                    }
+                    return (outcome, record);
                 }
             };
         }

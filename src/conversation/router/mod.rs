@@ -328,7 +328,8 @@ impl Router {
                 if let Some(bot) = &ticker.bot {
                     let now = monotonic_ms();
                     bot.guards.borrow_mut().prune(now);
-                    bot.answers.borrow_mut().prune(now);
+                    bot.variants.borrow_mut().prune(now);
+                    ticker.prune_unrecorded(bot);
                     if let Some(engine) = &bot.engine {
                         engine.maybe_reload();
                     }
@@ -353,7 +354,8 @@ impl Router {
 
     /// Puts a reloaded configuration in force: the owner's bound on frames waiting for an
     /// opening conversation, the per-site bot-query rate, and the bot's chains (handler order,
-    /// thresholds, risk control), rebuilt from the registry. Chains that do not build keep the
+    /// thresholds, risk control, the gray-release variants and their weights), rebuilt from the
+    /// registry. Conversations keep the variant stored with them; new ones get the new weights. Chains that do not build keep the
     /// previous ones (logged). The intent engine stays as loaded: `crate::reload` leaves the keys
     /// that would change it for a restart.
     pub fn apply_config(&self, config: Arc<Config>) {
@@ -365,10 +367,11 @@ impl Router {
             config.limits.tracked_keys,
         );
         if let Some(bot) = &self.bot {
-            match Bot::chains(&config, &self.registry) {
-                Ok((guards, answers)) => {
+            match Bot::chains(&config, &self.registry, &self.metrics) {
+                Ok((guards, variants)) => {
                     *bot.guards.borrow_mut() = guards;
-                    *bot.answers.borrow_mut() = answers;
+                    *bot.variants.borrow_mut() = variants;
+                    bot::log_variants(self.shard, &config);
                 }
                 Err(err) => tracing::error!(
                     shard = self.shard,

@@ -681,7 +681,8 @@ impl World {
                 (Op::SetState { conversation, .. }, _)
                 | (Op::DeleteEmpty { conversation }, _)
                 | (Op::MarkRead { conversation, .. }, _)
-                | (Op::SetFailedBotTurns { conversation, .. }, _) => Some(*conversation),
+                | (Op::SetFailedBotTurns { conversation, .. }, _)
+                | (Op::SetVariant { conversation, .. }, _) => Some(*conversation),
                 _ => None,
             })
             .collect();
@@ -760,6 +761,7 @@ impl World {
             OwnerEvent::BotVerdict {
                 conversation: task.conversation,
                 verdict,
+                variant: None,
             },
         );
     }

@@ -18,6 +18,7 @@ pub enum RedoTable {
     Visitors = 4,
     Info = 5,
     VisitorSecrets = 6,
+    Variants = 7,
 }
 
 impl RedoTable {
@@ -29,6 +30,7 @@ impl RedoTable {
             4 => RedoTable::Visitors,
             5 => RedoTable::Info,
             6 => RedoTable::VisitorSecrets,
+            7 => RedoTable::Variants,
             _ => return None,
         })
     }
