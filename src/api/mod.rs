@@ -254,6 +254,26 @@ fn method_not_allowed(allowed: &str) -> ApiResponse {
     response
 }
 
+/// An admin may not disable their own account or change its role over the API: the request
+/// that would lock the last admin out (or leave the caller without the rights they used) is
+/// refused with `409 own_account`. Another admin, or `switchboard agent` on the host, can.
+fn keeps_own_access(
+    admin: &Account,
+    name: &str,
+    role: Option<Role>,
+    disabled: Option<bool>,
+) -> Result<(), ApiResponse> {
+    let own = admin.name == name;
+    if own && (disabled == Some(true) || role.is_some_and(|role| role != admin.role)) {
+        return Err(ApiResponse::error(
+            409,
+            "own_account",
+            "an admin cannot disable or change the role of their own account; another admin can",
+        ));
+    }
+    Ok(())
+}
+
 /// What the API trims from free text: space, tab, CR and LF (the same set `docs/openapi.yaml`
 /// names, so a client's validator and the server agree on what is blank).
 pub const ASCII_BLANKS: &[char] = &[' ', '\t', '\r', '\n'];
@@ -413,10 +433,12 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 return Err(method_not_allowed("POST"));
             }
             let admin = authorize(req, authority, Action::ManageAgents, now)?;
+            let disabled = *verb == "disable";
+            keeps_own_access(&admin, name, None, Some(disabled))?;
             Ok(Plan::SetDisabled {
                 by: by(&admin),
                 name: (*name).to_owned(),
-                disabled: *verb == "disable",
+                disabled,
             })
         }
         ["agents", name, "role"] => {
@@ -429,6 +451,7 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 .role
                 .parse::<Role>()
                 .map_err(|err| ApiResponse::error(400, "bad_request", err))?;
+            keeps_own_access(&admin, name, Some(role), None)?;
             Ok(Plan::SetRole {
                 by: by(&admin),
                 name: (*name).to_owned(),
@@ -449,6 +472,7 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                     "send \"role\" and/or \"disabled\"",
                 ));
             }
+            keeps_own_access(&admin, name, role, body.disabled)?;
             Ok(Plan::Patch {
                 by: by(&admin),
                 name: (*name).to_owned(),
@@ -1194,6 +1218,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let auth = authority(dir.path());
         let root = login(&auth, "root");
+        // Not one's own account: that could lock the last admin out.
+        for (method, path, body) in [
+            ("POST", "/api/agents/root/disable", ""),
+            ("PUT", "/api/agents/root/role", r#"{"role":"agent"}"#),
+            ("PATCH", "/api/agents/root", r#"{"disabled":true}"#),
+        ] {
+            let (status, reply) = call(&auth, method, path, Some(&root), body);
+            assert_eq!(
+                (status, reply["error"]["code"].as_str()),
+                (409, Some("own_account")),
+                "{method} {path}"
+            );
+        }
+        assert_eq!(
+            call(
+                &auth,
+                "PUT",
+                "/api/agents/root/role",
+                Some(&root),
+                r#"{"role":"admin"}"#
+            )
+            .0,
+            200,
+            "keeping one's role is no change"
+        );
         let (status, body) = call(
             &auth,
             "PATCH",

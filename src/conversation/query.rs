@@ -98,7 +98,9 @@ pub struct Filter {
     pub status: Option<Status>,
     /// Active at or after this time (unix ms): last changed at or after it.
     pub from_ms: Option<u64>,
-    /// Active at or before this time (unix ms): created at or before it.
+    /// Active at or before this time (unix ms): created at or before it. The two are
+    /// independent conditions (a `to` before `from` finds the conversations active over the
+    /// whole gap between them).
     pub to_ms: Option<u64>,
 }
 
