@@ -8,6 +8,9 @@
 //! - `GET /api/audit?limit=N` (`ViewAudit`) → `{"records":[...],"head","intact"}`, newest last
 //! - `GET /api/kb/entries?q=TEXT&limit=N` (`ManageKnowledgeBase`) → `{"version","total",
 //!   "matched","entries":[{"id","category","intent","questions","question","answer"}]}`
+//! - `GET /api/kb/entries/ID` (`ManageKnowledgeBase`) → the entry with its version;
+//!   `DELETE /api/kb/entries/ID` → a new version without it (the import's steps, the import
+//!   slot); `GET /api/kb/export` → the entries as the JSON array an import reads back
 //! - `POST /api/kb/try` `{"text"}` (`TryKnowledgeBase`) → `{"intent","confidence","answer",
 //!   "fallback",...}`
 //! - `POST /api/kb/import` CSV or JSON body (`ManageKnowledgeBase`) → `{"version","entries",

@@ -19,6 +19,14 @@
 //! encoding, hashing and diffing the snapshot) on a `kb-sync` thread. The bodies of
 //! `POST /api/kb/import` and `POST /api/kb/sync` are bounded by `[api] max_import_bytes`,
 //! every other body by `[api] max_body_bytes`.
+//!
+//! Canned replies are read and written on the blocking thread (the process's one
+//! [`crate::canned::CannedStore`]). Conversation and queue requests ask the shards that hold
+//! the answer through the mesh (`ShardMessage::Query`; every shard of a search at once, the
+//! owner of one conversation, the dispatcher for the queue), wait up to
+//! [`SHARD_ANSWER_TIMEOUT`] for each answer (503 `shard_unavailable` after it) and merge the
+//! pages (`conversation::query::merge`); each shard reads its own store on its own blocking
+//! thread.
 
 use std::net::IpAddr;
 use std::ops::Range;
