@@ -8,9 +8,10 @@
 //! nothing here runs on the message path.
 //!
 //! Paging: a search lists conversations newest id first. `before` (exclusive) is where a page
-//! starts; each shard returns its first `limit` matches below it, having read at most
-//! [`SCAN_BUDGET`] conversation and message records and at most `byte_budget` bytes of
-//! message text. A shard that stopped early says where (`ShardPage::frontier`: it has
+//! starts; each shard returns its first `limit` matches below it, stopping after the
+//! conversation at which it has read [`SCAN_BUDGET`] conversation and message records or
+//! gathered `byte_budget` bytes of message text (a conversation is always decided whole, so a
+//! page reads at most about twice the budget and always moves on). A shard that stopped early says where (`ShardPage::frontier`: it has
 //! reported every match at or above that id), and [`merge`] keeps only what is certain: the
 //! matches at or above the highest frontier, the first `limit` of them, with the cursor of
 //! the next page. So every page is bounded in memory and work, and paging through never
@@ -29,6 +30,9 @@ use crate::store::{
 
 /// Most conversation and message records one shard reads for one search page.
 pub const SCAN_BUDGET: usize = 50_000;
+/// Most messages of one conversation the agent filter reads looking for the agent's own (in a
+/// conversation not assigned to them now).
+pub const MAX_AGENT_SCAN: usize = SCAN_BUDGET;
 /// Most messages of one conversation a search with messages (the export) carries.
 pub const MAX_EXPORT_MESSAGES: usize = 10_000;
 
@@ -144,6 +148,8 @@ pub struct Search {
     pub with_messages: bool,
     /// Most bytes of message text one shard puts in its page (the export's memory bound).
     pub byte_budget: usize,
+    /// Records one shard reads for the page ([`SCAN_BUDGET`]; smaller in tests).
+    pub scan_budget: usize,
 }
 
 /// A conversation a search found, with its messages when the search asked for them.
@@ -164,7 +170,8 @@ pub struct ShardPage {
     pub frontier: Option<u64>,
 }
 
-/// Searches one shard's store. Reads at most [`SCAN_BUDGET`] records.
+/// Searches one shard's store, stopping after the conversation at which [`SCAN_BUDGET`]
+/// records were read (or the limit or byte budget reached).
 pub fn scan(view: &ReadView<'_>, search: &Search) -> Result<ShardPage, StoreError> {
     let mut page = ShardPage::default();
     let mut read = 0usize;
@@ -181,17 +188,17 @@ pub fn scan(view: &ReadView<'_>, search: &Search) -> Result<ShardPage, StoreErro
                     .agent
                     .as_ref()
                     .expect("undecided by the agent");
+                // Decided whole, even past the page's budget, so that every page moves on
+                // by at least one conversation: an agent's message among its first
+                // MAX_AGENT_SCAN messages.
                 let mut wrote = false;
-                for message in view.messages_after(conversation.id, 0, usize::MAX)? {
+                for message in view.messages_after(conversation.id, 0, MAX_AGENT_SCAN)? {
                     let message = message?;
                     read += 1;
                     if message.from() == Author::Agent
                         && (message.name() == agent.display || message.name() == agent.id)
                     {
                         wrote = true;
-                        break;
-                    }
-                    if read >= SCAN_BUDGET {
                         break;
                     }
                 }
@@ -220,7 +227,7 @@ pub fn scan(view: &ReadView<'_>, search: &Search) -> Result<ShardPage, StoreErro
             page.found.push(found);
         }
         let full = page.found.len() >= search.limit
-            || read >= SCAN_BUDGET
+            || read >= search.scan_budget
             || (search.with_messages && bytes >= search.byte_budget);
         if full {
             page.frontier = Some(id);
@@ -463,6 +470,7 @@ mod tests {
             limit,
             with_messages: false,
             byte_budget: usize::MAX,
+            scan_budget: SCAN_BUDGET,
         };
         let all = scan(&view, &search(Filter::default(), None, 10)).unwrap();
         assert_eq!(all.frontier, None);
@@ -479,14 +487,14 @@ mod tests {
         let rest = scan(&view, &search(ann, page.frontier, 1)).unwrap();
         assert_eq!(rest.found[0].conversation.id, ids_made[0]);
         // The agent filter reads the messages of a conversation not assigned to them.
-        let alice = Filter {
+        let alice_filter = || Filter {
             agent: Some(AgentFilter {
                 id: "alice".into(),
                 display: "Alice".into(),
             }),
             ..Filter::default()
         };
-        let page = scan(&view, &search(alice, None, 10)).unwrap();
+        let page = scan(&view, &search(alice_filter(), None, 10)).unwrap();
         assert_eq!(
             page.found
                 .iter()
@@ -521,5 +529,23 @@ mod tests {
         assert_eq!(first.messages[0].text, "hello");
         let transcript = transcript(&view, ids_made[0], 0, 10).unwrap().unwrap();
         assert_eq!(transcript.messages.len(), 1);
+        // A budget of one record: every page decides one conversation (the agent filter reads
+        // a whole conversation past the budget) and paging on finds each match once.
+        let mut tiny = search(alice_filter(), None, 10);
+        tiny.scan_budget = 1;
+        let mut pages = 0;
+        let mut matched = Vec::new();
+        loop {
+            let page = scan(&view, &tiny).unwrap();
+            let (found, next) = merge(vec![page], 10);
+            matched.extend(found.iter().map(|f| f.conversation.id));
+            pages += 1;
+            match next {
+                Some(next) => tiny.before = Some(next),
+                None => break,
+            }
+        }
+        // Three conversations, one a page, and a last empty page that finds nothing below.
+        assert_eq!((matched, pages), (vec![ids_made[0]], 4));
     }
 }

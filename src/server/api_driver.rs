@@ -441,6 +441,7 @@ async fn gather(
         limit,
         with_messages,
         byte_budget: conversations::EXPORT_BYTE_BUDGET / asked.len().max(1),
+        scan_budget: query::SCAN_BUDGET,
     };
     // Every shard is asked before any answer is awaited, so they read in parallel.
     let answers: Vec<_> = asked
