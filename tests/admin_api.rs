@@ -73,18 +73,7 @@ fn admin_imports_searches_tries_and_reads_the_audit_log() {
     assert_eq!(reply["error"]["code"], "invalid_knowledge_base");
 
     // The import.
-    let csv = banking77_kb(&[
-        ("card_arrival", "Cards arrive within 3 working days."),
-        (
-            "lost_or_stolen_card",
-            "Freeze your card in the app right away.",
-        ),
-        (
-            "exchange_rate",
-            "We use the interbank rate plus a small margin.",
-        ),
-        ("age_limit", "You must be 18 or older to open an account."),
-    ]);
+    let csv = banking77_kb(&common::BANKING77_ANSWERS);
     let (status, reply) = request(
         addr,
         "POST",

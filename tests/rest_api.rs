@@ -404,17 +404,7 @@ fn knowledge_base_entries_are_read_deleted_and_exported() {
     let root = login(addr, "root");
     let empty = get(addr, "/api/kb/export", &root);
     assert_eq!((empty.status, empty.json()), (200, json!([])));
-    let csv = banking77_kb(&[
-        ("card_arrival", "Cards arrive within 3 working days."),
-        (
-            "lost_or_stolen_card",
-            "Freeze your card in the app right away.",
-        ),
-        (
-            "exchange_rate",
-            "We use the interbank rate plus a small margin.",
-        ),
-    ]);
+    let csv = banking77_kb(&BANKING77_ANSWERS[..3]);
     let imported = http_request(
         addr,
         "POST",

@@ -218,6 +218,11 @@ fn parse_role(role: &str) -> Result<Role, ApiResponse> {
         .map_err(|err| ApiResponse::error(400, "bad_request", err))
 }
 
+/// `limit` from the query string: absent → `default`, else 1..=`max` (400 otherwise).
+fn limit_param(req: &ApiRequest<'_>, default: usize, max: usize) -> Result<usize, ApiResponse> {
+    admin::parse_limit(query_param(req, "limit").as_deref(), default, max)
+}
+
 /// A query parameter, percent-decoded (`None` when absent or undecodable).
 fn query_param(req: &ApiRequest<'_>, name: &str) -> Option<String> {
     req.query
@@ -485,11 +490,7 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 return Err(method_not_allowed("GET"));
             }
             authorize(req, authority, Action::ViewAudit, now)?;
-            let limit = admin::parse_limit(
-                query_param(req, "limit").as_deref(),
-                admin::DEFAULT_AUDIT_RECORDS,
-                admin::MAX_AUDIT_RECORDS,
-            )?;
+            let limit = limit_param(req, admin::DEFAULT_AUDIT_RECORDS, admin::MAX_AUDIT_RECORDS)?;
             Ok(Plan::Admin(AdminPlan::Audit { limit }))
         }
         ["kb", "entries"] => {
@@ -497,11 +498,7 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 return Err(method_not_allowed("GET"));
             }
             authorize(req, authority, Action::ManageKnowledgeBase, now)?;
-            let limit = admin::parse_limit(
-                query_param(req, "limit").as_deref(),
-                admin::DEFAULT_ENTRIES,
-                admin::MAX_ENTRIES,
-            )?;
+            let limit = limit_param(req, admin::DEFAULT_ENTRIES, admin::MAX_ENTRIES)?;
             Ok(Plan::Admin(AdminPlan::KbEntries {
                 query: query_param(req, "q"),
                 limit,
@@ -533,11 +530,7 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 authorize(req, authority, Action::UseCannedReplies, now)?;
                 let after =
                     conversations::parse_number(query_param(req, "after").as_deref(), "after")?;
-                let limit = admin::parse_limit(
-                    query_param(req, "limit").as_deref(),
-                    canned::DEFAULT_LIST,
-                    canned::MAX_LIST,
-                )?;
+                let limit = limit_param(req, canned::DEFAULT_LIST, canned::MAX_LIST)?;
                 Ok(Plan::Admin(AdminPlan::Canned(CannedPlan::List {
                     after: after.unwrap_or(0),
                     limit,
@@ -593,7 +586,7 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
             } else {
                 (conversations::DEFAULT_SEARCH, conversations::MAX_SEARCH)
             };
-            let limit = admin::parse_limit(query_param(req, "limit").as_deref(), default, max)?;
+            let limit = limit_param(req, default, max)?;
             Ok(Plan::Admin(AdminPlan::Conversations(if export {
                 ConversationPlan::Export {
                     filter,
@@ -636,8 +629,8 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 }
             };
             let after = conversations::parse_number(query_param(req, "after").as_deref(), "after")?;
-            let limit = admin::parse_limit(
-                query_param(req, "limit").as_deref(),
+            let limit = limit_param(
+                req,
                 conversations::DEFAULT_TRANSCRIPT,
                 conversations::MAX_TRANSCRIPT,
             )?;
@@ -655,11 +648,7 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 return Err(method_not_allowed("GET"));
             }
             authorize(req, authority, Action::ViewQueue, now)?;
-            let limit = admin::parse_limit(
-                query_param(req, "limit").as_deref(),
-                conversations::DEFAULT_QUEUE,
-                conversations::MAX_QUEUE,
-            )?;
+            let limit = limit_param(req, conversations::DEFAULT_QUEUE, conversations::MAX_QUEUE)?;
             Ok(Plan::Admin(AdminPlan::Conversations(
                 ConversationPlan::Queue { limit },
             )))

@@ -293,6 +293,20 @@ impl Drop for Server {
     }
 }
 
+/// Four BANKING77 intents with answers, for [`banking77_kb`].
+pub const BANKING77_ANSWERS: [(&str, &str); 4] = [
+    ("card_arrival", "Cards arrive within 3 working days."),
+    (
+        "lost_or_stolen_card",
+        "Freeze your card in the app right away.",
+    ),
+    (
+        "exchange_rate",
+        "We use the interbank rate plus a small margin.",
+    ),
+    ("age_limit", "You must be 18 or older to open an account."),
+];
+
 /// A knowledge-base CSV (`text,category,answer`): the first twelve questions of each intent in
 /// the committed BANKING77 split, with the given answers.
 pub fn banking77_kb(intents: &[(&str, &str)]) -> String {
