@@ -1203,6 +1203,156 @@ mod tests {
     }
 
     #[test]
+    fn new_endpoints_check_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authority(dir.path());
+        let json = Some("application/json");
+        let reply = r#"{"title":"Hi","text":"Hello!"}"#;
+        // method, path, query, body, the action it needs
+        let cases: [(&str, &str, Option<&str>, &str, Action); 12] = [
+            (
+                "GET",
+                "/api/kb/entries/card%20arrival",
+                None,
+                "",
+                Action::ManageKnowledgeBase,
+            ),
+            (
+                "DELETE",
+                "/api/kb/entries/refund",
+                None,
+                "",
+                Action::ManageKnowledgeBase,
+            ),
+            (
+                "GET",
+                "/api/kb/export",
+                None,
+                "",
+                Action::ManageKnowledgeBase,
+            ),
+            (
+                "GET",
+                "/api/conversations",
+                Some("visitor=v1&status=closed&from=2026-12-01T00:00:00Z&limit=5"),
+                "",
+                Action::ReadAnyConversation,
+            ),
+            (
+                "GET",
+                "/api/conversations/257",
+                None,
+                "",
+                Action::ReadAnyConversation,
+            ),
+            (
+                "GET",
+                "/api/conversations/257/transcript",
+                Some("format=text&after=3"),
+                "",
+                Action::ReadAnyConversation,
+            ),
+            (
+                "GET",
+                "/api/conversations/export",
+                Some("to=1000"),
+                "",
+                Action::ReadAnyConversation,
+            ),
+            ("GET", "/api/queue", Some("limit=3"), "", Action::ViewQueue),
+            (
+                "GET",
+                "/api/canned",
+                Some("q=hi&after=2"),
+                "",
+                Action::UseCannedReplies,
+            ),
+            (
+                "POST",
+                "/api/canned",
+                None,
+                reply,
+                Action::ManageCannedReplies,
+            ),
+            (
+                "PUT",
+                "/api/canned/1",
+                None,
+                reply,
+                Action::ManageCannedReplies,
+            ),
+            (
+                "DELETE",
+                "/api/canned/1",
+                None,
+                "",
+                Action::ManageCannedReplies,
+            ),
+        ];
+        for name in ["al", "sue", "root"] {
+            let token = login(&auth, name);
+            let role = auth.verify_token(&token, 100).unwrap().1.role;
+            for (method, path, query, body, action) in cases {
+                let planned = plan_of(&auth, method, path, query, Some(&token), json, body);
+                if rbac::allows(role, action) {
+                    assert!(
+                        matches!(planned, Ok(Plan::Admin(_))),
+                        "{role} {method} {path}: {planned:?}"
+                    );
+                } else {
+                    assert_eq!(planned.unwrap_err().status, 403, "{role} {method} {path}");
+                }
+                let anonymous = plan_of(&auth, method, path, query, None, json, body);
+                assert_eq!(anonymous.unwrap_err().status, 401, "{method} {path}");
+            }
+        }
+        let root = login(&auth, "root");
+        let planned =
+            |method, path, query| plan_of(&auth, method, path, query, Some(&root), json, "");
+        // What the plans carry: the decoded entry id, the parsed filters and paging.
+        let Ok(Plan::Admin(AdminPlan::KbEntry { id })) =
+            planned("GET", "/api/kb/entries/card%20arrival", None)
+        else {
+            panic!()
+        };
+        assert_eq!(id, "card arrival");
+        let Ok(Plan::Admin(AdminPlan::Conversations(ConversationPlan::Search {
+            filter,
+            before,
+            limit,
+        }))) = planned(
+            "GET",
+            "/api/conversations",
+            Some("agent=al&status=assigned&before=513&limit=7"),
+        )
+        else {
+            panic!()
+        };
+        assert_eq!((before, limit), (Some(513), 7));
+        assert_eq!(filter.agent.map(|a| a.id), Some("al".to_owned()));
+        let status = |method, path, query| {
+            planned(method, path, query)
+                .map(|_| 200)
+                .unwrap_or_else(|r| r.status)
+        };
+        assert_eq!(status("GET", "/api/conversations/abc", None), 400);
+        assert_eq!(
+            status("GET", "/api/conversations/1/transcript", Some("format=pdf")),
+            400
+        );
+        assert_eq!(status("GET", "/api/conversations", Some("limit=501")), 400);
+        assert_eq!(
+            status("GET", "/api/conversations/export", Some("limit=1001")),
+            400
+        );
+        assert_eq!(status("POST", "/api/queue", None), 405);
+        assert_eq!(status("PATCH", "/api/canned/1", None), 405);
+        assert_eq!(status("GET", "/api/canned/-1", None), 400);
+        assert_eq!(status("GET", "/api/canned", Some("after=x")), 400);
+        assert_eq!(status("GET", "/api/kb/entries/%ZZ", None), 400);
+    }
+
+    #[test]
     fn patch_changes_role_and_disabled() {
         let dir = tempfile::tempdir().unwrap();
         let auth = authority(dir.path());
