@@ -285,7 +285,17 @@ pub fn query_param<'a>(query: &'a str, name: &str) -> Option<Cow<'a, str>> {
 }
 
 fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
-    if !s.bytes().any(|b| b == b'%' || b == b'+') {
+    decode(s, true)
+}
+
+/// A path segment percent-decoded (`+` stays `+`); `None` when a `%` is not followed by two hex
+/// digits or the bytes are not UTF-8.
+pub fn decode_path_segment(s: &str) -> Option<Cow<'_, str>> {
+    decode(s, false)
+}
+
+fn decode(s: &str, plus_is_space: bool) -> Option<Cow<'_, str>> {
+    if !s.bytes().any(|b| b == b'%' || (plus_is_space && b == b'+')) {
         return Some(Cow::Borrowed(s));
     }
     let bytes = s.as_bytes();
@@ -293,7 +303,7 @@ fn percent_decode(s: &str) -> Option<Cow<'_, str>> {
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
-            b'+' => out.push(b' '),
+            b'+' if plus_is_space => out.push(b' '),
             b'%' => {
                 let hi = hex_value(*bytes.get(i + 1)?)?;
                 let lo = hex_value(*bytes.get(i + 2)?)?;

@@ -18,6 +18,7 @@ pub mod auth;
 pub mod blocking;
 pub mod bot;
 pub mod buffers;
+pub mod canned;
 pub mod cli;
 pub mod config;
 pub mod conversation;

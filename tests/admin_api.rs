@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::net::SocketAddr;
 
 use common::{agent_add, banking77_kb, Server};
 use serde_json::{json, Value};
@@ -31,40 +29,8 @@ fn request(
     bearer: Option<&str>,
     body: Option<(&str, &[u8])>,
 ) -> (u16, Value) {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
-    if let Some(token) = bearer {
-        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
-    }
-    let mut bytes = Vec::new();
-    match body {
-        Some((content_type, body)) => {
-            head.push_str(&format!(
-                "Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-                body.len()
-            ));
-            bytes.extend_from_slice(head.as_bytes());
-            bytes.extend_from_slice(body);
-        }
-        None => {
-            head.push_str("\r\n");
-            bytes.extend_from_slice(head.as_bytes());
-        }
-    }
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(300)))
-        .unwrap();
-    stream.write_all(&bytes).unwrap();
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    let reply = common::http_request(addr, method, path, bearer, body);
+    (reply.status, reply.json())
 }
 
 fn token_of(addr: SocketAddr, name: &str) -> String {
@@ -107,18 +73,7 @@ fn admin_imports_searches_tries_and_reads_the_audit_log() {
     assert_eq!(reply["error"]["code"], "invalid_knowledge_base");
 
     // The import.
-    let csv = banking77_kb(&[
-        ("card_arrival", "Cards arrive within 3 working days."),
-        (
-            "lost_or_stolen_card",
-            "Freeze your card in the app right away.",
-        ),
-        (
-            "exchange_rate",
-            "We use the interbank rate plus a small margin.",
-        ),
-        ("age_limit", "You must be 18 or older to open an account."),
-    ]);
+    let csv = banking77_kb(&common::BANKING77_ANSWERS);
     let (status, reply) = request(
         addr,
         "POST",

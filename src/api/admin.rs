@@ -8,6 +8,9 @@
 //! - `GET /api/audit?limit=N` (`ViewAudit`) → `{"records":[...],"head","intact"}`, newest last
 //! - `GET /api/kb/entries?q=TEXT&limit=N` (`ManageKnowledgeBase`) → `{"version","total",
 //!   "matched","entries":[{"id","category","intent","questions","question","answer"}]}`
+//! - `GET /api/kb/entries/ID` (`ManageKnowledgeBase`) → the entry with its version;
+//!   `DELETE /api/kb/entries/ID` → a new version without it (the import's steps, the import
+//!   slot); `GET /api/kb/export` → the entries as the JSON array an import reads back
 //! - `POST /api/kb/try` `{"text"}` (`TryKnowledgeBase`) → `{"intent","confidence","answer",
 //!   "fallback",...}`
 //! - `POST /api/kb/import` CSV or JSON body (`ManageKnowledgeBase`) → `{"version","entries",
@@ -51,8 +54,8 @@ pub const MAX_AUDIT_RECORDS: usize = 1000;
 pub const DEFAULT_ENTRIES: usize = 200;
 /// Most entries one `GET /api/kb/entries` returns.
 pub const MAX_ENTRIES: usize = 1000;
-/// Longest `text` `POST /api/kb/try` takes, in bytes (a visitor message's order of size).
-pub const MAX_TRY_BYTES: usize = 4096;
+/// Longest `text` `POST /api/kb/try` takes, in characters (a visitor message's order of size).
+pub const MAX_TRY_CHARS: usize = 4096;
 
 /// An admin request, parsed and authorized.
 #[derive(Debug, PartialEq, Eq)]
@@ -73,6 +76,21 @@ pub enum AdminPlan {
         by: String,
         format: Format,
     },
+    /// One entry of the current version.
+    KbEntry {
+        id: String,
+    },
+    /// A new version without entry `id` (re-embedded and trained like an import).
+    KbDeleteEntry {
+        by: String,
+        id: String,
+    },
+    /// Every entry of the current version as a JSON array that `POST /api/kb/import` takes.
+    KbExport,
+    /// A canned-reply request (see [`super::canned`]).
+    Canned(super::canned::CannedPlan),
+    /// A conversation or queue request (see [`super::conversations`]).
+    Conversations(super::conversations::ConversationPlan),
     /// The current version's snapshot file: its version, length and hash.
     KbSyncState,
     /// A delta, a plan or a regions delta for a replica (see [`SyncRequest`]).
@@ -191,21 +209,52 @@ pub fn entries(
         }
         matched += 1;
         if listed.len() < limit {
-            listed.push(json!({
-                "id": entry.id,
-                "category": entry.intent,
-                "intent": entry.intent,
-                "questions": entry.questions,
-                "question": entry.questions.first(),
-                "answer": entry.answer,
-                "tags": entry.tags,
-            }));
+            listed.push(entry_json(entry));
         }
     }
     ApiResponse::json(
         200,
         json!({"version": version, "total": all.len(), "matched": matched, "entries": listed}),
     )
+}
+
+/// An entry as the API shows it (`category` and `intent` are the same).
+fn entry_json(entry: &Entry) -> serde_json::Value {
+    json!({
+        "id": entry.id,
+        "category": entry.intent,
+        "intent": entry.intent,
+        "questions": entry.questions,
+        "question": entry.questions.first(),
+        "answer": entry.answer,
+        "tags": entry.tags,
+    })
+}
+
+fn unknown_entry(id: &str) -> ApiResponse {
+    ApiResponse::error(
+        404,
+        "unknown_entry",
+        format_args!("the knowledge base has no entry {id:?}"),
+    )
+}
+
+/// `GET /api/kb/entries/ID`: the entry with that id in `version`, with the version.
+pub fn entry(version: Option<u64>, all: &[Entry], id: &str) -> ApiResponse {
+    match all.iter().find(|entry| entry.id == id) {
+        Some(entry) => {
+            let mut body = entry_json(entry);
+            body["version"] = json!(version);
+            ApiResponse::json(200, body)
+        }
+        None => unknown_entry(id),
+    }
+}
+
+/// `GET /api/kb/export`: every entry, in knowledge-base order, as the JSON array
+/// `POST /api/kb/import` (and `switchboard kb import`) reads back to the same entries.
+pub fn export(all: &[Entry]) -> ApiResponse {
+    ApiResponse::json(200, json!(all))
 }
 
 /// `POST /api/kb/try` body.
@@ -301,6 +350,57 @@ pub fn import(
             );
         }
     };
+    let event = AuditEvent::new("kb_imported", by).target("api");
+    store_version(config, shards, entries, event, peer, started)
+}
+
+/// `DELETE /api/kb/entries/ID`: a new version holding every entry of `current` but `id`,
+/// embedded, trained and stored like an import (the same cost: every question is embedded
+/// again). `404 unknown_entry` when there is no such entry, `409 last_entry` when it is the
+/// only one (a knowledge base is never empty). Blocking: run it on its own thread.
+pub fn delete_entry(
+    config: &Config,
+    shards: usize,
+    current: Vec<Entry>,
+    id: &str,
+    by: &str,
+    peer: Option<IpAddr>,
+) -> ApiResponse {
+    let started = Instant::now();
+    if !current.iter().any(|entry| entry.id == id) {
+        return unknown_entry(id);
+    }
+    if current.len() == 1 {
+        return ApiResponse::error(
+            409,
+            "last_entry",
+            "this is the knowledge base's only entry: import a new knowledge base instead",
+        );
+    }
+    let rest: Vec<Entry> = current.into_iter().filter(|entry| entry.id != id).collect();
+    let event = AuditEvent::new("kb_entry_deleted", by)
+        .target("api")
+        .detail("entry", id);
+    let mut response = store_version(config, shards, rest, event, peer, started);
+    if response.status == 200 {
+        if let Ok(mut body) = serde_json::from_str::<serde_json::Value>(&response.body) {
+            body["deleted"] = json!(id);
+            response.body = body.to_string();
+        }
+    }
+    response
+}
+
+/// Embeds and trains `entries` and stores them as one new version in every shard's replica,
+/// then records `event` (with the version and counts) in the audit chain.
+fn store_version(
+    config: &Config,
+    shards: usize,
+    entries: Vec<Entry>,
+    event: AuditEvent,
+    peer: Option<IpAddr>,
+    started: Instant,
+) -> ApiResponse {
     // Like the CLI: two intra-op threads at most, off the serving path.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
     let mut encoder = match ModelSettings::from_config(config, threads).load() {
@@ -337,8 +437,7 @@ pub fn import(
         }
     };
     let questions = prepared.question_count();
-    let mut event = AuditEvent::new("kb_imported", by)
-        .target("api")
+    let mut event = event
         .detail("version", version)
         .detail("entries", prepared.entries.len() as u64)
         .detail("questions", questions as u64);
@@ -350,9 +449,8 @@ pub fn import(
         version,
         entries = prepared.entries.len(),
         questions,
-        by,
         seconds = started.elapsed().as_secs_f64(),
-        "knowledge base imported over the API"
+        "knowledge-base version stored over the API"
     );
     ApiResponse::json(
         200,

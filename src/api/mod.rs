@@ -14,8 +14,15 @@
 //!   `POST /api/agents/NAME/enable`, `PUT /api/agents/NAME/role`, and
 //!   `PATCH /api/agents/NAME` `{"role"?, "disabled"?}` (admin: `ManageAgents`)
 //! - the admin endpoints of [`admin`]: `GET /api/audit`, `GET /api/kb/entries`,
-//!   `POST /api/kb/try`, `POST /api/kb/import`, `GET|POST /api/kb/sync`; [`plan`] parses and authorizes them into a
-//!   [`Plan::Admin`] that the shard driver carries out with its shard's resources.
+//!   `GET|DELETE /api/kb/entries/ID`, `GET /api/kb/export`, `POST /api/kb/try`,
+//!   `POST /api/kb/import`, `GET|POST /api/kb/sync`; the canned replies of [`canned`]
+//!   (`/api/canned[/ID]`); the conversations and the queue of [`conversations`]
+//!   (`/api/conversations[/export|/ID[/transcript]]`, `/api/queue`). [`plan`] parses and
+//!   authorizes them into a [`Plan::Admin`] that the shard driver carries out with its shard's
+//!   resources (and, for conversations, the other shards' through the mesh).
+//!
+//! `docs/openapi.yaml` describes every endpoint; `tests/openapi.rs` checks the server against
+//! it with schemathesis.
 //!
 //! Invariants:
 //! - Every error has one shape, `{"error":{"code":"...","message":"..."}}`, with a proper
@@ -25,6 +32,8 @@
 //!   same 401 body.
 
 pub mod admin;
+pub mod canned;
+pub mod conversations;
 
 use std::net::IpAddr;
 
@@ -35,6 +44,8 @@ use crate::auth::accounts::Account;
 use crate::auth::rbac::{self, Action, Role};
 use crate::auth::{self, clock, events, manage, Authority, LoginRefusal, TokenRefusal};
 use admin::AdminPlan;
+use canned::CannedPlan;
+use conversations::ConversationPlan;
 
 /// A request as the API sees it.
 #[derive(Clone, Copy, Debug)]
@@ -51,12 +62,18 @@ pub struct ApiRequest<'a> {
     pub peer: Option<IpAddr>,
 }
 
-/// A complete response: status, JSON body, and `Retry-After` seconds for a 429.
+/// A complete response: status, body (JSON unless `content_type` says otherwise), and
+/// `Retry-After` seconds for a 429.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApiResponse {
     pub status: u16,
     pub body: String,
     pub retry_after: Option<u64>,
+    /// `application/json` but for a transcript as text and an NDJSON export.
+    pub content_type: &'static str,
+    /// More headers: `Allow` on a 405, `X-Next-Cursor` where the next page of a paged
+    /// non-JSON answer (the export) starts.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiResponse {
@@ -65,6 +82,19 @@ impl ApiResponse {
             status,
             body: value.to_string(),
             retry_after: None,
+            content_type: "application/json",
+            headers: Vec::new(),
+        }
+    }
+
+    /// A 200 whose body is not JSON (`text/plain; charset=utf-8`, `application/x-ndjson`).
+    pub fn other(content_type: &'static str, body: String) -> ApiResponse {
+        ApiResponse {
+            status: 200,
+            body,
+            retry_after: None,
+            content_type,
+            headers: Vec::new(),
         }
     }
 
@@ -168,13 +198,29 @@ struct RoleBody {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PatchBody {
+    #[serde(default, deserialize_with = "present")]
     role: Option<String>,
+    #[serde(default, deserialize_with = "present")]
     disabled: Option<bool>,
+}
+
+/// A field that may be left out but, when present, must not be `null`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 fn parse_role(role: &str) -> Result<Role, ApiResponse> {
     role.parse::<Role>()
         .map_err(|err| ApiResponse::error(400, "bad_request", err))
+}
+
+/// `limit` from the query string: absent → `default`, else 1..=`max` (400 otherwise).
+fn limit_param(req: &ApiRequest<'_>, default: usize, max: usize) -> Result<usize, ApiResponse> {
+    admin::parse_limit(query_param(req, "limit").as_deref(), default, max)
 }
 
 /// A query parameter, percent-decoded (`None` when absent or undecodable).
@@ -200,12 +246,75 @@ fn parse_body<'de, T: Deserialize<'de>>(req: &ApiRequest<'de>) -> Result<T, ApiR
     })
 }
 
+/// 405 with `Allow`; `allowed` reads like "GET or POST".
 fn method_not_allowed(allowed: &str) -> ApiResponse {
-    ApiResponse::error(
+    let mut response = ApiResponse::error(
         405,
         "method_not_allowed",
         format_args!("this endpoint takes {allowed}"),
-    )
+    );
+    response
+        .headers
+        .push(("Allow", allowed.replace(" or ", ", ")));
+    response
+}
+
+/// An admin may not disable their own account or change its role over the API: the request
+/// that would lock the last admin out (or leave the caller without the rights they used) is
+/// refused with `409 own_account`. Another admin, or `switchboard agent` on the host, can.
+fn keeps_own_access(
+    admin: &Account,
+    name: &str,
+    role: Option<Role>,
+    disabled: Option<bool>,
+) -> Result<(), ApiResponse> {
+    let own = admin.name == name;
+    if own && (disabled == Some(true) || role.is_some_and(|role| role != admin.role)) {
+        return Err(ApiResponse::error(
+            409,
+            "own_account",
+            "an admin cannot disable or change the role of their own account; another admin can",
+        ));
+    }
+    Ok(())
+}
+
+/// What the API trims from free text: space, tab, CR and LF (the same set `docs/openapi.yaml`
+/// names, so a client's validator and the server agree on what is blank).
+pub const ASCII_BLANKS: &[char] = &[' ', '\t', '\r', '\n'];
+
+/// A path segment as text (percent-decoded, 1..=256 characters), or a 400.
+fn path_text(segment: &str) -> Result<String, ApiResponse> {
+    match crate::http::decode_path_segment(segment) {
+        Some(text) if !text.is_empty() && text.chars().count() <= 256 => Ok(text.into_owned()),
+        _ => Err(ApiResponse::error(
+            400,
+            "bad_request",
+            "the id in the path must be 1 to 256 characters of UTF-8",
+        )),
+    }
+}
+
+/// A numeric id in the path, or a 400.
+fn path_number(segment: &str) -> Result<u64, ApiResponse> {
+    segment.parse::<u64>().map_err(|_| {
+        ApiResponse::error(
+            400,
+            "bad_request",
+            "the id in the path must be a whole number",
+        )
+    })
+}
+
+/// The agent a conversation search looks for: the account's display name signs their
+/// messages; an unknown name (an account since renamed, a static development account) is
+/// matched as it is.
+fn agent_filter(authority: &Authority, id: String) -> crate::conversation::query::AgentFilter {
+    let display = match authority.store().get(&id) {
+        Ok(Some(account)) => account.display,
+        _ => id.clone(),
+    };
+    crate::conversation::query::AgentFilter { id, display }
 }
 
 /// The bearer token's account, with the RBAC check for `action`.
@@ -329,10 +438,12 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 return Err(method_not_allowed("POST"));
             }
             let admin = authorize(req, authority, Action::ManageAgents, now)?;
+            let disabled = *verb == "disable";
+            keeps_own_access(&admin, name, None, Some(disabled))?;
             Ok(Plan::SetDisabled {
                 by: by(&admin),
                 name: (*name).to_owned(),
-                disabled: *verb == "disable",
+                disabled,
             })
         }
         ["agents", name, "role"] => {
@@ -345,6 +456,7 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 .role
                 .parse::<Role>()
                 .map_err(|err| ApiResponse::error(400, "bad_request", err))?;
+            keeps_own_access(&admin, name, Some(role), None)?;
             Ok(Plan::SetRole {
                 by: by(&admin),
                 name: (*name).to_owned(),
@@ -365,6 +477,7 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                     "send \"role\" and/or \"disabled\"",
                 ));
             }
+            keeps_own_access(&admin, name, role, body.disabled)?;
             Ok(Plan::Patch {
                 by: by(&admin),
                 name: (*name).to_owned(),
@@ -377,11 +490,7 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 return Err(method_not_allowed("GET"));
             }
             authorize(req, authority, Action::ViewAudit, now)?;
-            let limit = admin::parse_limit(
-                query_param(req, "limit").as_deref(),
-                admin::DEFAULT_AUDIT_RECORDS,
-                admin::MAX_AUDIT_RECORDS,
-            )?;
+            let limit = limit_param(req, admin::DEFAULT_AUDIT_RECORDS, admin::MAX_AUDIT_RECORDS)?;
             Ok(Plan::Admin(AdminPlan::Audit { limit }))
         }
         ["kb", "entries"] => {
@@ -389,15 +498,160 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
                 return Err(method_not_allowed("GET"));
             }
             authorize(req, authority, Action::ManageKnowledgeBase, now)?;
-            let limit = admin::parse_limit(
-                query_param(req, "limit").as_deref(),
-                admin::DEFAULT_ENTRIES,
-                admin::MAX_ENTRIES,
-            )?;
+            let limit = limit_param(req, admin::DEFAULT_ENTRIES, admin::MAX_ENTRIES)?;
             Ok(Plan::Admin(AdminPlan::KbEntries {
                 query: query_param(req, "q"),
                 limit,
             }))
+        }
+        ["kb", "entries", id] => {
+            let id = path_text(id)?;
+            match req.method {
+                "GET" => {
+                    authorize(req, authority, Action::ManageKnowledgeBase, now)?;
+                    Ok(Plan::Admin(AdminPlan::KbEntry { id }))
+                }
+                "DELETE" => {
+                    let admin = authorize(req, authority, Action::ManageKnowledgeBase, now)?;
+                    Ok(Plan::Admin(AdminPlan::KbDeleteEntry { by: by(&admin), id }))
+                }
+                _ => Err(method_not_allowed("GET or DELETE")),
+            }
+        }
+        ["kb", "export"] => {
+            if req.method != "GET" {
+                return Err(method_not_allowed("GET"));
+            }
+            authorize(req, authority, Action::ManageKnowledgeBase, now)?;
+            Ok(Plan::Admin(AdminPlan::KbExport))
+        }
+        ["canned"] => match req.method {
+            "GET" => {
+                authorize(req, authority, Action::UseCannedReplies, now)?;
+                let after =
+                    conversations::parse_number(query_param(req, "after").as_deref(), "after")?;
+                let limit = limit_param(req, canned::DEFAULT_LIST, canned::MAX_LIST)?;
+                Ok(Plan::Admin(AdminPlan::Canned(CannedPlan::List {
+                    after: after.unwrap_or(0),
+                    limit,
+                    query: query_param(req, "q"),
+                })))
+            }
+            "POST" => {
+                let manager = authorize(req, authority, Action::ManageCannedReplies, now)?;
+                Ok(Plan::Admin(AdminPlan::Canned(CannedPlan::Create {
+                    by: by(&manager),
+                    content: parse_body(req)?,
+                })))
+            }
+            _ => Err(method_not_allowed("GET or POST")),
+        },
+        ["canned", id] => {
+            let id = path_number(id)?;
+            match req.method {
+                "GET" => {
+                    authorize(req, authority, Action::UseCannedReplies, now)?;
+                    Ok(Plan::Admin(AdminPlan::Canned(CannedPlan::Get { id })))
+                }
+                "PUT" => {
+                    let manager = authorize(req, authority, Action::ManageCannedReplies, now)?;
+                    Ok(Plan::Admin(AdminPlan::Canned(CannedPlan::Replace {
+                        by: by(&manager),
+                        id,
+                        content: parse_body(req)?,
+                    })))
+                }
+                "DELETE" => {
+                    let manager = authorize(req, authority, Action::ManageCannedReplies, now)?;
+                    Ok(Plan::Admin(AdminPlan::Canned(CannedPlan::Delete {
+                        by: by(&manager),
+                        id,
+                    })))
+                }
+                _ => Err(method_not_allowed("GET, PUT or DELETE")),
+            }
+        }
+        ["conversations"] | ["conversations", "export"] => {
+            if req.method != "GET" {
+                return Err(method_not_allowed("GET"));
+            }
+            authorize(req, authority, Action::ReadAnyConversation, now)?;
+            let export = segments.len() == 2;
+            let (mut filter, agent) = conversations::parse_filter(|name| query_param(req, name))?;
+            filter.agent = agent.map(|id| agent_filter(authority, id));
+            let before =
+                conversations::parse_number(query_param(req, "before").as_deref(), "before")?;
+            let (default, max) = if export {
+                (conversations::DEFAULT_EXPORT, conversations::MAX_EXPORT)
+            } else {
+                (conversations::DEFAULT_SEARCH, conversations::MAX_SEARCH)
+            };
+            let limit = limit_param(req, default, max)?;
+            Ok(Plan::Admin(AdminPlan::Conversations(if export {
+                ConversationPlan::Export {
+                    filter,
+                    before,
+                    limit,
+                }
+            } else {
+                ConversationPlan::Search {
+                    filter,
+                    before,
+                    limit,
+                }
+            })))
+        }
+        ["conversations", id] => {
+            let id = path_number(id)?;
+            if req.method != "GET" {
+                return Err(method_not_allowed("GET"));
+            }
+            authorize(req, authority, Action::ReadAnyConversation, now)?;
+            Ok(Plan::Admin(AdminPlan::Conversations(
+                ConversationPlan::Get { id },
+            )))
+        }
+        ["conversations", id, "transcript"] => {
+            let id = path_number(id)?;
+            if req.method != "GET" {
+                return Err(method_not_allowed("GET"));
+            }
+            authorize(req, authority, Action::ReadAnyConversation, now)?;
+            let format = match query_param(req, "format").as_deref() {
+                None | Some("json") => conversations::TranscriptFormat::Json,
+                Some("text") => conversations::TranscriptFormat::Text,
+                Some(_) => {
+                    return Err(ApiResponse::error(
+                        400,
+                        "bad_request",
+                        "format must be json or text",
+                    ))
+                }
+            };
+            let after = conversations::parse_number(query_param(req, "after").as_deref(), "after")?;
+            let limit = limit_param(
+                req,
+                conversations::DEFAULT_TRANSCRIPT,
+                conversations::MAX_TRANSCRIPT,
+            )?;
+            Ok(Plan::Admin(AdminPlan::Conversations(
+                ConversationPlan::Transcript {
+                    id,
+                    format,
+                    after: after.unwrap_or(0),
+                    limit,
+                },
+            )))
+        }
+        ["queue"] => {
+            if req.method != "GET" {
+                return Err(method_not_allowed("GET"));
+            }
+            authorize(req, authority, Action::ViewQueue, now)?;
+            let limit = limit_param(req, conversations::DEFAULT_QUEUE, conversations::MAX_QUEUE)?;
+            Ok(Plan::Admin(AdminPlan::Conversations(
+                ConversationPlan::Queue { limit },
+            )))
         }
         ["kb", "try"] => {
             if req.method != "POST" {
@@ -405,12 +659,15 @@ pub fn plan(req: &ApiRequest<'_>, authority: &Authority, now: u64) -> Result<Pla
             }
             authorize(req, authority, Action::TryKnowledgeBase, now)?;
             let body: admin::TryBody = parse_body(req)?;
-            let text = body.text.trim();
-            if text.is_empty() || text.len() > admin::MAX_TRY_BYTES {
+            let text = body.text.trim_matches(ASCII_BLANKS);
+            if text.is_empty() || body.text.chars().count() > admin::MAX_TRY_CHARS {
                 return Err(ApiResponse::error(
                     400,
                     "bad_request",
-                    format_args!("text must be 1 to {} bytes", admin::MAX_TRY_BYTES),
+                    format_args!(
+                        "text must be 1 to {} characters, not all blank",
+                        admin::MAX_TRY_CHARS
+                    ),
                 ));
             }
             Ok(Plan::Admin(AdminPlan::KbTry {
@@ -946,10 +1203,185 @@ mod tests {
     }
 
     #[test]
+    fn new_endpoints_check_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = authority(dir.path());
+        let json = Some("application/json");
+        let reply = r#"{"title":"Hi","text":"Hello!"}"#;
+        // method, path, query, body, the action it needs
+        let cases: [(&str, &str, Option<&str>, &str, Action); 12] = [
+            (
+                "GET",
+                "/api/kb/entries/card%20arrival",
+                None,
+                "",
+                Action::ManageKnowledgeBase,
+            ),
+            (
+                "DELETE",
+                "/api/kb/entries/refund",
+                None,
+                "",
+                Action::ManageKnowledgeBase,
+            ),
+            (
+                "GET",
+                "/api/kb/export",
+                None,
+                "",
+                Action::ManageKnowledgeBase,
+            ),
+            (
+                "GET",
+                "/api/conversations",
+                Some("visitor=v1&status=closed&from=2026-12-01T00:00:00Z&limit=5"),
+                "",
+                Action::ReadAnyConversation,
+            ),
+            (
+                "GET",
+                "/api/conversations/257",
+                None,
+                "",
+                Action::ReadAnyConversation,
+            ),
+            (
+                "GET",
+                "/api/conversations/257/transcript",
+                Some("format=text&after=3"),
+                "",
+                Action::ReadAnyConversation,
+            ),
+            (
+                "GET",
+                "/api/conversations/export",
+                Some("to=1000"),
+                "",
+                Action::ReadAnyConversation,
+            ),
+            ("GET", "/api/queue", Some("limit=3"), "", Action::ViewQueue),
+            (
+                "GET",
+                "/api/canned",
+                Some("q=hi&after=2"),
+                "",
+                Action::UseCannedReplies,
+            ),
+            (
+                "POST",
+                "/api/canned",
+                None,
+                reply,
+                Action::ManageCannedReplies,
+            ),
+            (
+                "PUT",
+                "/api/canned/1",
+                None,
+                reply,
+                Action::ManageCannedReplies,
+            ),
+            (
+                "DELETE",
+                "/api/canned/1",
+                None,
+                "",
+                Action::ManageCannedReplies,
+            ),
+        ];
+        for name in ["al", "sue", "root"] {
+            let token = login(&auth, name);
+            let role = auth.verify_token(&token, 100).unwrap().1.role;
+            for (method, path, query, body, action) in cases {
+                let planned = plan_of(&auth, method, path, query, Some(&token), json, body);
+                if rbac::allows(role, action) {
+                    assert!(
+                        matches!(planned, Ok(Plan::Admin(_))),
+                        "{role} {method} {path}: {planned:?}"
+                    );
+                } else {
+                    assert_eq!(planned.unwrap_err().status, 403, "{role} {method} {path}");
+                }
+                let anonymous = plan_of(&auth, method, path, query, None, json, body);
+                assert_eq!(anonymous.unwrap_err().status, 401, "{method} {path}");
+            }
+        }
+        let root = login(&auth, "root");
+        let planned =
+            |method, path, query| plan_of(&auth, method, path, query, Some(&root), json, "");
+        // What the plans carry: the decoded entry id, the parsed filters and paging.
+        let Ok(Plan::Admin(AdminPlan::KbEntry { id })) =
+            planned("GET", "/api/kb/entries/card%20arrival", None)
+        else {
+            panic!()
+        };
+        assert_eq!(id, "card arrival");
+        let Ok(Plan::Admin(AdminPlan::Conversations(ConversationPlan::Search {
+            filter,
+            before,
+            limit,
+        }))) = planned(
+            "GET",
+            "/api/conversations",
+            Some("agent=al&status=assigned&before=513&limit=7"),
+        )
+        else {
+            panic!()
+        };
+        assert_eq!((before, limit), (Some(513), 7));
+        assert_eq!(filter.agent.map(|a| a.id), Some("al".to_owned()));
+        let status = |method, path, query| {
+            planned(method, path, query)
+                .map(|_| 200)
+                .unwrap_or_else(|r| r.status)
+        };
+        assert_eq!(status("GET", "/api/conversations/abc", None), 400);
+        assert_eq!(
+            status("GET", "/api/conversations/1/transcript", Some("format=pdf")),
+            400
+        );
+        assert_eq!(status("GET", "/api/conversations", Some("limit=501")), 400);
+        assert_eq!(
+            status("GET", "/api/conversations/export", Some("limit=1001")),
+            400
+        );
+        assert_eq!(status("POST", "/api/queue", None), 405);
+        assert_eq!(status("PATCH", "/api/canned/1", None), 405);
+        assert_eq!(status("GET", "/api/canned/-1", None), 400);
+        assert_eq!(status("GET", "/api/canned", Some("after=x")), 400);
+        assert_eq!(status("GET", "/api/kb/entries/%ZZ", None), 400);
+    }
+
+    #[test]
     fn patch_changes_role_and_disabled() {
         let dir = tempfile::tempdir().unwrap();
         let auth = authority(dir.path());
         let root = login(&auth, "root");
+        // Not one's own account: that could lock the last admin out.
+        for (method, path, body) in [
+            ("POST", "/api/agents/root/disable", ""),
+            ("PUT", "/api/agents/root/role", r#"{"role":"agent"}"#),
+            ("PATCH", "/api/agents/root", r#"{"disabled":true}"#),
+        ] {
+            let (status, reply) = call(&auth, method, path, Some(&root), body);
+            assert_eq!(
+                (status, reply["error"]["code"].as_str()),
+                (409, Some("own_account")),
+                "{method} {path}"
+            );
+        }
+        assert_eq!(
+            call(
+                &auth,
+                "PUT",
+                "/api/agents/root/role",
+                Some(&root),
+                r#"{"role":"admin"}"#
+            )
+            .0,
+            200,
+            "keeping one's role is no change"
+        );
         let (status, body) = call(
             &auth,
             "PATCH",

@@ -9,7 +9,8 @@
 //! - `agent` works the queue and acts only on conversations assigned to them (the owner
 //!   state machine additionally refuses `not_assigned` for everything else);
 //! - `supervisor` does what an agent does, sees every conversation, transfers any
-//!   conversation, and reads metrics and the audit log;
+//!   conversation, manages the canned replies every agent reads, and reads metrics and the
+//!   audit log;
 //! - `admin` manages agent accounts, the knowledge base and the configuration, and has
 //!   every supervisor right.
 
@@ -94,6 +95,10 @@ pub enum Action {
     ManageKnowledgeBase,
     /// Ask the knowledge base a question as a visitor would (`POST /api/kb/try`).
     TryKnowledgeBase,
+    /// Read the canned replies (to paste them into a conversation in the console).
+    UseCannedReplies,
+    /// Create, change and delete canned replies.
+    ManageCannedReplies,
     /// Change the configuration.
     ManageConfig,
     /// Read the audit log.
@@ -106,7 +111,7 @@ pub enum Action {
 
 impl Action {
     /// Every action, in row order of the table.
-    pub const ALL: [Action; 14] = [
+    pub const ALL: [Action; 16] = [
         Action::ViewQueue,
         Action::AcceptConversation,
         Action::MessageAssigned,
@@ -117,6 +122,8 @@ impl Action {
         Action::ManageAgents,
         Action::ManageKnowledgeBase,
         Action::TryKnowledgeBase,
+        Action::UseCannedReplies,
+        Action::ManageCannedReplies,
         Action::ManageConfig,
         Action::ViewAudit,
         Action::ViewMetrics,
@@ -141,6 +148,8 @@ const fn row(action: Action) -> [bool; 3] {
         Action::ManageAgents => [N, N, Y],
         Action::ManageKnowledgeBase => [N, N, Y],
         Action::TryKnowledgeBase => [N, Y, Y],
+        Action::UseCannedReplies => [Y, Y, Y],
+        Action::ManageCannedReplies => [N, Y, Y],
         Action::ManageConfig => [N, N, Y],
         Action::ViewAudit => [N, Y, Y],
         Action::ViewMetrics => [N, Y, Y],
@@ -169,6 +178,8 @@ mod tests {
         (Role::Agent, Action::CloseAssigned, true),
         (Role::Agent, Action::ManageAgents, false),
         (Role::Agent, Action::ManageKnowledgeBase, false),
+        (Role::Agent, Action::UseCannedReplies, true),
+        (Role::Agent, Action::ManageCannedReplies, false),
         (Role::Agent, Action::TryKnowledgeBase, false),
         (Role::Agent, Action::ManageConfig, false),
         (Role::Agent, Action::ViewAudit, false),
@@ -183,6 +194,8 @@ mod tests {
         (Role::Supervisor, Action::CloseAssigned, true),
         (Role::Supervisor, Action::ManageAgents, false),
         (Role::Supervisor, Action::ManageKnowledgeBase, false),
+        (Role::Supervisor, Action::UseCannedReplies, true),
+        (Role::Supervisor, Action::ManageCannedReplies, true),
         (Role::Supervisor, Action::TryKnowledgeBase, true),
         (Role::Supervisor, Action::ManageConfig, false),
         (Role::Supervisor, Action::ViewAudit, true),
@@ -197,6 +210,8 @@ mod tests {
         (Role::Admin, Action::CloseAssigned, true),
         (Role::Admin, Action::ManageAgents, true),
         (Role::Admin, Action::ManageKnowledgeBase, true),
+        (Role::Admin, Action::UseCannedReplies, true),
+        (Role::Admin, Action::ManageCannedReplies, true),
         (Role::Admin, Action::TryKnowledgeBase, true),
         (Role::Admin, Action::ManageConfig, true),
         (Role::Admin, Action::ViewAudit, true),

@@ -473,6 +473,14 @@ fn serve(
             return ExitCode::from(code);
         }
     };
+    // One canned-replies environment per process too.
+    let canned = match crate::canned::CannedStore::open(&config.storage.dir) {
+        Ok(store) => Arc::new(store),
+        Err(err) => {
+            eprintln!("switchboard: cannot start: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     if config.agents.dev_static_tokens {
         tracing::warn!(
             accounts = config.agents.accounts.len(),
@@ -554,6 +562,7 @@ fn serve(
         metrics: metrics.clone(),
         audit: audit.clone(),
         authority,
+        canned,
         tls: tls.clone(),
         handlers: registry,
         liveness: liveness.clone(),

@@ -25,6 +25,7 @@ pub mod dispatch;
 pub mod identity;
 pub mod owner;
 pub mod protocol;
+pub mod query;
 pub mod router;
 #[cfg(test)]
 mod simulation;

@@ -19,6 +19,14 @@
 //! encoding, hashing and diffing the snapshot) on a `kb-sync` thread. The bodies of
 //! `POST /api/kb/import` and `POST /api/kb/sync` are bounded by `[api] max_import_bytes`,
 //! every other body by `[api] max_body_bytes`.
+//!
+//! Canned replies are read and written on the blocking thread (the process's one
+//! [`crate::canned::CannedStore`]). Conversation and queue requests ask the shards that hold
+//! the answer through the mesh (`ShardMessage::Query`; every shard of a search at once, the
+//! owner of one conversation, the dispatcher for the queue), wait up to
+//! [`SHARD_ANSWER_TIMEOUT`] for each answer (503 `shard_unavailable` after it) and merge the
+//! pages (`conversation::query::merge`); each shard reads its own store on its own blocking
+//! thread.
 
 use std::net::IpAddr;
 use std::ops::Range;
@@ -27,13 +35,19 @@ use std::rc::Rc;
 
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::Shard;
+use std::time::Duration;
+
+use super::{Shard, ShardMessage};
 use crate::api::admin::{self, AdminPlan};
+use crate::api::canned;
+use crate::api::conversations::{self, ConversationPlan};
 use crate::api::{self, ApiRequest, ApiResponse, Plan};
 use crate::auth::{clock, events};
+use crate::conversation::query::{self, Answer, Query, Question};
 use crate::http::{self, RequestHead};
 use crate::kb::{self, KbError, KbReplica, ReplicaReader};
 use crate::metrics::ShardMetrics;
+use crate::store::ConversationId;
 
 /// Answers one API request on `stream` and closes it. `buffer[leftover]` are body bytes
 /// that arrived with the head.
@@ -54,12 +68,18 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         .as_deref()
         .map(|secs| ("Retry-After", secs))
         .into_iter()
+        .chain(
+            response
+                .headers
+                .iter()
+                .map(|(name, value)| (*name, value.as_str())),
+        )
         .collect();
     let mut out = shard.buffers.take();
     http::write_response(
         &mut out,
         response.status,
-        "application/json",
+        response.content_type,
         response.body.as_bytes(),
         &extra,
     );
@@ -170,26 +190,47 @@ async fn answer_admin(
                 .unwrap_or_else(|_| stopping())
         }
         AdminPlan::KbEntries { query, limit } => {
+            with_entries(shard, move |version, entries| {
+                admin::entries(version, &entries, query.as_deref(), limit)
+            })
+            .await
+        }
+        AdminPlan::KbEntry { id } => {
+            with_entries(shard, move |version, entries| {
+                admin::entry(version, &entries, &id)
+            })
+            .await
+        }
+        AdminPlan::KbExport => with_entries(shard, |_, entries| admin::export(&entries)).await,
+        AdminPlan::KbDeleteEntry { by, id } => {
+            let slot = match admin::ImportSlot::take() {
+                Ok(slot) => slot,
+                Err(busy) => return busy,
+            };
+            let config = shard.config();
+            let shards = shard.shard_count;
             let replica = ShardReplica::of(shard);
+            on_own_thread("kb-import", move || {
+                let _slot = slot;
+                match replica.entries() {
+                    Ok((_, current)) => {
+                        admin::delete_entry(&config, shards, current, &id, &by, peer)
+                    }
+                    Err(err) => unreadable(&err),
+                }
+            })
+            .await
+        }
+        AdminPlan::Canned(plan) => {
+            let store = shard.canned.clone();
             shard
                 .router
                 .blocking_jobs()
-                .run(move || {
-                    let listed = || -> Result<ApiResponse, KbError> {
-                        let reader = replica.reader()?;
-                        let view = reader.read()?;
-                        let version = view.version()?;
-                        let entries = view.entries()?;
-                        Ok(admin::entries(version, &entries, query.as_deref(), limit))
-                    };
-                    listed().unwrap_or_else(|err| {
-                        tracing::error!(error = %err, "knowledge-base replica unreadable");
-                        ApiResponse::error(500, "internal", "the knowledge base could not be read")
-                    })
-                })
+                .run(move || canned::execute(plan, &store, clock::unix_now()))
                 .await
                 .unwrap_or_else(|_| stopping())
         }
+        AdminPlan::Conversations(plan) => answer_conversations(shard, plan).await,
         AdminPlan::KbTry { text } => {
             let Some(engine) = shard.router.engine() else {
                 return ApiResponse::error(
@@ -239,6 +280,185 @@ async fn answer_admin(
     }
 }
 
+/// Reads the current knowledge-base version's entries on the shard's blocking thread and
+/// answers with `answer(version, entries)`.
+async fn with_entries(
+    shard: &Rc<Shard>,
+    answer: impl FnOnce(Option<u64>, Vec<kb::Entry>) -> ApiResponse + Send + 'static,
+) -> ApiResponse {
+    let replica = ShardReplica::of(shard);
+    shard
+        .router
+        .blocking_jobs()
+        .run(move || match replica.entries() {
+            Ok((version, entries)) => answer(version, entries),
+            Err(err) => unreadable(&err),
+        })
+        .await
+        .unwrap_or_else(|_| stopping())
+}
+
+fn unreadable(err: &KbError) -> ApiResponse {
+    tracing::error!(error = %err, "knowledge-base replica unreadable");
+    ApiResponse::error(500, "internal", "the knowledge base could not be read")
+}
+
+/// How long a request waits for another shard's answer before giving up with 503.
+const SHARD_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks shard `to` a question through the mesh and waits for its answer; `None` when it does
+/// not answer in time or dropped the question (it is stopping).
+async fn ask(shard: &Shard, to: usize, question: Question) -> Option<Answer> {
+    answer_of(send_question(shard, to, question)).await
+}
+
+/// Sends shard `to` a question; its answer comes through the returned channel.
+fn send_question(
+    shard: &Shard,
+    to: usize,
+    question: Question,
+) -> futures_channel::oneshot::Receiver<Answer> {
+    let (reply, answer) = futures_channel::oneshot::channel();
+    shard
+        .router
+        .send(to, ShardMessage::Query(Query { question, reply }));
+    answer
+}
+
+/// The answer of a question sent, or `None` after [`SHARD_ANSWER_TIMEOUT`] or when the shard
+/// dropped it.
+async fn answer_of(answer: futures_channel::oneshot::Receiver<Answer>) -> Option<Answer> {
+    futures_lite::future::or(async { answer.await.ok() }, async {
+        glommio::timer::sleep(SHARD_ANSWER_TIMEOUT).await;
+        None
+    })
+    .await
+}
+
+fn shard_unavailable() -> ApiResponse {
+    ApiResponse::error(
+        503,
+        "shard_unavailable",
+        "a shard did not answer in time; retry shortly",
+    )
+}
+
+fn store_failed(err: &crate::store::StoreError) -> ApiResponse {
+    tracing::error!(error = %err, "conversation store unreadable");
+    ApiResponse::error(500, "internal", "the conversation store could not be read")
+}
+
+/// The conversation and queue endpoints: every shard that may hold an answer is asked
+/// through the mesh (it reads its own store on its blocking thread), and the answers merged.
+async fn answer_conversations(shard: &Rc<Shard>, plan: ConversationPlan) -> ApiResponse {
+    let shards = shard.shard_count;
+    match plan {
+        ConversationPlan::Search {
+            filter,
+            before,
+            limit,
+        } => match gather(shard, filter, before, limit, false).await {
+            Ok((found, next)) => conversations::search_page(&found, next),
+            Err(response) => response,
+        },
+        ConversationPlan::Export {
+            filter,
+            before,
+            limit,
+        } => match gather(shard, filter, before, limit, true).await {
+            Ok((found, next)) => conversations::export_page(&found, next),
+            Err(response) => response,
+        },
+        ConversationPlan::Get { id } | ConversationPlan::Transcript { id, .. }
+            if ConversationId(id).shard() >= shards =>
+        {
+            conversations::unknown(id)
+        }
+        ConversationPlan::Get { id } => {
+            let question = Question::Transcript {
+                id: ConversationId(id),
+                after: 0,
+                limit: 0,
+            };
+            match ask(shard, ConversationId(id).shard(), question).await {
+                Some(Answer::Transcript(Ok(Some(found)))) => {
+                    ApiResponse::json(200, conversations::summary(&found.conversation))
+                }
+                Some(Answer::Transcript(Ok(None))) => conversations::unknown(id),
+                Some(Answer::Transcript(Err(err))) => store_failed(&err),
+                _ => shard_unavailable(),
+            }
+        }
+        ConversationPlan::Transcript {
+            id,
+            format,
+            after,
+            limit,
+        } => {
+            let question = Question::Transcript {
+                id: ConversationId(id),
+                after,
+                limit,
+            };
+            match ask(shard, ConversationId(id).shard(), question).await {
+                Some(Answer::Transcript(Ok(Some(found)))) => {
+                    conversations::transcript(&found, format, limit)
+                }
+                Some(Answer::Transcript(Ok(None))) => conversations::unknown(id),
+                Some(Answer::Transcript(Err(err))) => store_failed(&err),
+                _ => shard_unavailable(),
+            }
+        }
+        ConversationPlan::Queue { limit } => {
+            let dispatcher = crate::conversation::dispatcher_shard(shards);
+            match ask(shard, dispatcher, Question::Queue { limit }).await {
+                Some(Answer::Queue(view)) => conversations::queue(&view),
+                _ => shard_unavailable(),
+            }
+        }
+    }
+}
+
+/// A search of every shard that may hold a match (only the visitor's own shard when the
+/// filter names a site and a visitor), merged into one page.
+async fn gather(
+    shard: &Rc<Shard>,
+    filter: query::Filter,
+    before: Option<u64>,
+    limit: usize,
+    with_messages: bool,
+) -> Result<(Vec<query::Found>, Option<u64>), ApiResponse> {
+    let shards = shard.shard_count;
+    let asked: Vec<usize> = match (&filter.site, &filter.visitor) {
+        (Some(site), Some(visitor)) => {
+            vec![crate::conversation::visitor_owner(site, visitor, shards)]
+        }
+        _ => (0..shards).collect(),
+    };
+    let search = query::Search {
+        filter,
+        before,
+        limit,
+        with_messages,
+        byte_budget: conversations::EXPORT_BYTE_BUDGET / asked.len().max(1),
+        scan_budget: query::SCAN_BUDGET,
+    };
+    // Every shard is asked before any answer is awaited, so they read in parallel.
+    let answers: Vec<_> = asked
+        .iter()
+        .map(|&to| send_question(shard, to, Question::Search(search.clone())))
+        .collect();
+    let mut pages = Vec::with_capacity(answers.len());
+    for answer in answers {
+        match answer_of(answer).await {
+            Some(Answer::Page(Ok(page))) => pages.push(page),
+            Some(Answer::Page(Err(err))) => return Err(store_failed(&err)),
+            _ => return Err(shard_unavailable()),
+        }
+    }
+    Ok(query::merge(pages, limit))
+}
+
 /// Runs `job` (seconds of work: an import, a snapshot's hash and diff) on a thread of its own
 /// named `name`, never on the event loop or the shard's blocking thread, and awaits its answer.
 async fn on_own_thread(
@@ -275,6 +495,13 @@ impl ShardReplica {
             dir: shard.config().storage.dir.clone(),
             shard: shard.id.0,
         }
+    }
+
+    /// The current version and its entries (`None` and none before the first import).
+    fn entries(&self) -> Result<(Option<u64>, Vec<kb::Entry>), KbError> {
+        let reader = self.reader()?;
+        let view = reader.read()?;
+        Ok((view.version()?, view.entries()?))
     }
 
     fn reader(&self) -> Result<ReplicaReader, KbError> {

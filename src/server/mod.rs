@@ -54,6 +54,8 @@ pub struct Shard {
     pub audit: AuditLog,
     /// Accounts, token key and settings: one per process, shared by every shard.
     pub authority: Arc<Authority>,
+    /// The canned replies: one store per process, shared by every shard.
+    pub canned: Arc<crate::canned::CannedStore>,
     /// Login attempts per IP and per account on this shard.
     pub login_limiter: RefCell<LoginLimiter>,
     /// Accept-time checks, session rates, the load sampler's state (see [`admission`]).
@@ -113,6 +115,8 @@ pub struct ShardShared {
     pub metrics: Metrics,
     pub audit: AuditLog,
     pub authority: Arc<Authority>,
+    /// The canned replies: one store per process, shared by every shard.
+    pub canned: Arc<crate::canned::CannedStore>,
     pub tls: Option<Arc<crate::tls::Certificates>>,
     /// The bot registry the shard's chains are built from (`Registry::default()` for the
     /// built-ins).
@@ -133,6 +137,7 @@ pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared
         metrics,
         audit,
         authority,
+        canned,
         tls,
         handlers,
         liveness,
@@ -175,6 +180,7 @@ pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared
         metrics,
         audit,
         authority,
+        canned,
         admission: shard_admission,
         started: Instant::now(),
         shutting_down: Cell::new(false),

@@ -110,7 +110,7 @@ pub use flusher::Flusher;
 pub use keys::{MAX_CLIENT_ID_BYTES, MAX_SITE_BYTES, MAX_VISITOR_BYTES};
 pub use layout::{check_shard_layout, LayoutError};
 pub use options::{Durability, StoreOptions, DEFAULT_LOG_BYTES, DEFAULT_MAP_SIZE};
-pub use read::{MessageIter, ReadView};
+pub use read::{ConversationIter, MessageIter, ReadView};
 pub use records::{
     ArchivedAuthor, ArchivedMessageRecord, Author, Conversation, ConversationId, ConversationState,
     MessageRecord, MAX_SHARDS,

@@ -11,7 +11,7 @@
 use std::ops::Bound;
 
 use heed::types::Bytes;
-use heed::{RoRange, RoTxn, WithoutTls};
+use heed::{RoRange, RoRevRange, RoTxn, WithoutTls};
 use rkyv::rancor;
 
 use super::error::StoreError;
@@ -122,6 +122,22 @@ impl<'s> ReadView<'s> {
         Ok(open)
     }
 
+    /// Every conversation (closed ones too) with an id below `before` (all of them without
+    /// one), highest id (newest) first, each validated and copied out as it is reached.
+    pub fn conversations_before(
+        &self,
+        before: Option<ConversationId>,
+    ) -> Result<ConversationIter<'_>, StoreError> {
+        let end = before.map(keys::conversation_key);
+        let range: (Bound<&[u8]>, Bound<&[u8]>) = match &end {
+            Some(end) => (Bound::Unbounded, Bound::Excluded(&end[..])),
+            None => (Bound::Unbounded, Bound::Unbounded),
+        };
+        Ok(ConversationIter {
+            range: self.tables.conversations.rev_range(&self.txn, &range)?,
+        })
+    }
+
     /// One stored message, read in place.
     pub fn message(
         &self,
@@ -180,6 +196,24 @@ impl<'v> Iterator for MessageIter<'v> {
                 _ => Err(corrupt("messages", key, "record seq differs from its key")),
             }
         }))
+    }
+}
+
+/// Iterator over conversations, newest first; see [`ReadView::conversations_before`].
+pub struct ConversationIter<'v> {
+    range: RoRevRange<'v, Bytes, Bytes>,
+}
+
+impl Iterator for ConversationIter<'_> {
+    type Item = Result<Conversation, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let entry = self.range.next()?;
+        Some(
+            entry
+                .map_err(StoreError::from)
+                .and_then(|(key, bytes)| decode_conversation(key, bytes)),
+        )
     }
 }
 

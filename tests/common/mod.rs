@@ -304,6 +304,20 @@ impl Drop for Server {
     }
 }
 
+/// Four BANKING77 intents with answers, for [`banking77_kb`].
+pub const BANKING77_ANSWERS: [(&str, &str); 4] = [
+    ("card_arrival", "Cards arrive within 3 working days."),
+    (
+        "lost_or_stolen_card",
+        "Freeze your card in the app right away.",
+    ),
+    (
+        "exchange_rate",
+        "We use the interbank rate plus a small margin.",
+    ),
+    ("age_limit", "You must be 18 or older to open an account."),
+];
+
 /// A knowledge-base CSV (`text,category,answer`): the first twelve questions of each intent in
 /// the committed BANKING77 split, with the given answers.
 pub fn banking77_kb(intents: &[(&str, &str)]) -> String {
@@ -442,6 +456,75 @@ fn parse_status(response: &[u8]) -> (u16, String) {
         .map(|(_, body)| body.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// An HTTP response: status, headers (names lower-case) and body.
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request with an optional bearer token and an optional `(content type, body)`
+/// (sent with `Content-Length`); waits up to five minutes for the whole answer (an import).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<(&str, &[u8])>,
+) -> HttpReply {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
+    if let Some(token) = bearer {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    if let Some((content_type, body)) = body {
+        head.push_str(&format!(
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(body.map_or(&[][..], |(_, body)| body));
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(300)))
+        .unwrap();
+    stream.write_all(&bytes).expect("send request");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    HttpReply {
+        status,
+        headers,
+        body: body.to_owned(),
+    }
 }
 
 /// A WebSocket frame as received.

@@ -120,6 +120,21 @@ test("a visitor asks a knowledge-base question on the sample bank page and sees 
 test("the visitor asks for a human; an agent accepts in the console and replies; read state updates", async () => {
   const agent = await (await browser.newContext({ viewport: DESKTOP })).newPage();
   await agentLogin(agent, server.base);
+  // A canned reply for the whole team (Alice is an admin), stored on the server; the console
+  // loads the team's replies when it starts, so reload it.
+  const created = await agent.evaluate(async () => {
+    const { token } = JSON.parse(sessionStorage.getItem("switchboard.session"));
+    const body = { title: "Team welcome", text: "Welcome! A colleague will be with you shortly.", shortcut: "teamhello" };
+    const r = await fetch("/api/canned", {
+      method: "POST",
+      headers: { Authorization: "Bearer " + token, "Content-Type": "application/json" },
+      body: JSON.stringify(body),
+    });
+    return r.status;
+  });
+  assert.equal(created, 201);
+  await agent.reload();
+  await agent.getByLabel("Presence").waitFor();
   // Away, so the conversation waits in the queue instead of being assigned at once.
   await agent.getByLabel("Presence").selectOption("away");
 
@@ -176,6 +191,12 @@ test("the visitor asks for a human; an agent accepts in the console and replies;
   await agent.screenshot({ path: join(ARTIFACTS, "console.png") });
   await agent.locator("textarea.reply").press("Enter");
   assert.equal(await agent.locator("textarea.reply").inputValue(), "Is there anything else I can help you with?");
+  await agent.locator("textarea.reply").fill("");
+  // The team's canned replies (GET /api/canned) are there too, found by their shortcut.
+  await agent.locator("textarea.reply").fill("/teamhello");
+  await agent.locator(".canned li").first().waitFor();
+  await agent.locator("textarea.reply").press("Enter");
+  assert.equal(await agent.locator("textarea.reply").inputValue(), "Welcome! A colleague will be with you shortly.");
   await agent.locator("textarea.reply").fill("");
 
   // Latency: visitor presses Enter → the console shows the message.

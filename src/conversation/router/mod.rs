@@ -64,6 +64,7 @@ mod commit;
 mod dispatching;
 pub use dispatching::{route_dispatch, Routed};
 mod housekeeping;
+mod queries;
 mod replay;
 
 use audit::{auditable, dispatch_audit, record};
@@ -127,6 +128,10 @@ pub enum ShardMessage {
     /// shard blocks its thread for this many milliseconds, to exercise the systemd watchdog
     /// (see `crate::service_manager`).
     InjectStall { millis: u64 },
+    /// A question of the admin API about this shard's stored conversations or (to the
+    /// dispatcher shard) the queue; answered through its reply channel (see
+    /// [`crate::conversation::query`]).
+    Query(super::query::Query),
     /// Messages queued for the same shard during one turn, sent as one mesh message (at most
     /// [`MESH_BATCH`]): one channel slot and at most one wake-up of the receiver instead of
     /// one per message. Handled in order; never nested.
@@ -501,6 +506,7 @@ impl Router {
                     }
                 }
             }
+            ShardMessage::Query(query) => self.answer_query(query),
             ShardMessage::InjectPanic => {
                 panic!(
                     "injected panic on shard {} (POST /debug/panic, [diagnostics] panic_endpoint)",

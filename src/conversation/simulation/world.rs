@@ -428,7 +428,10 @@ impl World {
                     self.on_mesh(shard, message);
                 }
             }
-            ShardMessage::InjectPanic | ShardMessage::InjectStall { .. } => {}
+            // The simulation has no admin API and injects no faults.
+            ShardMessage::Query(_)
+            | ShardMessage::InjectPanic
+            | ShardMessage::InjectStall { .. } => {}
         }
     }
 
@@ -1499,6 +1502,7 @@ fn describe(message: &ShardMessage) -> String {
         ShardMessage::Track { .. } => "track".into(),
         ShardMessage::Batch(messages) => format!("batch of {}", messages.len()),
         ShardMessage::InjectPanic | ShardMessage::InjectStall { .. } => "inject".into(),
+        ShardMessage::Query(query) => format!("query {:?}", query.question),
     }
 }
 

@@ -1,9 +1,10 @@
 // The agent console at /console: login, the queue with waiting times, the agent's
 // open conversations with unread counts, a chat panel (history, bot answers
-// marked, typing and read state), canned replies searchable with "/", transfer,
+// marked, typing and read state), canned replies searchable with "/" (the team's, from
+// GET /api/canned, then the agent's own from localStorage), transfer,
 // close, presence, and a beep plus a browser notification on a new conversation.
 
-import { Session, login, logout, refresh, restore } from "../shared/api";
+import { Session, api, login, logout, refresh, restore } from "../shared/api";
 import { $, clock, h, loginForm } from "../shared/dom";
 import { AgentClientFrame, AgentServerFrame, agentSocketUrl, newId } from "./protocol";
 
@@ -410,7 +411,8 @@ function start(me: Session) {
       return;
     }
     const query = value.slice(1).toLowerCase();
-    const matches = loadCanned().filter((c) => c.toLowerCase().includes(query));
+    const own = loadCanned().map((text) => ({ text, search: text.toLowerCase() }));
+    const matches = [...teamCanned, ...own].filter((c) => c.search.includes(query)).map((c) => c.text);
     canned.replaceChildren(
       ...matches.map((text, i) =>
         h(
@@ -496,6 +498,29 @@ function start(me: Session) {
 
   renderLists();
   connect();
+  if (!me.dev) void loadTeamCanned(me.token);
+}
+
+/** The team's canned replies (GET /api/canned), searched by shortcut, title, tags and text. */
+let teamCanned: { text: string; search: string }[] = [];
+
+interface CannedReply {
+  title: string;
+  text: string;
+  shortcut: string | null;
+  tags: string[];
+}
+
+async function loadTeamCanned(token: string) {
+  try {
+    const page = await api<{ replies: CannedReply[] }>("/api/canned?limit=1000", token);
+    teamCanned = page.replies.map((r) => ({
+      text: r.text,
+      search: [r.shortcut ?? "", r.title, ...r.tags, r.text].join("\n").toLowerCase(),
+    }));
+  } catch {
+    // A server without canned replies: the agent's own ones only.
+  }
 }
 
 const CANNED_KEY = "switchboard.canned";
