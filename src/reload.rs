@@ -6,7 +6,7 @@
 //!   configuration in force stays.
 //! - Changed keys that can change live ([`is_live_key`]: the `[limits]` rate limits, bounds and
 //!   blocklist, `[risk_control]`, the bot's thresholds, handler order and gray-release variants
-//!   (weights, handlers, thresholds: `[[bot.variants]]`)) are applied together:
+//!   (weights, handlers, thresholds, models: `[[bot.variants]]`)) are applied together:
 //!   the new configuration is published in [`LiveConfig`] and every shard picks it up within
 //!   [`SHARD_POLL`], rebuilding what it derived from those keys (see `server::Shard::apply_config`).
 //! - Changed keys that need a restart are named in the log and not applied, so the configuration
@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::config::{self, Config, ConfigError, LimitsConfig};
+use crate::config::{self, Config, ConfigError, LimitsConfig, VariantModel};
 
 /// How often each shard checks for a reloaded configuration.
 pub const SHARD_POLL: Duration = Duration::from_millis(200);
@@ -96,7 +96,9 @@ pub struct ReloadPlan {
 /// `current`. `bot.handlers` and `bot.variants` are live only while the bot keeps (or keeps
 /// lacking) answer handlers in some variant, since the intent engine is loaded at start only when
 /// there are some. A variant list change moves no conversation: each keeps the variant stored
-/// with it (`bot::gray`).
+/// with it (`bot::gray`); a variant's `model` applies to the next bot turn of each of its
+/// conversations. `bot.variants` also waits for a restart when a variant asks for the companion
+/// model (`model = "companion"`) and the running node has none (it is loaded at start only).
 pub fn plan(current: &Config, new: &Config) -> ReloadPlan {
     let before = flatten(&current.to_toml());
     let after = flatten(&new.to_toml());
@@ -114,10 +116,20 @@ pub fn plan(current: &Config, new: &Config) -> ReloadPlan {
     changed.sort();
     changed.dedup();
     let handlers_live = current.bot.has_answer_handlers() == new.bot.has_answer_handlers();
+    // The companion model is loaded at start: a variant can only switch to it when it runs.
+    let companion_running =
+        current.inference.enabled && !current.inference.companion_model.as_os_str().is_empty();
+    let models_live = companion_running
+        || new
+            .bot
+            .variants
+            .iter()
+            .all(|variant| variant.model != Some(VariantModel::Companion));
     let (applied, needs_restart): (Vec<String>, Vec<String>) =
         changed.into_iter().partition(|key| {
             is_live_key(key)
                 && (!matches!(key.as_str(), "bot.handlers" | "bot.variants") || handlers_live)
+                && (key != "bot.variants" || models_live)
         });
     let mut config = current.clone();
     if applied.iter().any(|key| key.starts_with("limits.")) {
@@ -343,6 +355,37 @@ mod tests {
         );
         let plan = super::plan(&current, &guards_only);
         assert_eq!(plan.needs_restart, ["bot.handlers", "bot.variants"]);
+    }
+
+    #[test]
+    fn a_variants_model_changes_live_only_among_the_encoders_running() {
+        let companion =
+            "[inference]\ncompanion_model = \"c.onnx\"\ncompanion_tokenizer = \"c.json\"\n";
+        let variants = |model: &str| {
+            format!(
+                "{companion}[[bot.variants]]\nname = \"a\"\nweight = 1\n\
+                 [[bot.variants]]\nname = \"b\"\nweight = 1\nmodel = \"{model}\"\n"
+            )
+        };
+        let current = config(&variants("primary"));
+        let switched = config(&variants("companion"));
+        let plan = plan(&current, &switched);
+        assert_eq!(plan.applied, ["bot.variants"]);
+        assert_eq!(
+            plan.config.bot.variants[1].model,
+            Some(VariantModel::Companion)
+        );
+        // A node started without a companion cannot switch a variant to it by a reload.
+        let plan = super::plan(&config(""), &switched);
+        assert_eq!(
+            plan.needs_restart,
+            [
+                "bot.variants",
+                "inference.companion_model",
+                "inference.companion_tokenizer"
+            ]
+        );
+        assert!(plan.config.bot.variants.is_empty());
     }
 
     #[test]

@@ -75,9 +75,8 @@ fn variant_of_reply(sent: &str, reply: &str) -> &'static str {
     }
 }
 
-/// Sends `text` as message `id`; returns the conversation (from the ack) and the variant the
-/// bot's reply shows.
-fn ask(client: &mut RawClient, id: &str, text: &str) -> (u64, &'static str) {
+/// Sends `text` as message `id`; returns the conversation (from the ack) and the bot's reply.
+fn ask_for_reply(client: &mut RawClient, id: &str, text: &str) -> (u64, String) {
     client.send_json(&json!({"type": "message", "id": id, "text": text}));
     let ack = client.read_until("ack", |v| v["type"] == "ack" || v["type"] == "error");
     assert_eq!(ack["type"], "ack", "{ack}");
@@ -85,17 +84,32 @@ fn ask(client: &mut RawClient, id: &str, text: &str) -> (u64, &'static str) {
     let reply = client.read_until("the bot's reply", |v| {
         v["type"] == "message" && v["from"] == "bot"
     });
-    let reply = reply["text"].as_str().expect("a text").to_owned();
+    (
+        conversation,
+        reply["text"].as_str().expect("a text").to_owned(),
+    )
+}
+
+/// Sends `text` as message `id`; returns the conversation (from the ack) and the variant the
+/// bot's reply shows.
+fn ask(client: &mut RawClient, id: &str, text: &str) -> (u64, &'static str) {
+    let (conversation, reply) = ask_for_reply(client, id, text);
     (conversation, variant_of_reply(text, &reply))
 }
 
-/// A new visitor asks its first question.
-fn new_visitor(server: &Server, id: String) -> Visitor {
-    let mut client = RawClient::connect(server.addr, &visitor_path(server, "gray", &id, None))
+/// A new visitor of `server`, connected (its session's hello read).
+fn connect(server: &Server, id: &str) -> RawClient {
+    let mut client = RawClient::connect(server.addr, &visitor_path(server, "gray", id, None))
         .expect("visitor connects");
     client.set_read_timeout(Duration::from_secs(20));
     let hello = client.read_until("hello", |v| v["type"] == "hello");
     remember_visitor(server, &hello);
+    client
+}
+
+/// A new visitor asks its first question.
+fn new_visitor(server: &Server, id: String) -> Visitor {
+    let mut client = connect(server, &id);
     let (conversation, variant) = ask(&mut client, "m1", &format!("first question of {id}"));
     Visitor {
         id,
@@ -339,6 +353,129 @@ fn conversations_split_by_the_hash_stay_on_their_variant_through_a_reload_and_a_
     }
     let fresh = new_visitor(&server, "after-restart".into());
     assert_eq!(fresh.variant, "control", "new conversations follow 100/0");
+}
+
+/// Two variants that differ only by `model` on a bilingual knowledge base
+/// (`examples/kb/starter.csv`, English and Chinese entries), with the companion
+/// (multilingual-e5-small) loaded next to the English primary model: a Chinese question only
+/// the companion recognises gets the right answer in every conversation of the "companion"
+/// variant and a wrong one in every conversation of the "primary" variant, on both shards
+/// (each shard answers both variants, so a hot-cache entry of one setting never answers the
+/// other), and the `bot_variant_*` metrics count those conversations and answers.
+#[test]
+fn variants_that_differ_only_by_model_answer_with_their_own_encoders() {
+    // CONFIG's inference, shards and limits, with the companion, and two variants.
+    let (head, _) = CONFIG.split_once("[bot]").expect("CONFIG has [bot]");
+    let config = head.replace(
+        "[inference]\nenabled = true\n",
+        "[inference]\nenabled = true\n\
+         companion_model = \"models/cache/multilingual-e5-small.onnx\"\n\
+         companion_tokenizer = \"models/cache/multilingual-e5-small.tokenizer.json\"\n\
+         companion_text_prefix = \"query: \"\n",
+    ) + r#"[bot]
+confidence_threshold = 0.45
+margin_threshold = 0.0
+
+[[bot.variants]]
+name = "english"
+weight = 50
+model = "primary"
+
+[[bot.variants]]
+name = "multilingual"
+weight = 50
+model = "companion"
+"#;
+    // "Where do I enter the discount code?": measured with `kb eval`, the primary model alone
+    // answers it with change_password_zh above the threshold, both models with coupon_zh.
+    const QUESTION: &str = "折扣码在哪里填";
+    const COUPON_ZH: &str =
+        "结算时在「优惠码」一栏输入并点「使用」。每个订单限用一个优惠码，不可叠加。";
+    const VISITORS: usize = 16;
+    assert!(
+        config.contains("companion_model") && config.contains("shed_queue = 0"),
+        "{config}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &config);
+    kb_import(
+        &path,
+        std::path::Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/kb/starter.csv"
+        )),
+    );
+    let server = Server::start_in(dir, &config);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while server.logs().matches("companion model ready").count() < 2 {
+        assert!(Instant::now() < deadline, "models: {}", server.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let split = VariantSplit::new([("english", 50.0), ("multilingual", 50.0)]);
+    let mut served = BTreeMap::<(&str, usize), u64>::new();
+    for n in 0..VISITORS {
+        let mut client = connect(&server, &format!("zh{n}"));
+        let (conversation, reply) = ask_for_reply(&mut client, "m1", QUESTION);
+        let variant = hash_pick(&split, conversation).to_owned();
+        let variant: &str = if variant == "english" {
+            assert_ne!(reply, COUPON_ZH, "conversation {conversation} (english)");
+            assert_ne!(
+                reply, FALLBACK_TEXT,
+                "conversation {conversation} (english)"
+            );
+            "english"
+        } else {
+            assert_eq!(
+                reply, COUPON_ZH,
+                "conversation {conversation} (multilingual)"
+            );
+            "multilingual"
+        };
+        *served
+            .entry((variant, ConversationId(conversation).shard()))
+            .or_default() += 1;
+    }
+    println!("{QUESTION:?} by variant and shard: {served:?}");
+    for variant in ["english", "multilingual"] {
+        for shard in 0..2 {
+            assert!(
+                served.contains_key(&(variant, shard)),
+                "{variant} answered on shard {shard}: {served:?}"
+            );
+        }
+    }
+    let total = |variant: &str| -> u64 {
+        served
+            .iter()
+            .filter(|((v, _), _)| *v == variant)
+            .map(|(_, n)| n)
+            .sum()
+    };
+    let (english, multilingual) = (total("english"), total("multilingual"));
+    let all = metrics_when(
+        &server,
+        &[
+            ("conversations", "english", english),
+            ("conversations", "multilingual", multilingual),
+            ("answers", "english", english),
+            ("answers", "multilingual", multilingual),
+        ],
+    );
+    for (family, variant, want) in [
+        ("conversations", "english", english),
+        ("conversations", "multilingual", multilingual),
+        ("answers", "english", english),
+        ("answers", "multilingual", multilingual),
+        ("fallbacks", "english", 0),
+        ("fallbacks", "multilingual", 0),
+    ] {
+        assert_eq!(
+            all.get(&(family.to_owned(), variant.to_owned())).copied(),
+            Some(want),
+            "{family} {variant}: {all:?}"
+        );
+    }
 }
 
 /// The figure for the notes: `GRAY_CONVERSATIONS` (default 10,000) real conversations over

@@ -21,6 +21,7 @@ use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::{block_on, poll_once};
+use switchboard::engine::intent::Cascade;
 use switchboard::engine::update::{self, PreparedUpdate};
 use switchboard::engine::{
     CacheOutcome, EngineSettings, IntentEngine, IntentResult, ModelSettings, WorkerOptions,
@@ -369,19 +370,24 @@ fn with_companion() -> ModelSettings {
     }
 }
 
+/// The test knowledge base embedded by the primary model and the companion (joined vectors).
+fn prepare_with_companion() -> PreparedUpdate {
+    let mut encoder = with_companion().load().expect("load both models");
+    update::prepare(
+        knowledge_base("Cards arrive soon."),
+        &mut encoder,
+        &update::FineTuneSettings::off(),
+    )
+    .unwrap()
+}
+
 /// With a companion, the primary model answers alone when it is sure enough
 /// (`companion_below`), and both models decide otherwise; the knowledge base stores the head
 /// of each step.
 #[test]
 fn the_cascade_runs_the_companion_only_below_the_threshold() {
     let dir = tempfile::tempdir().unwrap();
-    let mut encoder = with_companion().load().expect("load both models");
-    let prepared = update::prepare(
-        knowledge_base("Cards arrive soon."),
-        &mut encoder,
-        &update::FineTuneSettings::off(),
-    )
-    .unwrap();
+    let prepared = prepare_with_companion();
     assert_eq!(prepared.dim, 768);
     let (full, primary) =
         switchboard::engine::classifier::SoftmaxRegression::heads_from_bytes(&prepared.head)
@@ -412,6 +418,91 @@ fn the_cascade_runs_the_companion_only_below_the_threshold() {
         escalated.push(engine.stats().escalated);
     }
     assert_eq!(escalated, vec![0, questions.len() as u64]);
+}
+
+/// A gray-release variant's `model` overrides the cascade per call: `Cascade::PrimaryOnly` never
+/// runs the companion, even where the configured cascade always would, and `Cascade::Always`
+/// runs it on every query, even where the configured cascade never would. Each setting has its
+/// own hot-cache entries: a result computed with one is never served to another.
+#[test]
+fn a_variants_model_overrides_the_cascade_per_call() {
+    let dir = tempfile::tempdir().unwrap();
+    let prepared = prepare_with_companion();
+    import(dir.path(), &prepared);
+    let questions = [
+        ("my card has still not come", "card_arrival"),
+        ("I want a new PIN", "change_pin"),
+        ("what rate do you use for dollars", "exchange_rate"),
+    ];
+    let n = questions.len() as u64;
+    let open = |below: f32| {
+        let mut settings = settings(dir.path());
+        settings.model = Some(with_companion());
+        settings.companion_below = below;
+        IntentEngine::open(&settings, 0, 0).unwrap()
+    };
+    // (escalated, texts embedded by the worker) so far.
+    let counters = |engine: &IntentEngine| {
+        let stats = engine.stats();
+        (stats.escalated, stats.worker.unwrap().embedded)
+    };
+    let run = |engine: &IntentEngine, cascade: Cascade| -> Vec<CacheOutcome> {
+        questions
+            .iter()
+            .map(|(text, intent)| {
+                let result = block_on(engine.recognise_with(text, cascade))
+                    .unwrap_or_else(|| panic!("no match for {text:?}"));
+                assert_eq!(result.intent, *intent, "{text:?} with {cascade:?}");
+                assert!(!result.degraded);
+                result.cache
+            })
+            .collect()
+    };
+
+    // The configured cascade escalates every query; "primary" never does.
+    let always_escalates = open(1.01);
+    let caches = run(&always_escalates, Cascade::PrimaryOnly);
+    assert_eq!(caches, [CacheOutcome::Miss; 3]);
+    assert_eq!(
+        counters(&always_escalates),
+        (0, n),
+        "the primary model alone, one text per query"
+    );
+    // The configured setting is not answered from the primary-only results.
+    let caches = run(&always_escalates, Cascade::Configured);
+    assert_eq!(caches, [CacheOutcome::EmbeddingHit; 3]);
+    assert_eq!(counters(&always_escalates), (n, 2 * n));
+    // Each setting's own hot entries answer it again, without a model.
+    assert_eq!(
+        run(&always_escalates, Cascade::PrimaryOnly),
+        [CacheOutcome::HotHit; 3]
+    );
+    assert_eq!(counters(&always_escalates), (n, 2 * n));
+    drop(always_escalates);
+
+    // The configured cascade never escalates; "companion" always does.
+    let never_escalates = open(0.0);
+    assert_eq!(
+        run(&never_escalates, Cascade::Configured),
+        [CacheOutcome::Miss; 3]
+    );
+    assert_eq!(counters(&never_escalates), (0, n));
+    let caches = run(&never_escalates, Cascade::Always);
+    assert_eq!(caches, [CacheOutcome::EmbeddingHit; 3]);
+    assert_eq!(
+        counters(&never_escalates),
+        (n, 2 * n),
+        "the companion on every query (the primary vectors came from the embedding cache)"
+    );
+    assert_eq!(
+        run(&never_escalates, Cascade::Always),
+        [CacheOutcome::HotHit; 3]
+    );
+    assert_eq!(
+        run(&never_escalates, Cascade::Configured),
+        [CacheOutcome::HotHit; 3]
+    );
+    assert_eq!(counters(&never_escalates), (n, 2 * n));
 }
 
 /// A server opens its engine without waiting for the model: a question asked meanwhile is

@@ -337,6 +337,34 @@ fn an_import_shows_its_progress_and_a_companion_model_joins_the_vectors() {
         report.contains("top-1 before thresholds: 100.00%"),
         "{report}"
     );
+    let cascade_line = |report: &str| -> String {
+        report
+            .lines()
+            .find(|line| line.starts_with("companion cascade:"))
+            .unwrap_or_else(|| panic!("no cascade line:\n{report}"))
+            .to_owned()
+    };
+    let node_cascade = cascade_line(&report);
+
+    // Variants that choose an encoder get a table row each, recognised again with it; the
+    // cascade's figure stays the node's (the "companion" variant's own escalations not in it).
+    let variants = "\n[bot]\nconfidence_threshold = 0.4\nmargin_threshold = 0.0\n\
+        [[bot.variants]]\nname = \"english\"\nweight = 1\nmodel = \"primary\"\n\
+        [[bot.variants]]\nname = \"multilingual\"\nweight = 1\nmodel = \"companion\"\n";
+    let with_variants = std::fs::read_to_string(&site.config).unwrap() + variants;
+    std::fs::write(&site.config, with_variants).unwrap();
+    let report = site.kb_ok(&["eval", queries.to_str().unwrap()]);
+    for (name, model) in [("english", "primary"), ("multilingual", "companion")] {
+        let row = report
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{report}"));
+        assert!(
+            row.contains(&format!(" {model} ")) && row.contains("100.00%"),
+            "{row}"
+        );
+    }
+    assert_eq!(cascade_line(&report), node_cascade);
 }
 
 /// With `[[bot.variants]]`, `kb eval` ends with a line per variant: its handlers and thresholds
@@ -370,18 +398,22 @@ fn kb_eval_reports_every_gray_release_variant() {
             .map(str::to_owned)
             .collect()
     };
-    // variant, share, answered, right of answered, accuracy, fallbacks, handoffs, off-topic
+    // variant, model, share, answered, right of answered, accuracy, fallbacks, handoffs,
+    // off-topic
     assert_eq!(
-        row("control")[1..6],
-        ["80.0%", "100.00%", "100.00%", "100.00%", "0"]
+        row("control")[1..7],
+        ["node", "80.0%", "100.00%", "100.00%", "100.00%", "0"]
     );
     assert_eq!(
-        row("strict")[1..6],
-        ["10.0%", "0.00%", "0.00%", "0.00%", "2"]
+        row("strict")[1..7],
+        ["node", "10.0%", "0.00%", "0.00%", "0.00%", "2"]
     );
-    assert_eq!(row("echo")[1..5], ["10.0%", "100.00%", "0.00%", "0.00%"]);
     assert_eq!(
-        row("echo")[7..],
+        row("echo")[1..6],
+        ["node", "10.0%", "100.00%", "0.00%", "0.00%"]
+    );
+    assert_eq!(
+        row("echo")[8..],
         ["0", "of", "1"],
         "echo answers off-topic too"
     );

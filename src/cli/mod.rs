@@ -1004,9 +1004,23 @@ fn kb_eval(
     }
     let escalated_before = engine.stats().escalated;
     let report = eval::evaluate(&engine, &config.bot, &queries, mode);
+    // The cascade's figure is the node's; variants with their own model run afterwards.
+    let escalated = engine.stats().escalated - escalated_before;
     print!("{report}");
     if !config.bot.variants.is_empty() {
-        let variants = eval::evaluate_variants(&report.recognitions, &queries, &config, registry);
+        // A variant with its own model is recognised again with it.
+        let variants = eval::evaluate_variants(
+            &report.recognitions,
+            &queries,
+            &config,
+            registry,
+            |query, cascade| match mode {
+                EvalMode::Model => {
+                    futures_lite::future::block_on(engine.recognise_with(&query.text, cascade))
+                }
+                EvalMode::Lexical => engine.recognise_lexically(&query.text),
+            },
+        );
         print!("{}", eval::VariantTable(&variants));
     }
     if !lexical
@@ -1015,7 +1029,6 @@ fn kb_eval(
             .as_ref()
             .is_some_and(|m| m.companion.is_some())
     {
-        let escalated = engine.stats().escalated - escalated_before;
         println!(
             "companion cascade: {escalated} of {} queries ({:.1}%) also ran the companion model \
              ([inference] companion_below = {})",

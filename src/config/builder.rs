@@ -271,7 +271,7 @@ impl Builder {
 
     /// `[[bot.variants]]`: the whole list, replacing the one set by an earlier layer.
     pub(super) fn apply_variants(&mut self, variants: &Field<'_>) -> Result<(), ConfigError> {
-        const KEYS: &str = "name, weight, handlers, confidence_threshold, margin_threshold";
+        const KEYS: &str = "name, weight, handlers, confidence_threshold, margin_threshold, model";
         let mut parsed: Vec<BotVariant> = Vec::new();
         for variant in variants.array_tables("an array of tables ([[bot.variants]] sections)")? {
             let entries = variant.table(&format!("a table with {KEYS}"))?;
@@ -281,6 +281,7 @@ impl Builder {
             let mut handlers = None;
             let mut confidence_threshold = None;
             let mut margin_threshold = None;
+            let mut model = None;
             for (key, item) in entries.iter() {
                 let field = variant.child(entries, key, item);
                 match key {
@@ -319,11 +320,19 @@ impl Builder {
                     }
                     "margin_threshold" => margin_threshold = Some(field.float_in(0.0, 1.0)?),
                     "model" => {
-                        return Err(field.error(
-                            "a variant's own model is not supported yet: every variant answers \
-                             with [inference] model (another model needs its own knowledge-base \
-                             vectors and inference engine); remove the key",
-                        ))
+                        let text = field.text(1, 64)?;
+                        model = Some(VariantModel::parse(text).ok_or_else(|| {
+                            field.error(format_args!(
+                                "unknown model \"{text}\": a variant's model must be one of \
+                                 \"{}\" ([inference] model alone) or \"{}\" ([inference] model \
+                                 and companion_model on every question), or left out (the \
+                                 cascade as [inference] says); a variant can only choose among \
+                                 the encoders the node loads, because the knowledge base holds \
+                                 vectors for those only",
+                                VariantModel::NAMES[0],
+                                VariantModel::NAMES[1]
+                            ))
+                        })?);
                     }
                     _ => {
                         return Err(field.error(format_args!(
@@ -346,6 +355,7 @@ impl Builder {
                 handlers,
                 confidence_threshold,
                 margin_threshold,
+                model,
             });
         }
         if parsed.len() > MAX_VARIANTS {
@@ -461,6 +471,22 @@ impl Builder {
                 key,
                 "companion_model and companion_tokenizer are set together (both \"\" for none)",
             ));
+        }
+        for (index, variant) in c.bot.variants.iter().enumerate() {
+            if variant.model == Some(VariantModel::Companion)
+                && (!c.inference.enabled || c.inference.companion_model.as_os_str().is_empty())
+            {
+                return Err(self.origins.error_at(
+                    &format!("bot.variants[{}].model", index + 1),
+                    format_args!(
+                        "variant \"{}\" asks for the companion model, but this node loads none: \
+                         set [inference] companion_model and companion_tokenizer (with \
+                         [inference] enabled = true) and re-import the knowledge base so it holds \
+                         the companion's vectors, or use model = \"primary\"",
+                        variant.name
+                    ),
+                ));
+            }
         }
         self.ordered(
             ("websocket.ping_interval", d(c.websocket.ping_interval)),

@@ -428,6 +428,39 @@ pub struct BotVariant {
     pub confidence_threshold: Option<f64>,
     /// Overrides `[bot] margin_threshold` for this variant.
     pub margin_threshold: Option<f64>,
+    /// Which of the node's encoders recognises this variant's questions; `None`: the cascade as
+    /// `[inference]` configures it.
+    pub model: Option<VariantModel>,
+}
+
+/// A variant's `model`: one of the encoders the node loads (the knowledge base holds vectors for
+/// those only), forced for every question of the variant's conversations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum VariantModel {
+    /// `[inference] model` alone: the companion never runs for the variant.
+    Primary,
+    /// `[inference] model` and `companion_model` on every question (as `companion_below = 1`).
+    Companion,
+}
+
+impl VariantModel {
+    /// The accepted values of a variant's `model`, as written.
+    pub const NAMES: [&'static str; 2] = ["primary", "companion"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VariantModel::Primary => "primary",
+            VariantModel::Companion => "companion",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<VariantModel> {
+        match text {
+            "primary" => Some(VariantModel::Primary),
+            "companion" => Some(VariantModel::Companion),
+            _ => None,
+        }
+    }
 }
 
 /// A variant as it runs: its name and weight, its answer handlers, and the `[bot]` settings its
@@ -438,6 +471,8 @@ pub struct EffectiveVariant {
     pub weight: f64,
     /// The answer chain, in order (no `risk_control`).
     pub answer_handlers: Vec<BotHandler>,
+    /// The variant's `model` (`None`: the cascade as `[inference]` configures it).
+    pub model: Option<VariantModel>,
     /// `[bot]` with this variant's thresholds; its `variants` list is empty.
     pub bot: BotConfig,
 }
@@ -462,6 +497,7 @@ impl BotConfig {
                 name: DEFAULT_VARIANT.to_owned(),
                 weight: 1.0,
                 answer_handlers: answers_of(&self.handlers),
+                model: None,
                 bot: base,
             }];
         }
@@ -481,6 +517,7 @@ impl BotConfig {
                     answer_handlers: answers_of(
                         variant.handlers.as_deref().unwrap_or(&self.handlers),
                     ),
+                    model: variant.model,
                     bot,
                 }
             })
@@ -512,6 +549,9 @@ impl BotConfig {
             }
             if let Some(margin) = variant.margin_threshold {
                 w.float("margin_threshold", margin);
+            }
+            if let Some(model) = variant.model {
+                w.string("model", model.as_str());
             }
         }
     }

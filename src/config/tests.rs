@@ -838,6 +838,47 @@ fn bot_variants_load_print_back_and_default_to_one_variant() {
 }
 
 #[test]
+fn a_variants_model_chooses_among_the_encoders_the_node_loads() {
+    let companion = "[inference]\ncompanion_model = \"c.onnx\"\ncompanion_tokenizer = \"c.json\"\n";
+    let text = format!(
+        "{companion}[[bot.variants]]\nname = \"node\"\nweight = 1\n\
+         [[bot.variants]]\nname = \"english\"\nweight = 1\nmodel = \"primary\"\n\
+         [[bot.variants]]\nname = \"multilingual\"\nweight = 1\nmodel = \"companion\"\n"
+    );
+    let c = load_str("t.toml", &text).unwrap();
+    let models: Vec<_> = c.bot.variants.iter().map(|v| v.model).collect();
+    assert_eq!(
+        models,
+        [
+            None,
+            Some(VariantModel::Primary),
+            Some(VariantModel::Companion)
+        ]
+    );
+    let effective: Vec<_> = c.bot.effective_variants().iter().map(|v| v.model).collect();
+    assert_eq!(effective, models);
+    assert_eq!(load_str("t.toml", &c.to_toml()).unwrap(), c);
+    // "primary" needs no companion.
+    let primary = "[[bot.variants]]\nname = \"a\"\nweight = 1\nmodel = \"primary\"\n";
+    assert_eq!(
+        load_str("t.toml", primary).unwrap().bot.variants[0].model,
+        Some(VariantModel::Primary)
+    );
+    // The companion configured in another layer counts; the error points at the variant's line.
+    let asks = "[bot]\nconfidence_threshold = 0.5\n\
+                [[bot.variants]]\nname = \"a\"\nweight = 1\nmodel = \"companion\"\n";
+    let e = err(asks);
+    assert_invalid(
+        &e,
+        6,
+        "bot.variants[1].model",
+        "variant \"a\" asks for the companion",
+    );
+    let disabled = format!("{companion}enabled = false\n{asks}");
+    assert!(err(&disabled).to_string().contains("this node loads none"));
+}
+
+#[test]
 fn bad_bot_variants_are_refused_with_their_line() {
     let head = "[[bot.variants]]\nname = \"a\"\nweight = 1\n";
     // (text after `head`, or the whole file when it starts with "!"; line, key, message)
@@ -894,8 +935,17 @@ fn bad_bot_variants_are_refused_with_their_line() {
             "model = \"models/cache/other.onnx\"\n",
             4,
             "bot.variants[1].model",
-            "not supported yet",
+            "a variant's model must be one of \"primary\" ([inference] model alone) or \
+             \"companion\"",
         ),
+        (
+            "model = \"companion\"\n",
+            4,
+            "bot.variants[1].model",
+            "asks for the companion model, but this node loads none: set [inference] \
+             companion_model",
+        ),
+        ("model = 3\n", 4, "bot.variants[1].model", ""),
         (
             "colour = \"blue\"\n",
             4,

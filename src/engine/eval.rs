@@ -17,16 +17,18 @@
 //!   is right when the bot falls back.
 //! - Gray release ([`evaluate_variants`]): each `[[bot.variants]]` variant's whole answer chain
 //!   (its handlers, its thresholds) runs on the same recognitions, so variants differ only by
-//!   what their chains do with them; a reply is right when it names the row's intent.
+//!   what their chains do with them; a variant with its own `model` runs on recognitions made
+//!   again with that model setting (once per setting). A reply is right when it names the
+//!   row's intent.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::intent::{IntentEngine, IntentResult};
+use super::intent::{Cascade, IntentEngine, IntentResult};
 use crate::bot::{BotContext, Chain, HandlerSpec, IntentAnswer, MessageHandler, Registry, Verdict};
-use crate::config::{BotConfig, Config};
+use crate::config::{BotConfig, Config, VariantModel};
 use crate::kb;
 
 /// One labelled query.
@@ -388,6 +390,8 @@ impl fmt::Display for EvalReport {
 #[derive(Debug, Clone, PartialEq)]
 pub struct VariantEval {
     pub name: String,
+    /// Its `model` (`None`: the node's cascade).
+    pub model: Option<VariantModel>,
     /// Its share of new conversations, in percent of all weights.
     pub share: f64,
     /// Rows with an intent (off-topic rows apart).
@@ -408,22 +412,40 @@ pub struct VariantEval {
 }
 
 /// Runs every configured variant's answer chain (`[[bot.variants]]`, or the one default
-/// variant) on `recognitions` (from [`evaluate`], in the order of `queries`). A handler that
-/// would answer later (waiting for an outside service) counts as a fallback: nothing outside
-/// is asked here.
+/// variant) on `recognitions` (from [`evaluate`], in the order of `queries`), or, for a variant
+/// with its own `model`, on what `recognise` answers for each query with that model's
+/// [`Cascade`] (asked once per query and setting, whatever the number of variants sharing it).
+/// A handler that would answer later (waiting for an outside service) counts as a fallback:
+/// nothing outside is asked here.
 pub fn evaluate_variants(
     recognitions: &[Option<IntentResult>],
     queries: &[LabelledQuery],
     config: &Config,
     registry: &Registry,
+    mut recognise: impl FnMut(&LabelledQuery, Cascade) -> Option<IntentResult>,
 ) -> Vec<VariantEval> {
     let variants = config.bot.effective_variants();
     let total: f64 = variants.iter().map(|v| v.weight).sum();
+    let mut again: HashMap<Cascade, Vec<Option<IntentResult>>> = HashMap::new();
+    for variant in &variants {
+        let cascade = Cascade::of_variant(variant.model);
+        if cascade != Cascade::Configured && !again.contains_key(&cascade) {
+            let results = queries
+                .iter()
+                .map(|query| recognise(query, cascade))
+                .collect();
+            again.insert(cascade, results);
+        }
+    }
     variants
         .iter()
         .map(|variant| {
+            let recognitions = again
+                .get(&Cascade::of_variant(variant.model))
+                .map_or(recognitions, Vec::as_slice);
             let mut eval = VariantEval {
                 name: variant.name.clone(),
+                model: variant.model,
                 share: if total > 0.0 {
                     100.0 * variant.weight / total
                 } else {
@@ -484,7 +506,8 @@ impl fmt::Display for VariantTable<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "gray-release variants (each variant's handlers and thresholds on the same recognitions):"
+            "gray-release variants (each variant's handlers and thresholds on the same recognitions; \
+             a variant with its own model on recognitions made again with it):"
         )?;
         let width = self
             .0
@@ -495,14 +518,15 @@ impl fmt::Display for VariantTable<'_> {
             .max("variant".len());
         writeln!(
             f,
-            "  {:width$}  share    answered  right of answered  accuracy  fallbacks  handoffs  off-topic unanswered",
+            "  {:width$}  model      share    answered  right of answered  accuracy  fallbacks  handoffs  off-topic unanswered",
             "variant"
         )?;
         for v in self.0 {
+            let model = v.model.map_or("node", VariantModel::as_str);
             if let Some(error) = &v.error {
                 writeln!(
                     f,
-                    "  {:width$}  {:>5.1}%  cannot run: {error}",
+                    "  {:width$}  {model:9}  {:>5.1}%  cannot run: {error}",
                     v.name, v.share
                 )?;
                 continue;
@@ -514,7 +538,7 @@ impl fmt::Display for VariantTable<'_> {
             };
             writeln!(
                 f,
-                "  {:width$}  {:>5.1}%  {:>7.2}%  {:>16.2}%  {:>7.2}%  {:>9}  {:>8}  {off_topic}",
+                "  {:width$}  {model:9}  {:>5.1}%  {:>7.2}%  {:>16.2}%  {:>7.2}%  {:>9}  {:>8}  {off_topic}",
                 v.name,
                 v.share,
                 percent(v.answered, v.queries),
@@ -548,6 +572,11 @@ mod tests {
         })
     }
 
+    /// The `recognise` of [`evaluate_variants`] for variants without a `model`: never asked.
+    fn no_model_of_their_own(_: &LabelledQuery, _: Cascade) -> Option<IntentResult> {
+        panic!("no variant has its own model")
+    }
+
     #[test]
     fn variants_differ_by_their_handlers_and_thresholds_on_the_same_recognitions() {
         let config = crate::config::load_str(
@@ -574,7 +603,13 @@ mod tests {
             recognised("card_arrival", 0.45),
             recognised("age_limit", 0.2),
         ];
-        let table = evaluate_variants(&recognitions, &queries, &config, &Registry::default());
+        let table = evaluate_variants(
+            &recognitions,
+            &queries,
+            &config,
+            &Registry::default(),
+            no_model_of_their_own,
+        );
         let by_name = |name: &str| table.iter().find(|v| v.name == name).unwrap().clone();
         let control = by_name("control");
         assert_eq!(
@@ -594,9 +629,74 @@ mod tests {
         assert!(text.contains("strict"), "{text}");
         // No variants: the one default variant of [bot].
         let plain = crate::config::Config::default();
-        let table = evaluate_variants(&recognitions, &queries, &plain, &Registry::default());
+        let table = evaluate_variants(
+            &recognitions,
+            &queries,
+            &plain,
+            &Registry::default(),
+            no_model_of_their_own,
+        );
         assert_eq!(table.len(), 1);
         assert_eq!(table[0].name, "default");
+    }
+
+    #[test]
+    fn a_variant_with_its_own_model_is_evaluated_on_recognitions_made_with_it() {
+        let config = crate::config::load_str(
+            "t.toml",
+            "[inference]\ncompanion_model = \"c.onnx\"\ncompanion_tokenizer = \"c.json\"\n\
+             [bot]\nconfidence_threshold = 0.4\nmargin_threshold = 0.0\n\
+             [[bot.variants]]\nname = \"node\"\nweight = 1\n\
+             [[bot.variants]]\nname = \"english\"\nweight = 1\nmodel = \"primary\"\n\
+             [[bot.variants]]\nname = \"both\"\nweight = 1\nmodel = \"companion\"\n\
+             [[bot.variants]]\nname = \"both_strict\"\nweight = 1\nmodel = \"companion\"\n\
+             confidence_threshold = 0.95\n",
+        )
+        .unwrap();
+        let queries = [
+            LabelledQuery {
+                text: "我的卡还没到".into(),
+                category: "card_arrival".into(),
+            },
+            LabelledQuery {
+                text: "how old must I be".into(),
+                category: "age_limit".into(),
+            },
+        ];
+        // The node's cascade got the first wrong; the primary model alone gets both wrong; both
+        // models get both right.
+        let node = [recognised("age_limit", 0.5), recognised("age_limit", 0.9)];
+        let mut asked = Vec::new();
+        let table = evaluate_variants(
+            &node,
+            &queries,
+            &config,
+            &Registry::default(),
+            |query, cascade| {
+                asked.push((query.text.clone(), cascade));
+                match cascade {
+                    Cascade::PrimaryOnly => recognised("change_pin", 0.9),
+                    _ => recognised(&query.category, 0.9),
+                }
+            },
+        );
+        // Once per query and setting, not per variant.
+        assert_eq!(asked.len(), 4, "{asked:?}");
+        let right: Vec<(String, Option<VariantModel>, usize)> = table
+            .iter()
+            .map(|v| (v.name.clone(), v.model, v.right))
+            .collect();
+        assert_eq!(
+            right,
+            [
+                ("node".to_owned(), None, 1),
+                ("english".to_owned(), Some(VariantModel::Primary), 0),
+                ("both".to_owned(), Some(VariantModel::Companion), 2),
+                ("both_strict".to_owned(), Some(VariantModel::Companion), 0),
+            ]
+        );
+        let text = VariantTable(&table).to_string();
+        assert!(text.contains("english      primary"), "{text}");
     }
 
     #[test]

@@ -22,6 +22,9 @@
 //!   `Rc<LoadedKb>`; a recognition clones it before it awaits anything, so a reload while it
 //!   waits never mixes versions. The old version's LMDB read transaction ends when the last
 //!   recognition using it does.
+//! - A hot-cache entry answers only the cascade setting it was computed with
+//!   ([`Cascade`]: the configured cascade, or a gray-release variant's `model`): the setting is
+//!   part of its key.
 //! - The hot-query cache only holds model (not degraded) results of the current version: it is
 //!   emptied when a new version is loaded and when the companion becomes ready, and a result
 //!   computed against a version that was replaced meanwhile is not stored. A version imported with
@@ -42,7 +45,9 @@
 //! the best score is below `[inference] companion_below` does the companion embed it too, and
 //! the joined vector decides. Chosen on 5-fold cross-validation inside BANKING77
 //! (models/README.md): escalating a few percent of the queries keeps the accuracy of always
-//! running both models at a fraction of the cost.
+//! running both models at a fraction of the cost. A gray-release variant's `model` overrides
+//! the cascade per call ([`IntentEngine::recognise_with`]): [`Cascade::PrimaryOnly`] stops at
+//! the first stage, [`Cascade::Always`] escalates every query.
 //!
 //! # Loading
 //! The models load on the worker's threads ([`InferenceWorker::start_loading`]) while the
@@ -74,7 +79,7 @@ use super::worker::{
     InferenceHandle, InferenceWorker, ModelInfo, ModelLoader, WorkerOptions, WorkerSnapshot,
 };
 use crate::bot::IntentMatch;
-use crate::config::Config;
+use crate::config::{Config, VariantModel};
 use crate::kb::{self, KbError, KbIndex, KbReplica, ReplicaReader};
 
 /// Softmax temperature, in BM25 score units, turning lexical scores into 0..1 confidences.
@@ -271,6 +276,41 @@ impl EngineSettings {
             reload_interval: Duration::from_secs(1),
             companion_below: config.inference.companion_below as f32,
             wait_for_models: false,
+        }
+    }
+}
+
+/// Which of the node's encoders a recognition uses: the cascade as `[inference]` configures it,
+/// or a gray-release variant's `model` in its place ([`IntentEngine::recognise_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Cascade {
+    /// The primary model, and the companion when the primary's best score is below
+    /// `[inference] companion_below`.
+    #[default]
+    Configured,
+    /// The primary model alone: the companion never runs (the cascade's first stage only).
+    PrimaryOnly,
+    /// Both models on every query (as `companion_below = 1`).
+    Always,
+}
+
+impl Cascade {
+    /// What a variant's `model` asks for (`None`: the node's cascade).
+    pub fn of_variant(model: Option<VariantModel>) -> Cascade {
+        match model {
+            None => Cascade::Configured,
+            Some(VariantModel::Primary) => Cascade::PrimaryOnly,
+            Some(VariantModel::Companion) => Cascade::Always,
+        }
+    }
+
+    /// Prefix of the hot-cache key of a query recognised this way: results computed with
+    /// another setting never answer it.
+    fn hot_key_prefix(self) -> &'static str {
+        match self {
+            Cascade::Configured => "",
+            Cascade::PrimaryOnly => "\u{1f}primary\u{1f}",
+            Cascade::Always => "\u{1f}companion\u{1f}",
         }
     }
 }
@@ -832,6 +872,14 @@ impl IntentEngine {
     /// degraded, no entry shares a word with the text. Never blocks the calling thread on
     /// inference; see the module documentation for the order of the caches.
     pub async fn recognise(&self, text: &str) -> Option<IntentResult> {
+        self.recognise_with(text, Cascade::Configured).await
+    }
+
+    /// [`recognise`](Self::recognise) with `cascade` in place of the configured one (a
+    /// gray-release variant's `model`). Its hot-cache entries are kept apart from the other
+    /// settings' ([`Cascade::hot_key_prefix`]); the embedding cache is shared (a text's primary
+    /// vector is the same whatever runs next).
+    pub async fn recognise_with(&self, text: &str, cascade: Cascade) -> Option<IntentResult> {
         self.maybe_reload();
         let companion_ready = self.worker.as_ref().and_then(InferenceHandle::companion);
         if companion_ready.is_some() && !self.companion_seen.replace(true) {
@@ -839,7 +887,7 @@ impl IntentEngine {
         }
         let kb = self.kb.borrow().clone()?;
         let text = collapse_whitespace(text);
-        let hot_key = text.to_lowercase();
+        let hot_key = format!("{}{}", cascade.hot_key_prefix(), text.to_lowercase());
         let hot = self.hot.borrow_mut().get(&hot_key).copied();
         if let Some(hot) = hot.filter(|hot| hot.version == kb.version()) {
             return Some(kb.result(hot.found, false, CacheOutcome::HotHit));
@@ -895,8 +943,14 @@ impl IntentEngine {
                     &mut self.scratch.borrow_mut(),
                 );
                 let escalate = companion
-                    && (!kb.has_primary_head
-                        || first.is_none_or(|found| found.raw_score < self.companion_below));
+                    && match cascade {
+                        Cascade::Configured => {
+                            !kb.has_primary_head
+                                || first.is_none_or(|found| found.raw_score < self.companion_below)
+                        }
+                        Cascade::PrimaryOnly => false,
+                        Cascade::Always => true,
+                    };
                 if escalate {
                     self.escalated.set(self.escalated.get() + 1);
                     match worker.embed_part(&text, Part::Companion).await {

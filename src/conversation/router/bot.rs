@@ -16,6 +16,7 @@ use std::collections::HashMap;
 use super::*;
 use crate::bot::gray::VariantSplit;
 use crate::conversation::bot_turn::{Action, BotTurn, ShardConditions, TurnCounts};
+use crate::engine::intent::Cascade;
 
 /// How long an assignment waits in [`Bot::unrecorded`] for its record to be stored (a commit
 /// refused for a full store never stores it; the next turn then assigns again).
@@ -41,6 +42,8 @@ pub(super) struct VariantChains {
     pub(super) split: VariantSplit,
     /// One per variant, in the split's order.
     chains: Vec<Chain>,
+    /// Each variant's encoders (its `model`), in the split's order.
+    cascades: Vec<Cascade>,
     /// Each variant's slot in [`crate::metrics::ShardMetrics::variants`] (`None`: no slot left).
     slots: Vec<Option<usize>>,
 }
@@ -51,14 +54,24 @@ impl VariantChains {
         self.chains.iter().all(Chain::is_empty)
     }
 
-    /// The chain of variant `name`, or, when it is not configured (any more), of the variant
+    /// The index of variant `name`, or, when it is not configured (any more), of the variant
     /// the hash picks for `conversation`.
-    fn chain(&mut self, name: &str, conversation: ConversationId) -> &mut Chain {
-        let index = self
-            .split
+    fn index(&self, name: &str, conversation: ConversationId) -> usize {
+        self.split
             .position(name)
-            .unwrap_or_else(|| self.split.pick(conversation));
+            .unwrap_or_else(|| self.split.pick(conversation))
+    }
+
+    /// The chain of the variant that serves `conversation` ([`Self::index`]).
+    fn chain(&mut self, name: &str, conversation: ConversationId) -> &mut Chain {
+        let index = self.index(name, conversation);
         &mut self.chains[index]
+    }
+
+    /// The encoders that recognise the questions of the variant that serves `conversation`
+    /// ([`Self::index`]): its `model`, read at each turn, so a reload applies to new turns.
+    fn cascade(&self, name: &str, conversation: ConversationId) -> Cascade {
+        self.cascades[self.index(name, conversation)]
     }
 
     /// The metrics slot of variant `name`.
@@ -118,6 +131,10 @@ impl Bot {
         let variants = config.bot.effective_variants();
         let mut chains = Vec::with_capacity(variants.len());
         let mut slots = Vec::with_capacity(variants.len());
+        let cascades = variants
+            .iter()
+            .map(|variant| Cascade::of_variant(variant.model))
+            .collect();
         for variant in &variants {
             let names: Vec<&str> = variant.answer_handlers.iter().map(|h| h.as_str()).collect();
             let chain = build(&names, &variant.bot).map_err(|err| {
@@ -144,6 +161,7 @@ impl Bot {
             VariantChains {
                 split,
                 chains,
+                cascades,
                 slots,
             },
         ))
@@ -358,7 +376,10 @@ impl Router {
                 Action::Recognise { text, lexical } => {
                     let recognised = match &bot.engine {
                         Some(engine) if lexical => engine.recognise_lexically(&text),
-                        Some(engine) => engine.recognise(&text).await,
+                        Some(engine) => {
+                            let cascade = bot.variants.borrow().cascade(&variant, conversation);
+                            engine.recognise_with(&text, cascade).await
+                        }
                         None => None,
                     };
                     turn.on_intent(
