@@ -223,6 +223,24 @@ fn ask(tab: &mut RawClient, id: &str, text: &str) -> Value {
     panic!("{text:?} ({id}) refused as overloaded 50 times");
 }
 
+/// Waits (at most 20 s) until a new visitor of `replica` gets the answer of the entry only
+/// `kb_after()` has: a running server reloads a synced version within about a second.
+fn await_new_entry(replica: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for n in 0.. {
+        let mut fresh = visitor(replica, &format!("after-{n}"));
+        let answer = ask(&mut fresh, "q", AGE_QUESTION);
+        if answer["text"] == AGE_LIMIT {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never answered from the new entry: {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// A number in `out` just before `suffix` (e.g. "1234-byte delta").
 fn number_before(out: &str, suffix: &str) -> u64 {
     let before = out.split(suffix).next().unwrap();
@@ -282,19 +300,7 @@ fn a_replica_syncs_an_added_entry_and_answers_from_it_while_chatting() {
 
     // The running server picks the new version up (each shard polls its replica's version
     // once a second): a new visitor, then the one who kept chatting, get the new entry's answer.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for n in 0.. {
-        let mut fresh = visitor(&replica, &format!("after-{n}"));
-        let answer = ask(&mut fresh, "q", AGE_QUESTION);
-        if answer["text"] == AGE_LIMIT {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never answered from the new entry: {answer}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    await_new_entry(&replica);
     // The chatting visitor's conversation may live on another shard, which reloads on its
     // first question once a second has passed since its last poll.
     std::thread::sleep(Duration::from_millis(1100));
@@ -340,8 +346,7 @@ fn a_sync_only_primary_serves_the_sync_and_nothing_else() {
         text(&out.stderr)
     );
     assert_eq!(export(&config_of(&replica)), export(&config));
-    let mut tab = visitor(&replica, "after-sync");
-    assert_eq!(ask(&mut tab, "q", AGE_QUESTION)["text"], AGE_LIMIT);
+    await_new_entry(&replica);
 
     // Without a TLS listener it refuses to start.
     let plain = tempfile::tempdir().unwrap();
