@@ -494,17 +494,19 @@ fn serve(
              create accounts with `switchboard agent add`"
         );
     }
-    // Each shard loads (and later reloads) the list itself; a bad file stops the start here. The
-    // file's time, read before its content, is every shard's starting point: a change made
-    // after this check is then seen (and audited by shard 0) however late a shard starts.
-    let blocklist_mtime = match &config.limits.blocklist_file {
+    // Main loads the list once, reading the file's time before its content: every shard starts
+    // from this list and this time, so a change made after this check is seen (and audited by
+    // shard 0) however late a shard starts. A bad file stops the start here.
+    let blocklist = match &config.limits.blocklist_file {
         Some(path) => {
             let mtime = crate::admission::blocklist::modified(path);
-            if let Err(err) = crate::admission::Blocklist::load(path) {
-                eprintln!("switchboard: invalid configuration: limits.blocklist_file: {err}");
-                return ExitCode::from(2);
+            match crate::admission::Blocklist::load(path) {
+                Ok(list) => Some(crate::server::CheckedBlocklist { list, mtime }),
+                Err(err) => {
+                    eprintln!("switchboard: invalid configuration: limits.blocklist_file: {err}");
+                    return ExitCode::from(2);
+                }
             }
-            mtime
         }
         None => None,
     };
@@ -566,7 +568,7 @@ fn serve(
         tls: tls.clone(),
         handlers: registry,
         liveness: liveness.clone(),
-        blocklist_mtime,
+        blocklist,
         live: live.clone(),
     };
     let runtime =

@@ -49,21 +49,15 @@ pub struct Admission {
 }
 
 impl Admission {
-    /// Loads the blocklist; an unreadable or bad file here (main checked it before the shards
-    /// started) is logged and leaves the list empty. `checked_mtime` is the file's time when main
-    /// checked it: the poller compares with that, not with the time of this (later) load, so a
-    /// change made while the shards were starting is reloaded and audited like any other.
-    pub fn new(config: &Config, shard: usize, checked_mtime: Option<SystemTime>) -> Admission {
+    /// Starts from the blocklist main loaded (`None`: no blocklist file). The poller compares
+    /// the file's time with the time main read before its load, so a change made while the
+    /// shards were starting is reloaded and audited like any other, against the list in force.
+    pub fn new(config: &Config, checked: Option<super::CheckedBlocklist>) -> Admission {
         let limits = &config.limits;
         let path = limits.blocklist_file.clone();
-        let mtime = checked_mtime;
-        let list = match path.as_deref().map(Blocklist::load) {
-            Some(Ok(list)) => list,
-            Some(Err(err)) => {
-                tracing::error!(shard, error = %err, "blocklist not loaded");
-                Blocklist::default()
-            }
-            None => Blocklist::default(),
+        let (list, mtime) = match checked {
+            Some(checked) => (checked.list, checked.mtime),
+            None => (Blocklist::default(), None),
         };
         let abuse_limit = config.conversations.abuse_limit;
         let message_capacity = Rate::new(

@@ -123,11 +123,19 @@ pub struct ShardShared {
     pub handlers: crate::bot::Registry,
     /// Every shard's heartbeat and start-up slot; this shard writes its own.
     pub liveness: Arc<Liveness>,
-    /// The blocklist file's modification time when main checked it: the shards' starting point
-    /// for noticing a change (see `admission::Admission::new`).
-    pub blocklist_mtime: Option<std::time::SystemTime>,
+    /// The blocklist main loaded, with the file's time then: every shard's starting point
+    /// (see `admission::Admission::new`); `None` without `[limits] blocklist_file`.
+    pub blocklist: Option<CheckedBlocklist>,
     /// The configuration in force, replaced by a reload (see [`crate::reload`]).
     pub live: Arc<crate::reload::LiveConfig>,
+}
+
+/// The blocklist as main loaded it before the shards started, and the file's modification time
+/// read just before that load.
+#[derive(Clone)]
+pub struct CheckedBlocklist {
+    pub list: crate::admission::Blocklist,
+    pub mtime: Option<std::time::SystemTime>,
 }
 
 /// Runs one shard until shutdown.
@@ -141,7 +149,7 @@ pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared
         tls,
         handlers,
         liveness,
-        blocklist_mtime,
+        blocklist,
         live,
     } = shared;
     let arena = Rc::new(RefCell::new(Arena::with_backlog_bound(
@@ -165,7 +173,7 @@ pub async fn shard_main(context: ShardContext<ShardMessage>, shared: ShardShared
             std::process::exit(1);
         }
     };
-    let shard_admission = admission::Admission::new(&config, context.id.0, blocklist_mtime);
+    let shard_admission = admission::Admission::new(&config, blocklist);
     let shard = Rc::new(Shard {
         id: context.id,
         shard_count: context.shard_count,
