@@ -54,9 +54,15 @@
 //! reactor thread (it is `Send`), and let the messages that arrive during one commit form
 //! the next batch.
 //!
-//! Power-loss safety of the log depends on LMDB's last synced state surviving the loss
-//! (`power_loss_tests` take the data file back to it); LMDB documents that `MDB_NOSYNC`
-//! keeps its integrity when the file system preserves write order.
+//! Power-loss safety of the log depends on LMDB's last synced state surviving the loss. Under
+//! `MDB_NOSYNC` the kernel may write a newer meta page back before the pages it points to
+//! (ext4 keeps no order between them), so each checkpoint saves LMDB's meta pages in the
+//! log's header and pins that snapshot with a read transaction until the next checkpoint;
+//! at the next open the saved meta pages are written back before LMDB opens, which takes it
+//! to that intact snapshot, and the log replays the rest ([`wal::meta_pages`]). The pin keeps
+//! every page copied since from being reused, so a checkpoint also comes every
+//! [`CHECKPOINT_COMMITS`] commits. `power_loss_tests` take the data file back to the last
+//! sync, keep every commit, or mix pages of both under the newest meta pages.
 //!
 //! A `batch` or `none` store syncs once more when dropped (clean shutdown).
 //!
@@ -116,6 +122,7 @@ pub use records::{
     MessageRecord, MAX_SHARDS,
 };
 pub use shard_store::{
-    ShardStore, StoreReader, StoreSize, FORMAT_VERSION, MAX_DBS, MAX_READERS, MAX_VARIANT_BYTES,
+    ShardStore, StoreReader, StoreSize, CHECKPOINT_COMMITS, FORMAT_VERSION, MAX_DBS, MAX_READERS,
+    MAX_VARIANT_BYTES,
 };
 pub use write_backoff::WriteBackoff;

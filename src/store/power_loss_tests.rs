@@ -6,7 +6,11 @@
 //! with the seq its ack gave.
 //!
 //! A variant keeps every LMDB commit instead (the kernel happened to write them all back):
-//! replaying records that already reached LMDB must change nothing.
+//! replaying records that already reached LMDB must change nothing. Another keeps a random
+//! mix of pages, each from the last sync or from the newest commit, with the newest meta
+//! pages: LMDB's file as a power loss can leave it under `MDB_NOSYNC`, a meta page pointing at
+//! pages that never reached the disk. The saved meta pages (`wal::meta_pages`) must take it
+//! back to the last checkpoint.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -36,6 +40,24 @@ enum LmdbAfterLoss {
     LastSync,
     /// Every commit (written back by the kernel before the loss).
     Everything,
+    /// Each page from the last sync or the newest commit, at random; the meta pages (0 and
+    /// 1) always the newest.
+    MixedPages,
+}
+
+/// `synced` with a random choice of `newest`'s pages over it (pages past `synced`'s end are
+/// the newest or zeros), and `newest`'s first two pages (the meta pages).
+fn mixed_pages(synced: &[u8], newest: &[u8], rng: &mut StdRng) -> Vec<u8> {
+    let page = wal::meta_pages::page_size() as usize;
+    let mut out = vec![0u8; synced.len().max(newest.len())];
+    out[..synced.len()].copy_from_slice(synced);
+    for (index, chunk) in newest.chunks(page).enumerate() {
+        let at = index * page;
+        if index < 2 || rng.gen_bool(0.5) {
+            out[at..at + chunk.len()].copy_from_slice(chunk);
+        }
+    }
+    out
 }
 
 fn data_file(dir: &Path) -> std::path::PathBuf {
@@ -136,6 +158,11 @@ fn run(seed: u64, lmdb: LmdbAfterLoss) -> u64 {
     let lmdb_bytes = match lmdb {
         LmdbAfterLoss::LastSync => synced_lmdb.lock().unwrap().clone(),
         LmdbAfterLoss::Everything => std::fs::read(data_file(before.path())).unwrap(),
+        LmdbAfterLoss::MixedPages => mixed_pages(
+            &synced_lmdb.lock().unwrap(),
+            &std::fs::read(data_file(before.path())).unwrap(),
+            &mut rng,
+        ),
     };
     let (checkpoints, _) = store.checkpoints();
     // The process dies with the power: nothing it does from now reaches the disk.
@@ -212,6 +239,14 @@ fn replaying_records_that_already_reached_lmdb_changes_nothing() {
         .map(|seed| run(seed, LmdbAfterLoss::Everything))
         .sum();
     assert!(checkpoints > 50, "only {checkpoints} checkpoints");
+}
+
+#[test]
+fn newer_meta_pages_over_stale_data_pages_are_taken_back_to_the_checkpoint() {
+    let checkpoints: u64 = (2000..2150)
+        .map(|seed| run(seed, LmdbAfterLoss::MixedPages))
+        .sum();
+    assert!(checkpoints > 100, "only {checkpoints} checkpoints");
 }
 
 /// The recovered store keeps working: new messages get the next seqs, and a re-sent

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use heed::types::Bytes;
-use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, RwTxn, WithoutTls};
+use heed::{CommitOrAbort, Database, Env, EnvFlags, EnvOpenOptions, RoTxn, RwTxn, WithoutTls};
 use rkyv::rancor;
 
 use super::batch::{AppendOutcome, NewMessage, Op, OpOutcome, ReadSide};
@@ -39,10 +39,23 @@ use super::records::{
     MAX_LOCAL_CONVERSATION, MAX_SHARDS,
 };
 use super::resize_gate::ResizeGate;
-use super::wal::{self, redo::RedoTable, FileDevice, LogDevice, Wal, WalError};
+use super::wal::{
+    self, meta_pages, redo::RedoTable, FileDevice, LogDevice, Recovered, Wal, WalError,
+};
 
 /// The write-ahead log's file in the shard's directory.
 pub const LOG_FILE: &str = "wal.log";
+
+/// With the log, a checkpoint also comes after this many commits. The pinned checkpoint
+/// snapshot (see `wal::meta_pages`) keeps LMDB from reusing any page freed since, so every
+/// commit's copied pages stay allocated until the next checkpoint: the data file grows by
+/// about this many commits' pages, and the checkpoint syncs them. Measured by
+/// `store::tests::pinned_checkpoints_bound_the_data_file` with batches of 100 messages over
+/// 100 conversations (about 0.5 MB of pages per commit): pinned for a whole 64 MiB log, the
+/// data file grew to 2.6 GB for 1.8 M messages (463 MB unpinned); with a checkpoint every 64
+/// or 256 commits it stayed within 55-225 MB of the unpinned size, at about a third of the
+/// unpinned store throughput on that heavy batch.
+pub const CHECKPOINT_COMMITS: u64 = 128;
 
 /// Version of the on-disk layout written into the `info` table.
 pub const FORMAT_VERSION: u64 = 1;
@@ -143,13 +156,59 @@ impl ShardStore {
             source,
         })?;
 
+        let logged =
+            options.durability == Durability::Fsync && (options.log_bytes > 0 || device.is_some());
+        // The log is read before LMDB opens: its header's saved meta pages go back into the
+        // data file first (see `wal::meta_pages`). A log left by an earlier run with the log
+        // (`durability = "fsync"`) is recovered even when this run has none, then removed.
+        let log_file = path.join(LOG_FILE);
+        let leftover = !logged && device.is_none() && log_file.exists();
+        let device: Option<Box<dyn LogDevice>> = match device {
+            Some(device) => Some(device),
+            None if logged || leftover => {
+                let size = if logged { options.log_bytes } else { 0 };
+                Some(Box::new(FileDevice::open(&log_file, size).map_err(
+                    |error| {
+                        StoreError::Log(WalError::Io(std::io::Error::new(
+                            error.kind(),
+                            format!("cannot open {}: {error}", log_file.display()),
+                        )))
+                    },
+                )?))
+            }
+            None => None,
+        };
+        let opened_log = match device {
+            Some(device) => {
+                let (wal, recovered) = Wal::open(device).map_err(StoreError::Log)?;
+                let data = path.join("data.mdb");
+                let restored =
+                    meta_pages::restore(&data, &recovered.saved_meta_pages).map_err(|error| {
+                        StoreError::Log(WalError::Io(std::io::Error::new(
+                            error.kind(),
+                            format!(
+                                "cannot restore the checkpoint's meta pages in {}: {error}",
+                                data.display()
+                            ),
+                        )))
+                    })?;
+                if restored {
+                    tracing::info!(
+                        shard,
+                        "LMDB taken back to the last checkpoint's meta pages (the store was not \
+                         closed cleanly); the log replays what came after"
+                    );
+                }
+                Some((wal, recovered))
+            }
+            None => None,
+        };
+
         let mut env_options = EnvOpenOptions::new().read_txn_without_tls();
         env_options
             .map_size(round_up_to_page(options.map_size))
             .max_readers(MAX_READERS)
             .max_dbs(MAX_DBS);
-        let logged =
-            options.durability == Durability::Fsync && (options.log_bytes > 0 || device.is_some());
         // SAFETY: NO_SYNC / NO_META_SYNC are "unsafe" in heed because a machine crash may
         // then lose or (for NO_SYNC) corrupt recent commits. That is the documented
         // contract of `Durability::Batch` and `Durability::None`. `Fsync` with a log
@@ -171,6 +230,12 @@ impl ShardStore {
         })?;
         // Reader slots of a killed process are reclaimed here rather than leaking.
         env.clear_stale_readers()?;
+        // With a log, the checkpoint's snapshot stays pinned from here (before any write) until
+        // the recovery's checkpoint: no page of it is reused meanwhile.
+        let pin = match &opened_log {
+            Some(_) => Some(env.clone().static_read_txn()?),
+            None => None,
+        };
 
         let wtxn = env.write_txn()?;
         let tables = env
@@ -246,28 +311,38 @@ impl ShardStore {
             log: None,
             redo: Vec::new(),
         };
-        if logged {
-            let device = match device {
-                Some(device) => device,
-                None => {
-                    let file = store.path.join(LOG_FILE);
-                    Box::new(FileDevice::open(&file, options.log_bytes).map_err(|error| {
+        if let Some((wal, recovered)) = opened_log {
+            store.recover(wal, recovered, pin)?;
+            if leftover {
+                // This run has no log: everything is in LMDB and synced now.
+                store.log = None;
+                std::fs::remove_file(&log_file)
+                    .and_then(|()| std::fs::File::open(&store.path)?.sync_all())
+                    .map_err(|error| {
                         StoreError::Log(WalError::Io(std::io::Error::new(
                             error.kind(),
-                            format!("cannot open {}: {error}", file.display()),
+                            format!("cannot remove {}: {error}", log_file.display()),
                         )))
-                    })?)
-                }
-            };
-            store.recover(device)?;
+                    })?;
+                tracing::info!(
+                    shard,
+                    "a write-ahead log left by an earlier run with durability = \"fsync\" was \
+                     recovered into LMDB and removed"
+                );
+            }
         }
         Ok(store)
     }
 
-    /// Replays the log's records into LMDB, syncs LMDB and starts the log over.
-    fn recover(&mut self, device: Box<dyn LogDevice>) -> Result<(), StoreError> {
+    /// Replays the log's records into LMDB (taken back to the records' checkpoint by the
+    /// caller, which pinned that snapshot in `pin`), syncs LMDB and starts the log over.
+    fn recover(
+        &mut self,
+        wal: Wal,
+        recovered: Recovered,
+        pin: Option<RoTxn<'static, WithoutTls>>,
+    ) -> Result<(), StoreError> {
         let started = Instant::now();
-        let (wal, recovered) = Wal::open(device).map_err(StoreError::Log)?;
         if recovered.cut_tail {
             tracing::warn!(
                 shard = self.shard,
@@ -304,16 +379,20 @@ impl ShardStore {
             txn.commit()?;
             Ok(())
         })?;
-        self.env.force_sync()?;
         let mut log = StoreLog {
             wal,
+            data_file: self.env.try_clone_inner_file()?,
+            page_size: meta_pages::page_size(),
+            pinned: pin,
+            commits_since_checkpoint: 0,
+            checkpoints_for_pinned_pages: 0,
             env: self.env.clone(),
             checkpoints: 0,
             checkpoints_for_large_batches: 0,
             #[cfg(test)]
             after_checkpoint: None,
         };
-        log.wal.reset().map_err(StoreError::Log)?;
+        log.restart()?;
         if records > 0 {
             tracing::info!(
                 shard = self.shard,
@@ -451,6 +530,17 @@ impl ShardStore {
     /// Waits (at most a few seconds) for the read views open on other threads through
     /// [`StoreReader`]s to end, and keeps new ones out while it remaps.
     pub fn set_map_size(&mut self, bytes: usize) -> Result<(), StoreError> {
+        if let Some(log) = &mut self.log {
+            log.unpin_for_resize()?;
+        }
+        let resized = self.resize_unpinned(bytes);
+        if let Some(log) = &mut self.log {
+            log.repin()?;
+        }
+        resized
+    }
+
+    fn resize_unpinned(&mut self, bytes: usize) -> Result<(), StoreError> {
         let Some(_pass) = self.gate.resize(RESIZE_PATIENCE) else {
             return Err(StoreError::ResizeBlocked {
                 waited_ms: RESIZE_PATIENCE.as_millis() as u64,
@@ -461,7 +551,9 @@ impl ShardStore {
         // self` proves none is live. Every read transaction (through this store or any
         // `StoreReader` clone, on any thread) is a `ReadView` holding a `ReadPass` of
         // `self.gate` from before it begins until after it ends, and `_pass` is only
-        // granted while no `ReadPass` exists and keeps new ones from being granted.
+        // granted while no `ReadPass` exists and keeps new ones from being granted. The
+        // log's pinned snapshot, the one read transaction without a pass, was let go by
+        // `set_map_size`.
         unsafe { self.env.resize(round_up_to_page(bytes)) }.map_err(StoreError::from)
     }
 
@@ -717,6 +809,17 @@ impl Tables {
 pub(crate) struct StoreLog {
     wal: Wal,
     env: Env<WithoutTls>,
+    /// LMDB's data file, for reading its meta pages after a sync.
+    data_file: std::fs::File,
+    page_size: u64,
+    /// A read transaction on the last checkpoint's snapshot (saved in the log's header):
+    /// while it lives LMDB reuses no page of that snapshot, so writing the saved meta pages
+    /// back always finds an intact tree. Dropped only to resize the map, after a checkpoint.
+    pinned: Option<RoTxn<'static, WithoutTls>>,
+    /// Commits since the snapshot was pinned (see [`CHECKPOINT_COMMITS`]).
+    commits_since_checkpoint: u64,
+    /// Checkpoints made because [`CHECKPOINT_COMMITS`] commits kept their pages.
+    checkpoints_for_pinned_pages: u64,
     /// Checkpoints made because the log was full.
     checkpoints: u64,
     /// Batches too large for the log, committed with an LMDB sync instead.
@@ -726,15 +829,50 @@ pub(crate) struct StoreLog {
 }
 
 impl StoreLog {
-    /// Syncs LMDB, then starts the log over: everything it held is on disk in LMDB.
+    /// A checkpoint because the log was full: [`StoreLog::restart`], counted.
     fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.restart()?;
+        self.checkpoints += 1;
+        Ok(())
+    }
+
+    /// Syncs LMDB, then starts the log over, saving LMDB's meta pages as synced in its header,
+    /// and pins that snapshot: everything the log held is on disk in LMDB, and after a power
+    /// loss the saved meta pages lead back to exactly this state.
+    fn restart(&mut self) -> Result<(), StoreError> {
         self.env.force_sync()?;
         #[cfg(test)]
         if let Some(hook) = &mut self.after_checkpoint {
             hook();
         }
-        self.wal.reset().map_err(StoreError::Log)?;
-        self.checkpoints += 1;
+        let saved = meta_pages::read(&self.data_file, self.page_size)
+            .map_err(|error| StoreError::Log(WalError::Io(error)))?;
+        if saved.is_empty() {
+            tracing::warn!("LMDB's meta pages could not be read for the log's header");
+        }
+        self.wal.reset_saving(&saved).map_err(StoreError::Log)?;
+        // The old pin goes only now: until the header above was synced, a recovery would
+        // have gone back to the old snapshot, which had to stay intact.
+        self.pinned = None;
+        self.pinned = Some(self.env.clone().static_read_txn()?);
+        self.commits_since_checkpoint = 0;
+        Ok(())
+    }
+
+    /// Before a resize (LMDB allows no live transaction then): checkpoints, so the pinned
+    /// snapshot is the one just synced, and lets the pin go. [`StoreLog::repin`] after.
+    fn unpin_for_resize(&mut self) -> Result<(), StoreError> {
+        self.restart()?;
+        self.pinned = None;
+        Ok(())
+    }
+
+    /// Pins the current snapshot again after a resize (nothing was written since the
+    /// checkpoint of [`StoreLog::unpin_for_resize`], so it is the saved one).
+    fn repin(&mut self) -> Result<(), StoreError> {
+        if self.pinned.is_none() {
+            self.pinned = Some(self.env.clone().static_read_txn()?);
+        }
         Ok(())
     }
 }
@@ -1151,6 +1289,11 @@ impl BatchWriter<'_> {
             }
             return Err(error.into());
         }
+        log.commits_since_checkpoint += 1;
+        if log.commits_since_checkpoint >= CHECKPOINT_COMMITS {
+            log.restart()?;
+            log.checkpoints_for_pinned_pages += 1;
+        }
         Ok(())
     }
 
@@ -1264,6 +1407,10 @@ impl ShardStore {
             .messages
             .put(&mut txn, &keys::message_key(id, seq), bytes)?;
         txn.commit()?;
+        // Not in the log: a checkpoint makes it part of the snapshot a recovery goes back to.
+        if let Some(log) = &mut self.log {
+            log.restart()?;
+        }
         Ok(())
     }
 }

@@ -10,9 +10,13 @@
 //!    batch is acked. If the commit fails, the record is taken back ([`Wal::undo_last`]).
 //! 4. When the log is full, a checkpoint syncs LMDB (`mdb_env_sync`) and starts the log
 //!    over with a new generation ([`Wal::reset`]); records of older generations are dead.
+//!    The new header saves LMDB's meta pages as synced ([`meta_pages`]), and the store keeps
+//!    that snapshot's pages from being reused until the next checkpoint.
 //!
 //! # Recovery ([`Wal::open`])
-//! The records of the header's generation, up to the first that fails its checksum (a torn
+//! The saved meta pages are written back into LMDB's data file before LMDB opens (a power
+//! loss may have let newer meta pages reach the disk ahead of the pages they point to), which
+//! takes LMDB to the checkpoint's snapshot. The records of the header's generation, up to the first that fails its checksum (a torn
 //! or corrupt tail is cut there, never replayed), are replayed into LMDB in one transaction;
 //! replay is idempotent ([`redo`]), so records that had reached LMDB are harmless. Then LMDB
 //! is synced and the log reset.
@@ -26,6 +30,7 @@
 //!   generation changes only after LMDB was synced.
 
 pub mod device;
+pub mod meta_pages;
 pub mod record;
 pub mod redo;
 
@@ -66,6 +71,9 @@ pub struct Recovered {
     pub payloads: Vec<Vec<u8>>,
     /// Bytes after the last whole record that were not zeros (a torn or corrupt tail).
     pub cut_tail: bool,
+    /// LMDB's meta pages saved at the checkpoint that began the log's generation
+    /// ([`meta_pages`]; empty when none were saved).
+    pub saved_meta_pages: Vec<u8>,
 }
 
 impl Wal {
@@ -74,25 +82,32 @@ impl Wal {
     pub fn open(mut device: Box<dyn LogDevice>) -> Result<(Wal, Recovered), WalError> {
         let bytes = device.read_all()?;
         let header_end = (record::HEADER_BYTES as usize).min(bytes.len());
-        let (generation, payloads, cut_tail) = match record::decode_header(&bytes[..header_end]) {
-            Some(generation) => {
-                let records = &bytes[header_end..];
-                let (payloads, valid) = record::scan(records, generation);
-                let tail = &records[valid..];
-                let cut_tail = tail
-                    .get(..record::RECORD_HEADER_BYTES)
-                    .is_some_and(|head| head.iter().any(|&b| b != 0));
-                (
-                    generation,
-                    payloads.into_iter().map(<[u8]>::to_vec).collect(),
-                    cut_tail,
-                )
-            }
-            // A new (zero) file, or a header torn while a checkpoint rewrote it; a
-            // checkpoint writes the header only after LMDB was synced, so no record of
-            // the previous generation is needed.
-            None => (0, Vec::new(), bytes[..header_end].iter().any(|&b| b != 0)),
-        };
+        let (generation, saved, payloads, cut_tail) =
+            match record::decode_header(&bytes[..header_end]) {
+                Some(record::Header { generation, saved }) => {
+                    let records = &bytes[header_end..];
+                    let (payloads, valid) = record::scan(records, generation);
+                    let tail = &records[valid..];
+                    let cut_tail = tail
+                        .get(..record::RECORD_HEADER_BYTES)
+                        .is_some_and(|head| head.iter().any(|&b| b != 0));
+                    (
+                        generation,
+                        saved,
+                        payloads.into_iter().map(<[u8]>::to_vec).collect(),
+                        cut_tail,
+                    )
+                }
+                // A new (zero) file, or a header torn while a checkpoint rewrote it; a
+                // checkpoint writes the header only after LMDB was synced, so no record of
+                // the previous generation is needed.
+                None => (
+                    0,
+                    Vec::new(),
+                    Vec::new(),
+                    bytes[..header_end].iter().any(|&b| b != 0),
+                ),
+            };
         let wal = Wal {
             device,
             generation,
@@ -100,15 +115,33 @@ impl Wal {
             last: None,
             buffer: Vec::new(),
         };
-        Ok((wal, Recovered { payloads, cut_tail }))
+        Ok((
+            wal,
+            Recovered {
+                payloads,
+                cut_tail,
+                saved_meta_pages: saved,
+            },
+        ))
     }
 
-    /// Starts the log over, empty, with the next generation. Call only when everything the
-    /// log holds is in LMDB's synced state.
+    /// Starts the log over, empty, with the next generation, saving nothing in the header.
+    /// Call only when everything the log holds is in LMDB's synced state.
     pub fn reset(&mut self) -> Result<(), WalError> {
+        self.reset_saving(&[])
+    }
+
+    /// [`Wal::reset`], saving `meta_pages` (LMDB's, as just synced: [`meta_pages::read`]) in
+    /// the header; a recovery writes them back before LMDB opens.
+    pub fn reset_saving(&mut self, meta_pages: &[u8]) -> Result<(), WalError> {
+        let saved = if meta_pages.len() <= record::MAX_SAVED_BYTES {
+            meta_pages
+        } else {
+            &[]
+        };
         let generation = self.generation + 1;
         self.device
-            .write_at(0, &record::encode_header(generation))?;
+            .write_at(0, &record::encode_header(generation, saved))?;
         self.device.sync()?;
         self.generation = generation;
         self.end = record::HEADER_BYTES;

@@ -4,7 +4,11 @@
 //! A log file is a 4 KiB header block, then records back to back:
 //!
 //! ```text
-//! header (offset 0):  magic "SBWAL001" | generation u64 LE | crc32c of the 16 bytes before, u32 LE
+//! header (offset 0):  magic "SBWAL002" | generation u64 LE | saved length u32 LE | saved bytes
+//!                     | crc32c of everything before, u32 LE
+//!                     (saved: LMDB's meta pages at the checkpoint that began the generation,
+//!                     see `meta_pages`; a "SBWAL001" header has no saved bytes and its crc
+//!                     covers the 16 bytes of magic and generation)
 //! record:             payload length u32 LE | crc32c u32 LE | generation u64 LE | payload
 //!                     (the crc covers length, generation and payload)
 //! ```
@@ -19,28 +23,63 @@
 pub const HEADER_BYTES: u64 = 4096;
 /// Bytes of a record's header.
 pub const RECORD_HEADER_BYTES: usize = 16;
-const MAGIC: &[u8; 8] = b"SBWAL001";
+const MAGIC: &[u8; 8] = b"SBWAL002";
+/// The header of logs written before the meta pages were saved.
+const MAGIC_V1: &[u8; 8] = b"SBWAL001";
+/// The most bytes a header can save (the block less magic, generation, length and crc).
+pub const MAX_SAVED_BYTES: usize = HEADER_BYTES as usize - 24;
 
-/// The header block of a log file with this generation.
-pub fn encode_header(generation: u64) -> Vec<u8> {
+/// A decoded header block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub generation: u64,
+    /// LMDB's meta pages at the checkpoint that began this generation (empty: none saved).
+    pub saved: Vec<u8>,
+}
+
+/// The header block of a log file with this generation, saving `saved` (at most
+/// [`MAX_SAVED_BYTES`]).
+pub fn encode_header(generation: u64, saved: &[u8]) -> Vec<u8> {
+    assert!(
+        saved.len() <= MAX_SAVED_BYTES,
+        "the saved bytes fit the header"
+    );
     let mut block = vec![0u8; HEADER_BYTES as usize];
     block[..8].copy_from_slice(MAGIC);
     block[8..16].copy_from_slice(&generation.to_le_bytes());
-    let crc = crc32c::crc32c(&block[..16]);
-    block[16..20].copy_from_slice(&crc.to_le_bytes());
+    block[16..20].copy_from_slice(&(saved.len() as u32).to_le_bytes());
+    let end = 20 + saved.len();
+    block[20..end].copy_from_slice(saved);
+    let crc = crc32c::crc32c(&block[..end]);
+    block[end..end + 4].copy_from_slice(&crc.to_le_bytes());
     block
 }
 
-/// The generation in a header block, or `None` when the block is not a valid header.
-pub fn decode_header(block: &[u8]) -> Option<u64> {
-    if block.len() < 20 || &block[..8] != MAGIC {
+/// The header in a header block, or `None` when the block is not a valid header.
+pub fn decode_header(block: &[u8]) -> Option<Header> {
+    let crc_at = |end: usize| -> Option<bool> {
+        let crc = u32::from_le_bytes(block.get(end..end + 4)?.try_into().ok()?);
+        Some(crc32c::crc32c(&block[..end]) == crc)
+    };
+    let magic = block.get(..8)?;
+    let generation = u64::from_le_bytes(block.get(8..16)?.try_into().ok()?);
+    if magic == MAGIC_V1 {
+        return crc_at(16)?.then_some(Header {
+            generation,
+            saved: Vec::new(),
+        });
+    }
+    if magic != MAGIC {
         return None;
     }
-    let crc = u32::from_le_bytes(block[16..20].try_into().ok()?);
-    if crc32c::crc32c(&block[..16]) != crc {
+    let length = u32::from_le_bytes(block.get(16..20)?.try_into().ok()?) as usize;
+    if length > MAX_SAVED_BYTES {
         return None;
     }
-    Some(u64::from_le_bytes(block[8..16].try_into().ok()?))
+    crc_at(20 + length)?.then(|| Header {
+        generation,
+        saved: block[20..20 + length].to_vec(),
+    })
 }
 
 /// Appends one record holding `payload` to `out`.
@@ -153,14 +192,36 @@ mod tests {
 
     #[test]
     fn headers_round_trip_and_reject_damage() {
-        let block = encode_header(42);
-        assert_eq!(block.len() as u64, HEADER_BYTES);
-        assert_eq!(decode_header(&block), Some(42));
-        for at in 0..20 {
-            let mut damaged = block.clone();
-            damaged[at] ^= 0x10;
-            assert_eq!(decode_header(&damaged), None, "byte {at}");
+        for saved in [&b""[..], b"the meta pages", &[5u8; MAX_SAVED_BYTES]] {
+            let block = encode_header(42, saved);
+            assert_eq!(block.len() as u64, HEADER_BYTES);
+            let header = decode_header(&block).unwrap();
+            assert_eq!((header.generation, &header.saved[..]), (42, saved));
+            for at in 0..24 + saved.len() {
+                let mut damaged = block.clone();
+                damaged[at] ^= 0x10;
+                assert_eq!(decode_header(&damaged), None, "byte {at}");
+            }
         }
         assert_eq!(decode_header(&[0u8; 4096]), None);
+    }
+
+    /// A log written before the meta pages were saved still opens, with nothing saved.
+    #[test]
+    fn a_version_1_header_is_read() {
+        let mut block = vec![0u8; HEADER_BYTES as usize];
+        block[..8].copy_from_slice(MAGIC_V1);
+        block[8..16].copy_from_slice(&7u64.to_le_bytes());
+        let crc = crc32c::crc32c(&block[..16]);
+        block[16..20].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            decode_header(&block),
+            Some(Header {
+                generation: 7,
+                saved: Vec::new()
+            })
+        );
+        block[9] ^= 1;
+        assert_eq!(decode_header(&block), None);
     }
 }
