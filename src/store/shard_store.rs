@@ -59,8 +59,9 @@ pub const CHECKPOINT_COMMITS: u64 = 128;
 
 /// Version of the on-disk layout written into the `info` table.
 pub const FORMAT_VERSION: u64 = 1;
-/// Reader slots of the LMDB lock table. Each live [`ReadView`] holds one; a shard thread
-/// needs a handful, the rest is headroom for diagnostics tools.
+/// Reader slots of the LMDB lock table. Each live [`ReadView`] holds one, and so does the
+/// log's pinned checkpoint snapshot; a shard thread needs a handful, the rest is headroom for
+/// diagnostics tools.
 pub const MAX_READERS: u32 = 126;
 /// Named tables of a shard environment (6 used; format 1 files may also hold an unused
 /// `dedup` table from before re-sends were recognised from the records; the rest spare).
