@@ -160,7 +160,7 @@ fn recognition_goes_through_the_caches_and_follows_new_versions() {
         dir.path(),
         &knowledge_base("Cards arrive within 5 working days."),
     );
-    // reload_interval is zero: the next recognition notices the new version.
+    swap_in_new_version(&engine);
     let found = recognise(&engine, "my new card still has not arrived");
     assert_eq!(
         (
@@ -192,6 +192,7 @@ fn recognition_goes_through_the_caches_and_follows_new_versions() {
 
     // A new version empties the hot cache but keeps the embeddings.
     import_with_cli(dir.path(), &knowledge_base("Your card is on its way."));
+    swap_in_new_version(&engine);
     let reloaded = recognise(&engine, "my new card still has not arrived");
     assert_eq!(
         (reloaded.version, reloaded.cache),
@@ -205,6 +206,24 @@ fn recognition_goes_through_the_caches_and_follows_new_versions() {
     assert_eq!((stats.hot_cache.hits, stats.embedding_cache.hits), (1, 1));
     assert_eq!(stats.degraded, 0);
     assert_eq!(stats.worker.unwrap().embedded, 3);
+}
+
+/// Polls as a shard does (`reload_interval` is zero here) until the version imported a moment
+/// ago is swapped in. The first poll only starts loading it on a `kb-load` thread: the
+/// shard's loop never waits for a load, and the loaded version answers meanwhile.
+fn swap_in_new_version(engine: &IntentEngine) {
+    let before = engine.version();
+    assert!(!engine.maybe_reload(), "the first poll loaded on the shard");
+    assert_eq!(engine.version(), before);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !engine.maybe_reload() {
+        assert!(
+            Instant::now() < deadline,
+            "the new version was never swapped in"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_ne!(engine.version(), before);
 }
 
 #[test]

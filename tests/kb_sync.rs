@@ -224,7 +224,7 @@ fn ask(tab: &mut RawClient, id: &str, text: &str) -> Value {
 }
 
 /// Waits (at most 20 s) until a new visitor of `replica` gets the answer of the entry only
-/// `kb_after()` has: a running server reloads a synced version within about a second.
+/// `kb_after()` has: a running server swaps a synced version in within about two seconds.
 fn await_new_entry(replica: &Server) {
     let deadline = Instant::now() + Duration::from_secs(20);
     for n in 0.. {

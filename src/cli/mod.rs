@@ -215,7 +215,8 @@ PRIMARY AND REPLICA
   of copies and stretches to fetch; a fine signature of only the base blocks the plan leaves
   unused gets the delta of those stretches. The replica rebuilds the primary's snapshot,
   checks its length and BLAKE3 hash, and stores it in every shard's replica as a new version.
-  A running `serve` switches to it within a second (each shard polls its replica's version).
+  A running `serve` switches to it within about two seconds: each shard polls its replica's
+  version every second and loads a new one on a thread of its own, then swaps it in.
   A corrupted, truncated or mismatched plan or delta changes nothing and exits 1. The bytes
   sent and received are printed.
 ";

@@ -35,6 +35,11 @@
 //! - Vectors from another model are never scored: a version whose model fingerprint or
 //!   dimension differs from the engine's encoder is answered lexically (degraded) only.
 //! - Shard-local (`Rc`, `RefCell`, not `Send`); no borrow is held across an `await`.
+//! - A new version found by the periodic poll ([`IntentEngine::maybe_reload`]) is loaded on a
+//!   thread of its own (`kb-load-N`; building BANKING77's index and decoding its tuned layers
+//!   takes tens of milliseconds) and swapped in by a later poll or recognition: the shard's
+//!   event loop never waits for it, and the loaded version keeps answering meanwhile. At most
+//!   one load is in flight per shard.
 //!
 //! # The companion cascade
 //! With `[inference] companion_model`, the knowledge base stores the two models' vectors
@@ -687,6 +692,14 @@ pub struct IntentEngine {
     scratch: RefCell<PredictScratch>,
     degraded: Cell<u64>,
     reloads: Cell<u64>,
+    /// The version [`maybe_reload`](Self::maybe_reload) is loading off the shard's thread.
+    loading: RefCell<Option<BackgroundLoad>>,
+}
+
+/// A knowledge-base version being loaded on a `kb-load-N` thread.
+struct BackgroundLoad {
+    started: Instant,
+    result: crossbeam::channel::Receiver<Result<Option<LoadedKb>, KbError>>,
 }
 
 /// How long [`IntentEngine::open`] took, by part.
@@ -762,6 +775,7 @@ impl IntentEngine {
             scratch: RefCell::new(PredictScratch::default()),
             degraded: Cell::new(0),
             reloads: Cell::new(0),
+            loading: RefCell::new(None),
         };
         let timings = OpenTimings {
             model: model_time,
@@ -833,39 +847,127 @@ impl IntentEngine {
         }
     }
 
-    /// Reloads when the replica's current version changed, at most once per
-    /// `reload_interval` (cheap otherwise: one clock read). Returns whether a new version
-    /// was loaded; a failure is logged and the loaded version kept.
+    /// Looks for a new version at most once per `reload_interval` (cheap otherwise: one clock
+    /// read), loads it on a `kb-load-N` thread, and swaps it in at the first call after the
+    /// load finished. Returns whether a new version was swapped in by this call; a failed load
+    /// is logged and the loaded version kept (the next poll tries again).
     pub fn maybe_reload(&self) -> bool {
+        if self.loading.borrow().is_some() {
+            return self.finish_background_load();
+        }
         let now = Instant::now();
         if now < self.next_poll.get() {
             return false;
         }
         self.next_poll.set(now + self.reload_interval);
-        match self.reload() {
-            Ok(changed) => changed,
+        match self.reader.current_version() {
+            Ok(current) if current == self.version() => false,
+            Ok(_) => self.start_background_load(),
             Err(error) => {
-                tracing::warn!(shard = self.shard, %error, "cannot reload the knowledge base; keeping the loaded version");
+                tracing::warn!(shard = self.shard, %error, "cannot read the knowledge base's current version; keeping the loaded version");
                 false
             }
         }
     }
 
-    /// Loads the replica's current version now if it is not the loaded one (one short LMDB
-    /// read when it is). Returns whether a new version was loaded. Loading BANKING77 takes
-    /// a few milliseconds on the calling thread.
+    /// Starts loading the replica's current version on a thread; if no thread can be
+    /// started, loads it here instead. Returns whether a version was swapped in.
+    fn start_background_load(&self) -> bool {
+        let (sender, result) = crossbeam::channel::bounded(1);
+        let reader = self.reader.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("kb-load-{}", self.shard))
+            .spawn(move || {
+                // The receiver is gone only when the engine is: nothing to hand over then.
+                let _ = sender.send(LoadedKb::load(&reader));
+            });
+        match spawned {
+            Ok(_) => {
+                *self.loading.borrow_mut() = Some(BackgroundLoad {
+                    started: Instant::now(),
+                    result,
+                });
+                false
+            }
+            Err(error) => {
+                tracing::warn!(shard = self.shard, %error, "cannot start a knowledge-base load thread; loading on the shard");
+                match self.reload() {
+                    Ok(changed) => changed,
+                    Err(error) => {
+                        tracing::warn!(shard = self.shard, %error, "cannot reload the knowledge base; keeping the loaded version");
+                        false
+                    }
+                }
+            }
+        }
+    }
+
+    /// Swaps in the version a `kb-load-N` thread loaded, once it is there.
+    fn finish_background_load(&self) -> bool {
+        let received = {
+            let loading = self.loading.borrow();
+            let Some(load) = loading.as_ref() else {
+                return false;
+            };
+            match load.result.try_recv() {
+                Ok(result) => Ok((result, load.started.elapsed())),
+                Err(crossbeam::channel::TryRecvError::Empty) => return false,
+                Err(crossbeam::channel::TryRecvError::Disconnected) => Err(()),
+            }
+        };
+        *self.loading.borrow_mut() = None;
+        match received {
+            Ok((Ok(loaded), took)) => {
+                // A synchronous `reload` (the admin API's try) may have loaded it meanwhile.
+                if loaded.as_ref().map(LoadedKb::version) == self.version() {
+                    return false;
+                }
+                self.install(loaded, took);
+                true
+            }
+            Ok((Err(error), _)) => {
+                tracing::warn!(shard = self.shard, %error, "cannot reload the knowledge base; keeping the loaded version");
+                false
+            }
+            Err(()) => {
+                tracing::error!(
+                    shard = self.shard,
+                    "the knowledge-base load thread ended without a result; keeping the loaded version"
+                );
+                false
+            }
+        }
+    }
+
+    /// Loads the replica's current version now, on the calling thread, if it is not the
+    /// loaded one (one short LMDB read when it is). Returns whether a new version was loaded.
+    /// Loading BANKING77 takes tens of milliseconds; a running shard uses
+    /// [`maybe_reload`](Self::maybe_reload), which loads off its thread.
     pub fn reload(&self) -> Result<bool, KbError> {
         let current = self.reader.current_version()?;
         if current == self.version() {
             return Ok(false);
         }
+        let started = Instant::now();
         let loaded = LoadedKb::load(&self.reader)?;
-        let version = loaded.as_ref().map(LoadedKb::version);
+        self.install(loaded, started.elapsed());
+        Ok(true)
+    }
+
+    /// Makes `loaded` the version recognitions use (`took`: how long loading it took).
+    fn install(&self, loaded: Option<LoadedKb>, took: Duration) {
+        let version = loaded
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), |kb| kb.version().to_string());
         *self.kb.borrow_mut() = loaded.map(Rc::new);
         self.hot.borrow_mut().clear();
         self.reloads.set(self.reloads.get() + 1);
-        tracing::info!(shard = self.shard, ?version, "knowledge base reloaded");
-        Ok(true)
+        tracing::info!(
+            shard = self.shard,
+            %version,
+            load_ms = took.as_secs_f64() * 1000.0,
+            "knowledge base reloaded"
+        );
     }
 
     /// The best entry for `text`, or `None` when no knowledge base has been imported or,
