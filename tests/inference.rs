@@ -226,6 +226,30 @@ fn swap_in_new_version(engine: &IntentEngine) {
     assert_ne!(engine.version(), before);
 }
 
+/// A version a background load finished after a newer one was loaded on the spot (the admin
+/// API's try does that) is dropped: the engine never goes back to an older version.
+#[test]
+fn a_background_load_overtaken_by_a_newer_version_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    import(dir.path(), &prepare(knowledge_base("first answer")));
+    let engine = IntentEngine::open(&settings(dir.path()), 0, 0).unwrap();
+    import_with_cli(dir.path(), &knowledge_base("second answer"));
+    // The poll starts loading version 2 off the calling thread; a small knowledge base loads
+    // in milliseconds, so after two seconds its result waits to be swapped in.
+    assert!(!engine.maybe_reload());
+    std::thread::sleep(Duration::from_secs(2));
+    import_with_cli(dir.path(), &knowledge_base("third answer"));
+    assert!(engine.reload().unwrap());
+    assert_eq!(engine.version(), Some(3));
+    for _ in 0..50 {
+        assert!(!engine.maybe_reload());
+        assert_eq!(engine.version(), Some(3), "went back to an older version");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let found = recognise(&engine, "my new card still has not arrived");
+    assert_eq!((found.version, found.answer.as_str()), (3, "third answer"));
+}
+
 #[test]
 fn a_recognition_in_flight_during_an_update_sees_one_version() {
     let dir = tempfile::tempdir().unwrap();

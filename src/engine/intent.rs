@@ -918,8 +918,9 @@ impl IntentEngine {
         *self.loading.borrow_mut() = None;
         match received {
             Ok((Ok(loaded), took)) => {
-                // A synchronous `reload` (the admin API's try) may have loaded it meanwhile.
-                if loaded.as_ref().map(LoadedKb::version) == self.version() {
+                // A synchronous `reload` (the admin API's try) may have loaded this version, or
+                // a newer one, meanwhile: versions only grow, so never go back.
+                if loaded.as_ref().map(LoadedKb::version) <= self.version() {
                     return false;
                 }
                 self.install(loaded, took);
