@@ -57,6 +57,15 @@ pub const LOG_FILE: &str = "wal.log";
 /// unpinned store throughput on that heavy batch.
 pub const CHECKPOINT_COMMITS: u64 = 128;
 
+/// A file error of the log's (its file, or LMDB's meta pages it restores), as a
+/// [`StoreError::Log`] whose message says what was being done: "`doing`: `error`".
+fn log_file_error(error: std::io::Error, doing: String) -> StoreError {
+    StoreError::Log(WalError::Io(std::io::Error::new(
+        error.kind(),
+        format!("{doing}: {error}"),
+    )))
+}
+
 /// Version of the on-disk layout written into the `info` table.
 pub const FORMAT_VERSION: u64 = 1;
 /// Reader slots of the LMDB lock table. Each live [`ReadView`] holds one, and so does the
@@ -169,12 +178,7 @@ impl ShardStore {
             None if logged || leftover => {
                 let size = if logged { options.log_bytes } else { 0 };
                 Some(Box::new(FileDevice::open(&log_file, size).map_err(
-                    |error| {
-                        StoreError::Log(WalError::Io(std::io::Error::new(
-                            error.kind(),
-                            format!("cannot open {}: {error}", log_file.display()),
-                        )))
-                    },
+                    |error| log_file_error(error, format!("cannot open {}", log_file.display())),
                 )?))
             }
             None => None,
@@ -185,13 +189,13 @@ impl ShardStore {
                 let data = path.join("data.mdb");
                 let restored =
                     meta_pages::restore(&data, &recovered.saved_meta_pages).map_err(|error| {
-                        StoreError::Log(WalError::Io(std::io::Error::new(
-                            error.kind(),
+                        log_file_error(
+                            error,
                             format!(
-                                "cannot restore the checkpoint's meta pages in {}: {error}",
+                                "cannot restore the checkpoint's meta pages in {}",
                                 data.display()
                             ),
-                        )))
+                        )
                     })?;
                 if restored {
                     tracing::info!(
@@ -320,10 +324,7 @@ impl ShardStore {
                 std::fs::remove_file(&log_file)
                     .and_then(|()| std::fs::File::open(&store.path)?.sync_all())
                     .map_err(|error| {
-                        StoreError::Log(WalError::Io(std::io::Error::new(
-                            error.kind(),
-                            format!("cannot remove {}: {error}", log_file.display()),
-                        )))
+                        log_file_error(error, format!("cannot remove {}", log_file.display()))
                     })?;
                 tracing::info!(
                     shard,

@@ -16,10 +16,10 @@
 //! # Recovery ([`Wal::open`])
 //! The saved meta pages are written back into LMDB's data file before LMDB opens (a power
 //! loss may have let newer meta pages reach the disk ahead of the pages they point to), which
-//! takes LMDB to the checkpoint's snapshot. The records of the header's generation, up to the first that fails its checksum (a torn
-//! or corrupt tail is cut there, never replayed), are replayed into LMDB in one transaction;
-//! replay is idempotent ([`redo`]), so records that had reached LMDB are harmless. Then LMDB
-//! is synced and the log reset.
+//! takes LMDB to the checkpoint's snapshot. The records of the header's generation, up to the
+//! first that fails its checksum (a torn or corrupt tail is cut there, never replayed), are
+//! replayed into LMDB in one transaction; replay is idempotent ([`redo`]), so records that
+//! had reached LMDB are harmless. Then LMDB is synced and the log reset.
 //!
 //! Invariants:
 //! - A batch is acked only after its record is synced: after a power loss, every acked
