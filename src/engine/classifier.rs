@@ -354,7 +354,7 @@ fn softmax_in_place(values: &mut [f32]) {
 }
 
 /// Best and second-best entries of a score vector (ties: the lower index wins).
-fn best_two(scores: &[f32]) -> Prediction {
+pub fn best_two(scores: &[f32]) -> Prediction {
     let mut best = (0usize, f32::NEG_INFINITY);
     let mut second = f32::NEG_INFINITY;
     for (i, &s) in scores.iter().enumerate() {

@@ -303,7 +303,7 @@ pub fn prepare_with_progress(
 }
 
 /// Every question's vector with the tuned layers, from its inner states, on `threads` threads.
-fn embed_tuned(tuned: &TopLayers, states: &[Vec<f32>], threads: usize) -> Embeddings {
+pub fn embed_tuned(tuned: &TopLayers, states: &[Vec<f32>], threads: usize) -> Embeddings {
     let dim = tuned.hidden();
     let mut data = vec![0.0f32; states.len() * dim];
     let per_thread = states.len().div_ceil(threads.max(1)).max(1);

@@ -85,8 +85,7 @@ pub use replica::{
     DEFAULT_MAP_SIZE, FORMAT_VERSION, MAX_DIM, MAX_ENTRIES, MAX_FINGERPRINT_BYTES, MAX_QUESTIONS,
     MAX_READERS, MAX_SHARDS,
 };
-pub use scoring::row_scores;
-pub(crate) use scoring::top_k_of;
+pub use scoring::{row_scores, top_k_of};
 pub use snapshot::{describe, export_json, list, preview, write_export, PREVIEW_CHARS};
 pub use snapshot_file::{
     content_hash, decode as decode_snapshot, encode as encode_snapshot,

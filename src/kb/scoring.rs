@@ -205,7 +205,7 @@ pub(crate) fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 
 /// The `k` best `(index, score)` pairs of `scores`, best first (ties by lower index).
 /// Scores that are `-inf` or NaN are never returned.
-pub(crate) fn top_k_of(scores: &[f32], k: usize) -> Vec<(usize, f32)> {
+pub fn top_k_of(scores: &[f32], k: usize) -> Vec<(usize, f32)> {
     let mut ranked: Vec<(usize, f32)> = scores
         .iter()
         .copied()

@@ -285,6 +285,38 @@ impl TopLayers {
         })
     }
 
+    /// The element-wise mean of the weights of `runs`, all trained from the same starting
+    /// layers (same layers, heads and sizes): a uniform "model soup".
+    pub fn average(runs: &[TopLayers]) -> Result<TopLayers, FineTuneError> {
+        let Some(first) = runs.first() else {
+            return Err(FineTuneError::InvalidConfig("no layers to average".into()));
+        };
+        let mut mean = first.clone();
+        for other in &runs[1..] {
+            if (
+                other.first_layer,
+                other.count,
+                other.heads,
+                other.params.len(),
+            ) != (
+                first.first_layer,
+                first.count,
+                first.heads,
+                first.params.len(),
+            ) {
+                return Err(FineTuneError::InvalidConfig(
+                    "cannot average layers of different shapes".into(),
+                ));
+            }
+            for (m, v) in mean.params.iter_mut().zip(&other.params) {
+                *m += v;
+            }
+        }
+        let k = 1.0 / runs.len() as f32;
+        mean.params.iter_mut().for_each(|m| *m *= k);
+        Ok(mean)
+    }
+
     /// First 16 hex digits of the SHA-256 of [`TopLayers::to_bytes`].
     pub fn digest(&self) -> String {
         let hash = Sha256::digest(self.to_bytes());

@@ -132,8 +132,11 @@ pub struct TuneOptions {
     pub scale: f32,
     /// Threads sharing each batch (data parallel).
     pub threads: usize,
-    /// Seed of the batch-order shuffle.
+    /// Seed of the batch-order shuffle (and of the input dropout's masks).
     pub seed: u64,
+    /// Share of the input states' values zeroed (the rest scaled by `1/(1 − p)`) at each
+    /// training step, a fresh mask per step and question; 0 turns it off.
+    pub input_dropout: f32,
 }
 
 impl Default for TuneOptions {
@@ -147,6 +150,7 @@ impl Default for TuneOptions {
             scale: 20.0,
             threads: 2,
             seed: 7,
+            input_dropout: 0.0,
         }
     }
 }
@@ -161,6 +165,9 @@ pub struct TuneReport {
     pub first_epoch_loss: f32,
     pub last_epoch_loss: f32,
     pub elapsed: Duration,
+    /// The trained class proxies, `[classes, hidden]` row-major, not normalised (a class
+    /// without questions keeps a zero row).
+    pub proxies: Vec<f32>,
 }
 
 /// Trains `layers` on the questions' input states `sequences` (each `[tokens, hidden]`,
@@ -225,6 +232,8 @@ pub fn fine_tune(
                 batch_len: batch.len(),
                 sequences,
                 labels,
+                dropout: options.input_dropout,
+                step_seed: options.seed ^ ((step as u64 + 1) << 20),
             };
             let loss = batch_gradients(&mut workers, &context, batch, &proxy_norms);
             step += 1;
@@ -255,6 +264,7 @@ pub fn fine_tune(
         first_epoch_loss: epoch_losses[0],
         last_epoch_loss: epoch_losses[epoch_losses.len() - 1],
         elapsed: started.elapsed(),
+        proxies,
     };
     Ok((layers, report))
 }
@@ -381,6 +391,9 @@ fn validate(
             return bad(&format!("{name} must be finite and not negative"));
         }
     }
+    if !(0.0..1.0).contains(&options.input_dropout) {
+        return bad("input_dropout must be in [0, 1)");
+    }
     Ok(())
 }
 
@@ -403,7 +416,7 @@ fn embed_all(
                 scope.spawn(move || {
                     let mut out = Vec::new();
                     for batch in batches.iter().skip(k).step_by(threads) {
-                        worker.forward(layers, sequences, batch);
+                        worker.forward(layers, sequences, batch, None);
                         for (s, &i) in batch.iter().enumerate() {
                             out.push((i, worker.vectors[s * h..(s + 1) * h].to_vec()));
                         }
@@ -436,6 +449,9 @@ struct StepContext<'a> {
     batch_len: usize,
     sequences: &'a [&'a [f32]],
     labels: &'a [usize],
+    /// Input dropout rate, and the seed its masks are drawn from this step.
+    dropout: f32,
+    step_seed: u64,
 }
 
 /// One thread's buffers: activations of its share of a batch, its gradients.
@@ -461,7 +477,16 @@ struct Worker {
 
 impl Worker {
     /// Runs the layers on the questions `members` and leaves their unit vectors in `vectors`.
-    fn forward(&mut self, layers: &TopLayers, sequences: &[&[f32]], members: &[usize]) {
+    /// With `dropout = Some((p, seed))` each question's input values are zeroed with
+    /// probability `p` (the rest scaled by `1/(1 − p)`), from a mask seeded by `seed` and the
+    /// question's index, so a run stays deterministic whatever the thread split.
+    fn forward(
+        &mut self,
+        layers: &TopLayers,
+        sequences: &[&[f32]],
+        members: &[usize],
+        dropout: Option<(f32, u64)>,
+    ) {
         let h = layers.hidden();
         self.seqs.clear();
         let mut tokens = 0;
@@ -480,7 +505,20 @@ impl Worker {
         }
         let input = math::sized(&mut self.activations[0].input, tokens * h);
         for (seq, &i) in self.seqs.iter().zip(members) {
-            input[seq.start * h..(seq.start + seq.tokens) * h].copy_from_slice(sequences[i]);
+            let rows = &mut input[seq.start * h..(seq.start + seq.tokens) * h];
+            rows.copy_from_slice(sequences[i]);
+            if let Some((p, seed)) = dropout.filter(|&(p, _)| p > 0.0) {
+                let keep = 1.0 / (1.0 - p);
+                let threshold = (f64::from(p) * u64::MAX as f64) as u64;
+                let mut rng = SplitMix64(seed ^ (i as u64).wrapping_mul(0x2545_f491_4f6c_dd1d));
+                for v in rows.iter_mut() {
+                    *v = if rng.next() < threshold {
+                        0.0
+                    } else {
+                        *v * keep
+                    };
+                }
+            }
         }
         for l in 0..layers.count {
             if l > 0 {
@@ -519,7 +557,12 @@ impl Worker {
     fn step(&mut self, cx: &StepContext, members: &[usize]) {
         let layers = cx.layers;
         let (h, c, s) = (layers.hidden(), cx.classes, members.len());
-        self.forward(layers, cx.sequences, members);
+        self.forward(
+            layers,
+            cx.sequences,
+            members,
+            Some((cx.dropout, cx.step_seed)),
+        );
         let t = self.tokens;
         let vectors = &self.vectors[..s * h];
 

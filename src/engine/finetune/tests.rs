@@ -234,6 +234,8 @@ fn gradients_match_finite_differences_of_an_f64_reference() {
         batch_len: lengths.len(),
         sequences: &views,
         labels: &labels,
+        dropout: 0.0,
+        step_seed: 0,
     };
     let mut workers: Vec<Worker> = (0..2).map(|_| Worker::default()).collect();
     let batch: Vec<usize> = (0..lengths.len()).collect();
@@ -344,18 +346,25 @@ fn separable_problem(
     (sequences, labels)
 }
 
-#[test]
-fn training_lowers_the_loss_and_is_deterministic() {
-    let (sequences, labels) = separable_problem(16, 3, 20);
-    let views: Vec<&[f32]> = sequences.iter().map(|s| s.as_slice()).collect();
-    let options = TuneOptions {
-        epochs: 6,
+/// Rates and batches that train [`separable_problem`] in a few epochs.
+fn small_problem_options() -> TuneOptions {
+    TuneOptions {
         learning_rate: 2e-3,
         proxy_learning_rate: 1e-2,
         batch_size: 8,
         threads: 2,
         seed: 5,
         ..TuneOptions::default()
+    }
+}
+
+#[test]
+fn training_lowers_the_loss_and_is_deterministic() {
+    let (sequences, labels) = separable_problem(16, 3, 20);
+    let views: Vec<&[f32]> = sequences.iter().map(|s| s.as_slice()).collect();
+    let options = TuneOptions {
+        epochs: 6,
+        ..small_problem_options()
     };
     let run = || {
         let mut calls = Vec::new();
@@ -411,6 +420,81 @@ fn training_lowers_the_loss_and_is_deterministic() {
         (report_c.last_epoch_loss - report_a.last_epoch_loss).abs()
             < 1e-2 * report_a.first_epoch_loss
     );
+}
+
+#[test]
+fn input_dropout_is_deterministic_and_changes_training() {
+    let (sequences, labels) = separable_problem(16, 3, 20);
+    let views: Vec<&[f32]> = sequences.iter().map(|s| s.as_slice()).collect();
+    let options = TuneOptions {
+        epochs: 3,
+        ..small_problem_options()
+    };
+    let run = |options: &TuneOptions| {
+        fine_tune(
+            random_layers(16, 4, 32, 2, 9),
+            &views,
+            &labels,
+            3,
+            options,
+            &mut |_, _| {},
+        )
+        .expect("fine_tune")
+    };
+    let dropped = TuneOptions {
+        input_dropout: 0.2,
+        ..options.clone()
+    };
+    let (plain, plain_report) = run(&options);
+    let (a, report_a) = run(&dropped);
+    let (b, _) = run(&dropped);
+    assert_eq!(a.digest(), b.digest(), "dropout masks must follow the seed");
+    assert_ne!(a.digest(), plain.digest(), "dropout changed nothing");
+    assert!(report_a.last_epoch_loss < report_a.first_epoch_loss);
+    // The proxies come back, one row per class.
+    assert_eq!(plain_report.proxies.len(), 3 * 16);
+    assert!(plain_report.proxies.iter().all(|v| v.is_finite()));
+    // Out of range rates are refused.
+    for rate in [1.0, -0.1, f32::NAN] {
+        let bad = TuneOptions {
+            input_dropout: rate,
+            ..options.clone()
+        };
+        assert!(matches!(
+            fine_tune(
+                random_layers(16, 4, 32, 2, 9),
+                &views,
+                &labels,
+                3,
+                &bad,
+                &mut |_, _| {}
+            ),
+            Err(FineTuneError::InvalidOptions(_))
+        ));
+    }
+}
+
+#[test]
+fn averaging_layers_takes_the_mean_and_checks_shapes() {
+    let a = random_layers(8, 2, 16, 1, 1);
+    let b = random_layers(8, 2, 16, 1, 2);
+    let mean = TopLayers::average(&[a.clone(), b.clone()]).expect("same shapes");
+    for ((m, x), y) in mean.params.iter().zip(&a.params).zip(&b.params) {
+        assert!((m - 0.5 * (x + y)).abs() <= 1e-6 * (1.0 + x.abs() + y.abs()));
+    }
+    assert_eq!(
+        TopLayers::average(std::slice::from_ref(&a)).expect("one"),
+        a
+    );
+    assert!(matches!(
+        TopLayers::average(&[]),
+        Err(FineTuneError::InvalidConfig(_))
+    ));
+    let wider = random_layers(16, 2, 16, 1, 1);
+    assert!(matches!(
+        TopLayers::average(&[a, wider]),
+        Err(FineTuneError::InvalidConfig(_))
+    ));
 }
 
 #[test]
@@ -647,7 +731,7 @@ fn untuned_forward_reproduces_the_shipped_vectors() {
     // The batched training forward gives the same vectors as the one-sequence path.
     let views: Vec<&[f32]> = cases.iter().map(|c| c.1.as_slice()).collect();
     let mut worker = Worker::default();
-    worker.forward(&layers, &views, &[0, 1, 2, 3, 4, 5]);
+    worker.forward(&layers, &views, &[0, 1, 2, 3, 4, 5], None);
     for (i, (tokens, states, _)) in cases.iter().enumerate() {
         layers.embed_sequence(states, *tokens, &mut scratch, &mut out);
         for (a, b) in out.iter().zip(&worker.vectors[i * 384..(i + 1) * 384]) {
