@@ -351,7 +351,15 @@ impl TopLayers {
                 std::mem::swap(&mut acts.input, &mut acts.output);
             }
             let p = math::split(self.layer(layer), self.layout);
-            math::forward_layer(&p, self.layout, self.heads, &seqs, tokens, acts);
+            math::forward_layer(
+                &p,
+                self.layout,
+                self.heads,
+                &seqs,
+                tokens,
+                acts,
+                math::Kernel::Streamed,
+            );
         }
         mean_unit(&acts.output[..tokens * h], tokens, out);
     }

@@ -189,14 +189,129 @@ pub(crate) fn gemm(
     }
 }
 
+/// Which product [`forward_layer`] uses for its dense layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// `matrixmultiply` always: what training uses, so a run's weights do not depend on how
+    /// many tokens a thread's share of a batch happens to hold.
+    Packed,
+    /// [`streamed`] for up to [`STREAMED_MAX_TOKENS`] tokens (one query at inference).
+    Streamed,
+}
+
 /// `y[t, :] = x[t, :] · W + bias` for an `[in, out]` weight `w`; `y` is `[tokens, out]`.
-pub(crate) fn linear(x: &[f32], tokens: usize, w: &[f32], bias: &[f32], y: &mut [f32]) {
+pub(crate) fn linear(
+    x: &[f32],
+    tokens: usize,
+    w: &[f32],
+    bias: &[f32],
+    y: &mut [f32],
+    kernel: Kernel,
+) {
     let out = bias.len();
     let inp = w.len() / out;
     for row in y[..tokens * out].chunks_exact_mut(out) {
         row.copy_from_slice(bias);
     }
+    if kernel == Kernel::Streamed
+        && tokens <= STREAMED_MAX_TOKENS
+        && streamed::accumulate(x, tokens, w, out, y)
+    {
+        return;
+    }
     gemm(tokens, inp, out, 1.0, x, (inp, 1), w, (out, 1), 1.0, y, out);
+}
+
+/// Up to this many tokens (a chat message) [`linear`] streams the weights instead of packing
+/// them (see [`streamed`]).
+pub(crate) const STREAMED_MAX_TOKENS: usize = 24;
+
+/// `y += x · W` for a few rows of `x`, reading `W` (`[in, out]`, row-major) in place.
+///
+/// Why not `matrixmultiply`: it copies ("packs") both operands into its own layout on every
+/// call. For one query's 10-20 tokens against layer 5's 1.8 M weights, packing `W` costs as much
+/// as the products (22% of the layer's time in `perf`, see the module `finetune`), and the
+/// tuned layer put the query's p99 over the 25 ms budget (`kb eval`, models/README.md). Here
+/// each 16-column slab of `W` is read straight from the weights once, and used by every block
+/// of 6 rows of `x` (6 × 2 AVX2 accumulators) while it is in cache.
+mod streamed {
+    /// Adds `x · W` to `y` (`x`: `[rows, in]`, `W`: `[in, out]`, `y`: `[rows, out]`); false (and
+    /// nothing done) when the CPU lacks AVX2 + FMA or `out` is not a multiple of 16.
+    pub(crate) fn accumulate(x: &[f32], rows: usize, w: &[f32], out: usize, y: &mut [f32]) -> bool {
+        let inp = w.len() / out;
+        assert!(x.len() >= rows * inp && y.len() >= rows * out && w.len() == inp * out);
+        #[cfg(target_arch = "x86_64")]
+        if out.is_multiple_of(16)
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA (checked above); the bounds were asserted.
+            unsafe { avx2(x, rows, w, inp, out, y) };
+            return true;
+        }
+        let _ = (x, rows, w, out, y);
+        false
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2(x: &[f32], rows: usize, w: &[f32], inp: usize, out: usize, y: &mut [f32]) {
+        // Column slabs outside, row blocks inside: a slab (`in` × 16 floats, 24-96 KB) comes
+        // from memory once and stays in L1/L2 while every block of rows uses it.
+        for col in (0..out).step_by(16) {
+            let mut row = 0;
+            while row < rows {
+                match rows - row {
+                    1 => block::<1>(x, row, col, w, inp, out, y),
+                    2 => block::<2>(x, row, col, w, inp, out, y),
+                    3 => block::<3>(x, row, col, w, inp, out, y),
+                    4 => block::<4>(x, row, col, w, inp, out, y),
+                    5 => block::<5>(x, row, col, w, inp, out, y),
+                    _ => block::<6>(x, row, col, w, inp, out, y),
+                }
+                row += 6;
+            }
+        }
+    }
+
+    /// Rows `first .. first + R`, columns `col .. col + 16` of `y` += those of `x · W`.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const R: usize>(
+        x: &[f32],
+        first: usize,
+        col: usize,
+        w: &[f32],
+        inp: usize,
+        out: usize,
+        y: &mut [f32],
+    ) {
+        use std::arch::x86_64::*;
+        let xp = x.as_ptr().add(first * inp);
+        let yp = y.as_mut_ptr().add(first * out + col);
+        let wp = w.as_ptr().add(col);
+        let mut lo = [_mm256_setzero_ps(); R];
+        let mut hi = [_mm256_setzero_ps(); R];
+        for r in 0..R {
+            lo[r] = _mm256_loadu_ps(yp.add(r * out));
+            hi[r] = _mm256_loadu_ps(yp.add(r * out + 8));
+        }
+        for k in 0..inp {
+            let w_lo = _mm256_loadu_ps(wp.add(k * out));
+            let w_hi = _mm256_loadu_ps(wp.add(k * out + 8));
+            for r in 0..R {
+                let a = _mm256_broadcast_ss(&*xp.add(r * inp + k));
+                lo[r] = _mm256_fmadd_ps(a, w_lo, lo[r]);
+                hi[r] = _mm256_fmadd_ps(a, w_hi, hi[r]);
+            }
+        }
+        for r in 0..R {
+            _mm256_storeu_ps(yp.add(r * out), lo[r]);
+            _mm256_storeu_ps(yp.add(r * out + 8), hi[r]);
+        }
+    }
 }
 
 /// In place over each row of `x` (`[rows, width]`): `x ← LayerNorm(x)`; keeps the normalised
@@ -332,13 +447,14 @@ pub(crate) fn forward_layer(
     seqs: &[Seq],
     tokens: usize,
     acts: &mut LayerActivations,
+    kernel: Kernel,
 ) {
     let (h, inter) = (layout.hidden, layout.intermediate);
     let d = h / heads;
     let scale = 1.0 / (d as f32).sqrt();
     let input = &acts.input[..tokens * h];
     let qkv = sized(&mut acts.qkv, tokens * 3 * h);
-    linear(input, tokens, p.qkv_w, p.qkv_b, qkv);
+    linear(input, tokens, p.qkv_w, p.qkv_b, qkv, kernel);
 
     let probs = sized(&mut acts.probs, probs_len(seqs, heads));
     let ctx = sized(&mut acts.ctx, tokens * h);
@@ -359,7 +475,7 @@ pub(crate) fn forward_layer(
     }
 
     let x1 = sized(&mut acts.x1, tokens * h);
-    linear(ctx, tokens, p.o_w, p.o_b, x1);
+    linear(ctx, tokens, p.o_w, p.o_b, x1, kernel);
     for (a, x) in x1.iter_mut().zip(input) {
         *a += x;
     }
@@ -368,14 +484,14 @@ pub(crate) fn forward_layer(
     layer_norm(x1, p.ln1_g, p.ln1_b, xhat1, rstd1);
 
     let pre = sized(&mut acts.pre, tokens * inter);
-    linear(x1, tokens, p.i_w, p.i_b, pre);
+    linear(x1, tokens, p.i_w, p.i_b, pre, kernel);
     let act = sized(&mut acts.act, tokens * inter);
     for (a, &x) in act.iter_mut().zip(pre.iter()) {
         *a = gelu(x);
     }
 
     let out = sized(&mut acts.output, tokens * h);
-    linear(act, tokens, p.out_w, p.out_b, out);
+    linear(act, tokens, p.out_w, p.out_b, out, kernel);
     for (o, x) in out.iter_mut().zip(x1.iter()) {
         *o += x;
     }

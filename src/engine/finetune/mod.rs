@@ -50,6 +50,16 @@
 //! tiles, so 1 token costs as much as 16), 22% packing the weight matrices (done on every call;
 //! storing the weights `[in, out]` instead of PyTorch's `[out, in]` cut 16 tokens from 3.7-4.1
 //! to 2.9-3.4 ms), 9% softmax/LayerNorm/GELU loops, 7% `erff`.
+//!
+//! So a query (up to `math::STREAMED_MAX_TOKENS` = 24 tokens) no longer packs the weights: its
+//! dense products use `math`'s streamed AVX2 kernel, which reads each 16-column slab of a weight
+//! matrix once and keeps it in cache for all the query's rows. Training keeps `matrixmultiply`
+//! (its shares hold hundreds of tokens), so a run's weights are unchanged. The four dense
+//! products of layer 5, this 2-core AVX2 machine (`cargo test --release --lib
+//! engine::finetune::tests::measure_kernels -- --ignored --nocapture`), packed → streamed:
+//! 4 tokens 1.37 → 0.39 ms, 12 tokens 1.36 → 0.81 ms, 16 tokens 1.11 → 0.94 ms, 24 tokens
+//! 1.89 → 1.69 ms. At 48 tokens packing won (2.8-3.2 against 4.2-5.2 ms with an earlier
+//! 4-row version of the kernel), hence the 24-token limit.
 
 mod layers;
 mod math;
@@ -534,6 +544,7 @@ impl Worker {
                 &self.seqs,
                 tokens,
                 &mut self.activations[l],
+                math::Kernel::Packed,
             );
         }
         let last = &self.activations[layers.count - 1].output;

@@ -498,6 +498,65 @@ fn averaging_layers_takes_the_mean_and_checks_shapes() {
 }
 
 #[test]
+fn the_streamed_kernel_computes_what_the_packed_one_does() {
+    let mut rng = SplitMix64(3);
+    let mut values = |n: usize| -> Vec<f32> { (0..n).map(|_| uniform(&mut rng)).collect() };
+    for (inp, out) in [(7, 16), (24, 48), (384, 64)] {
+        let w = values(inp * out);
+        let bias = values(out);
+        for tokens in 1..=9 {
+            let x = values(tokens * inp);
+            let mut packed = vec![0.0; tokens * out];
+            let mut streamed = vec![0.0; tokens * out];
+            math::linear(&x, tokens, &w, &bias, &mut packed, math::Kernel::Packed);
+            math::linear(&x, tokens, &w, &bias, &mut streamed, math::Kernel::Streamed);
+            for (a, b) in packed.iter().zip(&streamed) {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + a.abs()),
+                    "{inp}x{out}, {tokens} tokens: {a} {b}"
+                );
+            }
+        }
+    }
+    // A width that is not a multiple of 16 falls back to the packed product.
+    let (w, bias, x) = (values(5 * 10), values(10), values(2 * 5));
+    let mut packed = vec![0.0; 20];
+    let mut streamed = vec![0.0; 20];
+    math::linear(&x, 2, &w, &bias, &mut packed, math::Kernel::Packed);
+    math::linear(&x, 2, &w, &bias, &mut streamed, math::Kernel::Streamed);
+    assert_eq!(packed, streamed);
+}
+
+/// Times one query's dense products with either kernel on layer-5-sized random weights.
+/// `cargo test --release --lib engine::finetune::tests::measure_kernels -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_kernels() {
+    let mut rng = SplitMix64(5);
+    let mut values = |n: usize| -> Vec<f32> { (0..n).map(|_| uniform(&mut rng)).collect() };
+    let shapes = [(384, 1152), (384, 384), (384, 1536), (1536, 384)];
+    let weights: Vec<(Vec<f32>, Vec<f32>)> = shapes
+        .iter()
+        .map(|&(i, o)| (values(i * o), values(o)))
+        .collect();
+    for tokens in [4, 12, 16, 24, 48] {
+        let x = values(tokens * 1536);
+        let mut y = vec![0.0; tokens * 1536];
+        for kernel in [math::Kernel::Packed, math::Kernel::Streamed] {
+            let rounds = 300;
+            let started = Instant::now();
+            for _ in 0..rounds {
+                for ((w, b), &(i, _)) in weights.iter().zip(&shapes) {
+                    math::linear(&x[..tokens * i], tokens, w, b, &mut y, kernel);
+                }
+            }
+            let ms = started.elapsed().as_secs_f64() * 1e3 / rounds as f64;
+            println!("{tokens} tokens, {kernel:?}: {ms:.3} ms for the four products");
+        }
+    }
+}
+
+#[test]
 fn fine_tune_rejects_bad_input() {
     let layers = random_layers(8, 2, 16, 1, 1);
     let good = vec![0.5f32; 16];
