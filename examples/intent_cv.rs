@@ -350,11 +350,15 @@ fn decode_states(bytes: &[u8], expected: usize) -> Result<Vec<Vec<f32>>, String>
 /// engine's `[inference] companion_*` keys set it up), cached next to `--states`.
 fn companion_vectors(args: &Args, texts: &[&str]) -> Result<Vec<f32>, String> {
     let cache = args.states.as_ref().map(|p| p.with_extension("companion"));
+    // multilingual-e5-small's width; a cache of another size (another kb) is recomputed.
+    const WIDTH: usize = 384;
     if let Some(bytes) = cache.as_ref().and_then(|p| std::fs::read(p).ok()) {
-        return Ok(bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .collect());
+        if bytes.len() == texts.len() * WIDTH * 4 {
+            return Ok(bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect());
+        }
     }
     let started = Instant::now();
     let mut encoder = Encoder::load(
@@ -367,6 +371,12 @@ fn companion_vectors(args: &Args, texts: &[&str]) -> Result<Vec<f32>, String> {
     .map_err(|e| e.to_string())?
     .with_text_prefix("query: ");
     let embeddings = encoder.encode_many(texts, 32).map_err(|e| e.to_string())?;
+    if embeddings.dim != WIDTH {
+        return Err(format!(
+            "the companion gives {} values, not {WIDTH}",
+            embeddings.dim
+        ));
+    }
     eprintln!("companion: {:.1} s", started.elapsed().as_secs_f64());
     if let Some(path) = &cache {
         std::fs::write(path, bytemuck::cast_slice::<f32, u8>(&embeddings.data))
@@ -539,7 +549,8 @@ impl Tally {
                 }
                 HeadKind::Proxies => None,
             };
-            if regression.is_none() && proxies.is_none() {
+            // Without proxies (frozen vectors, joined vectors) there is no proxy or mixed head.
+            if proxies.is_none() && matches!(kind, HeadKind::Proxies | HeadKind::Mix(_)) {
                 continue;
             }
             right.fill(0);

@@ -297,11 +297,13 @@ impl TopLayers {
                 other.first_layer,
                 other.count,
                 other.heads,
+                other.layout,
                 other.params.len(),
             ) != (
                 first.first_layer,
                 first.count,
                 first.heads,
+                first.layout,
                 first.params.len(),
             ) {
                 return Err(FineTuneError::InvalidConfig(

@@ -234,18 +234,22 @@ pub(crate) const STREAMED_MAX_TOKENS: usize = 24;
 /// tuned layer put the query's p99 over the 25 ms budget (`kb eval`, models/README.md). Here
 /// each 16-column slab of `W` is read straight from the weights once, and used by every block
 /// of 6 rows of `x` (6 × 2 AVX2 accumulators) while it is in cache.
-mod streamed {
+pub(crate) mod streamed {
     /// Adds `x · W` to `y` (`x`: `[rows, in]`, `W`: `[in, out]`, `y`: `[rows, out]`); false (and
     /// nothing done) when the CPU lacks AVX2 + FMA or `out` is not a multiple of 16.
     pub(crate) fn accumulate(x: &[f32], rows: usize, w: &[f32], out: usize, y: &mut [f32]) -> bool {
         let inp = w.len() / out;
-        assert!(x.len() >= rows * inp && y.len() >= rows * out && w.len() == inp * out);
+        let fits = |len: usize, a: usize, b: usize| a.checked_mul(b).is_some_and(|n| len >= n);
+        assert!(fits(x.len(), rows, inp) && fits(y.len(), rows, out) && w.len() == inp * out);
         #[cfg(target_arch = "x86_64")]
         if out.is_multiple_of(16)
             && std::arch::is_x86_feature_detected!("avx2")
             && std::arch::is_x86_feature_detected!("fma")
         {
-            // SAFETY: the CPU has AVX2 and FMA (checked above); the bounds were asserted.
+            // SAFETY: the CPU has AVX2 and FMA (checked above). The kernel reads `x` up to
+            // `rows · inp`, `w` up to `inp · out` and writes `y` up to `rows · out`, in 16-column
+            // slabs that end at `out` because `out` is a multiple of 16; the lengths were
+            // asserted above. `y` is the only mutable borrow, so it aliases neither `x` nor `w`.
             unsafe { avx2(x, rows, w, inp, out, y) };
             return true;
         }

@@ -501,13 +501,18 @@ fn averaging_layers_takes_the_mean_and_checks_shapes() {
 fn the_streamed_kernel_computes_what_the_packed_one_does() {
     let mut rng = SplitMix64(3);
     let mut values = |n: usize| -> Vec<f32> { (0..n).map(|_| uniform(&mut rng)).collect() };
+    let has_avx2 =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    const PAD: usize = 19;
+    const MARK: f32 = 1234.5;
     for (inp, out) in [(7, 16), (24, 48), (384, 64)] {
         let w = values(inp * out);
         let bias = values(out);
-        for tokens in 1..=9 {
+        for tokens in (1..=13).chain([23, 24, 25]) {
             let x = values(tokens * inp);
             let mut packed = vec![0.0; tokens * out];
-            let mut streamed = vec![0.0; tokens * out];
+            // Marker values after the output: the kernel must not write past `tokens · out`.
+            let mut streamed = vec![MARK; tokens * out + PAD];
             math::linear(&x, tokens, &w, &bias, &mut packed, math::Kernel::Packed);
             math::linear(&x, tokens, &w, &bias, &mut streamed, math::Kernel::Streamed);
             for (a, b) in packed.iter().zip(&streamed) {
@@ -516,6 +521,13 @@ fn the_streamed_kernel_computes_what_the_packed_one_does() {
                     "{inp}x{out}, {tokens} tokens: {a} {b}"
                 );
             }
+            assert!(streamed[tokens * out..].iter().all(|&v| v == MARK));
+            // The kernel itself ran (on a CPU that has it), not the packed fallback.
+            let mut direct = vec![0.0; tokens * out];
+            assert_eq!(
+                math::streamed::accumulate(&x, tokens, &w, out, &mut direct),
+                has_avx2
+            );
         }
     }
     // A width that is not a multiple of 16 falls back to the packed product.
@@ -525,6 +537,7 @@ fn the_streamed_kernel_computes_what_the_packed_one_does() {
     math::linear(&x, 2, &w, &bias, &mut packed, math::Kernel::Packed);
     math::linear(&x, 2, &w, &bias, &mut streamed, math::Kernel::Streamed);
     assert_eq!(packed, streamed);
+    assert!(!math::streamed::accumulate(&x, 2, &w, 10, &mut streamed));
 }
 
 /// Times one query's dense products with either kernel on layer-5-sized random weights.
