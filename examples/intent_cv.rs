@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use switchboard::engine::classifier::{
-    best_two, BlendParams, Prediction, QuestionVectors, SoftmaxRegression, TrainOptions,
+    best_two, BlendParams, Prediction, SoftmaxRegression, TrainOptions,
 };
 use switchboard::engine::encoder::Encoder;
 use switchboard::engine::eval;
@@ -442,30 +442,20 @@ enum HeadKind {
     Mix(f32),
 }
 
-/// The proxies as a softmax-regression head (weights `scale · P_c/‖P_c‖`, no bias), built
-/// through its byte form.
+/// The proxies as a softmax-regression head: weights `scale · P_c/‖P_c‖`, no bias.
 fn proxy_head(
     proxies: &[f32],
     dim: usize,
     classes: usize,
     scale: f32,
 ) -> Result<SoftmaxRegression, String> {
-    let mut bytes = Vec::new();
-    bytes.extend_from_slice(b"SBSR");
-    for word in [1u32, dim as u32, classes as u32] {
-        bytes.extend_from_slice(&word.to_le_bytes());
-    }
+    let mut weights = Vec::with_capacity(proxies.len());
     for row in proxies.chunks_exact(dim) {
         let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
         let k = if norm > 0.0 { scale / norm } else { 0.0 };
-        for v in row {
-            bytes.extend_from_slice(&(v * k).to_le_bytes());
-        }
+        weights.extend(row.iter().map(|v| v * k));
     }
-    for _ in 0..classes {
-        bytes.extend_from_slice(&0f32.to_le_bytes());
-    }
-    SoftmaxRegression::from_bytes(&bytes).map_err(|e| e.to_string())
+    SoftmaxRegression::from_parts(dim, weights, vec![0.0; classes]).map_err(|e| e.to_string())
 }
 
 /// Right answers per (head l2, blend): top-1 and answered right under the shipped thresholds.
@@ -502,11 +492,6 @@ impl Tally {
             .flat_map(|&i| vectors[i * dim..(i + 1) * dim].iter().copied())
             .collect();
         let train_labels: Vec<u32> = train.iter().map(|&i| labels[i]).collect();
-        let questions = QuestionVectors {
-            dim,
-            vectors: &train_vectors,
-            labels: &train_labels,
-        };
         // Per test question: its 20 most similar training questions (the engine's scan and
         // top-k), then the vote of every grid cell from them; the same arithmetic as
         // `IntentClassifier::predict`, which would redo the scan per cell.
@@ -525,7 +510,6 @@ impl Tally {
                     .collect()
             })
             .collect();
-        let _ = questions;
         let mut probabilities = vec![0.0f32; classes];
         let mut scores = vec![0.0f32; classes];
         let mut right = vec![0usize; grid.len()];
@@ -619,12 +603,20 @@ impl Tally {
         }
         rows.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
         println!("\n{name}: top-1 / answered right over {total} questions, best first");
-        for (top1, answered, l2, p, h, g) in rows.iter().take(25).chain(rows.iter().filter(|r| {
+        // Then the best cell of each head (skipped heads scored nothing) and the shipped cell.
+        let best_per_head = heads.iter().enumerate().filter_map(|(h, _)| {
+            rows.iter()
+                .find(|r| r.4 == h && r.3.head_weight > 0.0 && r.0 > 0)
+        });
+        let shipped = rows.iter().filter(|r| {
             *r.2 == HeadKind::Regression(1e-5)
                 && r.3.head_weight == 0.5
                 && r.3.neighbours == 10
                 && r.3.temperature == 0.05
-        })) {
+        });
+        for (top1, answered, l2, p, h, g) in
+            rows.iter().take(25).chain(best_per_head).chain(shipped)
+        {
             let folds: Vec<String> = self.per_fold[*h][*g]
                 .iter()
                 .map(|v| format!("{v:.2}"))

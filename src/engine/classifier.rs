@@ -213,6 +213,27 @@ impl SoftmaxRegression {
         Ok((full, Some(primary)))
     }
 
+    /// A head from its weights (`classes × dim`, row per class) and biases (`classes`).
+    pub fn from_parts(
+        dim: usize,
+        weights: Vec<f32>,
+        bias: Vec<f32>,
+    ) -> Result<SoftmaxRegression, ClassifierError> {
+        let classes = bias.len();
+        if dim == 0 || classes == 0 || classes.checked_mul(dim) != Some(weights.len()) {
+            return Err(ClassifierError::InvalidInput(format!(
+                "{} weights and {classes} biases for dimension {dim}",
+                weights.len()
+            )));
+        }
+        Ok(SoftmaxRegression {
+            dim,
+            classes,
+            weights,
+            bias,
+        })
+    }
+
     /// The byte form described in the module documentation.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes =
@@ -954,6 +975,19 @@ mod tests {
         assert!(SoftmaxRegression::heads_from_bytes(&pair[..single.len()]).is_err());
         let same_width = SoftmaxRegression::heads_to_bytes(&full, Some(&full));
         assert!(SoftmaxRegression::heads_from_bytes(&same_width).is_err());
+    }
+
+    #[test]
+    fn a_head_from_its_parts_is_the_head_its_bytes_give() {
+        let (vectors, labels) = clusters(3);
+        let (head, _) =
+            SoftmaxRegression::train(&vectors, 8, &labels, 3, &TrainOptions::default()).unwrap();
+        let rebuilt =
+            SoftmaxRegression::from_parts(8, head.weights.clone(), head.bias.clone()).unwrap();
+        assert_eq!(rebuilt, head);
+        assert!(SoftmaxRegression::from_parts(8, vec![0.0; 23], vec![0.0; 3]).is_err());
+        assert!(SoftmaxRegression::from_parts(0, Vec::new(), vec![0.0; 3]).is_err());
+        assert!(SoftmaxRegression::from_parts(8, Vec::new(), Vec::new()).is_err());
     }
 
     #[test]
