@@ -1001,7 +1001,7 @@ fn kb_eval(
     println!("queries: {} from {}", queries.len(), file.display());
     if !lexical {
         println!(
-            "one query at a time: each waits [inference] batch_window ({:?}) for others to batch with",
+            "one query at a time: a lone query does not wait out [inference] batch_window ({:?})",
             settings.worker.batch_window
         );
     }

@@ -24,7 +24,7 @@
 //! | what | command | result |
 //! | --- | --- | --- |
 //! | accuracy (top-1, fallbacks count as wrong) | `switchboard kb eval --config C holdout.csv` | 92.62% (93.62% before the thresholds; 2.59% fallbacks) |
-//! | latency, one query at a time, uncached, through the worker | same | p50 10.5 ms, p90 14.5 ms, p99 21.3 ms (2 ms of it is `batch_window`; with `batch_window = "0s"`: p50 8.3 ms, p99 19.0 ms) |
+//! | latency, one query at a time, uncached, through the worker | same | p50 10.5 ms, p90 14.5 ms, p99 21.3 ms (2 ms of it was `batch_window`, which a lone query no longer waits out; with `batch_window = "0s"`: p50 8.3 ms, p99 19.0 ms) |
 //! | Python onnxruntime, same model, encode only, same run | `scripts/py_baseline.py latency --queries 1003` | p50 7.4 ms, p99 17.8-18.2 ms |
 //! | engine cold start (`IntentEngine::open`: runtime, model, tokenizer, fingerprint, worker, index) | `kb eval` prints it | 350-440 ms, of which the index 8 ms; first query 14-20 ms |
 //! | worker throughput, one text at a time vs 16 submitted together | `cargo test --release --test inference -- --ignored --nocapture` | 102 vs 171 texts/s (1.68×) |

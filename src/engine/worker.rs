@@ -13,6 +13,11 @@
 //! `max_batch` requests or `batch_window` has passed since the first one was sent, and runs
 //! them in one [`Encoder::encode_batch`] call (which groups texts of similar length, see the
 //! encoder). A request that already waited longer than the window is not held back further.
+//! A lone request is not held back either: one sent more than `batch_window` after the
+//! request before it, with nothing else queued, runs at once ([`waits_for_company`]), since
+//! a window only pays when requests come close together (when they do, or while the worker
+//! is busy, they batch as before). Without this, one visitor's question on a quiet shard
+//! waited out the whole window for company that was not coming.
 //!
 //! Invariants:
 //! - Every accepted request is answered exactly once: with its vector, [`EmbedError::Expired`]
@@ -582,6 +587,8 @@ fn run(
     let mut batch: Vec<Request> = Vec::with_capacity(options.max_batch);
     let mut holding_buffers = false;
     let mut idle_since = Instant::now();
+    // When the last request taken from the queue was sent.
+    let mut previous_sent: Option<Instant> = None;
     loop {
         if let Some(loading) = &companion {
             let delivered = match loading.try_recv() {
@@ -616,11 +623,25 @@ fn run(
             }
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        let window_end = first.sent + options.batch_window;
+        let window_end = if waits_for_company(
+            previous_sent,
+            first.sent,
+            options.batch_window,
+            !receiver.is_empty(),
+        ) {
+            first.sent + options.batch_window
+        } else {
+            // What is queued already still joins (a deadline in the past takes it at once).
+            first.sent
+        };
+        previous_sent = Some(first.sent);
         batch.push(first);
         while batch.len() < options.max_batch {
             match receiver.recv_deadline(window_end) {
-                Ok(request) => batch.push(request),
+                Ok(request) => {
+                    previous_sent = Some(request.sent);
+                    batch.push(request);
+                }
                 Err(_) => break,
             }
         }
@@ -648,6 +669,22 @@ fn run(
         }
         holding_buffers = true;
         idle_since = Instant::now();
+    }
+}
+
+/// Whether a batch whose first request was sent at `first_sent` waits up to `window` for
+/// more. It does unless that request was sent more than `window` after the one before it
+/// (`previous_sent`) and nothing else is `queued`: a lone question runs at once. With no
+/// request before it (the worker's first) it waits, so a first burst batches too.
+fn waits_for_company(
+    previous_sent: Option<Instant>,
+    first_sent: Instant,
+    window: Duration,
+    queued: bool,
+) -> bool {
+    match previous_sent {
+        None => true,
+        Some(previous) => queued || first_sent.saturating_duration_since(previous) <= window,
     }
 }
 
@@ -831,6 +868,51 @@ mod tests {
                 .fold(0.0, f32::max);
             assert!(difference < 1e-5, "{text:?}: {difference}");
         }
+    }
+
+    #[test]
+    fn a_lone_request_runs_at_once_and_close_ones_wait_for_company() {
+        let window = Duration::from_millis(2);
+        let t0 = Instant::now();
+        let at = |micros: u64| t0 + Duration::from_micros(micros);
+        // The worker's first request waits: a first burst batches.
+        assert!(waits_for_company(None, at(0), window, false));
+        // Sent within the window after the previous one: more are probably coming.
+        assert!(waits_for_company(Some(at(0)), at(1_500), window, false));
+        assert!(waits_for_company(Some(at(0)), at(2_000), window, false));
+        // After a quiet gap, alone: runs at once; with others queued behind it: waits.
+        assert!(!waits_for_company(Some(at(0)), at(2_001), window, false));
+        assert!(waits_for_company(Some(at(0)), at(9_000), window, true));
+        // A window of zero never waits once a request came before.
+        assert!(!waits_for_company(
+            Some(at(0)),
+            at(1),
+            Duration::ZERO,
+            false
+        ));
+    }
+
+    #[test]
+    fn a_question_after_a_quiet_gap_does_not_wait_out_the_window() {
+        // A long window, so that waiting it out cannot be mistaken for a slow model call.
+        let window = Duration::from_millis(400);
+        let handle = InferenceWorker::start(
+            4,
+            0,
+            load_encoder(128),
+            options(8, window, Duration::from_secs(10)),
+        )
+        .unwrap();
+        let started = Instant::now();
+        block_on(handle.embed("the worker's first request waits for company")).unwrap();
+        assert!(started.elapsed() >= window, "{:?}", started.elapsed());
+        std::thread::sleep(window + Duration::from_millis(50));
+        // The model is warm now; a lone question takes one model call (milliseconds).
+        let started = Instant::now();
+        block_on(handle.embed("hi")).unwrap();
+        let lone = started.elapsed();
+        assert!(lone < window / 2, "a lone question took {lone:?}");
+        assert_eq!(handle.stats().batches, 2);
     }
 
     fn count(results: &[EmbedResult], wanted: fn(&EmbedResult) -> bool) -> usize {
