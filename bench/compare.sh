@@ -34,6 +34,14 @@
 #                                              binary (e.g. a release build of an older commit), run
 #                                              with the same config, to show a change before and after
 #                                              in the same run
+#   HARNESS_ROUNDS=3 HARNESS_RATE=20000 HARNESS_DURATION=8s
+#                                              the harness check (when go is in ONLY): the independent Go
+#                                              generator of ../shared/referee and switchboard-bench relay
+#                                              take turns against the Go peer at HARNESS_RATE, each round
+#                                              both; their p50/p99 side by side with medians and ratios
+#                                              (harness-check.txt). Both get the same cores (BENCH_CORES,
+#                                              through taskset for the referee). HARNESS_ROUNDS=0 skips it
+#   SWITCHBOARD_REFEREE=/path/to/referee       default: ../shared/referee beside the repository
 # Peers listen on 127.0.0.1:9100 (go), 127.0.0.1:9101 (tokio) and 127.0.0.1:9103 (mariadb); switchboard
 # on 127.0.0.1:9102, switchboard-before on 127.0.0.1:9104. Every report says which cores the server and
 # the load generator had.
@@ -60,6 +68,11 @@ SB_PROTOCOL="${SB_PROTOCOL:-auto}"
 AGENTS="${AGENTS:-4}"
 SB_BEFORE="${SB_BEFORE:-}"
 ONLY="${ONLY:-go tokio switchboard}"
+HARNESS_ROUNDS="${HARNESS_ROUNDS:-3}"
+HARNESS_RATE="${HARNESS_RATE:-20000}"
+HARNESS_DURATION="${HARNESS_DURATION:-8s}"
+REFEREE="${SWITCHBOARD_REFEREE:-$REPO/../shared/referee}"
+REFEREE_BIN="${REFEREE_BIN:-/tmp/referee-loadgen}"
 if [ -n "$SB_BEFORE" ]; then
   [ -x "$SB_BEFORE" ] || { echo "compare.sh: SB_BEFORE=$SB_BEFORE is not an executable" >&2; exit 1; }
   [[ " $ONLY " == *" before "* ]] || ONLY="$ONLY before"
@@ -106,6 +119,11 @@ if wants go; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go golang-github-gorilla-websocket-dev >/dev/null
   fi
   (cd "$PEERS" && GO111MODULE=off GOPATH=/usr/share/gocode go build -o "$GO_BIN" ./go-gorilla)
+fi
+if wants go && [ "$HARNESS_ROUNDS" != 0 ]; then
+  [ -d "$REFEREE/loadgen" ] || die "the referee generator is not at $REFEREE/loadgen (set SWITCHBOARD_REFEREE, or HARNESS_ROUNDS=0)"
+  log "building the referee load generator"
+  (cd "$REFEREE/loadgen" && GO111MODULE=off GOPATH=/usr/share/gocode go build -o "$REFEREE_BIN" .)
 fi
 if wants mariadb; then
   log "building the Go + MariaDB peer"
@@ -259,6 +277,47 @@ for sys in $ONLY; do  # in the order ONLY gives
   stop_server
 done
 
+# The harness check: does switchboard-bench report what an independent generator reports against the
+# same server? Rounds alternate the two, so both see the same machine.
+harness_check() {
+  local referee_cpu=() rounds=() i r b
+  [ -n "$BENCH_CORES" ] && referee_cpu=(taskset -c "$BENCH_CORES")
+  start_server go
+  sleep "$SETTLE"
+  for i in $(seq 1 "$HARNESS_ROUNDS"); do
+    r="$("${referee_cpu[@]}" "$REFEREE_BIN" -mode relay -rooms "$CONVERSATIONS" -rate "$HARNESS_RATE" \
+      -dur "$HARNESS_DURATION" -size 64 -url "ws://127.0.0.1:9100/ws" 2>&1 | tail -n 1)"
+    "$BENCH" relay --target ws://127.0.0.1:9100 --protocol relay --pid "$SERVER_PID" "${CORE_ARGS[@]}" \
+      --conversations "$CONVERSATIONS" --rate "$HARNESS_RATE" --duration "$HARNESS_DURATION" --warmup 1s \
+      --no-progress --json "$OUT/harness-bench-$i.json" >"$OUT/harness-bench-$i.txt" 2>&1 \
+      || die "switchboard-bench failed in harness round $i (see $OUT/harness-bench-$i.txt)"
+    local rp50 rp99
+    rp50="$(sed -n 's/.*p50_ms=\([0-9.]*\).*/\1/p' <<<"$r")"
+    rp99="$(sed -n 's/.*p99_ms=\([0-9.]*\).*/\1/p' <<<"$r")"
+    [ -n "$rp50" ] && [ -n "$rp99" ] || die "the referee printed no figures in harness round $i: $r"
+    rounds+=("$i $rp50 $rp99 $("$BENCH" get "$OUT/harness-bench-$i.json" p50_ms) $("$BENCH" get "$OUT/harness-bench-$i.json" p99_ms) $("$BENCH" get "$OUT/harness-bench-$i.json" generator_lag_p99_ms)")
+  done
+  stop_server
+  {
+    echo "harness check: go-gorilla at $HARNESS_RATE msgs/s, $CONVERSATIONS rooms, $HARNESS_DURATION per run, rounds alternate"
+    echo "cores: generators ${BENCH_CORES:-any (bench: one pinned shard per core)}, server unpinned; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+    printf '%s\n' "${rounds[@]}" | awk '
+      BEGIN { printf "%-7s %12s %12s %12s %12s %14s\n", "round", "referee p50", "bench p50", "referee p99", "bench p99", "bench lag p99" }
+      { n++; rp50[n]=$2; rp99[n]=$3; bp50[n]=$4; bp99[n]=$5
+        printf "%-7s %12.2f %12.2f %12.2f %12.2f %14.2f\n", $1, $2, $4, $3, $5, $6 }
+      function median(a, n,   i, j, t) {
+        for (i = 2; i <= n; i++) { t = a[i]; for (j = i - 1; j >= 1 && a[j] > t; j--) a[j+1] = a[j]; a[j+1] = t }
+        return (n % 2) ? a[(n+1)/2] : (a[n/2] + a[n/2+1]) / 2 }
+      END { r50 = median(rp50, n); b50 = median(bp50, n); r99 = median(rp99, n); b99 = median(bp99, n)
+        printf "%-7s %12.2f %12.2f %12.2f %12.2f\n", "median", r50, b50, r99, b99
+        printf "bench / referee: p50 %.2fx, p99 %.2fx (the issue asks for at most 1.5x)\n", b50 / r50, b99 / r99 }'
+  } | tee "$OUT/harness-check.txt"
+}
+if wants go && [ "$HARNESS_ROUNDS" != 0 ]; then
+  log "harness check: switchboard-bench against the referee generator on go-gorilla, $HARNESS_ROUNDS rounds"
+  harness_check
+fi
+
 densities=(); sweeps=()
 for sys in go tokio mariadb switchboard before; do
   [ -f "$OUT/density-$sys.json" ] && densities+=("$OUT/density-$sys.json")
@@ -277,5 +336,9 @@ echo
   --figure p50_ms --figure p99_ms --figure p999_ms --figure lost \
   --figure fixed_rate_per_s --figure fixed_server_cpu_us_per_round_trip --figure fixed_server_cpu_percent \
   --figure fixed_p50_ms --figure fixed_p99_ms --figure fixed_passed --plot "$OUT/relay-latency.svg"
+if [ -f "$OUT/harness-check.txt" ]; then
+  echo
+  cat "$OUT/harness-check.txt"
+fi
 echo
 echo "full reports: $OUT/*.json; plots: $OUT/relay-latency.svg, $OUT/sweep-*.svg"
