@@ -57,6 +57,17 @@ pub const LOG_FILE: &str = "wal.log";
 /// unpinned store throughput on that heavy batch.
 pub const CHECKPOINT_COMMITS: u64 = 128;
 
+// Write-behind: after every commit with the log, LMDB's dirty pages are handed to the kernel's
+// writeback at once (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: it starts the writes and waits for
+// none, and it flushes no device cache), so a checkpoint's fdatasync finds little left to write.
+// Without it the checkpoint wrote all the pages of its 128 commits while the next commits waited,
+// and that wait decided the relay's p99: at a fixed 12,000 round trips/s (`switchboard-bench relay`,
+// the compare.sh configuration, 12 alternating rounds) the median p99 was 55.5 ms without and
+// 32.9 ms with (lower in 11 of 12 rounds), for a median p50 of 11.9 ms instead of 9.0 (every commit
+// now starts its writes) and about 4% more server CPU per round trip. Durability is unchanged: the
+// kernel may write any dirty page at any time anyway, which the checkpoint design already allows
+// for (`wal::meta_pages`), and a write error still surfaces at the checkpoint's fdatasync.
+
 /// A file error of the log's (its file, or LMDB's meta pages it restores), as a
 /// [`StoreError::Log`] whose message says what was being done: "`doing`: `error`".
 fn log_file_error(error: std::io::Error, doing: String) -> StoreError {
@@ -391,6 +402,8 @@ impl ShardStore {
             env: self.env.clone(),
             checkpoints: 0,
             checkpoints_for_large_batches: 0,
+            writes_behind: 0,
+            write_behind_failed: false,
             #[cfg(test)]
             after_checkpoint: None,
         };
@@ -826,6 +839,10 @@ pub(crate) struct StoreLog {
     checkpoints: u64,
     /// Batches too large for the log, committed with an LMDB sync instead.
     checkpoints_for_large_batches: u64,
+    /// Commits whose pages were handed to writeback ([`StoreLog::write_behind`]).
+    writes_behind: u64,
+    /// A write-behind failed once (logged once; the checkpoint's fdatasync reports errors).
+    write_behind_failed: bool,
     #[cfg(test)]
     after_checkpoint: Option<Box<dyn FnMut() + Send>>,
 }
@@ -859,6 +876,31 @@ impl StoreLog {
         self.pinned = Some(self.env.clone().static_read_txn()?);
         self.commits_since_checkpoint = 0;
         Ok(())
+    }
+
+    /// Starts the writeback of LMDB's dirty pages without waiting for it (see the
+    /// write-behind comment at [`CHECKPOINT_COMMITS`]).
+    fn write_behind(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a system call on a descriptor this struct owns (open while `self` lives);
+        // no memory is passed.
+        let result = unsafe {
+            libc::sync_file_range(
+                self.data_file.as_raw_fd(),
+                0,
+                0,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if result == 0 {
+            self.writes_behind += 1;
+        } else if !self.write_behind_failed {
+            self.write_behind_failed = true;
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "cannot start the writeback of LMDB's pages early; checkpoints will take longer"
+            );
+        }
     }
 
     /// Before a resize (LMDB allows no live transaction then): checkpoints, so the pinned
@@ -1292,6 +1334,7 @@ impl BatchWriter<'_> {
             return Err(error.into());
         }
         log.commits_since_checkpoint += 1;
+        log.write_behind();
         if log.commits_since_checkpoint >= CHECKPOINT_COMMITS {
             log.restart()?;
             log.checkpoints_for_pinned_pages += 1;
@@ -1395,6 +1438,11 @@ impl ShardStore {
         self.log.as_ref().map_or((0, 0), |log| {
             (log.checkpoints, log.checkpoints_for_large_batches)
         })
+    }
+
+    /// Commits whose pages were handed to writeback early.
+    pub(crate) fn writes_behind(&self) -> u64 {
+        self.log.as_ref().map_or(0, |log| log.writes_behind)
     }
 
     /// Writes raw bytes as a message record, bypassing every check (corruption tests).
