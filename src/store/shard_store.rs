@@ -64,7 +64,8 @@ pub const CHECKPOINT_COMMITS: u64 = 128;
 // and that wait decided the relay's p99: at a fixed 12,000 round trips/s (`switchboard-bench relay`,
 // the compare.sh configuration, 12 alternating rounds) the median p99 was 55.5 ms without and
 // 32.9 ms with (lower in 11 of 12 rounds), for a median p50 of 11.9 ms instead of 9.0 (every commit
-// now starts its writes) and about 4% more server CPU per round trip. Durability is unchanged: the
+// now starts its writes) and about 4% more server CPU per round trip; at 6,000/s (3 rounds) p99
+// 44.6-48.0 ms without and 17.4-27.6 ms with, the same p50, 8% more CPU. Durability is unchanged: the
 // kernel may write any dirty page at any time anyway, which the checkpoint design already allows
 // for (`wal::meta_pages`), and a write error still surfaces at the checkpoint's fdatasync.
 
