@@ -15,9 +15,12 @@
 //! encoder). A request that already waited longer than the window is not held back further.
 //! A lone request is not held back either: one sent more than `batch_window` after the
 //! request before it, with nothing else queued, runs at once ([`waits_for_company`]), since
-//! a window only pays when requests come close together (when they do, or while the worker
-//! is busy, they batch as before). Without this, one visitor's question on a quiet shard
-//! waited out the whole window for company that was not coming.
+//! a window only pays when requests come close together. Requests that queue while the
+//! worker is busy, or arrive within `batch_window` of the one before, still batch. The
+//! trade-off: of a burst that follows a quiet gap, the first request runs alone when the
+//! worker wakes before the others are queued, and the others then wait for its model call
+//! (several milliseconds) instead of the window. Without the rule, every question on a quiet
+//! shard waited out the whole window for company that was not coming.
 //!
 //! Invariants:
 //! - Every accepted request is answered exactly once: with its vector, [`EmbedError::Expired`]

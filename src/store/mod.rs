@@ -49,7 +49,9 @@
 //! B-tree leaf per conversation touched, which is why re-sends are recognised from the
 //! records instead of a dedup table ([`recent_ids`]). With the log, a commit syncs one
 //! sequential record instead, and LMDB's scattered pages are synced once per checkpoint
-//! (when the log is full), however many commits touched them. `examples/store_bench.rs`
+//! (when the log is full, or after `CHECKPOINT_COMMITS` commits), however many commits touched
+//! them; each commit hands its pages to writeback early (write-behind), so the checkpoint's
+//! sync has little left to write. `examples/store_bench.rs`
 //! measures both. A commit blocks its thread for its sync: keep the store off the shard's
 //! reactor thread (it is `Send`), and let the messages that arrive during one commit form
 //! the next batch.

@@ -57,18 +57,6 @@ pub const LOG_FILE: &str = "wal.log";
 /// unpinned store throughput on that heavy batch.
 pub const CHECKPOINT_COMMITS: u64 = 128;
 
-// Write-behind: after every commit with the log, LMDB's dirty pages are handed to the kernel's
-// writeback at once (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: it starts the writes and waits for
-// none, and it flushes no device cache), so a checkpoint's fdatasync finds little left to write.
-// Without it the checkpoint wrote all the pages of its 128 commits while the next commits waited,
-// and that wait decided the relay's p99: at a fixed 12,000 round trips/s (`switchboard-bench relay`,
-// the compare.sh configuration, 12 alternating rounds) the median p99 was 55.5 ms without and
-// 32.9 ms with (lower in 11 of 12 rounds), for a median p50 of 11.9 ms instead of 9.0 (every commit
-// now starts its writes) and about 4% more server CPU per round trip; at 6,000/s (3 rounds) p99
-// 44.6-48.0 ms without and 17.4-27.6 ms with, the same p50, 8% more CPU. Durability is unchanged: the
-// kernel may write any dirty page at any time anyway, which the checkpoint design already allows
-// for (`wal::meta_pages`), and a write error still surfaces at the checkpoint's fdatasync.
-
 /// A file error of the log's (its file, or LMDB's meta pages it restores), as a
 /// [`StoreError::Log`] whose message says what was being done: "`doing`: `error`".
 fn log_file_error(error: std::io::Error, doing: String) -> StoreError {
@@ -825,7 +813,8 @@ impl Tables {
 pub(crate) struct StoreLog {
     wal: Wal,
     env: Env<WithoutTls>,
-    /// LMDB's data file, for reading its meta pages after a sync.
+    /// LMDB's data file (a duplicate of LMDB's own descriptor), for reading its meta pages
+    /// after a sync and for write-behind ([`StoreLog::write_behind`]).
     data_file: std::fs::File,
     page_size: u64,
     /// A read transaction on the last checkpoint's snapshot (saved in the log's header):
@@ -879,8 +868,23 @@ impl StoreLog {
         Ok(())
     }
 
-    /// Starts the writeback of LMDB's dirty pages without waiting for it (see the
-    /// write-behind comment at [`CHECKPOINT_COMMITS`]).
+    /// Write-behind: after every commit with the log, hands LMDB's dirty pages to the kernel's
+    /// writeback (`sync_file_range(SYNC_FILE_RANGE_WRITE)`: it submits the writes, does not wait
+    /// for them to complete and flushes no device cache, though submitting can block briefly,
+    /// e.g. on a full device queue), so a checkpoint's fdatasync finds little left to write.
+    ///
+    /// Without it the checkpoint wrote all the pages of its [`CHECKPOINT_COMMITS`] commits
+    /// while the next commits waited, and that wait decided the relay's p99. At a fixed 12,000
+    /// round trips/s (`switchboard-bench relay`, the compare.sh configuration, 12 alternating
+    /// rounds) the median p99 was 55.5 ms without and 32.9 ms with (lower in 11 of 12 rounds),
+    /// for a median p50 of 11.9 ms instead of 9.0 (every commit now pays for submitting its
+    /// writes) and about 4% more server CPU per round trip; at 6,000/s (3 rounds) p99
+    /// 44.6-48.0 ms without and 17.4-27.6 ms with, the same p50, 8% more CPU.
+    ///
+    /// Durability is unchanged: the kernel may write any dirty page at any time anyway, which
+    /// the checkpoint design already allows for (`wal::meta_pages`), and a write error still
+    /// surfaces at the checkpoint's fdatasync (this call only starts writes; it consumes no
+    /// error).
     fn write_behind(&mut self) {
         use std::os::fd::AsRawFd;
         // SAFETY: a system call on a descriptor this struct owns (open while `self` lives);
@@ -1444,6 +1448,13 @@ impl ShardStore {
     /// Commits whose pages were handed to writeback early.
     pub(crate) fn writes_behind(&self) -> u64 {
         self.log.as_ref().map_or(0, |log| log.writes_behind)
+    }
+
+    /// The inode of the file write-behind starts writing (LMDB's data file, if all is well).
+    pub(crate) fn write_behind_inode(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let log = self.log.as_ref()?;
+        log.data_file.metadata().ok().map(|metadata| metadata.ino())
     }
 
     /// Writes raw bytes as a message record, bypassing every check (corruption tests).

@@ -1133,6 +1133,12 @@ fn pinned_checkpoints_bound_the_data_file() {
     eprintln!("data file in use after 60,000 messages: {} MB", used >> 20);
     assert!(used < 120 << 20, "{} MB in use", used >> 20);
     assert_eq!(store.checkpoints(), (0, 0), "the log never filled");
-    // Every commit handed its pages to writeback (the 100 opens and the 600 batches).
+    // Every commit handed its pages to writeback (the 100 opens and the 600 batches), and the
+    // file written behind is LMDB's data file.
     assert!(store.writes_behind() >= 600, "{}", store.writes_behind());
+    let data_file = std::fs::metadata(store.path().join("data.mdb")).unwrap();
+    assert_eq!(
+        store.write_behind_inode(),
+        Some(std::os::unix::fs::MetadataExt::ino(&data_file))
+    );
 }

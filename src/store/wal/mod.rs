@@ -6,10 +6,11 @@
 //! 1. The batch runs in an LMDB write transaction, which records every put and delete as a
 //!    redo list ([`redo`]).
 //! 2. The redo list is appended to the log as one record and synced ([`Wal::append`]).
-//! 3. The transaction commits with `MDB_NOSYNC` (pages reach the page cache only), its pages
-//!    are handed to writeback without waiting (write-behind, see `shard_store`), and the
-//!    batch is acked. If the commit fails, the record is taken back ([`Wal::undo_last`]).
-//! 4. When the log is full, a checkpoint syncs LMDB (`mdb_env_sync`) and starts the log
+//! 3. The transaction commits with `MDB_NOSYNC` (LMDB does not sync), its pages are handed
+//!    to the kernel's writeback without waiting for it (write-behind, see `shard_store`), and
+//!    the batch is acked. If the commit fails, the record is taken back ([`Wal::undo_last`]).
+//! 4. When the log is full, and every `shard_store::CHECKPOINT_COMMITS` commits (which bounds
+//!    the pinned snapshot's cost), a checkpoint syncs LMDB (`mdb_env_sync`) and starts the log
 //!    over with a new generation ([`Wal::reset`]); records of older generations are dead.
 //!    The new header saves LMDB's meta pages as synced ([`meta_pages`]), and the store keeps
 //!    that snapshot's pages from being reused until the next checkpoint.
