@@ -434,6 +434,26 @@ fn holdout_of(intents: &[&str]) -> String {
     csv
 }
 
+/// The BANKING77 intents the fine-tuning tests import (72 questions).
+const INTENTS: [&str; 6] = [
+    "card_arrival",
+    "change_pin",
+    "exchange_rate",
+    "lost_or_stolen_card",
+    "top_up_failed",
+    "declined_transfer",
+];
+
+/// The "top-1 before thresholds" percentage of a `kb eval` report.
+fn top1_of(report: &str) -> f64 {
+    report
+        .lines()
+        .find_map(|line| line.strip_prefix("top-1 before thresholds: "))
+        .and_then(|rest| rest.split('%').next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no top-1 line in:\n{report}"))
+}
+
 /// `[inference] fine_tune` with the split model: the import runs the frozen layers, trains the
 /// top two on the knowledge base (progress bars for both), stores the tuned layers with the
 /// version and names them in the fingerprint; `kb eval` then embeds queries with the same
@@ -441,14 +461,6 @@ fn holdout_of(intents: &[&str]) -> String {
 /// `fine_tune_min_questions`, or with the plain model, the import says why it did not tune.
 #[test]
 fn fine_tuning_trains_the_top_layers_at_import_and_queries_use_them() {
-    const INTENTS: [&str; 6] = [
-        "card_arrival",
-        "change_pin",
-        "exchange_rate",
-        "lost_or_stolen_card",
-        "top_up_failed",
-        "declined_transfer",
-    ];
     let site = Site::with_model(&models_dir().join("model.split.onnx"));
     let base = std::fs::read_to_string(&site.config).unwrap();
     let tuned_config = format!(
@@ -484,12 +496,7 @@ fn fine_tuning_trains_the_top_layers_at_import_and_queries_use_them() {
         report.contains("degraded (lexical) recognitions: 0"),
         "queries must be embedded with the tuned layers:\n{report}"
     );
-    let top1: f64 = report
-        .lines()
-        .find_map(|line| line.strip_prefix("top-1 before thresholds: "))
-        .and_then(|rest| rest.split('%').next())
-        .and_then(|number| number.parse().ok())
-        .unwrap_or_else(|| panic!("no top-1 line in:\n{report}"));
+    let top1 = top1_of(&report);
     assert!(top1 >= 90.0, "top-1 {top1}% on six intents:\n{report}");
 
     // Not tuned, and the import says why.
@@ -529,4 +536,69 @@ fn fine_tuning_trains_the_top_layers_at_import_and_queries_use_them() {
         import.contains("not fine-tuned: the model has no `layer_norm_10` output"),
         "{import}"
     );
+}
+
+/// Fine-tuning with a companion model: the import tunes the primary model's top layer and joins
+/// its vectors with the companion's (the fingerprint names the tuned layers, then the
+/// companion); `kb eval` embeds every query's first step with the tuned layers (no lexical
+/// fallback) and, with `companion_below = 1`, also runs the companion on every query.
+#[test]
+fn fine_tuning_with_a_companion_tunes_the_primary_model_and_the_cascade_uses_it() {
+    let models = models_dir();
+    let site = Site::with_model(&models.join("model.split.onnx"));
+    let base = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        format!(
+            "{base}fine_tune = true\nfine_tune_weights = {:?}\nfine_tune_min_questions = 50\n\
+             companion_model = {:?}\ncompanion_tokenizer = {:?}\ncompanion_text_prefix = \"query: \"\n\
+             companion_below = 1.0\n",
+            models.join("model.fp32.safetensors"),
+            models.join("multilingual-e5-small.onnx"),
+            models.join("multilingual-e5-small.tokenizer.json"),
+        ),
+    )
+    .unwrap();
+    let answers: Vec<(&str, &str)> = INTENTS
+        .iter()
+        .map(|i| (*i, "See our help pages."))
+        .collect();
+    let kb = site.write("six.csv", &common::banking77_kb(&answers));
+    let import = site.kb_ok(&["import", kb.to_str().unwrap()]);
+    assert!(
+        import.contains("fine-tuned the top layer on the knowledge base")
+            && import.contains("(768 dimensions"),
+        "{import}"
+    );
+    let fingerprint = import
+        .lines()
+        .find_map(|line| line.strip_prefix("vectors embedded by "))
+        .unwrap_or_else(|| panic!("no fingerprint in:\n{import}"));
+    let (primary, companion) = fingerprint
+        .split_once(" + ")
+        .unwrap_or_else(|| panic!("no companion in the fingerprint {fingerprint:?}"));
+    assert!(
+        primary.starts_with("model.split.onnx sha256:") && primary.contains(" tuned:"),
+        "{fingerprint}"
+    );
+    assert!(
+        companion.starts_with("multilingual-e5-small.onnx sha256:"),
+        "{fingerprint}"
+    );
+
+    let queries = site.write("queries.csv", &holdout_of(&INTENTS));
+    let asked = holdout_of(&INTENTS).lines().count() - 1;
+    let report = site.kb_ok(&["eval", queries.to_str().unwrap()]);
+    assert!(
+        report.contains("degraded (lexical) recognitions: 0"),
+        "queries must be embedded with the tuned layers and the companion:\n{report}"
+    );
+    assert!(
+        report.contains(&format!(
+            "companion cascade: {asked} of {asked} queries (100.0%)"
+        )),
+        "{report}"
+    );
+    let top1 = top1_of(&report);
+    assert!(top1 >= 90.0, "top-1 {top1}% on six intents:\n{report}");
 }

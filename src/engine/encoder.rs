@@ -262,6 +262,25 @@ pub enum Part {
     Companion,
 }
 
+/// Appends to `out` each row of `first` (`first_dim` wide) followed by the same row of
+/// `second` (`second_dim` wide), both scaled by 1/√2: two unit vectors joined into one unit
+/// vector whose cosine with another joined vector is the mean of the two parts' cosines.
+pub fn join_parts(
+    first: &[f32],
+    first_dim: usize,
+    second: &[f32],
+    second_dim: usize,
+    out: &mut Vec<f32>,
+) {
+    out.reserve(first.len() + second.len());
+    for (a, b) in first
+        .chunks_exact(first_dim.max(1))
+        .zip(second.chunks_exact(second_dim.max(1)))
+    {
+        out.extend(a.iter().chain(b).map(|x| x * HALF_SCALE));
+    }
+}
+
 impl Encoder {
     /// Loads ONNX Runtime from `ort_library` (once per process), the model and the tokenizer.
     ///
@@ -624,13 +643,7 @@ impl Encoder {
         let second_dim = companion.encode_batch_into(texts, &mut second)?;
         let mut first = Vec::with_capacity(texts.len() * self.dim.unwrap_or(0));
         let first_dim = self.encode_own_into(texts, &mut first)?;
-        out.reserve(texts.len() * (first_dim + second_dim));
-        for (a, b) in first
-            .chunks_exact(first_dim)
-            .zip(second.chunks_exact(second_dim))
-        {
-            out.extend(a.iter().chain(b).map(|x| x * HALF_SCALE));
-        }
+        join_parts(&first, first_dim, &second, second_dim, out);
         Ok(first_dim + second_dim)
     }
 

@@ -48,7 +48,9 @@
 //! and classified against the primary part of the stored vectors (a query `[√2·q, 0]` scores
 //! exactly the primary model's cosines against joined rows) with the primary head; only when
 //! the best score is below `[inference] companion_below` does the companion embed it too, and
-//! the joined vector decides. Chosen on 5-fold cross-validation inside BANKING77
+//! the joined vector decides. A version imported with fine-tuning stores tuned primary vectors
+//! joined with the companion's; its first step embeds with the tuned layers. Chosen on 5-fold
+//! cross-validation inside BANKING77
 //! (models/README.md): escalating a few percent of the queries keeps the accuracy of always
 //! running both models at a fraction of the cost. A gray-release variant's `model` overrides
 //! the cascade per call ([`IntentEngine::recognise_with`]): [`Cascade::PrimaryOnly`] stops at
@@ -77,7 +79,7 @@ use super::cache::{CacheCounters, LfuCache};
 use super::classifier::{
     BlendParams, IntentClassifier, PredictScratch, QuestionVectors, SoftmaxRegression,
 };
-use super::encoder::{Encoder, EncoderError, Part};
+use super::encoder::{join_parts, Encoder, EncoderError, Part};
 use super::finetune::TopLayers;
 use super::trained;
 use super::worker::{
@@ -429,8 +431,13 @@ enum Fit {
     /// Embedded with the primary model's lower layers and this version's tuned top layers.
     Tuned,
     /// The primary and a companion's vectors joined; `companion` when that companion is the
-    /// loaded one (else only the primary part can be used).
-    Joined { primary_dim: usize, companion: bool },
+    /// loaded one (else only the primary part can be used); `tuned` when the primary part was
+    /// embedded with this version's tuned top layers.
+    Joined {
+        primary_dim: usize,
+        companion: bool,
+        tuned: bool,
+    },
     /// Another model: lexical only.
     Other,
 }
@@ -510,6 +517,16 @@ impl LoadedKb {
             if fits && primary.tunable && dim == tuned.hidden() {
                 return Fit::Tuned;
             }
+            // Tuned primary vectors joined with a companion's: `<primary> tuned:<digest> + …`.
+            let tuned_primary = format!("{} tuned:{}", primary.fingerprint, self.tuned_digest);
+            let rest = stored
+                .strip_prefix(tuned_primary.as_str())
+                .and_then(|rest| rest.strip_prefix(" + "));
+            if let Some(rest) = rest
+                .filter(|_| primary.tunable && primary.dim == tuned.hidden() && dim > primary.dim)
+            {
+                return self.joined(rest, primary, companion, dim, true);
+            }
             if !self.warned.replace(true) {
                 tracing::warn!(
                     version = self.version(),
@@ -528,23 +545,7 @@ impl LoadedKb {
             .strip_prefix(primary.fingerprint.as_str())
             .and_then(|rest| rest.strip_prefix(" + "));
         if let Some(rest) = rest.filter(|_| dim > primary.dim) {
-            let loaded = companion;
-            let companion =
-                loaded.is_some_and(|c| c.fingerprint == rest && primary.dim + c.dim == dim);
-            if let Some(loaded) = loaded.filter(|_| !companion) {
-                if !self.warned.replace(true) {
-                    tracing::warn!(
-                        version = self.version(),
-                        stored = rest,
-                        loaded = %loaded.fingerprint,
-                        "the knowledge base was embedded with another companion model: the primary model answers alone until it is imported again"
-                    );
-                }
-            }
-            return Fit::Joined {
-                primary_dim: primary.dim,
-                companion,
-            };
+            return self.joined(rest, primary, companion, dim, false);
         }
         if !self.warned.replace(true) {
             tracing::warn!(
@@ -555,6 +556,36 @@ impl LoadedKb {
             );
         }
         Fit::Other
+    }
+
+    /// [`Fit::Joined`] for stored vectors `dim` wide whose companion part was embedded by the
+    /// model `stored_companion` names; `companion` is the loaded one, if any.
+    fn joined(
+        &self,
+        stored_companion: &str,
+        primary: &ModelInfo,
+        companion: Option<&ModelInfo>,
+        dim: usize,
+        tuned: bool,
+    ) -> Fit {
+        let loaded = companion;
+        let companion =
+            loaded.is_some_and(|c| c.fingerprint == stored_companion && primary.dim + c.dim == dim);
+        if let Some(loaded) = loaded.filter(|_| !companion) {
+            if !self.warned.replace(true) {
+                tracing::warn!(
+                    version = self.version(),
+                    stored = stored_companion,
+                    loaded = %loaded.fingerprint,
+                    "the knowledge base was embedded with another companion model: the primary model answers alone until it is imported again"
+                );
+            }
+        }
+        Fit::Joined {
+            primary_dim: primary.dim,
+            companion,
+            tuned,
+        }
     }
 
     fn version(&self) -> u64 {
@@ -1007,7 +1038,7 @@ impl IntentEngine {
             return self.lexical(&kb, &text);
         }
         let tuned = match fit {
-            Fit::Tuned => kb.tuned.clone(),
+            Fit::Tuned | Fit::Joined { tuned: true, .. } => kb.tuned.clone(),
             _ => None,
         };
         // Tuned vectors belong to their version (see the module documentation).
@@ -1039,6 +1070,7 @@ impl IntentEngine {
             Fit::Joined {
                 primary_dim,
                 companion,
+                ..
             } if vector.len() == primary_dim => {
                 let first = kb.classify_primary(
                     &vector,
@@ -1058,9 +1090,8 @@ impl IntentEngine {
                     self.escalated.set(self.escalated.get() + 1);
                     match worker.embed_part(&text, Part::Companion).await {
                         Ok(second) => {
-                            let half = std::f32::consts::FRAC_1_SQRT_2;
-                            let joined: Vec<f32> =
-                                vector.iter().chain(&second).map(|x| x * half).collect();
+                            let mut joined = Vec::with_capacity(vector.len() + second.len());
+                            join_parts(&vector, vector.len(), &second, second.len(), &mut joined);
                             kb.classify(
                                 &joined,
                                 self.min_similarity,

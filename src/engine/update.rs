@@ -2,11 +2,14 @@
 //! classifier head once, then store the same snapshot in every shard's replica under one new
 //! version number.
 //!
-//! With `[inference] fine_tune` (and a model that exposes an inner output, no companion, and a
-//! knowledge base of at least `fine_tune_min_questions` questions) the embedding is preceded by
-//! fine-tuning: the frozen lower layers run once over every question (ONNX Runtime), the top
-//! layers train on the questions' entries (`engine::finetune`), and the questions are embedded
-//! with the tuned layers, which are stored with the version (`engine::trained`).
+//! With `[inference] fine_tune` (and a model that exposes an inner output, and a knowledge base
+//! of at least `fine_tune_min_questions` questions) the embedding is preceded by fine-tuning:
+//! the frozen lower layers run once over every question (ONNX Runtime), the top layers train on
+//! the questions' entries (`engine::finetune`), and the questions are embedded with the tuned
+//! layers, which are stored with the version (`engine::trained`). With a companion model, only
+//! the primary model is tuned: its tuned vectors are joined with the companion's (fingerprint
+//! `<primary> tuned:<digest> + <companion>`), and the cascade's first step embeds queries with
+//! the tuned layers.
 //!
 //! Invariants:
 //! - Nothing is written before everything that can fail without touching a replica has
@@ -25,7 +28,7 @@ use super::classifier::{
     BlendParams, ClassifierError, IntentClassifier, QuestionVectors, SoftmaxRegression,
     TrainOptions, TrainReport,
 };
-use super::encoder::{Embeddings, Encoder, EncoderError};
+use super::encoder::{join_parts, Embeddings, Encoder, EncoderError, Part};
 use super::finetune::{self, FineTuneError, TopLayers, TuneOptions, TuneReport};
 use super::intent::row_labels;
 use super::trained;
@@ -85,8 +88,6 @@ impl FineTuneSettings {
                 "the knowledge base has {questions} questions, fewer than [inference] fine_tune_min_questions = {}",
                 self.min_questions
             ))
-        } else if encoder.companion().is_some() {
-            Some("a companion_model is configured (fine-tuning works on one model)".into())
         } else if encoder.split_output() != Some(split.as_str()) {
             Some(format!(
                 "the model has no `{split}` output to tune from (the default en model is models/cache/model.split.onnx, built by models/fetch)"
@@ -239,8 +240,18 @@ pub fn prepare_with_progress(
                 &mut |done, steps| progress(ImportStage::FineTuning, done, steps),
             )?;
             progress(ImportStage::Embedding, 0, total);
-            let embeddings = embed_tuned(&tuned, &states, fine_tune.threads);
-            progress(ImportStage::Embedding, total, total);
+            let primary = embed_tuned(&tuned, &states, fine_tune.threads);
+            drop(states);
+            let embeddings = match encoder.companion() {
+                None => {
+                    progress(ImportStage::Embedding, total, total);
+                    primary
+                }
+                // The companion is not tuned: its vectors join the tuned primary ones.
+                Some(_) => join_companion(encoder, &texts, primary, &mut |done| {
+                    progress(ImportStage::Embedding, done, total)
+                })?,
+            };
             let outcome = FineTuneOutcome::Tuned {
                 report,
                 lower_layers_time,
@@ -285,9 +296,14 @@ pub fn prepare_with_progress(
         _ => None,
     };
     let heads = SoftmaxRegression::heads_to_bytes(full_head, primary_head.as_ref());
-    let model_fingerprint = match &tuned {
-        Some(tuned) => trained::tuned_fingerprint(encoder.fingerprint(), tuned),
-        None => encoder.fingerprint().to_owned(),
+    let model_fingerprint = match (&tuned, encoder.companion()) {
+        (Some(tuned), None) => trained::tuned_fingerprint(encoder.fingerprint(), tuned),
+        (Some(tuned), Some(companion)) => format!(
+            "{} + {}",
+            trained::tuned_fingerprint(encoder.primary_fingerprint(), tuned),
+            companion.fingerprint()
+        ),
+        (None, _) => encoder.fingerprint().to_owned(),
     };
     Ok(PreparedUpdate {
         dim: embeddings.dim,
@@ -299,6 +315,31 @@ pub fn prepare_with_progress(
         train_time: started.elapsed(),
         fine_tune: outcome,
         entries,
+    })
+}
+
+/// `primary` (one row per text, the tuned primary model's unit vectors) joined with the
+/// companion's vectors of `texts` ([`join_parts`], as `Encoder::encode_batch_into` joins
+/// them); `progress` gets the number of texts the companion has embedded.
+fn join_companion(
+    encoder: &mut Encoder,
+    texts: &[&str],
+    primary: Embeddings,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Embeddings, EncoderError> {
+    let mut second = Vec::new();
+    let mut second_dim = 0;
+    let mut done = 0;
+    for chunk in texts.chunks(IMPORT_BATCH) {
+        second_dim = encoder.encode_part_into(chunk, Part::Companion, &mut second)?;
+        done += chunk.len();
+        progress(done);
+    }
+    let mut data = Vec::new();
+    join_parts(&primary.data, primary.dim, &second, second_dim, &mut data);
+    Ok(Embeddings {
+        dim: primary.dim + second_dim,
+        data,
     })
 }
 
