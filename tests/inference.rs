@@ -21,6 +21,7 @@ use std::pin::pin;
 use std::time::{Duration, Instant};
 
 use futures_lite::future::{block_on, poll_once};
+use switchboard::engine::encoder::Part;
 use switchboard::engine::intent::Cascade;
 use switchboard::engine::update::{self, PreparedUpdate};
 use switchboard::engine::{
@@ -585,4 +586,79 @@ fn questions_asked_while_the_models_load_are_answered() {
         ..model()
     });
     assert!(IntentEngine::open(&settings, 0, 0).is_err());
+}
+
+/// Fine-tuning with a companion: the import stores tuned primary vectors joined with the
+/// companion's, and a primary head as wide as the tuned layer; the cascade's first step embeds
+/// each query with the tuned layer. A stored question asked word for word with the primary
+/// model alone matches its own row exactly, which its untuned embedding does not.
+#[test]
+fn with_a_companion_the_first_step_embeds_with_the_tuned_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = ModelSettings {
+        model: models_dir().join("model.split.onnx"),
+        ..with_companion()
+    };
+    let mut encoder = models.load().expect("load both models");
+    let fine_tune = update::FineTuneSettings {
+        enabled: true,
+        weights: models_dir().join("model.fp32.safetensors"),
+        epochs: 20,
+        min_questions: 1,
+        threads: 1,
+    };
+    let entries = knowledge_base("Cards arrive soon.");
+    let question = entries[0].questions[0].clone();
+    let prepared = update::prepare(entries, &mut encoder, &fine_tune).expect("tune and embed");
+    assert!(
+        matches!(prepared.fine_tune, update::FineTuneOutcome::Tuned { .. }),
+        "{:?}",
+        prepared.fine_tune
+    );
+    assert_eq!(prepared.dim, 768);
+    let fingerprint = &prepared.model_fingerprint;
+    let (primary_part, companion_part) = fingerprint.split_once(" + ").expect("joined");
+    assert!(primary_part.contains(" tuned:"), "{fingerprint}");
+    assert!(companion_part.starts_with("multilingual-e5-small.onnx"));
+    let (heads, layers) = switchboard::engine::trained::decode(&prepared.head).unwrap();
+    assert!(layers.is_some(), "the tuned layer is stored with the heads");
+    let (full, primary) =
+        switchboard::engine::classifier::SoftmaxRegression::heads_from_bytes(heads).unwrap();
+    assert_eq!((full.dim(), primary.map(|h| h.dim())), (768, Some(384)));
+
+    // The question's stored primary part (a unit vector once scaled back by √2) is not what
+    // the untuned model gives for it: the check below can tell the two apart.
+    let stored: Vec<f32> = prepared.vectors[..384]
+        .iter()
+        .map(|x| x * std::f32::consts::SQRT_2)
+        .collect();
+    let mut untuned = Vec::new();
+    encoder
+        .encode_part_into(&[question.as_str()], Part::Primary, &mut untuned)
+        .unwrap();
+    let untuned_cosine: f32 = stored.iter().zip(&untuned).map(|(a, b)| a * b).sum();
+    assert!(
+        untuned_cosine < 0.999,
+        "tuning moved the question's vector too little to test: cosine {untuned_cosine}"
+    );
+    drop(encoder);
+
+    import(dir.path(), &prepared);
+    let mut settings = settings(dir.path());
+    settings.model = Some(models);
+    let engine = IntentEngine::open(&settings, 0, 0).unwrap();
+    let result =
+        block_on(engine.recognise_with(&question, Cascade::PrimaryOnly)).expect("a model answer");
+    assert_eq!(result.intent, "card_arrival");
+    assert!(!result.degraded);
+    let similarity = result.similarity.expect("a model similarity");
+    assert!(
+        similarity > 0.9999,
+        "the first step must embed with the tuned layer: similarity {similarity} (untuned {untuned_cosine})"
+    );
+    assert_eq!(engine.stats().escalated, 0);
+    // The configured cascade answers it too.
+    let result = recognise(&engine, &question);
+    assert_eq!(result.intent, "card_arrival");
+    eprintln!("untuned cosine {untuned_cosine}, tuned similarity {similarity}");
 }

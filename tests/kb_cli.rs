@@ -540,8 +540,9 @@ fn fine_tuning_trains_the_top_layers_at_import_and_queries_use_them() {
 
 /// Fine-tuning with a companion model: the import tunes the primary model's top layer and joins
 /// its vectors with the companion's (the fingerprint names the tuned layers, then the
-/// companion); `kb eval` embeds every query's first step with the tuned layers (no lexical
-/// fallback) and, with `companion_below = 1`, also runs the companion on every query.
+/// companion); `kb eval` answers every query with the models (no lexical fallback) and, with
+/// `companion_below = 1`, runs the companion on every query. That the first step embeds with
+/// the tuned layer is tested in `tests/inference.rs`.
 #[test]
 fn fine_tuning_with_a_companion_tunes_the_primary_model_and_the_cascade_uses_it() {
     let models = models_dir();

@@ -502,6 +502,11 @@ impl Encoder {
         self.companion.as_deref()
     }
 
+    /// The companion encoder, mutably (to embed with it alone), if any.
+    pub fn companion_mut(&mut self) -> Option<&mut Encoder> {
+        self.companion.as_deref_mut()
+    }
+
     /// Removes and returns the companion (the fingerprint goes back to this model's own).
     pub fn take_companion(&mut self) -> Option<Encoder> {
         let companion = self.companion.take()?;

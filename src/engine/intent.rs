@@ -312,12 +312,13 @@ impl Cascade {
     }
 
     /// Prefix of the hot-cache key of a query recognised this way: results computed with
-    /// another setting never answer it.
+    /// another setting never answer it. Each prefix holds one U+001F, at its end, so a key
+    /// splits unambiguously at its first U+001F whatever the visitor's text holds.
     fn hot_key_prefix(self) -> &'static str {
         match self {
-            Cascade::Configured => "",
-            Cascade::PrimaryOnly => "\u{1f}primary\u{1f}",
-            Cascade::Always => "\u{1f}companion\u{1f}",
+            Cascade::Configured => "configured\u{1f}",
+            Cascade::PrimaryOnly => "primary\u{1f}",
+            Cascade::Always => "companion\u{1f}",
         }
     }
 }
@@ -518,9 +519,10 @@ impl LoadedKb {
                 return Fit::Tuned;
             }
             // Tuned primary vectors joined with a companion's: `<primary> tuned:<digest> + …`.
-            let tuned_primary = format!("{} tuned:{}", primary.fingerprint, self.tuned_digest);
             let rest = stored
-                .strip_prefix(tuned_primary.as_str())
+                .strip_prefix(primary.fingerprint.as_str())
+                .and_then(|rest| rest.strip_prefix(" tuned:"))
+                .and_then(|rest| rest.strip_prefix(self.tuned_digest.as_str()))
                 .and_then(|rest| rest.strip_prefix(" + "));
             if let Some(rest) = rest
                 .filter(|_| primary.tunable && primary.dim == tuned.hidden() && dim > primary.dim)
@@ -1041,10 +1043,12 @@ impl IntentEngine {
             Fit::Tuned | Fit::Joined { tuned: true, .. } => kb.tuned.clone(),
             _ => None,
         };
-        // Tuned vectors belong to their version (see the module documentation).
+        // Tuned vectors belong to their version (see the module documentation). As for the
+        // hot keys, the prefix holds one U+001F, at its end: a visitor's text cannot make one
+        // version's key out of another's.
         let cache_key = match &tuned {
             Some(_) => format!("{}\u{1f}{text}", kb.version()),
-            None => text.clone(),
+            None => format!("model\u{1f}{text}"),
         };
         let cached = self.embeddings.borrow_mut().get(&cache_key).cloned();
         let (vector, cache) = match cached {
@@ -1080,7 +1084,9 @@ impl IntentEngine {
                 let escalate = companion
                     && match cascade {
                         Cascade::Configured => {
+                            // 1 promises every query both models, even a certain one.
                             !kb.has_primary_head
+                                || self.companion_below >= 1.0
                                 || first.is_none_or(|found| found.raw_score < self.companion_below)
                         }
                         Cascade::PrimaryOnly => false,

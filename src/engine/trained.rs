@@ -10,7 +10,8 @@
 //!
 //! Invariants:
 //! - Vectors embedded with tuned layers carry [`tuned_fingerprint`] as their model fingerprint
-//!   (the base model's, then ` tuned:` and the layers' digest), so they are only ever scored
+//!   (the base model's, then ` tuned:` and the layers' digest; with a companion, ` + ` and the
+//!   companion's fingerprint follow, see `engine::update`), so they are only ever scored
 //!   against queries embedded with the same layers: a version whose record lost its layers, or
 //!   an engine whose model cannot run them, falls back to the lexical match instead of
 //!   comparing unlike vectors.

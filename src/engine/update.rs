@@ -28,7 +28,7 @@ use super::classifier::{
     BlendParams, ClassifierError, IntentClassifier, QuestionVectors, SoftmaxRegression,
     TrainOptions, TrainReport,
 };
-use super::encoder::{join_parts, Embeddings, Encoder, EncoderError, Part};
+use super::encoder::{join_parts, Embeddings, Encoder, EncoderError};
 use super::finetune::{self, FineTuneError, TopLayers, TuneOptions, TuneReport};
 use super::intent::row_labels;
 use super::trained;
@@ -276,7 +276,13 @@ pub fn prepare_with_progress(
     let full_head = classifier.head().expect("a trained classifier has a head");
     // With a companion, also the head over the primary model's part of the vectors (each part
     // is a unit vector scaled by 1/√2): the cascade's first step (`engine::intent`).
-    let primary_head = match (encoder.companion(), encoder.primary_dim()) {
+    // The tuned layers' width when tuned (a tuned import never runs the model's last output,
+    // so the encoder may not know its width), the model's otherwise.
+    let primary_dim = match &tuned {
+        Some(tuned) => Some(tuned.hidden()),
+        None => encoder.primary_dim(),
+    };
+    let primary_head = match (encoder.companion(), primary_dim) {
         (Some(_), Some(primary_dim)) if primary_dim < embeddings.dim => {
             let scale = std::f32::consts::SQRT_2;
             let primary: Vec<f32> = embeddings
@@ -327,18 +333,20 @@ fn join_companion(
     primary: Embeddings,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Embeddings, EncoderError> {
-    let mut second = Vec::new();
-    let mut second_dim = 0;
-    let mut done = 0;
-    for chunk in texts.chunks(IMPORT_BATCH) {
-        second_dim = encoder.encode_part_into(chunk, Part::Companion, &mut second)?;
-        done += chunk.len();
-        progress(done);
-    }
+    let companion = encoder
+        .companion_mut()
+        .ok_or_else(|| EncoderError::InvalidSetting("no companion model is loaded".into()))?;
+    let second = companion.encode_many_with_progress(texts, IMPORT_BATCH, progress)?;
     let mut data = Vec::new();
-    join_parts(&primary.data, primary.dim, &second, second_dim, &mut data);
+    join_parts(
+        &primary.data,
+        primary.dim,
+        &second.data,
+        second.dim,
+        &mut data,
+    );
     Ok(Embeddings {
-        dim: primary.dim + second_dim,
+        dim: primary.dim + second.dim,
         data,
     })
 }
