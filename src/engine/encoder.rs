@@ -262,6 +262,18 @@ pub enum Part {
     Companion,
 }
 
+/// The fingerprint of vectors joined from a primary part fingerprinted `primary` and a
+/// companion's part fingerprinted `companion`: `<primary> + <companion>`.
+pub fn joined_fingerprint(primary: &str, companion: &str) -> String {
+    format!("{primary} + {companion}")
+}
+
+/// The companion's fingerprint, if `rest` (what follows the primary part of a stored
+/// fingerprint) names one: the inverse of [`joined_fingerprint`].
+pub fn companion_of_joined(rest: &str) -> Option<&str> {
+    rest.strip_prefix(" + ")
+}
+
 /// Appends to `out` each row of `first` (`first_dim` wide) followed by the same row of
 /// `second` (`second_dim` wide), both scaled by 1/√2: two unit vectors joined into one unit
 /// vector whose cosine with another joined vector is the mean of the two parts' cosines.
@@ -475,13 +487,7 @@ impl Encoder {
     /// 1/√2, see the module documentation). The fingerprint names both models, so vectors
     /// stored with and without a companion are never mixed. `companion` must not have one.
     pub fn with_companion(mut self, companion: Encoder) -> Result<Self, EncoderError> {
-        if companion.companion.is_some() || self.companion.is_some() {
-            return Err(EncoderError::InvalidSetting(
-                "an encoder takes at most one companion".into(),
-            ));
-        }
-        self.fingerprint = format!("{} + {}", self.own_fingerprint, companion.fingerprint);
-        self.companion = Some(Box::new(companion));
+        self.attach_companion(companion)?;
         Ok(self)
     }
 
@@ -492,7 +498,7 @@ impl Encoder {
                 "an encoder takes at most one companion".into(),
             ));
         }
-        self.fingerprint = format!("{} + {}", self.own_fingerprint, companion.fingerprint);
+        self.fingerprint = joined_fingerprint(&self.own_fingerprint, &companion.fingerprint);
         self.companion = Some(Box::new(companion));
         Ok(())
     }

@@ -79,7 +79,7 @@ use super::cache::{CacheCounters, LfuCache};
 use super::classifier::{
     BlendParams, IntentClassifier, PredictScratch, QuestionVectors, SoftmaxRegression,
 };
-use super::encoder::{join_parts, Encoder, EncoderError, Part};
+use super::encoder::{self, join_parts, Encoder, EncoderError, Part};
 use super::finetune::TopLayers;
 use super::trained;
 use super::worker::{
@@ -519,11 +519,9 @@ impl LoadedKb {
                 return Fit::Tuned;
             }
             // Tuned primary vectors joined with a companion's: `<primary> tuned:<digest> + …`.
-            let rest = stored
-                .strip_prefix(primary.fingerprint.as_str())
-                .and_then(|rest| rest.strip_prefix(" tuned:"))
-                .and_then(|rest| rest.strip_prefix(self.tuned_digest.as_str()))
-                .and_then(|rest| rest.strip_prefix(" + "));
+            let rest =
+                trained::after_tuned_fingerprint(stored, &primary.fingerprint, &self.tuned_digest)
+                    .and_then(encoder::companion_of_joined);
             if let Some(rest) = rest
                 .filter(|_| primary.tunable && primary.dim == tuned.hidden() && dim > primary.dim)
             {
@@ -545,7 +543,7 @@ impl LoadedKb {
         }
         let rest = stored
             .strip_prefix(primary.fingerprint.as_str())
-            .and_then(|rest| rest.strip_prefix(" + "));
+            .and_then(encoder::companion_of_joined);
         if let Some(rest) = rest.filter(|_| dim > primary.dim) {
             return self.joined(rest, primary, companion, dim, false);
         }

@@ -87,10 +87,18 @@ pub fn tuned_fingerprint(base: &str, tuned: &TopLayers) -> String {
 
 /// Whether `stored` is [`tuned_fingerprint`] of `base` and the layers whose digest is `digest`.
 pub fn is_tuned_fingerprint(stored: &str, base: &str, digest: &str) -> bool {
+    after_tuned_fingerprint(stored, base, digest) == Some("")
+}
+
+/// What follows [`tuned_fingerprint`] of `base` and `digest` in `stored` (empty when `stored`
+/// is exactly that; ` + <companion>` when a companion's vectors were joined, see
+/// [`encoder::companion_of_joined`](super::encoder::companion_of_joined)), or `None` when
+/// `stored` does not start with it. Allocates nothing.
+pub fn after_tuned_fingerprint<'a>(stored: &'a str, base: &str, digest: &str) -> Option<&'a str> {
     stored
         .strip_prefix(base)
         .and_then(|rest| rest.strip_prefix(" tuned:"))
-        == Some(digest)
+        .and_then(|rest| rest.strip_prefix(digest))
 }
 
 #[cfg(test)]
@@ -138,6 +146,20 @@ mod tests {
             "model.split.onnx sha256:ab",
             "0123456789abcdef"
         ));
+        // Joined with a companion's vectors: the companion's fingerprint follows.
+        let joined =
+            crate::engine::encoder::joined_fingerprint(&fingerprint, "companion sha256:cd");
+        assert!(!is_tuned_fingerprint(
+            &joined,
+            "model.split.onnx sha256:ab",
+            &layers.digest()
+        ));
+        let rest = after_tuned_fingerprint(&joined, "model.split.onnx sha256:ab", &layers.digest());
+        assert_eq!(rest, Some(" + companion sha256:cd"));
+        assert_eq!(
+            rest.and_then(crate::engine::encoder::companion_of_joined),
+            Some("companion sha256:cd")
+        );
     }
 
     #[test]

@@ -28,7 +28,7 @@ use super::classifier::{
     BlendParams, ClassifierError, IntentClassifier, QuestionVectors, SoftmaxRegression,
     TrainOptions, TrainReport,
 };
-use super::encoder::{join_parts, Embeddings, Encoder, EncoderError};
+use super::encoder::{join_parts, joined_fingerprint, Embeddings, Encoder, EncoderError};
 use super::finetune::{self, FineTuneError, TopLayers, TuneOptions, TuneReport};
 use super::intent::row_labels;
 use super::trained;
@@ -304,10 +304,9 @@ pub fn prepare_with_progress(
     let heads = SoftmaxRegression::heads_to_bytes(full_head, primary_head.as_ref());
     let model_fingerprint = match (&tuned, encoder.companion()) {
         (Some(tuned), None) => trained::tuned_fingerprint(encoder.fingerprint(), tuned),
-        (Some(tuned), Some(companion)) => format!(
-            "{} + {}",
-            trained::tuned_fingerprint(encoder.primary_fingerprint(), tuned),
-            companion.fingerprint()
+        (Some(tuned), Some(companion)) => joined_fingerprint(
+            &trained::tuned_fingerprint(encoder.primary_fingerprint(), tuned),
+            companion.fingerprint(),
         ),
         (None, _) => encoder.fingerprint().to_owned(),
     };
