@@ -10,11 +10,16 @@
 //! ```text
 //! cargo run --release --example intent_cv -- --kb tests/data/banking77/kb.csv \
 //!     [--models models/cache] [--folds 5] [--epochs 2] [--lr 5e-5] [--scale 20] \
-//!     [--states /tmp/kb.states] [--frozen] [--soup N] [--dropout P] [--companion] [--holdout FILE]
+//!     [--states /tmp/kb.states] [--frozen] [--soup N] [--dropout P] [--companion] [--cascade]
+//!     [--joined-blend HEAD,T,K] [--holdout FILE]
 //! ```
 //! `--states` caches the frozen layers' output (about 220 MB for BANKING77) so later runs skip
 //! them; `--frozen` also scores the untuned layer (the shipped model) as a baseline; `--soup N`
 //! trains N runs (seeds `seed`..`seed + N`), scores each, and scores their weight average.
+//! `--cascade` (implies `--companion`) also scores the engine's cascade at several
+//! `[inference] companion_below` thresholds: the tuned model's answer in the shipped cell, unless
+//! its score is below the threshold, then the answer from the joined vectors in the shipped cell
+//! or in the one `--joined-blend HEAD,T,K` names.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -49,6 +54,10 @@ struct Args {
     companion: bool,
     /// Fine-tuning runs (seeds `seed`, `seed + 1`, ...) averaged into one layer.
     soup: usize,
+    /// Also score the tuned → tuned + companion cascade (implies `companion`).
+    cascade: bool,
+    /// The blend the cascade's escalation step uses (`--joined-blend HEAD,T,K`).
+    joined_blend: BlendParams,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -62,13 +71,16 @@ fn parse_args() -> Result<Args, String> {
         frozen: false,
         soup: 1,
         companion: false,
+        cascade: false,
+        joined_blend: BlendParams::default(),
         holdout: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        if flag == "--frozen" || flag == "--companion" {
+        if flag == "--frozen" || flag == "--companion" || flag == "--cascade" {
             args.frozen |= flag == "--frozen";
-            args.companion |= flag == "--companion";
+            args.companion |= flag == "--companion" || flag == "--cascade";
+            args.cascade |= flag == "--cascade";
             continue;
         }
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -89,11 +101,25 @@ fn parse_args() -> Result<Args, String> {
             "--dropout" => args.tune.input_dropout = number(&value)? as f32,
             "--soup" => args.soup = number(&value)?.max(1.0) as usize,
             "--threads" => args.tune.threads = number(&value)? as usize,
+            "--joined-blend" => {
+                let parts: Vec<&str> = value.split(',').collect();
+                let [head, temperature, neighbours] = parts[..] else {
+                    return Err(format!("--joined-blend {value}: expected HEAD,T,K"));
+                };
+                args.joined_blend = BlendParams {
+                    head_weight: number(head)? as f32,
+                    temperature: number(temperature)? as f32,
+                    neighbours: number(neighbours)? as usize,
+                };
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
     if args.folds < 2 {
         return Err("--folds must be at least 2".into());
+    }
+    if args.cascade && args.soup > 1 {
+        return Err("--cascade scores the one tuned run: leave out --soup".into());
     }
     Ok(args)
 }
@@ -278,7 +304,75 @@ fn run(args: &Args) -> Result<(), String> {
         };
         tally.print(name, &grid, &heads, scored);
     }
+    if args.cascade {
+        let answers = |name: &str, blend: &BlendParams| {
+            let cell = grid
+                .iter()
+                .position(|p| {
+                    p.head_weight == blend.head_weight
+                        && p.temperature == blend.temperature
+                        && p.neighbours == blend.neighbours
+                })
+                .ok_or(format!("{blend:?} is not a cell of the grid"))?;
+            variants
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, tally)| &tally.answers[cell])
+                .ok_or(format!("no {name} variant was scored"))
+        };
+        print_cascade(
+            answers("tuned", &BlendParams::default())?,
+            answers("tuned + companion", &args.joined_blend)?,
+            &args.joined_blend,
+        );
+    }
     Ok(())
+}
+
+/// The cascade's top-1 and answered right per `companion_below`, from the shipped cell's
+/// answers of the tuned vectors (the first step) and the `blend` cell's of the joined ones (the
+/// escalation).
+fn print_cascade(first: &[Option<Answer>], joined: &[Option<Answer>], blend: &BlendParams) {
+    println!(
+        "\ncascade tuned (shipped cell) -> tuned + companion (head {:.1} T {:.2} k {}): top-1 / answered right / escalated",
+        blend.head_weight, blend.temperature, blend.neighbours
+    );
+    let pairs: Vec<(Answer, Answer)> = first
+        .iter()
+        .zip(joined)
+        .filter_map(|(a, b)| Some(((*a)?, (*b)?)))
+        .collect();
+    let total = pairs.len() as f64;
+    for below in [0.0f32, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 1.0] {
+        let (mut top1, mut answered, mut escalated) = (0usize, 0usize, 0usize);
+        for (step, companion) in &pairs {
+            // As the engine: 1 escalates every query, even a certain one.
+            let pick = if below >= 1.0 || step.score < below {
+                escalated += 1;
+                companion
+            } else {
+                step
+            };
+            top1 += usize::from(pick.right);
+            answered += usize::from(pick.right && pick.answered);
+        }
+        println!(
+            "companion_below {below:.2}: {top1} ({:.2}%) / {answered} ({:.2}%) / {:.1}%",
+            100.0 * top1 as f64 / total,
+            100.0 * answered as f64 / total,
+            100.0 * escalated as f64 / total
+        );
+    }
+}
+
+/// One question's answer in the shipped cell.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    /// The blended score of the best intent (the cascade compares it with `companion_below`).
+    score: f32,
+    right: bool,
+    /// Over the shipped confidence, margin and similarity thresholds.
+    answered: bool,
 }
 
 /// The frozen layers' output for every question, from `--states` when it holds them.
@@ -442,6 +536,15 @@ enum HeadKind {
     Mix(f32),
 }
 
+/// Whether this is the shipped cell: the engine's head (regression, L2 1e-5) blended half and
+/// half with the vote of the 10 nearest questions at temperature 0.05.
+fn is_shipped(kind: &HeadKind, params: &BlendParams) -> bool {
+    *kind == HeadKind::Regression(1e-5)
+        && params.head_weight == 0.5
+        && params.neighbours == 10
+        && params.temperature == 0.05
+}
+
 /// The proxies as a softmax-regression head: weights `scale · P_c/‖P_c‖`, no bias.
 fn proxy_head(
     proxies: &[f32],
@@ -464,6 +567,9 @@ struct Tally {
     answered_right: Vec<Vec<usize>>,
     /// Top-1 per fold of every cell.
     per_fold: Vec<Vec<Vec<f64>>>,
+    /// Per cell of the engine's head (regression, L2 1e-5) and question (by row), its
+    /// answer, once scored.
+    answers: Vec<Vec<Option<Answer>>>,
 }
 
 impl Tally {
@@ -472,6 +578,7 @@ impl Tally {
             top1: vec![vec![0; grid.len()]; heads.len()],
             answered_right: vec![vec![0; grid.len()]; heads.len()],
             per_fold: vec![vec![Vec::new(); grid.len()]; heads.len()],
+            answers: vec![Vec::new(); grid.len()],
         }
     }
 
@@ -577,12 +684,24 @@ impl Tally {
                         score,
                         second_score: second,
                     } = best_two(&scores);
+                    let answered =
+                        score >= CONFIDENCE && score - second >= MARGIN && best >= MIN_SIMILARITY;
                     if intent == labels[i] {
                         right[g] += 1;
-                        if score >= CONFIDENCE && score - second >= MARGIN && best >= MIN_SIMILARITY
-                        {
+                        if answered {
                             self.answered_right[h][g] += 1;
                         }
+                    }
+                    if *kind == HeadKind::Regression(1e-5) {
+                        let answers = &mut self.answers[g];
+                        if answers.len() < labels.len() {
+                            answers.resize(labels.len(), None);
+                        }
+                        answers[i] = Some(Answer {
+                            score,
+                            right: intent == labels[i],
+                            answered,
+                        });
                     }
                 }
             }
@@ -608,12 +727,7 @@ impl Tally {
             rows.iter()
                 .find(|r| r.4 == h && r.3.head_weight > 0.0 && r.0 > 0)
         });
-        let shipped = rows.iter().filter(|r| {
-            *r.2 == HeadKind::Regression(1e-5)
-                && r.3.head_weight == 0.5
-                && r.3.neighbours == 10
-                && r.3.temperature == 0.05
-        });
+        let shipped = rows.iter().filter(|r| is_shipped(r.2, r.3));
         for (top1, answered, l2, p, h, g) in
             rows.iter().take(25).chain(best_per_head).chain(shipped)
         {
