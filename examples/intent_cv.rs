@@ -183,7 +183,7 @@ fn run(args: &Args) -> Result<(), String> {
 
     let grid = blend_grid();
     let heads = [
-        HeadKind::Regression(1e-5),
+        ENGINE_HEAD,
         HeadKind::Regression(1e-4),
         HeadKind::Proxies,
         HeadKind::Mix(1e-5),
@@ -308,11 +308,7 @@ fn run(args: &Args) -> Result<(), String> {
         let answers = |name: &str, blend: &BlendParams| {
             let cell = grid
                 .iter()
-                .position(|p| {
-                    p.head_weight == blend.head_weight
-                        && p.temperature == blend.temperature
-                        && p.neighbours == blend.neighbours
-                })
+                .position(|p| p == blend)
                 .ok_or(format!("{blend:?} is not a cell of the grid"))?;
             variants
                 .iter()
@@ -365,7 +361,7 @@ fn print_cascade(first: &[Option<Answer>], joined: &[Option<Answer>], blend: &Bl
     }
 }
 
-/// One question's answer in the shipped cell.
+/// One question's answer in one cell of the engine's head.
 #[derive(Debug, Clone, Copy)]
 struct Answer {
     /// The blended score of the best intent (the cascade compares it with `companion_below`).
@@ -536,14 +532,13 @@ enum HeadKind {
     Mix(f32),
 }
 
-/// Whether this is the shipped cell: the engine's head (regression, L2 1e-5) blended half and
-/// half with the vote of the 10 nearest questions at temperature 0.05.
+/// Whether this is the shipped cell: the engine's head and its default blend.
 fn is_shipped(kind: &HeadKind, params: &BlendParams) -> bool {
-    *kind == HeadKind::Regression(1e-5)
-        && params.head_weight == 0.5
-        && params.neighbours == 10
-        && params.temperature == 0.05
+    *kind == ENGINE_HEAD && *params == BlendParams::default()
 }
+
+/// The engine's head: softmax regression with the default L2 penalty.
+const ENGINE_HEAD: HeadKind = HeadKind::Regression(1e-5);
 
 /// The proxies as a softmax-regression head: weights `scale · P_c/‖P_c‖`, no bias.
 fn proxy_head(
@@ -567,8 +562,8 @@ struct Tally {
     answered_right: Vec<Vec<usize>>,
     /// Top-1 per fold of every cell.
     per_fold: Vec<Vec<Vec<f64>>>,
-    /// Per cell of the engine's head (regression, L2 1e-5) and question (by row), its
-    /// answer, once scored.
+    /// Per cell of the engine's head ([`ENGINE_HEAD`]) and question (by row), its answer, once
+    /// scored.
     answers: Vec<Vec<Option<Answer>>>,
 }
 
@@ -692,7 +687,7 @@ impl Tally {
                             self.answered_right[h][g] += 1;
                         }
                     }
-                    if *kind == HeadKind::Regression(1e-5) {
+                    if *kind == ENGINE_HEAD {
                         let answers = &mut self.answers[g];
                         if answers.len() < labels.len() {
                             answers.resize(labels.len(), None);
