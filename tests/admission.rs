@@ -642,6 +642,147 @@ fn an_overloaded_shard_answers_messages_with_overloaded_and_retry_after_instead_
 }
 
 #[test]
+fn a_stall_that_has_ended_does_not_get_messages_refused() {
+    // A 1.5 s stall of the only shard, with a 300 ms budget. The sampler's timer fires 1.4 s
+    // late when the stall ends; that lag is over by then, so the messages read right after it
+    // are admitted, not refused with a retry_after as long as the stall.
+    let server = Server::start(&format!(
+        "{ONE_SHARD}[limits]\nvisitor_messages_per_second = 0\nadmit_latency_budget = \"300ms\"\n\
+         [diagnostics]\nstall_endpoint = true\n"
+    ));
+    let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut visitor, "hello", |v| v["type"] == "hello");
+    visitor.send_json(&json!({"type": "message", "id": "m0", "text": "hi"}));
+    let first = until(&mut visitor, "ack of m0", |v| v["type"] == "ack");
+    let (status, body) = common::http_raw(
+        server.addr,
+        b"POST /debug/stall?shard=0&ms=1500 HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!((status, body.as_str()), (202, "stalling\n"));
+    // Sent while the shard is stuck: read when the stall ends, as the late sample comes in.
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = Instant::now();
+    visitor.send_json(&json!({"type": "message", "id": "m1", "text": "hi"}));
+    let answer = until(&mut visitor, "answer to m1", |v| {
+        v["type"] == "ack" || v["type"] == "error"
+    });
+    // The stall happened: m1 waited out the rest of it.
+    assert!(
+        sent.elapsed() >= Duration::from_millis(1000),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert_eq!(answer["type"], "ack", "{answer}");
+    assert_eq!(answer["id"], "m1", "{answer}");
+    // Sent right after: the stall's lag is the last sample now.
+    visitor.send_json(&json!({"type": "message", "id": "m2", "text": "hi"}));
+    let answer = until(&mut visitor, "answer to m2", |v| {
+        v["type"] == "ack" || v["type"] == "error"
+    });
+    assert_eq!(answer["type"], "ack", "{answer}");
+    assert_eq!(
+        answer["seq"].as_u64().unwrap(),
+        first["seq"].as_u64().unwrap() + 2,
+        "{answer}"
+    );
+    assert_eq!(server.metric("messages_overloaded"), 0);
+}
+
+/// Shard `shard`'s series of the per-shard gauge `switchboard_NAME`.
+fn shard_metric(server: &Server, name: &str, shard: usize) -> u64 {
+    let prefix = format!("switchboard_{name}{{shard=\"{shard}\"}} ");
+    server
+        .scrape()
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(&prefix)
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| panic!("no {prefix}in the scrape"))
+}
+
+#[test]
+fn a_message_for_a_shard_that_is_stalled_now_is_refused_at_once() {
+    // Two shards. A visitor connected to one shard whose conversation the other owns; the
+    // owner stalls for 2 s. The visitor's shard sees the owner's lag sample overdue and
+    // refuses the message at once, instead of queueing it behind the stall.
+    let server = Server::start(
+        "[shards]\ncores = [0, 1]\n[limits]\nvisitor_messages_per_second = 0\n\
+         admit_latency_budget = \"300ms\"\n[diagnostics]\nstall_endpoint = true\n",
+    );
+    let mut kept = Vec::new();
+    let (mut visitor, owner, first) = loop {
+        assert!(
+            kept.len() < 40,
+            "no visitor connected away from its owner in 40 tries"
+        );
+        let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+        until(&mut visitor, "hello", |v| v["type"] == "hello");
+        // The shard that reads the visitor's frames counts them.
+        let received = |shard| shard_metric(&server, "messages_received", shard);
+        let before = [received(0), received(1)];
+        visitor.send_json(&json!({"type": "message", "id": "m0", "text": "hi"}));
+        let ack = until(&mut visitor, "ack of m0", |v| v["type"] == "ack");
+        let after = [received(0), received(1)];
+        let connected = usize::from(after[1] > before[1]);
+        assert!(
+            after[connected] > before[connected],
+            "{before:?} -> {after:?}"
+        );
+        // A conversation id carries its owner shard in its low bits.
+        let owner = (ack["conversation"].as_u64().unwrap() & 1) as usize;
+        if owner != connected {
+            break (visitor, owner, ack);
+        }
+        kept.push(visitor);
+    };
+    let (status, body) = common::http_raw(
+        server.addr,
+        format!(
+            "POST /debug/stall?shard={owner}&ms=2000 HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!((status, body.as_str()), (202, "stalling\n"));
+    let stalled = Instant::now();
+    std::thread::sleep(Duration::from_millis(700));
+    let sent = Instant::now();
+    visitor.send_json(&json!({"type": "message", "id": "m1", "text": "hi"}));
+    let refusal = until(&mut visitor, "answer to m1", |v| {
+        v["type"] == "ack" || v["type"] == "error"
+    });
+    assert_eq!(
+        refusal["code"],
+        "overloaded",
+        "{refusal} after {:?}",
+        sent.elapsed()
+    );
+    assert_eq!(refusal["id"], "m1", "{refusal}");
+    // At once, not after the stall; and the wait it names is at least how overdue the owner is.
+    assert!(
+        sent.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        sent.elapsed()
+    );
+    let retry = refusal["retry_after"].as_u64().expect("retry_after in ms");
+    assert!((300..=2000).contains(&retry), "{refusal}");
+    // Once the owner runs again the re-sent message is stored right behind m0.
+    std::thread::sleep(
+        (stalled + Duration::from_millis(2500)).saturating_duration_since(Instant::now()),
+    );
+    visitor.send_json(&json!({"type": "message", "id": "m1", "text": "hi"}));
+    let ack = until(&mut visitor, "ack of the re-sent m1", |v| {
+        v["type"] == "ack" || v["type"] == "error"
+    });
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(
+        ack["seq"].as_u64().unwrap(),
+        first["seq"].as_u64().unwrap() + 1,
+        "{ack}"
+    );
+}
+
+#[test]
 fn a_shard_over_its_rated_capacity_refuses_with_overloaded_whoever_sends() {
     // Capacity 1 message/s with a burst of 3, shared by every visitor of the shard: two
     // visitors who are each far below their own rate still meet the shard's cap.

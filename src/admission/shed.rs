@@ -18,8 +18,21 @@
 //! A message is refused when `wait` exceeds the budget; `retry_after` is the predicted wait
 //! (the time for the backlog to drain), at least [`MIN_RETRY_MS`].
 //!
+//! The owner's lag ([`LagSamples::predicted_micros`]) comes from its sampler, which measures
+//! how late a 100 ms timer fires. One late timer says the loop *was* stuck; after a single
+//! stall (a slow disk, a page fault storm) the loop runs again at once, and refusing every
+//! message for the next sample interval with a `retry_after` as long as the stall that already
+//! ended would be wrong. So the lag that counts is:
+//! - **sustained lag**: the lesser of the last two samples (a loop that is slow now was slow
+//!   twice in a row), and
+//! - **an ongoing stall**: how far the owner's next sample is overdue (its loop is stuck right
+//!   now, for at least that long), which the samples alone would only show after it ended;
+//!
+//! whichever is larger.
+//!
 //! Invariants: pure (no clock, no I/O); a budget of 0 admits everything; with nothing pending
-//! and no lag every message is admitted, whatever the last commit cost.
+//! and no lag every message is admitted, whatever the last commit cost; a single late sample
+//! followed by an on-time loop sheds nothing.
 
 use crate::ratelimit::RetryAfter;
 
@@ -38,7 +51,8 @@ pub struct OwnerLoad {
     pub commit_micros: u64,
     /// The owner's largest batch (`[storage] max_batch`).
     pub max_batch: usize,
-    /// The owner's last measured event-loop lag, in microseconds.
+    /// The owner's event-loop lag that counts, in microseconds
+    /// ([`LagSamples::predicted_micros`]).
     pub lag_micros: u64,
 }
 
@@ -56,6 +70,31 @@ impl OwnerLoad {
         };
         let commits = commits_ahead.saturating_mul(self.commit_micros);
         self.lag_micros.saturating_add(commits)
+    }
+}
+
+/// What the owner's lag sampler last published, as read by another shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LagSamples {
+    /// Lag of the last sample, in microseconds.
+    pub last_micros: u64,
+    /// Lag of the sample before it, in microseconds.
+    pub previous_micros: u64,
+    /// Time since the last sample was taken, in microseconds (0 before the first).
+    pub age_micros: u64,
+    /// How often the sampler samples, in microseconds.
+    pub interval_micros: u64,
+}
+
+impl LagSamples {
+    /// The lag a message admitted now is expected to meet on the owner's event loop: the
+    /// sustained lag or the ongoing stall, whichever is larger (module docs).
+    pub fn predicted_micros(&self) -> u64 {
+        let sustained = self.last_micros.min(self.previous_micros);
+        // The next sample is due one interval after the last; past that the loop has not
+        // come round to take it.
+        let overdue = self.age_micros.saturating_sub(self.interval_micros);
+        sustained.max(overdue)
     }
 }
 
@@ -160,6 +199,62 @@ mod tests {
         assert_eq!(
             decide(load(0, 1, 80), 50),
             MessageVerdict::Overloaded(RetryAfter { ms: 80 })
+        );
+    }
+
+    fn samples(last_ms: u64, previous_ms: u64, age_ms: u64) -> LagSamples {
+        LagSamples {
+            last_micros: last_ms * 1000,
+            previous_micros: previous_ms * 1000,
+            age_micros: age_ms * 1000,
+            interval_micros: 100_000,
+        }
+    }
+
+    #[test]
+    fn a_stall_that_has_ended_sheds_nothing() {
+        // A 1.9 s stall, then the loop runs again: 10 ms after the late sample the owner is
+        // on time, and a message is admitted (it used to be refused for up to a whole
+        // interval, with retry_after 1.9 s).
+        let lag = samples(1900, 0, 10).predicted_micros();
+        assert_eq!(lag, 0);
+        let owner = OwnerLoad {
+            lag_micros: lag,
+            ..load(0, 1, 0)
+        };
+        assert_eq!(decide(owner, 50), MessageVerdict::Admit);
+    }
+
+    #[test]
+    fn a_sustained_lag_sheds_by_its_lesser_sample() {
+        assert_eq!(samples(80, 120, 0).predicted_micros(), 80_000);
+        assert_eq!(samples(120, 80, 50).predicted_micros(), 80_000);
+        let owner = OwnerLoad {
+            lag_micros: samples(120, 80, 50).predicted_micros(),
+            ..load(0, 1, 0)
+        };
+        assert_eq!(
+            decide(owner, 50),
+            MessageVerdict::Overloaded(RetryAfter { ms: 80 })
+        );
+    }
+
+    #[test]
+    fn an_ongoing_stall_sheds_by_how_overdue_the_next_sample_is() {
+        // On time, or late by less than the budget: admitted.
+        assert_eq!(samples(0, 0, 100).predicted_micros(), 0);
+        assert_eq!(samples(0, 0, 130).predicted_micros(), 30_000);
+        // The owner has not sampled for 1.1 s: stuck for at least 1 s now.
+        assert_eq!(samples(0, 0, 1100).predicted_micros(), 1_000_000);
+        // Overdue beats an older, smaller sustained lag.
+        assert_eq!(samples(60, 70, 400).predicted_micros(), 300_000);
+        let owner = OwnerLoad {
+            lag_micros: samples(0, 0, 1100).predicted_micros(),
+            ..load(0, 1, 0)
+        };
+        assert_eq!(
+            decide(owner, 50),
+            MessageVerdict::Overloaded(RetryAfter { ms: 1000 })
         );
     }
 

@@ -10,7 +10,8 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_lite::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,6 +29,30 @@ use crate::ratelimit::{Rate, RetryAfter, TokenBucket};
 
 /// How often the sampler measures the event-loop lag and the queues.
 const SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The process's monotonic clock, shared by every shard, from when the first shard started its
+/// load sampler: the sampler stamps its samples with it and another shard reads their age with
+/// it ([`shed::LagSamples`]).
+pub fn process_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// The lag samples a shard published (`published`: its metrics), as of `now_ms`
+/// ([`process_ms`]); see [`shed::LagSamples`].
+pub fn lag_samples(published: &ShardMetrics, now_ms: u64) -> shed::LagSamples {
+    // Before its first sample a shard counts as sampled at the epoch: one that has not come
+    // round to it an interval later is stuck (or not started), either way not serving.
+    let sampled_ms = published.event_loop_sampled_ms.load(Ordering::Relaxed);
+    shed::LagSamples {
+        last_micros: published.event_loop_lag_micros.load(Ordering::Relaxed),
+        previous_micros: published
+            .event_loop_lag_previous_micros
+            .load(Ordering::Relaxed),
+        age_micros: now_ms.saturating_sub(sampled_ms).saturating_mul(1000),
+        interval_micros: SAMPLE_INTERVAL.as_micros() as u64,
+    }
+}
 
 /// How long a refused connection may keep sending before it is dropped (its request is
 /// discarded unread so that closing does not reset the connection before the answer arrives).
@@ -238,6 +263,8 @@ pub fn start(shard: &Rc<Shard>) -> Vec<glommio::task::JoinHandle<()>> {
         );
     }
     let sampler = shard.clone();
+    // Starts the clock the samples are stamped with, if no shard has yet.
+    process_ms();
     tasks.push(glommio::spawn_local(async move { sample_load(&sampler).await }).detach());
     tasks
 }
@@ -330,7 +357,12 @@ async fn sample_load(shard: &Shard) {
             queue: mesh + router.pending_commits() + router.inference_queue(),
         };
         ShardMetrics::set(&counters.mesh_queued, mesh as u64);
+        // The previous sample first: a reader between the two stores sees the last lag
+        // twice, never a pair from different turns that would hide a sustained lag.
+        let previous = counters.event_loop_lag_micros.load(Ordering::Relaxed);
+        ShardMetrics::set(&counters.event_loop_lag_previous_micros, previous);
         ShardMetrics::set(&counters.event_loop_lag_micros, lag.as_micros() as u64);
+        ShardMetrics::set(&counters.event_loop_sampled_ms, process_ms());
         if let Some(transition) = controller.observe(sample, shard.admission.now_ms()) {
             router.set_level(transition.to);
             ShardMetrics::set(&counters.degrade_level, transition.to as u64);

@@ -588,12 +588,18 @@ impl Session {
     fn shed_message(&self, owner: usize) -> MessageVerdict {
         let config = self.shard.config();
         let published = self.shard.metrics.shard(owner);
+        let mut lag = driver::lag_samples(published, driver::process_ms());
+        if owner == self.shard.id.0 {
+            // This shard is running (it runs this code): whatever it has not sampled yet is
+            // a stall that has ended, not one going on.
+            lag.age_micros = 0;
+        }
         let load = OwnerLoad {
             pending_commits: published.commit_pending.load(Ordering::Relaxed) as usize
                 + self.shard.router.queued_to(owner),
             commit_micros: published.commit_recent_micros.load(Ordering::Relaxed),
             max_batch: config.storage.max_batch,
-            lag_micros: published.event_loop_lag_micros.load(Ordering::Relaxed),
+            lag_micros: lag.predicted_micros(),
         };
         shed::decide(load, config.limits.admit_latency_budget.as_millis() as u64)
     }
