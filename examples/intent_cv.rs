@@ -11,7 +11,7 @@
 //! cargo run --release --example intent_cv -- --kb tests/data/banking77/kb.csv \
 //!     [--models models/cache] [--folds 5] [--epochs 2] [--lr 5e-5] [--scale 20] \
 //!     [--states /tmp/kb.states] [--frozen] [--soup N] [--dropout P] [--companion] [--cascade]
-//!     [--joined-blend HEAD,T,K] [--holdout FILE]
+//!     [--joined-blend HEAD,T,K] [--holdout FILE] [--export PREFIX]
 //! ```
 //! `--states` caches the frozen layers' output (about 220 MB for BANKING77) so later runs skip
 //! them; `--frozen` also scores the untuned layer (the shipped model) as a baseline; `--soup N`
@@ -19,7 +19,9 @@
 //! `--cascade` (implies `--companion`) also scores the engine's cascade at several
 //! `[inference] companion_below` thresholds: the tuned model's answer in the shipped cell, unless
 //! its score is below the threshold, then the answer from the joined vectors in the shipped cell
-//! or in the one `--joined-blend HEAD,T,K` names.
+//! or in the one `--joined-blend HEAD,T,K` names. `--export PREFIX` writes the questions
+//! (`PREFIX.tsv`: row, fold, label, intent, text) and each variant's blended scores in the
+//! shipped cell (`PREFIX-<variant>.f32`) for `scripts/lexical_blend_experiment.py`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -58,6 +60,9 @@ struct Args {
     cascade: bool,
     /// The blend the cascade's escalation step uses (`--joined-blend HEAD,T,K`).
     joined_blend: BlendParams,
+    /// Writes every scored question's blended scores in the shipped cell to `PREFIX-<variant>.f32`
+    /// and the questions (row, fold, label, text) to `PREFIX.tsv` (`--export PREFIX`).
+    export: Option<PathBuf>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -74,6 +79,7 @@ fn parse_args() -> Result<Args, String> {
         cascade: false,
         joined_blend: BlendParams::default(),
         holdout: None,
+        export: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -89,6 +95,7 @@ fn parse_args() -> Result<Args, String> {
             "--kb" => args.kb = value.into(),
             "--models" => args.models = value.into(),
             "--holdout" => args.holdout = Some(value.into()),
+            "--export" => args.export = Some(value.into()),
             "--states" => args.states = Some(value.into()),
             "--folds" => args.folds = number(&value)? as usize,
             "--fold-seed" => args.fold_seed = number(&value)? as u64,
@@ -304,6 +311,10 @@ fn run(args: &Args) -> Result<(), String> {
         };
         tally.print(name, &grid, &heads, scored);
     }
+    if let Some(prefix) = &args.export {
+        export(prefix, &texts, &labels, &folds, &entries, &variants)
+            .map_err(|e| format!("--export {}: {e}", prefix.display()))?;
+    }
     if args.cascade {
         let answers = |name: &str, blend: &BlendParams| {
             let cell = grid
@@ -321,6 +332,46 @@ fn run(args: &Args) -> Result<(), String> {
             answers("tuned + companion", &args.joined_blend)?,
             &args.joined_blend,
         );
+    }
+    Ok(())
+}
+
+/// Writes `PREFIX.tsv` (row, fold, label, intent, text) and, per variant, the shipped cell's
+/// scores of every scored question as little-endian f32 rows (`PREFIX-<variant>.f32`, NaN for
+/// a question that was not scored).
+fn export(
+    prefix: &Path,
+    texts: &[&str],
+    labels: &[u32],
+    folds: &[usize],
+    entries: &[kb::Entry],
+    variants: &[(String, Tally)],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tsv = std::io::BufWriter::new(std::fs::File::create(prefix.with_extension("tsv"))?);
+    for (row, text) in texts.iter().enumerate() {
+        let label = labels[row] as usize;
+        let text = text.replace(['\t', '\n'], " ");
+        writeln!(
+            tsv,
+            "{row}\t{}\t{label}\t{}\t{text}",
+            folds[row], entries[label].intent
+        )?;
+    }
+    tsv.flush()?;
+    let classes = entries.len();
+    for (name, tally) in variants {
+        let file = format!("{}-{}.f32", prefix.display(), name.replace([' ', '+'], "_"));
+        let mut out = std::io::BufWriter::new(std::fs::File::create(file)?);
+        for row in 0..texts.len() {
+            match tally.shipped_scores.get(row).and_then(Option::as_ref) {
+                Some(scores) => scores
+                    .iter()
+                    .try_for_each(|x| out.write_all(&x.to_le_bytes()))?,
+                None => (0..classes).try_for_each(|_| out.write_all(&f32::NAN.to_le_bytes()))?,
+            }
+        }
+        out.flush()?;
     }
     Ok(())
 }
@@ -565,6 +616,8 @@ struct Tally {
     /// Per cell of the engine's head ([`ENGINE_HEAD`]) and question (by row), its answer, once
     /// scored.
     answers: Vec<Vec<Option<Answer>>>,
+    /// Per question (by row), the shipped cell's blended scores, once scored (`--export`).
+    shipped_scores: Vec<Option<Vec<f32>>>,
 }
 
 impl Tally {
@@ -574,6 +627,7 @@ impl Tally {
             answered_right: vec![vec![0; grid.len()]; heads.len()],
             per_fold: vec![vec![Vec::new(); grid.len()]; heads.len()],
             answers: vec![Vec::new(); grid.len()],
+            shipped_scores: Vec::new(),
         }
     }
 
@@ -686,6 +740,12 @@ impl Tally {
                         if answered {
                             self.answered_right[h][g] += 1;
                         }
+                    }
+                    if *kind == ENGINE_HEAD && is_shipped(kind, params) {
+                        if self.shipped_scores.len() < labels.len() {
+                            self.shipped_scores.resize(labels.len(), None);
+                        }
+                        self.shipped_scores[i] = Some(scores.clone());
                     }
                     if *kind == ENGINE_HEAD {
                         let answers = &mut self.answers[g];
