@@ -28,7 +28,9 @@
 //! - **an ongoing stall**: how far the owner's next sample is overdue (its loop is stuck right
 //!   now, for at least that long), which the samples alone would only show after it ended;
 //!
-//! whichever is larger.
+//! whichever is larger. The lesser of two samples sheds less than the last one did for a lag
+//! that jitters around the budget (40/80 ms samples against 50 ms never shed); the degradation
+//! controller, which reads the last sample, still reacts to it.
 //!
 //! Invariants: pure (no clock, no I/O); a budget of 0 admits everything; with nothing pending
 //! and no lag every message is admitted, whatever the last commit cost; a single late sample
@@ -80,7 +82,8 @@ pub struct LagSamples {
     pub last_micros: u64,
     /// Lag of the sample before it, in microseconds.
     pub previous_micros: u64,
-    /// Time since the last sample was taken, in microseconds (0 before the first).
+    /// Time since the last sample was taken, in microseconds; before the first sample, since
+    /// the shard started its sampler (see `server::admission::lag_samples`).
     pub age_micros: u64,
     /// How often the sampler samples, in microseconds.
     pub interval_micros: u64,

@@ -5,10 +5,13 @@
 //! hdrhistogram by their owning thread, published to fixed buckets once a second); any thread
 //! may read all of them to answer a scrape, which sums the shards. No lock is taken on the
 //! recording side, and no shard is asked anything by a scrape. This is observation, not
-//! coordination: no decision is made from another shard's counters, with one exception: a
-//! session pauses reading its socket while the `commit_pending` gauge of its conversation's
-//! shard is above `[limits] max_pending_commits` (a relaxed read; a stale value only delays the
-//! pause or the resume by a moment).
+//! coordination: no decision is made from another shard's counters, with these exceptions
+//! (relaxed reads; a stale value only moves a decision by a moment):
+//! - a session pauses reading its socket while the `commit_pending` gauge of its
+//!   conversation's shard is above `[limits] max_pending_commits`;
+//! - message shedding (`admission::shed`) reads the owner shard's `commit_pending`,
+//!   `commit_recent_micros`, its last two lag samples and `event_loop_sampled_ms`, the time of
+//!   its last sample, as a sign of life.
 //!
 //! The exposition ([`Metrics::render`], see docs/api.md "GET /metrics"):
 //! - every family has one `# HELP` and one `# TYPE` line, then all its samples;

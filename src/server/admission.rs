@@ -41,8 +41,9 @@ pub fn process_ms() -> u64 {
 /// The lag samples a shard published (`published`: its metrics), as of `now_ms`
 /// ([`process_ms`]); see [`shed::LagSamples`].
 pub fn lag_samples(published: &ShardMetrics, now_ms: u64) -> shed::LagSamples {
-    // Before its first sample a shard counts as sampled at the epoch: one that has not come
-    // round to it an interval later is stuck (or not started), either way not serving.
+    // A shard that has not started its sampler counts as sampled at the epoch: not serving.
+    // The loads go timestamp, last, previous (the reverse of the sampler's stores), so a pair
+    // is always two real consecutive samples or the last one twice.
     let sampled_ms = published.event_loop_sampled_ms.load(Ordering::Relaxed);
     shed::LagSamples {
         last_micros: published.event_loop_lag_micros.load(Ordering::Relaxed),
@@ -263,8 +264,10 @@ pub fn start(shard: &Rc<Shard>) -> Vec<glommio::task::JoinHandle<()>> {
         );
     }
     let sampler = shard.clone();
-    // Starts the clock the samples are stamped with, if no shard has yet.
-    process_ms();
+    // Starts the clock the samples are stamped with, if no shard has yet, and counts this
+    // shard as sampled now: until its first sample it is measured from its own start, not
+    // from the first shard's (shards open their stores at different speeds).
+    ShardMetrics::set(&shard.counters().event_loop_sampled_ms, process_ms());
     tasks.push(glommio::spawn_local(async move { sample_load(&sampler).await }).detach());
     tasks
 }
