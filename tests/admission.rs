@@ -688,19 +688,6 @@ fn a_stall_that_has_ended_does_not_get_messages_refused() {
     assert_eq!(server.metric("messages_overloaded"), 0);
 }
 
-/// Shard `shard`'s series of the per-shard gauge `switchboard_NAME`.
-fn shard_metric(server: &Server, name: &str, shard: usize) -> u64 {
-    let prefix = format!("switchboard_{name}{{shard=\"{shard}\"}} ");
-    server
-        .scrape()
-        .lines()
-        .find_map(|line| {
-            line.strip_prefix(&prefix)
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or_else(|| panic!("no {prefix}in the scrape"))
-}
-
 #[test]
 fn a_message_for_a_shard_that_is_stalled_now_is_refused_at_once() {
     // Two shards. A visitor connected to one shard whose conversation the other owns; the
@@ -716,10 +703,12 @@ fn a_message_for_a_shard_that_is_stalled_now_is_refused_at_once() {
             kept.len() < 40,
             "no visitor connected away from its owner in 40 tries"
         );
-        let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+        // An id of its own: an issued one would be owned by the connection's shard.
+        let path = format!("/ws/visitor?site=s&visitor=stall-{}", kept.len());
+        let mut visitor = RawClient::connect(server.addr, &path).unwrap();
         until(&mut visitor, "hello", |v| v["type"] == "hello");
         // The shard that reads the visitor's frames counts them.
-        let received = |shard| shard_metric(&server, "messages_received", shard);
+        let received = |shard| server.shard_metric("messages_received", shard);
         let before = [received(0), received(1)];
         visitor.send_json(&json!({"type": "message", "id": "m0", "text": "hi"}));
         let ack = until(&mut visitor, "ack of m0", |v| v["type"] == "ack");

@@ -174,6 +174,55 @@ fn visitor_ids_on_each_shard(prefix: &str) -> (String, String) {
 }
 
 #[test]
+fn a_new_visitor_gets_an_id_its_connections_shard_owns() {
+    // The widget's first connection carries no visitor id. The id the server issues is owned by
+    // the shard that holds the connection, so the visitor's messages never cross the mesh. Each
+    // try below would land away from its owner half the time with a random id.
+    let server = Server::start(&overlay(&format!("[shards]\ncores = [0, 1]\n{UNLIMITED}")));
+    let mut seen = [false, false];
+    let mut kept = Vec::new();
+    for n in 0..12 {
+        let client = RawClient::connect(server.addr, "/ws/visitor?site=acme").expect("upgrade");
+        let mut client = Peer {
+            client,
+            backlog: Vec::new(),
+        };
+        let (hello, _) = wait_for(&mut client, "hello", of_type("hello"));
+        let id = hello["visitor"]
+            .as_str()
+            .expect("an issued visitor id")
+            .to_owned();
+        // The shard that reads the visitor's frames counts them.
+        let before = [0, 1].map(|shard| server.shard_metric("messages_received", shard));
+        let ack = send_until_acked(&mut client, &format!("m{n}"), "hello");
+        let after = [0, 1].map(|shard| server.shard_metric("messages_received", shard));
+        let connected = usize::from(after[1] > before[1]);
+        assert!(
+            after[connected] > before[connected],
+            "{before:?} -> {after:?}"
+        );
+        let owner = visitor_owner("acme", &id, 2);
+        assert_eq!(
+            owner, connected,
+            "visitor {id} connected to shard {connected}"
+        );
+        // A conversation id carries its owner shard in its low bits.
+        assert_eq!(
+            ack["conversation"].as_u64().unwrap() & 1,
+            owner as u64,
+            "{ack}"
+        );
+        seen[connected] = true;
+        kept.push(client);
+    }
+    // Connections spread over both shards (SO_REUSEPORT hashes the source port).
+    assert!(
+        seen[0] && seen[1],
+        "every connection landed on one shard: {seen:?}"
+    );
+}
+
+#[test]
 fn messages_cross_shards_both_ways_and_reach_every_tab() {
     let server = Server::start(&overlay("[shards]\ncores = [0, 1]\n"));
     let (mut alice, hello) = agent(&server, "alice-token-0123456789");

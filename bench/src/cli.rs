@@ -111,6 +111,12 @@ pub struct Common {
     /// Time allowed for TCP connect + WebSocket handshake (+ hello with switchboard).
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
+    /// Switchboard visitors connect without a visitor id, as the widget's first visit does, and use
+    /// the one the server issues (its conversations live on the shard the connection landed on).
+    /// Agents then answer every conversation assigned to them: use a fresh store, or agents also
+    /// answer conversations left open by earlier runs. Resuming visitors (soak) keep their ids.
+    #[arg(long)]
+    pub issued_visitor_ids: bool,
     /// Ask /ws/echo to delay each echo by this many milliseconds (harness validation).
     #[arg(long)]
     pub echo_delay_ms: Option<u64>,

@@ -43,6 +43,8 @@ pub struct Endpoints {
     pub agent_tokens: Vec<String>,
     pub run_id: String,
     pub echo_delay_ms: Option<u64>,
+    /// A new switchboard visitor connects without an id and takes the one the server issues.
+    pub issued_visitor_ids: bool,
 }
 
 impl Endpoints {
@@ -51,6 +53,11 @@ impl Endpoints {
     /// apply to switchboard only.
     pub fn visitor_path(&self, index: u64, resume: Option<u64>, secret: Option<&str>) -> String {
         match self.protocol {
+            Protocol::Switchboard
+                if self.issued_visitor_ids && resume.is_none() && secret.is_none() =>
+            {
+                format!("/ws/visitor?site={}", self.site)
+            }
             Protocol::Switchboard => {
                 let mut p = format!(
                     "/ws/visitor?site={}&visitor={}-{index}",
@@ -69,6 +76,16 @@ impl Endpoints {
                 Some(ms) => format!("/ws/echo?delay_ms={ms}"),
                 None => "/ws/echo".to_string(),
             },
+        }
+    }
+
+    /// The run id a switchboard agent tells this run's visitors by (their ids start with it);
+    /// empty with issued visitor ids, which carry none.
+    pub fn agent_run_id(&self) -> String {
+        if self.issued_visitor_ids {
+            String::new()
+        } else {
+            self.run_id.clone()
         }
     }
 
@@ -172,7 +189,21 @@ mod tests {
             agent_tokens: vec!["t1".into(), "t2".into()],
             run_id: "r9".into(),
             echo_delay_ms: Some(20),
+            issued_visitor_ids: false,
         }
+    }
+
+    #[test]
+    fn issued_visitor_ids_leave_the_id_out_of_a_first_connection_only() {
+        let sb = Endpoints {
+            issued_visitor_ids: true,
+            ..endpoints(Protocol::Switchboard)
+        };
+        assert_eq!(sb.visitor_path(4, None, None), "/ws/visitor?site=demo");
+        assert_eq!(
+            sb.visitor_path(4, Some(7), Some("s3")),
+            "/ws/visitor?site=demo&visitor=r9-4&secret=s3&resume=7"
+        );
     }
 
     #[test]

@@ -41,8 +41,8 @@ pub fn new_secret() -> (String, [u8; 32]) {
 }
 
 /// A new random visitor id (128 bits) whose conversations live on `owner` of
-/// `shard_count` shards, so a refused claim can be moved to it without leaving the
-/// claimed id's owner shard.
+/// `shard_count` shards: a refused claim is moved to it without leaving the claimed id's
+/// owner shard, and a new visitor gets one owned by the shard its connection landed on.
 pub fn new_visitor_on(site: &str, owner: usize, shard_count: usize) -> String {
     loop {
         let visitor = format!("v-{:032x}", rand::random::<u128>());

@@ -461,9 +461,16 @@ impl Session {
                 secret,
                 verified,
             } => {
+                // A new visitor (no id yet: the widget's first connection) gets an id whose
+                // conversations this shard owns, so its messages, acks and replies never cross
+                // to another shard while this connection lasts. A returning visitor's id keeps
+                // its owner, wherever the connection landed.
+                let visitor = visitor.unwrap_or_else(|| {
+                    identity::new_visitor_on(&site, shard.id.0, router.shard_count())
+                });
                 let key = VisitorKey {
                     site: site.into(),
-                    visitor: visitor.unwrap_or_else(generate_visitor_id).into(),
+                    visitor: visitor.into(),
                 };
                 let owner = visitor_owner(&key.site, &key.visitor, router.shard_count());
                 let credentials =
@@ -891,11 +898,6 @@ fn session_rates(shard: &Shard, role: &SessionRole) -> SessionRates {
         SessionRole::Agent { .. } => shard.admission.agent_rates.get(),
         _ => shard.admission.visitor_rates.get(),
     }
-}
-
-/// A random visitor id (128 bits, hex).
-fn generate_visitor_id() -> String {
-    format!("v-{:032x}", rand::random::<u128>())
 }
 
 /// What woke a waiting session.

@@ -197,6 +197,16 @@ impl Server {
             .map_or(0, |value| value.trim().parse().expect("an integer value"))
     }
 
+    /// Shard `shard`'s series of the per-shard family `switchboard_NAME`; panics when absent.
+    pub fn shard_metric(&self, name: &str, shard: usize) -> u64 {
+        let prefix = format!("switchboard_{name}{{shard=\"{shard}\"}} ");
+        self.scrape()
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .map(|value| value.trim().parse().expect("an integer value"))
+            .unwrap_or_else(|| panic!("no {prefix}in the scrape"))
+    }
+
     /// Everything the server logged so far.
     /// Waits (at most 10 s) until the logs hold `needle`. The logs reach the test through a
     /// reader thread, so a line the server wrote just before the frame a test received may not

@@ -117,6 +117,7 @@ impl Ctx {
                 agent_tokens: c.agent_tokens.clone(),
                 run_id,
                 echo_delay_ms: c.echo_delay_ms,
+                issued_visitor_ids: c.issued_visitor_ids,
             },
             sources: c.sources,
             handshake_timeout: c.handshake_timeout,
@@ -313,7 +314,8 @@ pub type AckedReplies = std::sync::Arc<std::sync::Mutex<HashMap<String, HashMap<
 /// protocol every text frame is a visitor message and is echoed unchanged; with switchboard, `message`
 /// frames from a visitor are answered in their `conversation`, but only in conversations `assigned` to it
 /// for a visitor of this run (`run_id`): agent accounts persist on the server, and a reconnecting agent is
-/// sent its older open conversations, which must not be answered. Replies are written from the codec
+/// sent its older open conversations, which must not be answered (an empty `run_id` answers every
+/// conversation assigned: the visitors took server-issued ids). Replies are written from the codec
 /// callback, without a copy of the text for relay.
 #[allow(clippy::too_many_arguments)]
 pub async fn agent_loop(
@@ -327,7 +329,12 @@ pub async fn agent_loop(
 ) {
     let mut ctx = AgentSession {
         next_id: 0,
-        visitor_prefix: format!("{run_id}-"),
+        // No run id: every visitor is this run's (`--issued-visitor-ids`).
+        visitor_prefix: if run_id.is_empty() {
+            String::new()
+        } else {
+            format!("{run_id}-")
+        },
         mine: HashSet::new(),
         assigned,
     };

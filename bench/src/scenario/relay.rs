@@ -381,7 +381,7 @@ async fn shard_main(
                         writer,
                         agent_stats.clone(),
                         state.closing.clone(),
-                        ctx.endpoints.run_id.clone(),
+                        ctx.endpoints.agent_run_id(),
                         assigned,
                     )));
                     Progress::add(&coord.progress.connected, 1);

@@ -411,6 +411,12 @@ struct Owned {
 }
 
 pub fn run(args: &SoakArgs) -> Result<Report, String> {
+    if args.common.issued_visitor_ids {
+        return Err(
+            "--issued-visitor-ids: the soak reconnects visitors by their own ids; leave it out"
+                .into(),
+        );
+    }
     let ctx = Arc::new(Ctx::new(&args.common)?);
     if ctx.protocol == Protocol::Echo {
         return Err("soak needs --protocol switchboard (or relay for the peers)".into());
