@@ -181,7 +181,13 @@ fn a_new_visitor_gets_an_id_its_connections_shard_owns() {
     let server = Server::start(&overlay(&format!("[shards]\ncores = [0, 1]\n{UNLIMITED}")));
     let mut seen = [false, false];
     let mut kept = Vec::new();
-    for n in 0..12 {
+    for n in 0.. {
+        // At least 12 tries, and on until both shards had some (SO_REUSEPORT hashes the
+        // source port).
+        if n >= 12 && seen[0] && seen[1] {
+            break;
+        }
+        assert!(n < 40, "every connection landed on one shard: {seen:?}");
         let client = RawClient::connect(server.addr, "/ws/visitor?site=acme").expect("upgrade");
         let mut client = Peer {
             client,
@@ -206,20 +212,15 @@ fn a_new_visitor_gets_an_id_its_connections_shard_owns() {
             owner, connected,
             "visitor {id} connected to shard {connected}"
         );
-        // A conversation id carries its owner shard in its low bits.
+        // A conversation id carries its owner shard in its low 8 bits.
         assert_eq!(
-            ack["conversation"].as_u64().unwrap() & 1,
+            ack["conversation"].as_u64().unwrap() & 0xff,
             owner as u64,
             "{ack}"
         );
         seen[connected] = true;
         kept.push(client);
     }
-    // Connections spread over both shards (SO_REUSEPORT hashes the source port).
-    assert!(
-        seen[0] && seen[1],
-        "every connection landed on one shard: {seen:?}"
-    );
 }
 
 #[test]

@@ -113,8 +113,8 @@ pub struct Common {
     pub handshake_timeout: Duration,
     /// Switchboard visitors connect without a visitor id, as the widget's first visit does, and use
     /// the one the server issues (its conversations live on the shard the connection landed on).
-    /// Agents then answer every conversation assigned to them: use a fresh store, or agents also
-    /// answer conversations left open by earlier runs. Resuming visitors (soak) keep their ids.
+    /// This run's agents answer the visitors whose issued ids set-up recorded. Switchboard protocol
+    /// only; the soak, which reconnects visitors by their own ids, refuses it.
     #[arg(long)]
     pub issued_visitor_ids: bool,
     /// Ask /ws/echo to delay each echo by this many milliseconds (harness validation).

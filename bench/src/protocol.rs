@@ -79,16 +79,6 @@ impl Endpoints {
         }
     }
 
-    /// The run id a switchboard agent tells this run's visitors by (their ids start with it);
-    /// empty with issued visitor ids, which carry none.
-    pub fn agent_run_id(&self) -> String {
-        if self.issued_visitor_ids {
-            String::new()
-        } else {
-            self.run_id.clone()
-        }
-    }
-
     /// Path for agent number `index`: with `relay` one agent per room, with `switchboard` one connection per
     /// token (it serves every conversation assigned to it), none with `echo`.
     pub fn agent_path(&self, index: u64) -> Option<String> {

@@ -12,6 +12,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::cli::{Common, CoreList};
@@ -42,10 +43,16 @@ pub struct Ctx {
     pub handshake_timeout: Duration,
     pub progress: bool,
     pub file_limit: Option<limits::FileLimit>,
+    /// The visitor ids the server issued to this run's visitors (`--issued-visitor-ids`): how its
+    /// agents tell this run's conversations from older ones. Filled once per visitor, at set-up.
+    pub issued_visitors: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Ctx {
     pub fn new(c: &Common) -> Result<Ctx, String> {
+        if c.issued_visitor_ids && c.protocol != Protocol::Switchboard {
+            return Err("--issued-visitor-ids needs --protocol switchboard".into());
+        }
         let mut target = Target::parse(&c.target).map_err(|e| e.to_string())?;
         if target.secure {
             let ca = c
@@ -123,7 +130,17 @@ impl Ctx {
             handshake_timeout: c.handshake_timeout,
             progress: !c.no_progress,
             file_limit,
+            issued_visitors: Arc::default(),
         })
+    }
+
+    /// How this run's agents recognise its visitors ([`RunVisitors`]).
+    pub fn run_visitors(&self) -> RunVisitors {
+        if self.endpoints.issued_visitor_ids {
+            RunVisitors::Issued(self.issued_visitors.clone())
+        } else {
+            RunVisitors::Prefix(self.endpoints.run_id.clone())
+        }
     }
 
     /// A fresh run id (sweep steps must not reuse rooms or visitor ids of the previous step).
@@ -314,8 +331,7 @@ pub type AckedReplies = std::sync::Arc<std::sync::Mutex<HashMap<String, HashMap<
 /// protocol every text frame is a visitor message and is echoed unchanged; with switchboard, `message`
 /// frames from a visitor are answered in their `conversation`, but only in conversations `assigned` to it
 /// for a visitor of this run (`run_id`): agent accounts persist on the server, and a reconnecting agent is
-/// sent its older open conversations, which must not be answered (an empty `run_id` answers every
-/// conversation assigned: the visitors took server-issued ids). Replies are written from the codec
+/// sent its older open conversations, which must not be answered ([`RunVisitors`]). Replies are written from the codec
 /// callback, without a copy of the text for relay.
 #[allow(clippy::too_many_arguments)]
 pub async fn agent_loop(
@@ -324,17 +340,12 @@ pub async fn agent_loop(
     writer: WsWriter,
     stats: Rc<RefCell<AgentStats>>,
     closing: Rc<std::cell::Cell<bool>>,
-    run_id: String,
+    run: RunVisitors,
     assigned: Rc<RefCell<Vec<serde_json::Value>>>,
 ) {
     let mut ctx = AgentSession {
         next_id: 0,
-        // No run id: every visitor is this run's (`--issued-visitor-ids`).
-        visitor_prefix: if run_id.is_empty() {
-            String::new()
-        } else {
-            format!("{run_id}-")
-        },
+        run,
         mine: HashSet::new(),
         assigned,
     };
@@ -385,10 +396,32 @@ pub async fn agent_loop(
     }
 }
 
+/// How an agent tells this run's visitors from older runs' (their conversations may still be
+/// open and assigned to the same accounts).
+#[derive(Debug, Clone)]
+pub enum RunVisitors {
+    /// The bench named them: their ids start with `<run id>-`.
+    Prefix(String),
+    /// The server issued their ids (`--issued-visitor-ids`); set-up records each one before the
+    /// visitor asks for an agent.
+    Issued(Arc<Mutex<HashSet<String>>>),
+}
+
+impl RunVisitors {
+    fn is_ours(&self, visitor: &str) -> bool {
+        match self {
+            RunVisitors::Prefix(run_id) => visitor
+                .strip_prefix(run_id.as_str())
+                .is_some_and(|rest| rest.starts_with('-')),
+            RunVisitors::Issued(ids) => ids.lock().expect("issued ids").contains(visitor),
+        }
+    }
+}
+
 /// What an agent session knows of itself.
 struct AgentSession {
     next_id: u64,
-    visitor_prefix: String,
+    run: RunVisitors,
     /// Conversations this session was sent `assigned` for (a visitor of this run's).
     mine: HashSet<String>,
     assigned: Rc<RefCell<Vec<serde_json::Value>>>,
@@ -406,10 +439,7 @@ fn agent_frame(t: &str, st: &mut AgentStats, ctx: &mut AgentSession) -> Option<S
     let from_visitor = f.from.as_deref().unwrap_or("visitor") == "visitor";
     match (f.kind.as_ref(), &f.conversation, &f.text) {
         ("assigned", Some(conv), _) => {
-            let ours = f
-                .visitor
-                .as_deref()
-                .is_none_or(|v| v.starts_with(&ctx.visitor_prefix));
+            let ours = f.visitor.as_deref().is_none_or(|v| ctx.run.is_ours(v));
             if ours && ctx.mine.insert(conv.to_string()) {
                 ctx.assigned.borrow_mut().push(conv.clone());
             }
@@ -498,4 +528,26 @@ pub async fn close_all(
     })
     .await;
     total - done.get()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_answers_only_this_runs_visitors() {
+        let named = RunVisitors::Prefix("r7".into());
+        assert!(named.is_ours("r7-12"));
+        assert!(
+            !named.is_ours("r70-12"),
+            "another run whose id starts the same"
+        );
+        assert!(!named.is_ours("v-1f"));
+        let ids = Arc::new(Mutex::new(HashSet::new()));
+        let issued = RunVisitors::Issued(ids.clone());
+        assert!(!issued.is_ours("v-1f"));
+        ids.lock().unwrap().insert("v-1f".to_string());
+        assert!(issued.is_ours("v-1f"));
+        assert!(!issued.is_ours("v-2e"), "an older run's issued id");
+    }
 }

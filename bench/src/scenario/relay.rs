@@ -258,6 +258,7 @@ pub fn settings(ctx: &Ctx, plan: &RelayPlan) -> serde_json::Value {
         "agents": if ctx.protocol == Protocol::Switchboard { plan.agents } else { plan.conversations },
         "sources": ctx.sources, "echo_delay_ms": ctx.endpoints.echo_delay_ms,
         "tick_us": plan.tick.as_micros() as u64,
+        "issued_visitor_ids": ctx.endpoints.issued_visitor_ids,
     })
 }
 
@@ -381,7 +382,7 @@ async fn shard_main(
                         writer,
                         agent_stats.clone(),
                         state.closing.clone(),
-                        ctx.endpoints.agent_run_id(),
+                        ctx.run_visitors(),
                         assigned,
                     )));
                     Progress::add(&coord.progress.connected, 1);
@@ -578,16 +579,26 @@ async fn set_up_conversation(
             writer.clone(),
             agent_stats,
             closing,
-            ctx.endpoints.run_id.clone(),
+            ctx.run_visitors(),
             Rc::default(),
         ));
         agent = Some((writer, task));
     }
     let path = ctx.endpoints.visitor_path(conv, None, None);
     let source = sources.borrow_mut().next();
-    let (mut reader, writer, _) = open_session(ctx, source, &path, seed(shard, conv, 2))
+    let (mut reader, writer, hello) = open_session(ctx, source, &path, seed(shard, conv, 2))
         .await
         .map_err(|r| format!("visitor: {r}"))?;
+    if ctx.endpoints.issued_visitor_ids {
+        // Before the handoff: this run's agents answer only the visitors recorded here.
+        let visitor = hello
+            .and_then(|hello| hello.visitor)
+            .ok_or("visitor: hello without a visitor id")?;
+        ctx.issued_visitors
+            .lock()
+            .expect("issued ids")
+            .insert(visitor);
+    }
     if ctx.protocol == Protocol::Switchboard {
         handoff_until_assigned(&mut reader, &writer, assign_timeout)
             .await

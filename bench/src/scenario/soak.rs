@@ -997,7 +997,7 @@ async fn agent_life(
                 writer,
                 stats.clone(),
                 state.closing.clone(),
-                ctx.endpoints.run_id.clone(),
+                ctx.run_visitors(),
                 assigned.clone(),
             )
             .await;
