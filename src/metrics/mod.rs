@@ -161,7 +161,7 @@ counters! {
     event_loop_lag_micros: Max,
     /// Event-loop lag of the sample before the last, in microseconds (message shedding counts the lesser of the two).
     event_loop_lag_previous_micros: Max,
-    /// When the shard last sampled its event-loop lag, in milliseconds since the process started (it stops moving while the shard's event loop is stuck).
+    /// When the shard last sampled its event-loop lag, in milliseconds since the first shard started (it stops moving while the shard's event loop is stuck).
     event_loop_sampled_ms: Max,
     /// Load level now: 0 normal, 1 shed, 2 refuse.
     degrade_level: Max,
