@@ -741,7 +741,7 @@ impl Tally {
                             self.answered_right[h][g] += 1;
                         }
                     }
-                    if *kind == ENGINE_HEAD && is_shipped(kind, params) {
+                    if is_shipped(kind, params) {
                         if self.shipped_scores.len() < labels.len() {
                             self.shipped_scores.resize(labels.len(), None);
                         }

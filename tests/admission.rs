@@ -270,6 +270,11 @@ fn until(client: &mut RawClient, what: &str, want: impl Fn(&Value) -> bool) -> V
     client.read_until(what, want)
 }
 
+/// The next `ack` or `error` frame: a message's answer either way.
+fn ack_or_error(client: &mut RawClient, what: &str) -> Value {
+    until(client, what, |v| v["type"] == "ack" || v["type"] == "error")
+}
+
 #[test]
 fn a_visitor_over_its_message_rate_gets_rate_limited_with_retry_after_and_nothing_is_stored() {
     let server =
@@ -282,9 +287,7 @@ fn a_visitor_over_its_message_rate_gets_rate_limited_with_retry_after_and_nothin
     let mut acks = Vec::new();
     let mut refusal = None;
     while acks.len() < 2 || refusal.is_none() {
-        let v = until(&mut visitor, "acks and a refusal", |v| {
-            v["type"] == "ack" || v["type"] == "error"
-        });
+        let v = ack_or_error(&mut visitor, "acks and a refusal");
         if v["type"] == "ack" {
             acks.push(v);
         } else {
@@ -605,9 +608,7 @@ fn an_overloaded_shard_answers_messages_with_overloaded_and_retry_after_instead_
     let mut acked = Vec::new();
     let mut refused = Vec::new();
     while acked.len() + refused.len() < burst {
-        let v = until(&mut visitor, "acks and refusals", |v| {
-            v["type"] == "ack" || v["type"] == "error"
-        });
+        let v = ack_or_error(&mut visitor, "acks and refusals");
         if v["type"] == "ack" {
             acked.push(v["id"].as_str().unwrap().to_owned());
         } else {
@@ -663,9 +664,7 @@ fn a_stall_that_has_ended_does_not_get_messages_refused() {
     std::thread::sleep(Duration::from_millis(300));
     let sent = Instant::now();
     visitor.send_json(&json!({"type": "message", "id": "m1", "text": "hi"}));
-    let answer = until(&mut visitor, "answer to m1", |v| {
-        v["type"] == "ack" || v["type"] == "error"
-    });
+    let answer = ack_or_error(&mut visitor, "answer to m1");
     // The stall happened: m1 waited out the rest of it (1.7 s, less a late test thread).
     assert!(
         sent.elapsed() >= Duration::from_millis(800),
@@ -676,9 +675,7 @@ fn a_stall_that_has_ended_does_not_get_messages_refused() {
     assert_eq!(answer["id"], "m1", "{answer}");
     // Sent right after: the stall's lag is the last sample now.
     visitor.send_json(&json!({"type": "message", "id": "m2", "text": "hi"}));
-    let answer = until(&mut visitor, "answer to m2", |v| {
-        v["type"] == "ack" || v["type"] == "error"
-    });
+    let answer = ack_or_error(&mut visitor, "answer to m2");
     assert_eq!(answer["type"], "ack", "{answer}");
     assert_eq!(
         answer["seq"].as_u64().unwrap(),
@@ -739,9 +736,7 @@ fn a_message_for_a_shard_that_is_stalled_now_is_refused_at_once() {
     std::thread::sleep(Duration::from_millis(1000));
     let sent = Instant::now();
     visitor.send_json(&json!({"type": "message", "id": "m1", "text": "hi"}));
-    let refusal = until(&mut visitor, "answer to m1", |v| {
-        v["type"] == "ack" || v["type"] == "error"
-    });
+    let refusal = ack_or_error(&mut visitor, "answer to m1");
     assert_eq!(
         refusal["code"],
         "overloaded",
@@ -762,9 +757,7 @@ fn a_message_for_a_shard_that_is_stalled_now_is_refused_at_once() {
         (stalled + Duration::from_millis(3600)).saturating_duration_since(Instant::now()),
     );
     visitor.send_json(&json!({"type": "message", "id": "m1", "text": "hi"}));
-    let ack = until(&mut visitor, "ack of the re-sent m1", |v| {
-        v["type"] == "ack" || v["type"] == "error"
-    });
+    let ack = ack_or_error(&mut visitor, "ack of the re-sent m1");
     assert_eq!(ack["type"], "ack", "{ack}");
     assert_eq!(
         ack["seq"].as_u64().unwrap(),
