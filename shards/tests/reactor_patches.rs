@@ -90,6 +90,8 @@ fn a_sleeping_executor_is_woken_by_every_message_from_another_core() {
 /// later than the sleep's own deadline.
 #[test]
 fn a_short_sleep_after_busy_work_ends_on_time() {
+    let done = Arc::new(AtomicBool::new(false));
+    watchdog("timers", Duration::from_secs(60), done.clone());
     let worst = builder("timers").make().unwrap().run(async {
         let mut worst = Duration::ZERO;
         for round in 0..40 {
@@ -109,6 +111,7 @@ fn a_short_sleep_after_busy_work_ends_on_time() {
         }
         worst
     });
+    done.store(true, Ordering::SeqCst);
     // A sleep replaced by the 100 ms preemption timer would overshoot by ~95 ms; on a loaded
     // CI machine a correct one overshoots by a few ms.
     assert!(
