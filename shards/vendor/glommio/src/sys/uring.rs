@@ -1925,8 +1925,9 @@ impl Reactor {
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
             // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
+            // details. switchboard patch: a SeqCst fence, paired with the one in
+            // `SleepNotifier::notify` (it was `sys_membarrier()` /
+            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`).
             membarrier::heavy();
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 && self.eventfd_src.is_installed().unwrap() {
