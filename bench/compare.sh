@@ -30,6 +30,14 @@
 #                                              switchboard, before); mariadb is the durable peer
 #                                              go-gorilla-mariadb, its MariaDB started (and stopped at the
 #                                              end, if this run started it) with its start-mariadb.sh
+#   ONLY="... batch"                           adds a column "switchboard-batch": the same binary and config
+#                                              with [storage] durability = "batch" (acked once written to
+#                                              the page cache, synced within the commit window; see
+#                                              tuning/default.toml), against the column's default "fsync"
+#   AT_RATE=20000 AT_DURATION=10s              after each sweep but the MariaDB peer's (it saturates near
+#                                              2,000/s), one relay run at AT_RATE on the same server:
+#                                              p50/p99/lost and CPU per round trip at that rate, in a
+#                                              table of their own (at-rate-*.json). AT_RATE=0 skips it
 #   SB_BEFORE=/path/to/switchboard             adds a column "switchboard-before": another switchboard
 #                                              binary (e.g. a release build of an older commit), run
 #                                              with the same config, to show a change before and after
@@ -43,7 +51,7 @@
 #                                              through taskset for the referee). HARNESS_ROUNDS=0 skips it
 #   SWITCHBOARD_REFEREE=/path/to/referee       default: ../shared/referee beside the repository
 # Peers listen on 127.0.0.1:9100 (go), 127.0.0.1:9101 (tokio) and 127.0.0.1:9103 (mariadb); switchboard
-# on 127.0.0.1:9102, switchboard-before on 127.0.0.1:9104. Every report says which cores the server and
+# on 127.0.0.1:9102, switchboard-before on 127.0.0.1:9104, switchboard-batch on 127.0.0.1:9105. Every report says which cores the server and
 # the load generator had.
 set -euo pipefail
 
@@ -69,6 +77,8 @@ AGENTS="${AGENTS:-4}"
 SB_BEFORE="${SB_BEFORE:-}"
 ONLY="${ONLY:-go tokio switchboard}"
 HARNESS_ROUNDS="${HARNESS_ROUNDS:-3}"
+AT_RATE="${AT_RATE:-20000}"
+AT_DURATION="${AT_DURATION:-10s}"
 HARNESS_RATE="${HARNESS_RATE:-20000}"
 HARNESS_DURATION="${HARNESS_DURATION:-8s}"
 [[ "$HARNESS_ROUNDS" =~ ^[0-9]+$ ]] || { echo "compare.sh: HARNESS_ROUNDS=$HARNESS_ROUNDS is not a number of rounds" >&2; exit 1; }
@@ -163,8 +173,12 @@ start_server() { # name
     go) "$GO_BIN" -addr 127.0.0.1:9100 >"$OUT/go.log" 2>&1 & SERVER_PID=$!; PORT=9100 ;;
     tokio) "$PEER_TARGET/release/peer-tokio-ws" 127.0.0.1:9101 >"$OUT/tokio.log" 2>&1 & SERVER_PID=$!; PORT=9101 ;;
     mariadb) "$GO_MARIADB_BIN" -addr 127.0.0.1:9103 >"$OUT/mariadb.log" 2>&1 & SERVER_PID=$!; PORT=9103 ;;
-    switchboard|before)
-      if [ "$1" = switchboard ]; then PORT=9102; binary="$SB"; else PORT=9104; binary="$SB_BEFORE"; fi
+    switchboard|before|batch)
+      case "$1" in
+        switchboard) PORT=9102; binary="$SB" ;;
+        before) PORT=9104; binary="$SB_BEFORE" ;;
+        batch) PORT=9105; binary="$SB" ;;
+      esac
       rm -rf "$OUT/$1-data"
       cat >"$OUT/$1.toml" <<TOML
 [server]
@@ -176,6 +190,7 @@ echo = true
 [storage]
 dir = "$OUT/$1-data"
 $([ "$1" = switchboard ] && [ -n "${SB_LOG_BYTES:-}" ] && printf 'log_bytes = %s\n' "$SB_LOG_BYTES")
+$([ "$1" = batch ] && printf 'durability = "batch"\n')
 
 [log]
 format = "text"
@@ -215,6 +230,7 @@ label() {
     go) echo "go-gorilla" ;; tokio) echo "tokio-ws" ;; switchboard) echo "switchboard" ;;
     mariadb) echo "go-gorilla-mariadb" ;;
     before) echo "switchboard-before" ;;
+    batch) echo "switchboard-batch" ;;
   esac
 }
 
@@ -226,11 +242,11 @@ for i in $(seq 0 $((AGENTS - 1))); do AGENT_ARGS+=(--agent-token "switchboard-be
 echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg); results in $OUT" >&2
 RELAY_NOTE=""
 for sys in $ONLY; do  # in the order ONLY gives
-  case "$sys" in go|tokio|mariadb|switchboard|before) ;; *) die "unknown system \"$sys\" in ONLY (go, tokio, mariadb, switchboard, before)" ;; esac
+  case "$sys" in go|tokio|mariadb|switchboard|before|batch) ;; *) die "unknown system \"$sys\" in ONLY (go, tokio, mariadb, switchboard, before, batch)" ;; esac
   name="$(label "$sys")"
   start_server "$sys"
   target="ws://127.0.0.1:$PORT"
-  if [ "$sys" = switchboard ] || [ "$sys" = before ]; then
+  if [ "$sys" = switchboard ] || [ "$sys" = before ] || [ "$sys" = batch ]; then
     density_proto=switchboard
     relay_proto="$SB_PROTOCOL"
     if [ "$relay_proto" = auto ]; then
@@ -276,6 +292,13 @@ for sys in $ONLY; do  # in the order ONLY gives
     --label "$name_relay" --conversations "$CONVERSATIONS" --start-rate "$start_rate" --factor "$FACTOR" \
     --step-duration "$STEP" --warmup "$WARMUP" --p99-limit "$P99" --refine "$REFINE" \
     --json "$OUT/sweep-$sys.json" --plot "$OUT/sweep-$sys.svg"
+  if [ "$AT_RATE" != 0 ] && [ "$sys" != mariadb ]; then
+    log "$name_relay: relay at $AT_RATE/s for $AT_DURATION"
+    "$BENCH" relay --target "$target" --protocol "$relay_proto" "${AGENT_ARGS[@]}" --pid "$SERVER_PID" \
+      "${CORE_ARGS[@]}" --label "$name_relay" --conversations "$CONVERSATIONS" --rate "$AT_RATE" \
+      --duration "$AT_DURATION" --warmup "$WARMUP" --no-progress --json "$OUT/at-rate-$sys.json" \
+      >"$OUT/at-rate-$sys.txt" 2>&1 || echo "$name_relay: the relay at $AT_RATE/s failed (see $OUT/at-rate-$sys.txt)" >&2
+  fi
   stop_server
 done
 
@@ -343,10 +366,11 @@ if wants go && [ "$HARNESS_ROUNDS" != 0 ]; then
   harness_check
 fi
 
-densities=(); sweeps=()
-for sys in go tokio mariadb switchboard before; do
+densities=(); sweeps=(); at_rates=()
+for sys in go tokio mariadb switchboard before batch; do
   [ -f "$OUT/density-$sys.json" ] && densities+=("$OUT/density-$sys.json")
   [ -f "$OUT/sweep-$sys.json" ] && sweeps+=("$OUT/sweep-$sys.json")
+  [ -f "$OUT/at-rate-$sys.json" ] && at_rates+=("$OUT/at-rate-$sys.json")
 done
 
 echo
@@ -361,6 +385,12 @@ echo
   --figure p50_ms --figure p99_ms --figure p999_ms --figure lost \
   --figure fixed_rate_per_s --figure fixed_server_cpu_us_per_round_trip --figure fixed_server_cpu_percent \
   --figure fixed_p50_ms --figure fixed_p99_ms --figure fixed_passed --plot "$OUT/relay-latency.svg"
+if [ "${#at_rates[@]}" != 0 ]; then
+  echo
+  echo "relay at $AT_RATE msgs/s for $AT_DURATION, on the server the sweep ran on (the MariaDB peer is not run at it)"
+  "$BENCH" compare "${at_rates[@]}" --figure throughput_per_s --figure p50_ms --figure p99_ms --figure lost \
+    --figure server_cpu_us_per_round_trip --figure generator_lag_p99_ms
+fi
 if [ -f "$OUT/harness-check.txt" ]; then
   echo
   cat "$OUT/harness-check.txt"
