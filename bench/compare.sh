@@ -28,8 +28,9 @@
 #   OUT=dir                                    results (default: target/bench-compare/<time>)
 #   ONLY="go tokio switchboard"                systems to run, in this order (go, tokio, mariadb,
 #                                              switchboard, before); mariadb is the durable peer
-#                                              go-gorilla-mariadb, its MariaDB started (and stopped at the
-#                                              end, if this run started it) with its start-mariadb.sh
+#                                              go-gorilla-mariadb, its MariaDB started (and stopped right
+#                                              after that column, if this run started it) with its
+#                                              start-mariadb.sh
 #   ONLY="... batch"                           adds a column "switchboard-batch": the same binary and config
 #                                              with [storage] durability = "batch" (acked once written to
 #                                              the page cache, synced within the commit window; see
@@ -300,6 +301,12 @@ for sys in $ONLY; do  # in the order ONLY gives
       >"$OUT/at-rate-$sys.txt" 2>&1 || echo "$name_relay: the relay at $AT_RATE/s failed (see $OUT/at-rate-$sys.txt)" >&2
   fi
   stop_server
+  if [ "$sys" = mariadb ] && [ -n "$MARIADB_STARTED" ]; then
+    # InnoDB flushes and purges in the background for a while after a load: stopped now, it
+    # takes no CPU or disk from the systems measured after it.
+    "$PEERS/go-gorilla-mariadb/start-mariadb.sh" stop >&2 || true
+    MARIADB_STARTED=""
+  fi
 done
 
 # The harness check: does switchboard-bench report what an independent generator reports against the
