@@ -586,6 +586,35 @@ fn an_overloaded_shard_refuses_new_sessions_keeps_old_ones_and_recovers() {
 }
 
 #[test]
+fn commits_under_a_steady_stream_start_a_commit_interval_apart() {
+    // No window, a 300 ms interval: a message sent right after the previous one was acked
+    // waits until 300 ms after the previous commit started, which was after the previous
+    // message was sent. Without pacing the second ack comes a few milliseconds after the first.
+    let server = Server::start(&format!(
+        "{ONE_SHARD}[storage]\ncommit_window = \"0s\"\ncommit_interval = \"300ms\"\n\
+         [limits]\nvisitor_messages_per_second = 0\nadmit_latency_budget = \"0s\"\n"
+    ));
+    let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut visitor, "hello", |v| v["type"] == "hello");
+    let mut sent_at = Vec::new();
+    let mut seqs = Vec::new();
+    for k in 0..3 {
+        sent_at.push(Instant::now());
+        visitor.send_json(&json!({"type": "message", "id": format!("m{k}"), "text": "hi"}));
+        let ack = until(&mut visitor, "ack", |v| v["type"] == "ack");
+        assert_eq!(ack["id"], format!("m{k}"), "{ack}");
+        seqs.push(ack["seq"].as_u64().unwrap());
+    }
+    let elapsed = sent_at[0].elapsed();
+    // m1's commit started at least 300 ms after m0's, m2's at least 300 ms after m1's.
+    assert!(
+        elapsed >= Duration::from_millis(590),
+        "three sequential messages acked in {elapsed:?}"
+    );
+    assert_eq!(seqs, vec![seqs[0], seqs[0] + 1, seqs[0] + 2]);
+}
+
+#[test]
 fn an_overloaded_shard_answers_messages_with_overloaded_and_retry_after_instead_of_queueing() {
     // A tiny commit capacity: every commit after an idle moment waits a 400 ms window, so a
     // second message behind a pending one would wait about 400 ms, past the 50 ms budget.

@@ -257,6 +257,8 @@ config_section! {
         pub dir: PathBuf = FilePath,
         pub durability: Durability = Choice(Durability::CHOICES),
         pub commit_window: Duration = Dur(Duration::ZERO, secs(1)),
+        /// The least time from the start of one group commit to the start of the next.
+        pub commit_interval: Duration = Dur(Duration::ZERO, secs(1)),
         pub max_batch: usize = Int(1, 100_000),
         /// Only used with `Durability::Batch`.
         pub sync_interval: Duration = Dur(ms(1), mins(1)),

@@ -27,6 +27,33 @@ pub(super) fn start_flusher(store: &ShardStore, interval: Duration, shard: usize
         });
 }
 
+/// How long the committer waits before taking its next batch (unless `max_batch` operations
+/// are pending, which commit at once):
+/// - the first batch after an idle period waits `window`, so that the writes of one burst
+///   share a commit;
+/// - every batch waits until `interval` has passed since the previous commit started, so that
+///   under a steady load commits come at most once per `interval` and each carries what
+///   arrived meanwhile. A commit's fixed costs (the log's `fdatasync`, LMDB's meta and freelist
+///   pages, the hand-off to the blocking thread, the wake-ups of the fan-out) are then paid per
+///   `interval`, not per message or per short batch.
+///
+/// Measured (bench/README.md, "Commit pacing"): with 3 ms the server's CPU per round trip
+/// fell by 10% at 1,000/s, 30% at 5,000/s and 12% at 20,000/s, and p99 at 20,000/s went from
+/// 24-27 to 18-19 ms; p50 rose by 1.4 ms at 1,000/s and 2.8 ms at 5,000/s.
+fn commit_wait(
+    first: bool,
+    window: Duration,
+    interval: Duration,
+    last_start: Option<std::time::Instant>,
+    now: std::time::Instant,
+) -> Duration {
+    let windowed = if first { window } else { Duration::ZERO };
+    let paced = last_start.map_or(Duration::ZERO, |last| {
+        interval.saturating_sub(now.saturating_duration_since(last))
+    });
+    windowed.max(paced)
+}
+
 impl Router {
     /// This shard's blocking-pool jobs (see [`crate::blocking`]).
     pub fn blocking_jobs(&self) -> &Rc<crate::blocking::BlockingJobs> {
@@ -70,7 +97,10 @@ impl Router {
             return;
         };
         let window = self.config().storage.commit_window;
+        let interval = self.config().storage.commit_interval;
         let max_batch = self.config().storage.max_batch.max(1);
+        // When the previous commit started (see `commit_wait`).
+        let mut last_start: Option<std::time::Instant> = None;
         while doorbell.recv().await.is_some() {
             // Only the first batch after an idle period waits for the window;
             // operations that queued up during a commit have waited already.
@@ -82,9 +112,13 @@ impl Router {
                 self.committing.set(true);
                 // The cost a queued message sees: the window (if waited) and the write.
                 let cycle = std::time::Instant::now();
-                if first && self.pending.borrow().len() < max_batch && !window.is_zero() {
-                    glommio::timer::sleep(window).await;
+                if self.pending.borrow().len() < max_batch {
+                    let wait = commit_wait(first, window, interval, last_start, cycle);
+                    if !wait.is_zero() {
+                        glommio::timer::sleep(wait).await;
+                    }
                 }
+                last_start = Some(std::time::Instant::now());
                 let batch: Vec<(Op, Completion, std::time::Instant)> = {
                     let mut pending = self.pending.borrow_mut();
                     let take = pending.len().min(max_batch);
@@ -225,5 +259,46 @@ impl Router {
                 let _ = self.doorbell.try_send(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::commit_wait;
+    use std::time::{Duration, Instant};
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn the_first_batch_after_idle_waits_the_window_and_the_rest_do_not() {
+        let now = Instant::now();
+        assert_eq!(commit_wait(true, MS, Duration::ZERO, None, now), MS);
+        assert_eq!(
+            commit_wait(false, MS, Duration::ZERO, None, now),
+            Duration::ZERO
+        );
+        assert_eq!(
+            commit_wait(false, MS, Duration::ZERO, Some(now - 5 * MS), now),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn commits_start_at_least_an_interval_apart() {
+        let now = Instant::now();
+        // The previous commit started 1 ms ago: 2 ms of a 3 ms interval are left.
+        assert_eq!(commit_wait(false, MS, 3 * MS, Some(now - MS), now), 2 * MS);
+        // After an idle period the longer of the window and the rest of the interval.
+        assert_eq!(commit_wait(true, MS, 3 * MS, Some(now - MS), now), 2 * MS);
+        assert_eq!(
+            commit_wait(true, 4 * MS, 3 * MS, Some(now - MS), now),
+            4 * MS
+        );
+        // The interval has passed already, or there was no commit yet.
+        assert_eq!(
+            commit_wait(false, MS, 3 * MS, Some(now - 3 * MS), now),
+            Duration::ZERO
+        );
+        assert_eq!(commit_wait(false, MS, 3 * MS, None, now), Duration::ZERO);
     }
 }
