@@ -27,18 +27,19 @@
 #   SWITCHBOARD_PEERS=/path/to/peers           default: ../shared/peers beside the repository
 #   OUT=dir                                    results (default: target/bench-compare/<time>)
 #   ONLY="go tokio switchboard"                systems to run, in this order (go, tokio, mariadb,
-#                                              switchboard, before); mariadb is the durable peer
+#                                              switchboard, before, batch); mariadb is the durable peer
 #                                              go-gorilla-mariadb, its MariaDB started (and stopped right
 #                                              after that column, if this run started it) with its
 #                                              start-mariadb.sh
 #   ONLY="... batch"                           adds a column "switchboard-batch": the same binary and config
-#                                              with [storage] durability = "batch" (acked once written to
-#                                              the page cache, synced within the commit window; see
+#                                              with [storage] durability = "batch" (acked once committed to
+#                                              the page cache, synced every sync_interval; see
 #                                              tuning/default.toml), against the column's default "fsync"
 #   AT_RATE=20000 AT_DURATION=10s              after each sweep but the MariaDB peer's (it saturates near
-#                                              2,000/s), one relay run at AT_RATE on the same server:
-#                                              p50/p99/lost and CPU per round trip at that rate, in a
-#                                              table of their own (at-rate-*.json). AT_RATE=0 skips it
+#                                              2,000/s), one relay run at AT_RATE on a fresh server
+#                                              (SETTLE seconds after its start): p50/p99/lost and CPU per
+#                                              round trip at that rate, in a table of their own
+#                                              (at-rate-*.json). AT_RATE=0 skips it
 #   SB_BEFORE=/path/to/switchboard             adds a column "switchboard-before": another switchboard
 #                                              binary (e.g. a release build of an older commit), run
 #                                              with the same config, to show a change before and after
@@ -293,7 +294,11 @@ for sys in $ONLY; do  # in the order ONLY gives
     --label "$name_relay" --conversations "$CONVERSATIONS" --start-rate "$start_rate" --factor "$FACTOR" \
     --step-duration "$STEP" --warmup "$WARMUP" --p99-limit "$P99" --refine "$REFINE" \
     --json "$OUT/sweep-$sys.json" --plot "$OUT/sweep-$sys.svg"
+  rm -f "$OUT/at-rate-$sys.json"
   if [ "$AT_RATE" != 0 ] && [ "$sys" != mariadb ]; then
+    # A fresh process, as for the sweep: the sweep ended on rates it failed.
+    stop_server; start_server "$sys"
+    sleep "$SETTLE"
     log "$name_relay: relay at $AT_RATE/s for $AT_DURATION"
     "$BENCH" relay --target "$target" --protocol "$relay_proto" "${AGENT_ARGS[@]}" --pid "$SERVER_PID" \
       "${CORE_ARGS[@]}" --label "$name_relay" --conversations "$CONVERSATIONS" --rate "$AT_RATE" \
@@ -394,7 +399,7 @@ echo
   --figure fixed_p50_ms --figure fixed_p99_ms --figure fixed_passed --plot "$OUT/relay-latency.svg"
 if [ "${#at_rates[@]}" != 0 ]; then
   echo
-  echo "relay at $AT_RATE msgs/s for $AT_DURATION, on the server the sweep ran on (the MariaDB peer is not run at it)"
+  echo "relay at $AT_RATE msgs/s for $AT_DURATION, on a fresh server (the MariaDB peer is not run at it)"
   "$BENCH" compare "${at_rates[@]}" --figure throughput_per_s --figure p50_ms --figure p99_ms --figure lost \
     --figure server_cpu_us_per_round_trip --figure generator_lag_p99_ms
 fi

@@ -586,7 +586,7 @@ fn an_overloaded_shard_refuses_new_sessions_keeps_old_ones_and_recovers() {
 }
 
 #[test]
-fn commits_under_a_steady_stream_start_a_commit_interval_apart() {
+fn a_message_sent_right_after_an_ack_waits_out_the_commit_interval() {
     // No window, a 300 ms interval: a message sent right after the previous one was acked
     // waits until 300 ms after the previous commit started, which was after the previous
     // message was sent. Without pacing the second ack comes a few milliseconds after the first.
@@ -612,6 +612,71 @@ fn commits_under_a_steady_stream_start_a_commit_interval_apart() {
         "three sequential messages acked in {elapsed:?}"
     );
     assert_eq!(seqs, vec![seqs[0], seqs[0] + 1, seqs[0] + 2]);
+}
+
+#[test]
+fn a_steady_stream_is_committed_once_per_commit_interval() {
+    // A message every 20 ms for a second, a 250 ms interval and no window: a handful of commits,
+    // where unpaced every message would get its own (about 50).
+    let server = Server::start(&format!(
+        "{ONE_SHARD}[storage]\ncommit_window = \"0s\"\ncommit_interval = \"250ms\"\n\
+         [limits]\nvisitor_messages_per_second = 0\nadmit_latency_budget = \"0s\"\n\
+         [risk_control]\nflood_messages = 10000\nflood_window = \"100ms\"\n"
+    ));
+    let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut visitor, "hello", |v| v["type"] == "hello");
+    let before = server.metric("store_commits");
+    let count = 50;
+    let started = Instant::now();
+    for k in 0..count {
+        visitor.send_json(&json!({"type": "message", "id": format!("m{k}"), "text": "hi"}));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut acked = std::collections::BTreeSet::new();
+    while acked.len() < count {
+        let ack = until(&mut visitor, "ack", |v| v["type"] == "ack");
+        acked.insert(ack["id"].as_str().unwrap().to_owned());
+    }
+    let elapsed = started.elapsed();
+    let commits = server.metric("store_commits") - before;
+    // Commits start at least 250 ms apart: at most one per 250 ms of the run, plus one at
+    // each end.
+    let bound = elapsed.as_millis() as u64 / 250 + 2;
+    assert!(
+        (1..=bound).contains(&commits),
+        "{count} messages over {elapsed:?} took {commits} commits (at most {bound} expected)"
+    );
+}
+
+#[test]
+fn a_full_batch_does_not_wait_out_the_commit_interval() {
+    // The longest interval (1 s) and batches of 5: after m0's commit, m1..m5 fill a batch,
+    // which commits at once instead of 1 s after m0's commit started (a few milliseconds
+    // against about a second; the bound leaves room for a busy machine).
+    let server = Server::start(&format!(
+        "{ONE_SHARD}[storage]\ncommit_window = \"0s\"\ncommit_interval = \"1s\"\nmax_batch = 5\n\
+         [limits]\nvisitor_messages_per_second = 0\nadmit_latency_budget = \"0s\"\n"
+    ));
+    let mut visitor = RawClient::connect(server.addr, "/ws/visitor?site=s").unwrap();
+    until(&mut visitor, "hello", |v| v["type"] == "hello");
+    visitor.send_json(&json!({"type": "message", "id": "m0", "text": "hi"}));
+    until(&mut visitor, "ack of m0", |v| v["type"] == "ack");
+    let started = Instant::now();
+    for k in 1..=5 {
+        if k == 5 {
+            // m1..m4 are queued and the committer waits out the interval; m5 fills the batch.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        visitor.send_json(&json!({"type": "message", "id": format!("m{k}"), "text": "hi"}));
+    }
+    for _ in 1..=5 {
+        until(&mut visitor, "ack", |v| v["type"] == "ack");
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(700),
+        "a full batch waited {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
