@@ -5,8 +5,8 @@
 //! - Storage: operations are queued and applied by a committer task in group
 //!   commits: it waits `commit_window` after the first pending operation, and
 //!   never starts a commit less than `commit_interval` after the previous one
-//!   started (`max_batch` pending operations commit at once), then applies the whole batch in ONE LMDB
-//!   transaction on glommio's blocking thread (pinned next to the shard), so
+//!   started (`max_batch` pending operations commit at once), then applies the
+//!   whole batch in ONE LMDB transaction on glommio's blocking thread (pinned next to the shard), so
 //!   an fsync never stalls the event loop. While a commit is in flight the
 //!   next batch accumulates. Reads (replay, metadata) use a [`StoreReader`]
 //!   on the shard's thread; LMDB readers never wait for the writer.
