@@ -53,8 +53,8 @@
 #                                              through taskset for the referee). HARNESS_ROUNDS=0 skips it
 #   SWITCHBOARD_REFEREE=/path/to/referee       default: ../shared/referee beside the repository
 # Peers listen on 127.0.0.1:9100 (go), 127.0.0.1:9101 (tokio) and 127.0.0.1:9103 (mariadb); switchboard
-# on 127.0.0.1:9102, switchboard-before on 127.0.0.1:9104, switchboard-batch on 127.0.0.1:9105. Every report says which cores the server and
-# the load generator had.
+# on 127.0.0.1:9102, switchboard-before on 127.0.0.1:9104, switchboard-batch on 127.0.0.1:9105. Every
+# report says which cores the server and the load generator had.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

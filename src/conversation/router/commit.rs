@@ -89,7 +89,7 @@ impl Router {
         ShardMetrics::set(&self.metrics().commit_pending, pending.len() as u64);
         // The first operation wakes an idle committer; a full batch ends its wait (see
         // `commit_loop`), so `max_batch` pending operations commit at once.
-        let full_batch = pending.len() == self.config().storage.max_batch.max(1);
+        let full_batch = pending.len() == self.config.borrow().storage.max_batch.max(1);
         if (pending.len() == 1 && !self.committing.get()) || full_batch {
             let _ = self.doorbell.try_send(());
         }
