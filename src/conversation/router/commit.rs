@@ -39,7 +39,8 @@ pub(super) fn start_flusher(store: &ShardStore, interval: Duration, shard: usize
 ///
 /// Measured (bench/README.md, "Commit pacing"): with 3 ms the server's CPU per round trip
 /// fell by 25-35% at 1,000/s, about 33% at 5,000/s, 21% at 10,000/s and 11% at 20,000/s, and
-/// p99 at 20,000/s went from 22-28 to 19 ms; p50 rose by about 2.5 ms at 1,000-5,000/s.
+/// p99 at 20,000/s went from 22-28 to 19 ms; p50 rose by about 2.5 ms at 1,000-5,000/s. Near
+/// saturation (compare.sh's sweep) it saves little CPU and mostly adds its wait.
 fn commit_wait(
     first: bool,
     window: Duration,
