@@ -66,20 +66,35 @@ fn main() {
     println!("| durability | batch | msgs/s | commits/s | commit p50 | commit p99 | commit max | flushes | flush p50 | flush p99 |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
 
+    // The default deferred apply (`[storage] apply_interval`) next to LMDB committing every batch.
+    let deferred = Duration::from_millis(50);
     let cases = [
-        (Durability::Fsync, DEFAULT_LOG_BYTES, "fsync (log)"),
-        (Durability::Fsync, 0, "fsync (no log)"),
-        (Durability::Batch, 0, "batch"),
-        (Durability::None, 0, "none"),
+        (
+            Durability::Fsync,
+            DEFAULT_LOG_BYTES,
+            deferred,
+            "fsync (log, apply 50ms)",
+        ),
+        (
+            Durability::Fsync,
+            DEFAULT_LOG_BYTES,
+            Duration::ZERO,
+            "fsync (log)",
+        ),
+        (Durability::Fsync, 0, Duration::ZERO, "fsync (no log)"),
+        (Durability::Batch, 0, Duration::ZERO, "batch"),
+        (Durability::None, 0, Duration::ZERO, "none"),
     ];
-    for (durability, log_bytes, name) in cases {
+    for (durability, log_bytes, apply_interval, name) in cases {
         for &batch_size in &batches {
-            let case_dir = dir
-                .path()
-                .join(format!("{}-{log_bytes}-{batch_size}", durability.as_str()));
+            let case_dir = dir.path().join(format!(
+                "{}-{log_bytes}-{}-{batch_size}",
+                durability.as_str(),
+                apply_interval.as_millis()
+            ));
             append_case(
                 &case_dir,
-                (durability, log_bytes, name),
+                (durability, log_bytes, apply_interval, name),
                 batch_size,
                 run_for,
             );
@@ -91,7 +106,7 @@ fn main() {
 
 fn append_case(
     dir: &std::path::Path,
-    (durability, log_bytes, name): (Durability, u64, &str),
+    (durability, log_bytes, apply_interval, name): (Durability, u64, Duration, &str),
     batch_size: usize,
     run_for: Duration,
 ) {
@@ -100,6 +115,7 @@ fn append_case(
         max_map_size: 8 << 30,
         durability,
         log_bytes,
+        apply_interval,
     };
     let mut store = ShardStore::open(dir, 0, options).unwrap();
     let conversations = open_conversations(&mut store, CONVERSATIONS);
@@ -178,6 +194,7 @@ fn replay_case(dir: &std::path::Path) {
         max_map_size: 1 << 30,
         durability: Durability::None,
         log_bytes: 0,
+        apply_interval: std::time::Duration::ZERO,
     };
     let mut store = ShardStore::open(dir, 0, options).unwrap();
     let conversation = open_conversations(&mut store, 1)[0];

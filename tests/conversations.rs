@@ -317,6 +317,44 @@ fn resend_is_deduplicated_and_resume_replays_what_was_missed() {
     assert_eq!(say(&mut tab, "c4", "fourth"), 4);
 }
 
+/// Deferred apply at its longest (`apply_interval = "1s"`): the messages are acked from the
+/// write-ahead log and LMDB commits them up to a second later. A reconnect meanwhile finds the
+/// visitor's conversation, its newest seq and the messages it missed (reads go through the
+/// store's overlay of acked writes), and a restart recovers them.
+#[test]
+fn a_resume_right_after_the_acks_replays_messages_lmdb_has_not_committed_yet() {
+    let config = overlay("[storage]\napply_interval = \"1s\"\n");
+    let server = Server::start(&config);
+    let (mut tab, _) = visitor(&server, "acme", "deferred-visitor", None);
+    let (conversation, _) = say_in(&mut tab, "d1", "first");
+    assert_eq!(say(&mut tab, "d2", "second"), 2);
+    assert_eq!(say(&mut tab, "d3", "third"), 3);
+    // A re-send is recognised from the acked batches too.
+    assert_eq!(say(&mut tab, "d2", "second"), 2);
+    drop(tab);
+    let (mut tab, hello) = visitor(&server, "acme", "deferred-visitor", Some(1));
+    assert_eq!(hello["conversation"], conversation);
+    assert_eq!(hello["seq"], 3);
+    for (seq, text) in [(2, "second"), (3, "third")] {
+        let (message, _) = wait_for(&mut tab, "replayed message", of_type("message"));
+        assert_eq!(
+            (message["seq"].as_u64(), message["text"].as_str()),
+            (Some(seq), Some(text))
+        );
+    }
+    assert_eq!(say(&mut tab, "d4", "fourth"), 4);
+    drop(tab);
+    // Killed (SIGKILL) before LMDB's commit: the log has them.
+    let server = Server::start_in(server.crash(), &config);
+    let (mut tab, hello) = visitor(&server, "acme", "deferred-visitor", Some(0));
+    assert_eq!(hello["conversation"], conversation);
+    assert_eq!(hello["seq"], 4);
+    for seq in 1..=4 {
+        let (message, _) = wait_for(&mut tab, "replayed message", of_type("message"));
+        assert_eq!(message["seq"].as_u64(), Some(seq));
+    }
+}
+
 const CAPPED_AGENTS: &str = r#"
 [inference]
 enabled = false

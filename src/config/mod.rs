@@ -268,6 +268,8 @@ config_section! {
         pub max_map_size: u64 = MapSize,
         /// Size of each shard's write-ahead log file with `durability = "fsync"`; 0: no log.
         pub log_bytes: u64 = Size(0, GIB),
+        /// With the log: the longest LMDB's commit of acked batches waits for later ones.
+        pub apply_interval: Duration = Dur(Duration::ZERO, secs(1)),
     }
 }
 

@@ -64,6 +64,7 @@ fn defaults_load_with_documented_values() {
     assert_eq!(c.storage.durability, Durability::Fsync);
     assert_eq!(c.storage.commit_window, ms(1));
     assert_eq!(c.storage.commit_interval, ms(3));
+    assert_eq!(c.storage.apply_interval, ms(50));
     assert_eq!(c.storage.map_size, GIB);
     assert_eq!(c.agents.accounts.len(), 0);
     assert_eq!(
@@ -726,6 +727,7 @@ read_buffer_bytes = 1500
 [storage]
 commit_window = "250us"
 commit_interval = "0s"
+apply_interval = "0s"
 durability = "batch"
 map_size = "2GiB"
 [agents.accounts.alice]

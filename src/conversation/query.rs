@@ -434,6 +434,7 @@ mod tests {
             max_map_size: 16 << 20,
             durability: Durability::None,
             log_bytes: 0,
+            apply_interval: std::time::Duration::ZERO,
         };
         let mut store = ShardStore::open(dir.path(), 0, options).unwrap();
         // ann's first conversation (closed, with Alice's message), bob's, ann's second.

@@ -43,6 +43,9 @@ fn crash_child_appender() {
         max_map_size: 256 << 20,
         durability: Durability::Fsync,
         log_bytes: 1 << 20,
+        // Deferred apply: at the kill, the newest acked batches are in the log and in an LMDB
+        // transaction that never committed.
+        apply_interval: std::time::Duration::from_millis(2),
     };
     let mut store = ShardStore::open(Path::new(&dir), SHARD, options).unwrap();
     let opens: Vec<_> = (0..CONVERSATIONS)
@@ -244,6 +247,7 @@ fn crash_kill9_keeps_every_acked_message() {
             max_map_size: 256 << 20,
             durability: Durability::Fsync,
             log_bytes: 1 << 20,
+            apply_interval: std::time::Duration::ZERO,
         },
     )
     .unwrap();

@@ -11,7 +11,7 @@ use super::*;
 
 const SHARD: usize = 0;
 
-fn message(conversation: ConversationId, text: &str, client_id: &str) -> NewMessage {
+pub(super) fn message(conversation: ConversationId, text: &str, client_id: &str) -> NewMessage {
     NewMessage {
         conversation,
         from: Author::Visitor,
@@ -58,6 +58,7 @@ fn a_full_map_grows_and_the_same_batch_is_retried_up_to_the_ceiling() {
             max_map_size: ceiling,
             durability: Durability::None,
             log_bytes: 1 << 20,
+            apply_interval: std::time::Duration::ZERO,
         },
     )
     .unwrap();
@@ -114,6 +115,7 @@ fn a_full_map_grows_and_the_same_batch_is_retried_up_to_the_ceiling() {
             max_map_size: 4 * ceiling,
             durability: Durability::None,
             log_bytes: 1 << 20,
+            apply_interval: std::time::Duration::ZERO,
         },
     )
     .unwrap();
@@ -137,6 +139,7 @@ fn one_batch_larger_than_twice_the_map_grows_several_times_in_one_call() {
             max_map_size: 64 << 20,
             durability: Durability::None,
             log_bytes: 1 << 20,
+            apply_interval: std::time::Duration::ZERO,
         },
     )
     .unwrap();
@@ -170,6 +173,7 @@ fn the_map_grows_while_other_threads_read() {
             max_map_size: 256 << 20,
             durability: Durability::None,
             log_bytes: 1 << 20,
+            apply_interval: std::time::Duration::ZERO,
         },
     )
     .unwrap();
@@ -230,6 +234,7 @@ fn a_view_held_open_blocks_growth_and_fails_the_batch_instead_of_hanging() {
             max_map_size: 8 << 20,
             durability: Durability::None,
             log_bytes: 1 << 20,
+            apply_interval: std::time::Duration::ZERO,
         },
     )
     .unwrap();
@@ -314,6 +319,7 @@ fn a_full_disk_is_a_typed_error_that_loses_nothing_and_ends_when_space_returns()
             max_map_size: 64 << 20,
             durability: Durability::Fsync,
             log_bytes: 1 << 20,
+            apply_interval: std::time::Duration::ZERO,
         },
     )
     .unwrap();
@@ -392,6 +398,7 @@ fn a_full_disk_is_a_typed_error_that_loses_nothing_and_ends_when_space_returns()
             max_map_size: 64 << 20,
             durability: Durability::Fsync,
             log_bytes: 1 << 20,
+            apply_interval: std::time::Duration::ZERO,
         },
     )
     .unwrap();

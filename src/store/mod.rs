@@ -68,6 +68,21 @@
 //!
 //! A `batch` or `none` store syncs once more when dropped (clean shutdown).
 //!
+//! # Deferred apply (`[storage] apply_interval`, with the log)
+//! Once a batch's record is synced in the log the batch is acked, and its LMDB writes stay in
+//! the open write transaction, which the batches after it continue; LMDB commits it at the end
+//! of the first batch `apply_interval` after it began, when it holds
+//! `MAX_PENDING_REDO_BYTES` of writes, at a checkpoint, or when the driver calls
+//! [`ShardStore::apply_pending`] (idle for an interval, shutdown). A B-tree page the messages
+//! touch is then copied and written once per interval instead of once per batch. Readers see
+//! the acked writes LMDB has not committed through the `overlay` every [`ReadView`] reads
+//! through. A batch that fails abandons the transaction; the next one replays the acked
+//! batches' redo lists (kept in memory) before its own writes. After a crash the log replays
+//! them, as it replays everything since the last checkpoint. The transaction stays on the
+//! thread that began it (LMDB's writer lock is that thread's): the driver applies every batch
+//! on the shard's one blocking-pool thread. `deferred_tests` and the `Deferred` power-loss and
+//! kill -9 runs check it.
+//!
 //! # Reading
 //! [`ShardStore::read`] opens a [`ReadView`] (one LMDB read transaction): a consistent
 //! snapshot whose message records are validated with bytecheck and then borrowed straight
@@ -95,6 +110,7 @@ mod flusher;
 mod keys;
 mod layout;
 mod options;
+mod overlay;
 mod read;
 pub mod recent_ids;
 mod records;
@@ -105,6 +121,8 @@ mod write_backoff;
 
 #[cfg(test)]
 mod crash_tests;
+#[cfg(test)]
+mod deferred_tests;
 #[cfg(test)]
 mod full_tests;
 #[cfg(test)]

@@ -73,6 +73,11 @@ pub struct StoreOptions {
     /// Size of the write-ahead log file with [`Durability::Fsync`] (see `store::wal`); 0
     /// commits without a log, syncing LMDB at every commit.
     pub log_bytes: u64,
+    /// Deferred apply (with the log only): a batch is acked once its log record is synced, and
+    /// its LMDB writes stay in a write transaction that commits at most this long after it
+    /// began, with the batches after it (see `store::overlay`). Zero commits LMDB at every
+    /// batch.
+    pub apply_interval: std::time::Duration,
 }
 
 impl Default for StoreOptions {
@@ -82,6 +87,7 @@ impl Default for StoreOptions {
             max_map_size: DEFAULT_MAP_SIZE,
             durability: Durability::Fsync,
             log_bytes: DEFAULT_LOG_BYTES,
+            apply_interval: std::time::Duration::ZERO,
         }
     }
 }

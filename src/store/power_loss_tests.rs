@@ -24,13 +24,26 @@ use super::*;
 
 const SHARD: usize = 1;
 
-fn options() -> StoreOptions {
+fn options(apply: Apply) -> StoreOptions {
     StoreOptions {
         map_size: 32 << 20,
         max_map_size: 32 << 20,
         durability: Durability::Fsync,
         log_bytes: 0, // the device is given; its size rules
+        apply_interval: match apply {
+            Apply::EveryBatch => std::time::Duration::ZERO,
+            // LMDB commits only when the log fills up (a checkpoint) or its 8 MiB bound.
+            Apply::Deferred => std::time::Duration::from_secs(3600),
+        },
     }
+}
+
+/// When LMDB commits a batch's writes ([`StoreOptions::apply_interval`]).
+#[derive(Clone, Copy, Debug)]
+enum Apply {
+    EveryBatch,
+    /// After later batches: at the loss, the newest acked batches are only in the log.
+    Deferred,
 }
 
 /// What LMDB's data file holds after the power loss.
@@ -67,7 +80,7 @@ fn data_file(dir: &Path) -> std::path::PathBuf {
 /// Runs random batches on a store whose log is on `disk`, loses power at a random batch
 /// (torn at a random length), recovers, and checks every acked message. Returns how many
 /// checkpoints the run made before the loss.
-fn run(seed: u64, lmdb: LmdbAfterLoss) -> u64 {
+fn run(seed: u64, lmdb: LmdbAfterLoss, apply: Apply) -> u64 {
     let mut rng = StdRng::seed_from_u64(seed);
     let before = tempfile::tempdir().unwrap();
     // A small log, so runs go through several checkpoints.
@@ -76,7 +89,7 @@ fn run(seed: u64, lmdb: LmdbAfterLoss) -> u64 {
     let mut store = ShardStore::open_with_log(
         before.path(),
         SHARD,
-        options(),
+        options(apply),
         Some(Box::new(disk.clone())),
     )
     .unwrap();
@@ -174,9 +187,13 @@ fn run(seed: u64, lmdb: LmdbAfterLoss) -> u64 {
     let after = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(data_file(after.path()).parent().unwrap()).unwrap();
     std::fs::write(data_file(after.path()), &lmdb_bytes).unwrap();
-    let store =
-        ShardStore::open_with_log(after.path(), SHARD, options(), Some(Box::new(disk.clone())))
-            .unwrap_or_else(|error| panic!("seed {seed}: recovery failed: {error}"));
+    let store = ShardStore::open_with_log(
+        after.path(),
+        SHARD,
+        options(apply),
+        Some(Box::new(disk.clone())),
+    )
+    .unwrap_or_else(|error| panic!("seed {seed}: recovery failed: {error}"));
 
     let view = store.read().unwrap();
     let mut stored: BTreeMap<(ConversationId, u64), String> = BTreeMap::new();
@@ -208,7 +225,7 @@ fn run(seed: u64, lmdb: LmdbAfterLoss) -> u64 {
         assert_eq!(
             stored.get(key),
             Some(text),
-            "seed {seed} ({lmdb:?}, torn {torn}): acked {key:?} lost"
+            "seed {seed} ({lmdb:?}, {apply:?}, torn {torn}): acked {key:?} lost"
         );
     }
     // Anything else stored is from the batch in flight (its record reached the disk whole:
@@ -227,7 +244,7 @@ fn run(seed: u64, lmdb: LmdbAfterLoss) -> u64 {
 #[test]
 fn every_acked_message_survives_a_power_loss_with_lmdb_at_its_last_sync() {
     let checkpoints: u64 = (0..150)
-        .map(|seed| run(seed, LmdbAfterLoss::LastSync))
+        .map(|seed| run(seed, LmdbAfterLoss::LastSync, Apply::EveryBatch))
         .sum();
     // The runs went through checkpoints, so "LMDB at its last sync" was not only the start.
     assert!(checkpoints > 100, "only {checkpoints} checkpoints");
@@ -236,7 +253,7 @@ fn every_acked_message_survives_a_power_loss_with_lmdb_at_its_last_sync() {
 #[test]
 fn replaying_records_that_already_reached_lmdb_changes_nothing() {
     let checkpoints: u64 = (1000..1100)
-        .map(|seed| run(seed, LmdbAfterLoss::Everything))
+        .map(|seed| run(seed, LmdbAfterLoss::Everything, Apply::EveryBatch))
         .sum();
     assert!(checkpoints > 50, "only {checkpoints} checkpoints");
 }
@@ -244,8 +261,24 @@ fn replaying_records_that_already_reached_lmdb_changes_nothing() {
 #[test]
 fn newer_meta_pages_over_stale_data_pages_are_taken_back_to_the_checkpoint() {
     let checkpoints: u64 = (2000..2150)
-        .map(|seed| run(seed, LmdbAfterLoss::MixedPages))
+        .map(|seed| run(seed, LmdbAfterLoss::MixedPages, Apply::EveryBatch))
         .sum();
+    assert!(checkpoints > 100, "only {checkpoints} checkpoints");
+}
+
+/// Deferred apply: the acked batches LMDB had not committed at the loss come back from the log,
+/// whatever LMDB's file kept.
+#[test]
+fn every_acked_message_survives_a_power_loss_with_deferred_apply() {
+    let mut checkpoints = 0;
+    for seed in 3000..3150 {
+        let lmdb = match seed % 3 {
+            0 => LmdbAfterLoss::LastSync,
+            1 => LmdbAfterLoss::Everything,
+            _ => LmdbAfterLoss::MixedPages,
+        };
+        checkpoints += run(seed, lmdb, Apply::Deferred);
+    }
     assert!(checkpoints > 100, "only {checkpoints} checkpoints");
 }
 
@@ -258,7 +291,7 @@ fn a_recovered_store_continues_the_seqs_and_recognises_resent_messages() {
     let mut store = ShardStore::open_with_log(
         before.path(),
         SHARD,
-        options(),
+        options(Apply::EveryBatch),
         Some(Box::new(disk.clone())),
     )
     .unwrap();
@@ -296,9 +329,13 @@ fn a_recovered_store_continues_the_seqs_and_recognises_resent_messages() {
     let after = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(data_file(after.path()).parent().unwrap()).unwrap();
     std::fs::write(data_file(after.path()), &synced).unwrap();
-    let mut store =
-        ShardStore::open_with_log(after.path(), SHARD, options(), Some(Box::new(disk.clone())))
-            .unwrap();
+    let mut store = ShardStore::open_with_log(
+        after.path(),
+        SHARD,
+        options(Apply::EveryBatch),
+        Some(Box::new(disk.clone())),
+    )
+    .unwrap();
     assert_eq!(store.last_seq(conversation).unwrap(), Some(2));
     let outcomes = store
         .append_batch(&[message("two", "id-2"), message("three", "id-3")])

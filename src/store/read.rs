@@ -4,11 +4,14 @@
 //! - A [`ReadView`] is one LMDB read transaction: everything read through it is one
 //!   consistent snapshot, and the `&ArchivedMessageRecord`s it hands out point straight
 //!   into the memory-mapped pages, valid for the life of the view.
+//! - A view also reads the store's acked writes not yet in LMDB (see `overlay`), taken before
+//!   its transaction began: what it shows is what was acked by then.
 //! - Every record is validated with bytecheck (`rkyv::access`) before it is handed out,
 //!   so a damaged file yields [`StoreError::Corrupt`], never undefined behaviour. The cost
 //!   is measured in `examples/store_bench.rs` (see the module docs of `store`).
 
 use std::ops::Bound;
+use std::sync::Arc;
 
 use heed::types::Bytes;
 use heed::{RoRange, RoRevRange, RoTxn, WithoutTls};
@@ -16,33 +19,64 @@ use rkyv::rancor;
 
 use super::error::StoreError;
 use super::keys::{self, MAX_SITE_BYTES, MAX_VISITOR_BYTES};
+use super::overlay::{Merged, Overlay, OverlayRange};
 use super::records::{ArchivedConversation, ArchivedMessageRecord, Conversation, ConversationId};
 use super::resize_gate::ReadPass;
 use super::shard_store::{corrupt, Tables};
+use super::wal::redo::RedoTable;
 
 /// A consistent read-only snapshot of a shard store.
 pub struct ReadView<'s> {
     txn: RoTxn<'s, WithoutTls>,
     tables: &'s Tables,
+    /// Acked writes not in `txn`'s snapshot (see `overlay`), if any.
+    overlay: Option<Arc<Overlay>>,
     /// Keeps the map from being remapped while `txn` lives; declared after `txn` so it is
     /// released after the transaction ends (see `resize_gate`).
     _pass: ReadPass<'s>,
 }
 
 impl<'s> ReadView<'s> {
-    /// `pass` must have been taken before `txn` began.
-    pub(crate) fn new(pass: ReadPass<'s>, txn: RoTxn<'s, WithoutTls>, tables: &'s Tables) -> Self {
+    /// `pass` and `overlay` must have been taken before `txn` began.
+    pub(crate) fn new(
+        pass: ReadPass<'s>,
+        overlay: Option<Arc<Overlay>>,
+        txn: RoTxn<'s, WithoutTls>,
+        tables: &'s Tables,
+    ) -> Self {
         ReadView {
             txn,
             tables,
+            overlay,
             _pass: pass,
+        }
+    }
+
+    /// The value of `key` in `table`: its pending write if it has one, else LMDB's.
+    fn get(&self, table: RedoTable, key: &[u8]) -> Result<Option<&[u8]>, StoreError> {
+        if let Some(pending) = self.overlay.as_deref().and_then(|o| o.get(table, key)) {
+            return Ok(pending);
+        }
+        Ok(self.tables.of(table).get(&self.txn, key)?)
+    }
+
+    /// The pending writes of `table` in `range` (none without an overlay).
+    fn pending(
+        &self,
+        table: RedoTable,
+        range: (Bound<&[u8]>, Bound<&[u8]>),
+        descending: bool,
+    ) -> OverlayRange<'_> {
+        match &self.overlay {
+            Some(overlay) => overlay.range(table, range, descending),
+            None => OverlayRange::empty(),
         }
     }
 
     /// The metadata of a conversation.
     pub fn conversation(&self, id: ConversationId) -> Result<Option<Conversation>, StoreError> {
         let key = keys::conversation_key(id);
-        match self.tables.conversations.get(&self.txn, &key)? {
+        match self.get(RedoTable::Conversations, &key)? {
             Some(bytes) => decode_conversation(&key, bytes).map(Some),
             None => Ok(None),
         }
@@ -51,7 +85,7 @@ impl<'s> ReadView<'s> {
     /// The seq of a conversation's newest message (0 if none), `None` if it does not exist.
     pub fn last_seq(&self, id: ConversationId) -> Result<Option<u64>, StoreError> {
         let key = keys::conversation_key(id);
-        match self.tables.conversations.get(&self.txn, &key)? {
+        match self.get(RedoTable::Conversations, &key)? {
             Some(bytes) => Ok(Some(access_conversation(&key, bytes)?.last_seq.to_native())),
             None => Ok(None),
         }
@@ -68,7 +102,7 @@ impl<'s> ReadView<'s> {
             return Ok(None);
         }
         let key = keys::visitor_key(site, visitor);
-        match self.tables.visitors.get(&self.txn, key.as_bytes())? {
+        match self.get(RedoTable::Visitors, key.as_bytes())? {
             Some(bytes) => keys::decode_u64_value(bytes)
                 .map(|id| Some(ConversationId(id)))
                 .ok_or_else(|| corrupt("visitors", key.as_bytes(), "bad id")),
@@ -87,7 +121,7 @@ impl<'s> ReadView<'s> {
             return Ok(None);
         }
         let key = keys::visitor_key(site, visitor);
-        match self.tables.visitor_secrets.get(&self.txn, key.as_bytes())? {
+        match self.get(RedoTable::VisitorSecrets, key.as_bytes())? {
             Some(bytes) => <[u8; 32]>::try_from(bytes)
                 .map(Some)
                 .map_err(|_| corrupt("visitor_secrets", key.as_bytes(), "not 32 bytes")),
@@ -99,7 +133,7 @@ impl<'s> ReadView<'s> {
     /// [`Op::SetVariant`](super::Op::SetVariant)), if any.
     pub fn variant(&self, id: ConversationId) -> Result<Option<String>, StoreError> {
         let key = keys::conversation_key(id);
-        match self.tables.variants.get(&self.txn, &key)? {
+        match self.get(RedoTable::Variants, &key)? {
             Some(bytes) => std::str::from_utf8(bytes)
                 .map(|name| Some(name.to_owned()))
                 .map_err(|_| corrupt("variants", &key, "not UTF-8")),
@@ -110,12 +144,15 @@ impl<'s> ReadView<'s> {
     /// Every conversation that is not closed, in id order.
     pub fn open_conversations(&self) -> Result<Vec<Conversation>, StoreError> {
         let mut open = Vec::new();
-        for entry in self.tables.open.iter(&self.txn)? {
+        let all = (Bound::Unbounded, Bound::Unbounded);
+        let entries = Merged::new(
+            self.tables.open.iter(&self.txn)?,
+            self.pending(RedoTable::Open, all, false),
+        );
+        for entry in entries {
             let (key, _) = entry?;
             let bytes = self
-                .tables
-                .conversations
-                .get(&self.txn, key)?
+                .get(RedoTable::Conversations, key)?
                 .ok_or_else(|| corrupt("open", key, "no conversation record"))?;
             open.push(decode_conversation(key, bytes)?);
         }
@@ -134,7 +171,10 @@ impl<'s> ReadView<'s> {
             None => (Bound::Unbounded, Bound::Unbounded),
         };
         Ok(ConversationIter {
-            range: self.tables.conversations.rev_range(&self.txn, &range)?,
+            range: Merged::new(
+                self.tables.conversations.rev_range(&self.txn, &range)?,
+                self.pending(RedoTable::Conversations, range, true),
+            ),
         })
     }
 
@@ -145,7 +185,7 @@ impl<'s> ReadView<'s> {
         seq: u64,
     ) -> Result<Option<&ArchivedMessageRecord>, StoreError> {
         let key = keys::message_key(id, seq);
-        match self.tables.messages.get(&self.txn, &key)? {
+        match self.get(RedoTable::Messages, &key)? {
             Some(bytes) => access_message(&key, bytes).map(Some),
             None => Ok(None),
         }
@@ -168,7 +208,10 @@ impl<'s> ReadView<'s> {
             (Bound::Included(&first[..]), Bound::Included(&last[..]))
         };
         Ok(MessageIter {
-            range: self.tables.messages.range(&self.txn, &range)?,
+            range: Merged::new(
+                self.tables.messages.range(&self.txn, &range)?,
+                self.pending(RedoTable::Messages, range, false),
+            ),
             remaining: limit,
         })
     }
@@ -176,7 +219,7 @@ impl<'s> ReadView<'s> {
 
 /// Iterator over stored messages of one conversation; see [`ReadView::messages_after`].
 pub struct MessageIter<'v> {
-    range: RoRange<'v, Bytes, Bytes>,
+    range: Merged<'v, RoRange<'v, Bytes, Bytes>>,
     remaining: usize,
 }
 
@@ -201,7 +244,7 @@ impl<'v> Iterator for MessageIter<'v> {
 
 /// Iterator over conversations, newest first; see [`ReadView::conversations_before`].
 pub struct ConversationIter<'v> {
-    range: RoRevRange<'v, Bytes, Bytes>,
+    range: Merged<'v, RoRevRange<'v, Bytes, Bytes>>,
 }
 
 impl Iterator for ConversationIter<'_> {

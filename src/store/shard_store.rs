@@ -32,6 +32,7 @@ use super::error::{Rejection, StoreError};
 use super::flusher::Flusher;
 use super::keys::{self, MAX_CLIENT_ID_BYTES, MAX_SITE_BYTES, MAX_VISITOR_BYTES};
 use super::options::{Durability, StoreOptions};
+use super::overlay::SharedOverlay;
 use super::read::{self, ReadView};
 use super::recent_ids::{client_id_hash, RecentIds, WINDOW};
 use super::records::{
@@ -145,6 +146,59 @@ pub struct ShardStore {
     log: Option<StoreLog>,
     /// The current batch's redo list for the log (reused; released when a batch made it large).
     redo: Vec<u8>,
+    /// The write transaction of the batches acked since LMDB's last commit (deferred apply, see
+    /// [`StoreOptions::apply_interval`] and `overlay`), or of the batch being applied; `None`
+    /// otherwise. Declared before `txn_env`, which it borrows.
+    open: Option<OpenApply>,
+    /// The environment handle `open` borrows, boxed so that its address does not change when the
+    /// store moves between threads. Never replaced.
+    txn_env: Box<Env<WithoutTls>>,
+    /// See [`StoreOptions::apply_interval`]: zero (or no log) commits LMDB at every batch.
+    apply_interval: Duration,
+    /// The redo lists of the batches acked since LMDB's last commit, in order. They are in the
+    /// log and in `open`; if `open` has to be abandoned (a later batch failed in it), the next
+    /// transaction replays them first.
+    pending_redo: Vec<u8>,
+    /// The same writes for readers (shared with every [`StoreReader`]).
+    overlay: Arc<SharedOverlay>,
+}
+
+/// A write transaction kept open across batches (see [`ShardStore::open`]'s field docs).
+///
+/// LMDB ties a write transaction to the thread that began it (its writer lock is a mutex that
+/// thread holds). The group commit runs every batch on the shard's blocking pool, which glommio
+/// gives one thread per shard (a `Placement::Fixed` executor's pool), so the transaction stays on
+/// its thread; [`OpenApply::check_thread`] stops the process instead of misusing it.
+struct OpenApply {
+    txn: RwTxn<'static>,
+    thread: std::thread::ThreadId,
+    began: Instant,
+}
+
+impl OpenApply {
+    fn check_thread(&self) {
+        assert_eq!(
+            self.thread,
+            std::thread::current().id(),
+            "an LMDB write transaction kept open across batches was used from another thread \
+             than the one that began it"
+        );
+    }
+}
+
+/// A deferred apply commits LMDB early once its batches' redo lists reach this size, which
+/// bounds the memory of the open transaction's dirty pages and of the overlay.
+const MAX_PENDING_REDO_BYTES: usize = 8 << 20;
+
+/// How a batch's log record went (see [`BatchWriter::commit`]).
+enum Logged {
+    /// No log: LMDB's commit is the batch's commit.
+    NoLog,
+    /// The record is synced in the log.
+    Appended,
+    /// The record did not fit (the log is full, or the batch is larger than the log): the batch
+    /// commits by committing LMDB and syncing it (a checkpoint), with no record.
+    Checkpoint { log_full: bool },
 }
 
 const _: fn() = || {
@@ -303,6 +357,7 @@ impl ShardStore {
             .unwrap_commit();
         let (messages, conversations, open, visitors, info, visitor_secrets, variants) = tables;
 
+        let env_for_txn = env.clone();
         let mut store = ShardStore {
             env,
             tables: Tables {
@@ -324,6 +379,11 @@ impl ShardStore {
             recent: RecentIds::default(),
             log: None,
             redo: Vec::new(),
+            open: None,
+            txn_env: Box::new(env_for_txn),
+            apply_interval: options.apply_interval,
+            pending_redo: Vec::new(),
+            overlay: Arc::default(),
         };
         if let Some((wal, recovered)) = opened_log {
             store.recover(wal, recovered, pin)?;
@@ -420,11 +480,174 @@ impl ShardStore {
         Ok(())
     }
 
-    /// The batch writer of a new write transaction.
+    /// Begins the write transaction if none is open, replaying the acked batches LMDB has not
+    /// committed yet (an earlier transaction with them was abandoned).
+    fn begin(&mut self) -> Result<(), StoreError> {
+        if let Some(open) = &self.open {
+            open.check_thread();
+            return Ok(());
+        }
+        let txn = self.txn_env.write_txn()?;
+        // SAFETY: the transaction borrows `*self.txn_env`, a heap value that is never replaced
+        // and is dropped after `self.open` (field order; `Drop` also ends `open` first). Only the
+        // lifetime is changed.
+        let mut txn: RwTxn<'static> = unsafe { std::mem::transmute::<RwTxn<'_>, _>(txn) };
+        if !self.pending_redo.is_empty() {
+            let writes = wal::redo::decode(&self.pending_redo)
+                .expect("the pending redo lists were built by this store");
+            for entry in writes {
+                write(
+                    &mut txn,
+                    &self.tables,
+                    None,
+                    entry.table,
+                    entry.key,
+                    entry.value,
+                )?;
+            }
+        }
+        self.open = Some(OpenApply {
+            txn,
+            thread: std::thread::current().id(),
+            began: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// Ends the open write transaction without committing it (a batch failed in it); the
+    /// acked batches in it are replayed by the next [`ShardStore::begin`].
+    fn abandon(&mut self) {
+        if let Some(open) = self.open.take() {
+            open.check_thread();
+            drop(open);
+        }
+    }
+
+    /// Commits the open write transaction ([`ShardStore::commit_lmdb`]), then counts the commit
+    /// for the log (write-behind, and a checkpoint every [`CHECKPOINT_COMMITS`]).
+    fn commit_open(&mut self) -> Result<(), StoreError> {
+        self.commit_lmdb()?;
+        self.after_lmdb_commit()
+    }
+
+    /// Commits the open write transaction to LMDB. On success nothing is pending any more; on
+    /// failure the transaction is gone and the acked batches stay pending (replayed by the next
+    /// [`ShardStore::begin`]).
+    fn commit_lmdb(&mut self) -> Result<(), StoreError> {
+        let Some(open) = self.open.take() else {
+            return Ok(());
+        };
+        open.check_thread();
+        open.txn.commit()?;
+        self.pending_redo.clear();
+        if self.pending_redo.capacity() > MAX_PENDING_REDO_BYTES {
+            self.pending_redo = Vec::new();
+        }
+        self.overlay.clear();
+        Ok(())
+    }
+
+    /// The log's part of an LMDB commit: write-behind, and a checkpoint every
+    /// [`CHECKPOINT_COMMITS`] commits.
+    fn after_lmdb_commit(&mut self) -> Result<(), StoreError> {
+        if let Some(log) = &mut self.log {
+            log.commits_since_checkpoint += 1;
+            log.write_behind();
+            if log.commits_since_checkpoint >= CHECKPOINT_COMMITS {
+                log.restart()?;
+                log.checkpoints_for_pinned_pages += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether LMDB's commit of the open transaction can wait for later batches.
+    fn defer_commit(&self) -> bool {
+        self.log.is_some()
+            && !self.apply_interval.is_zero()
+            && self.pending_redo.len() + self.redo.len() < MAX_PENDING_REDO_BYTES
+            && self
+                .open
+                .as_ref()
+                .is_some_and(|open| open.began.elapsed() < self.apply_interval)
+    }
+
+    /// Ends a batch whose writes are in the open transaction: commits LMDB now, or (deferred
+    /// apply) keeps the transaction open and makes the batch's writes visible to readers.
+    fn end_batch(&mut self, logged: Logged) -> Result<(), StoreError> {
+        match logged {
+            Logged::NoLog => self.commit_open(),
+            Logged::Checkpoint { log_full } => {
+                self.commit_lmdb()?;
+                let log = self.log.as_mut().expect("a checkpoint needs the log");
+                log.restart()?;
+                if log_full {
+                    log.checkpoints += 1;
+                } else {
+                    log.checkpoints_for_large_batches += 1;
+                }
+                Ok(())
+            }
+            Logged::Appended if self.defer_commit() => {
+                self.overlay.add(
+                    &wal::redo::decode(&self.redo).expect("the redo list was built by this batch"),
+                );
+                self.pending_redo.extend_from_slice(&self.redo);
+                Ok(())
+            }
+            Logged::Appended => {
+                if let Err(error) = self.commit_lmdb() {
+                    let log = self.log.as_mut().expect("an appended record needs the log");
+                    // LMDB refused the batch: the log must not replay it after a crash.
+                    if let Err(undo) = log.wal.undo_last() {
+                        panic!(
+                            "the write-ahead log holds a batch LMDB refused ({error}) and cannot \
+                             take it back ({undo}): stopping before anything else is acked"
+                        );
+                    }
+                    return Err(error);
+                }
+                self.after_lmdb_commit()
+            }
+        }
+    }
+
+    /// Commits to LMDB the batches acked since its last commit (deferred apply; see
+    /// [`StoreOptions::apply_interval`]). The driver calls it when no batch came for an
+    /// interval, and before the store leaves the thread that applies its batches.
+    pub fn apply_pending(&mut self) -> Result<(), StoreError> {
+        if !self.has_pending() {
+            return Ok(());
+        }
+        self.growing(|store| {
+            store.begin()?;
+            store.commit_open()
+        })
+    }
+
+    /// Whether acked batches wait for LMDB's commit (see [`ShardStore::apply_pending`]).
+    pub fn has_pending(&self) -> bool {
+        !self.pending_redo.is_empty()
+    }
+
+    /// When the oldest batch waiting for LMDB's commit began its transaction, if one waits.
+    pub fn pending_since(&self) -> Option<Instant> {
+        if !self.has_pending() {
+            return None;
+        }
+        Some(
+            self.open
+                .as_ref()
+                .map_or_else(Instant::now, |open| open.began),
+        )
+    }
+
+    /// The batch writer of the open write transaction (begun if needed).
     fn writer(&mut self) -> Result<BatchWriter<'_>, StoreError> {
         self.redo.clear();
+        self.begin()?;
         Ok(BatchWriter {
-            txn: self.env.write_txn()?,
+            txn: &mut self.open.as_mut().expect("begun above").txn,
             tables: self.tables,
             shard: self.shard,
             now_ms: now_ms(),
@@ -488,6 +711,7 @@ impl ShardStore {
             let result = attempt(self);
             self.staged.clear();
             if result.is_err() {
+                self.abandon();
                 self.recent.clear();
             }
             if self.scratch.capacity() > SCRATCH_KEEP_BYTES {
@@ -544,6 +768,12 @@ impl ShardStore {
     /// Waits (at most a few seconds) for the read views open on other threads through
     /// [`StoreReader`]s to end, and keeps new ones out while it remaps.
     pub fn set_map_size(&mut self, bytes: usize) -> Result<(), StoreError> {
+        // LMDB allows no live transaction during a resize, and the checkpoint below starts the
+        // log over: the acked batches only the log and memory hold go into LMDB first.
+        if self.has_pending() {
+            self.begin()?;
+            self.commit_open()?;
+        }
         if let Some(log) = &mut self.log {
             log.unpin_for_resize()?;
         }
@@ -578,6 +808,7 @@ impl ShardStore {
             env: self.env.clone(),
             tables: self.tables,
             gate: self.gate.clone(),
+            overlay: self.overlay.clone(),
         }
     }
 
@@ -586,8 +817,7 @@ impl ShardStore {
     /// Keep it short: a live view pins old pages, so the file grows while it is held.
     /// Never hold one across an `await`.
     pub fn read(&self) -> Result<ReadView<'_>, StoreError> {
-        let pass = self.gate.read();
-        Ok(ReadView::new(pass, self.env.read_txn()?, &self.tables))
+        open_view(&self.env, &self.gate, &self.tables, self.overlay.snapshot())
     }
 
     /// The metadata of a conversation.
@@ -667,7 +897,8 @@ impl ShardStore {
             };
             outcomes.push(outcome);
         }
-        writer.commit()?;
+        let logged = writer.commit()?;
+        self.end_batch(logged)?;
         Ok(outcomes)
     }
 
@@ -677,7 +908,8 @@ impl ShardStore {
         for message in batch {
             outcomes.push(writer.append(message)?);
         }
-        writer.commit()?;
+        let logged = writer.commit()?;
+        self.end_batch(logged)?;
         Ok(outcomes)
     }
 
@@ -705,6 +937,25 @@ impl Drop for ShardStore {
     fn drop(&mut self) {
         // A clean shutdown leaves nothing unsynced, whatever the mode. Errors cannot be
         // reported from drop; the data is still in the page cache.
+        if self.has_pending() {
+            let same_thread = self
+                .open
+                .as_ref()
+                .is_none_or(|open| open.thread == std::thread::current().id());
+            let applied = same_thread && self.apply_pending().is_ok();
+            if !applied {
+                // The acked batches are in the log: no checkpoint, so the next open replays them.
+                tracing::warn!(
+                    shard = self.shard,
+                    "closing with acked batches not applied to LMDB; the next start replays them \
+                     from the write-ahead log"
+                );
+                if let Some(open) = self.open.take() {
+                    drop(open.txn);
+                }
+                return;
+            }
+        }
         if let Some(log) = &mut self.log {
             // Checkpoint, so the next open has nothing to replay.
             let _ = log.checkpoint();
@@ -763,7 +1014,7 @@ impl StagedConversations {
 
 /// The state of one write transaction while its ops run.
 struct BatchWriter<'s> {
-    txn: RwTxn<'s>,
+    txn: &'s mut RwTxn<'static>,
     tables: Tables,
     shard: usize,
     now_ms: u64,
@@ -805,7 +1056,7 @@ fn write(
 }
 
 impl Tables {
-    fn of(&self, table: RedoTable) -> Table {
+    pub(crate) fn of(&self, table: RedoTable) -> Table {
         match table {
             RedoTable::Messages => self.messages,
             RedoTable::Conversations => self.conversations,
@@ -958,11 +1209,7 @@ impl BatchWriter<'_> {
             return Ok(OpOutcome::Rejected(reason));
         }
         let visitor_key = keys::visitor_key(site, visitor);
-        if let Some(bytes) = self
-            .tables
-            .visitors
-            .get(&self.txn, visitor_key.as_bytes())?
-        {
+        if let Some(bytes) = self.tables.visitors.get(self.txn, visitor_key.as_bytes())? {
             let id = ConversationId(
                 keys::decode_u64_value(bytes)
                     .ok_or_else(|| corrupt("visitors", visitor_key.as_bytes(), "bad id"))?,
@@ -979,7 +1226,7 @@ impl BatchWriter<'_> {
 
         let local = match self.next_local {
             Some(local) => local,
-            None => match self.tables.info.get(&self.txn, INFO_NEXT_CONVERSATION)? {
+            None => match self.tables.info.get(self.txn, INFO_NEXT_CONVERSATION)? {
                 Some(bytes) => decode_info(INFO_NEXT_CONVERSATION, bytes)?,
                 None => 1,
             },
@@ -1052,7 +1299,7 @@ impl BatchWriter<'_> {
             detail: error.to_string(),
         })?;
         write(
-            &mut self.txn,
+            &mut *self.txn,
             &self.tables,
             self.redo.as_deref_mut(),
             RedoTable::Messages,
@@ -1109,7 +1356,7 @@ impl BatchWriter<'_> {
         let points_here = self
             .tables
             .visitors
-            .get(&self.txn, visitor_key.as_bytes())?
+            .get(self.txn, visitor_key.as_bytes())?
             .is_some_and(|bytes| bytes == key);
         if points_here {
             self.delete(RedoTable::Visitors, visitor_key.as_bytes())?;
@@ -1168,7 +1415,7 @@ impl BatchWriter<'_> {
             return Ok(OpOutcome::Rejected(reason));
         }
         let key = keys::conversation_key(id);
-        if self.tables.variants.get(&self.txn, &key)?.is_none() {
+        if self.tables.variants.get(self.txn, &key)?.is_none() {
             self.put(RedoTable::Variants, &key, variant.as_bytes())?;
         }
         Ok(OpOutcome::Updated)
@@ -1211,7 +1458,7 @@ impl BatchWriter<'_> {
         if self
             .tables
             .visitor_secrets
-            .get(&self.txn, key.as_bytes())?
+            .get(self.txn, key.as_bytes())?
             .is_none()
         {
             self.put(RedoTable::VisitorSecrets, key.as_bytes(), secret_hash)?;
@@ -1239,7 +1486,7 @@ impl BatchWriter<'_> {
                     std::ops::Bound::Included(&low[..]),
                     std::ops::Bound::Included(&high[..]),
                 );
-                for entry in messages.range(&self.txn, &range)? {
+                for entry in messages.range(self.txn, &range)? {
                     let (key, bytes) = entry?;
                     let record = read::access_message(key, bytes)?;
                     if let Some(stored) = record.client_id() {
@@ -1288,15 +1535,17 @@ impl BatchWriter<'_> {
             return Ok(Some(slot));
         }
         let key = keys::conversation_key(id);
-        let Some(bytes) = self.tables.conversations.get(&self.txn, &key)? else {
+        let Some(bytes) = self.tables.conversations.get(self.txn, &key)? else {
             return Ok(None);
         };
         let conversation = read::decode_conversation(&key, bytes)?;
         Ok(Some(self.staged.insert(conversation, false)))
     }
 
-    /// Writes the changed conversations and the id counter, then commits.
-    fn commit(mut self) -> Result<(), StoreError> {
+    /// Writes the changed conversations and the id counter, then logs the batch (with a log:
+    /// once this returns `Appended` the batch survives a power loss, so LMDB may commit it
+    /// later and without syncing). The store commits LMDB ([`ShardStore::end_batch`]).
+    fn commit(mut self) -> Result<Logged, StoreError> {
         for staged in self.staged.entries.iter().filter(|staged| staged.dirty) {
             self.scratch.clear();
             let bytes = rkyv::api::high::to_bytes_in::<_, rancor::Error>(
@@ -1308,7 +1557,7 @@ impl BatchWriter<'_> {
                 detail: error.to_string(),
             })?;
             write(
-                &mut self.txn,
+                self.txn,
                 &self.tables,
                 self.redo.as_deref_mut(),
                 RedoTable::Conversations,
@@ -1324,57 +1573,27 @@ impl BatchWriter<'_> {
             )?;
         }
         let Some(log) = self.log else {
-            self.txn.commit()?;
-            return Ok(());
+            return Ok(Logged::NoLog);
         };
         let redo: &[u8] = self.redo.as_deref().map_or(&[], |redo| redo.as_slice());
-        // The record first: once it is synced the batch survives a power loss, so the
-        // transaction may commit without syncing LMDB.
         match log.wal.append(redo) {
-            Ok(()) => {}
-            Err(WalError::Full) => {
-                // Checkpoint: everything the log holds is in LMDB's page cache; once
-                // LMDB is synced the log can start over. This transaction has written
-                // nothing to the file yet, so the sync does not need it to end.
-                log.checkpoint()?;
-                log.wal.append(redo).map_err(StoreError::Log)?;
-            }
-            Err(WalError::TooLarge { .. }) => {
-                // Bigger than the whole log: commit and sync LMDB itself (a checkpoint),
-                // as without a log.
-                self.txn.commit()?;
-                log.checkpoint()?;
-                log.checkpoints_for_large_batches += 1;
-                return Ok(());
-            }
+            Ok(()) => Ok(Logged::Appended),
+            // Everything the log holds is in the open transaction with this batch: committing
+            // and syncing LMDB makes all of it durable, and the log starts over.
+            Err(WalError::Full) => Ok(Logged::Checkpoint { log_full: true }),
+            // Bigger than the whole log: commit and sync LMDB itself, as without a log.
+            Err(WalError::TooLarge { .. }) => Ok(Logged::Checkpoint { log_full: false }),
             Err(error) => {
                 log.wal.forget_failed_append();
-                return Err(StoreError::Log(error));
+                Err(StoreError::Log(error))
             }
         }
-        if let Err(error) = self.txn.commit() {
-            // LMDB refused the batch: the log must not replay it after a crash.
-            if let Err(undo) = log.wal.undo_last() {
-                panic!(
-                    "the write-ahead log holds a batch LMDB refused ({error}) and cannot take \
-                     it back ({undo}): stopping before anything else is acked"
-                );
-            }
-            return Err(error.into());
-        }
-        log.commits_since_checkpoint += 1;
-        log.write_behind();
-        if log.commits_since_checkpoint >= CHECKPOINT_COMMITS {
-            log.restart()?;
-            log.checkpoints_for_pinned_pages += 1;
-        }
-        Ok(())
     }
 
     /// LMDB put, recorded in the redo list when the store has a log.
     fn put(&mut self, table: RedoTable, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         write(
-            &mut self.txn,
+            &mut *self.txn,
             &self.tables,
             self.redo.as_deref_mut(),
             table,
@@ -1386,7 +1605,7 @@ impl BatchWriter<'_> {
     /// LMDB delete, recorded in the redo list when the store has a log.
     fn delete(&mut self, table: RedoTable, key: &[u8]) -> Result<(), StoreError> {
         write(
-            &mut self.txn,
+            &mut *self.txn,
             &self.tables,
             self.redo.as_deref_mut(),
             table,
@@ -1454,6 +1673,11 @@ fn now_ms() -> u64 {
 
 #[cfg(test)]
 impl ShardStore {
+    /// A view of what LMDB has committed, without the overlay of acked batches it has not.
+    pub(crate) fn read_committed(&self) -> Result<ReadView<'_>, StoreError> {
+        open_view(&self.env, &self.gate, &self.tables, None)
+    }
+
     /// Calls `hook` right after every checkpoint's LMDB sync (power-loss tests copy the data
     /// file there: it is what survives a power loss until the next checkpoint).
     pub(crate) fn set_checkpoint_hook(&mut self, hook: Box<dyn FnMut() + Send>) {
@@ -1501,6 +1725,18 @@ impl ShardStore {
     }
 }
 
+/// A read view: the resize gate's pass first, then `overlay` (taken by the caller, before the
+/// transaction as `overlay`'s invariants require), then the LMDB read transaction.
+fn open_view<'s>(
+    env: &'s Env<WithoutTls>,
+    gate: &'s ResizeGate,
+    tables: &'s Tables,
+    overlay: Option<Arc<super::overlay::Overlay>>,
+) -> Result<ReadView<'s>, StoreError> {
+    let pass = gate.read();
+    Ok(ReadView::new(pass, overlay, env.read_txn()?, tables))
+}
+
 /// A cloneable read-only handle on a shard store (see [`ShardStore::reader`]).
 ///
 /// The shard's event loop reads through it (replay on resume, metadata
@@ -1511,6 +1747,7 @@ pub struct StoreReader {
     env: Env<WithoutTls>,
     tables: Tables,
     gate: Arc<ResizeGate>,
+    overlay: Arc<SharedOverlay>,
 }
 
 /// How big a shard's environment is (for `/metrics`).
@@ -1536,7 +1773,6 @@ impl StoreReader {
     /// Opens a consistent read-only view (an LMDB read transaction). Waits for the few
     /// microseconds of a map resize if the writer is doing one.
     pub fn read(&self) -> Result<ReadView<'_>, StoreError> {
-        let pass = self.gate.read();
-        Ok(ReadView::new(pass, self.env.read_txn()?, &self.tables))
+        open_view(&self.env, &self.gate, &self.tables, self.overlay.snapshot())
     }
 }

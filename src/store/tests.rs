@@ -12,6 +12,7 @@ fn options(durability: Durability) -> StoreOptions {
         max_map_size: 64 << 20,
         durability,
         log_bytes: 1 << 20,
+        apply_interval: std::time::Duration::ZERO,
     }
 }
 
@@ -692,6 +693,7 @@ fn full_map_is_a_typed_error_that_stores_nothing_and_can_be_grown() {
         max_map_size: 256 << 10,
         durability: Durability::None,
         log_bytes: 0,
+        apply_interval: std::time::Duration::ZERO,
     };
     let mut store = ShardStore::open(dir.path(), 0, small).unwrap();
     let c = open_conversation(&mut store, "s", "v");
@@ -1116,6 +1118,7 @@ fn pinned_checkpoints_bound_the_data_file() {
         max_map_size: 1 << 30,
         durability: Durability::Fsync,
         log_bytes: 64 << 20,
+        apply_interval: std::time::Duration::ZERO,
     };
     // Before the open, so that any write-behind the store makes falls inside the window.
     let started = std::time::Instant::now();

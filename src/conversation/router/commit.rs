@@ -67,7 +67,7 @@ impl Router {
     /// executor may end.
     pub async fn finish_commits(&self, limit: Duration) {
         let deadline = std::time::Instant::now() + limit;
-        while (self.committing.get() || !self.pending.borrow().is_empty())
+        while (self.committing.get() || !self.pending.borrow().is_empty() || self.store_pending())
             && std::time::Instant::now() < deadline
         {
             glommio::timer::sleep(Duration::from_millis(2)).await;
@@ -82,6 +82,49 @@ impl Router {
         }
         self.jobs.close();
         self.jobs.drained().await;
+    }
+
+    /// Whether the store holds acked batches LMDB has not committed (deferred apply); the
+    /// committer applies them once no batch came for `apply_interval`.
+    fn store_pending(&self) -> bool {
+        self.store
+            .borrow()
+            .as_ref()
+            .is_some_and(|store| store.has_pending())
+    }
+
+    /// Commits the deferred batches to LMDB on the blocking thread (see
+    /// [`ShardStore::apply_pending`]). A failure leaves them pending (they are in the log) and is
+    /// retried at the next idle interval or batch.
+    async fn apply_pending(&self) {
+        if self.jobs.is_closed() {
+            return;
+        }
+        let Some(store) = self.store.borrow_mut().take() else {
+            return;
+        };
+        self.committing.set(true);
+        let (store, result) = self
+            .jobs
+            .run(move || {
+                let mut store = store;
+                let result = store.apply_pending();
+                (store, result)
+            })
+            .await
+            .expect("the job set was open just before, with no await in between");
+        *self.store.borrow_mut() = Some(store);
+        self.committing.set(false);
+        // Operations queued meanwhile rang nothing (see `queue_op`).
+        if !self.pending.borrow().is_empty() {
+            let _ = self.doorbell.try_send(());
+        }
+        if let Err(error) = result {
+            if error.is_fatal() {
+                panic!("shard {}: the LMDB environment failed: {error}", self.shard);
+            }
+            tracing::error!(shard = self.shard, %error, "cannot apply acked batches to LMDB yet (they are safe in the write-ahead log)");
+        }
     }
 
     pub(super) fn queue_op(&self, op: Op, completion: Completion) {
@@ -103,9 +146,39 @@ impl Router {
         let window = self.config().storage.commit_window;
         let interval = self.config().storage.commit_interval;
         let max_batch = self.config().storage.max_batch.max(1);
+        let apply_interval = self.apply_interval;
         // When the previous commit started (see `commit_wait`).
         let mut last_start: Option<std::time::Instant> = None;
-        while doorbell.recv().await.is_some() {
+        loop {
+            // Idle: wait for an operation, or (deferred apply) until the acked batches are due
+            // in LMDB.
+            let due = self
+                .store
+                .borrow()
+                .as_ref()
+                .and_then(|store| store.pending_since())
+                .map(|since| apply_interval.saturating_sub(since.elapsed()));
+            let rang = match due {
+                None => doorbell.recv().await,
+                Some(wait) => {
+                    let rang =
+                        futures_lite::future::or(async { Some(doorbell.recv().await) }, async {
+                            glommio::timer::sleep(wait).await;
+                            None
+                        })
+                        .await;
+                    match rang {
+                        Some(rang) => rang,
+                        None => {
+                            self.apply_pending().await;
+                            continue;
+                        }
+                    }
+                }
+            };
+            if rang.is_none() {
+                break;
+            }
             // Only the first batch after an idle period waits for the window;
             // operations that queued up during a commit have waited already.
             let mut first = true;

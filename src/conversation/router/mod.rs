@@ -9,7 +9,9 @@
 //!   whole batch in ONE LMDB transaction on glommio's blocking thread (pinned next to the shard), so
 //!   an fsync never stalls the event loop. While a commit is in flight the
 //!   next batch accumulates. Reads (replay, metadata) use a [`StoreReader`]
-//!   on the shard's thread; LMDB readers never wait for the writer.
+//!   on the shard's thread; LMDB readers never wait for the writer. With the log, LMDB commits
+//!   the acked batches of up to `apply_interval` at once (deferred apply, see `store`); when no
+//!   batch comes for that long the committer applies them itself.
 //!   A full map grows inside the commit (the store retries the batch). When the
 //!   store is out of space (map at `max_map_size`, disk full) the batch's senders
 //!   get `storage_full`, and later batches are refused at once until a retry
@@ -178,6 +180,8 @@ pub struct Router {
     /// Whether each outgoing queue's drain task has been rung and not yet run.
     outgoing_rung: Vec<Cell<bool>>,
     committing: Cell<bool>,
+    /// The store's deferred apply interval (`[storage] apply_interval`).
+    apply_interval: Duration,
     /// Whether the store is full (map at its ceiling, disk full): batches are refused with
     /// `storage_full` without touching the store until the next retry.
     full: RefCell<WriteBackoff>,
@@ -217,6 +221,7 @@ impl Router {
             crate::config::Durability::Batch => Durability::Batch,
             crate::config::Durability::NoSync => Durability::None,
         };
+        let apply_interval = config.storage.apply_interval;
         let store = ShardStore::open(
             &config.storage.dir,
             shard,
@@ -225,6 +230,7 @@ impl Router {
                 max_map_size: config.storage.max_map_size as usize,
                 durability,
                 log_bytes: config.storage.log_bytes,
+                apply_interval,
             },
         )
         .map_err(|source| RouterError::Store {
@@ -294,6 +300,7 @@ impl Router {
             outgoing_rx: RefCell::new(outgoing_rx),
             outgoing_rung: (0..shard_count).map(|_| Cell::new(false)).collect(),
             committing: Cell::new(false),
+            apply_interval,
             full: RefCell::default(),
             jobs: Rc::default(),
             commit_cost: Cell::default(),

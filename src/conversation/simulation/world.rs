@@ -185,6 +185,7 @@ fn store_options() -> StoreOptions {
         max_map_size: 64 << 20,
         durability: Durability::None,
         log_bytes: 0,
+        apply_interval: std::time::Duration::ZERO,
     }
 }
 
