@@ -353,6 +353,21 @@ fn a_resume_right_after_the_acks_replays_messages_lmdb_has_not_committed_yet() {
         let (message, _) = wait_for(&mut tab, "replayed message", of_type("message"));
         assert_eq!(message["seq"].as_u64(), Some(seq));
     }
+    // A clean stop right after an ack applies the acked batch to LMDB itself (not left to the
+    // log's replay at the next start).
+    assert_eq!(say(&mut tab, "d5", "fifth"), 5);
+    drop(tab);
+    let mut server = server;
+    let status = server.terminate(Duration::from_secs(20)).expect("stopped");
+    assert!(status.success(), "{status:?}\n{}", server.logs());
+    assert!(
+        !server.has_logged("closing with acked batches not applied"),
+        "{}",
+        server.logs()
+    );
+    let server = Server::start_in(server.crash(), &config);
+    let (_tab, hello) = visitor(&server, "acme", "deferred-visitor", None);
+    assert_eq!(hello["seq"], 5);
 }
 
 const CAPPED_AGENTS: &str = r#"

@@ -143,6 +143,11 @@ fn readers_see_acked_batches_before_lmdb_commits_them() {
     assert!(!store.has_pending());
     assert_eq!(committed_messages(&store, first), 4);
     assert_eq!(read_all(&reader, first).len(), 4);
+    // A batch that writes nothing (a re-send) keeps no transaction open.
+    store
+        .append_batch(&[message(first, "fourth", "new")])
+        .unwrap();
+    assert!(!store.has_pending());
 }
 
 #[test]

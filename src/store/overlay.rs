@@ -12,10 +12,13 @@
 //! - The writer adds a batch's writes after its log record is synced and before the batch's
 //!   outcomes leave the store (so before anything is acked), and clears the overlay only after
 //!   the LMDB transaction holding every write in it has committed.
-//! - A reader takes its overlay snapshot BEFORE it begins its LMDB read transaction. Any
-//!   write missing from that snapshot was cleared, so committed before the transaction began
-//!   and visible in it; a write in both is the same value. So overlay-over-LMDB is exactly the
-//!   acked state, whichever of the two a write is in.
+//! - Every write in the overlay was made on top of one LMDB snapshot, its `base` (the overlay
+//!   is cleared whenever LMDB commits). A reader takes its overlay snapshot BEFORE it begins
+//!   its LMDB read transaction, and uses it only if that transaction's snapshot is `base`;
+//!   otherwise LMDB committed the writes (and maybe newer values of the same keys) meanwhile
+//!   and the reader starts over. Any acked write missing from its snapshot was cleared, so
+//!   committed before the transaction began and visible in it. So overlay-over-LMDB is exactly
+//!   the acked state as of the snapshot.
 //! - Snapshots are immutable (`Arc`); the writer copies the map when a reader holds the
 //!   current one (readers hold it for the microseconds of a view).
 //! - A key's entry is its last write: `Some(value)` a put, `None` a delete.
@@ -37,6 +40,8 @@ type PendingRange<'o> = std::collections::btree_map::Range<'o, Box<[u8]>, Option
 #[derive(Clone, Default)]
 pub(crate) struct Overlay {
     tables: [PendingTable; TABLES],
+    /// The id of the LMDB snapshot (last committed transaction) these writes apply on top of.
+    base: usize,
 }
 
 fn slot(table: RedoTable) -> usize {
@@ -44,6 +49,12 @@ fn slot(table: RedoTable) -> usize {
 }
 
 impl Overlay {
+    /// The id of the LMDB snapshot these writes apply on top of: a view whose read transaction
+    /// has another id must not use them (see the module's invariants).
+    pub(crate) fn base(&self) -> usize {
+        self.base
+    }
+
     /// The pending write of `key`: `Some(Some(value))` put, `Some(None)` deleted, `None` not
     /// written since LMDB's last commit.
     pub(crate) fn get(&self, table: RedoTable, key: &[u8]) -> Option<Option<&[u8]>> {
@@ -116,13 +127,24 @@ impl SharedOverlay {
         self.lock().clone()
     }
 
-    /// Adds a batch's writes (its log record is synced; the batch is not acked yet).
-    pub(crate) fn add(&self, writes: &[RedoWrite<'_>]) {
+    /// Adds a batch's writes (its log record is synced; the batch is not acked yet), made in a
+    /// write transaction on top of LMDB snapshot `base`.
+    pub(crate) fn add(&self, writes: &[RedoWrite<'_>], base: usize) {
         if writes.is_empty() {
             return;
         }
         let mut current = self.lock();
-        Arc::make_mut(current.get_or_insert_with(Default::default)).add(writes);
+        let overlay = Arc::make_mut(current.get_or_insert_with(|| {
+            Arc::new(Overlay {
+                base,
+                ..Overlay::default()
+            })
+        }));
+        debug_assert_eq!(
+            overlay.base, base,
+            "the overlay is cleared at every LMDB commit"
+        );
+        overlay.add(writes);
     }
 
     /// Forgets every pending write (LMDB has committed them all).
@@ -278,9 +300,10 @@ mod tests {
     fn a_snapshot_does_not_change_when_writes_are_added_or_cleared() {
         let shared = SharedOverlay::default();
         assert!(shared.snapshot().is_none());
-        shared.add(&[put(b"a", b"1")]);
+        shared.add(&[put(b"a", b"1")], 7);
         let before = shared.snapshot().unwrap();
-        shared.add(&[put(b"b", b"2")]);
+        assert_eq!(before.base(), 7);
+        shared.add(&[put(b"b", b"2")], 7);
         shared.clear();
         assert!(shared.snapshot().is_none());
         assert_eq!(before.get(RedoTable::Messages, b"a"), Some(Some(&b"1"[..])));

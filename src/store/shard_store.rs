@@ -3,9 +3,13 @@
 //! Invariants:
 //! - One `ShardStore` per shard directory per process (heed refuses a second open; we
 //!   report [`StoreError::AlreadyOpen`]). Only the owning shard's thread writes to it.
-//! - Every `apply` is one LMDB write transaction. When it returns `Ok`, the batch is
-//!   committed with the durability of the store's [`Durability`] mode; when it returns
-//!   `Err`, nothing of the batch is stored and in-memory state is unchanged.
+//! - Every `apply` runs in one LMDB write transaction: its own, or (deferred apply, see
+//!   [`StoreOptions::apply_interval`]) the one the acked batches since LMDB's last commit left
+//!   open. When it returns `Ok`, the batch is committed with the durability of the store's
+//!   [`Durability`] mode (with the log: its record is synced) and readers see it; when it
+//!   returns `Err`, nothing of the batch is stored and in-memory state is unchanged, except
+//!   that a batch that did not fit the log and was committed to LMDB is readable (and
+//!   recognised when re-sent) if the checkpoint after it failed.
 //! - `Conversation::last_seq` is the seq of the newest stored message of that
 //!   conversation; the next message gets `last_seq + 1`.
 //! - A re-sent message (same conversation and client id as one of the conversation's newest
@@ -47,7 +51,8 @@ use super::wal::{
 /// The write-ahead log's file in the shard's directory.
 pub const LOG_FILE: &str = "wal.log";
 
-/// With the log, a checkpoint also comes after this many commits. The pinned checkpoint
+/// With the log, a checkpoint also comes after this many LMDB commits (with deferred apply, one
+/// per `apply_interval` under load: 6.4 s at the default 50 ms). The pinned checkpoint
 /// snapshot (see `wal::meta_pages`) keeps LMDB from reusing any page freed since, so every
 /// commit's copied pages stay allocated until the next checkpoint: the data file grows by
 /// about this many commits' pages, and the checkpoint syncs them. Measured by
@@ -197,7 +202,9 @@ enum Logged {
     /// The record is synced in the log.
     Appended,
     /// The record did not fit (the log is full, or the batch is larger than the log): the batch
-    /// commits by committing LMDB and syncing it (a checkpoint), with no record.
+    /// commits by committing LMDB and syncing it (a checkpoint), with no record. If the sync
+    /// fails after LMDB committed, the batch is reported failed but is readable; its re-send is
+    /// recognised.
     Checkpoint { log_full: bool },
 }
 
@@ -589,8 +596,19 @@ impl ShardStore {
                 Ok(())
             }
             Logged::Appended if self.defer_commit() => {
+                if self.redo.is_empty() {
+                    if self.pending_redo.is_empty() {
+                        // Nothing written (re-sends, refusals): no transaction to keep open.
+                        self.abandon();
+                    }
+                    return Ok(());
+                }
+                // The LMDB snapshot these writes apply on top of: the one before this write
+                // transaction (see `overlay`'s invariants).
+                let base = self.open.as_ref().expect("a batch ran in it").txn.id() - 1;
                 self.overlay.add(
                     &wal::redo::decode(&self.redo).expect("the redo list was built by this batch"),
+                    base,
                 );
                 self.pending_redo.extend_from_slice(&self.redo);
                 Ok(())
@@ -625,21 +643,19 @@ impl ShardStore {
         })
     }
 
-    /// Whether acked batches wait for LMDB's commit (see [`ShardStore::apply_pending`]).
+    /// Whether acked batches wait for LMDB's commit, or a write transaction is open between
+    /// batches (see [`ShardStore::apply_pending`]).
     pub fn has_pending(&self) -> bool {
-        !self.pending_redo.is_empty()
+        self.open.is_some() || !self.pending_redo.is_empty()
     }
 
-    /// When the oldest batch waiting for LMDB's commit began its transaction, if one waits.
+    /// When the open transaction began (or now, if acked batches wait for one after an
+    /// abandoned transaction), if [`ShardStore::has_pending`].
     pub fn pending_since(&self) -> Option<Instant> {
-        if !self.has_pending() {
-            return None;
+        match &self.open {
+            Some(open) => Some(open.began),
+            None => self.has_pending().then(Instant::now),
         }
-        Some(
-            self.open
-                .as_ref()
-                .map_or_else(Instant::now, |open| open.began),
-        )
     }
 
     /// The batch writer of the open write transaction (begun if needed).
@@ -679,7 +695,8 @@ impl ShardStore {
         self.env.info().map_size
     }
 
-    /// Applies `ops` in order in ONE write transaction and commits it.
+    /// Applies `ops` in order in ONE write transaction and commits it (deferred apply: logs it,
+    /// and LMDB commits it with the batches of the next `apply_interval`).
     ///
     /// Returns one outcome per op. `Err` means nothing was stored (LMDB failure, full map,
     /// corrupt record); a refused op shows up as [`OpOutcome::Rejected`] instead and does
@@ -791,8 +808,10 @@ impl ShardStore {
             });
         };
         // SAFETY: LMDB requires that no transaction of this env is live in this process.
-        // Write transactions are created and ended inside `&mut self` methods, so `&mut
-        // self` proves none is live. Every read transaction (through this store or any
+        // Write transactions are created and ended inside `&mut self` methods, except the one
+        // deferred apply keeps open between batches (`self.open`), which `set_map_size`
+        // committed (or a failed batch abandoned) before calling this; so `&mut self` proves
+        // none is live. Every read transaction (through this store or any
         // `StoreReader` clone, on any thread) is a `ReadView` holding a `ReadPass` of
         // `self.gate` from before it begins until after it ends, and `_pass` is only
         // granted while no `ReadPass` exists and keeps new ones from being granted. The
@@ -817,7 +836,7 @@ impl ShardStore {
     /// Keep it short: a live view pins old pages, so the file grows while it is held.
     /// Never hold one across an `await`.
     pub fn read(&self) -> Result<ReadView<'_>, StoreError> {
-        open_view(&self.env, &self.gate, &self.tables, self.overlay.snapshot())
+        open_view(&self.env, &self.gate, &self.tables, Some(&self.overlay))
     }
 
     /// The metadata of a conversation.
@@ -950,6 +969,11 @@ impl Drop for ShardStore {
                     "closing with acked batches not applied to LMDB; the next start replays them \
                      from the write-ahead log"
                 );
+                // Ended without committing. On another thread than the one that began it (the
+                // driver's `finish_commits` gave up waiting), LMDB's unlock of its writer mutex
+                // fails with EPERM (a robust mutex), which LMDB ignores: the lock stays with the
+                // blocking thread until it exits, so nothing in this process writes this
+                // environment again meanwhile; the process is stopping.
                 if let Some(open) = self.open.take() {
                     drop(open.txn);
                 }
@@ -1712,6 +1736,7 @@ impl ShardStore {
         seq: u64,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
+        self.apply_pending()?;
         let mut txn = self.env.write_txn()?;
         self.tables
             .messages
@@ -1725,16 +1750,30 @@ impl ShardStore {
     }
 }
 
-/// A read view: the resize gate's pass first, then `overlay` (taken by the caller, before the
-/// transaction as `overlay`'s invariants require), then the LMDB read transaction.
+/// A read view: the resize gate's pass first, then the overlay's snapshot, then the LMDB read
+/// transaction. The snapshot's writes apply on top of one LMDB snapshot (its `base`); if LMDB
+/// committed them before the transaction began, the overlay may hold older values of keys that
+/// LMDB now has newer ones for, so the view is taken again (the writer clears the overlay right
+/// after its commit: a retry waits microseconds).
 fn open_view<'s>(
     env: &'s Env<WithoutTls>,
     gate: &'s ResizeGate,
     tables: &'s Tables,
-    overlay: Option<Arc<super::overlay::Overlay>>,
+    overlay: Option<&SharedOverlay>,
 ) -> Result<ReadView<'s>, StoreError> {
-    let pass = gate.read();
-    Ok(ReadView::new(pass, overlay, env.read_txn()?, tables))
+    loop {
+        let pass = gate.read();
+        let snapshot = overlay.and_then(SharedOverlay::snapshot);
+        let txn = env.read_txn()?;
+        match &snapshot {
+            Some(pending) if pending.base() != txn.id() => {
+                drop(txn);
+                drop(pass);
+                std::thread::yield_now();
+            }
+            _ => return Ok(ReadView::new(pass, snapshot, txn, tables)),
+        }
+    }
 }
 
 /// A cloneable read-only handle on a shard store (see [`ShardStore::reader`]).
@@ -1773,6 +1812,6 @@ impl StoreReader {
     /// Opens a consistent read-only view (an LMDB read transaction). Waits for the few
     /// microseconds of a map resize if the writer is doing one.
     pub fn read(&self) -> Result<ReadView<'_>, StoreError> {
-        open_view(&self.env, &self.gate, &self.tables, self.overlay.snapshot())
+        open_view(&self.env, &self.gate, &self.tables, Some(&self.overlay))
     }
 }

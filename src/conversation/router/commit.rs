@@ -1,9 +1,13 @@
-//! Group commit: storage operations queue here and a committer task applies them in one LMDB
-//! transaction per batch on the shard's blocking thread; outcomes go back to the owner in commit
-//! order. Out of space, the batch's senders get `storage_full` and writes back off.
+//! Group commit: storage operations queue here and a committer task applies each batch on the
+//! shard's blocking thread (`ShardStore::apply`: one log record and fdatasync, and LMDB writes
+//! that commit with the batch or, deferred, with the batches of the next `apply_interval`);
+//! outcomes go back to the owner in commit order. Out of space, the batch's senders get
+//! `storage_full` and writes back off.
 //!
-//! Invariants: an operation is acked (through its completion) only after the transaction that
-//! stored it committed; at shutdown no blocking job outlives the shard's executor.
+//! Invariants: an operation is acked (through its completion) only after the store committed it
+//! (its log record synced, or LMDB's transaction committed without a log); the acked batches
+//! LMDB has not committed are applied once the committer has been idle for `apply_interval`
+//! since their transaction began, and at shutdown; no blocking job outlives the shard's executor.
 
 use super::*;
 
@@ -67,10 +71,15 @@ impl Router {
     /// executor may end.
     pub async fn finish_commits(&self, limit: Duration) {
         let deadline = std::time::Instant::now() + limit;
-        while (self.committing.get() || !self.pending.borrow().is_empty() || self.store_pending())
+        while (self.committing.get() || !self.pending.borrow().is_empty())
             && std::time::Instant::now() < deadline
         {
             glommio::timer::sleep(Duration::from_millis(2)).await;
+        }
+        // Deferred apply: the acked batches go into LMDB now, on the blocking thread that holds
+        // their transaction (a store dropped with them pending leaves them to the log's replay).
+        if self.store_pending() {
+            self.apply_pending().await;
         }
         let left = self.pending.borrow().len();
         if left > 0 {
@@ -151,12 +160,13 @@ impl Router {
         let mut last_start: Option<std::time::Instant> = None;
         loop {
             // Idle: wait for an operation, or (deferred apply) until the acked batches are due
-            // in LMDB.
+            // in LMDB. Not once the shard is stopping: `finish_commits` applies them then.
             let due = self
                 .store
                 .borrow()
                 .as_ref()
                 .and_then(|store| store.pending_since())
+                .filter(|_| !self.jobs.is_closed())
                 .map(|since| apply_interval.saturating_sub(since.elapsed()));
             let rang = match due {
                 None => doorbell.recv().await,

@@ -6,12 +6,14 @@
 //!   commits: it waits `commit_window` after the first pending operation, and
 //!   never starts a commit less than `commit_interval` after the previous one
 //!   started (`max_batch` pending operations commit at once), then applies the
-//!   whole batch in ONE LMDB transaction on glommio's blocking thread (pinned next to the shard), so
-//!   an fsync never stalls the event loop. While a commit is in flight the
-//!   next batch accumulates. Reads (replay, metadata) use a [`StoreReader`]
+//!   whole batch (one log record, and its writes in ONE LMDB transaction) on glommio's blocking
+//!   thread (pinned next to the shard; one thread, which keeps a deferred LMDB transaction on the
+//!   thread that began it), so an fsync never stalls the event loop. While a commit is in flight
+//!   the next batch accumulates. Reads (replay, metadata) use a [`StoreReader`]
 //!   on the shard's thread; LMDB readers never wait for the writer. With the log, LMDB commits
 //!   the acked batches of up to `apply_interval` at once (deferred apply, see `store`); when no
-//!   batch comes for that long the committer applies them itself.
+//!   batch ends that interval, the committer applies them itself, and `finish_commits` does at
+//!   shutdown.
 //!   A full map grows inside the commit (the store retries the batch). When the
 //!   store is out of space (map at `max_map_size`, disk full) the batch's senders
 //!   get `storage_full`, and later batches are refused at once until a retry
