@@ -74,9 +74,11 @@ pub struct StoreOptions {
     /// commits without a log, syncing LMDB at every commit.
     pub log_bytes: u64,
     /// Deferred apply (with the log only): a batch is acked once its log record is synced, and
-    /// its LMDB writes stay in a write transaction that commits at most this long after it
-    /// began, with the batches after it (see `store::overlay`). Zero commits LMDB at every
-    /// batch.
+    /// its LMDB writes stay in a write transaction that commits, with the batches after it, at
+    /// the end of the first batch this long after it began, or when the driver calls
+    /// [`ShardStore::apply_pending`](super::ShardStore::apply_pending) (see `store::overlay`). A
+    /// transaction abandoned by a failed batch starts over, so its batches can wait longer. Zero
+    /// commits LMDB at every batch.
     pub apply_interval: std::time::Duration,
 }
 

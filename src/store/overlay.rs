@@ -15,10 +15,10 @@
 //! - Every write in the overlay was made on top of one LMDB snapshot, its `base` (the overlay
 //!   is cleared whenever LMDB commits). A reader takes its overlay snapshot BEFORE it begins
 //!   its LMDB read transaction, and uses it only if that transaction's snapshot is `base`;
-//!   otherwise LMDB committed the writes (and maybe newer values of the same keys) meanwhile
-//!   and the reader starts over. Any acked write missing from its snapshot was cleared, so
-//!   committed before the transaction began and visible in it. So overlay-over-LMDB is exactly
-//!   the acked state as of the snapshot.
+//!   otherwise LMDB committed every write in it (and maybe newer values of the same keys)
+//!   meanwhile, and the reader reads LMDB alone. Any acked write missing from its snapshot was
+//!   cleared, so committed before the transaction began and visible in it. So overlay-over-LMDB
+//!   is exactly the acked state as of the snapshot.
 //! - Snapshots are immutable (`Arc`); the writer copies the map when a reader holds the
 //!   current one (readers hold it for the microseconds of a view).
 //! - A key's entry is its last write: `Some(value)` a put, `None` a delete.

@@ -8,8 +8,9 @@
 //!   open. When it returns `Ok`, the batch is committed with the durability of the store's
 //!   [`Durability`] mode (with the log: its record is synced) and readers see it; when it
 //!   returns `Err`, nothing of the batch is stored and in-memory state is unchanged, except
-//!   that a batch that did not fit the log and was committed to LMDB is readable (and
-//!   recognised when re-sent) if the checkpoint after it failed.
+//!   when LMDB committed the batch and the checkpoint after it failed (a batch that did not fit
+//!   the log, or the checkpoint every [`CHECKPOINT_COMMITS`]): then the batch is readable, and
+//!   recognised when re-sent.
 //! - `Conversation::last_seq` is the seq of the newest stored message of that
 //!   conversation; the next message gets `last_seq + 1`.
 //! - A re-sent message (same conversation and client id as one of the conversation's newest
@@ -631,8 +632,9 @@ impl ShardStore {
     }
 
     /// Commits to LMDB the batches acked since its last commit (deferred apply; see
-    /// [`StoreOptions::apply_interval`]). The driver calls it when no batch came for an
-    /// interval, and before the store leaves the thread that applies its batches.
+    /// [`StoreOptions::apply_interval`]). The driver calls it when their transaction is an
+    /// interval old and no batch is in progress, and at shutdown on the thread that applies its
+    /// batches.
     pub fn apply_pending(&mut self) -> Result<(), StoreError> {
         if !self.has_pending() {
             return Ok(());
@@ -1751,29 +1753,22 @@ impl ShardStore {
 }
 
 /// A read view: the resize gate's pass first, then the overlay's snapshot, then the LMDB read
-/// transaction. The snapshot's writes apply on top of one LMDB snapshot (its `base`); if LMDB
-/// committed them before the transaction began, the overlay may hold older values of keys that
-/// LMDB now has newer ones for, so the view is taken again (the writer clears the overlay right
-/// after its commit: a retry waits microseconds).
+/// transaction. The snapshot's writes apply on top of one LMDB snapshot (its `base`). If the read
+/// transaction sees a later one, LMDB committed transaction `base + 1` meanwhile, which held every
+/// write of the snapshot (the overlay is cleared at every commit, and a transaction abandoned
+/// before it was replayed into it): the view reads LMDB alone, where the overlay could only
+/// shadow newer values of the same keys.
 fn open_view<'s>(
     env: &'s Env<WithoutTls>,
     gate: &'s ResizeGate,
     tables: &'s Tables,
     overlay: Option<&SharedOverlay>,
 ) -> Result<ReadView<'s>, StoreError> {
-    loop {
-        let pass = gate.read();
-        let snapshot = overlay.and_then(SharedOverlay::snapshot);
-        let txn = env.read_txn()?;
-        match &snapshot {
-            Some(pending) if pending.base() != txn.id() => {
-                drop(txn);
-                drop(pass);
-                std::thread::yield_now();
-            }
-            _ => return Ok(ReadView::new(pass, snapshot, txn, tables)),
-        }
-    }
+    let pass = gate.read();
+    let snapshot = overlay.and_then(SharedOverlay::snapshot);
+    let txn = env.read_txn()?;
+    let snapshot = snapshot.filter(|pending| pending.base() == txn.id());
+    Ok(ReadView::new(pass, snapshot, txn, tables))
 }
 
 /// A cloneable read-only handle on a shard store (see [`ShardStore::reader`]).

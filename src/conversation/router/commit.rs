@@ -6,8 +6,9 @@
 //!
 //! Invariants: an operation is acked (through its completion) only after the store committed it
 //! (its log record synced, or LMDB's transaction committed without a log); the acked batches
-//! LMDB has not committed are applied once the committer has been idle for `apply_interval`
-//! since their transaction began, and at shutdown; no blocking job outlives the shard's executor.
+//! LMDB has not committed are applied by the first batch that ends `apply_interval` after their
+//! transaction began, or by the committer at that time when no batch is in progress, and at
+//! shutdown; no blocking job outlives the shard's executor.
 
 use super::*;
 
@@ -76,8 +77,11 @@ impl Router {
         {
             glommio::timer::sleep(Duration::from_millis(2)).await;
         }
+        // From here the committer takes no new batch (nor the store): the apply below may hold it.
+        self.stopping.set(true);
         // Deferred apply: the acked batches go into LMDB now, on the blocking thread that holds
-        // their transaction (a store dropped with them pending leaves them to the log's replay).
+        // their transaction. If a commit is still in flight (the limit passed), the store is not
+        // here and they stay pending: the store's drop leaves them to the log's replay.
         if self.store_pending() {
             self.apply_pending().await;
         }
@@ -94,7 +98,8 @@ impl Router {
     }
 
     /// Whether the store holds acked batches LMDB has not committed (deferred apply); the
-    /// committer applies them once no batch came for `apply_interval`.
+    /// committer applies them once their transaction is `apply_interval` old and no batch is in
+    /// progress, and `finish_commits` at shutdown.
     fn store_pending(&self) -> bool {
         self.store
             .borrow()
@@ -166,7 +171,7 @@ impl Router {
                 .borrow()
                 .as_ref()
                 .and_then(|store| store.pending_since())
-                .filter(|_| !self.jobs.is_closed())
+                .filter(|_| !self.jobs.is_closed() && !self.stopping.get())
                 .map(|since| apply_interval.saturating_sub(since.elapsed()));
             let rang = match due {
                 None => doorbell.recv().await,
@@ -253,7 +258,7 @@ impl Router {
                     glommio::yield_if_needed().await;
                     continue;
                 }
-                if self.jobs.is_closed() {
+                if self.jobs.is_closed() || self.stopping.get() {
                     // The shard is stopping (see `finish_commits`): these ops were never
                     // acked; their clients resend them after the restart.
                     self.committing.set(false);

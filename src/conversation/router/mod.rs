@@ -182,6 +182,8 @@ pub struct Router {
     /// Whether each outgoing queue's drain task has been rung and not yet run.
     outgoing_rung: Vec<Cell<bool>>,
     committing: Cell<bool>,
+    /// Set by `finish_commits`: the committer takes no new batch.
+    stopping: Cell<bool>,
     /// The store's deferred apply interval (`[storage] apply_interval`).
     apply_interval: Duration,
     /// Whether the store is full (map at its ceiling, disk full): batches are refused with
@@ -302,6 +304,7 @@ impl Router {
             outgoing_rx: RefCell::new(outgoing_rx),
             outgoing_rung: (0..shard_count).map(|_| Cell::new(false)).collect(),
             committing: Cell::new(false),
+            stopping: Cell::new(false),
             apply_interval,
             full: RefCell::default(),
             jobs: Rc::default(),
