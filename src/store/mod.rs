@@ -73,12 +73,13 @@
 //! the open write transaction, which the batches after it continue; LMDB commits it at the end
 //! of the first batch `apply_interval` after it began, when it holds
 //! `MAX_PENDING_REDO_BYTES` of writes, at a checkpoint, or when the driver calls
-//! [`ShardStore::apply_pending`] (idle for an interval, shutdown). A B-tree page the messages
-//! touch is then copied and written once per interval instead of once per batch. Readers see
-//! the acked writes LMDB has not committed through the `overlay` every [`ReadView`] reads
-//! through. A batch that fails abandons the transaction; the next one replays the acked
-//! batches' redo lists (kept in memory) before its own writes. After a crash the log replays
-//! them, as it replays everything since the last checkpoint. The transaction stays on the
+//! [`ShardStore::apply_pending`] (a transaction an interval old with no batch in progress,
+//! shutdown). A B-tree page the messages touch is then copied and written once per interval
+//! instead of once per batch. Readers see the acked writes LMDB has not committed through the
+//! `overlay` every [`ReadView`] reads through. A batch that fails abandons the transaction; the
+//! next one replays the acked batches' writes (from the overlay: each key's last write) before
+//! its own. After a crash the log replays them, as it replays everything since the last
+//! checkpoint. The transaction stays on the
 //! thread that began it (LMDB's writer lock is that thread's): the driver applies every batch
 //! on the shard's one blocking-pool thread. `deferred_tests` and the `Deferred` power-loss and
 //! kill -9 runs check it.

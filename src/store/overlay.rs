@@ -30,6 +30,16 @@ use std::sync::{Arc, Mutex};
 use super::wal::redo::{RedoTable, RedoWrite};
 
 const TABLES: usize = 7;
+/// The table of each slot of [`Overlay::tables`] (see [`slot`]).
+const SLOT_TABLES: [RedoTable; TABLES] = [
+    RedoTable::Messages,
+    RedoTable::Conversations,
+    RedoTable::Open,
+    RedoTable::Visitors,
+    RedoTable::Info,
+    RedoTable::VisitorSecrets,
+    RedoTable::Variants,
+];
 
 /// One table's pending writes, in LMDB's key order (bytewise).
 type PendingTable = BTreeMap<Box<[u8]>, Option<Box<[u8]>>>;
@@ -61,6 +71,19 @@ impl Overlay {
         self.tables[slot(table)]
             .get(key)
             .map(|value| value.as_deref())
+    }
+
+    /// Every pending write, table by table: replayed into a new write transaction when the one
+    /// holding them was abandoned (each key's last write gives the state the batches left).
+    pub(crate) fn writes(&self) -> impl Iterator<Item = (RedoTable, &[u8], Option<&[u8]>)> {
+        SLOT_TABLES
+            .iter()
+            .zip(&self.tables)
+            .flat_map(|(&table, writes)| {
+                writes
+                    .iter()
+                    .map(move |(key, value)| (table, &key[..], value.as_deref()))
+            })
     }
 
     /// The pending writes of `table` with keys in `range`, ascending, or descending when
@@ -294,6 +317,13 @@ mod tests {
             Some(Some(&b"3"[..]))
         );
         assert_eq!(overlay.get(RedoTable::Conversations, b"k"), None);
+    }
+
+    #[test]
+    fn every_table_maps_to_its_own_slot() {
+        for (index, table) in SLOT_TABLES.iter().enumerate() {
+            assert_eq!(slot(*table), index);
+        }
     }
 
     #[test]

@@ -161,12 +161,13 @@ pub struct ShardStore {
     txn_env: Box<Env<WithoutTls>>,
     /// See [`StoreOptions::apply_interval`]: zero (or no log) commits LMDB at every batch.
     apply_interval: Duration,
-    /// The redo lists of the batches acked since LMDB's last commit, in order. They are in the
-    /// log and in `open`; if `open` has to be abandoned (a later batch failed in it), the next
-    /// transaction replays them first.
-    pending_redo: Vec<u8>,
-    /// The same writes for readers (shared with every [`StoreReader`]).
+    /// The writes of the batches acked since LMDB's last commit (each key's last one), for
+    /// readers (shared with every [`StoreReader`]). They are also in the log and in `open`; if
+    /// `open` has to be abandoned (a later batch failed in it), the next transaction replays
+    /// them from here first.
     overlay: Arc<SharedOverlay>,
+    /// Bytes of redo lists the batches in `overlay` logged (the bound of deferred apply).
+    pending_bytes: usize,
 }
 
 /// A write transaction kept open across batches (see [`ShardStore::open`]'s field docs).
@@ -390,8 +391,8 @@ impl ShardStore {
             open: None,
             txn_env: Box::new(env_for_txn),
             apply_interval: options.apply_interval,
-            pending_redo: Vec::new(),
             overlay: Arc::default(),
+            pending_bytes: 0,
         };
         if let Some((wal, recovered)) = opened_log {
             store.recover(wal, recovered, pin)?;
@@ -500,18 +501,10 @@ impl ShardStore {
         // and is dropped after `self.open` (field order; `Drop` also ends `open` first). Only the
         // lifetime is changed.
         let mut txn: RwTxn<'static> = unsafe { std::mem::transmute::<RwTxn<'_>, _>(txn) };
-        if !self.pending_redo.is_empty() {
-            let writes = wal::redo::decode(&self.pending_redo)
-                .expect("the pending redo lists were built by this store");
-            for entry in writes {
-                write(
-                    &mut txn,
-                    &self.tables,
-                    None,
-                    entry.table,
-                    entry.key,
-                    entry.value,
-                )?;
+        if let Some(pending) = self.overlay.snapshot() {
+            // Each key's last write, in any order: the same state as the batches' redo lists.
+            for (table, key, value) in pending.writes() {
+                write(&mut txn, &self.tables, None, table, key, value)?;
             }
         }
         self.open = Some(OpenApply {
@@ -547,11 +540,8 @@ impl ShardStore {
         };
         open.check_thread();
         open.txn.commit()?;
-        self.pending_redo.clear();
-        if self.pending_redo.capacity() > MAX_PENDING_REDO_BYTES {
-            self.pending_redo = Vec::new();
-        }
         self.overlay.clear();
+        self.pending_bytes = 0;
         Ok(())
     }
 
@@ -573,7 +563,7 @@ impl ShardStore {
     fn defer_commit(&self) -> bool {
         self.log.is_some()
             && !self.apply_interval.is_zero()
-            && self.pending_redo.len() + self.redo.len() < MAX_PENDING_REDO_BYTES
+            && self.pending_bytes + self.redo.len() < MAX_PENDING_REDO_BYTES
             && self
                 .open
                 .as_ref()
@@ -598,7 +588,7 @@ impl ShardStore {
             }
             Logged::Appended if self.defer_commit() => {
                 if self.redo.is_empty() {
-                    if self.pending_redo.is_empty() {
+                    if self.pending_bytes == 0 {
                         // Nothing written (re-sends, refusals): no transaction to keep open.
                         self.abandon();
                     }
@@ -611,7 +601,7 @@ impl ShardStore {
                     &wal::redo::decode(&self.redo).expect("the redo list was built by this batch"),
                     base,
                 );
-                self.pending_redo.extend_from_slice(&self.redo);
+                self.pending_bytes += self.redo.len();
                 Ok(())
             }
             Logged::Appended => {
@@ -648,7 +638,7 @@ impl ShardStore {
     /// Whether acked batches wait for LMDB's commit, or a write transaction is open between
     /// batches (see [`ShardStore::apply_pending`]).
     pub fn has_pending(&self) -> bool {
-        self.open.is_some() || !self.pending_redo.is_empty()
+        self.open.is_some() || self.pending_bytes > 0
     }
 
     /// When the open transaction began (or now, if acked batches wait for one after an
