@@ -32,8 +32,8 @@
 #                                              after that column, if this run started it) with its
 #                                              start-mariadb.sh
 #   ONLY="... batch"                           adds a column "switchboard-batch": the same binary and config
-#                                              with [storage] durability = "batch" (acked once committed to
-#                                              the page cache, synced every sync_interval; see
+#                                              with [storage] durability = "batch" (acked once written to
+#                                              the write-ahead log, synced every sync_interval; see
 #                                              tuning/default.toml), against the column's default "fsync"
 #   AT_RATE=20000 AT_DURATION=10s              after each sweep but the MariaDB peer's (it saturates near
 #                                              2,000/s), one relay run at AT_RATE on a fresh server

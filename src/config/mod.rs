@@ -266,7 +266,8 @@ config_section! {
         pub map_size: u64 = MapSize,
         /// Bytes; a multiple of 4096, at least `map_size`: the map doubles up to this when full.
         pub max_map_size: u64 = MapSize,
-        /// Size of each shard's write-ahead log file with `durability = "fsync"`; 0: no log.
+        /// Size of each shard's write-ahead log file with `durability = "fsync"` or `"batch"`;
+        /// 0: no log.
         pub log_bytes: u64 = Size(0, GIB),
         /// With the log: the longest LMDB's commit of acked batches waits for later ones.
         pub apply_interval: Duration = Dur(Duration::ZERO, secs(1)),
@@ -278,7 +279,8 @@ config_section! {
 pub enum Durability {
     /// `"fsync"`: acknowledge after the commit holding it is fsync'd.
     Fsync,
-    /// `"batch"`: acknowledge after commit; fsync every `storage.sync_interval`.
+    /// `"batch"`: acknowledge once written to the log (or committed, without a log); fsync
+    /// every `storage.sync_interval`.
     Batch,
     /// `"none"`: never fsync explicitly; the OS writes back when it likes.
     NoSync,

@@ -1,4 +1,6 @@
-//! Crash test: a child process appends with `Durability::Fsync` and prints every ack; the
+//! Crash test: a child process appends with `Durability::Fsync` (and, in a second test,
+//! `Durability::Batch`, whose log appends are not synced: a process crash must lose nothing
+//! either, the page cache keeps them) and prints every ack; the
 //! parent kills it with SIGKILL at a random moment, several times over the same directory,
 //! then checks that every acked message is stored under its acked seq, exactly once, with
 //! dense seqs. Each restarted child re-sends the last ids before where it resumes, like a
@@ -21,6 +23,7 @@ use super::*;
 const ENV_DIR: &str = "STORE_CRASH_CHILD_DIR";
 const ENV_START: &str = "STORE_CRASH_CHILD_START";
 const ENV_RESEND: &str = "STORE_CRASH_CHILD_RESEND";
+const ENV_DURABILITY: &str = "STORE_CRASH_CHILD_DURABILITY";
 const CONVERSATIONS: usize = 3;
 const SHARD: usize = 1;
 const ROUNDS: usize = 4;
@@ -38,10 +41,11 @@ fn crash_child_appender() {
     };
     let start: u64 = std::env::var(ENV_START).unwrap().parse().unwrap();
     let resend: u64 = std::env::var(ENV_RESEND).unwrap().parse().unwrap();
+    let durability = Durability::parse(&std::env::var(ENV_DURABILITY).unwrap()).unwrap();
     let options = StoreOptions {
         map_size: 256 << 20,
         max_map_size: 256 << 20,
-        durability: Durability::Fsync,
+        durability,
         log_bytes: 1 << 20,
         // Deferred apply: at the kill, the newest acked batches are in the log and in an LMDB
         // transaction that never committed.
@@ -133,7 +137,13 @@ fn parse_ack(line: &str) -> Option<(u64, Ack)> {
 
 /// Runs one child from `start`, kills it with SIGKILL after a random delay once it has
 /// acked something, and returns the acks it printed.
-fn run_and_kill(dir: &Path, start: u64, resend: u64, rng: &mut impl Rng) -> Vec<(u64, Ack)> {
+fn run_and_kill(
+    dir: &Path,
+    durability: Durability,
+    start: u64,
+    resend: u64,
+    rng: &mut impl Rng,
+) -> Vec<(u64, Ack)> {
     // The harness names tests by module path without the crate name.
     let module = module_path!().split_once("::").map_or("", |(_, rest)| rest);
     let child_test = format!("{module}::crash_child_appender");
@@ -148,6 +158,7 @@ fn run_and_kill(dir: &Path, start: u64, resend: u64, rng: &mut impl Rng) -> Vec<
         .env(ENV_DIR, dir)
         .env(ENV_START, start.to_string())
         .env(ENV_RESEND, resend.to_string())
+        .env(ENV_DURABILITY, durability.as_str())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -196,6 +207,16 @@ fn run_and_kill(dir: &Path, start: u64, resend: u64, rng: &mut impl Rng) -> Vec<
 
 #[test]
 fn crash_kill9_keeps_every_acked_message() {
+    kill9_rounds(Durability::Fsync);
+}
+
+#[test]
+fn crash_kill9_keeps_every_acked_message_with_batch_durability() {
+    kill9_rounds(Durability::Batch);
+}
+
+/// [`ROUNDS`] children appending with `durability`, each killed; then every ack is checked.
+fn kill9_rounds(durability: Durability) {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = rand::thread_rng();
     // index -> (conversation, seq) as first acked.
@@ -206,7 +227,7 @@ fn crash_kill9_keeps_every_acked_message() {
 
     for round in 0..ROUNDS {
         let resend = if round == 0 { 0 } else { 20 };
-        let acks = run_and_kill(dir.path(), next_start, resend, &mut rng);
+        let acks = run_and_kill(dir.path(), durability, next_start, resend, &mut rng);
         eprintln!(
             "crash round {round}: {} ack lines after resuming at {next_start}",
             acks.len()
@@ -245,7 +266,7 @@ fn crash_kill9_keeps_every_acked_message() {
         StoreOptions {
             map_size: 256 << 20,
             max_map_size: 256 << 20,
-            durability: Durability::Fsync,
+            durability,
             log_bytes: 1 << 20,
             apply_interval: std::time::Duration::ZERO,
         },

@@ -2,14 +2,19 @@
 //!
 //! With [`Durability::Batch`](super::Durability::Batch) commits do not sync; something has
 //! to call fdatasync every commit window. Doing it on the thread that commits makes every
-//! commit behind it wait (measured: 5-10 ms per sync on the reference disk), so the driver
-//! can hand a `Flusher` to a timer thread instead.
+//! commit behind it wait (measured: 5-10 ms per sync on the reference disk, for LMDB's
+//! scattered pages), so the driver can hand a `Flusher` to a timer thread instead.
+//!
+//! The file is the write-ahead log when the store has one (every commit is appended there
+//! first; LMDB itself is synced at the log's checkpoints), else LMDB's data file.
 //!
 //! Invariants:
-//! - The handle holds its own duplicate of the data file descriptor, never LMDB state, so
-//!   it is safe alongside commits, reads and `set_map_size` on the store's thread.
+//! - The handle holds its own duplicate of the file descriptor, never LMDB or log state, so
+//!   it is safe alongside commits, reads, checkpoints and `set_map_size` on the store's
+//!   thread.
 //! - When [`Flusher::flush`] returns `Ok`, every commit that had returned before the call
-//!   started is on stable storage (fdatasync covers all writes made to the file).
+//!   started is on stable storage (fdatasync covers all writes made to the file; a log
+//!   checkpoint syncs LMDB before it restarts the log).
 
 use std::fs::File;
 use std::sync::Arc;
@@ -19,18 +24,18 @@ use super::error::StoreError;
 /// Forces a shard store's committed data to disk; cheap to clone, `Send + Sync`.
 #[derive(Clone, Debug)]
 pub struct Flusher {
-    data_file: Arc<File>,
+    file: Arc<File>,
 }
 
 impl Flusher {
-    pub(crate) fn new(data_file: File) -> Self {
+    pub(crate) fn new(file: File) -> Self {
         Flusher {
-            data_file: Arc::new(data_file),
+            file: Arc::new(file),
         }
     }
 
-    /// fdatasync of the store's data file. Blocks for the length of one disk flush.
+    /// fdatasync of the store's log (or data file). Blocks for the length of one disk flush.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.data_file.sync_data().map_err(StoreError::Sync)
+        self.file.sync_data().map_err(StoreError::Sync)
     }
 }

@@ -14,9 +14,12 @@ pub enum Durability {
     /// power loss.
     #[default]
     Fsync,
-    /// Commits only reach the OS page cache (`MDB_NOSYNC`); [`ShardStore::flush`] forces
-    /// them to disk and must be called every commit window or so. A process crash loses
-    /// nothing; a machine crash loses up to one flush interval.
+    /// Commits only reach the OS page cache; [`ShardStore::flush`] forces them to disk and
+    /// must be called every commit window or so. A process crash loses nothing; a machine
+    /// crash loses up to one flush interval. With a write-ahead log (`log_bytes > 0`) a
+    /// commit is appended to the log without a sync, and the flush syncs the log, so a
+    /// machine crash keeps a prefix of the acked batches; without one LMDB commits with
+    /// `MDB_NOSYNC` and the flush syncs LMDB.
     ///
     /// [`ShardStore::flush`]: super::ShardStore::flush
     Batch,
@@ -33,6 +36,18 @@ impl Durability {
             Durability::Batch => EnvFlags::NO_SYNC,
             Durability::None => EnvFlags::NO_SYNC | EnvFlags::NO_META_SYNC,
         }
+    }
+
+    /// Whether the store writes its commits through the write-ahead log (when it has one:
+    /// `log_bytes > 0`).
+    pub(crate) fn uses_log(self) -> bool {
+        matches!(self, Durability::Fsync | Durability::Batch)
+    }
+
+    /// Whether every log append is synced before the batch is acked (`Fsync`); with `Batch`
+    /// the periodic flush syncs the log.
+    pub(crate) fn syncs_every_commit(self) -> bool {
+        self == Durability::Fsync
     }
 
     /// Whether the driver has to call `flush` periodically for the documented guarantee.
@@ -70,10 +85,12 @@ pub struct StoreOptions {
     /// (capped here) and retries the batch. At most `map_size` means the map never grows.
     pub max_map_size: usize,
     pub durability: Durability,
-    /// Size of the write-ahead log file with [`Durability::Fsync`] (see `store::wal`); 0
-    /// commits without a log, syncing LMDB at every commit.
+    /// Size of the write-ahead log file with [`Durability::Fsync`] and [`Durability::Batch`]
+    /// (see `store::wal`); 0 commits without a log (with `Fsync`, syncing LMDB at every
+    /// commit).
     pub log_bytes: u64,
-    /// Deferred apply (with the log only): a batch is acked once its log record is synced, and
+    /// Deferred apply (with the log only): a batch is acked once its log record is synced (with
+    /// `Batch`: written), and
     /// its LMDB writes stay in a write transaction that commits, with the batches after it, at
     /// the end of the first batch this long after it began, or when the driver calls
     /// [`ShardStore::apply_pending`](super::ShardStore::apply_pending) (see `store::overlay`). A

@@ -11,6 +11,11 @@
 //! pages: LMDB's file as a power loss can leave it under `MDB_NOSYNC`, a meta page pointing at
 //! pages that never reached the disk. The saved meta pages (`wal::meta_pages`) must take it
 //! back to the last checkpoint.
+//!
+//! With `durability = "batch"` the log is appended without a sync and flushed now and then:
+//! the power loss keeps a random subset of the unsynced writes. Every message acked before the
+//! last flush must survive, and what survives must be the acked batches up to some point,
+//! never a later batch without an earlier one.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,11 +29,11 @@ use super::*;
 
 const SHARD: usize = 1;
 
-fn options(apply: Apply) -> StoreOptions {
+fn options(apply: Apply, durability: Durability) -> StoreOptions {
     StoreOptions {
         map_size: 32 << 20,
         max_map_size: 32 << 20,
-        durability: Durability::Fsync,
+        durability,
         log_bytes: 0, // the device is given; its size rules
         apply_interval: match apply {
             Apply::EveryBatch => std::time::Duration::ZERO,
@@ -81,6 +86,14 @@ fn data_file(dir: &Path) -> std::path::PathBuf {
 /// (torn at a random length), recovers, and checks every acked message. Returns how many
 /// checkpoints the run made before the loss.
 fn run(seed: u64, lmdb: LmdbAfterLoss, apply: Apply) -> u64 {
+    run_with(seed, lmdb, apply, Durability::Fsync)
+}
+
+/// [`run`] with `durability`: with `Batch`, the store is flushed after random batches, the loss
+/// comes after a random batch was acked, and only what was acked before the last flush has to
+/// survive, as a prefix of the acked batches.
+fn run_with(seed: u64, lmdb: LmdbAfterLoss, apply: Apply, durability: Durability) -> u64 {
+    let batch_mode = durability == Durability::Batch;
     let mut rng = StdRng::seed_from_u64(seed);
     let before = tempfile::tempdir().unwrap();
     // A small log, so runs go through several checkpoints.
@@ -89,7 +102,7 @@ fn run(seed: u64, lmdb: LmdbAfterLoss, apply: Apply) -> u64 {
     let mut store = ShardStore::open_with_log(
         before.path(),
         SHARD,
-        options(apply),
+        options(apply, durability),
         Some(Box::new(disk.clone())),
     )
     .unwrap();
@@ -104,6 +117,12 @@ fn run(seed: u64, lmdb: LmdbAfterLoss, apply: Apply) -> u64 {
     let mut conversations: Vec<ConversationId> = Vec::new();
     // (conversation, seq) -> text, for every acked message.
     let mut acked: BTreeMap<(ConversationId, u64), String> = BTreeMap::new();
+    // (conversation, seq) -> index of the batch that acked it.
+    let mut acked_in: BTreeMap<(ConversationId, u64), usize> = BTreeMap::new();
+    // conversation -> index of the batch that opened it.
+    let mut opened_in: BTreeMap<ConversationId, usize> = BTreeMap::new();
+    // With `Batch`: the batches before this index were acked before the last flush.
+    let mut flushed_batches = 0;
     let mut in_flight: Vec<(ConversationId, String)> = Vec::new();
     let batches = rng.gen_range(5..60);
     let crash_at = rng.gen_range(0..batches);
@@ -134,7 +153,7 @@ fn run(seed: u64, lmdb: LmdbAfterLoss, apply: Apply) -> u64 {
                 client_id: Some(format!("c-{batch_index}-{}", ops.len())),
             }));
         }
-        if batch_index == crash_at {
+        if batch_index == crash_at && !batch_mode {
             disk.lose_power_on_next_sync();
         }
         let result = store.apply(&ops);
@@ -155,10 +174,12 @@ fn run(seed: u64, lmdb: LmdbAfterLoss, apply: Apply) -> u64 {
         for (op, outcome) in ops.iter().zip(outcomes) {
             match (op, outcome) {
                 (Op::Open { .. }, OpOutcome::Opened { conversation, .. }) => {
-                    conversations.push(conversation)
+                    conversations.push(conversation);
+                    opened_in.insert(conversation, batch_index);
                 }
                 (Op::Append(message), OpOutcome::Stored { seq, .. }) => {
                     acked.insert((message.conversation, seq), message.text.clone());
+                    acked_in.insert((message.conversation, seq), batch_index);
                 }
                 (op, outcome) => panic!("seed {seed}: {op:?} gave {outcome:?}"),
             }
@@ -166,8 +187,19 @@ fn run(seed: u64, lmdb: LmdbAfterLoss, apply: Apply) -> u64 {
         if crashed {
             break;
         }
+        if batch_mode && rng.gen_bool(0.25) {
+            store.flush().unwrap();
+            flushed_batches = batch_index + 1;
+        }
     }
     let torn = rng.gen_range(0..=disk.last_unsynced_len().unwrap_or(0));
+    let kept_writes: Vec<bool> = if batch_mode {
+        (0..disk.unsynced_writes())
+            .map(|_| rng.gen_bool(0.5))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let lmdb_bytes = match lmdb {
         LmdbAfterLoss::LastSync => synced_lmdb.lock().unwrap().clone(),
         LmdbAfterLoss::Everything => std::fs::read(data_file(before.path())).unwrap(),
@@ -181,7 +213,7 @@ fn run(seed: u64, lmdb: LmdbAfterLoss, apply: Apply) -> u64 {
     // The process dies with the power: nothing it does from now reaches the disk.
     disk.fail_from_now();
     drop(store);
-    disk.power_loss(Some(torn));
+    disk.power_loss_keeping(&kept_writes, Some(torn));
 
     // The machine comes back: LMDB's file as it survived, the log as the disk kept it.
     let after = tempfile::tempdir().unwrap();
@@ -190,17 +222,26 @@ fn run(seed: u64, lmdb: LmdbAfterLoss, apply: Apply) -> u64 {
     let store = ShardStore::open_with_log(
         after.path(),
         SHARD,
-        options(apply),
+        options(apply, durability),
         Some(Box::new(disk.clone())),
     )
     .unwrap_or_else(|error| panic!("seed {seed}: recovery failed: {error}"));
 
     let view = store.read().unwrap();
     let mut stored: BTreeMap<(ConversationId, u64), String> = BTreeMap::new();
+    // With `Batch`, the batches before this index survived (see below).
+    let mut survived = flushed_batches;
+    let mut missing_conversations = Vec::new();
     for &conversation in &conversations {
-        let last = view.last_seq(conversation).unwrap().unwrap_or_else(|| {
-            panic!("seed {seed}: conversation {conversation} opened and acked, now missing")
-        });
+        let Some(last) = view.last_seq(conversation).unwrap() else {
+            assert!(
+                batch_mode,
+                "seed {seed}: conversation {conversation} opened and acked, now missing"
+            );
+            missing_conversations.push(conversation);
+            continue;
+        };
+        survived = survived.max(opened_in[&conversation] + 1);
         let mut expected_seq = 1;
         for message in view.messages_after(conversation, 0, usize::MAX).unwrap() {
             let message = message.unwrap();
@@ -221,12 +262,42 @@ fn run(seed: u64, lmdb: LmdbAfterLoss, apply: Apply) -> u64 {
             "seed {seed}: last_seq disagrees with the messages"
         );
     }
-    for (key, text) in &acked {
-        assert_eq!(
-            stored.get(key),
-            Some(text),
-            "seed {seed} ({lmdb:?}, {apply:?}, torn {torn}): acked {key:?} lost"
-        );
+    if batch_mode {
+        // Everything acked before the last flush, and a prefix of the acked batches.
+        let survived = acked_in
+            .iter()
+            .filter(|(key, _)| stored.contains_key(key))
+            .map(|(_, &batch)| batch + 1)
+            .max()
+            .unwrap_or(0)
+            .max(survived);
+        for conversation in missing_conversations {
+            assert!(
+                opened_in[&conversation] >= survived,
+                "seed {seed}: conversation {conversation} of batch {} lost; batches up to \
+                 {survived} survived (flushed: {flushed_batches})",
+                opened_in[&conversation]
+            );
+        }
+        for (key, text) in &acked {
+            if acked_in[key] < survived {
+                assert_eq!(
+                    stored.get(key),
+                    Some(text),
+                    "seed {seed} ({lmdb:?}, {apply:?}): acked {key:?} of batch {} lost; batches \
+                     up to {survived} survived (flushed: {flushed_batches})",
+                    acked_in[key]
+                );
+            }
+        }
+    } else {
+        for (key, text) in &acked {
+            assert_eq!(
+                stored.get(key),
+                Some(text),
+                "seed {seed} ({lmdb:?}, {apply:?}, torn {torn}): acked {key:?} lost"
+            );
+        }
     }
     // Anything else stored is from the batch in flight (its record reached the disk whole:
     // stored but never acked, as when an ack is lost).
@@ -266,18 +337,41 @@ fn newer_meta_pages_over_stale_data_pages_are_taken_back_to_the_checkpoint() {
     assert!(checkpoints > 100, "only {checkpoints} checkpoints");
 }
 
+/// The three [`LmdbAfterLoss`] cases in turn.
+fn lmdb_after_loss(seed: u64) -> LmdbAfterLoss {
+    match seed % 3 {
+        0 => LmdbAfterLoss::LastSync,
+        1 => LmdbAfterLoss::Everything,
+        _ => LmdbAfterLoss::MixedPages,
+    }
+}
+
 /// Deferred apply: the acked batches LMDB had not committed at the loss come back from the log,
 /// whatever LMDB's file kept.
 #[test]
 fn every_acked_message_survives_a_power_loss_with_deferred_apply() {
     let mut checkpoints = 0;
     for seed in 3000..3150 {
-        let lmdb = match seed % 3 {
-            0 => LmdbAfterLoss::LastSync,
-            1 => LmdbAfterLoss::Everything,
-            _ => LmdbAfterLoss::MixedPages,
-        };
+        let lmdb = lmdb_after_loss(seed);
         checkpoints += run(seed, lmdb, Apply::Deferred);
+    }
+    assert!(checkpoints > 100, "only {checkpoints} checkpoints");
+}
+
+/// `durability = "batch"` over the log: after a power loss, every batch acked before the last
+/// flush survives, and the batches that survive are a prefix of the acked ones, whatever
+/// unsynced log writes and LMDB pages reached the disk.
+#[test]
+fn batch_durability_keeps_every_flushed_batch_and_a_prefix_after_a_power_loss() {
+    let mut checkpoints = 0;
+    for seed in 4000..4150 {
+        let lmdb = lmdb_after_loss(seed);
+        let apply = if seed % 2 == 0 {
+            Apply::EveryBatch
+        } else {
+            Apply::Deferred
+        };
+        checkpoints += run_with(seed, lmdb, apply, Durability::Batch);
     }
     assert!(checkpoints > 100, "only {checkpoints} checkpoints");
 }
@@ -291,7 +385,7 @@ fn a_recovered_store_continues_the_seqs_and_recognises_resent_messages() {
     let mut store = ShardStore::open_with_log(
         before.path(),
         SHARD,
-        options(Apply::EveryBatch),
+        options(Apply::EveryBatch, Durability::Fsync),
         Some(Box::new(disk.clone())),
     )
     .unwrap();
@@ -332,7 +426,7 @@ fn a_recovered_store_continues_the_seqs_and_recognises_resent_messages() {
     let mut store = ShardStore::open_with_log(
         after.path(),
         SHARD,
-        options(Apply::EveryBatch),
+        options(Apply::EveryBatch, Durability::Fsync),
         Some(Box::new(disk.clone())),
     )
     .unwrap();

@@ -148,7 +148,7 @@ pub struct ShardStore {
     staged: StagedConversations,
     /// Client ids of the newest messages of recently written conversations.
     recent: RecentIds,
-    /// The write-ahead log (`Durability::Fsync` with `log_bytes > 0`).
+    /// The write-ahead log (`Durability::Fsync` or `Batch` with `log_bytes > 0`).
     log: Option<StoreLog>,
     /// The current batch's redo list for the log (reused; released when a batch made it large).
     redo: Vec<u8>,
@@ -201,7 +201,7 @@ const MAX_PENDING_REDO_BYTES: usize = 8 << 20;
 enum Logged {
     /// No log: LMDB's commit is the batch's commit.
     NoLog,
-    /// The record is synced in the log.
+    /// The record is in the log (synced with `Durability::Fsync`).
     Appended,
     /// The record did not fit (the log is full, or the batch is larger than the log): the batch
     /// commits by committing LMDB and syncing it (a checkpoint), with no record. If the sync
@@ -238,11 +238,11 @@ impl ShardStore {
             source,
         })?;
 
-        let logged =
-            options.durability == Durability::Fsync && (options.log_bytes > 0 || device.is_some());
+        let logged = options.durability.uses_log() && (options.log_bytes > 0 || device.is_some());
         // The log is read before LMDB opens: its header's saved meta pages go back into the
         // data file first (see `wal::meta_pages`). A log left by an earlier run with the log
-        // (`durability = "fsync"`) is recovered even when this run has none, then removed.
+        // (`durability = "fsync"` or `"batch"`) is recovered even when this run has none, then
+        // removed.
         let log_file = path.join(LOG_FILE);
         let leftover = !logged && device.is_none() && log_file.exists();
         let device: Option<Box<dyn LogDevice>> = match device {
@@ -257,7 +257,8 @@ impl ShardStore {
         };
         let opened_log = match device {
             Some(device) => {
-                let (wal, recovered) = Wal::open(device).map_err(StoreError::Log)?;
+                let (mut wal, recovered) = Wal::open(device).map_err(StoreError::Log)?;
+                wal.set_sync_appends(options.durability.syncs_every_commit());
                 let data = path.join("data.mdb");
                 let restored =
                     meta_pages::restore(&data, &recovered.saved_meta_pages).map_err(|error| {
@@ -288,9 +289,10 @@ impl ShardStore {
             .max_dbs(MAX_DBS);
         // SAFETY: NO_SYNC / NO_META_SYNC are "unsafe" in heed because a machine crash may
         // then lose or (for NO_SYNC) corrupt recent commits. That is the documented
-        // contract of `Durability::Batch` and `Durability::None`. `Fsync` with a log
-        // commits with NO_SYNC too: each batch is synced in the log before it commits and
-        // LMDB is synced at checkpoints (see `wal`); without a log it sets no flag.
+        // contract of `Durability::Batch` and `Durability::None`. With a log, LMDB commits
+        // with NO_SYNC too: each batch is in the log before it commits (synced with `Fsync`,
+        // by the next flush with `Batch`) and LMDB is synced at checkpoints (see `wal`);
+        // `Fsync` without a log sets no flag.
         unsafe {
             env_options.flags(if logged {
                 EnvFlags::NO_SYNC
@@ -406,8 +408,8 @@ impl ShardStore {
                     })?;
                 tracing::info!(
                     shard,
-                    "a write-ahead log left by an earlier run with durability = \"fsync\" was \
-                     recovered into LMDB and removed"
+                    "a write-ahead log left by an earlier run (durability = \"fsync\" or \
+                     \"batch\") was recovered into LMDB and removed"
                 );
             }
         }
@@ -756,18 +758,33 @@ impl ShardStore {
         Ok(())
     }
 
-    /// Forces every commit so far to stable storage (`mdb_env_sync(force)`).
+    /// Forces every commit so far to stable storage: the log's `fdatasync` with a log,
+    /// else `mdb_env_sync(force)`.
     ///
     /// With [`Durability::Batch`] the driver calls this every commit window or so; acks
     /// of commits before the call survive a machine crash once it returns. With `Fsync`
     /// it is cheap and unneeded. Also called on drop for the non-`Fsync` modes.
-    pub fn flush(&self) -> Result<(), StoreError> {
-        self.env.force_sync().map_err(StoreError::from)
+    pub fn flush(&mut self) -> Result<(), StoreError> {
+        match &mut self.log {
+            Some(log) => log.wal.sync().map_err(StoreError::Log),
+            None => self.env.force_sync().map_err(StoreError::from),
+        }
     }
 
-    /// A handle that syncs this store's data file from another thread (see [`Flusher`]).
+    /// A handle that syncs this store's commits from another thread (see [`Flusher`]): the
+    /// log file with a log, else LMDB's data file.
     pub fn flusher(&self) -> Result<Flusher, StoreError> {
-        let file = self.env.try_clone_inner_file()?;
+        let log_file = match &self.log {
+            Some(log) => log
+                .wal
+                .file()
+                .map_err(|error| StoreError::Log(WalError::Io(error)))?,
+            None => None,
+        };
+        let file = match log_file {
+            Some(file) => file,
+            None => self.env.try_clone_inner_file()?,
+        };
         Ok(Flusher::new(file))
     }
 
@@ -1085,7 +1102,7 @@ impl Tables {
     }
 }
 
-/// The write-ahead log of a store with `Durability::Fsync` (see [`wal`]), and the handle
+/// The write-ahead log of a store with `Durability::Fsync` or `Batch` (see [`wal`]), and the handle
 /// that syncs LMDB at a checkpoint.
 pub(crate) struct StoreLog {
     wal: Wal,

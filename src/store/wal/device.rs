@@ -26,6 +26,11 @@ pub trait LogDevice: Send {
     /// `fdatasync`: everything written so far survives a power loss once this returns.
     fn sync(&mut self) -> io::Result<()>;
     fn size(&self) -> u64;
+    /// A duplicate descriptor of the file, to sync it from another thread; `None` when the
+    /// device is not a file.
+    fn try_clone_file(&self) -> io::Result<Option<File>> {
+        Ok(None)
+    }
 }
 
 /// How far ahead of the records the file is zero-filled.
@@ -105,6 +110,10 @@ impl LogDevice for FileDevice {
     fn size(&self) -> u64 {
         self.size
     }
+
+    fn try_clone_file(&self) -> io::Result<Option<File>> {
+        self.file.try_clone().map(Some)
+    }
 }
 
 #[cfg(test)]
@@ -153,8 +162,24 @@ mod simulated {
         /// Drops every write since the last sync; with `torn = Some(n)`, the first `n` bytes
         /// of the last unsynced write reached the disk.
         pub fn power_loss(&self, torn: Option<usize>) {
+            self.power_loss_keeping(&[], torn);
+        }
+
+        /// [`Self::power_loss`], except that the unsynced writes `keep` marks (by index, oldest
+        /// first; the last one excepted, which `torn` decides) reached the disk whole: the
+        /// kernel writes back dirty pages in any order before a sync.
+        pub fn power_loss_keeping(&self, keep: &[bool], torn: Option<usize>) {
             let mut state = self.state.lock().unwrap();
             let mut after = state.durable.clone();
+            let earlier = state.unsynced.len().saturating_sub(1);
+            for ((offset, bytes), _) in state.unsynced[..earlier]
+                .iter()
+                .zip(keep)
+                .filter(|(_, &kept)| kept)
+            {
+                let offset = *offset as usize;
+                after[offset..offset + bytes.len()].copy_from_slice(bytes);
+            }
             if let (Some(n), Some((offset, bytes))) = (torn, state.unsynced.last()) {
                 let n = n.min(bytes.len());
                 let offset = *offset as usize;
@@ -176,6 +201,11 @@ mod simulated {
         /// Makes every later write and sync fail, as a disk with an I/O error does.
         pub fn fail_from_now(&self) {
             self.state.lock().unwrap().failing = true;
+        }
+
+        /// How many writes were made since the last sync.
+        pub fn unsynced_writes(&self) -> usize {
+            self.state.lock().unwrap().unsynced.len()
         }
 
         /// Bytes written since the last sync, in the last unsynced write.

@@ -1,11 +1,15 @@
 //! The shard store's write-ahead log: with `durability = "fsync"`, a group commit is one
 //! sequential append to this log plus one `fdatasync`, instead of LMDB's sync of every
 //! B-tree page the batch touched (scattered writes, about 30 µs each on the reference disk).
+//! With `durability = "batch"` the append is not synced ([`Wal::set_sync_appends`]); the
+//! store's periodic flush syncs the log ([`Wal::sync`]), so a power loss keeps the records up
+//! to the last flush (and possibly some after it: a prefix, cut at the first torn record).
 //!
 //! # How a group commit uses it (see `ShardStore::apply`)
 //! 1. The batch runs in an LMDB write transaction, which records every put and delete as a
 //!    redo list ([`redo`]).
-//! 2. The redo list is appended to the log as one record and synced ([`Wal::append`]).
+//! 2. The redo list is appended to the log as one record and synced ([`Wal::append`]; with
+//!    `batch`, synced by the next flush instead).
 //! 3. The transaction commits with `MDB_NOSYNC` (LMDB does not sync), its pages are handed
 //!    to the kernel's writeback without waiting for it (write-behind, see `shard_store`), and
 //!    the batch is acked. If the commit fails, the record is taken back ([`Wal::undo_last`]).
@@ -24,8 +28,9 @@
 //! had reached LMDB are harmless. Then LMDB is synced and the log reset.
 //!
 //! Invariants:
-//! - A batch is acked only after its record is synced: after a power loss, every acked
-//!   message is in LMDB's last synced state or in a whole record of the log.
+//! - With `fsync`, a batch is acked only after its record is synced: after a power loss, every
+//!   acked message is in LMDB's last synced state or in a whole record of the log. With
+//!   `batch`, that holds for every batch acked before the last [`Wal::sync`].
 //! - The log never holds a record of a batch LMDB refused: a failed commit zeroes the record
 //!   it just appended before the next append.
 //! - Records of a generation are contiguous from [`record::HEADER_BYTES`]; the header's
@@ -66,6 +71,8 @@ pub struct Wal {
     last: Option<u64>,
     /// Reused buffer for encoding a record.
     buffer: Vec<u8>,
+    /// Whether [`Wal::append`] syncs (`durability = "fsync"`; the default).
+    sync_appends: bool,
 }
 
 /// What [`Wal::open`] found: the payloads of the whole records, oldest first.
@@ -116,6 +123,7 @@ impl Wal {
             end: u64::MAX,
             last: None,
             buffer: Vec::new(),
+            sync_appends: true,
         };
         Ok((
             wal,
@@ -151,8 +159,26 @@ impl Wal {
         Ok(())
     }
 
-    /// Appends `payload` as one record and syncs it: when this returns `Ok`, the record
-    /// survives a power loss.
+    /// Whether [`Wal::append`] syncs each record (the default). Without, records survive a
+    /// process crash at once (they are in the page cache) and a power loss after the next
+    /// [`Wal::sync`].
+    pub fn set_sync_appends(&mut self, sync: bool) {
+        self.sync_appends = sync;
+    }
+
+    /// `fdatasync` of the log: every record appended so far survives a power loss.
+    pub fn sync(&mut self) -> Result<(), WalError> {
+        self.device.sync().map_err(WalError::Io)
+    }
+
+    /// A duplicate of the log file's descriptor, for syncing it from another thread
+    /// (`store::flusher`); `None` for a device that is not a file (tests).
+    pub fn file(&self) -> io::Result<Option<std::fs::File>> {
+        self.device.try_clone_file()
+    }
+
+    /// Appends `payload` as one record and syncs it (unless [`Wal::set_sync_appends`] turned
+    /// that off): when this returns `Ok`, the record survives a power loss.
     pub fn append(&mut self, payload: &[u8]) -> Result<(), WalError> {
         let bytes = record::record_bytes(payload.len());
         let capacity = self.device.size().saturating_sub(record::HEADER_BYTES);
@@ -165,7 +191,9 @@ impl Wal {
         self.buffer.clear();
         record::encode_record(self.generation, payload, &mut self.buffer);
         self.device.write_at(self.end, &self.buffer)?;
-        self.device.sync()?;
+        if self.sync_appends {
+            self.device.sync()?;
+        }
         self.last = Some(self.end);
         self.end += bytes;
         if self.buffer.capacity() > BUFFER_KEEP_BYTES {
