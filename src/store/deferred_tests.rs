@@ -143,11 +143,14 @@ fn readers_see_acked_batches_before_lmdb_commits_them() {
     assert!(!store.has_pending());
     assert_eq!(committed_messages(&store, first), 4);
     assert_eq!(read_all(&reader, first).len(), 4);
-    // A batch that writes nothing (a re-send) keeps no transaction open.
-    store
+    // A batch that writes nothing (a re-send) keeps no transaction open, and logs nothing.
+    let logged = store.log_used();
+    let outcomes = store
         .append_batch(&[message(first, "fourth", "new")])
         .unwrap();
+    assert_eq!(outcomes[0], AppendOutcome::Duplicate { seq: 4 });
     assert!(!store.has_pending());
+    assert_eq!(store.log_used(), logged, "an empty batch appended a record");
 }
 
 #[test]

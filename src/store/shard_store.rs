@@ -203,6 +203,9 @@ enum Logged {
     NoLog,
     /// The record is in the log (synced with `Durability::Fsync`).
     Appended,
+    /// The batch wrote nothing (re-sends, refusals): no record, no sync. Whatever its outcomes
+    /// refer to was made durable by an earlier batch.
+    Nothing,
     /// The record did not fit (the log is full, or the batch is larger than the log): the batch
     /// commits by committing LMDB and syncing it (a checkpoint), with no record. If the sync
     /// fails after LMDB committed, the batch is reported failed but is readable; its re-send is
@@ -588,14 +591,14 @@ impl ShardStore {
                 }
                 Ok(())
             }
-            Logged::Appended if self.defer_commit() => {
-                if self.redo.is_empty() {
-                    if self.pending_bytes == 0 {
-                        // Nothing written (re-sends, refusals): no transaction to keep open.
-                        self.abandon();
-                    }
-                    return Ok(());
+            Logged::Nothing => {
+                if self.pending_bytes == 0 {
+                    // No transaction to keep open (its acked batches, if any, stay in it).
+                    self.abandon();
                 }
+                Ok(())
+            }
+            Logged::Appended if self.defer_commit() => {
                 // The LMDB snapshot these writes apply on top of: the one before this write
                 // transaction (see `overlay`'s invariants).
                 let base = self.open.as_ref().expect("a batch ran in it").txn.id() - 1;
@@ -1609,6 +1612,9 @@ impl BatchWriter<'_> {
             return Ok(Logged::NoLog);
         };
         let redo: &[u8] = self.redo.as_deref().map_or(&[], |redo| redo.as_slice());
+        if redo.is_empty() {
+            return Ok(Logged::Nothing);
+        }
         match log.wal.append(redo) {
             Ok(()) => Ok(Logged::Appended),
             // Everything the log holds is in the open transaction with this batch: committing
@@ -1717,6 +1723,11 @@ impl ShardStore {
         if let Some(log) = &mut self.log {
             log.after_checkpoint = Some(hook);
         }
+    }
+
+    /// Bytes of records in the log now (0 without a log).
+    pub(crate) fn log_used(&self) -> u64 {
+        self.log.as_ref().map_or(0, |log| log.wal.used())
     }
 
     /// Checkpoints so far (log full), and batches too large for the log.
