@@ -230,3 +230,62 @@ fn a_closed_store_keeps_every_acked_batch_and_a_short_interval_commits_on_its_ow
     assert!(!store.has_pending());
     assert_eq!(committed_messages(&store, c), 3);
 }
+
+/// A batch that writes nothing (a re-send) still ends a transaction that is due: a stream of
+/// re-sends does not keep the acked batches out of LMDB.
+#[test]
+fn a_batch_that_writes_nothing_commits_a_due_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = options(64 << 20, 64 << 20);
+    options.apply_interval = Duration::from_millis(5);
+    let mut store = ShardStore::open(dir.path(), SHARD, options).unwrap();
+    let c = opened(&mut store, "v");
+    store.append_batch(&[message(c, "first", "f")]).unwrap();
+    assert!(store.has_pending());
+    std::thread::sleep(Duration::from_millis(10));
+    let outcomes = store.append_batch(&[message(c, "first", "f")]).unwrap();
+    assert_eq!(outcomes[0], AppendOutcome::Duplicate { seq: 1 });
+    assert!(!store.has_pending(), "the due transaction stayed open");
+    assert_eq!(committed_messages(&store, c), 1);
+}
+
+/// `durability = "batch"`: when the flusher's sync of the log fails, the next batch, even one
+/// that writes nothing, checkpoints (LMDB synced, the log restarted) before it is acked.
+#[test]
+fn a_failed_flush_makes_the_next_batch_checkpoint_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut options = options(64 << 20, 64 << 20);
+    options.durability = Durability::Batch;
+    let mut store = ShardStore::open(dir.path(), SHARD, options).unwrap();
+    let c = opened(&mut store, "v");
+    store.append_batch(&[message(c, "first", "f")]).unwrap();
+    let flusher = store.flusher().unwrap();
+    flusher.flush().unwrap();
+    let (checkpoints, _) = store.checkpoints();
+    assert!(store.log_used() > 0);
+
+    flusher.simulate_failure();
+    let outcomes = store.append_batch(&[message(c, "first", "f")]).unwrap();
+    assert_eq!(outcomes[0], AppendOutcome::Duplicate { seq: 1 });
+    assert_eq!(
+        store.checkpoints().0,
+        checkpoints + 1,
+        "no checkpoint after the failure"
+    );
+    assert_eq!(store.log_used(), 0, "the checkpoint restarts the log");
+    assert!(
+        !store.has_pending(),
+        "the checkpoint commits the acked batches to LMDB"
+    );
+    assert_eq!(committed_messages(&store, c), 1);
+
+    // Owed once: the next batches log as before.
+    store.append_batch(&[message(c, "second", "s")]).unwrap();
+    assert_eq!(store.checkpoints().0, checkpoints + 1);
+    assert!(store.log_used() > 0);
+
+    flusher.simulate_failure();
+    store.append_batch(&[message(c, "third", "t")]).unwrap();
+    assert_eq!(store.checkpoints().0, checkpoints + 2);
+    assert_eq!(committed_messages(&store, c), 3);
+}

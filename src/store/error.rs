@@ -86,7 +86,7 @@ pub enum StoreError {
         record: &'static str,
         detail: String,
     },
-    #[error("cannot sync the data file: {0}")]
+    #[error("cannot sync the write-ahead log or the data file: {0}")]
     Sync(#[source] std::io::Error),
     #[error("LMDB: {0}")]
     Lmdb(#[source] heed::Error),

@@ -15,8 +15,13 @@
 //! - When [`Flusher::flush`] returns `Ok`, every commit that had returned before the call
 //!   started is on stable storage (fdatasync covers all writes made to the file; a log
 //!   checkpoint syncs LMDB before it restarts the log).
+//! - When a sync of the log fails, the store is told (a shared flag): after a failed
+//!   fdatasync the kernel may drop the error with the pages, so a later sync that succeeds
+//!   proves nothing about them. The store's next batch checkpoints (syncs LMDB, which holds
+//!   everything acked, and restarts the log) before it is acked.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::error::StoreError;
@@ -25,17 +30,36 @@ use super::error::StoreError;
 #[derive(Clone, Debug)]
 pub struct Flusher {
     file: Arc<File>,
+    /// With a log: set when a sync fails (the store's `checkpoint_owed`).
+    failed: Option<Arc<AtomicBool>>,
 }
 
 impl Flusher {
-    pub(crate) fn new(file: File) -> Self {
+    pub(crate) fn new(file: File, failed: Option<Arc<AtomicBool>>) -> Self {
         Flusher {
             file: Arc::new(file),
+            failed,
         }
     }
 
     /// fdatasync of the store's log (or data file). Blocks for the length of one disk flush.
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.file.sync_data().map_err(StoreError::Sync)
+        let result = self.file.sync_data();
+        if result.is_err() {
+            self.report_failure();
+        }
+        result.map_err(StoreError::Sync)
+    }
+
+    fn report_failure(&self) {
+        if let Some(failed) = &self.failed {
+            failed.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// What a failed sync does, without a failing disk (tests).
+    #[cfg(test)]
+    pub(crate) fn simulate_failure(&self) {
+        self.report_failure();
     }
 }

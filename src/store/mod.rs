@@ -36,7 +36,8 @@
 //! |------|-----------|-----------------|--------------------------|----------------------------|
 //! | `fsync` (log, the default) | `MDB_NOSYNC` | one append to the shard's write-ahead log and one fdatasync ([`wal`]); LMDB is synced at checkpoints | nothing lost | nothing acked is lost: replayed from the log at start-up |
 //! | `fsync` with `log_bytes = 0` | none | 2 fdatasyncs (data, then meta page) | nothing lost | nothing acked is lost |
-//! | `batch` | `MDB_NOSYNC` | none; a [`Flusher`] on a timer thread syncs every commit window | nothing lost | commits since the last flush may be lost; LMDB warns that without the sync ordering the file can even be damaged |
+//! | `batch` (log) | `MDB_NOSYNC` | one append to the write-ahead log, not synced; a [`Flusher`] on a timer thread syncs the log every `sync_interval` | nothing lost | batches acked since the last flush may be lost, always the newest (the log replays a prefix) |
+//! | `batch` with `log_bytes = 0` | `MDB_NOSYNC` | none; the [`Flusher`] syncs LMDB's data file | nothing lost | commits since the last flush may be lost; LMDB warns that without the sync ordering the file can even be damaged |
 //! | `none` | `MDB_NOSYNC`, `MDB_NOMETASYNC` | none; no periodic flush | nothing lost | whatever the kernel had not written back (up to ~30 s by default) may be lost or damaged |
 //!
 //! A process crash loses nothing committed in any mode, because a commit has written the
@@ -66,7 +67,8 @@
 //! [`CHECKPOINT_COMMITS`] commits. `power_loss_tests` take the data file back to the last
 //! sync, keep every commit, or mix pages of both under the newest meta pages.
 //!
-//! A `batch` or `none` store syncs once more when dropped (clean shutdown).
+//! A clean shutdown (drop) checkpoints a store with a log, and syncs a `batch` or `none`
+//! store without one.
 //!
 //! # Deferred apply (`[storage] apply_interval`, with the log)
 //! Once a batch's record is synced in the log the batch is acked, and its LMDB writes stay in

@@ -1,7 +1,8 @@
 //! Acked writes that are in the write-ahead log but not yet in LMDB, for readers.
 //!
 //! With [`StoreOptions::apply_interval`](super::StoreOptions::apply_interval) above zero, a
-//! group commit is acked once its record is synced in the log, and its LMDB writes stay in a
+//! group commit is acked once its record is synced in the log (with `durability = "batch"`:
+//! written; the log is synced every `sync_interval`), and its LMDB writes stay in a
 //! write transaction that commits later with those of the batches after it (one LMDB commit
 //! per interval instead of one per batch: each B-tree page a batch touches is copied and
 //! written once per interval, not once per batch). Readers use their own LMDB snapshots, so
@@ -9,7 +10,8 @@
 //! LMDB, and every [`ReadView`](super::ReadView) reads through it.
 //!
 //! Invariants:
-//! - The writer adds a batch's writes after its log record is synced and before the batch's
+//! - The writer adds a batch's writes after its log record is synced (written, with `batch`)
+//!   and before the batch's
 //!   outcomes leave the store (so before anything is acked), and clears the overlay only after
 //!   the LMDB transaction holding every write in it has committed.
 //! - Every write in the overlay was made on top of one LMDB snapshot, its `base` (the overlay
@@ -150,7 +152,7 @@ impl SharedOverlay {
         self.lock().clone()
     }
 
-    /// Adds a batch's writes (its log record is synced; the batch is not acked yet), made in a
+    /// Adds a batch's writes (its log record is in the log; the batch is not acked yet), made in a
     /// write transaction on top of LMDB snapshot `base`.
     pub(crate) fn add(&self, writes: &[RedoWrite<'_>], base: usize) {
         if writes.is_empty() {

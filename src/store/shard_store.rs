@@ -6,7 +6,8 @@
 //! - Every `apply` runs in one LMDB write transaction: its own, or (deferred apply, see
 //!   [`StoreOptions::apply_interval`]) the one the acked batches since LMDB's last commit left
 //!   open. When it returns `Ok`, the batch is committed with the durability of the store's
-//!   [`Durability`] mode (with the log: its record is synced) and readers see it; when it
+//!   [`Durability`] mode (with the log: its record is synced, or with `batch` written) and
+//!   readers see it; when it
 //!   returns `Err`, nothing of the batch is stored and in-memory state is unchanged, except
 //!   when LMDB committed the batch and the checkpoint after it failed (a batch that did not fit
 //!   the log, or the checkpoint every [`CHECKPOINT_COMMITS`]): then the batch is readable, and
@@ -25,6 +26,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -204,13 +206,26 @@ enum Logged {
     /// The record is in the log (synced with `Durability::Fsync`).
     Appended,
     /// The batch wrote nothing (re-sends, refusals): no record, no sync. Whatever its outcomes
-    /// refer to was made durable by an earlier batch.
+    /// refer to was made durable by an earlier batch (a checkpoint that failed is owed first:
+    /// [`CheckpointCause::Owed`]).
     Nothing,
-    /// The record did not fit (the log is full, or the batch is larger than the log): the batch
-    /// commits by committing LMDB and syncing it (a checkpoint), with no record. If the sync
-    /// fails after LMDB committed, the batch is reported failed but is readable; its re-send is
-    /// recognised.
-    Checkpoint { log_full: bool },
+    /// The batch commits by committing LMDB and syncing it (a checkpoint), with no record. If
+    /// the sync fails after LMDB committed, the batch is reported failed but is readable; its
+    /// re-send is recognised, and the next batch checkpoints again before it is acked.
+    Checkpoint(CheckpointCause),
+}
+
+/// Why a batch commits with a checkpoint instead of a log record.
+#[derive(Clone, Copy)]
+enum CheckpointCause {
+    /// The log is full.
+    LogFull,
+    /// The batch is larger than the whole log.
+    TooLarge,
+    /// A checkpoint failed, or a flush of the log did (`durability = "batch"`): what the acked
+    /// batches before rely on may not be on disk, so no batch is acked before a checkpoint
+    /// succeeds.
+    Owed,
 }
 
 const _: fn() = || {
@@ -432,7 +447,8 @@ impl ShardStore {
             tracing::warn!(
                 shard = self.shard,
                 "write-ahead log: a torn or corrupt record after the last whole one was cut \
-                 (a crash during a write; that batch was never acked)"
+                 (a crash during a write: with durability = \"fsync\" that batch was never acked; \
+                 with \"batch\" it was written after the last flush)"
             );
         }
         let records = recovered.payloads.len();
@@ -477,6 +493,7 @@ impl ShardStore {
             writes_behind: 0,
             last_write_behind: None,
             write_behind_failed: false,
+            checkpoint_owed: Arc::new(AtomicBool::new(false)),
             #[cfg(test)]
             after_checkpoint: None,
         };
@@ -580,24 +597,24 @@ impl ShardStore {
     fn end_batch(&mut self, logged: Logged) -> Result<(), StoreError> {
         match logged {
             Logged::NoLog => self.commit_open(),
-            Logged::Checkpoint { log_full } => {
+            Logged::Checkpoint(cause) => {
                 self.commit_lmdb()?;
                 let log = self.log.as_mut().expect("a checkpoint needs the log");
                 log.restart()?;
-                if log_full {
-                    log.checkpoints += 1;
-                } else {
-                    log.checkpoints_for_large_batches += 1;
+                match cause {
+                    CheckpointCause::LogFull | CheckpointCause::Owed => log.checkpoints += 1,
+                    CheckpointCause::TooLarge => log.checkpoints_for_large_batches += 1,
                 }
                 Ok(())
             }
-            Logged::Nothing => {
-                if self.pending_bytes == 0 {
-                    // No transaction to keep open (its acked batches, if any, stay in it).
-                    self.abandon();
-                }
+            Logged::Nothing if self.pending_bytes == 0 => {
+                // No transaction to keep open.
+                self.abandon();
                 Ok(())
             }
+            // The acked batches before stay in the open transaction until it is due.
+            Logged::Nothing if self.defer_commit() => Ok(()),
+            Logged::Nothing => self.commit_open(),
             Logged::Appended if self.defer_commit() => {
                 // The LMDB snapshot these writes apply on top of: the one before this write
                 // transaction (see `overlay`'s invariants).
@@ -766,7 +783,7 @@ impl ShardStore {
     ///
     /// With [`Durability::Batch`] the driver calls this every commit window or so; acks
     /// of commits before the call survive a machine crash once it returns. With `Fsync`
-    /// it is cheap and unneeded. Also called on drop for the non-`Fsync` modes.
+    /// it is cheap and unneeded. (A clean drop checkpoints, or syncs without a log.)
     pub fn flush(&mut self) -> Result<(), StoreError> {
         match &mut self.log {
             Some(log) => log.wal.sync().map_err(StoreError::Log),
@@ -775,20 +792,22 @@ impl ShardStore {
     }
 
     /// A handle that syncs this store's commits from another thread (see [`Flusher`]): the
-    /// log file with a log, else LMDB's data file.
+    /// log file with a log (a failed sync makes the next batch checkpoint first), else LMDB's
+    /// data file.
     pub fn flusher(&self) -> Result<Flusher, StoreError> {
-        let log_file = match &self.log {
-            Some(log) => log
-                .wal
-                .file()
-                .map_err(|error| StoreError::Log(WalError::Io(error)))?,
-            None => None,
+        let Some(log) = &self.log else {
+            return Ok(Flusher::new(self.env.try_clone_inner_file()?, None));
         };
-        let file = match log_file {
-            Some(file) => file,
-            None => self.env.try_clone_inner_file()?,
-        };
-        Ok(Flusher::new(file))
+        let file = log
+            .wal
+            .file()
+            .and_then(|file| {
+                file.ok_or_else(|| {
+                    std::io::Error::other("the log's device cannot be synced from another thread")
+                })
+            })
+            .map_err(|error| StoreError::Log(WalError::Io(error)))?;
+        Ok(Flusher::new(file, Some(log.checkpoint_owed.clone())))
     }
 
     /// Grows (or shrinks) the memory map, e.g. after [`StoreError::MapFull`].
@@ -989,6 +1008,10 @@ impl Drop for ShardStore {
                 if let Some(open) = self.open.take() {
                     drop(open.txn);
                 }
+                // With `durability = "batch"` their records are not synced yet.
+                if let Some(log) = &mut self.log {
+                    let _ = log.wal.sync();
+                }
                 return;
             }
         }
@@ -1132,6 +1155,9 @@ pub(crate) struct StoreLog {
     last_write_behind: Option<Instant>,
     /// A write-behind failed once (logged once; the checkpoint's fdatasync reports errors).
     write_behind_failed: bool,
+    /// A checkpoint failed, or the [`Flusher`] (which shares it) failed to sync the log: the
+    /// next batch checkpoints before it is acked ([`CheckpointCause::Owed`]).
+    checkpoint_owed: Arc<AtomicBool>,
     #[cfg(test)]
     after_checkpoint: Option<Box<dyn FnMut() + Send>>,
 }
@@ -1148,6 +1174,8 @@ impl StoreLog {
     /// and pins that snapshot: everything the log held is on disk in LMDB, and after a power
     /// loss the saved meta pages lead back to exactly this state.
     fn restart(&mut self) -> Result<(), StoreError> {
+        // Owed until this checkpoint completes (see `CheckpointCause::Owed`).
+        self.checkpoint_owed.store(true, Ordering::Relaxed);
         self.env.force_sync()?;
         #[cfg(test)]
         if let Some(hook) = &mut self.after_checkpoint {
@@ -1164,6 +1192,7 @@ impl StoreLog {
         self.pinned = None;
         self.pinned = Some(self.env.clone().static_read_txn()?);
         self.commits_since_checkpoint = 0;
+        self.checkpoint_owed.store(false, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1579,8 +1608,9 @@ impl BatchWriter<'_> {
     }
 
     /// Writes the changed conversations and the id counter, then logs the batch (with a log:
-    /// once this returns `Appended` the batch survives a power loss, so LMDB may commit it
-    /// later and without syncing). The store commits LMDB ([`ShardStore::end_batch`]).
+    /// once this returns `Appended` the batch survives a power loss, with `durability =
+    /// "batch"` once the next flush succeeds, so LMDB may commit it later and without
+    /// syncing). The store commits LMDB ([`ShardStore::end_batch`]).
     fn commit(mut self) -> Result<Logged, StoreError> {
         for staged in self.staged.entries.iter().filter(|staged| staged.dirty) {
             self.scratch.clear();
@@ -1611,6 +1641,9 @@ impl BatchWriter<'_> {
         let Some(log) = self.log else {
             return Ok(Logged::NoLog);
         };
+        if log.checkpoint_owed.load(Ordering::Relaxed) {
+            return Ok(Logged::Checkpoint(CheckpointCause::Owed));
+        }
         let redo: &[u8] = self.redo.as_deref().map_or(&[], |redo| redo.as_slice());
         if redo.is_empty() {
             return Ok(Logged::Nothing);
@@ -1619,9 +1652,9 @@ impl BatchWriter<'_> {
             Ok(()) => Ok(Logged::Appended),
             // Everything the log holds is in the open transaction with this batch: committing
             // and syncing LMDB makes all of it durable, and the log starts over.
-            Err(WalError::Full) => Ok(Logged::Checkpoint { log_full: true }),
+            Err(WalError::Full) => Ok(Logged::Checkpoint(CheckpointCause::LogFull)),
             // Bigger than the whole log: commit and sync LMDB itself, as without a log.
-            Err(WalError::TooLarge { .. }) => Ok(Logged::Checkpoint { log_full: false }),
+            Err(WalError::TooLarge { .. }) => Ok(Logged::Checkpoint(CheckpointCause::TooLarge)),
             Err(error) => {
                 log.wal.forget_failed_append();
                 Err(StoreError::Log(error))

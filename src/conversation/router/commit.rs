@@ -1,19 +1,22 @@
 //! Group commit: storage operations queue here and a committer task applies each batch on the
-//! shard's blocking thread (`ShardStore::apply`: one log record and fdatasync, and LMDB writes
+//! shard's blocking thread (`ShardStore::apply`: one log record and fdatasync, or with
+//! `durability = "batch"` one log record synced later by the flusher, and LMDB writes
 //! that commit with the batch or, deferred, with the batches of the next `apply_interval`);
 //! outcomes go back to the owner in commit order. Out of space, the batch's senders get
 //! `storage_full` and writes back off.
 //!
 //! Invariants: an operation is acked (through its completion) only after the store committed it
-//! (its log record synced, or LMDB's transaction committed without a log); the acked batches
+//! (its log record synced, or written with `batch`, or LMDB's transaction committed without a
+//! log); the acked batches
 //! LMDB has not committed are applied by the first batch that ends `apply_interval` after their
 //! transaction began, or by the committer at that time when no batch is in progress, and at
 //! shutdown; no blocking job outlives the shard's executor.
 
 use super::*;
 
-/// With `durability = "batch"`, a thread syncs the data file every
-/// `sync_interval`, off the shard and off the committer.
+/// With `durability = "batch"`, a thread syncs the write-ahead log (or, without one, the data
+/// file) every `sync_interval`, off the shard and off the committer. A failed sync makes the
+/// store's next batch checkpoint before it is acked (`store::flusher`).
 pub(super) fn start_flusher(store: &ShardStore, interval: Duration, shard: usize) {
     let flusher = match store.flusher() {
         Ok(flusher) => flusher,

@@ -4,7 +4,8 @@
 //!
 //! Invariant: after `sync` returns, every byte written before it survives a power loss.
 //!
-//! The log is written with `pwrite` and `fdatasync` on the shard's blocking thread, where
+//! The log is written with `pwrite` and (with `durability = "fsync"`) `fdatasync` on the
+//! shard's blocking thread, where
 //! the group commit already runs: the log record must be on disk before the LMDB
 //! transaction that made it commits (so a failed log write leaves nothing stored and
 //! nothing acked), and that transaction lives on the blocking thread. The file is
