@@ -451,6 +451,15 @@ impl ShardStore {
                  with \"batch\" it was written after the last flush)"
             );
         }
+        if recovered.records_after_hole > 0 {
+            tracing::warn!(
+                shard = self.shard,
+                dropped = recovered.records_after_hole,
+                "write-ahead log: whole records after a missing or torn one were not replayed (a \
+                 power loss with durability = \"batch\": batches acknowledged after the last \
+                 flush)"
+            );
+        }
         let records = recovered.payloads.len();
         let mut writes = 0;
         for payload in &recovered.payloads {

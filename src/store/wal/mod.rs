@@ -80,6 +80,10 @@ pub struct Recovered {
     pub payloads: Vec<Vec<u8>>,
     /// Bytes after the last whole record that were not zeros (a torn or corrupt tail).
     pub cut_tail: bool,
+    /// Whole records of the generation after the first missing or torn one: not replayed
+    /// (`record::whole_records_after`; with `durability = "batch"`, batches acked after the
+    /// last flush whose record reached the disk when an earlier one did not).
+    pub records_after_hole: usize,
     /// LMDB's meta pages saved at the checkpoint that began the log's generation
     /// ([`meta_pages`]; empty when none were saved).
     pub saved_meta_pages: Vec<u8>,
@@ -91,7 +95,7 @@ impl Wal {
     pub fn open(mut device: Box<dyn LogDevice>) -> Result<(Wal, Recovered), WalError> {
         let bytes = device.read_all()?;
         let header_end = (record::HEADER_BYTES as usize).min(bytes.len());
-        let (generation, saved, payloads, cut_tail) =
+        let (generation, saved, payloads, cut_tail, records_after_hole) =
             match record::decode_header(&bytes[..header_end]) {
                 Some(record::Header { generation, saved }) => {
                     let records = &bytes[header_end..];
@@ -105,6 +109,7 @@ impl Wal {
                         saved,
                         payloads.into_iter().map(<[u8]>::to_vec).collect(),
                         cut_tail,
+                        record::whole_records_after(records, generation, valid),
                     )
                 }
                 // A new (zero) file, or a header torn while a checkpoint rewrote it; a
@@ -115,6 +120,7 @@ impl Wal {
                     Vec::new(),
                     Vec::new(),
                     bytes[..header_end].iter().any(|&b| b != 0),
+                    0,
                 ),
             };
         let wal = Wal {
@@ -130,6 +136,7 @@ impl Wal {
             Recovered {
                 payloads,
                 cut_tail,
+                records_after_hole,
                 saved_meta_pages: saved,
             },
         ))
@@ -306,6 +313,26 @@ mod tests {
             on_disk.write_at(wal.end, &vec![0; record_len]).unwrap();
             on_disk.sync().unwrap();
         }
+    }
+
+    /// Without a sync per append (`durability = "batch"`) the disk may keep a later record and
+    /// lose an earlier one: the log replays up to the hole and counts what it dropped after it.
+    #[test]
+    fn records_after_a_lost_one_are_not_replayed_but_counted() {
+        let disk = SimulatedDisk::new(64 * 1024);
+        let (mut wal, _) = reopen(&disk);
+        wal.reset().unwrap();
+        wal.set_sync_appends(false);
+        wal.append(b"flushed").unwrap();
+        wal.sync().unwrap();
+        wal.append(b"lost").unwrap();
+        wal.append(b"reached the disk").unwrap();
+        wal.append(b"last, torn").unwrap();
+        disk.power_loss_keeping(&[false, true], Some(3));
+        let (_, recovered) = reopen(&disk);
+        assert_eq!(recovered.payloads, vec![b"flushed".to_vec()]);
+        assert_eq!(recovered.records_after_hole, 1);
+        assert!(!recovered.cut_tail, "the hole is zeros");
     }
 
     #[test]
