@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::full_tests::message;
+use super::full_tests::{message, open_conversation as opened};
 use super::*;
 
 const SHARD: usize = 2;
@@ -22,19 +22,6 @@ fn options(map: usize, max_map: usize) -> StoreOptions {
 
 fn open(dir: &Path, map: usize, max_map: usize) -> ShardStore {
     ShardStore::open(dir, SHARD, options(map, max_map)).expect("open store")
-}
-
-fn opened(store: &mut ShardStore, visitor: &str) -> ConversationId {
-    match &store
-        .apply(&[Op::Open {
-            site: "site".into(),
-            visitor: visitor.into(),
-        }])
-        .unwrap()[..]
-    {
-        [OpOutcome::Opened { conversation, .. }] => *conversation,
-        other => panic!("unexpected {other:?}"),
-    }
 }
 
 /// Every message of `conversation` as a reader on another handle sees it: (seq, text).
@@ -94,7 +81,7 @@ fn readers_see_acked_batches_before_lmdb_commits_them() {
         let view = reader.read().unwrap();
         assert_eq!(view.last_seq(first).unwrap(), Some(3));
         assert_eq!(
-            view.conversation_of_visitor("site", "v1").unwrap(),
+            view.conversation_of_visitor("s", "v1").unwrap(),
             Some(first)
         );
         assert_eq!(

@@ -21,7 +21,8 @@ pub(super) fn message(conversation: ConversationId, text: &str, client_id: &str)
     }
 }
 
-fn open_conversation(store: &mut ShardStore, visitor: &str) -> ConversationId {
+/// Opens a conversation of `visitor` on site "s".
+pub(super) fn open_conversation(store: &mut ShardStore, visitor: &str) -> ConversationId {
     match &store
         .apply(&[Op::Open {
             site: "s".into(),
