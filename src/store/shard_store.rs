@@ -810,11 +810,6 @@ impl ShardStore {
         let file = log
             .wal
             .file()
-            .and_then(|file| {
-                file.ok_or_else(|| {
-                    std::io::Error::other("the log's device cannot be synced from another thread")
-                })
-            })
             .map_err(|error| StoreError::Log(WalError::Io(error)))?;
         Ok(Flusher::new(file, Some(log.checkpoint_owed.clone())))
     }

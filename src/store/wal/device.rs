@@ -27,10 +27,12 @@ pub trait LogDevice: Send {
     /// `fdatasync`: everything written so far survives a power loss once this returns.
     fn sync(&mut self) -> io::Result<()>;
     fn size(&self) -> u64;
-    /// A duplicate descriptor of the file, to sync it from another thread; `None` when the
+    /// A duplicate descriptor of the file, to sync it from another thread; an error when the
     /// device is not a file.
-    fn try_clone_file(&self) -> io::Result<Option<File>> {
-        Ok(None)
+    fn try_clone_file(&self) -> io::Result<File> {
+        Err(io::Error::other(
+            "the log's device cannot be synced from another thread",
+        ))
     }
 }
 
@@ -112,8 +114,8 @@ impl LogDevice for FileDevice {
         self.size
     }
 
-    fn try_clone_file(&self) -> io::Result<Option<File>> {
-        self.file.try_clone().map(Some)
+    fn try_clone_file(&self) -> io::Result<File> {
+        self.file.try_clone()
     }
 }
 

@@ -179,8 +179,8 @@ impl Wal {
     }
 
     /// A duplicate of the log file's descriptor, for syncing it from another thread
-    /// (`store::flusher`); `None` for a device that is not a file (tests).
-    pub fn file(&self) -> io::Result<Option<std::fs::File>> {
+    /// (`store::flusher`); an error for a device that is not a file (tests).
+    pub fn file(&self) -> io::Result<std::fs::File> {
         self.device.try_clone_file()
     }
 
