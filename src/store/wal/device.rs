@@ -8,7 +8,10 @@
 //! shard's blocking thread, where
 //! the group commit already runs: the log record must be on disk before the LMDB
 //! transaction that made it commits (so a failed log write leaves nothing stored and
-//! nothing acked), and that transaction lives on the blocking thread. The file is
+//! nothing acked), and that transaction lives on the blocking thread. io_uring was measured
+//! as the alternative (`shards/examples/log_sync.rs`, bench/README.md "Where the log's I/O
+//! runs"): the kernel runs an io_uring `fdatasync` on a worker thread of its own, so it costs
+//! as much CPU as the blocking thread's hand-off or more, with more context switches. The file is
 //! zero-filled ahead of the records in steps of [`GROW_BYTES`] (up to its full size, and
 //! kept at that size across restarts), so most appends overwrite allocated blocks and
 //! `fdatasync` has no metadata to write: one sequential write and one device flush per

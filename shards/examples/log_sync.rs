@@ -1,0 +1,259 @@
+//! Measures one group commit's log I/O (append a record, then `fdatasync`) done four ways from a
+//! pinned glommio executor, to decide where the write-ahead log's I/O belongs (issue #15 asks for
+//! io_uring unless a measurement shows a better way):
+//!
+//! - `inline`: `pwrite` + `fdatasync` on the executor's own thread (blocks it; the floor);
+//! - `blocking`: the same on glommio's blocking thread pool (what the store does today);
+//! - `uring-buffered`: glommio's `BufferedFile::write_at` + `fdatasync` (io_uring);
+//! - `uring-dma`: glommio's `DmaFile::write_at` (O_DIRECT, aligned) + `fdatasync` (io_uring);
+//!
+//! and, for `--gap-us`, what the gap alone costs: `none` (the executor sleeps and wakes) and
+//! `thread-sleep` (the thread `nanosleep`s, the executor blocked). Results: bench/README.md,
+//! "Where the log's I/O runs".
+//!
+//! Each mode appends `--commits` records of `--bytes` bytes sequentially to a file zero-filled
+//! ahead (as the log is), one at a time, optionally `--gap-us` apart (a paced commit), and
+//! prints the latency p50/p99 of append+sync and the process's CPU time (every thread, io_uring's
+//! kernel workers included) and context switches per commit.
+//!
+//! `cargo run --release -p shards --example log_sync -- --dir /var/tmp --commits 3000`
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use glommio::io::{BufferedFile, DmaFile};
+use glommio::{LocalExecutorBuilder, Placement};
+
+const FILE_BYTES: u64 = 64 << 20;
+
+struct Args {
+    dir: PathBuf,
+    commits: usize,
+    bytes: usize,
+    gap: Duration,
+    modes: Vec<String>,
+    rounds: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        dir: std::env::temp_dir(),
+        commits: 2000,
+        bytes: 4096,
+        gap: Duration::ZERO,
+        modes: vec![
+            "inline".into(),
+            "blocking".into(),
+            "uring-buffered".into(),
+            "uring-dma".into(),
+        ],
+        rounds: 2,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--dir" => args.dir = value()?.into(),
+            "--commits" => {
+                args.commits = value()?.parse().map_err(|e| format!("--commits: {e}"))?
+            }
+            "--bytes" => args.bytes = value()?.parse().map_err(|e| format!("--bytes: {e}"))?,
+            "--gap-us" => {
+                args.gap =
+                    Duration::from_micros(value()?.parse().map_err(|e| format!("--gap-us: {e}"))?)
+            }
+            "--rounds" => args.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
+            "--modes" => args.modes = value()?.split(',').map(str::to_owned).collect(),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    const MODES: [&str; 6] = [
+        "inline",
+        "blocking",
+        "uring-buffered",
+        "uring-dma",
+        "none",
+        "thread-sleep",
+    ];
+    if let Some(mode) = args
+        .modes
+        .iter()
+        .find(|mode| !MODES.contains(&mode.as_str()))
+    {
+        return Err(format!(
+            "unknown mode {mode:?} (one of {})",
+            MODES.join(", ")
+        ));
+    }
+    if args.bytes == 0 || !args.bytes.is_multiple_of(4096) {
+        return Err("--bytes must be a positive multiple of 4096 (O_DIRECT)".into());
+    }
+    Ok(args)
+}
+
+/// CPU time (user + system) of the whole process and its voluntary + involuntary context
+/// switches, from `getrusage(RUSAGE_SELF)`.
+fn usage() -> (Duration, i64) {
+    // SAFETY: `getrusage` fills the zeroed struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let cpu = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (
+        cpu(usage.ru_utime) + cpu(usage.ru_stime),
+        usage.ru_nvcsw + usage.ru_nivcsw,
+    )
+}
+
+fn zero_filled(path: &Path) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..(FILE_BYTES >> 20) {
+        file.write_all(&zeros)?;
+    }
+    file.sync_all()
+}
+
+async fn run_mode(mode: &str, path: &Path, args: &Args) -> Vec<Duration> {
+    let mut latencies = Vec::with_capacity(args.commits);
+    let record = vec![0x5au8; args.bytes];
+    let offset = |i: usize| (i * args.bytes) as u64 % FILE_BYTES;
+    match mode {
+        "inline" | "blocking" => {
+            let file = std::sync::Arc::new(OpenOptions::new().write(true).open(path).unwrap());
+            for i in 0..args.commits {
+                let start = Instant::now();
+                if mode == "inline" {
+                    file.write_all_at(&record, offset(i)).unwrap();
+                    file.sync_data().unwrap();
+                } else {
+                    let (file, record, at) = (file.clone(), record.clone(), offset(i));
+                    glommio::executor()
+                        .spawn_blocking(move || {
+                            file.write_all_at(&record, at).unwrap();
+                            file.sync_data().unwrap();
+                        })
+                        .await;
+                }
+                latencies.push(start.elapsed());
+                if !args.gap.is_zero() {
+                    glommio::timer::sleep(args.gap).await;
+                }
+            }
+        }
+        "uring-buffered" => {
+            let file: BufferedFile = glommio::io::OpenOptions::new()
+                .write(true)
+                .buffered_open(path)
+                .await
+                .unwrap();
+            for i in 0..args.commits {
+                let start = Instant::now();
+                let written = file.write_at(record.clone(), offset(i)).await.unwrap();
+                assert_eq!(written, args.bytes);
+                file.fdatasync().await.unwrap();
+                latencies.push(start.elapsed());
+                if !args.gap.is_zero() {
+                    glommio::timer::sleep(args.gap).await;
+                }
+            }
+            file.close().await.unwrap();
+        }
+        "uring-dma" => {
+            let file: DmaFile = glommio::io::OpenOptions::new()
+                .write(true)
+                .dma_open(path)
+                .await
+                .unwrap();
+            for i in 0..args.commits {
+                let start = Instant::now();
+                let mut buffer = file.alloc_dma_buffer(args.bytes);
+                buffer.as_bytes_mut().copy_from_slice(&record);
+                let written = file.write_at(buffer, offset(i)).await.unwrap();
+                assert_eq!(written, args.bytes);
+                file.fdatasync().await.unwrap();
+                latencies.push(start.elapsed());
+                if !args.gap.is_zero() {
+                    glommio::timer::sleep(args.gap).await;
+                }
+            }
+            file.close().await.unwrap();
+        }
+        // No I/O: only the gap, to show what the executor's sleep and wake-up cost.
+        "none" => {
+            for _ in 0..args.commits {
+                latencies.push(Duration::ZERO);
+                if !args.gap.is_zero() {
+                    glommio::timer::sleep(args.gap).await;
+                }
+            }
+        }
+        // The same gap slept by the thread itself (`nanosleep`, the executor blocked): the
+        // kernel's own cost of a sleep and a wake-up, for comparison with `none`.
+        "thread-sleep" => {
+            for _ in 0..args.commits {
+                latencies.push(Duration::ZERO);
+                std::thread::sleep(args.gap);
+            }
+        }
+        other => panic!("unknown mode {other}"),
+    }
+    latencies
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(message) => {
+            eprintln!("log_sync: {message}");
+            std::process::exit(2);
+        }
+    };
+    let path = args
+        .dir
+        .join(format!("log_sync-{}.bin", std::process::id()));
+    if let Err(err) = zero_filled(&path) {
+        eprintln!("log_sync: cannot create {}: {err}", path.display());
+        std::process::exit(1);
+    }
+    println!(
+        "{} commits of {} bytes, gap {:?}, file {}",
+        args.commits,
+        args.bytes,
+        args.gap,
+        path.display()
+    );
+    println!("mode            p50 µs   p99 µs   CPU µs/commit   switches/commit");
+    let path_in = path.clone();
+    LocalExecutorBuilder::new(Placement::Fixed(0))
+        .io_memory(1 << 20)
+        .spawn(move || async move {
+            for _ in 0..args.rounds {
+                for mode in &args.modes {
+                    let (cpu_before, switches_before) = usage();
+                    let mut latencies = run_mode(mode, &path_in, &args).await;
+                    let (cpu_after, switches_after) = usage();
+                    latencies.sort();
+                    let per_commit = |d: Duration| d.as_secs_f64() * 1e6 / args.commits as f64;
+                    // The gap's own sleep is in the CPU figure too, but costs no CPU.
+                    println!(
+                        "{mode:<15} {:>7.1} {:>8.1} {:>15.1} {:>17.2}",
+                        percentile(&latencies, 0.5).as_secs_f64() * 1e6,
+                        percentile(&latencies, 0.99).as_secs_f64() * 1e6,
+                        per_commit(cpu_after - cpu_before),
+                        (switches_after - switches_before) as f64 / args.commits as f64,
+                    );
+                }
+            }
+        })
+        .expect("spawn the executor")
+        .join()
+        .expect("the executor ran");
+    let _ = std::fs::remove_file(&path);
+}
