@@ -150,3 +150,52 @@ fn a_busy_task_is_preempted_again_and_again() {
         "{preemptions} preemptions in 400 ms with a 5 ms preemption timer"
     );
 }
+
+/// Short sleeps and busy stretches alternate, as on a shard between messages: before each
+/// sleep the reactor replaces the pending preemption timer with the sooner sleep timer, and
+/// after the sleep it needs a preemption timer again (the kept-timer patch decides both on
+/// deadlines). Every sleep must still end on time, and every busy stretch after a sleep must
+/// still be preempted: a sleep timer kept as the preemption timer after it fired, with none
+/// armed in its place, would leave a stretch unpreempted.
+#[test]
+fn busy_stretches_between_short_sleeps_are_preempted_and_the_sleeps_end_on_time() {
+    let done = Arc::new(AtomicBool::new(false));
+    watchdog("spare timer", Duration::from_secs(60), done.clone());
+    let (worst_overshoot, fewest_preemptions) = builder("spare")
+        .preempt_timer(Duration::from_millis(5))
+        .make()
+        .unwrap()
+        .run(async {
+            let mut worst = Duration::ZERO;
+            let mut fewest = u32::MAX;
+            for round in 0..40u32 {
+                let wanted = Duration::from_micros(300 + 200 * u64::from(round % 5));
+                let start = Instant::now();
+                glommio::timer::sleep(wanted).await;
+                let slept = start.elapsed();
+                assert!(slept >= wanted, "slept {slept:?}, asked {wanted:?}");
+                worst = worst.max(slept - wanted);
+                // 25 ms of work that only yields: about 5 preemptions with a 5 ms timer.
+                let busy = Instant::now();
+                let mut preemptions = 0u32;
+                while busy.elapsed() < Duration::from_millis(25) {
+                    std::hint::black_box((0..200u64).sum::<u64>());
+                    if glommio::executor().need_preempt() {
+                        preemptions += 1;
+                    }
+                    glommio::yield_if_needed().await;
+                }
+                fewest = fewest.min(preemptions);
+            }
+            (worst, fewest)
+        });
+    done.store(true, Ordering::SeqCst);
+    assert!(
+        worst_overshoot < Duration::from_millis(60),
+        "a sleep overshot its deadline by {worst_overshoot:?}"
+    );
+    assert!(
+        fewest_preemptions >= 2,
+        "a 25 ms busy stretch after a sleep saw {fewest_preemptions} preemptions with a 5 ms timer"
+    );
+}
