@@ -119,9 +119,41 @@ impl FrameError {
     }
 }
 
+/// The fields of a `message` frame, parsed straight into a struct. An internally tagged enum
+/// (`#[serde(tag = "type")]`) first buffers the whole object into serde's `Content` values and
+/// then parses those again; for the frame that carries nearly all the traffic that was half of
+/// the parse and allocation cost (`perf` at 20,000 round trips/s: frame parsing 3.9% of the
+/// server's CPU, `ContentDeserializer` 1.7%). The fast path only returns a frame when the
+/// struct parses and `type` is `"message"`, which is exactly when the enum gives
+/// `Message { id, text }` (unknown fields are ignored by both); every other frame, and every
+/// error, goes through the enum as before.
+#[derive(Deserialize)]
+struct MessageFields<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    id: String,
+    text: String,
+}
+
+/// [`MessageFields`] with the agent's `conversation`.
+#[derive(Deserialize)]
+struct AgentMessageFields<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    conversation: u64,
+    id: String,
+    text: String,
+}
+
 /// Parses a visitor's text frame.
 pub fn parse_visitor(text: &str, max_text_bytes: usize) -> Result<VisitorFrame, FrameError> {
-    let mut frame: VisitorFrame = parse(text)?;
+    let mut frame = match serde_json::from_str::<MessageFields>(text) {
+        Ok(fields) if fields.kind == "message" => VisitorFrame::Message {
+            id: fields.id,
+            text: fields.text,
+        },
+        _ => parse(text)?,
+    };
     if let VisitorFrame::Message { id, text } = &mut frame {
         check_message(id, text, max_text_bytes)?;
     }
@@ -130,7 +162,14 @@ pub fn parse_visitor(text: &str, max_text_bytes: usize) -> Result<VisitorFrame, 
 
 /// Parses an agent's text frame.
 pub fn parse_agent(text: &str, max_text_bytes: usize) -> Result<AgentFrame, FrameError> {
-    let mut frame: AgentFrame = parse(text)?;
+    let mut frame = match serde_json::from_str::<AgentMessageFields>(text) {
+        Ok(fields) if fields.kind == "message" => AgentFrame::Message {
+            conversation: fields.conversation,
+            id: fields.id,
+            text: fields.text,
+        },
+        _ => parse(text)?,
+    };
     match &mut frame {
         AgentFrame::Message { id, text, .. } => check_message(id, text, max_text_bytes)?,
         AgentFrame::Transfer { to, .. } if to.is_empty() || to.len() > 128 => {
@@ -300,6 +339,78 @@ pub fn error_frame(code: &str, message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The parsers as they were before the `message` fast path: the tagged enum alone.
+    fn enum_only_visitor(text: &str, max: usize) -> Result<VisitorFrame, FrameError> {
+        let mut frame: VisitorFrame = parse(text)?;
+        if let VisitorFrame::Message { id, text } = &mut frame {
+            check_message(id, text, max)?;
+        }
+        Ok(frame)
+    }
+
+    fn enum_only_agent(text: &str, max: usize) -> Result<AgentFrame, FrameError> {
+        let mut frame: AgentFrame = parse(text)?;
+        match &mut frame {
+            AgentFrame::Message { id, text, .. } => check_message(id, text, max)?,
+            AgentFrame::Transfer { to, .. } if to.is_empty() || to.len() > 128 => {
+                return Err(FrameError::new(
+                    "invalid_field",
+                    "to must be an agent id of 1 to 128 bytes",
+                ))
+            }
+            _ => {}
+        }
+        Ok(frame)
+    }
+
+    #[test]
+    fn the_message_fast_path_gives_what_the_tagged_enum_gives() {
+        let frames = [
+            r#"{"type":"message","id":"c1","text":"hi"}"#,
+            r#"{"text":"hi","id":"c1","type":"message"}"#,
+            r#"{"type":"message","id":"c1","text":"hi","conversation":7}"#,
+            r#"{"type":"message","id":"c1","text":"hi","conversation":"7"}"#,
+            r#"{"type":"message","conversation":7,"id":"c1","text":"hi","extra":[1,{"a":2}]}"#,
+            r#"{"type":"message","conversation":-1,"id":"c1","text":"hi"}"#,
+            r#"{"type":"message","conversation":1.5,"id":"c1","text":"hi"}"#,
+            r#"{"type":"message","id":"c1"}"#,
+            r#"{"type":"message","text":"hi"}"#,
+            r#"{"type":"message","id":"","text":"hi"}"#,
+            r#"{"type":"message","id":"c1","text":""}"#,
+            r#"{"type":"message","id":"c1","text":"this text is longer than the limit"}"#,
+            r#"{"type":"message","id":null,"text":"hi"}"#,
+            r#"{"type":"message","id":"c1","id":"c2","text":"hi"}"#,
+            r#"{"type":"message","type":"typing","id":"c1","text":"hi"}"#,
+            r#"{"type":"message","id":"c1","text":"hi"}"#,
+            r#"{"type":"Message","id":"c1","text":"hi"}"#,
+            r#"{"type":"typing","on":true,"id":"c1","text":"hi","conversation":7}"#,
+            r#"{"type":"typing","on":true,"conversation":7}"#,
+            r#"{"type":"read","seq":3,"conversation":7}"#,
+            r#"{"type":"handoff"}"#,
+            r#"{"type":"transfer","conversation":7,"to":""}"#,
+            r#"{"type":"status","status":"away"}"#,
+            r#"{"id":"c1","text":"hi"}"#,
+            r#"{"type":7,"id":"c1","text":"hi"}"#,
+            r#"{"type":"message","id":"c1","text":"hi"} trailing"#,
+            r#"{"type":"message","id":"c1","text":"hi""#,
+            r#"["message","c1","hi"]"#,
+            "",
+            "null",
+        ];
+        for frame in frames {
+            assert_eq!(
+                parse_visitor(frame, 20),
+                enum_only_visitor(frame, 20),
+                "visitor {frame}"
+            );
+            assert_eq!(
+                parse_agent(frame, 20),
+                enum_only_agent(frame, 20),
+                "agent {frame}"
+            );
+        }
+    }
 
     #[test]
     fn parses_every_visitor_frame() {

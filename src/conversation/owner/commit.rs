@@ -68,11 +68,7 @@ impl Owner {
                 conversation,
                 client_id,
             } => {
-                let ack = |seq: u64| {
-                    frame(serde_json::json!({
-                        "type": "ack", "id": &client_id, "conversation": conversation.0, "seq": seq,
-                    }))
-                };
+                let ack = |seq: u64| ack_frame(&client_id, conversation, seq);
                 self.message_committed(conversation, session, op, outcome, ack, Some(&key), out);
             }
             Completion::AgentMessage {
@@ -80,11 +76,7 @@ impl Owner {
                 conversation,
                 client_id,
             } => {
-                let ack = |seq: u64| {
-                    frame(serde_json::json!({
-                        "type": "ack", "id": &client_id, "conversation": conversation.0, "seq": seq,
-                    }))
-                };
+                let ack = |seq: u64| ack_frame(&client_id, conversation, seq);
                 self.message_committed(conversation, session, op, outcome, ack, None, out);
             }
             Completion::Read { conversation, side } => {

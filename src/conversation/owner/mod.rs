@@ -415,6 +415,26 @@ pub fn message_frame(
     })
 }
 
+/// The `ack` frame of a stored message. Rendered from a struct, not a `json!` value: one ack
+/// per message made the value's map and its owned keys 1.8% of the server's CPU at 20,000
+/// round trips/s (`perf`). The fields are in the order a `serde_json::Value` map sorts them,
+/// so the bytes are those the `json!` form gave.
+fn ack_frame(client_id: &str, conversation: ConversationId, seq: u64) -> Arc<str> {
+    #[derive(Serialize)]
+    struct AckFrame<'a> {
+        conversation: u64,
+        id: &'a str,
+        seq: u64,
+        r#type: &'static str,
+    }
+    Arc::from(protocol::render(&AckFrame {
+        conversation: conversation.0,
+        id: client_id,
+        seq,
+        r#type: "ack",
+    }))
+}
+
 fn frame(value: serde_json::Value) -> Arc<str> {
     Arc::from(value.to_string())
 }

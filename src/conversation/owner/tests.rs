@@ -1245,3 +1245,20 @@ fn an_unwatched_conversation_no_longer_reaches_the_supervisor() {
     );
     assert_eq!(frames_to(&refused, alice)[0]["code"], "forbidden");
 }
+
+#[test]
+fn an_ack_frame_is_byte_for_byte_what_the_json_value_form_gave() {
+    for (client_id, conversation, seq) in [
+        ("c-1", 7, 1),
+        ("quote\" back\\slash \u{1} 中文", u64::MAX, u64::MAX),
+        ("", 0, 0),
+    ] {
+        let value = serde_json::json!({
+            "type": "ack", "id": client_id, "conversation": conversation, "seq": seq,
+        });
+        assert_eq!(
+            &*ack_frame(client_id, ConversationId(conversation), seq),
+            value.to_string()
+        );
+    }
+}
