@@ -116,90 +116,97 @@ fn zero_filled(path: &Path) -> std::io::Result<()> {
     file.sync_all()
 }
 
+/// The log file as one mode writes it.
+enum Log {
+    /// `inline` and `blocking`: std's file, shared with the blocking pool.
+    Std(std::sync::Arc<std::fs::File>, bool),
+    Buffered(BufferedFile),
+    Dma(DmaFile),
+    /// `none` and `thread-sleep`: no I/O, only the gap.
+    Nothing,
+}
+
+impl Log {
+    async fn open(mode: &str, path: &Path) -> Log {
+        let options = || {
+            let mut options = glommio::io::OpenOptions::new();
+            options.write(true);
+            options
+        };
+        match mode {
+            "inline" | "blocking" => Log::Std(
+                std::sync::Arc::new(OpenOptions::new().write(true).open(path).unwrap()),
+                mode == "blocking",
+            ),
+            "uring-buffered" => Log::Buffered(options().buffered_open(path).await.unwrap()),
+            "uring-dma" => Log::Dma(options().dma_open(path).await.unwrap()),
+            _ => Log::Nothing,
+        }
+    }
+
+    /// One group commit's log I/O: write `record` at `at`, then fdatasync.
+    async fn commit(&self, record: &[u8], at: u64) {
+        match self {
+            Log::Std(file, false) => {
+                file.write_all_at(record, at).unwrap();
+                file.sync_data().unwrap();
+            }
+            Log::Std(file, true) => {
+                let (file, record) = (file.clone(), record.to_vec());
+                glommio::executor()
+                    .spawn_blocking(move || {
+                        file.write_all_at(&record, at).unwrap();
+                        file.sync_data().unwrap();
+                    })
+                    .await;
+            }
+            Log::Buffered(file) => {
+                let written = file.write_at(record.to_vec(), at).await.unwrap();
+                assert_eq!(written, record.len());
+                file.fdatasync().await.unwrap();
+            }
+            Log::Dma(file) => {
+                let mut buffer = file.alloc_dma_buffer(record.len());
+                buffer.as_bytes_mut().copy_from_slice(record);
+                let written = file.write_at(buffer, at).await.unwrap();
+                assert_eq!(written, record.len());
+                file.fdatasync().await.unwrap();
+            }
+            Log::Nothing => {}
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Log::Buffered(file) => file.close().await.unwrap(),
+            Log::Dma(file) => file.close().await.unwrap(),
+            Log::Std(..) | Log::Nothing => {}
+        }
+    }
+}
+
 async fn run_mode(mode: &str, path: &Path, args: &Args) -> Vec<Duration> {
     let mut latencies = Vec::with_capacity(args.commits);
     let record = vec![0x5au8; args.bytes];
-    let offset = |i: usize| (i * args.bytes) as u64 % FILE_BYTES;
-    match mode {
-        "inline" | "blocking" => {
-            let file = std::sync::Arc::new(OpenOptions::new().write(true).open(path).unwrap());
-            for i in 0..args.commits {
-                let start = Instant::now();
-                if mode == "inline" {
-                    file.write_all_at(&record, offset(i)).unwrap();
-                    file.sync_data().unwrap();
-                } else {
-                    let (file, record, at) = (file.clone(), record.clone(), offset(i));
-                    glommio::executor()
-                        .spawn_blocking(move || {
-                            file.write_all_at(&record, at).unwrap();
-                            file.sync_data().unwrap();
-                        })
-                        .await;
-                }
-                latencies.push(start.elapsed());
-                if !args.gap.is_zero() {
-                    glommio::timer::sleep(args.gap).await;
-                }
-            }
+    let log = Log::open(mode, path).await;
+    for i in 0..args.commits {
+        let start = Instant::now();
+        log.commit(&record, (i * args.bytes) as u64 % FILE_BYTES)
+            .await;
+        latencies.push(start.elapsed());
+        if args.gap.is_zero() {
+            continue;
         }
-        "uring-buffered" => {
-            let file: BufferedFile = glommio::io::OpenOptions::new()
-                .write(true)
-                .buffered_open(path)
-                .await
-                .unwrap();
-            for i in 0..args.commits {
-                let start = Instant::now();
-                let written = file.write_at(record.clone(), offset(i)).await.unwrap();
-                assert_eq!(written, args.bytes);
-                file.fdatasync().await.unwrap();
-                latencies.push(start.elapsed());
-                if !args.gap.is_zero() {
-                    glommio::timer::sleep(args.gap).await;
-                }
-            }
-            file.close().await.unwrap();
+        if mode == "thread-sleep" {
+            // The gap slept by the thread itself (`nanosleep`, the executor blocked): the
+            // kernel's own cost of a sleep and a wake-up, for comparison with `none` (the
+            // executor sleeps and wakes).
+            std::thread::sleep(args.gap);
+        } else {
+            glommio::timer::sleep(args.gap).await;
         }
-        "uring-dma" => {
-            let file: DmaFile = glommio::io::OpenOptions::new()
-                .write(true)
-                .dma_open(path)
-                .await
-                .unwrap();
-            for i in 0..args.commits {
-                let start = Instant::now();
-                let mut buffer = file.alloc_dma_buffer(args.bytes);
-                buffer.as_bytes_mut().copy_from_slice(&record);
-                let written = file.write_at(buffer, offset(i)).await.unwrap();
-                assert_eq!(written, args.bytes);
-                file.fdatasync().await.unwrap();
-                latencies.push(start.elapsed());
-                if !args.gap.is_zero() {
-                    glommio::timer::sleep(args.gap).await;
-                }
-            }
-            file.close().await.unwrap();
-        }
-        // No I/O: only the gap, to show what the executor's sleep and wake-up cost.
-        "none" => {
-            for _ in 0..args.commits {
-                latencies.push(Duration::ZERO);
-                if !args.gap.is_zero() {
-                    glommio::timer::sleep(args.gap).await;
-                }
-            }
-        }
-        // The same gap slept by the thread itself (`nanosleep`, the executor blocked): the
-        // kernel's own cost of a sleep and a wake-up, for comparison with `none`.
-        "thread-sleep" => {
-            for _ in 0..args.commits {
-                latencies.push(Duration::ZERO);
-                std::thread::sleep(args.gap);
-            }
-        }
-        other => panic!("unknown mode {other}"),
     }
+    log.close().await;
     latencies
 }
 

@@ -147,13 +147,21 @@ struct AgentMessageFields<'a> {
 
 /// Parses a visitor's text frame.
 pub fn parse_visitor(text: &str, max_text_bytes: usize) -> Result<VisitorFrame, FrameError> {
-    let mut frame = match serde_json::from_str::<MessageFields>(text) {
+    let frame = match serde_json::from_str::<MessageFields>(text) {
         Ok(fields) if fields.kind == "message" => VisitorFrame::Message {
             id: fields.id,
             text: fields.text,
         },
         _ => parse(text)?,
     };
+    checked_visitor(frame, max_text_bytes)
+}
+
+/// A parsed visitor frame's size and shape checks.
+fn checked_visitor(
+    mut frame: VisitorFrame,
+    max_text_bytes: usize,
+) -> Result<VisitorFrame, FrameError> {
     if let VisitorFrame::Message { id, text } = &mut frame {
         check_message(id, text, max_text_bytes)?;
     }
@@ -162,7 +170,7 @@ pub fn parse_visitor(text: &str, max_text_bytes: usize) -> Result<VisitorFrame, 
 
 /// Parses an agent's text frame.
 pub fn parse_agent(text: &str, max_text_bytes: usize) -> Result<AgentFrame, FrameError> {
-    let mut frame = match serde_json::from_str::<AgentMessageFields>(text) {
+    let frame = match serde_json::from_str::<AgentMessageFields>(text) {
         Ok(fields) if fields.kind == "message" => AgentFrame::Message {
             conversation: fields.conversation,
             id: fields.id,
@@ -170,6 +178,11 @@ pub fn parse_agent(text: &str, max_text_bytes: usize) -> Result<AgentFrame, Fram
         },
         _ => parse(text)?,
     };
+    checked_agent(frame, max_text_bytes)
+}
+
+/// A parsed agent frame's size and shape checks.
+fn checked_agent(mut frame: AgentFrame, max_text_bytes: usize) -> Result<AgentFrame, FrameError> {
     match &mut frame {
         AgentFrame::Message { id, text, .. } => check_message(id, text, max_text_bytes)?,
         AgentFrame::Transfer { to, .. } if to.is_empty() || to.len() > 128 => {
@@ -287,23 +300,54 @@ pub fn is_visible(c: char) -> bool {
         ))
 }
 
+/// A UTC instant's calendar fields.
+struct Civil {
+    year: i64,
+    month: i64,
+    day: i64,
+    hour: u64,
+    minute: u64,
+    second: u64,
+    millis: u64,
+}
+
+impl Civil {
+    fn from_unix_ms(unix_ms: u64) -> Civil {
+        let secs = unix_ms / 1000;
+        let days = secs / 86_400;
+        let rem = secs % 86_400;
+        // Civil-from-days (Howard Hinnant's algorithm), valid for all u64 days we use.
+        let z = days as i64 + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z.rem_euclid(146_097);
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let day = doy - (153 * mp + 2) / 5 + 1;
+        let month = if mp < 10 { mp + 3 } else { mp - 9 };
+        Civil {
+            year: yoe + era * 400 + i64::from(month <= 2),
+            month,
+            day,
+            hour: rem / 3600,
+            minute: rem % 3600 / 60,
+            second: rem % 60,
+            millis: unix_ms % 1000,
+        }
+    }
+}
+
 /// RFC 3339 UTC with milliseconds for a unix-ms timestamp.
 pub fn rfc3339(unix_ms: u64) -> String {
-    let secs = unix_ms / 1000;
-    let millis = unix_ms % 1000;
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (hour, minute, second) = (rem / 3600, (rem % 3600) / 60, rem % 60);
-    // Civil-from-days (Howard Hinnant's algorithm), valid for all u64 days we use.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let Civil {
+        year,
+        month,
+        day,
+        hour,
+        minute,
+        second,
+        millis,
+    } = Civil::from_unix_ms(unix_ms);
     if !(0..=9999).contains(&year) {
         return format!(
             "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{millis:03}Z"
@@ -363,26 +407,11 @@ mod tests {
 
     /// The parsers as they were before the `message` fast path: the tagged enum alone.
     fn enum_only_visitor(text: &str, max: usize) -> Result<VisitorFrame, FrameError> {
-        let mut frame: VisitorFrame = parse(text)?;
-        if let VisitorFrame::Message { id, text } = &mut frame {
-            check_message(id, text, max)?;
-        }
-        Ok(frame)
+        checked_visitor(parse(text)?, max)
     }
 
     fn enum_only_agent(text: &str, max: usize) -> Result<AgentFrame, FrameError> {
-        let mut frame: AgentFrame = parse(text)?;
-        match &mut frame {
-            AgentFrame::Message { id, text, .. } => check_message(id, text, max)?,
-            AgentFrame::Transfer { to, .. } if to.is_empty() || to.len() > 128 => {
-                return Err(FrameError::new(
-                    "invalid_field",
-                    "to must be an agent id of 1 to 128 bytes",
-                ))
-            }
-            _ => {}
-        }
-        Ok(frame)
+        checked_agent(parse(text)?, max)
     }
 
     #[test]
@@ -553,22 +582,10 @@ mod tests {
         // The digit-by-digit form gives what `format!` gave, across leap days, centuries,
         // the last millisecond of year 9999 and beyond it (where `format!` is still used).
         let formatted = |unix_ms: u64| {
-            let days = unix_ms / 1000 / 86_400;
-            let rem = unix_ms / 1000 % 86_400;
-            let z = days as i64 + 719_468;
-            let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
-            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-            let mp = (5 * doy + 2) / 153;
-            let day = doy - (153 * mp + 2) / 5 + 1;
-            let month = if mp < 10 { mp + 3 } else { mp - 9 };
-            let year = yoe + era * 400 + i64::from(month <= 2);
+            let c = Civil::from_unix_ms(unix_ms);
             format!(
-                "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-                rem / 3600,
-                rem % 3600 / 60,
-                rem % 60,
-                unix_ms % 1000
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+                c.year, c.month, c.day, c.hour, c.minute, c.second, c.millis
             )
         };
         let mut unix_ms = 1u64;
