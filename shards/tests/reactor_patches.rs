@@ -154,19 +154,21 @@ fn a_busy_task_is_preempted_again_and_again() {
 /// Short sleeps and busy stretches alternate, as on a shard between messages: before each
 /// sleep the reactor replaces the pending preemption timer with the sooner sleep timer, and
 /// after the sleep it needs a preemption timer again (the kept-timer patch decides both on
-/// deadlines). Every sleep must still end on time, and every busy stretch after a sleep must
-/// still be preempted: a sleep timer kept as the preemption timer after it fired, with none
-/// armed in its place, would leave a stretch unpreempted.
+/// deadlines). Every sleep must still end on time (a sleep left to the pending 5 ms preemption
+/// timer would overshoot by about 4 ms, so the median overshoot is checked, and the worst one
+/// against a stall), and every busy stretch after a sleep must still be preempted: a sleep timer
+/// kept as the preemption timer after it fired, with none armed in its place, would leave a
+/// stretch with no preemption at all.
 #[test]
 fn busy_stretches_between_short_sleeps_are_preempted_and_the_sleeps_end_on_time() {
     let done = Arc::new(AtomicBool::new(false));
     watchdog("spare timer", Duration::from_secs(60), done.clone());
-    let (worst_overshoot, fewest_preemptions) = builder("spare")
+    let (mut overshoots, fewest_preemptions) = builder("spare")
         .preempt_timer(Duration::from_millis(5))
         .make()
         .unwrap()
         .run(async {
-            let mut worst = Duration::ZERO;
+            let mut overshoots = Vec::new();
             let mut fewest = u32::MAX;
             for round in 0..40u32 {
                 let wanted = Duration::from_micros(300 + 200 * u64::from(round % 5));
@@ -174,7 +176,7 @@ fn busy_stretches_between_short_sleeps_are_preempted_and_the_sleeps_end_on_time(
                 glommio::timer::sleep(wanted).await;
                 let slept = start.elapsed();
                 assert!(slept >= wanted, "slept {slept:?}, asked {wanted:?}");
-                worst = worst.max(slept - wanted);
+                overshoots.push(slept - wanted);
                 // 25 ms of work that only yields: about 5 preemptions with a 5 ms timer.
                 let busy = Instant::now();
                 let mut preemptions = 0u32;
@@ -187,15 +189,24 @@ fn busy_stretches_between_short_sleeps_are_preempted_and_the_sleeps_end_on_time(
                 }
                 fewest = fewest.min(preemptions);
             }
-            (worst, fewest)
+            (overshoots, fewest)
         });
     done.store(true, Ordering::SeqCst);
-    assert!(
-        worst_overshoot < Duration::from_millis(60),
-        "a sleep overshot its deadline by {worst_overshoot:?}"
+    overshoots.sort();
+    let (median, worst) = (
+        overshoots[overshoots.len() / 2],
+        overshoots[overshoots.len() - 1],
     );
     assert!(
-        fewest_preemptions >= 2,
+        median < Duration::from_millis(2),
+        "the median sleep overshot its deadline by {median:?}"
+    );
+    assert!(
+        worst < Duration::from_millis(60),
+        "a sleep overshot its deadline by {worst:?}"
+    );
+    assert!(
+        fewest_preemptions >= 1,
         "a 25 ms busy stretch after a sleep saw {fewest_preemptions} preemptions with a 5 ms timer"
     );
 }

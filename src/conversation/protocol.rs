@@ -125,9 +125,12 @@ impl FrameError {
 /// the parse and allocation cost (`perf` at 20,000 round trips/s: frame parsing 3.9% of the
 /// server's CPU, `ContentDeserializer` 1.7%). The fast path only returns a frame when the
 /// struct parses and `type` is `"message"`, which is exactly when the enum gives
-/// `Message { id, text }` (unknown fields are ignored by both); every other frame, and every
-/// error, goes through the enum as before.
+/// `Message { id, text }`; every other frame, and every error, goes through the enum as before.
+/// Unknown fields are refused here (so such a frame takes the enum's path): the enum parses
+/// every value it buffers in full and refuses a lone surrogate escape, a number out of range
+/// or nesting past serde_json's limit in an unknown field, where skipping it would not.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct MessageFields<'a> {
     #[serde(rename = "type")]
     kind: &'a str,
@@ -137,6 +140,7 @@ struct MessageFields<'a> {
 
 /// [`MessageFields`] with the agent's `conversation`.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AgentMessageFields<'a> {
     #[serde(rename = "type")]
     kind: &'a str,
@@ -435,6 +439,10 @@ mod tests {
             r#"{"type":"mess\u0061ge","id":"c1","text":"hi"}"#,
             r#"{"type":"message","id":"c\u0031","text":"h\ni"}"#,
             r#"["message",7,"c1","hi"]"#,
+            r#"{"type":"message","id":"c1","text":"hi","x":"\udc00"}"#,
+            r#"{"type":"message","id":"c1","text":"hi","x":{"\ud800":1}}"#,
+            r#"{"type":"message","id":"c1","text":"hi","x":1e400}"#,
+            r#"{"type":"message","conversation":1e400,"id":"c1","text":"hi"}"#,
             r#"{"type":"Message","id":"c1","text":"hi"}"#,
             r#"{"type":"typing","on":true,"id":"c1","text":"hi","conversation":7}"#,
             r#"{"type":"typing","on":true,"conversation":7}"#,
@@ -450,7 +458,12 @@ mod tests {
             "",
             "null",
         ];
-        for frame in frames {
+        let deep = format!(
+            r#"{{"type":"message","conversation":7,"id":"c1","text":"hi","x":{}{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        for frame in frames.iter().copied().chain([deep.as_str()]) {
             assert_eq!(
                 parse_visitor(frame, 20),
                 enum_only_visitor(frame, 20),
