@@ -125,8 +125,10 @@ fn zero_filled(path: &Path) -> std::io::Result<()> {
 
 /// The log file as one mode writes it.
 enum Log {
-    /// `inline` and `blocking`: std's file, shared with the blocking pool.
-    Std(std::sync::Arc<std::fs::File>, bool),
+    /// `inline`: std's file, written and synced on the executor's thread.
+    Inline(std::fs::File),
+    /// `blocking`: std's file, shared with glommio's blocking pool.
+    Blocking(std::sync::Arc<std::fs::File>),
     Buffered(BufferedFile),
     Dma(DmaFile),
     /// `none` and `thread-sleep`: no I/O, only the gap.
@@ -141,10 +143,10 @@ impl Log {
             options
         };
         match mode {
-            "inline" | "blocking" => Log::Std(
-                std::sync::Arc::new(OpenOptions::new().write(true).open(path).unwrap()),
-                mode == "blocking",
-            ),
+            "inline" => Log::Inline(OpenOptions::new().write(true).open(path).unwrap()),
+            "blocking" => Log::Blocking(std::sync::Arc::new(
+                OpenOptions::new().write(true).open(path).unwrap(),
+            )),
             "uring-buffered" => Log::Buffered(options().buffered_open(path).await.unwrap()),
             "uring-dma" => Log::Dma(options().dma_open(path).await.unwrap()),
             _ => Log::Nothing,
@@ -154,11 +156,11 @@ impl Log {
     /// One group commit's log I/O: write `record` at `at`, then fdatasync.
     async fn commit(&self, record: &[u8], at: u64) {
         match self {
-            Log::Std(file, false) => {
+            Log::Inline(file) => {
                 file.write_all_at(record, at).unwrap();
                 file.sync_data().unwrap();
             }
-            Log::Std(file, true) => {
+            Log::Blocking(file) => {
                 let (file, record) = (file.clone(), record.to_vec());
                 glommio::executor()
                     .spawn_blocking(move || {
@@ -187,7 +189,7 @@ impl Log {
         match self {
             Log::Buffered(file) => file.close().await.unwrap(),
             Log::Dma(file) => file.close().await.unwrap(),
-            Log::Std(..) | Log::Nothing => {}
+            Log::Inline(_) | Log::Blocking(_) | Log::Nothing => {}
         }
     }
 }
