@@ -141,8 +141,8 @@ pub use layout::{check_shard_layout, LayoutError};
 pub use options::{Durability, StoreOptions, DEFAULT_LOG_BYTES, DEFAULT_MAP_SIZE};
 pub use read::{ConversationIter, MessageIter, ReadView};
 pub use records::{
-    ArchivedAuthor, ArchivedMessageRecord, Author, Conversation, ConversationId, ConversationState,
-    MessageRecord, MAX_SHARDS,
+    ArchivedAuthor, ArchivedMessageRecord, Author, Conversation, ConversationId, ConversationMap,
+    ConversationState, MessageRecord, MAX_SHARDS,
 };
 pub use shard_store::{
     ShardStore, StoreReader, StoreSize, CHECKPOINT_COMMITS, FORMAT_VERSION, MAX_DBS, MAX_READERS,

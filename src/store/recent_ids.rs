@@ -41,7 +41,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
-use super::records::ConversationId;
+use super::records::{ConversationId, ConversationMap};
 
 /// How many of a conversation's newest messages a re-send is checked against.
 pub const WINDOW: u64 = 1024;
@@ -60,7 +60,7 @@ pub fn client_id_hash(client_id: &str) -> u64 {
 /// The client-id windows of recently written conversations.
 #[derive(Default)]
 pub struct RecentIds {
-    windows: HashMap<ConversationId, Window>,
+    windows: ConversationMap<Window>,
     /// Entries of all windows together.
     entries: usize,
     /// Use counter for least-recently-used eviction.
@@ -236,7 +236,7 @@ impl RecentIds {
 
     /// Drops every window (after a failed transaction; they are rebuilt on demand).
     pub fn clear(&mut self) {
-        self.windows = HashMap::new();
+        self.windows = ConversationMap::default();
         self.entries = 0;
     }
 

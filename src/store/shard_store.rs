@@ -24,7 +24,6 @@
 //!   only resized by the writer, between transactions, behind the [`ResizeGate`] that
 //!   every read view of every handle holds (LMDB forbids live transactions during a remap).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -43,8 +42,8 @@ use super::overlay::SharedOverlay;
 use super::read::{self, ReadView};
 use super::recent_ids::{client_id_hash, RecentIds, WINDOW};
 use super::records::{
-    ArchivedMessageRecord, Conversation, ConversationId, ConversationState, MessageRecord,
-    MAX_LOCAL_CONVERSATION, MAX_SHARDS,
+    ArchivedMessageRecord, Conversation, ConversationId, ConversationMap, ConversationState,
+    MessageRecord, MAX_LOCAL_CONVERSATION, MAX_SHARDS,
 };
 use super::resize_gate::ResizeGate;
 use super::wal::{
@@ -1048,7 +1047,7 @@ struct Staged {
 #[derive(Default)]
 struct StagedConversations {
     entries: Vec<Staged>,
-    index: HashMap<ConversationId, usize>,
+    index: ConversationMap<usize>,
 }
 
 impl StagedConversations {

@@ -46,7 +46,8 @@ use crate::audit::AuditEvent;
 use crate::auth::rbac::{self, Action, Role};
 use crate::ratelimit::RetryAfter;
 use crate::store::{
-    Author, Conversation, ConversationId, ConversationState, NewMessage, Op, OpOutcome, ReadSide,
+    Author, Conversation, ConversationId, ConversationMap, ConversationState, NewMessage, Op,
+    OpOutcome, ReadSide,
 };
 
 mod agent;
@@ -378,7 +379,7 @@ impl Live {
 pub struct Owner {
     config: OwnerConfig,
     visitors: HashMap<VisitorKey, VisitorEntry>,
-    live: HashMap<ConversationId, Live>,
+    live: ConversationMap<Live>,
     /// Sessions whose claimed visitor id was refused, and the fresh visitor they
     /// were moved to (their frames still name the claimed key).
     moved: HashMap<SessionRef, VisitorKey>,
@@ -448,7 +449,7 @@ impl Owner {
         Owner {
             config,
             visitors: HashMap::new(),
-            live: HashMap::new(),
+            live: ConversationMap::default(),
             moved: HashMap::new(),
         }
     }
