@@ -259,3 +259,74 @@ fn kill_9_under_load_keeps_every_acked_message() {
         verify(&server, &visitor, &after);
     }
 }
+
+/// The nice values of the server's threads.
+fn thread_nice_values(pid: u32) -> Vec<i64> {
+    let mut values = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the server's threads") {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        // Fields after the parenthesised name: state is field 3, nice field 19.
+        let after_name = &stat[stat.rfind(')').expect("a stat line names its thread") + 2..];
+        let nice = after_name.split(' ').nth(16).expect("a nice field");
+        values.push(nice.parse().expect("a number"));
+    }
+    values
+}
+
+/// Whether a process of this test's credentials may lower a thread's nice value to `nice`.
+fn may_lower_nice_to(nice: i32) -> bool {
+    std::thread::spawn(move || {
+        // SAFETY: plain syscalls on the calling (scratch) thread.
+        unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) == 0 }
+    })
+    .join()
+    .unwrap()
+}
+
+#[test]
+fn each_shards_commit_thread_runs_at_the_configured_nice_value() {
+    let permitted = may_lower_nice_to(-7);
+    for (nice, expected) in [(-7, if permitted { 2 } else { 0 }), (0, 0)] {
+        let server = Server::start(&format!(
+            "{NO_BOT}\n[shards]\ncores = [0, 1]\n\n[storage]\ncommit_nice = {nice}\n"
+        ));
+        server.wait_for_shards();
+        // A message commits, so each shard's committer has started.
+        let mut visitor = connect(server.addr, "nice-check", 0).expect("a visitor connects");
+        visitor.send_json(&json!({"type": "message", "id": "n1", "text": "hello"}));
+        let ack = visitor.read_until("the ack", |frame| frame["type"] == "ack");
+        assert_eq!(ack["id"], "n1");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let raised = loop {
+            let raised = thread_nice_values(server.pid())
+                .into_iter()
+                .filter(|&value| value == -7)
+                .count();
+            if raised >= expected || Instant::now() > deadline {
+                break raised;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            raised,
+            expected,
+            "commit_nice = {nice}: threads at nice -7 (may lower: {permitted}); logs:\n{}",
+            server.logs()
+        );
+        assert!(
+            thread_nice_values(server.pid())
+                .iter()
+                .all(|&value| value == 0 || value == -7),
+            "only the commit threads change"
+        );
+        let warning = "cannot give the commit threads";
+        if nice == -7 && !permitted {
+            assert!(server.has_logged(warning), "{}", server.logs());
+        } else {
+            // Logged, it would precede the ack.
+            assert!(!server.logs().contains(warning), "{}", server.logs());
+        }
+    }
+}

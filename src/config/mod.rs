@@ -271,6 +271,9 @@ config_section! {
         pub log_bytes: u64 = Size(0, GIB),
         /// With the log: the longest LMDB's commit of acked batches waits for later ones.
         pub apply_interval: Duration = Dur(Duration::ZERO, secs(1)),
+        /// Nice value of each shard's commit thread while it waits for and runs group commits;
+        /// one not below the process's own leaves it unchanged.
+        pub commit_nice: i32 = Int(-20, 0),
     }
 }
 

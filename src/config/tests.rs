@@ -65,6 +65,7 @@ fn defaults_load_with_documented_values() {
     assert_eq!(c.storage.commit_window, ms(1));
     assert_eq!(c.storage.commit_interval, ms(3));
     assert_eq!(c.storage.apply_interval, ms(50));
+    assert_eq!(c.storage.commit_nice, -10);
     assert_eq!(c.storage.map_size, GIB);
     assert_eq!(c.agents.accounts.len(), 0);
     assert_eq!(

@@ -123,7 +123,7 @@ impl Router {
         self.committing.set(true);
         let (store, result) = self
             .jobs
-            .run(move || {
+            .run_commit(move || {
                 let mut store = store;
                 let result = store.apply_pending();
                 (store, result)
@@ -164,6 +164,21 @@ impl Router {
         let interval = self.config().storage.commit_interval;
         let max_batch = self.config().storage.max_batch.max(1);
         let apply_interval = self.apply_interval;
+        let nice = self.config().storage.commit_nice;
+        if let Err(error) = self.jobs.raise_commit_priority(nice).await {
+            // Once per process, not once per shard: every shard would say the same.
+            static WARNED: std::sync::atomic::AtomicBool =
+                std::sync::atomic::AtomicBool::new(false);
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    nice,
+                    %error,
+                    "cannot give the commit threads [storage] commit_nice; group commits run at the \
+                     process's priority (allow it with systemd's LimitNICE={nice}, as the shipped unit \
+                     does, or CAP_SYS_NICE; or set commit_nice = 0)"
+                );
+            }
+        }
         // When the previous commit started (see `commit_wait`).
         let mut last_start: Option<std::time::Instant> = None;
         loop {
@@ -276,7 +291,7 @@ impl Router {
                 // No await since the `is_closed` check: the job set cannot refuse.
                 let (store, ops, result) = self
                     .jobs
-                    .run(move || {
+                    .run_commit(move || {
                         let mut store = store;
                         let result = store.apply(&ops);
                         (store, ops, result)
