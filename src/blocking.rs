@@ -13,7 +13,7 @@
 //! pool holds no job of this shard.
 //!
 //! Priority: the pool is one thread, pinned to the shard's core. The group commit is on every
-//! message's path, so [`BlockingJobs::raise_commit_priority`] can give that thread a lower nice
+//! message's path, so [`BlockingJobs::set_up_commit_thread`] can give that thread a lower nice
 //! value than the shard's: woken for a commit (or by its fdatasync's end) it then preempts the
 //! shard's event loop instead of waiting for it to sleep. Measured on the 2-core reference box
 //! (`[storage] commit_nice` -10 against 0, alternating; bench/README.md, "The commit thread's
@@ -25,6 +25,15 @@
 use std::cell::Cell;
 use std::time::Duration;
 
+/// Why [`BlockingJobs::set_up_commit_thread`] left the thread at the shard's priority.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitThreadError {
+    #[error("cannot change the commit thread's nice value: {0}")]
+    Priority(std::io::Error),
+    #[error(transparent)]
+    Stopping(#[from] Stopping),
+}
+
 /// [`BlockingJobs::run`] after [`BlockingJobs::close`]: the shard is stopping.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("the shard is stopping: no new blocking job starts")]
@@ -35,32 +44,54 @@ pub struct Stopping;
 pub struct BlockingJobs {
     in_flight: Cell<usize>,
     closed: Cell<bool>,
-    /// `(raised, normal)` nice values once [`BlockingJobs::raise_commit_priority`] succeeded.
+    /// `(raised, normal)` nice values while [`BlockingJobs::set_up_commit_thread`] raises the
+    /// thread or once it did.
     priority: Cell<Option<(i32, i32)>>,
 }
 
 impl BlockingJobs {
-    /// Gives the pool's thread nice value `nice` (lower is more urgent) while it waits for and
-    /// runs commits; [`BlockingJobs::run`] lowers it back to the shard's own value for each
-    /// other job. A `nice` not below the shard thread's own changes nothing. Fails (and changes nothing) when the process may not lower a nice value
-    /// (it needs `CAP_SYS_NICE` or an `RLIMIT_NICE` that allows it, e.g. systemd's
-    /// `LimitNICE=`), or with [`Stopping`] inside the error once the set is closed.
-    pub async fn raise_commit_priority(&self, nice: i32) -> std::io::Result<()> {
-        let normal = thread_nice()?;
-        if nice >= normal {
-            return Ok(());
+    /// Names the pool's thread `name` (for `top -H` and `/proc`) and gives it nice value `nice`
+    /// (lower is more urgent) while it waits for and runs commits; [`BlockingJobs::run`] sets it
+    /// back to the shard's own value for each other job. A `nice` not below the shard thread's
+    /// own leaves the priority alone. [`CommitThreadError::Priority`] when the process may not
+    /// lower a nice value (it needs `CAP_SYS_NICE` or an `RLIMIT_NICE` that allows it, e.g.
+    /// systemd's `LimitNICE=`): the thread keeps the shard's priority.
+    pub async fn set_up_commit_thread(
+        &self,
+        name: &str,
+        nice: i32,
+    ) -> Result<(), CommitThreadError> {
+        let normal = thread_nice().map_err(CommitThreadError::Priority)?;
+        let name = std::ffi::CString::new(name).unwrap_or_default();
+        let raise = nice < normal;
+        // Set before the job runs, so that a job queued behind it is already wrapped; taken back
+        // below if the raise fails (the wrapper's restore then fails harmlessly).
+        if raise {
+            self.priority.set(Some((nice, normal)));
         }
         let raised = self
-            .run_commit(move || set_thread_nice(nice))
-            .await
-            .map_err(std::io::Error::other)?;
-        raised?;
-        self.priority.set(Some((nice, normal)));
-        Ok(())
+            .run_commit(move || {
+                // SAFETY: PR_SET_NAME reads a NUL-terminated string of which it keeps 15 bytes.
+                unsafe { libc::prctl(libc::PR_SET_NAME, name.as_ptr()) };
+                if raise {
+                    set_thread_nice(nice)
+                } else {
+                    Ok(())
+                }
+            })
+            .await;
+        let outcome = match raised {
+            Err(stopping) => Err(CommitThreadError::Stopping(stopping)),
+            Ok(result) => result.map_err(CommitThreadError::Priority),
+        };
+        if outcome.is_err() {
+            self.priority.set(None);
+        }
+        outcome
     }
 
     /// Runs a group commit's `job` on the executor's blocking pool, at the raised priority if
-    /// [`BlockingJobs::raise_commit_priority`] set one; see [`BlockingJobs::run`].
+    /// [`BlockingJobs::set_up_commit_thread`] set one; see [`BlockingJobs::run`].
     pub async fn run_commit<F, R>(&self, job: F) -> Result<R, Stopping>
     where
         F: FnOnce() -> R + Send + 'static,
@@ -230,8 +261,13 @@ mod tests {
                 let nice_of_job = || thread_nice().unwrap();
                 assert_eq!(jobs.run_commit(nice_of_job).await, Ok(normal));
                 let raised = (normal - 3).max(-20);
-                match jobs.raise_commit_priority(raised).await {
-                    Err(error) => {
+                let name = || std::fs::read_to_string("/proc/thread-self/comm").unwrap();
+                assert_ne!(jobs.run(name).await.unwrap().trim(), "sb-commit-test");
+                let outcome = jobs.set_up_commit_thread("sb-commit-test", raised).await;
+                assert_eq!(jobs.run(name).await.unwrap().trim(), "sb-commit-test");
+                match outcome {
+                    Err(CommitThreadError::Stopping(_)) => panic!("the set is open"),
+                    Err(CommitThreadError::Priority(error)) => {
                         // Not permitted here (no CAP_SYS_NICE, no RLIMIT_NICE): nothing changed.
                         assert_eq!(error.kind(), std::io::ErrorKind::PermissionDenied);
                         assert_eq!(jobs.run_commit(nice_of_job).await, Ok(normal));

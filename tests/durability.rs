@@ -260,19 +260,26 @@ fn kill_9_under_load_keeps_every_acked_message() {
     }
 }
 
-/// The nice values of the server's threads.
-fn thread_nice_values(pid: u32) -> Vec<i64> {
-    let mut values = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the server's threads") {
-        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
-            continue; // the thread ended meanwhile
-        };
+/// The name and nice value of each of the server's threads, and of its main thread.
+fn thread_names_and_nice_values(pid: u32) -> (Vec<(String, i64)>, i64) {
+    let parse = |stat: &str| -> (String, i64) {
+        let open = stat.find('(').expect("a stat line names its thread");
+        let close = stat.rfind(')').expect("a stat line names its thread");
         // Fields after the parenthesised name: state is field 3, nice field 19.
-        let after_name = &stat[stat.rfind(')').expect("a stat line names its thread") + 2..];
-        let nice = after_name.split(' ').nth(16).expect("a nice field");
-        values.push(nice.parse().expect("a number"));
+        let nice = stat[close + 2..].split(' ').nth(16).expect("a nice field");
+        (
+            stat[open + 1..close].to_string(),
+            nice.parse().expect("a number"),
+        )
+    };
+    let main = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the server's stat");
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).expect("the server's threads") {
+        if let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) {
+            threads.push(parse(&stat)); // else the thread ended meanwhile
+        }
     }
-    values
+    (threads, parse(&main).1)
 }
 
 /// Whether a process of this test's credentials may lower a thread's nice value to `nice`.
@@ -287,42 +294,61 @@ fn may_lower_nice_to(nice: i32) -> bool {
 
 #[test]
 fn each_shards_commit_thread_runs_at_the_configured_nice_value() {
-    let permitted = may_lower_nice_to(-7);
-    for (nice, expected) in [(-7, if permitted { 2 } else { 0 }), (0, 0)] {
+    for commit_nice in [-7, 0] {
         let server = Server::start(&format!(
-            "{NO_BOT}\n[shards]\ncores = [0, 1]\n\n[storage]\ncommit_nice = {nice}\n"
+            "{NO_BOT}\n[shards]\ncores = [0, 1]\n\n[storage]\ncommit_nice = {commit_nice}\n"
         ));
         server.wait_for_shards();
-        // A message commits, so each shard's committer has started.
+        // A message commits, so each shard's committer has set its thread up.
         let mut visitor = connect(server.addr, "nice-check", 0).expect("a visitor connects");
         visitor.send_json(&json!({"type": "message", "id": "n1", "text": "hello"}));
         let ack = visitor.read_until("the ack", |frame| frame["type"] == "ack");
         assert_eq!(ack["id"], "n1");
+
+        let (_, process_nice) = thread_names_and_nice_values(server.pid());
+        let lowers = i64::from(commit_nice) < process_nice;
+        let permitted = may_lower_nice_to(commit_nice);
+        let want = if lowers && permitted {
+            i64::from(commit_nice)
+        } else {
+            process_nice
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
-        let raised = loop {
-            let raised = thread_nice_values(server.pid())
-                .into_iter()
-                .filter(|&value| value == -7)
-                .count();
-            if raised >= expected || Instant::now() > deadline {
-                break raised;
+        let (threads, commit_threads) = loop {
+            let (threads, _) = thread_names_and_nice_values(server.pid());
+            let mut commit_threads: Vec<_> = threads
+                .iter()
+                .filter(|(name, _)| name.starts_with("sb-commit-"))
+                .cloned()
+                .collect();
+            commit_threads.sort();
+            if commit_threads
+                .iter()
+                .filter(|(_, nice)| *nice == want)
+                .count()
+                == 2
+                || Instant::now() > deadline
+            {
+                break (threads, commit_threads);
             }
             std::thread::sleep(Duration::from_millis(20));
         };
         assert_eq!(
-            raised,
-            expected,
-            "commit_nice = {nice}: threads at nice -7 (may lower: {permitted}); logs:\n{}",
+            commit_threads,
+            vec![("sb-commit-0".to_string(), want), ("sb-commit-1".to_string(), want)],
+            "commit_nice = {commit_nice}, process nice {process_nice}, may lower: {permitted}; logs:\n{}",
             server.logs()
         );
-        assert!(
-            thread_nice_values(server.pid())
-                .iter()
-                .all(|&value| value == 0 || value == -7),
-            "only the commit threads change"
-        );
+        for (name, nice) in &threads {
+            if !name.starts_with("sb-commit-") {
+                assert_eq!(
+                    *nice, process_nice,
+                    "thread {name} keeps the process's priority"
+                );
+            }
+        }
         let warning = "cannot give the commit threads";
-        if nice == -7 && !permitted {
+        if lowers && !permitted {
             assert!(server.has_logged(warning), "{}", server.logs());
         } else {
             // Logged, it would precede the ack.

@@ -49,18 +49,46 @@ impl ConversationId {
 /// SipHash. The maps on the message path (the owner's live conversations, the store's staged
 /// ones, the re-send windows) look an id up several times per message, and SipHash's setup and
 /// rounds were about 1% of the server's CPU at 60,000 relayed round trips/s. Their keys are ids
-/// the server minted, so a client cannot pick colliding ones to fill a map.
-pub type ConversationMap<V> = std::collections::HashMap<
-    ConversationId,
-    V,
-    std::hash::BuildHasherDefault<ConversationIdHasher>,
->;
+/// the server minted; the hash starts from a random per-process seed, so ids a client collects
+/// (by opening many conversations) do not tell it which ones share a bucket.
+pub type ConversationMap<V> = std::collections::HashMap<ConversationId, V, ConversationIdState>;
 
-/// Hashes a [`ConversationId`] with splitmix64's finaliser: every bit of the id reaches every
-/// bit of the hash (an id's low [`SHARD_BITS`] are the same for all of one shard's ids, so the
-/// identity or a plain multiplication would crowd them into a few buckets).
-#[derive(Default)]
+/// Builds [`ConversationIdHasher`]s from this process's seed.
+#[derive(Clone, Copy, Debug)]
+pub struct ConversationIdState {
+    seed: u64,
+}
+
+impl Default for ConversationIdState {
+    fn default() -> Self {
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let seed = *SEED.get_or_init(|| {
+            use std::hash::BuildHasher;
+            std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64)
+        });
+        ConversationIdState { seed }
+    }
+}
+
+impl std::hash::BuildHasher for ConversationIdState {
+    type Hasher = ConversationIdHasher;
+
+    fn build_hasher(&self) -> ConversationIdHasher {
+        ConversationIdHasher(self.seed)
+    }
+}
+
+/// Mixes each written word into its state (FxHash's step) and finishes with splitmix64's
+/// finaliser, so every bit of the id reaches every bit of the hash: an id's low [`SHARD_BITS`]
+/// are the same for all of one shard's ids, and the identity or a plain multiplication would
+/// crowd them into a few buckets.
 pub struct ConversationIdHasher(u64);
+
+impl ConversationIdHasher {
+    fn mix(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+}
 
 impl std::hash::Hasher for ConversationIdHasher {
     fn finish(&self) -> u64 {
@@ -72,13 +100,15 @@ impl std::hash::Hasher for ConversationIdHasher {
 
     fn write(&mut self, bytes: &[u8]) {
         // Not used by `ConversationId` (its derived `Hash` writes one u64); kept correct.
-        for &byte in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.mix(u64::from_le_bytes(word));
         }
     }
 
     fn write_u64(&mut self, value: u64) {
-        self.0 ^= value;
+        self.mix(value);
     }
 }
 
@@ -217,11 +247,11 @@ const _: () = assert!(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::hash::{BuildHasher, BuildHasherDefault};
+    use std::hash::{BuildHasher, Hash, Hasher};
 
     #[test]
     fn one_shards_conversation_ids_spread_over_the_buckets() {
-        let build = BuildHasherDefault::<ConversationIdHasher>::default();
+        let build = ConversationIdState::default();
         for shard in [0, 1, 7] {
             let mut buckets = std::collections::HashSet::new();
             let mut tags = std::collections::HashSet::new();
@@ -238,6 +268,16 @@ mod tests {
             );
             assert_eq!(tags.len(), 128, "the top 7 bits (hashbrown's tag) vary too");
         }
+        // Two words in either order hash apart (a tuple key would not collide with its mirror).
+        let hash_of = |words: &[u64]| {
+            let mut hasher = build.build_hasher();
+            for word in words {
+                word.hash(&mut hasher);
+            }
+            hasher.finish()
+        };
+        assert_ne!(hash_of(&[1, 2]), hash_of(&[2, 1]));
+        assert_ne!(hash_of(&[3, 3]), hash_of(&[]));
         let mut map = ConversationMap::default();
         map.insert(ConversationId(5), "five");
         assert_eq!(map.get(&ConversationId(5)), Some(&"five"));

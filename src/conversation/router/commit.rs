@@ -165,7 +165,10 @@ impl Router {
         let max_batch = self.config().storage.max_batch.max(1);
         let apply_interval = self.apply_interval;
         let nice = self.config().storage.commit_nice;
-        if let Err(error) = self.jobs.raise_commit_priority(nice).await {
+        let thread = format!("sb-commit-{}", self.shard);
+        if let Err(crate::blocking::CommitThreadError::Priority(error)) =
+            self.jobs.set_up_commit_thread(&thread, nice).await
+        {
             // Once per process, not once per shard: every shard would say the same.
             static WARNED: std::sync::atomic::AtomicBool =
                 std::sync::atomic::AtomicBool::new(false);
@@ -174,8 +177,8 @@ impl Router {
                     nice,
                     %error,
                     "cannot give the commit threads [storage] commit_nice; group commits run at the \
-                     process's priority (allow it with systemd's LimitNICE={nice}, as the shipped unit \
-                     does, or CAP_SYS_NICE; or set commit_nice = 0)"
+                     process's priority (allow it with systemd's LimitNICE={nice:+}, as the shipped \
+                     unit does, or CAP_SYS_NICE; or set commit_nice = 0)"
                 );
             }
         }
