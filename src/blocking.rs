@@ -15,12 +15,10 @@
 //! Priority: the pool is one thread, pinned to the shard's core. The group commit is on every
 //! message's path, so [`BlockingJobs::set_up_commit_thread`] can give that thread a lower nice
 //! value than the shard's: woken for a commit (or by its fdatasync's end) it then preempts the
-//! shard's event loop instead of waiting for it to sleep. Measured on the 2-core reference box
-//! (`[storage] commit_nice` -10 against 0, alternating; bench/README.md, "The commit thread's
-//! priority"): at 20,000 relayed round trips/s p50 6.08 -> 5.84 ms and server CPU per round trip
-//! 43.8 -> 42.0 us (5 rounds), at 1,000/s 243 -> 231 us (2 rounds), no change at 60,000/s. Every other job
-//! ([`BlockingJobs::run`]: API reads, exports) runs at the shard's own nice value, so a long one
-//! cannot starve the event loop; [`BlockingJobs::run_commit`] runs at the raised one.
+//! shard's event loop instead of waiting for it to sleep (the figures: bench/README.md, "The
+//! commit thread's priority"). Every other job ([`BlockingJobs::run`]: API reads, exports) runs
+//! at the shard's own nice value, so a long one cannot starve the event loop;
+//! [`BlockingJobs::run_commit`] runs at the raised one.
 
 use std::cell::Cell;
 use std::time::Duration;
