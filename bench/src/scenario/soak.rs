@@ -1183,6 +1183,7 @@ async fn visitor_life(
                     stream: plan.v,
                     seq: k,
                     sched_us: coord.micros(sched),
+                    ahead_us: 0,
                 };
                 book.borrow_mut().probes_sent = k + 1;
                 probe.encode(args.size)
