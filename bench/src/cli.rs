@@ -160,8 +160,9 @@ pub struct LoadShape {
     /// Agent connections with --protocol switchboard (each serves the conversations assigned to it).
     #[arg(long, default_value_t = 4)]
     pub agents: u64,
-    /// A shard's sender wakes at most once per TICK and sends every message due by then (never one
-    /// before its time). Latency is taken from each message's scheduled time, so the wait counts in it.
+    /// A shard's sender wakes at most once per TICK and sends every message due before its next wake
+    /// (up to one TICK early). A late message is measured from its scheduled time, an early one from
+    /// when the sender picked it up, so the wait for the tick does not count as the server's.
     #[arg(long, default_value = "200us", value_parser = parse_duration)]
     pub tick: Duration,
 }

@@ -2,8 +2,8 @@
 //! <padding>`. `stream` names the sending visitor (so a misrouted reply is caught), `seq` numbers its
 //! messages from 0 (so loss and duplication are counted by id), `sched_us` is the scheduled send time in
 //! microseconds since the run's epoch (so latency is taken from the schedule, not from when a late send
-//! happened), and `ahead_us` how long before its schedule the message was sent (the relay pacer sends up
-//! to one tick early; the latency of such a message is taken from when it was sent).
+//! happened), and `ahead_us` how long before its schedule the message was picked up to be sent (the relay
+//! pacer sends up to one tick early; the latency of such a message is taken from then).
 //! The text is plain ASCII: it needs no JSON escaping and survives any relay unchanged. Each number
 //! carries a letter so that no run of digits can look like a payment-card number: switchboard's risk
 //! control masks Luhn-valid runs of 13-19 digits split by spaces, which a bare `p 10 1002 5123456`
@@ -114,6 +114,7 @@ mod tests {
         assert_eq!(Probe::decode("p 1 2"), None);
         assert_eq!(Probe::decode("p 1 2 3 x"), None);
         assert_eq!(Probe::decode("p s1 n2 t3 x"), None, "no ahead_us");
+        assert_eq!(Probe::decode("p s1 n2 t3 a x"), None, "an empty ahead_us");
     }
 
     #[test]

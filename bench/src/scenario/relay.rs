@@ -1,15 +1,17 @@
 //! `relay`: conversations of one visitor and one agent (visitor only with `--protocol echo`). Visitors send
 //! probes open-loop: conversation c sends message k at `start + (c/C + k) * C/R`, whatever the server is
 //! doing, so all visitors together offer R messages/s, evenly spread. One pacer per shard sends its
-//! visitors' messages in time order, waking at most once per `--tick` and sending up to one tick early. The agent replies with the same text;
-//! the visitor takes the latency as receive time minus the *scheduled* send time carried in the probe (or
-//! the actual one, if the message went out early). A slow server cannot hide its queueing behind a
-//! slowed-down sender (no coordinated omission), and the pacer's tick adds nothing.
+//! visitors' messages in time order, waking at most once per `--tick` and sending up to one tick early.
+//! The agent replies with the same text; the visitor takes the latency as receive time minus the
+//! *scheduled* send time carried in the probe (or the time the pacer picked the message up, if it went
+//! out early). A slow server cannot hide its queueing behind a slowed-down sender (no coordinated
+//! omission), and the tick adds only its timer's overshoot at rates where wakes are a tick apart.
 //!
 //! Every probe carries (conversation, seq): first arrivals, duplicates, misrouted and unknown replies are
 //! counted per conversation; lost = sent - received after the drain period. Messages scheduled in the
-//! warm-up are counted but their latency is not recorded. The generator's own lag (actual minus scheduled
-//! send time) is reported too: a large lag means the load generator, not the server, was the bottleneck.
+//! warm-up are counted but their latency is not recorded. The generator's own lag (how late past its
+//! schedule each message was picked up, 0 for one sent early) is reported too: a large lag means the load
+//! generator, not the server, was the bottleneck.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -637,9 +639,10 @@ struct Schedule {
 ///
 /// A wake sends every message due before the next wake can come: those already due, and those due
 /// within one `tick` (sent up to a tick early). A message carries its schedule and how far ahead of
-/// it it went out (`Probe::ahead_us`), and its latency is taken from the earlier of the two: a late
-/// send counts its lag (no coordinated omission), an early one counts only the time it really took.
-/// Which messages are measured still goes by the schedule.
+/// it it went out (`Probe::ahead_us`, from the instant the pacer picked it up, just before encoding
+/// and sending it), and its latency is taken from the earlier of the two: a late send counts its lag
+/// (no coordinated omission), an early one counts only the time it really took. Which messages are
+/// measured still goes by the schedule.
 /// Waiting for the tick would otherwise add half a tick to every message (0.1 ms at the default,
 /// half the Go peer's p50 at 20,000/s), and the timer's own wake-up delay (~50 µs here) would count
 /// in full. A send that blocks (a server that stopped reading) holds the later sends back; that lag
@@ -692,7 +695,8 @@ async fn pacer(
                 stream: lane.conv,
                 seq: k,
                 sched_us: coord.micros(sched),
-                ahead_us: sched.saturating_duration_since(now).as_micros() as u64,
+                // In whole microseconds of the epoch, so that `start_us` is never after `now`.
+                ahead_us: coord.micros(sched).saturating_sub(coord.micros(now)),
             };
             probe.encode_into(size, &mut text);
             let frame = if protocol == Protocol::Switchboard {

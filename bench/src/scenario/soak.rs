@@ -1639,7 +1639,7 @@ async fn receive<F: Fn(u64) -> Instant>(mut reader: WsReader, r: Receiving<F>) {
         if let Some(p) = probe_text.as_deref().and_then(Probe::decode) {
             if p.stream == v && p.seq < b.probes_sent && b.replies.record(p.seq) == Arrival::First {
                 t.latency
-                    .record(now.saturating_duration_since(instant_at(p.sched_us)));
+                    .record(now.saturating_duration_since(instant_at(p.start_us())));
             }
         }
     }
