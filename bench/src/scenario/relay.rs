@@ -643,6 +643,7 @@ struct Schedule {
 /// and sending it), and its latency is taken from the earlier of the two: a late send counts its lag
 /// (no coordinated omission), an early one counts only the time it really took. Which messages are
 /// measured still goes by the schedule.
+///
 /// Waiting for the tick would otherwise add half a tick to every message (0.1 ms at the default,
 /// half the Go peer's p50 at 20,000/s), and the timer's own wake-up delay (~50 µs here) would count
 /// in full. A send that blocks (a server that stopped reading) holds the later sends back; that lag
