@@ -309,10 +309,14 @@ impl Router {
                     started.elapsed().as_micros() as u64,
                 );
                 {
+                    // One clock read for the batch: every op's commit ended now.
+                    let committed_at = std::time::Instant::now();
                     let mut histograms = self.histograms.borrow_mut();
                     histograms.commit_batch_size.record(ops.len() as u64);
                     for at in &queued_at {
-                        histograms.commit_latency.record_duration(at.elapsed());
+                        histograms
+                            .commit_latency
+                            .record_duration(committed_at.saturating_duration_since(*at));
                     }
                 }
                 let mut cost = self.commit_cost.get();
@@ -326,6 +330,9 @@ impl Router {
                         if self.full.borrow_mut().committed() {
                             tracing::warn!(shard = self.shard, "storage writable again");
                         }
+                        // When each relayed message was queued; measured against one clock read
+                        // once the whole batch's acks and relay frames are queued.
+                        let mut relayed_queued_at = Vec::with_capacity(queued_at.len());
                         for (((op, completion), outcome), at) in ops
                             .into_iter()
                             .zip(completions)
@@ -341,13 +348,17 @@ impl Router {
                                 op,
                                 outcome: Ok(outcome),
                             });
-                            // The owner has now queued the ack and the relay frames.
                             if relayed {
-                                self.histograms
-                                    .borrow_mut()
-                                    .relay_latency
-                                    .record_duration(at.elapsed());
+                                relayed_queued_at.push(at);
                             }
+                        }
+                        // The owner has now queued the acks and the relay frames.
+                        let relayed_at = std::time::Instant::now();
+                        let mut histograms = self.histograms.borrow_mut();
+                        for at in relayed_queued_at {
+                            histograms
+                                .relay_latency
+                                .record_duration(relayed_at.saturating_duration_since(at));
                         }
                     }
                     Err(err) => {
