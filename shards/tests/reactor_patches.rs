@@ -1,8 +1,9 @@
 //! The behaviours the vendored glommio patches (shards/vendor/PATCHES.md) must keep: a
 //! sleeping executor is always woken by a message from another core (the sleep barrier is a
 //! fence now, not a membarrier), a user timer fires on time although a preemption timer may
-//! be kept armed instead of re-armed, and a busy task queue is still preempted after the
-//! kept timer has fired. Each test fails by a watchdog or an assertion, never by hanging CI.
+//! be kept armed instead of re-armed, a busy task queue is still preempted after the
+//! kept timer has fired, and I/O latencies are still recorded when asked for. Each test fails
+//! by a watchdog or an assertion, never by hanging CI.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -209,4 +210,46 @@ fn busy_stretches_between_short_sleeps_are_preempted_and_the_sleeps_end_on_time(
         fewest_preemptions >= 1,
         "a 25 ms busy stretch after a sleep saw {fewest_preemptions} preemptions with a 5 ms timer"
     );
+}
+
+/// The reactor reads the clock for an I/O's queued, submitted and fulfilled instants only when
+/// the source records its latency (a patch: those reads cost a clock read per socket read and
+/// write). An executor built with `record_io_latencies` still gets all three distributions for
+/// its (buffered) file reads; one without gets none.
+#[test]
+fn io_latencies_are_recorded_when_asked_for_and_only_then() {
+    for record in [true, false] {
+        let counts = builder("latencies")
+            .record_io_latencies(record)
+            .spawn(move || async move {
+                let path = std::env::temp_dir()
+                    .join(format!("sb-io-latency-{}-{record}", std::process::id()));
+                std::fs::write(&path, [7u8; 4096]).unwrap();
+                let file = glommio::io::BufferedFile::open(&path).await.unwrap();
+                for _ in 0..8 {
+                    let read = file.read_at(0, 4096).await.unwrap();
+                    assert_eq!(read.len(), 4096);
+                    assert_eq!(read[0], 7);
+                }
+                file.close().await.unwrap();
+                std::fs::remove_file(&path).unwrap();
+                let stats = glommio::executor().io_stats().all_rings();
+                [
+                    stats.pre_reactor_io_scheduler_latency_us().count(),
+                    stats.io_latency_us().count(),
+                    stats.post_reactor_io_scheduler_latency_us().count(),
+                ]
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        if record {
+            assert!(
+                counts.iter().all(|&count| count >= 8),
+                "with record_io_latencies, every read is measured: {counts:?}"
+            );
+        } else {
+            assert_eq!(counts, [0, 0, 0], "without record_io_latencies");
+        }
+    }
 }

@@ -135,6 +135,13 @@ pub(crate) struct InnerSource {
 }
 
 impl InnerSource {
+    /// Whether this source's I/O latency is collected (the executor's `record_io_latencies`).
+    /// Only then are its queued/submitted/fulfilled instants read (switchboard patch: they cost
+    /// a clock read each, on every socket read and write).
+    pub(crate) fn records_latency(&self) -> bool {
+        self.stats_collection.is_some_and(|x| x.latency.is_some())
+    }
+
     pub(crate) fn update_source_type(&mut self, source_type: SourceType) -> SourceType {
         std::mem::replace(&mut self.source_type, source_type)
     }
