@@ -139,7 +139,13 @@ impl InnerSource {
     /// Only then are its queued/submitted/fulfilled instants read (switchboard patch: they cost
     /// a clock read each, on every socket read and write).
     pub(crate) fn records_latency(&self) -> bool {
-        self.stats_collection.is_some_and(|x| x.latency.is_some())
+        matches!(
+            self.stats_collection,
+            Some(StatsCollection {
+                latency: Some(_),
+                ..
+            })
+        )
     }
 
     pub(crate) fn update_source_type(&mut self, source_type: SourceType) -> SourceType {
