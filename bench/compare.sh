@@ -396,12 +396,13 @@ echo
 "$BENCH" compare "${sweeps[@]}" --figure max_sustained_rate_per_s --figure lowest_failing_rate_per_s \
   --figure p50_ms --figure p99_ms --figure p999_ms --figure lost \
   --figure fixed_rate_per_s --figure fixed_server_cpu_us_per_round_trip --figure fixed_server_cpu_percent \
-  --figure fixed_p50_ms --figure fixed_p99_ms --figure fixed_passed --plot "$OUT/relay-latency.svg"
+  --figure fixed_p50_ms --figure fixed_p99_ms --figure fixed_passed --figure max_step_steal_percent \
+  --plot "$OUT/relay-latency.svg"
 if [ "${#at_rates[@]}" != 0 ]; then
   echo
   echo "relay at $AT_RATE msgs/s for $AT_DURATION, on a fresh server (the MariaDB peer is not run at it)"
   "$BENCH" compare "${at_rates[@]}" --figure throughput_per_s --figure p50_ms --figure p99_ms --figure lost \
-    --figure server_cpu_us_per_round_trip --figure generator_lag_p99_ms
+    --figure server_cpu_us_per_round_trip --figure generator_lag_p99_ms --figure machine_steal_percent
 fi
 if [ -f "$OUT/harness-check.txt" ]; then
   echo

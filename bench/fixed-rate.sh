@@ -2,8 +2,10 @@
 # One fixed-rate relay run against a fresh switchboard server, configured as bench/compare.sh's
 # switchboard column (a shard per core, durability "fsync", 4 agents, 100 conversations, no model).
 # Prints one summary line: offered rate, p50 and p99 round-trip latency, the server's CPU time per
-# round trip (utime+stime from /proc/PID/stat) and lost messages. bench/README.md's fixed-rate figures
-# since 2026-12-05 come from it (earlier sections call it /tmp/fixed.sh).
+# round trip (utime+stime from /proc/PID/stat), lost messages and the machine's steal (the share of
+# the cores the hypervisor took; a run with more than a few percent says little about the server).
+# bench/README.md's fixed-rate figures since 2026-12-05 come from it (earlier sections call it
+# /tmp/fixed.sh).
 #
 # Usage: bench/fixed-rate.sh SWITCHBOARD_BIN RATE [DURATION]       (DURATION default 8s, after 2s warm-up)
 #   EXTRA='commit_interval = "10ms"'   lines appended to the server's [storage] table
@@ -13,7 +15,7 @@
 # The server and the generator share the machine's cores, as in compare.sh.
 set -euo pipefail
 
-[ $# -ge 2 ] || { sed -n '2,12p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
 BIN=$1; RATE=$2; DURATION=${3:-8s}
 BENCH=${BENCH:-$(dirname "$BIN")/switchboard-bench}
 PORT=${PORT:-9102}; METRICS_PORT=${METRICS_PORT:-9199}
@@ -75,6 +77,7 @@ fi
 python3 - "$DIR/report.json" <<'PY'
 import json, sys
 f = dict(json.load(open(sys.argv[1]))["figures"])
-print("rate %d p50 %.2f ms p99 %.2f ms cpu %.1f us/round trip lost %d"
-      % (f["rate_offered_per_s"], f["p50_ms"], f["p99_ms"], f["server_cpu_us_per_round_trip"], f["lost"]))
+print("rate %d p50 %.2f ms p99 %.2f ms cpu %.1f us/round trip lost %d steal %s%%"
+      % (f["rate_offered_per_s"], f["p50_ms"], f["p99_ms"], f["server_cpu_us_per_round_trip"], f["lost"],
+         f.get("machine_steal_percent", "?")))
 PY

@@ -1,6 +1,8 @@
 //! Cores and CPU time: the cores the load generator is pinned to (`--cores`), the cores the server may
 //! run on (read from /proc, so every report says who had which core), and the CPU time a server spends
-//! (utime + stime of /proc/PID/stat, every thread of the process), for CPU per round trip.
+//! (utime + stime of /proc/PID/stat, every thread of the process), for CPU per round trip, and the time
+//! the hypervisor took from this machine's cores (steal, /proc/stat), which on a shared virtual machine
+//! stretches every latency of a run without being the server's doing.
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
@@ -138,6 +140,29 @@ pub fn total_cpu_seconds(pids: &[u32]) -> Option<f64> {
         .sum::<Option<f64>>()
 }
 
+/// Seconds of steal so far, summed over the machine's cores: time a virtual CPU was ready to run but the
+/// hypervisor ran something else. `None` where /proc/stat has no such field (not Linux, or no hypervisor
+/// accounting).
+pub fn machine_steal_seconds() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks = parse_proc_stat_steal(&text)?;
+    // SAFETY: sysconf only reads a configuration value.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Some(ticks as f64 / hz)
+}
+
+/// The steal field (the 8th number) of /proc/stat's aggregate `cpu` line, in clock ticks.
+pub fn parse_proc_stat_steal(stat: &str) -> Option<u64> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    line.split_whitespace().nth(8)?.parse().ok()
+}
+
+/// Cores this machine has online (for steal as a share of the machine's time).
+pub fn online_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +200,26 @@ mod tests {
                     1000000 200 18446744073709551615";
         assert_eq!(parse_stat_cpu_ticks(stat), Some(325));
         assert_eq!(parse_stat_cpu_ticks("garbage"), None);
+    }
+
+    #[test]
+    fn steal_is_the_eighth_number_of_the_cpu_line() {
+        let stat =
+            "cpu  4705 150 1120 16250 520 0 40 312 0 0\ncpu0 2000 75 560 8000 260 0 20 156 0 0\n";
+        assert_eq!(parse_proc_stat_steal(stat), Some(312));
+        assert_eq!(
+            parse_proc_stat_steal("cpu  1 2 3 4 5 6 7\n"),
+            None,
+            "no steal field"
+        );
+        assert_eq!(
+            parse_proc_stat_steal("cpu0 1 2 3 4 5 6 7 8\n"),
+            None,
+            "no aggregate line"
+        );
+        if std::path::Path::new("/proc/stat").exists() {
+            assert!(machine_steal_seconds().is_some_and(|s| s >= 0.0));
+        }
     }
 
     #[test]

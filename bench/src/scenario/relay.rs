@@ -94,6 +94,29 @@ pub struct RelayTotals {
     /// CPU the server (and its `--cpu-pid` helpers) used from the start of the schedule to the end of
     /// the drain; `None` without `--pid`.
     pub server_cpu: Option<ServerCpu>,
+    /// Steal over the same window, machine-wide; `None` where /proc/stat has no steal field.
+    pub machine_steal: Option<MachineSteal>,
+}
+
+/// Time the hypervisor took from the machine's cores over a run's load (the window of
+/// [`ServerCpu`]): on a shared virtual machine it delays the server and the generator alike.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MachineSteal {
+    /// Steal seconds summed over the cores.
+    pub seconds: f64,
+    pub wall_seconds: f64,
+    pub cores: usize,
+}
+
+impl MachineSteal {
+    /// Steal as a share of the machine's core time over the window, in percent to 0.1.
+    pub fn percent(&self) -> f64 {
+        let available = self.wall_seconds * self.cores.max(1) as f64;
+        if available <= 0.0 {
+            return 0.0;
+        }
+        (self.seconds / available * 1000.0).round() / 10.0
+    }
 }
 
 /// Server CPU time over a run's load (warm-up, measurement and drain).
@@ -129,6 +152,7 @@ impl RelayTotals {
         self.send_lag.merge(&o.send_lag);
         self.measure_start = self.measure_start.or(o.measure_start);
         self.server_cpu = self.server_cpu.or(o.server_cpu);
+        self.machine_steal = self.machine_steal.or(o.machine_steal);
         self.last_measured_receive = match (self.last_measured_receive, o.last_measured_receive) {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
@@ -202,6 +226,9 @@ impl RelayTotals {
             if let Some(us) = self.server_cpu_us_per_round_trip() {
                 report.set("server_cpu_us_per_round_trip", us);
             }
+        }
+        if let Some(steal) = self.machine_steal {
+            report.set("machine_steal_percent", steal.percent());
         }
         if self.acks > 0 {
             report.set("acks", self.acks as f64);
@@ -284,6 +311,8 @@ pub fn execute(ctx: &Arc<Ctx>, plan: &RelayPlan, bars: &Bars) -> Result<RelayTot
     // Server CPU seconds (and the instant) when the schedule starts and when the load is over.
     let mut cpu_start: Option<(f64, Instant)> = None;
     let mut cpu_end: Option<(f64, Instant)> = None;
+    let mut steal_start: Option<(f64, Instant)> = None;
+    let mut steal_end: Option<(f64, Instant)> = None;
     let monitor = || {
         let p = &coord.progress;
         if started.is_none() {
@@ -294,6 +323,7 @@ pub fn execute(ctx: &Arc<Ctx>, plan: &RelayPlan, bars: &Bars) -> Result<RelayTot
             let at = Instant::now() + Duration::from_millis(50);
             started = Some(at);
             cpu_start = ctx.server_cpu_seconds().map(|s| (s, Instant::now()));
+            steal_start = crate::cpu::machine_steal_seconds().map(|s| (s, Instant::now()));
             coord.release(Phase::SetUp, at);
         }
         if let Some(at) = started {
@@ -310,6 +340,7 @@ pub fn execute(ctx: &Arc<Ctx>, plan: &RelayPlan, bars: &Bars) -> Result<RelayTot
             if coord.all_arrived(Phase::Loaded) && !coord.is_released(Phase::Loaded) {
                 // Sampled before the shards close their sessions: the closes are not round trips.
                 cpu_end = ctx.server_cpu_seconds().map(|s| (s, Instant::now()));
+                steal_end = crate::cpu::machine_steal_seconds().map(|s| (s, Instant::now()));
                 coord.release(Phase::Loaded, Instant::now());
                 run_bar.finish();
             }
@@ -324,6 +355,13 @@ pub fn execute(ctx: &Arc<Ctx>, plan: &RelayPlan, bars: &Bars) -> Result<RelayTot
         totals.server_cpu = Some(ServerCpu {
             seconds: (b - a).max(0.0),
             wall_seconds: t1.saturating_duration_since(t0).as_secs_f64(),
+        });
+    }
+    if let (Some((a, t0)), Some((b, t1))) = (steal_start, steal_end) {
+        totals.machine_steal = Some(MachineSteal {
+            seconds: (b - a).max(0.0),
+            wall_seconds: t1.saturating_duration_since(t0).as_secs_f64(),
+            cores: crate::cpu::online_cores(),
         });
     }
     Ok(totals)

@@ -14,6 +14,19 @@ use crate::report::Report;
 use crate::scenario::relay::{self, RelayPlan, RelayTotals};
 use crate::scenario::Ctx;
 
+/// Machine steal (see [`relay::MachineSteal`]) from which a step's line says how much there was.
+pub const STEAL_NOTE_PERCENT: f64 = 1.0;
+
+/// What a step's line adds about the hypervisor's steal: nothing below [`STEAL_NOTE_PERCENT`].
+pub fn steal_note(percent: Option<f64>) -> String {
+    match percent {
+        Some(p) if p >= STEAL_NOTE_PERCENT => {
+            format!("  (machine steal {p:.1}%: the hypervisor held the cores back)")
+        }
+        _ => String::new(),
+    }
+}
+
 /// Why a step failed, or `None` if it passed.
 pub fn verdict(t: &RelayTotals, plan: &RelayPlan, p99_limit: Duration) -> Option<String> {
     let p99 = t.latency.summary().p99_ms;
@@ -182,17 +195,22 @@ pub fn run(args: &SweepArgs) -> Result<Report, String> {
         if let Some(us) = totals.server_cpu_us_per_round_trip() {
             step.insert("server_cpu_us_per_round_trip".to_string(), us);
         }
+        let steal = totals.machine_steal.map(|steal| steal.percent());
+        if let Some(percent) = steal {
+            step.insert("machine_steal_percent".to_string(), percent);
+        }
         step.insert("passed".to_string(), if v.is_none() { 1.0 } else { 0.0 });
         report.steps.push(step);
         bars.println(&format!(
-            "step {:>2}: {:>9.0}/s  throughput {:>9.0}/s  p50 {:>8.2} ms  p99 {:>8.2} ms  lost {:>6}  {}",
+            "step {:>2}: {:>9.0}/s  throughput {:>9.0}/s  p50 {:>8.2} ms  p99 {:>8.2} ms  lost {:>6}  {}{}",
             steps,
             rate,
             totals.throughput(&plan),
             s.p50_ms,
             s.p99_ms,
             totals.lost,
-            v.as_deref().map(|r| format!("FAIL: {r}")).unwrap_or_else(|| "pass".into())
+            v.as_deref().map(|r| format!("FAIL: {r}")).unwrap_or_else(|| "pass".into()),
+            steal_note(steal)
         ));
         // Let TIME_WAIT sockets and server-side state settle between steps.
         std::thread::sleep(Duration::from_millis(500));
@@ -261,6 +279,16 @@ pub fn run(args: &SweepArgs) -> Result<Report, String> {
             ));
         }
     }
+    // The most the hypervisor took in any step: a failure in a step that lost a tenth of the cores
+    // says little about the server (bench/README.md, "Machine steal").
+    let most_steal = report
+        .steps
+        .iter()
+        .filter_map(|step| step.get("machine_steal_percent").copied())
+        .reduce(f64::max);
+    if let Some(percent) = most_steal {
+        report.set("max_step_steal_percent", percent);
+    }
     if let Some(f) = lowest_fail {
         report.set("lowest_failing_rate_per_s", f);
     } else {
@@ -301,4 +329,32 @@ pub fn run(args: &SweepArgs) -> Result<Report, String> {
         )?;
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::relay::MachineSteal;
+
+    #[test]
+    fn a_step_says_how_much_the_hypervisor_stole() {
+        let steal = MachineSteal {
+            seconds: 3.0,
+            wall_seconds: 10.0,
+            cores: 2,
+        };
+        assert_eq!(steal.percent(), 15.0);
+        assert_eq!(
+            steal_note(Some(steal.percent())),
+            "  (machine steal 15.0%: the hypervisor held the cores back)"
+        );
+        assert_eq!(steal_note(Some(0.4)), "", "below the threshold");
+        assert_eq!(steal_note(None), "", "not measured");
+        let none = MachineSteal {
+            seconds: 0.0,
+            wall_seconds: 0.0,
+            cores: 2,
+        };
+        assert_eq!(none.percent(), 0.0, "an empty window divides by nothing");
+    }
 }
