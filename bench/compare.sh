@@ -58,6 +58,8 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=bench/switchboard-config.sh
+. "$REPO/bench/switchboard-config.sh"
 PEERS="${SWITCHBOARD_PEERS:-$REPO/../shared/peers}"
 SESSIONS="${SESSIONS:-10000}"
 RAMP="${RAMP:-2000}"
@@ -182,45 +184,11 @@ start_server() { # name
         batch) PORT=9105; binary="$SB" ;;
       esac
       rm -rf "$OUT/$1-data"
-      cat >"$OUT/$1.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PORT"
-
-[diagnostics]
-echo = true
-
-[storage]
-dir = "$OUT/$1-data"
-$([ "$1" = switchboard ] && [ -n "${SB_LOG_BYTES:-}" ] && printf 'log_bytes = %s\n' "$SB_LOG_BYTES")
-$([ "$1" = batch ] && printf 'durability = "batch"\n')
-
-[log]
-format = "text"
-level = "warn"
-
-[inference]
-# The relay measures the conversation path; visitors ask for a human explicitly.
-enabled = false
-
-[risk_control]
-# A load generator sends far faster than a person; keep the flood guard out of the way.
-flood_messages = 10000
-flood_window = "100ms"
-
-[agents]
-# The load generator authenticates with static tokens: development mode only.
-dev_static_tokens = true
-[limits]
-# Every client of a benchmark comes from 127.0.0.1 and sends far faster than a person: lift the
-# per-IP connection rate and the per-session rates (back-pressure and degradation stay on).
-connections_per_ip = 0
-visitor_messages_per_second = 0
-visitor_frames_per_second = 0
-agent_messages_per_second = 0
-agent_frames_per_second = 0
-$(for i in $(seq 0 $((AGENTS - 1))); do printf '\n[agents.accounts.bench%s]\ntoken = "switchboard-bench-agent-%s"\nmax_open = 1000\n' "$i" "$i"; done)
-${SWITCHBOARD_CONFIG_EXTRA:-}
-TOML
+      storage_lines=""
+      [ "$1" = switchboard ] && [ -n "${SB_LOG_BYTES:-}" ] && storage_lines="log_bytes = $SB_LOG_BYTES"
+      [ "$1" = batch ] && storage_lines='durability = "batch"'
+      write_switchboard_config "$OUT/$1.toml" "$PORT" "$OUT/$1-data" "$AGENTS" "$storage_lines" \
+        "${SWITCHBOARD_CONFIG_EXTRA:-}"
       "$binary" serve --config "$OUT/$1.toml" >"$OUT/$1.log" 2>&1 & SERVER_PID=$! ;;
   esac
   wait_port "$PORT"

@@ -30,34 +30,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat >"$DIR/server.toml" <<TOML
-[server]
-listen = "127.0.0.1:$PORT"
-[diagnostics]
-echo = true
-[metrics]
-listen = "127.0.0.1:$METRICS_PORT"
-[storage]
-dir = "$DIR/data"
-${EXTRA:-}
-[log]
-format = "text"
-level = "warn"
-[inference]
-enabled = false
-[risk_control]
-flood_messages = 10000
-flood_window = "100ms"
-[agents]
-dev_static_tokens = true
-[limits]
-connections_per_ip = 0
-visitor_messages_per_second = 0
-visitor_frames_per_second = 0
-agent_messages_per_second = 0
-agent_frames_per_second = 0
-$(for i in 0 1 2 3; do printf '\n[agents.accounts.bench%s]\ntoken = "switchboard-bench-agent-%s"\nmax_open = 1000\n' "$i" "$i"; done)
-TOML
+# shellcheck source=bench/switchboard-config.sh
+. "$(dirname "${BASH_SOURCE[0]}")/switchboard-config.sh"
+write_switchboard_config "$DIR/server.toml" "$PORT" "$DIR/data" 4 "${EXTRA:-}" \
+  "$(printf '[metrics]\nlisten = "127.0.0.1:%s"' "$METRICS_PORT")"
 
 "$BIN" serve --config "$DIR/server.toml" >"$DIR/server.log" 2>&1 & SERVER=$!
 for _ in $(seq 100); do
