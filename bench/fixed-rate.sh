@@ -12,10 +12,11 @@
 #   BENCH=/path/to/switchboard-bench   default: beside SWITCHBOARD_BIN
 #   PORT=9102 METRICS_PORT=9199        the server's listener and its /metrics listener
 #   KEEP=1                             keep the run's directory (config, log, JSON report)
-# The server and the generator share the machine's cores, as in compare.sh.
+# The server and the generator share the machine's cores, as in compare.sh. The script sources
+# bench/switchboard-config.sh beside it (a symlink to it works; a copy elsewhere does not).
 set -euo pipefail
 
-[ $# -ge 2 ] || { sed -n '2,14p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
 BIN=$1; RATE=$2; DURATION=${3:-8s}
 BENCH=${BENCH:-$(dirname "$BIN")/switchboard-bench}
 PORT=${PORT:-9102}; METRICS_PORT=${METRICS_PORT:-9199}
@@ -25,13 +26,19 @@ PORT=${PORT:-9102}; METRICS_PORT=${METRICS_PORT:-9199}
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/fixed-rate.XXXXXX")
 SERVER=""
 cleanup() {
-  if [ -n "$SERVER" ]; then kill -INT "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; fi
+  if [ -n "$SERVER" ]; then
+    kill -INT "$SERVER" 2>/dev/null || true
+    # A clean stop drains in well under 10 s; a hung one is killed.
+    for _ in $(seq 100); do kill -0 "$SERVER" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$SERVER" 2>/dev/null || true
+    wait "$SERVER" 2>/dev/null || true
+  fi
   if [ "${KEEP:-0}" = 1 ]; then echo "fixed-rate: kept $DIR" >&2; else rm -rf "$DIR"; fi
 }
 trap cleanup EXIT
 
 # shellcheck source=bench/switchboard-config.sh
-. "$(dirname "${BASH_SOURCE[0]}")/switchboard-config.sh"
+. "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/switchboard-config.sh"
 write_switchboard_config "$DIR/server.toml" "$PORT" "$DIR/data" 4 "${EXTRA:-}" \
   "$(printf '[metrics]\nlisten = "127.0.0.1:%s"' "$METRICS_PORT")"
 
@@ -41,6 +48,7 @@ for _ in $(seq 100); do
   kill -0 "$SERVER" 2>/dev/null || { cat "$DIR/server.log" >&2; echo "fixed-rate: the server exited" >&2; exit 1; }
   sleep 0.1
 done
+(echo >"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null || { echo "fixed-rate: nothing listens on port $PORT after 10 s" >&2; exit 1; }
 sleep 2
 AGENT_ARGS=(--agents 4)
 for i in 0 1 2 3; do AGENT_ARGS+=(--agent-token "switchboard-bench-agent-$i"); done
@@ -53,7 +61,7 @@ fi
 python3 - "$DIR/report.json" <<'PY'
 import json, sys
 f = dict(json.load(open(sys.argv[1]))["figures"])
-print("rate %d p50 %.2f ms p99 %.2f ms cpu %.1f us/round trip lost %d steal %s%%"
-      % (f["rate_offered_per_s"], f["p50_ms"], f["p99_ms"], f["server_cpu_us_per_round_trip"], f["lost"],
-         f.get("machine_steal_percent", "?")))
+print("rate %d p50 %.2f ms p99 %.2f ms cpu %s us/round trip lost %d steal %s%%"
+      % (f["rate_offered_per_s"], f["p50_ms"], f["p99_ms"], f.get("server_cpu_us_per_round_trip", "?"),
+         f["lost"], f.get("machine_steal_percent", "?")))
 PY

@@ -140,27 +140,32 @@ pub fn total_cpu_seconds(pids: &[u32]) -> Option<f64> {
         .sum::<Option<f64>>()
 }
 
-/// Seconds of steal so far, summed over the machine's cores: time a virtual CPU was ready to run but the
-/// hypervisor ran something else. `None` where /proc/stat has no such field (not Linux, or no hypervisor
-/// accounting).
-pub fn machine_steal_seconds() -> Option<f64> {
+/// Seconds of steal so far, summed over the machine's cores (time a virtual CPU was ready to run but the
+/// hypervisor ran something else), and how many cores /proc/stat covers. `None` where /proc/stat has no
+/// such field (not Linux, or no hypervisor accounting).
+pub fn machine_steal_seconds() -> Option<(f64, usize)> {
     let text = std::fs::read_to_string("/proc/stat").ok()?;
-    let ticks = parse_proc_stat_steal(&text)?;
+    let (ticks, cores) = parse_proc_stat_steal(&text)?;
     // SAFETY: sysconf only reads a configuration value.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let hz = if hz > 0 { hz as f64 } else { 100.0 };
-    Some(ticks as f64 / hz)
+    Some((ticks as f64 / hz, cores))
 }
 
-/// The steal field (the 8th number) of /proc/stat's aggregate `cpu` line, in clock ticks.
-pub fn parse_proc_stat_steal(stat: &str) -> Option<u64> {
+/// The steal field (the 8th number) of /proc/stat's aggregate `cpu` line, in clock ticks, and the
+/// number of per-core `cpuN` lines that aggregate covers (every online core, whatever this process's
+/// affinity or quota).
+pub fn parse_proc_stat_steal(stat: &str) -> Option<(u64, usize)> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    line.split_whitespace().nth(8)?.parse().ok()
-}
-
-/// Cores this machine has online (for steal as a share of the machine's time).
-pub fn online_cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    let ticks = line.split_whitespace().nth(8)?.parse().ok()?;
+    let cores = stat
+        .lines()
+        .filter(|l| {
+            l.strip_prefix("cpu")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .count();
+    Some((ticks, cores.max(1)))
 }
 
 #[cfg(test)]
@@ -206,7 +211,13 @@ mod tests {
     fn steal_is_the_eighth_number_of_the_cpu_line() {
         let stat =
             "cpu  4705 150 1120 16250 520 0 40 312 0 0\ncpu0 2000 75 560 8000 260 0 20 156 0 0\n";
-        assert_eq!(parse_proc_stat_steal(stat), Some(312));
+        assert_eq!(parse_proc_stat_steal(stat), Some((312, 1)));
+        let two = format!("{stat}cpu1 2000 75 560 8000 260 0 20 156 0 0\nintr 1 2 3\n");
+        assert_eq!(
+            parse_proc_stat_steal(&two),
+            Some((312, 2)),
+            "the cores are the cpuN lines"
+        );
         assert_eq!(
             parse_proc_stat_steal("cpu  1 2 3 4 5 6 7\n"),
             None,
@@ -218,7 +229,7 @@ mod tests {
             "no aggregate line"
         );
         if std::path::Path::new("/proc/stat").exists() {
-            assert!(machine_steal_seconds().is_some_and(|s| s >= 0.0));
+            assert!(machine_steal_seconds().is_some_and(|(s, cores)| s >= 0.0 && cores >= 1));
         }
     }
 

@@ -311,8 +311,8 @@ pub fn execute(ctx: &Arc<Ctx>, plan: &RelayPlan, bars: &Bars) -> Result<RelayTot
     // Server CPU seconds (and the instant) when the schedule starts and when the load is over.
     let mut cpu_start: Option<(f64, Instant)> = None;
     let mut cpu_end: Option<(f64, Instant)> = None;
-    let mut steal_start: Option<(f64, Instant)> = None;
-    let mut steal_end: Option<(f64, Instant)> = None;
+    let mut steal_start: Option<((f64, usize), Instant)> = None;
+    let mut steal_end: Option<((f64, usize), Instant)> = None;
     let monitor = || {
         let p = &coord.progress;
         if started.is_none() {
@@ -357,11 +357,11 @@ pub fn execute(ctx: &Arc<Ctx>, plan: &RelayPlan, bars: &Bars) -> Result<RelayTot
             wall_seconds: t1.saturating_duration_since(t0).as_secs_f64(),
         });
     }
-    if let (Some((a, t0)), Some((b, t1))) = (steal_start, steal_end) {
+    if let (Some(((a, _), t0)), Some(((b, cores), t1))) = (steal_start, steal_end) {
         totals.machine_steal = Some(MachineSteal {
             seconds: (b - a).max(0.0),
             wall_seconds: t1.saturating_duration_since(t0).as_secs_f64(),
-            cores: crate::cpu::online_cores(),
+            cores,
         });
     }
     Ok(totals)

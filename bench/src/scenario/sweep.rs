@@ -99,6 +99,7 @@ fn fixed_step(
         "lost",
         "server_cpu_us_per_round_trip",
         "server_cpu_percent",
+        "machine_steal_percent",
     ] {
         if let Some(value) = figures.get(name) {
             fixed.push((format!("fixed_{name}"), value));
@@ -110,7 +111,7 @@ fn fixed_step(
         .map(|us| format!("  server CPU {us:.1} µs/round trip"))
         .unwrap_or_default();
     bars.println(&format!(
-        "fixed   : {:>9.0}/s  throughput {:>9.0}/s  p50 {:>8.2} ms  p99 {:>8.2} ms  lost {:>6}{cpu}  {}",
+        "fixed   : {:>9.0}/s  throughput {:>9.0}/s  p50 {:>8.2} ms  p99 {:>8.2} ms  lost {:>6}{cpu}  {}{}",
         rate,
         totals.throughput(&plan),
         figures.get("p50_ms").unwrap_or(0.0),
@@ -118,7 +119,8 @@ fn fixed_step(
         totals.lost,
         v.as_deref()
             .map(|r| format!("FAIL: {r}"))
-            .unwrap_or_else(|| "pass".into())
+            .unwrap_or_else(|| "pass".into()),
+        steal_note(figures.get("machine_steal_percent"))
     ));
     let note = v.map(|reason| format!("the fixed rate {rate}/s was not sustained: {reason}"));
     std::thread::sleep(Duration::from_millis(500));
@@ -279,8 +281,9 @@ pub fn run(args: &SweepArgs) -> Result<Report, String> {
             ));
         }
     }
-    // The most the hypervisor took in any step: a failure in a step that lost a tenth of the cores
-    // says little about the server (bench/README.md, "Machine steal").
+    // The most the hypervisor took in any step of the sweep proper (the fixed step has its own
+    // `fixed_machine_steal_percent`): a failure in a step that lost a tenth of the cores says
+    // little about the server (bench/README.md, "Machine steal").
     let most_steal = report
         .steps
         .iter()
