@@ -3,7 +3,8 @@
 # switchboard column (a shard per core, durability "fsync", 4 agents, 100 conversations, no model).
 # Prints one summary line: offered rate, p50 and p99 round-trip latency, the server's CPU time per
 # round trip (utime+stime from /proc/PID/stat), lost messages and the machine's steal (the share of
-# the cores the hypervisor took; a run with more than a few percent says little about the server).
+# the cores the hypervisor took; read it as time: 0.4% of a 13 s run on 2 cores is one ~100 ms
+# pause, enough to lift a p99).
 # bench/README.md's fixed-rate figures since 2026-12-05 come from it (earlier sections call it
 # /tmp/fixed.sh).
 #
@@ -16,7 +17,7 @@
 # bench/switchboard-config.sh beside it (a symlink to it works; a copy elsewhere does not).
 set -euo pipefail
 
-[ $# -ge 2 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,17p' "$0" >&2; exit 2; }
 BIN=$1; RATE=$2; DURATION=${3:-8s}
 BENCH=${BENCH:-$(dirname "$BIN")/switchboard-bench}
 PORT=${PORT:-9102}; METRICS_PORT=${METRICS_PORT:-9199}
